@@ -1,0 +1,39 @@
+# Nova Engine — the two commands a newcomer needs:
+#   make demo   tiny Llama-architecture model: SFT then DPO on CPU, prints a results table
+#   make test   the whole test suite (CPU; Triton kernels through TRITON_INTERPRET=1)
+# and `make bench` for the kernel benchmarks (GPU figures only from a GPU).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: install test demo bench lint clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel pybind11
+	# The CPU build of torch first, pinned: nothing later may pull a CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check nova_engine kernels tests benchmarks
+	$(VENV)/bin/pytest -p no:cacheprovider --import-mode=importlib -q tests
+
+demo: $(STAMP)
+	$(PY) -m nova_engine.demo --out demo_out
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check nova_engine kernels tests benchmarks
+	$(VENV)/bin/ruff format --check nova_engine kernels tests benchmarks
+
+clean:
+	rm -rf build *.egg-info nova_engine/_C*.so

@@ -1,0 +1,7 @@
+"""nova_kernels: the fused kernels of Nova Engine (Triton), each with a plain-PyTorch
+reference, an autograd.Function where it has a backward, and a selector
+(`NOVA_KERNELS=triton|torch`). Depends only on torch and triton."""
+
+from ._backend import default_backend, interpreting, resolve_backend
+
+__all__ = ["default_backend", "interpreting", "resolve_backend"]
