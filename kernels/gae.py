@@ -1,0 +1,490 @@
+"""Reverse discounted scans for RL: GAE (advantages + returns) and REINFORCE++ returns.
+
+Shapes: B rows (sequences), T time steps per row (padded layout), or N tokens in total
+with S sequences described by `cu_seqlens` [S+1] (packed layout). Outputs are float32.
+
+GAE follows verl's `compute_gae_advantage_return` (current form): walking t from the end,
+
+    delta_t   = r_t + gamma * nv - v_t
+    gae_t     = delta_t + gamma * lam * A                     (A = running advantage)
+    nv, A     = (v_t, gae_t)   if mask_t else   (nv, A)         (observation steps carry)
+    adv_t     = A ;  returns_t = adv_t + v_t
+
+with nv = A = 0 at the end of every row. Whitening is a separate op (`nova_kernels.whiten`).
+
+REINFORCE++ token returns (verl's `compute_reinforce_plus_plus_outcome_advantage`):
+R_t = r_t + gamma * mask_{t+1} * R_{t+1}  (the running return is reset after masked steps).
+
+How the Triton kernels scan. The per-step update of the state x = (nv, A) is an affine map
+x' = M_t x + c_t with M_t = [[p, 0], [q, s]] lower triangular, c_t = (a, b):
+    GAE:      p = 1-m, q = m*gamma, s = 1-m+m*gamma*lam, a = m*v, b = m*(r-v)
+    returns:  p = 1,   q = 0,       s = gamma*m_{t+1},    a = 0,   b = r
+Each program loads a chunk of BLOCK_T steps in *reversed* time order and runs a FORWARD
+`tl.associative_scan` composing these maps (never `reverse=True`, which has been wrong on
+GPU for non-commutative combines), then applies the prefix maps to the carry coming from
+the later part of the row. A row is split over `n_splits` programs when there are too few
+rows to fill the GPU: a first kernel writes each split's composed map, the second folds the
+maps of the later splits into its carry before scanning.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import interpreting, resolve_backend
+
+_MODE_GAE = 0
+_MODE_RETURNS = 1
+
+# output allocator; tests swap in a NaN-filling one so unwritten elements show
+_empty = torch.empty
+
+
+# ----------------------------------------------------------------------------- Triton
+
+
+@triton.jit
+def _compose(p1, q1, s1, a1, b1, p2, q2, s2, a2, b2):
+    # map 1 applied first, then map 2:  M = M2 @ M1,  c = M2 @ c1 + c2
+    return (
+        p2 * p1,
+        q2 * p1 + s2 * q1,
+        s2 * s1,
+        p2 * a1 + a2,
+        q2 * a1 + s2 * b1 + b2,
+    )
+
+
+@triton.jit
+def _row_bounds(cu_ptr, rid, T, PACKED: tl.constexpr):
+    if PACKED:
+        start = tl.load(cu_ptr + rid).to(tl.int64)
+        end = tl.load(cu_ptr + rid + 1).to(tl.int64)
+    else:
+        start = rid.to(tl.int64) * T
+        end = start + T
+    return start, end
+
+
+@triton.jit
+def _step_maps(r_ptr, v_ptr, m_ptr, t, valid, end, gamma, gl, MODE: tl.constexpr):
+    # t: [BLOCK_T] time indices (already reversed), valid: t inside the row
+    r = tl.load(r_ptr + t, mask=valid, other=0.0).to(tl.float32)
+    if MODE == 0:
+        v = tl.load(v_ptr + t, mask=valid, other=0.0).to(tl.float32)
+        m = (tl.load(m_ptr + t, mask=valid, other=0) != 0).to(tl.float32)
+        p = 1.0 - m
+        q = m * gamma
+        s = 1.0 - m + m * gl
+        a = m * v
+        b = m * (r - v)
+    else:
+        v = r * 0.0
+        nxt = valid & (t + 1 < end)
+        m_next = (tl.load(m_ptr + t + 1, mask=nxt, other=0) != 0).to(tl.float32)
+        p = m_next * 0.0 + 1.0
+        q = m_next * 0.0
+        s = tl.where(valid, gamma * m_next, 1.0)
+        a = m_next * 0.0
+        b = r
+    return p, q, s, a, b, v
+
+
+@triton.jit
+def _scan_split_agg_kernel(
+    r_ptr,  # [N] rewards (flattened rows)
+    v_ptr,  # [N] values (GAE only)
+    m_ptr,  # [N] mask, nonzero = valid step
+    cu_ptr,  # [S+1] row offsets (packed only)
+    agg_ptr,  # [R, n_splits, 5] fp32 out: composed map of each split
+    T,
+    n_splits,
+    gamma,
+    gl,
+    CHUNKS_PER_SPLIT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    MODE: tl.constexpr,
+    PACKED: tl.constexpr,
+):
+    rid = tl.program_id(0)
+    k = tl.program_id(1)
+    start, end = _row_bounds(cu_ptr, rid, T, PACKED)
+    lane = tl.arange(0, BLOCK_T)
+    last = lane == BLOCK_T - 1
+    P = 1.0
+    Q = 0.0
+    S = 1.0
+    A = 0.0
+    Bv = 0.0
+    for c in range(CHUNKS_PER_SPLIT):
+        rev = (k * CHUNKS_PER_SPLIT + c) * BLOCK_T + lane
+        t = end - 1 - rev
+        valid = t >= start
+        p, q, s, a, b, v = _step_maps(r_ptr, v_ptr, m_ptr, t, valid, end, gamma, gl, MODE)
+        p, q, s, a, b = tl.associative_scan((p, q, s, a, b), 0, _compose)
+        # the last lane holds the whole chunk's map (invalid lanes are identities)
+        p = tl.sum(tl.where(last, p, 0.0), 0)
+        q = tl.sum(tl.where(last, q, 0.0), 0)
+        s = tl.sum(tl.where(last, s, 0.0), 0)
+        a = tl.sum(tl.where(last, a, 0.0), 0)
+        b = tl.sum(tl.where(last, b, 0.0), 0)
+        P, Q, S, A, Bv = _compose(P, Q, S, A, Bv, p, q, s, a, b)
+    base = agg_ptr + (rid * n_splits + k) * 5
+    tl.store(base + 0, P)
+    tl.store(base + 1, Q)
+    tl.store(base + 2, S)
+    tl.store(base + 3, A)
+    tl.store(base + 4, Bv)
+
+
+@triton.jit
+def _scan_apply_kernel(
+    r_ptr,  # [N] rewards
+    v_ptr,  # [N] values (GAE only)
+    m_ptr,  # [N] mask
+    cu_ptr,  # [S+1] row offsets (packed only)
+    agg_ptr,  # [R, n_splits, 5] composed maps of the splits (read when n_splits > 1)
+    out1_ptr,  # [N] fp32: advantages (GAE) or returns (REINFORCE++)
+    out2_ptr,  # [N] fp32: returns = advantages + values (GAE only)
+    T,
+    n_splits,
+    gamma,
+    gl,
+    CHUNKS_PER_SPLIT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    MODE: tl.constexpr,
+    PACKED: tl.constexpr,
+):
+    rid = tl.program_id(0)
+    k = tl.program_id(1)
+    start, end = _row_bounds(cu_ptr, rid, T, PACKED)
+    lane = tl.arange(0, BLOCK_T)
+    last = lane == BLOCK_T - 1
+    # carry (nv, A) entering this split = later splits' maps applied to (0, 0)
+    nv = 0.0
+    acc = 0.0
+    for j in range(k):
+        base = agg_ptr + (rid * n_splits + j) * 5
+        P = tl.load(base + 0)
+        Q = tl.load(base + 1)
+        S = tl.load(base + 2)
+        A = tl.load(base + 3)
+        Bv = tl.load(base + 4)
+        nv, acc = P * nv + A, Q * nv + S * acc + Bv
+    for c in range(CHUNKS_PER_SPLIT):
+        rev = (k * CHUNKS_PER_SPLIT + c) * BLOCK_T + lane
+        t = end - 1 - rev
+        valid = t >= start
+        p, q, s, a, b, v = _step_maps(r_ptr, v_ptr, m_ptr, t, valid, end, gamma, gl, MODE)
+        p, q, s, a, b = tl.associative_scan((p, q, s, a, b), 0, _compose)
+        nv_t = p * nv + a
+        acc_t = q * nv + s * acc + b
+        tl.store(out1_ptr + t, acc_t, mask=valid)
+        if MODE == 0:
+            tl.store(out2_ptr + t, acc_t + v, mask=valid)
+        nv = tl.sum(tl.where(last, nv_t, 0.0), 0)
+        acc = tl.sum(tl.where(last, acc_t, 0.0), 0)
+
+
+def _pick_splits(rows: int, n_chunks: int, device: torch.device) -> int:
+    """Programs per row: 1 when there are enough rows to fill the GPU."""
+    if interpreting() or device.type != "cuda" or n_chunks <= 1:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-4 * sms // max(rows, 1))
+    return max(1, min(n_chunks, want))
+
+
+def _launch_scan(
+    rewards: torch.Tensor,  # [N] flat
+    values: torch.Tensor | None,  # [N] flat (GAE) or None
+    mask: torch.Tensor,  # [N] flat
+    cu_seqlens: torch.Tensor | None,  # [S+1] or None (padded rows of length T)
+    rows: int,
+    max_len: int,
+    T: int,
+    gamma: float,
+    gl: float,
+    mode: int,
+    block_t: int | None = None,
+    n_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if block_t is None:
+        block_t = 64 if interpreting() else 1024
+    block_t = min(block_t, max(16, triton.next_power_of_2(max(max_len, 1))))
+    n_chunks = max(1, triton.cdiv(max_len, block_t))
+    if n_splits is None:
+        n_splits = _pick_splits(rows, n_chunks, rewards.device)
+    n_splits = max(1, min(n_splits, n_chunks))
+    cps = triton.cdiv(n_chunks, n_splits)
+    n_splits = triton.cdiv(n_chunks, cps)
+    m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    v = values if values is not None else rewards
+    cu = cu_seqlens if cu_seqlens is not None else rewards  # unused pointer when padded
+    packed = cu_seqlens is not None
+    out1 = _empty(rewards.shape, dtype=torch.float32, device=rewards.device)
+    out2 = _empty(rewards.shape, dtype=torch.float32, device=rewards.device) if mode == 0 else out1
+    agg = _empty((rows, n_splits, 5), dtype=torch.float32, device=rewards.device)
+    if rows == 0 or max_len == 0:
+        return out1, (out2 if mode == _MODE_GAE else None)
+    num_warps = 4 if block_t <= 1024 else 8
+    meta = dict(
+        CHUNKS_PER_SPLIT=cps, BLOCK_T=block_t, MODE=mode, PACKED=packed, num_warps=num_warps
+    )
+    grid = (rows, n_splits)
+    if n_splits > 1:
+        _scan_split_agg_kernel[grid](rewards, v, m, cu, agg, T, n_splits, gamma, gl, **meta)
+    _scan_apply_kernel[grid](rewards, v, m, cu, agg, out1, out2, T, n_splits, gamma, gl, **meta)
+    return out1, (out2 if mode == _MODE_GAE else None)
+
+
+# ----------------------------------------------------------------------------- torch path
+
+
+def _chunked_reverse_scan(
+    u: torch.Tensor,  # [B, T] fp32 additive terms
+    log_count: torch.Tensor,  # [B, T] exponent counter: decay(t, s) = base ** (cnt_s - cnt_t)
+    base: float,
+    same: torch.Tensor | None,  # [B, T] segment ids: decay is 0 across different ids
+    chunk: int = 128,
+) -> torch.Tensor:
+    """x_t = sum_{s >= t} decay(t, s) u_s, vectorized over B, chunked over T (carry between)."""
+    B, T = u.shape
+    out = torch.empty_like(u)
+    carry = u.new_zeros(B)
+    carry_cnt = None
+    carry_seg = None
+    for hi in range(T, 0, -chunk):
+        lo = max(0, hi - chunk)
+        cnt = log_count[:, lo:hi]
+        ex = cnt[:, None, :] - cnt[:, :, None]  # [B, t, s] = cnt_s - cnt_t
+        tri = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=u.device).triu()
+        keep = tri.expand(B, -1, -1)
+        if same is not None:
+            seg = same[:, lo:hi]
+            keep = keep & (seg[:, None, :] == seg[:, :, None])
+        D = torch.where(keep, torch.pow(base, ex.clamp_min(0)), 0.0)
+        x = torch.einsum("bts,bs->bt", D, u[:, lo:hi])
+        if carry_cnt is not None:
+            dc = torch.pow(base, (carry_cnt[:, None] - cnt).clamp_min(0))
+            if same is not None:
+                dc = torch.where(seg == carry_seg[:, None], dc, 0.0)
+            x = x + dc * carry[:, None]
+        out[:, lo:hi] = x
+        carry = x[:, 0]
+        carry_cnt = cnt[:, 0]
+        carry_seg = same[:, lo] if same is not None else None
+    return out
+
+
+def _gae_torch(rewards, values, mask, gamma, lam):
+    # [B, T] each -> (adv, ret) fp32
+    r = rewards.float()
+    v = values.float()
+    m = mask != 0
+    B, T = r.shape
+    # next valid value strictly after t: index of the first valid step > t (T if none)
+    idx = torch.where(m, torch.arange(T, device=r.device).expand(B, T), T)
+    nxt = torch.flip(torch.cummin(torch.flip(idx, [1]), 1).values, [1])
+    nxt = torch.cat([nxt[:, 1:], torch.full_like(nxt[:, :1], T)], 1)
+    v_pad = torch.cat([v, v.new_zeros(B, 1)], 1)
+    nv = v_pad.gather(1, nxt)
+    mf = m.float()
+    u = mf * (r + gamma * nv - v)
+    cnt = torch.cumsum(mf, 1) - mf  # valid steps in [0, t)
+    adv = _chunked_reverse_scan(u, cnt, gamma * lam, None)
+    return adv, adv + v
+
+
+def _returns_torch(rewards, mask, gamma):
+    r = rewards.float()
+    mf = (mask != 0).float()
+    B, T = r.shape
+    # R_t = r_t + gamma * m_{t+1} R_{t+1}: decay gamma^(s-t) while m stays 1 on (t, s]
+    seg = torch.cumsum(1.0 - mf, 1)
+    steps = torch.arange(T, device=r.device, dtype=torch.float32).expand(B, T)
+    return _chunked_reverse_scan(r, steps, gamma, seg)
+
+
+def _unpack(x: torch.Tensor, cu: torch.Tensor, fill=0):
+    # [N] + cu_seqlens [S+1] -> ([S, L] padded, [S, L] bool valid)
+    lens = (cu[1:] - cu[:-1]).long()
+    S = lens.numel()
+    L = int(lens.max()) if S else 0
+    pos = torch.arange(L, device=x.device)
+    valid = pos[None, :] < lens[:, None]
+    src = (cu[:-1].long()[:, None] + pos[None, :]).clamp_max(max(x.numel() - 1, 0))
+    out = torch.where(valid, x[src] if x.numel() else x.new_zeros(S, L), fill)
+    return out, valid
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def gae_reference(rewards, values, mask, gamma: float, lam: float):
+    """verl's loop over t, vectorized over B (the baseline the kernels replace).
+
+    [B, T] each -> (advantages, returns), in the promoted float dtype (fp64 stays fp64)."""
+    dt = torch.promote_types(rewards.dtype, torch.float32)
+    r, v, m = rewards.to(dt), values.to(dt), (mask != 0).to(dt)
+    nextvalues = torch.zeros_like(r[:, 0])
+    lastgaelam = torch.zeros_like(r[:, 0])
+    out = []
+    for t in reversed(range(r.shape[1])):
+        delta = r[:, t] + gamma * nextvalues - v[:, t]
+        new = delta + gamma * lam * lastgaelam
+        nextvalues = v[:, t] * m[:, t] + (1 - m[:, t]) * nextvalues
+        lastgaelam = new * m[:, t] + (1 - m[:, t]) * lastgaelam
+        out.append(lastgaelam)
+    adv = torch.stack(out[::-1], 1) if out else torch.zeros_like(r)
+    return adv, adv + v
+
+
+def discounted_returns_reference(rewards, mask, gamma: float):
+    """verl's REINFORCE++ return loop. [B, T] -> [B, T]."""
+    dt = torch.promote_types(rewards.dtype, torch.float32)
+    r, m = rewards.to(dt), (mask != 0).to(dt)
+    ret = torch.zeros_like(r)
+    running = torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.shape[1])):
+        running = r[:, t] + gamma * running
+        ret[:, t] = running
+        running = running * m[:, t]
+    return ret
+
+
+# ----------------------------------------------------------------------------- public
+
+
+def _check_2d(name, x, like):
+    if x.shape != like.shape:
+        raise ValueError(f"{name}: shape {tuple(x.shape)} != rewards {tuple(like.shape)}")
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+    *,
+    backend: str | None = None,
+    block_t: int | None = None,
+    n_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation per row.
+
+    rewards, values: [B, T] float; mask: [B, T] bool/int/float (nonzero = a step the policy
+    took; zero = observation / padding, which carries the running values).
+    Returns (advantages [B, T] fp32, returns [B, T] fp32), returns = advantages + values.
+    No gradient (advantages are targets). `block_t` / `n_splits` tune the Triton launch.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards: expected [B, T], got {tuple(rewards.shape)}")
+    _check_2d("values", values, rewards)
+    _check_2d("mask", mask, rewards)
+    gamma, lam = float(gamma), float(lam)
+    with torch.no_grad():
+        if resolve_backend(backend) == "torch":
+            return _gae_torch(rewards, values, mask, gamma, lam)
+        B, T = rewards.shape
+        a, r = _launch_scan(
+            rewards.contiguous().view(-1),
+            values.contiguous().view(-1),
+            mask.contiguous().view(-1),
+            None,
+            B,
+            T,
+            T,
+            gamma,
+            gamma * lam,
+            _MODE_GAE,
+            block_t,
+            n_splits,
+        )
+        return a.view(B, T), r.view(B, T)
+
+
+def gae_packed(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    gamma: float,
+    lam: float,
+    *,
+    backend: str | None = None,
+    block_t: int | None = None,
+    n_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over packed sequences: rewards, values, mask [N]; cu_seqlens [S+1] (int, starts
+    at 0, nondecreasing, ends at N). Each sequence is scanned on its own.
+    Returns (advantages [N] fp32, returns [N] fp32)."""
+    if rewards.dim() != 1 or values.shape != rewards.shape or mask.shape != rewards.shape:
+        raise ValueError("gae_packed: rewards, values, mask must all be [N]")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError("gae_packed: cu_seqlens must be [S+1]")
+    gamma, lam = float(gamma), float(lam)
+    with torch.no_grad():
+        if resolve_backend(backend) == "torch":
+            rp, valid = _unpack(rewards, cu_seqlens)
+            vp, _ = _unpack(values, cu_seqlens)
+            mp, _ = _unpack(mask, cu_seqlens)
+            a, r = _gae_torch(rp, vp, mp, gamma, lam)
+            return a[valid], r[valid]
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        S = lens.numel()
+        max_len = int(lens.max()) if S else 0
+        return _launch_scan(
+            rewards.contiguous(),
+            values.contiguous(),
+            mask.contiguous(),
+            cu_seqlens.contiguous(),
+            S,
+            max_len,
+            0,
+            gamma,
+            gamma * lam,
+            _MODE_GAE,
+            block_t,
+            n_splits,
+        )
+
+
+def discounted_returns(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    *,
+    backend: str | None = None,
+    block_t: int | None = None,
+    n_splits: int | None = None,
+) -> torch.Tensor:
+    """REINFORCE++ token-level returns R_t = r_t + gamma * mask_{t+1} * R_{t+1}.
+
+    rewards, mask: [B, T] -> returns [B, T] fp32 (not whitened; see `whiten`)."""
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards: expected [B, T], got {tuple(rewards.shape)}")
+    _check_2d("mask", mask, rewards)
+    gamma = float(gamma)
+    with torch.no_grad():
+        if resolve_backend(backend) == "torch":
+            return _returns_torch(rewards, mask, gamma)
+        B, T = rewards.shape
+        out, _ = _launch_scan(
+            rewards.contiguous().view(-1),
+            None,
+            mask.contiguous().view(-1),
+            None,
+            B,
+            T,
+            T,
+            gamma,
+            0.0,
+            _MODE_RETURNS,
+            block_t,
+            n_splits,
+        )
+        return out.view(B, T)

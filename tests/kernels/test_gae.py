@@ -1,0 +1,176 @@
+"""GAE and REINFORCE++ returns: Triton (interpreter on CPU) and torch paths against plain
+Python loops written the straightforward way, on odd shapes and masks with holes."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from nova_kernels import discounted_returns, gae, gae_packed
+from nova_kernels._testing import assert_verbose_allclose
+
+# the package attribute `gae` is the function; the module is reached by name
+gae_mod = importlib.import_module("nova_kernels.gae")
+BACKENDS = ["triton", "torch"]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    """Kernel outputs start as NaN so an element the kernel forgot to write shows."""
+    monkeypatch.setattr(gae_mod, "_empty", lambda *a, **k: torch.full(*a, float("nan"), **k))
+
+
+# --- references: one Python float at a time --------------------------------------------
+
+
+def loop_gae(rewards, values, mask, gamma, lam):
+    B, T = rewards.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        nextvalue, running = 0.0, 0.0
+        for t in range(T - 1, -1, -1):
+            r, v = float(rewards[b, t]), float(values[b, t])
+            if mask[b, t]:
+                delta = r + gamma * nextvalue - v
+                running = delta + gamma * lam * running
+                nextvalue = v
+            adv[b, t] = running
+    return adv, adv + values.double()
+
+
+def loop_returns(rewards, mask, gamma):
+    B, T = rewards.shape
+    ret = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        running = 0.0
+        for t in range(T - 1, -1, -1):
+            running = float(rewards[b, t]) + gamma * running
+            ret[b, t] = running
+            if not mask[b, t]:
+                running = 0.0
+    return ret
+
+
+def make_inputs(B, T, seed, mask_dtype=torch.bool):
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(B, T, generator=g)
+    values = torch.randn(B, T, generator=g)
+    # responses of random length, with holes (observation tokens) inside them
+    lens = torch.randint(0, T + 1, (B,), generator=g)
+    mask = torch.arange(T)[None, :] < lens[:, None]
+    mask &= torch.rand(B, T, generator=g) > 0.25
+    if B > 1:
+        mask[0] = True  # one full row
+    return rewards, values, mask.to(mask_dtype)
+
+
+def check(actual, expected, name):
+    assert actual.dtype == torch.float32
+    assert_verbose_allclose(actual, expected, rtol=2e-5, atol=2e-5, name=name)
+
+
+# --- GAE ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "B,T,gamma,lam", [(7, 53, 0.99, 0.95), (4, 64, 1.0, 1.0), (3, 1, 0.9, 0.0), (2, 37, 0.5, 0.7)]
+)
+def test_gae_matches_loop(backend, B, T, gamma, lam):
+    r, v, m = make_inputs(B, T, seed=B * 1000 + T)
+    adv, ret = gae(r, v, m, gamma, lam, backend=backend)
+    ref_adv, ref_ret = loop_gae(r, v, m, gamma, lam)
+    check(adv, ref_adv, "advantages")
+    check(ret, ref_ret, "returns")
+
+
+@pytest.mark.parametrize("block_t,n_splits", [(16, 2), (16, 4), (32, 2)])
+def test_gae_triton_split_rows(block_t, n_splits):
+    """Rows split over several programs: per-split maps folded into the carry."""
+    r, v, m = make_inputs(7, 53, seed=11, mask_dtype=torch.float32)
+    adv, ret = gae(r, v, m, 0.97, 0.9, backend="triton", block_t=block_t, n_splits=n_splits)
+    ref_adv, ref_ret = loop_gae(r, v, m, 0.97, 0.9)
+    check(adv, ref_adv, "advantages")
+    check(ret, ref_ret, "returns")
+
+
+def test_gae_torch_long_rows_chunked():
+    """The torch path carries across its 128-step chunks."""
+    r, v, m = make_inputs(3, 300, seed=5, mask_dtype=torch.int64)
+    adv, ret = gae(r, v, m, 0.99, 0.95, backend="torch")
+    ref_adv, ref_ret = loop_gae(r, v, m, 0.99, 0.95)
+    check(adv, ref_adv, "advantages")
+    check(ret, ref_ret, "returns")
+
+
+def test_gae_reference_is_the_loop():
+    r, v, m = make_inputs(5, 29, seed=3)
+    a, ret = gae_mod.gae_reference(r.double(), v.double(), m, 0.99, 0.95)
+    ref_a, ref_ret = loop_gae(r, v, m, 0.99, 0.95)
+    assert_verbose_allclose(a, ref_a, rtol=1e-12, atol=1e-12, name="reference adv")
+    assert_verbose_allclose(ret, ref_ret, rtol=1e-12, atol=1e-12, name="reference ret")
+
+
+def test_gae_formula_by_hand():
+    """Two valid steps around an observation step: the observation carries nv and A."""
+    r = torch.tensor([[1.0, 5.0, 2.0]])
+    v = torch.tensor([[0.5, 9.0, 1.0]])
+    m = torch.tensor([[True, False, True]])
+    g, lam = 0.9, 0.8
+    a2 = 2.0 - 1.0  # last step: delta = r - v
+    a1 = a2  # observation: carried
+    a0 = (1.0 + g * 1.0 - 0.5) + g * lam * a2  # next value is v[2], skipping v[1]
+    for backend in BACKENDS:
+        adv, ret = gae(r, v, m, g, lam, backend=backend)
+        check(adv, torch.tensor([[a0, a1, a2]], dtype=torch.float64), f"adv {backend}")
+        check(ret, torch.tensor([[a0 + 0.5, a1 + 9.0, a2 + 1.0]]), f"ret {backend}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gae_packed(backend):
+    g = torch.Generator().manual_seed(7)
+    lens = [5, 0, 17, 31, 1]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    N = int(cu[-1])
+    r, v = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    m = torch.rand(N, generator=g) > 0.3
+    kw = dict(block_t=16, n_splits=2) if backend == "triton" else {}
+    adv, ret = gae_packed(r, v, m, cu, 0.95, 0.9, backend=backend, **kw)
+    for s in range(len(lens)):
+        lo, hi = int(cu[s]), int(cu[s + 1])
+        if hi == lo:
+            continue
+        ra, rr = loop_gae(r[None, lo:hi], v[None, lo:hi], m[None, lo:hi], 0.95, 0.9)
+        check(adv[lo:hi], ra[0], f"adv seq {s}")
+        check(ret[lo:hi], rr[0], f"ret seq {s}")
+
+
+def test_gae_rejects_bad_shapes():
+    r = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="values"):
+        gae(r, torch.randn(3, 5), torch.ones(3, 4), 0.9, 0.9, backend="torch")
+
+
+# --- REINFORCE++ returns ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,T,gamma", [(7, 53, 0.99), (3, 16, 1.0)])
+def test_discounted_returns_matches_loop(backend, B, T, gamma):
+    r, _, m = make_inputs(B, T, seed=T)
+    out = discounted_returns(r, m, gamma, backend=backend)
+    check(out, loop_returns(r, m, gamma), "returns")
+    ref = gae_mod.discounted_returns_reference(r.double(), m, gamma)
+    assert_verbose_allclose(ref, loop_returns(r, m, gamma), rtol=1e-12, atol=1e-12, name="ref")
+
+
+def test_discounted_returns_triton_split_rows():
+    r, _, m = make_inputs(5, 53, seed=2)
+    out = discounted_returns(r, m, 0.9, backend="triton", block_t=16, n_splits=3)
+    check(out, loop_returns(r, m, 0.9), "returns")
+
+
+def test_discounted_returns_torch_long_rows():
+    r, _, m = make_inputs(2, 290, seed=4)
+    check(discounted_returns(r, m, 0.995, backend="torch"), loop_returns(r, m, 0.995), "ret")
