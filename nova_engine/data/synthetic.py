@@ -1,0 +1,237 @@
+"""A synthetic chat task with exact answers: multi-digit arithmetic asked in words.
+
+    user:      "What is forty-seven plus eighteen?"
+    assistant: "65"
+
+`write_task(out_dir, ...)` writes, from one seed:
+- `sft_train.jsonl`   SFT layout: {"id", "messages": [user, assistant], "answer"}
+- `pref_train.jsonl`  Tülu 3 preference layout: {"id", "prompt", "chosen": [user, assistant],
+                      "rejected": [user, assistant]}, chosen = the right answer, rejected = a
+                      plausible wrong one (off by one or ten, digits swapped, a dropped carry,
+                      the wrong operation)
+- `eval.jsonl`        held-out problems in the SFT layout (+ "answer"); no (a, op, b) problem
+                      of the eval split occurs in either training file.
+Score generations with `exact_match(prediction, answer)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+
+_ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
+_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
+
+QUESTION_TEMPLATES = [
+    "What is {a} {op} {b}?",
+    "Compute {a} {op} {b}.",
+    "How much is {a} {op} {b}?",
+    "Calculate {a} {op} {b}.",
+]
+
+
+def number_to_words(n: int) -> str:
+    """English words for 0 <= n < 1_000_000, e.g. 342 -> "three hundred forty-two"."""
+    if not 0 <= n < 1_000_000:
+        raise ValueError(f"number_to_words: expected 0 <= n < 1000000, got {n}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + ("" if ones == 0 else "-" + _ONES[ones])
+    if n < 1000:
+        hundreds, rest = divmod(n, 100)
+        words = _ONES[hundreds] + " hundred"
+        return words if rest == 0 else words + " " + number_to_words(rest)
+    thousands, rest = divmod(n, 1000)
+    words = number_to_words(thousands) + " thousand"
+    return words if rest == 0 else words + " " + number_to_words(rest)
+
+
+@dataclass(frozen=True)
+class Problem:
+    a: int
+    op: str
+    b: int
+    template: int = 0
+
+    @property
+    def key(self) -> tuple[int, str, int]:
+        return (self.a, self.op, self.b)
+
+    @property
+    def answer(self) -> int:
+        return OPS[self.op](self.a, self.b)
+
+    def question(self) -> str:
+        return QUESTION_TEMPLATES[self.template].format(
+            a=number_to_words(self.a), op=self.op, b=number_to_words(self.b)
+        )
+
+
+def sample_problem(
+    rng: random.Random, max_value: int = 99, ops: tuple[str, ...] = ("plus", "minus")
+) -> Problem:
+    """One random problem; operands in [0, max_value] ("times" uses a one-digit second
+    operand); "minus" never goes below zero."""
+    op = rng.choice(ops)
+    a = rng.randint(0, max_value)
+    b = rng.randint(0, 9) if op == "times" else rng.randint(0, max_value)
+    if op == "minus" and b > a:
+        a, b = b, a
+    return Problem(a, op, b, rng.randrange(len(QUESTION_TEMPLATES)))
+
+
+def wrong_answer(problem: Problem, rng: random.Random) -> int:
+    """A plausible wrong answer (never equal to the right one, never negative)."""
+    right = problem.answer
+    candidates = {right + 1, right - 1, right + 10, right - 10}
+    digits = str(right)
+    if len(digits) >= 2 and digits[-1] != digits[-2]:
+        candidates.add(int(digits[:-2] + digits[-1] + digits[-2]))
+    if problem.op == "plus" and (problem.a % 10 + problem.b % 10) >= 10:
+        candidates.add(right - 10)  # dropped carry
+    if problem.op == "times":  # one row too many or too few
+        candidates |= {right + problem.a, right - problem.a}
+    else:  # the other operation
+        other = "minus" if problem.op == "plus" else "plus"
+        candidates.add(OPS[other](problem.a, problem.b))
+    candidates = sorted(c for c in candidates if c >= 0 and c != right)
+    return rng.choice(candidates)
+
+
+def _messages(problem: Problem, answer: str, system: str | None) -> list[dict]:
+    msgs = [] if system is None else [{"role": "system", "content": system}]
+    msgs.append({"role": "user", "content": problem.question()})
+    msgs.append({"role": "assistant", "content": answer})
+    return msgs
+
+
+def make_splits(
+    n_sft: int,
+    n_pref: int,
+    n_eval: int,
+    *,
+    seed: int = 0,
+    max_value: int = 99,
+    ops: tuple[str, ...] = ("plus", "minus"),
+) -> tuple[list[Problem], list[Problem], list[Problem]]:
+    """Seeded (sft, pref, eval) problem lists; eval problems are distinct from each other and
+    from every training problem (compared as (a, op, b), ignoring the wording)."""
+    rng = random.Random(seed)
+    n_possible = len(ops) * (max_value + 1) * (max_value + 1)
+    if n_eval > n_possible // 4:
+        raise ValueError(f"n_eval={n_eval} too large for {n_possible} distinct problems")
+    eval_set: dict[tuple, Problem] = {}
+    while len(eval_set) < n_eval:
+        p = sample_problem(rng, max_value, ops)
+        eval_set.setdefault(p.key, p)
+
+    def train(n: int) -> list[Problem]:
+        out = []
+        while len(out) < n:
+            p = sample_problem(rng, max_value, ops)
+            if p.key not in eval_set:
+                out.append(p)
+        return out
+
+    return train(n_sft), train(n_pref), list(eval_set.values())
+
+
+def write_task(
+    out_dir: str | os.PathLike,
+    *,
+    n_sft: int = 2000,
+    n_pref: int = 1000,
+    n_eval: int = 200,
+    seed: int = 0,
+    max_value: int = 99,
+    ops: tuple[str, ...] = ("plus", "minus"),
+    system: str | None = None,
+) -> dict[str, str]:
+    """Write sft_train.jsonl, pref_train.jsonl and eval.jsonl under `out_dir`.
+
+    Returns {"sft": path, "pref": path, "eval": path}. Same arguments -> same bytes.
+    """
+    sft, pref, ev = make_splits(n_sft, n_pref, n_eval, seed=seed, max_value=max_value, ops=ops)
+    rng = random.Random(seed + 1)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f) for k, f in _FILES.items()}
+
+    with open(paths["sft"], "w") as f:
+        for i, p in enumerate(sft):
+            row = {"id": f"sft-{i}", "messages": _messages(p, str(p.answer), system)}
+            f.write(json.dumps(row | {"answer": str(p.answer)}) + "\n")
+    with open(paths["pref"], "w") as f:
+        for i, p in enumerate(pref):
+            chosen = _messages(p, str(p.answer), system)
+            rejected = _messages(p, str(wrong_answer(p, rng)), system)
+            row = {"id": f"pref-{i}", "prompt": p.question(), "chosen": chosen}
+            f.write(json.dumps(row | {"rejected": rejected}) + "\n")
+    with open(paths["eval"], "w") as f:
+        for i, p in enumerate(ev):
+            row = {"id": f"eval-{i}", "messages": _messages(p, str(p.answer), system)}
+            f.write(json.dumps(row | {"answer": str(p.answer)}) + "\n")
+    return paths
+
+
+_FILES = {"sft": "sft_train.jsonl", "pref": "pref_train.jsonl", "eval": "eval.jsonl"}
+
+_NUMBER_RE = re.compile(r"-?\d+")
+
+
+def normalize_answer(text: str) -> str:
+    """Whitespace-trimmed, thousands separators and one trailing period removed."""
+    text = text.strip()
+    if text.endswith("."):
+        text = text[:-1].rstrip()
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+", text):
+        text = text.replace(",", "")
+    return text
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """True iff the generated text, normalized, equals the answer ("65", " 65.", "65\\n" all
+    match "65"; "65 apples", "065" and "6 5" do not)."""
+    return normalize_answer(prediction) == normalize_answer(answer)
+
+
+def corpus_lines() -> list[str]:
+    """Text covering the task's vocabulary (number words, operations, question wordings)
+    for training the tiny tokenizer."""
+    lines = [" ".join(_ONES), " ".join(t for t in _TENS if t), "hundred thousand"]
+    lines += [number_to_words(n) for n in range(0, 100)]
+    lines += [f"{number_to_words(n)} hundred" for n in range(1, 10)]
+    rng = random.Random(1234)
+    for t in range(len(QUESTION_TEMPLATES)):
+        for op in OPS:
+            for _ in range(8):
+                p = Problem(rng.randint(0, 99), op, rng.randint(0, 99), t)
+                lines.append(p.question())
+    return lines
