@@ -1,0 +1,590 @@
+"""Fused vocab-parallel log-probs: log p(target) per token (and entropy) from the last hidden
+states and this rank's LM-head shard, forward and backward, without an [N, V] tensor.
+
+    logp, ent = linear_logprobs(hidden_NH, w_VpH, targets_N, tp_group=g, return_entropy=True)
+
+Legend: N tokens (rows), H hidden size, V global vocab, Vp = V / tp the vocab shard of this
+rank (rows rank*Vp ... rank*Vp+Vp-1 of the full LM head, as megatron's VocabParallelEmbedding
+pads the vocab to a multiple of tp), S vocab splits of the Triton forward, Nc x Vc one chunk of
+the bounded workspace. z = hidden @ W.T are the logits (never materialized beyond a chunk).
+
+Math. lse = log sum_j exp z_j; logp_t = z_t - lse; p_j = exp(z_j - lse); mu = E_p[z];
+entropy S = lse - mu. d logp_t / dz_j = 1[j=t] - p_j; dS/dz_j = -p_j (z_j - mu). With upstream
+grads g (log-probs) and e (entropy): dz_j = g (1[j=t] - p_j) - e p_j (z_j - mu);
+grad_hidden = dz @ W, grad_W = dz.T @ hidden.
+
+Forward. Each rank reduces its shard to per-row statistics with an online logsumexp over
+vocab tiles: running max m, s = sum exp(z - m), a = sum exp(z - m)(z - m) (for the entropy:
+shifted so that no cancellation occurs), t = the target logit when the target lies in the
+shard (else 0). Partial statistics (Triton vocab splits, then TP ranks) combine exactly:
+M = max m_r; s = sum s_r e^(m_r-M); a = sum e^(m_r-M) (a_r + (m_r - M) s_r); t = sum t_r,
+i.e. one all_reduce(MAX) and one all_reduce(SUM) of [3, N] over the TP group. Then
+lse = M + log s and mu = M + a / s. Only lse and mu ([N] fp32 each) are saved.
+
+Backward recomputes the logits chunk by chunk (vocab chunks of Vc columns outer, row chunks of
+Nc rows inner, Nc*Vc <= _WORKSPACE_ELEMS) and writes dz for the chunk into a bounded workspace;
+the two gradient GEMMs of the chunk (grad_hidden[rows] += dz @ W[cols] in an fp32 accumulator,
+grad_W[cols] = dz.T @ hidden[rows]) go to torch.mm, i.e. cuBLAS on GPU, which is at the GEMM
+floor already (the Triton kernel fuses what cuBLAS cannot: the recompute with the softmax
+derivative). So the "triton" backend = Triton forward-statistics kernel + Triton dlogits kernel +
+cuBLAS gradient GEMMs; the "torch" backend does the same loop with torch ops (production on CPU).
+
+Memory: O(N*H + Vp*H) (the fp32 grad_hidden accumulator is N*H*4 bytes) plus the workspace
+(_WORKSPACE_ELEMS elements of dz, and for the torch path a few fp32 chunks of the same size).
+
+Performance note (the H100 bar "fwd+bwd <= 1.15 x three N*H*V GEMMs"). Per-token log-probs
+with an arbitrary upstream gradient cost 4 GEMMs here: the forward must finish the logsumexp
+over the whole vocab before any p_j is known, so dz cannot be formed in the forward pass without
+either holding [N, V] logits or knowing the upstream gradient in advance. 4/3 = 1.33 > 1.15: the
+general path cannot meet that bar, by construction. `linear_cross_entropy` (this module) is the
+3-GEMM path for the case where the upstream gradient IS known at forward time (SFT's weighted
+token sum, as Liger's fused linear cross entropy): row chunks hold [Nc, Vp] fp32 logits, the TP
+group combines the chunk's statistics, dz is formed at once and both gradient GEMMs run inside
+the forward; backward only scales the stored grads by the (scalar) upstream gradient.
+
+Sequence parallel: with `sequence_parallel=True` hidden is this rank's [N/tp, H] slice of the
+sequence dimension; the function all-gathers it (rank-major, as megatron) in forward and
+again in backward (nothing gathered is saved), and reduce-scatters grad_hidden. Without SP and
+tp > 1 hidden is replicated and grad_hidden is all-reduced over the TP group: the function
+replaces megatron's ColumnParallelLinear output layer + vocab_parallel_cross_entropy. targets
+and outputs are always the full [N] rows (replicated over the TP group).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from ._backend import interpreting, resolve_backend
+
+_NEG = -1.0e30  # finite "-inf" for running maxima: keeps (-inf) * 0 NaNs out of the rescaling
+_WORKSPACE_ELEMS = 1 << 26  # bound on one chunk of logits / dlogits (elements), 128 MiB in bf16
+_MIN_VCHUNK = 1024  # narrowest vocab chunk before rows are chunked too (GEMM efficiency)
+_POISON = False  # tests: fill workspaces with NaN before launches so unwritten elements show
+
+
+def _alloc(*shape, device, dtype) -> torch.Tensor:
+    if _POISON:
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _fwd_stats_kernel(
+    h_ptr,  # [N, H] hidden, input dtype, row stride stride_h, unit column stride
+    w_ptr,  # [Vp, H] weight shard, row stride stride_w
+    tgt_ptr,  # [N] int64 target id local to the shard, -1 when elsewhere / ignored
+    m_ptr,  # [S, N] fp32 out: running max of each vocab split
+    s_ptr,  # [S, N] fp32 out: sum exp(z - m)
+    a_ptr,  # [S, N] fp32 out: sum exp(z - m) (z - m) (written only WITH_ENTROPY)
+    t_ptr,  # [S, N] fp32 out: target logit when in the split, else 0
+    N,
+    H,
+    Vp,
+    stride_h,
+    stride_w,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    cols_per_split = tl.cdiv(tl.cdiv(Vp, n_splits), BLOCK_V) * BLOCK_V
+    v_begin = pid_s * cols_per_split
+    v_end = tl.minimum(v_begin + cols_per_split, Vp)
+
+    m = tl.full([BLOCK_N], -1.0e30, tl.float32)
+    s = tl.zeros([BLOCK_N], tl.float32)
+    a = tl.zeros([BLOCK_N], tl.float32)
+    t = tl.zeros([BLOCK_N], tl.float32)
+    for v0 in range(v_begin, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_end
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < H
+            hb = tl.load(
+                h_ptr + rows64[:, None] * stride_h + ks[None, :],
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            wb = tl.load(
+                w_ptr + cols64[None, :] * stride_w + ks[:, None],
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            if CAST_FP32:
+                hb = hb.to(tl.float32)
+                wb = wb.to(tl.float32)
+            acc = tl.dot(hb, wb, acc, input_precision=DOT_PRECISION)
+        z = tl.where(col_ok[None, :], acc, -1.0e30)  # finite: no 0 * inf below
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        d = z - m_new[:, None]
+        e = tl.exp(d)
+        if WITH_ENTROPY:
+            a = alpha * (a + (m - m_new) * s) + tl.sum(e * d, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        hit = (cols[None, :] == tgt[:, None]) & col_ok[None, :]
+        t += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        m = m_new
+    out = pid_s * N + rows
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(t_ptr + out, t, mask=row_ok)
+    if WITH_ENTROPY:
+        tl.store(a_ptr + out, a, mask=row_ok)
+
+
+@triton.jit
+def _bwd_dlogits_kernel(
+    h_ptr,  # [Nc, H] hidden rows of the chunk, row stride stride_h
+    w_ptr,  # [Vc, H] weight rows of the chunk, row stride stride_w
+    tgt_ptr,  # [Nc] int64 shard-local target id, -1 when elsewhere / ignored
+    lse_ptr,  # [Nc] fp32 global logsumexp
+    mu_ptr,  # [Nc] fp32 global E_p[z] (read only WITH_ENTROPY)
+    glp_ptr,  # [Nc] fp32 upstream grad of logp (0 on ignored rows)
+    gent_ptr,  # [Nc] fp32 upstream grad of entropy (read only WITH_ENTROPY)
+    dz_ptr,  # [Nc, Vc] out: dlogits, workspace dtype, row stride stride_dz
+    n_rows,
+    n_cols,
+    col0,
+    H,
+    stride_h,
+    stride_w,
+    stride_dz,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    rows64 = rows.to(tl.int64)
+    cols64 = cols.to(tl.int64)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        hb = tl.load(
+            h_ptr + rows64[:, None] * stride_h + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        wb = tl.load(
+            w_ptr + cols64[None, :] * stride_w + ks[:, None],
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        if CAST_FP32:
+            hb = hb.to(tl.float32)
+            wb = wb.to(tl.float32)
+        acc = tl.dot(hb, wb, acc, input_precision=DOT_PRECISION)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
+    tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+    p = tl.exp(acc - lse[:, None])
+    dz = tl.where((cols[None, :] + col0) == tgt[:, None], glp[:, None], 0.0) - glp[:, None] * p
+    if WITH_ENTROPY:
+        mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
+        gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
+        dz -= gent[:, None] * p * (acc - mu[:, None])
+    tl.store(
+        dz_ptr + rows64[:, None] * stride_dz + cols64[None, :],
+        dz.to(dz_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
+
+
+_TUNED: dict[str, object] = {}
+
+
+def _gpu_configs() -> list:
+    return [
+        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+        for bn, bv, bk, w, st in [
+            (128, 128, 64, 8, 3),
+            (128, 256, 64, 8, 3),
+            (64, 256, 64, 4, 4),
+            (128, 128, 32, 4, 4),
+            (256, 128, 64, 8, 3),
+        ]
+    ]
+
+
+def _kernel(name: str):
+    """The jitted kernel (interpreter: fixed meta-params) or its autotuned GPU wrapper."""
+    base = {"fwd": _fwd_stats_kernel, "bwd": _bwd_dlogits_kernel}[name]
+    if interpreting():
+        return base, {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 32}
+    if name not in _TUNED:
+        key = ["H", "Vp"] if name == "fwd" else ["H", "n_cols"]
+        _TUNED[name] = triton.autotune(_gpu_configs(), key=key)(base)
+    return _TUNED[name], {}
+
+
+def _dot_flags(x: torch.Tensor) -> dict:
+    return {
+        "CAST_FP32": interpreting() or x.dtype == torch.float32,
+        "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32",
+    }
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _triton_stats(h_NH, w_VpH, tgt_N, with_entropy):
+    """Per-row (m, s, a, t) over this shard: Triton vocab splits, merged here. -> 4 x [N] fp32"""
+    N, H = h_NH.shape
+    Vp = w_VpH.shape[0]
+    kernel, meta = _kernel("fwd")
+    if interpreting() or not h_NH.is_cuda:
+        n_splits = min(2, triton.cdiv(Vp, 32))
+    else:  # enough programs to fill the GPU when N is small
+        sms = torch.cuda.get_device_properties(h_NH.device).multi_processor_count
+        n_splits = max(1, min(triton.cdiv(Vp, 1024), triton.cdiv(2 * sms, triton.cdiv(N, 128))))
+    stats = _alloc(4, n_splits, N, device=h_NH.device, dtype=torch.float32)
+    grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), n_splits)
+    kernel[grid](
+        h_NH, w_VpH, tgt_N, stats[0], stats[1], stats[2], stats[3], N, H, Vp,
+        h_NH.stride(0), w_VpH.stride(0), WITH_ENTROPY=with_entropy, **_dot_flags(h_NH), **meta,
+    )  # fmt: skip
+    if not with_entropy:
+        stats[2].zero_()
+    return _merge(stats[0], stats[1], stats[2], stats[3])
+
+
+def _triton_dlogits(h_nH, w_vH, tgt_n, col0, lse_n, mu_n, glp_n, gent_n, with_entropy, ws):
+    """dz for one chunk, written into the workspace view ws [n, v] and returned."""
+    n_rows, H = h_nH.shape
+    n_cols = w_vH.shape[0]
+    kernel, meta = _kernel("bwd")
+    grid = lambda META: (triton.cdiv(n_rows, META["BLOCK_N"]), triton.cdiv(n_cols, META["BLOCK_V"]))
+    kernel[grid](
+        h_nH, w_vH, tgt_n, lse_n, mu_n, glp_n, gent_n, ws, n_rows, n_cols, col0, H,
+        h_nH.stride(0), w_vH.stride(0), ws.stride(0),
+        WITH_ENTROPY=with_entropy, **_dot_flags(h_nH), **meta,
+    )  # fmt: skip
+    return ws
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """GEMM dtype of the chunked paths: the input dtype on GPU, fp32 on CPU (no fast bf16 GEMM
+    on most CPUs, and it keeps the CPU path at fp32 accuracy)."""
+    return x.dtype if x.is_cuda else torch.float32
+
+
+def _chunks(n: int, vp: int) -> tuple[int, int]:
+    """(Nc, Vc) with Nc * Vc <= _WORKSPACE_ELEMS (or one minimal chunk when that is smaller)."""
+    if n * vp <= _WORKSPACE_ELEMS:
+        return max(n, 1), max(vp, 1)
+    vc = min(vp, max(_MIN_VCHUNK, _WORKSPACE_ELEMS // max(n, 1)))
+    return max(1, min(n, _WORKSPACE_ELEMS // vc)), vc
+
+
+def _merge(m_SN, s_SN, a_SN, t_SN):
+    """Combine per-split statistics [S, N] (or already [N]) into [N]. See module docstring."""
+    if m_SN.dim() == 1:
+        return m_SN, s_SN, a_SN, t_SN
+    M = m_SN.max(0).values
+    scale = torch.exp(m_SN - M)
+    s = (s_SN * scale).sum(0)
+    a = (scale * (a_SN + (m_SN - M) * s_SN)).sum(0)
+    return M, s, a, t_SN.sum(0)
+
+
+def _torch_stats(h_NH, w_VpH, tgt_N, with_entropy):
+    """Chunked PyTorch statistics over this shard (online logsumexp). -> 4 x [N] fp32"""
+    N, Vp = h_NH.shape[0], w_VpH.shape[0]
+    nc, vc = _chunks(N, Vp)
+    cdt = _compute_dtype(h_NH)
+    m = torch.full((N,), _NEG, device=h_NH.device, dtype=torch.float32)
+    s, a, t = (torch.zeros(N, device=h_NH.device, dtype=torch.float32) for _ in range(3))
+    for c0 in range(0, Vp, vc):
+        w_c = w_VpH[c0 : c0 + vc].to(cdt)
+        for r0 in range(0, N, nc):
+            r = slice(r0, r0 + nc)
+            z = (h_NH[r].to(cdt) @ w_c.T).float()  # [nc, vc]
+            m_new = torch.maximum(m[r], z.max(1).values)
+            alpha = torch.exp(m[r] - m_new)
+            tl_ = tgt_N[r] - c0
+            hit = (tl_ >= 0) & (tl_ < z.shape[1])
+            t[r] += torch.where(hit, z.gather(1, tl_.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
+            d = z.sub_(m_new[:, None])
+            e = torch.exp(d)
+            if with_entropy:
+                a[r] = alpha * (a[r] + (m[r] - m_new) * s[r]) + (e * d).sum(1)
+            s[r] = alpha * s[r] + e.sum(1)
+            m[r] = m_new
+    return m, s, a, t
+
+
+def _torch_dlogits(h_nH, w_vH, tgt_n, col0, lse_n, mu_n, glp_n, gent_n, with_entropy, ws):
+    """dz for one chunk with torch ops ([n, v] in the compute dtype; ws unused)."""
+    cdt = _compute_dtype(h_nH)
+    z = (h_nH.to(cdt) @ w_vH.to(cdt).T).float()
+    p = torch.exp(z - lse_n[:, None])
+    if with_entropy:
+        dz = p * (z.sub_(mu_n[:, None])).mul_(gent_n[:, None])
+        dz.add_(p * glp_n[:, None]).neg_()
+    else:
+        dz = p.mul_(-glp_n[:, None])
+    tl_ = tgt_n - col0
+    hit = ((tl_ >= 0) & (tl_ < z.shape[1])).nonzero()[:, 0]
+    dz[hit, tl_[hit]] += glp_n[hit]
+    return dz.to(cdt)
+
+
+_STATS = {"triton": _triton_stats, "torch": _torch_stats}
+_DLOGITS = {"triton": _triton_dlogits, "torch": _torch_dlogits}
+
+
+def _grads(h_NH, w_VpH, tgt_N, lse_N, mu_N, glp_N, gent_N, with_entropy, backend, need_h, need_w):
+    """grad_hidden [N, H] fp32 (or None), grad_W [Vp, H] in W's dtype (or None)."""
+    N, H = h_NH.shape
+    Vp = w_VpH.shape[0]
+    nc, vc = _chunks(N, Vp)
+    cdt = _compute_dtype(h_NH)
+    dev = h_NH.device
+    grad_h = torch.zeros(N, H, device=dev, dtype=torch.float32) if need_h else None
+    grad_w = torch.empty_like(w_VpH) if need_w else None
+    ws = _alloc(nc * vc, device=dev, dtype=cdt) if backend == "triton" else None
+    mu_N = mu_N if with_entropy else lse_N  # placeholders: the kernel does not read them
+    gent_N = gent_N if with_entropy else glp_N
+    for c0 in range(0, Vp, vc):
+        w_c = w_VpH[c0 : c0 + vc]
+        w_cc = w_c.to(cdt)
+        gw = None
+        for r0 in range(0, N, nc):
+            r = slice(r0, r0 + nc)
+            h_r = h_NH[r]
+            n, v = h_r.shape[0], w_c.shape[0]
+            ws_view = ws[: n * v].view(n, v) if ws is not None else None
+            dz = _DLOGITS[backend](
+                h_r,
+                w_c,
+                tgt_N[r],
+                c0,
+                lse_N[r],
+                mu_N[r],
+                glp_N[r],
+                gent_N[r],
+                with_entropy,
+                ws_view,
+            )
+            if need_h:
+                if cdt == torch.float32:
+                    grad_h[r].addmm_(dz, w_cc)
+                else:
+                    grad_h[r] += (dz @ w_cc).float()
+            if need_w:
+                part = dz.T @ h_r.to(cdt)
+                gw = part.float() if gw is None else gw.add_(part)
+        if need_w:
+            grad_w[c0 : c0 + vc] = gw
+    return grad_h, grad_w
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+
+
+def _tp_info(group) -> tuple[int, int]:
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _tp_combine(m, s, a, t, group, tp: int, with_entropy: bool):
+    """Exact combination of per-rank statistics: all_reduce(MAX) of m, all_reduce(SUM) of the
+    rescaled [s, t, a]. Identity when tp == 1."""
+    if tp == 1:
+        return m, s, a, t
+    M = m.clone()
+    dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
+    scale = torch.exp(m - M)
+    parts = [s * scale, t] + ([scale * (a + (m - M) * s)] if with_entropy else [])
+    buf = torch.stack(parts)
+    dist.all_reduce(buf, group=group)
+    return M, buf[0], (buf[2] if with_entropy else a), buf[1]
+
+
+def _sp_gather(x_nH: torch.Tensor, group, tp: int) -> torch.Tensor:
+    """[N/tp, H] -> [N, H], rank-major along the rows (megatron's sequence-parallel layout)."""
+    x_nH = x_nH.contiguous()
+    out = torch.empty(tp * x_nH.shape[0], *x_nH.shape[1:], device=x_nH.device, dtype=x_nH.dtype)
+    dist.all_gather_into_tensor(out, x_nH, group=group)
+    return out
+
+
+def _reduce_grad_hidden(g_NH: torch.Tensor, group, tp: int, sp: bool) -> torch.Tensor:
+    """Sum the per-shard grad_hidden over the TP group: reduce-scatter (SP) or all-reduce."""
+    if tp == 1:
+        return g_NH
+    if sp:
+        out = torch.empty(
+            g_NH.shape[0] // tp, *g_NH.shape[1:], device=g_NH.device, dtype=g_NH.dtype
+        )
+        dist.reduce_scatter_tensor(out, g_NH.contiguous(), group=group)
+        return out
+    dist.all_reduce(g_NH, group=group)
+    return g_NH
+
+
+def _local_targets(targets_N, start: int, vp: int, ignore_index: int) -> torch.Tensor:
+    """Global vocab ids -> ids local to the shard [start, start+vp), -1 elsewhere / ignored."""
+    local = targets_N.long() - start
+    keep = (targets_N != ignore_index) & (local >= 0) & (local < vp)
+    return torch.where(keep, local, -1)
+
+
+def _check(hidden, weight, targets, sequence_parallel: bool, tp: int) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
+        raise ValueError(
+            f"linear_logprobs: expected hidden [N, H], weight [Vp, H], targets [N]; got "
+            f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}"
+        )
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_logprobs: hidden H={hidden.shape[1]} != weight H={weight.shape[1]}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"linear_logprobs: hidden {hidden.dtype} != weight {weight.dtype}")
+    n = hidden.shape[0] * (tp if sequence_parallel else 1)
+    if targets.shape[0] != n:
+        raise ValueError(f"linear_logprobs: targets has {targets.shape[0]} rows, expected {n}")
+    if targets.dtype.is_floating_point:
+        raise ValueError(f"linear_logprobs: targets must be integer ids, got {targets.dtype}")
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """(hidden, weight, targets) -> (logp [N] fp32, entropy [N] fp32 or an empty tensor)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, tp_group, ignore_index, with_entropy, sp, backend):
+        tp, rank = _tp_info(tp_group)
+        sp = bool(sp) and tp > 1
+        h_NH = (_sp_gather(hidden, tp_group, tp) if sp else hidden).contiguous()
+        w_VpH = weight.contiguous()
+        vp = w_VpH.shape[0]
+        tgt_N = _local_targets(targets, rank * vp, vp, ignore_index)
+        m, s, a, t = _STATS[backend](h_NH, w_VpH, tgt_N, with_entropy)
+        m, s, a, t = _tp_combine(m, s, a, t, tp_group, tp, with_entropy)
+        lse = m + torch.log(s)
+        valid = targets != ignore_index
+        logp = torch.where(valid, t - lse, 0.0)
+        if with_entropy:
+            mu = m + a / s
+            ent = torch.where(valid, lse - mu, 0.0)
+        else:
+            mu = ent = lse.new_empty(0)
+            ctx.mark_non_differentiable(ent)
+        ctx.save_for_backward(hidden if sp else h_NH, w_VpH, tgt_N, valid, lse, mu)
+        ctx.cfg = (tp_group, tp, sp, with_entropy, backend)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, w_VpH, tgt_N, valid, lse, mu = ctx.saved_tensors
+        tp_group, tp, sp, with_entropy, backend = ctx.cfg
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_h or need_w):
+            return (None,) * 8
+        h_NH = _sp_gather(hidden, tp_group, tp) if sp else hidden
+        zero = torch.zeros_like(lse)
+        glp = torch.where(valid, g_logp.float(), 0.0) if g_logp is not None else zero
+        use_ent = with_entropy and g_ent is not None
+        gent = torch.where(valid, g_ent.float(), 0.0) if use_ent else None
+        grad_h, grad_w = _grads(
+            h_NH, w_VpH, tgt_N, lse, mu if use_ent else None, glp, gent, use_ent, backend,
+            need_h, need_w,
+        )  # fmt: skip
+        if need_h:
+            grad_h = _reduce_grad_hidden(grad_h.to(hidden.dtype), tp_group, tp, sp)
+        return grad_h, grad_w, None, None, None, None, None, None
+
+
+def linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    tp_group=None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    sequence_parallel: bool = False,
+    backend: str | None = None,
+):
+    """log p(targets) per token from hidden states and this rank's LM-head vocab shard.
+
+    hidden: [N, H] (with sequence_parallel: this rank's [N/tp, H] rows), bf16/fp16/fp32.
+    weight: [Vp, H] this rank's contiguous vocab shard (global rows rank*Vp ... rank*Vp+Vp-1),
+        same dtype as hidden. tp_group: the tensor-parallel group (None: no TP).
+    targets: [N] global vocab ids (int), ignore_index rows give logp = 0 (and entropy = 0) and
+        no gradient. Ids must lie in [0, tp*Vp) otherwise.
+    Returns logp [N] fp32, or (logp, entropy) [N] fp32 each with return_entropy; both are
+    differentiable w.r.t. hidden and weight (grads in their dtypes).
+    backend: "triton" | "torch" | None (NOVA_KERNELS, else triton on CUDA / torch on CPU).
+    """
+    backend = resolve_backend(backend)
+    tp, _ = _tp_info(tp_group)
+    _check(hidden, weight, targets, sequence_parallel and tp > 1, tp)
+    logp, ent = LinearLogprobsFunction.apply(
+        hidden, weight, targets, tp_group, ignore_index, return_entropy, sequence_parallel, backend
+    )
+    return (logp, ent) if return_entropy else logp
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def linear_logprobs_reference(
+    hidden: torch.Tensor,
+    weight_full: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    dtype: torch.dtype | None = None,
+):
+    """Materialized logits -> log_softmax -> gather (tests and benchmarks; [N, V] in memory).
+
+    hidden [N, H], weight_full [V, H] (the whole LM head), targets [N]. `dtype` casts the inputs
+    first (e.g. float64 for a high-precision reference); the GEMM runs in that dtype and the
+    softmax in at least fp32. Returns logp [N] (and entropy [N]) in fp32, or fp64 for fp64.
+    """
+    if dtype is not None:
+        hidden, weight_full = hidden.to(dtype), weight_full.to(dtype)
+    logits = hidden @ weight_full.T
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    logsm = torch.log_softmax(logits, dim=-1)
+    valid = targets != ignore_index
+    logp = logsm.gather(1, torch.where(valid, targets, 0).long()[:, None])[:, 0]
+    logp = torch.where(valid, logp, 0.0)
+    if not return_entropy:
+        return logp
+    ent = -(logsm.exp() * logsm).sum(-1)
+    return logp, torch.where(valid, ent, 0.0)

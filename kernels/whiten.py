@@ -1,0 +1,141 @@
+"""Masked whitening: normalize values by the mean and variance of the masked elements.
+
+Semantics of verl's `masked_whiten` (used by GAE and REINFORCE++ advantages):
+
+    n    = sum(mask)
+    mean = sum(x * mask) / (n + 1e-8)
+    var  = sum((x - mean)^2 * mask) / (n + 1e-8) * n / (n - 1)     (unbiased)
+    out  = (x - mean) * rsqrt(var + eps)     [+ mean when shift_mean=False]
+
+for EVERY element (masked-out ones included; callers multiply by the mask when they need
+zeros there). With fewer than two masked elements the statistics mean nothing: verl raises;
+here nothing is checked (that would cost a host sync) and the Bessel factor is taken as 1.
+
+Triton: two reduction passes over blocks (sum/count, then the centered sum of squares — the
+two-pass form keeps fp32 accurate), per-block partials summed by torch, then one elementwise
+pass. Any shape; statistics are global over all elements.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._backend import interpreting, resolve_backend
+
+_empty = torch.empty  # tests swap in a NaN-filling allocator
+
+
+@triton.jit
+def _partial_sums_kernel(
+    x_ptr,  # [N] values
+    m_ptr,  # [N] mask (nonzero = counted)
+    stats_ptr,  # [2] fp32 (mean, rstd) — read only in the second pass (CENTERED)
+    part_ptr,  # [n_blocks, 2] fp32 out: (sum, count) or (centered sum of squares, 0)
+    N,
+    CENTERED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    m = (tl.load(m_ptr + offs, mask=ok, other=0) != 0).to(tl.float32)
+    if CENTERED:
+        mean = tl.load(stats_ptr)
+        d = (x - mean) * m
+        tl.store(part_ptr + pid * 2, tl.sum(d * d, 0))
+        tl.store(part_ptr + pid * 2 + 1, 0.0)
+    else:
+        tl.store(part_ptr + pid * 2, tl.sum(x * m, 0))
+        tl.store(part_ptr + pid * 2 + 1, tl.sum(m, 0))
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr,  # [N] values
+    stats_ptr,  # [2] fp32 (mean, rstd)
+    out_ptr,  # [N] fp32 out
+    N,
+    SHIFT_MEAN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    mean = tl.load(stats_ptr)
+    rstd = tl.load(stats_ptr + 1)
+    y = (x - mean) * rstd
+    if not SHIFT_MEAN:
+        y = y + mean
+    tl.store(out_ptr + offs, y, mask=ok)
+
+
+def _whiten_triton(x, m, shift_mean, eps):
+    N = x.numel()
+    xf = x.contiguous().view(-1)
+    mf = m.contiguous().view(-1)
+    if mf.dtype == torch.bool:
+        mf = mf.view(torch.uint8)
+    out = _empty(x.shape, dtype=torch.float32, device=x.device)
+    if N == 0:
+        return out
+    block = 1024 if interpreting() else 4096
+    nb = triton.cdiv(N, block)
+    part = torch.empty((nb, 2), dtype=torch.float32, device=x.device)
+    stats = torch.zeros(2, dtype=torch.float32, device=x.device)
+    _partial_sums_kernel[(nb,)](xf, mf, stats, part, N, CENTERED=False, BLOCK=block)
+    s, n = part.sum(0).unbind()
+    stats[0] = s / (n + 1e-8)
+    _partial_sums_kernel[(nb,)](xf, mf, stats, part, N, CENTERED=True, BLOCK=block)
+    var = part[:, 0].sum() / (n + 1e-8) * _bessel(n)
+    stats[1] = torch.rsqrt(var + eps)
+    _apply_kernel[(nb,)](xf, stats, out.view(-1), N, SHIFT_MEAN=shift_mean, BLOCK=block)
+    return out
+
+
+def _bessel(n: torch.Tensor) -> torch.Tensor:
+    return torch.where(n > 1, n / (n - 1).clamp_min(1), torch.ones_like(n))
+
+
+def _whiten_torch(x, m, shift_mean, eps):
+    xf = x.float()
+    mf = (m != 0).float()
+    n = mf.sum()
+    mean = (xf * mf).sum() / (n + 1e-8)
+    var = ((xf - mean) ** 2 * mf).sum() / (n + 1e-8) * _bessel(n)
+    out = (xf - mean) * torch.rsqrt(var + eps)
+    return out + mean if not shift_mean else out
+
+
+def whiten_reference(values, mask, shift_mean: bool = True, eps: float = 1e-8):
+    """verl's formula in the promoted float dtype (fp64 stays fp64)."""
+    dt = torch.promote_types(values.dtype, torch.float32)
+    x, m = values.to(dt), (mask != 0).to(dt)
+    n = m.sum()
+    mean = (x * m).sum() / (n + 1e-8)
+    var = ((x - mean) ** 2 * m).sum() / (n + 1e-8)
+    if n > 1:
+        var = var * n / (n - 1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return out if shift_mean else out + mean
+
+
+def whiten(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Masked whitening. values: any shape float; mask: same shape (bool/int/float, nonzero =
+    included in the statistics). Returns fp32 of values' shape. No gradient."""
+    if mask.shape != values.shape:
+        raise ValueError(f"whiten: mask {tuple(mask.shape)} != values {tuple(values.shape)}")
+    with torch.no_grad():
+        if resolve_backend(backend) == "torch":
+            return _whiten_torch(values, mask, shift_mean, eps)
+        return _whiten_triton(values, mask, shift_mean, eps)

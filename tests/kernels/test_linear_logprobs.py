@@ -1,0 +1,205 @@
+"""linear_logprobs: both backends (Triton under the interpreter on CPU, chunked torch) against
+the materialized float64 reference, forward and backward (log-probs and entropy), fp32 tight,
+bf16/fp16 by the flash-attention rule; TP=2 (with and without sequence parallel) against TP=1
+on gloo in one spawned group."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from nova_kernels import linear_logprobs, linear_logprobs_reference
+from nova_kernels._testing import assert_verbose_allclose, assert_within_torch_error
+
+from nova_engine.parallel.spawn import run_distributed
+
+BACKENDS = ["triton", "torch"]
+IGNORE = -100
+# the module (the package attribute of the same name is the function)
+ll = importlib.import_module("nova_kernels.linear_logprobs")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(ll, "_POISON", True)
+
+
+def _inputs(n, h, v, dtype, seed=0, n_ignored=3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) / h**0.25).to(dtype)  # logits spread ~ several nats
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.randperm(n, generator=g)[:n_ignored]] = IGNORE
+    g_lp = torch.randn(n, generator=g)
+    g_ent = torch.randn(n, generator=g)
+    return hidden, weight, targets, g_lp, g_ent
+
+
+def _run(fn, hidden, weight, targets, g_lp, g_ent, entropy=True):
+    """Outputs and (grad_hidden, grad_weight) of sum(g_lp * logp + g_ent * entropy)."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    out = fn(h, w, targets)
+    lp, ent = out if entropy else (out, None)
+    loss = (lp * g_lp.to(lp.dtype)).sum()
+    if entropy:
+        loss = loss + (ent * g_ent.to(ent.dtype)).sum()
+    loss.backward()
+    return lp.detach(), (ent.detach() if entropy else None), h.grad, w.grad
+
+
+def _nova(backend, entropy=True):
+    return lambda h, w, t: linear_logprobs(
+        h, w, t, ignore_index=IGNORE, return_entropy=entropy, backend=backend
+    )
+
+
+def _ref(dtype=None, entropy=True):
+    return lambda h, w, t: linear_logprobs_reference(h, w, t, IGNORE, entropy, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(37, 72, 1000), (32, 64, 256)])
+def test_fp32_matches_float64_reference(backend, shape):
+    args = _inputs(*shape, torch.float32)
+    got = _run(_nova(backend), *args)
+    ref = _run(_ref(torch.float64), *args)
+    names = ["logp", "entropy", "grad_hidden", "grad_weight"]
+    for name, a, e in zip(names, got, ref):
+        assert_verbose_allclose(a, e, rtol=1e-4, atol=2e-5, name=f"{backend} {name}")
+    assert got[0].dtype == torch.float32 and got[2].dtype == torch.float32
+    ignored = args[2] == IGNORE
+    assert (got[0][ignored] == 0).all() and (got[1][ignored] == 0).all()
+    assert (got[2][ignored] == 0).all(), "ignored rows must get no gradient"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_torch_error(backend, dtype):
+    args = _inputs(37, 72, 1000, dtype, seed=1)
+    got = _run(_nova(backend), *args)
+    same = _run(_ref(None), *args)  # plain PyTorch in the input dtype
+    ref = _run(_ref(torch.float64), *args)
+    names = ["logp", "entropy", "grad_hidden", "grad_weight"]
+    for name, k, t, r in zip(names, got, same, ref):
+        assert k.dtype == t.dtype, f"{name}: dtype {k.dtype} != {t.dtype}"
+        assert_within_torch_error(k, t, r, name=f"{backend} {dtype} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_chunks(backend, monkeypatch):
+    """A tiny workspace forces several vocab chunks and row chunks (and the fp32 accumulation
+    of grad_weight over row chunks)."""
+    monkeypatch.setattr(ll, "_WORKSPACE_ELEMS", 40 * 128)
+    monkeypatch.setattr(ll, "_MIN_VCHUNK", 128)
+    assert ll._chunks(37, 1000) == (37, 138) and ll._chunks(100, 1000) == (40, 128)
+    args = _inputs(100, 40, 1000, torch.float32, seed=2)
+    got = _run(_nova(backend), *args)
+    ref = _run(_ref(torch.float64), *args)
+    for name, a, e in zip(["logp", "entropy", "grad_hidden", "grad_weight"], got, ref):
+        assert_verbose_allclose(a, e, rtol=1e-4, atol=2e-5, name=f"{backend} {name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logp_only_and_entropy_only_grads(backend):
+    hidden, weight, targets, g_lp, g_ent = _inputs(37, 72, 1000, torch.float32, seed=3)
+    got = _run(_nova(backend, entropy=False), hidden, weight, targets, g_lp, g_ent, entropy=False)
+    ref = _run(_ref(torch.float64, False), hidden, weight, targets, g_lp, g_ent, entropy=False)
+    for name, i in [("logp", 0), ("grad_hidden", 2), ("grad_weight", 3)]:
+        assert_verbose_allclose(got[i], ref[i], rtol=1e-4, atol=2e-5, name=f"logp-only {name}")
+    # entropy alone (logp unused: its upstream grad is None), weight frozen
+    h = hidden.clone().requires_grad_()
+    _, ent = linear_logprobs(h, weight, targets, return_entropy=True, backend=backend)
+    (ent * g_ent).sum().backward()
+    h64 = hidden.double().requires_grad_()
+    _, ent64 = linear_logprobs_reference(h64, weight.double(), targets, return_entropy=True)
+    (ent64 * g_ent.double()).sum().backward()
+    assert_verbose_allclose(h.grad, h64.grad, rtol=1e-4, atol=2e-5, name="entropy-only grad")
+
+
+def test_entropy_value_by_hand():
+    """Two tokens, vocab 3, H=1 (weight = logits): entropy and logp from the definition."""
+    hidden = torch.tensor([[1.0], [2.0]])
+    weight = torch.tensor([[0.5], [-1.0], [2.0]])
+    targets = torch.tensor([2, 0])
+    for backend in BACKENDS:
+        lp, ent = linear_logprobs(hidden, weight, targets, return_entropy=True, backend=backend)
+        for i in range(2):
+            z = [hidden[i, 0].item() * w for w in (0.5, -1.0, 2.0)]
+            zs = sum(torch.tensor(z).exp().tolist())
+            p = [torch.tensor(x).exp().item() / zs for x in z]
+            want_ent = -sum(q * torch.tensor(q).log().item() for q in p)
+            assert abs(lp[i].item() - torch.tensor(p[targets[i]]).log().item()) < 1e-5
+            assert abs(ent[i].item() - want_ent) < 1e-5
+
+
+def test_input_errors():
+    h, w = torch.randn(4, 8), torch.randn(16, 8)
+    with pytest.raises(ValueError, match="targets has 3 rows"):
+        linear_logprobs(h, w, torch.zeros(3, dtype=torch.long), backend="torch")
+    with pytest.raises(ValueError, match="hidden H=8 != weight H=4"):
+        linear_logprobs(h, torch.randn(16, 4), torch.zeros(4, dtype=torch.long), backend="torch")
+    with pytest.raises(ValueError, match="backend="):
+        linear_logprobs(h, w, torch.zeros(4, dtype=torch.long), backend="cuda")
+
+
+# ----------------------------------------------------------------------------- TP = 2 on gloo
+
+N_TP, H_TP, V_TP = 38, 72, 1000  # N even: sequence parallel splits it 19 + 19
+
+
+def _tp_worker(rank, world):
+    ll._POISON = True
+    hidden, weight, targets, g_lp, g_ent = _inputs(N_TP, H_TP, V_TP, torch.float32, seed=7)
+    vp = V_TP // world
+    # targets on both shards (checked by the parent), a few ignored rows
+    out = {"targets": targets}
+    group = dist.group.WORLD
+    for backend in BACKENDS:
+        for sp in (False, True):
+            h = hidden.clone()
+            if sp:
+                h = h[rank * (N_TP // world) : (rank + 1) * (N_TP // world)]
+            h = h.requires_grad_()
+            w = weight[rank * vp : (rank + 1) * vp].clone().requires_grad_()
+            lp, ent = linear_logprobs(
+                h, w, targets, tp_group=group, return_entropy=True, sequence_parallel=sp,
+                backend=backend,
+            )  # fmt: skip
+            ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
+            out[(backend, sp)] = (lp.detach(), ent.detach(), h.grad, w.grad)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tp_results():
+    # spawned ranks unpickle _tp_worker by module name: make `tests.` importable there
+    root = str(Path(__file__).resolve().parents[2])
+    sys.path.insert(0, root)
+    try:
+        return run_distributed(_tp_worker, 2)
+    finally:
+        sys.path.remove(root)
+
+
+def test_tp2_equals_tp1(tp_results):
+    hidden, weight, targets, g_lp, g_ent = _inputs(N_TP, H_TP, V_TP, torch.float32, seed=7)
+    valid = targets[targets != IGNORE]
+    assert (valid < V_TP // 2).any() and (valid >= V_TP // 2).any(), "targets on both shards"
+    lp1, ent1, gh1, gw1 = _run(_nova("torch"), hidden, weight, targets, g_lp, g_ent)
+    vp, ns = V_TP // 2, N_TP // 2
+    for backend in BACKENDS:
+        for sp in (False, True):
+            for rank, res in enumerate(tp_results):
+                lp, ent, gh, gw = res[(backend, sp)]
+                tag = f"{backend} sp={sp} rank {rank}"
+                assert_verbose_allclose(lp, lp1, rtol=1e-5, atol=1e-5, name=f"{tag} logp")
+                assert_verbose_allclose(ent, ent1, rtol=1e-5, atol=1e-5, name=f"{tag} entropy")
+                gh_want = gh1[rank * ns : (rank + 1) * ns] if sp else gh1
+                assert_verbose_allclose(gh, gh_want, rtol=1e-5, atol=1e-5, name=f"{tag} dh")
+                gw_want = gw1[rank * vp : (rank + 1) * vp]
+                assert_verbose_allclose(gw, gw_want, rtol=1e-5, atol=1e-5, name=f"{tag} dW")
