@@ -1,0 +1,140 @@
+"""Shared benchmark helpers: timing, peak memory, environment info, tidy CSV rows.
+
+Rows have the columns of `COLUMNS` (op, impl, shape, mode, metric, p50, p20, p80, device,
+torch, triton, commit); extra keys in a row become extra columns after those.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+COLUMNS = ("op", "impl", "shape", "mode", "metric", "p50", "p20", "p80")
+ENV_COLUMNS = ("device", "torch", "triton", "commit")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> tuple[float, ...]:
+    """Wall time of `fn()` in seconds: (p50, p20, p80) over `reps` calls after `warmup` calls.
+    Synchronizes CUDA around every call when CUDA is available."""
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    t = torch.tensor(times, dtype=torch.float64)
+    return tuple(float(torch.quantile(t, q)) for q in (0.5, 0.2, 0.8))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(fn: Callable[[], object], interval_s: float = 0.001) -> int:
+    """Peak extra memory of one `fn()` call, in bytes.
+
+    CUDA: `torch.cuda.max_memory_allocated` above the allocation before the call.
+    CPU (Linux): the process's resident set size sampled every `interval_s` by a background
+    thread, peak minus the value before the call — approximate: spikes shorter than the
+    interval can be missed, and memory the allocator returns late or keeps cached shows too.
+    """
+    if torch.cuda.is_available():
+        _sync()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        _sync()
+        return int(torch.cuda.max_memory_allocated() - before)
+    before = _rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(0, max(peak[0], _rss_bytes()) - before)
+
+
+def env_info() -> dict[str, str]:
+    """device (GPU name, or 'cpu (<processor>)'), torch and triton versions, git commit."""
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"cpu ({_cpu_name()})"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = ""
+    return {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": commit,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def write_rows(path: str | Path, rows: list[dict], append: bool = False) -> None:
+    """Writes tidy rows to a CSV (header included unless appending to an existing file).
+    Missing env columns are filled from `env_info()`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env = env_info()
+    rows = [{**env, **row} for row in rows]
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS) - set(ENV_COLUMNS))
+    columns = list(COLUMNS) + list(ENV_COLUMNS) + extra
+    new_file = not (append and path.exists())
+    with path.open("w" if new_file else "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        if new_file:
+            writer.writeheader()
+        writer.writerows(rows)
