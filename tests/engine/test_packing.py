@@ -224,6 +224,14 @@ def test_cpp_uniform_lengths_ffd_differs_from_bfd(capacity):
     assert not np.array_equal(results["ffd", 0], results["bfd", 0])
 
 
+def test_empty_inputs():
+    res = pack_lengths([], 10)
+    assert res.num_bins == 0 and res.bins() == [] and res.efficiency == 0.0
+    assert PackingPlan(res).bin_order(3).size == 0
+    b = PackedBatch.from_samples([], pad_to_multiple=4)
+    assert b.num_tokens == 0 and b.cu_seqlens.tolist() == [0] and b.max_seqlen == 0
+
+
 def test_cpp_empty_input():
     offsets, items = _C.pack(np.zeros(0, np.int64), 10, "ffd", 0)
     assert offsets.tolist() == [0] and items.size == 0
@@ -431,14 +439,15 @@ def test_plan_pairs_batches_truncate():
 @pytest.mark.parametrize("pad_to_multiple", [1, 4, 7])
 def test_packed_batch_matches_loop(pad_to_multiple):
     rng = np.random.default_rng(pad_to_multiple)
-    samples = _make_samples(rng, 9) + [Sample([5], [1], index=7)]  # a 1-token sample too
+    samples = _make_samples(rng, 9)
+    samples[4:4] = [Sample([5], [1], index=7), Sample([], [], index=8)]  # 1 and 0 tokens
     batch = PackedBatch.from_samples(samples, pad_to_multiple=pad_to_multiple, pad_id=3)
     ref = ref_packed_batch(samples, pad_to_multiple, pad_id=3)
     for name, values in ref.items():
         assert getattr(batch, name).tolist() == values, name
     assert batch.tokens.dtype == torch.int64 and batch.cu_seqlens.dtype == torch.int32
     assert batch.loss_mask.dtype == torch.float32 and batch.num_tokens % pad_to_multiple == 0
-    assert batch.sample_ids.tolist() == [s.index for s in samples] and batch.num_samples == 10
+    assert batch.sample_ids.tolist() == [s.index for s in samples] and batch.num_samples == 11
     seg = np.diff(ref["cu_seqlens"])
     assert batch.max_seqlen == seg.max() and batch.num_segments == len(seg)
 
