@@ -1,0 +1,628 @@
+"""Run configuration: small nested dataclasses, YAML recipes and `key=value` overrides.
+
+A recipe is one YAML file for a model with the sections every stage shares at the top and
+one section per stage that overrides any of them:
+
+    model:    {hf_path: ...}          # shared sections (any RunConfig section name)
+    parallel: {tp: 2, pp: 1, sp: true}
+    sft:                              # stage sections: sft, dpo
+      data:  {train_paths: [...], max_length: 4096}
+      optim: {lr: 5.0e-6, schedule: linear, warmup_ratio: 0.03}
+      train: {global_batch_size: 128, epochs: 2}
+    dpo:
+      model: {hf_path: runs/x/sft/hf}
+      loss:  {loss_type: dpo_norm, beta: 5.0}
+
+`load_recipe(path, "sft", ["optim.lr=1e-5", "parallel.tp=2"])` deep-merges the shared
+sections with the stage's and applies the overrides (dotted keys relative to the stage's
+RunConfig), typed by the dataclass fields. Unknown keys raise `ConfigError` naming the key
+and the valid keys; bad values name the key and what was expected.
+
+Batch size convention: `train.global_batch_size` counts *sequences* per optimizer step (SFT
+conversations, DPO pairs), as Tülu 3's "batch 128" does. A step's sequences are split evenly
+over the DP ranks and packed into micro-batches of at most `train.micro_batch_tokens` tokens
+(the count of micro-batches varies per step); the loss is normalized by the step's global
+count of loss tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+DPO_LOSS_TYPES = ("dpo", "dpo_norm", "ipo", "simpo", "hinge", "cdpo")
+
+
+class ConfigError(ValueError):
+    """A bad recipe key or value: the message names the dotted key and what was expected."""
+
+    def __init__(self, key: str, msg: str, source: str | None = None):
+        self.key, self.msg, self.source = key, msg, source
+        where = f"{source}: " if source else ""
+        super().__init__(f"{where}{key}: {msg}")
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(key, msg)
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+@dataclass
+class TinyModelConfig:
+    """Dimensions of a randomly initialized Llama-architecture model built locally (the CPU
+    demo); names follow HF config.json."""
+
+    hidden_size: int = 64
+    """Model width."""
+    intermediate_size: int = 172
+    """SwiGLU inner width."""
+    num_layers: int = 2
+    """Decoder layers."""
+    num_heads: int = 4
+    """Attention heads."""
+    num_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    max_position_embeddings: int = 512
+    """Longest position the RoPE tables cover."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding and the LM head."""
+    init_seed: int = 0
+    """Seed of the random initialization."""
+
+    def __post_init__(self) -> None:
+        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            _check(getattr(self, k) >= 1, k, f"expected >= 1, got {getattr(self, k)}")
+        _check(self.hidden_size % self.num_heads == 0, "hidden_size", "must divide by num_heads")
+        _check(self.num_heads % self.num_kv_heads == 0, "num_heads", "must divide by num_kv_heads")
+
+
+@dataclass
+class ModelConfig:
+    hf_path: str = ""
+    """Local Hugging Face model directory (config.json, safetensors, tokenizer files)."""
+    tokenizer_path: str | None = None
+    """Tokenizer directory when it differs from hf_path."""
+    build: TinyModelConfig | None = None
+    """If set and hf_path holds no model yet, a random model of these dimensions is built
+    there first (the CPU demo); vocab size comes from the tokenizer."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.hf_path), "hf_path", "expected a local HF model directory")
+
+    @property
+    def tokenizer_dir(self) -> str:
+        return self.tokenizer_path or self.hf_path
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size."""
+    vpp: int = 1
+    """Virtual pipeline stages (model chunks) per pipeline rank; 1 = no interleaving."""
+    sp: bool = False
+    """Sequence parallelism (needs tp > 1): LayerNorm/dropout activations sharded over TP."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
+
+    def __post_init__(self) -> None:
+        for k in ("tp", "pp", "vpp"):
+            _check(getattr(self, k) >= 1, k, f"expected an integer >= 1, got {getattr(self, k)}")
+        _check(not self.sp or self.tp > 1, "sp", "sequence parallelism needs tp > 1")
+        _check(self.vpp == 1 or self.pp > 1, "vpp", "virtual stages need pp > 1")
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp
+
+    def validate_world(self, world_size: int) -> int:
+        """Data-parallel size for `world_size` ranks; raises ConfigError if tp*pp does not
+        divide it."""
+        mp = self.model_parallel_size
+        if world_size < 1 or world_size % mp:
+            raise ConfigError(
+                "parallel",
+                f"world size {world_size} is not a multiple of tp*pp = {self.tp}*{self.pp} = {mp}",
+            )
+        return world_size // mp
+
+    def validate_layers(self, num_layers: int) -> None:
+        """The model's layers must split evenly over pp*vpp chunks."""
+        chunks = self.pp * self.vpp
+        if num_layers % chunks:
+            raise ConfigError(
+                "parallel", f"{num_layers} layers do not split over pp*vpp = {chunks} chunks"
+            )
+
+
+@dataclass
+class DataConfig:
+    train_paths: list[str] = field(default_factory=list)
+    """Training JSONL files (read in this order; sample indices are dense across them)."""
+    eval_paths: list[str] = field(default_factory=list)
+    """Held-out JSONL files of the same format (empty = no evaluation)."""
+    format: Literal["auto", "chat", "pairs"] = "auto"
+    """"chat" (messages), "pairs" (preferences); "auto" = what the stage reads."""
+    max_length: int = 4096
+    """Maximum tokens per sequence (for pairs: chosen and rejected each)."""
+    truncation: Literal["truncate", "drop"] = "truncate"
+    """Longer sequences are cut (dropped if no loss token is left) or dropped."""
+    on_bad_line: Literal["error", "skip"] = "error"
+    """A malformed line stops the run (file:line) or is skipped and counted."""
+    margin_key: str = "margin"
+    """Preference-strength field of pair records (default 1 when absent)."""
+    shuffle: bool = True
+    """Shuffle samples each epoch (seeded by `seed` and the epoch)."""
+    seed: int = 1234
+    """Data order seed."""
+    eval_max_samples: int | None = None
+    """Evaluate on at most this many held-out samples."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_length >= 2, "max_length", f"expected >= 2, got {self.max_length}")
+        _check(bool(self.margin_key), "margin_key", "expected a non-empty key name")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate (after warmup)."""
+    min_lr: float = 0.0
+    """Floor of the decay (linear and cosine end here)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    """LR decay after warmup (see nova_engine.train.schedules)."""
+    warmup_steps: int | None = None
+    """Linear warmup steps; exclusive with warmup_ratio."""
+    warmup_ratio: float | None = None
+    """Warmup as a fraction of the total steps (floor), as open-instruct computes it."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "lr", f"expected > 0, got {self.lr}")
+        _check(0 <= self.min_lr <= self.lr, "min_lr", f"expected 0 <= min_lr <= lr={self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay", "expected >= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "betas", "expected two values in [0, 1)")
+        _check(self.eps > 0, "eps", "expected > 0")
+        _check(self.grad_clip >= 0, "grad_clip", "expected >= 0 (0 = off)")
+        _check(
+            self.warmup_steps is None or self.warmup_ratio is None,
+            "warmup_steps",
+            "set warmup_steps or warmup_ratio, not both",
+        )
+        _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "expected >= 0")
+        r = self.warmup_ratio
+        _check(r is None or 0 <= r < 1, "warmup_ratio", f"expected in [0, 1), got {r}")
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warmup steps for a run of `total_steps`."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(total_steps * (self.warmup_ratio or 0.0))
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 128
+    """Sequences (SFT conversations / DPO pairs) per optimizer step, over all DP ranks."""
+    micro_batch_tokens: int = 8192
+    """Token capacity of one packed micro-batch (a DPO pair is packed whole)."""
+    epochs: int = 1
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps."""
+    eval_every: int = 0
+    """Evaluate every N steps (0 = only at the end, if eval_paths is set)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    log_every: int = 1
+    """Progress line / metrics every N steps."""
+    seed: int = 1234
+    """Seed for weights init (when built), dropout and the RNG states saved in checkpoints."""
+    out_dir: str = "runs/run"
+    """Run directory: metrics.jsonl, tensorboard/, checkpoints/, hf/ (the final export)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recompute: none, selective (core attention), full (every layer)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
+    """bf16 weights/activations with fp32 master weights and grads, or fp32 throughout."""
+    tensorboard: bool = True
+    """Write TensorBoard events under out_dir/tensorboard (when tensorboard is importable)."""
+
+    def __post_init__(self) -> None:
+        for k in ("global_batch_size", "micro_batch_tokens", "epochs", "log_every"):
+            _check(getattr(self, k) >= 1, k, f"expected >= 1, got {getattr(self, k)}")
+        for k in ("eval_every", "save_every"):
+            _check(getattr(self, k) >= 0, k, f"expected >= 0, got {getattr(self, k)}")
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "expected >= 1")
+
+    def total_steps(self, num_samples: int) -> int:
+        """Optimizer steps of the run for a data set of `num_samples` sequences (the last
+        partial batch of an epoch counts as a step)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return self.epochs * math.ceil(num_samples / self.global_batch_size)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = None
+    """Checkpoint root (default: <train.out_dir>/checkpoints)."""
+    keep_last: int = 2
+    """Complete checkpoints kept (older ones are deleted); 0 = keep all."""
+    resume: str = "auto"
+    """"auto" (latest complete checkpoint under dir, if any), "none", or a checkpoint path."""
+    export_hf: bool = True
+    """Export the final model to <train.out_dir>/hf as a HF directory."""
+
+    def __post_init__(self) -> None:
+        _check(self.keep_last >= 0, "keep_last", "expected >= 0 (0 = keep all)")
+        _check(bool(self.resume), "resume", 'expected "auto", "none" or a path')
+
+
+@dataclass
+class DPOConfig:
+    loss_type: str = "dpo_norm"
+    """One of DPO_LOSS_TYPES: dpo (sigmoid), dpo_norm (length-normalized, Tülu 3), ipo,
+    simpo, hinge, cdpo (label-smoothed)."""
+    beta: float = 0.1
+    """Inverse temperature of the implicit reward."""
+    gamma_beta_ratio: float = 0.5
+    """SimPO target margin gamma / beta."""
+    label_smoothing: float = 0.0
+    """cDPO: assumed probability that a label is flipped."""
+    ref_cache_dir: str | None = None
+    """Where reference log-probs are cached (default: <train.out_dir>/ref_cache)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.loss_type in DPO_LOSS_TYPES,
+            "loss_type",
+            f"expected one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}",
+        )
+        _check(self.beta > 0, "beta", f"expected > 0, got {self.beta}")
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "expected in [0, 0.5)")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss_type != "simpo"
+
+
+# ---------------------------------------------------------------------------- run configs
+
+
+@dataclass
+class RunConfig:
+    """What every stage has. `stage` is set by the subclass."""
+
+    model: ModelConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    stage: typing.ClassVar[str] = ""
+    data_format: typing.ClassVar[str] = "chat"
+
+    def __post_init__(self) -> None:
+        fmt = self.data.format
+        _check(
+            fmt in ("auto", self.data_format),
+            "data.format",
+            f'the {self.stage} stage reads "{self.data_format}" data, got "{fmt}"',
+        )
+        need = self.data.max_length * (2 if self.data_format == "pairs" else 1)
+        _check(
+            self.train.micro_batch_tokens >= need,
+            "train.micro_batch_tokens",
+            f"{self.train.micro_batch_tokens} cannot hold one {self.stage} sample of up to "
+            f"{need} tokens (data.max_length={self.data.max_length})",
+        )
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.train.out_dir, "checkpoints")
+
+    def validate_world(self, world_size: int) -> int:
+        """Data-parallel size; checks tp*pp | world_size and dp | global_batch_size."""
+        dp = self.parallel.validate_world(world_size)
+        if self.train.global_batch_size % dp:
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{self.train.global_batch_size} sequences do not split over dp={dp} ranks",
+            )
+        return dp
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stage": self.stage, **dataclasses.asdict(self)}
+
+    def hash(self) -> str:
+        return config_hash(self)
+
+
+@dataclass
+class SFTRunConfig(RunConfig):
+    stage: typing.ClassVar[str] = "sft"
+    data_format: typing.ClassVar[str] = "chat"
+
+
+@dataclass
+class DPORunConfig(RunConfig):
+    loss: DPOConfig = field(default_factory=DPOConfig)
+
+    stage: typing.ClassVar[str] = "dpo"
+    data_format: typing.ClassVar[str] = "pairs"
+
+    @property
+    def ref_cache_dir(self) -> str:
+        return self.loss.ref_cache_dir or os.path.join(self.train.out_dir, "ref_cache")
+
+    def ref_config(self) -> dict[str, Any]:
+        """The settings that change reference log-probs (beyond model and data content):
+        tokenization and numeric precision. Hash it into the reference-cache key."""
+        d = self.data
+        return {
+            "tokenizer_dir": os.path.abspath(self.model.tokenizer_dir),
+            "max_length": d.max_length,
+            "truncation": d.truncation,
+            "on_bad_line": d.on_bad_line,
+            "margin_key": d.margin_key,
+            "precision": self.train.precision,
+        }
+
+
+STAGES: dict[str, type[RunConfig]] = {"sft": SFTRunConfig, "dpo": DPORunConfig}
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin in (list, tuple):
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+class _Raw:
+    """An override's text next to its YAML parse (a number, bool or null), so that a str
+    field gets the text verbatim (`model.hf_path=1234`, `data.margin_key=on`)."""
+
+    def __init__(self, raw: str, parsed: Any):
+        self.raw, self.parsed = raw, parsed
+
+    def __repr__(self) -> str:
+        return repr(self.parsed)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """`value` (from YAML or an override) as type `tp`, or ConfigError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    bad = ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        plain = value.parsed if isinstance(value, _Raw) else value
+        if plain is None or (isinstance(plain, str) and plain.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:  # Optional[X]: X's own error is the precise one
+            return _coerce(value, arms[0], key)
+        for a in arms:
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                continue
+        raise bad
+    if isinstance(value, _Raw):
+        value = value.raw if tp is str else value.parsed
+    if origin is Literal:
+        if value in args:
+            return value
+        raise bad
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise bad from None
+            if f.is_integer():
+                return int(f)
+        raise bad
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads "5e-6" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    raise ConfigError(key, f"unsupported field type {tp}")  # pragma: no cover
+
+
+def _fields(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    fields = _fields(cls)
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in fields:
+            raise ConfigError(key, f"unknown key; valid keys here: {', '.join(fields)}")
+        kwargs[k] = _coerce(v, fields[k], key)
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.init and required and f.name not in kwargs:
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            raise ConfigError(key, "missing required key")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if e.key.startswith(prefix + ".") or not prefix:
+            raise
+        raise ConfigError(f"{prefix}.{e.key}", e.msg) from None
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
+    """Set dotted keys in a nested dict: "optim.lr=1e-5", "data.train_paths=[a.jsonl,b.jsonl]".
+    Values are parsed as YAML scalars/lists (typing happens when the config is built)."""
+    out = copy.deepcopy(values)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(item, 'expected an override of the form "a.b.c=value"')
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, (int, float, bool)) or value is None:
+            value = _Raw(raw, value)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            if node.get(p) is None:  # absent or null (e.g. `build: null`): a new section
+                node[p] = {}
+            nxt = node[p]
+            if not isinstance(nxt, dict):
+                raise ConfigError(key, f'"{p}" is a value, not a section')
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def build_run_config(stage: str, values: dict, source: str | None = None) -> RunConfig:
+    """A stage's RunConfig from a nested dict (already merged)."""
+    if stage not in STAGES:
+        raise ConfigError("stage", f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    try:
+        return _build(STAGES[stage], values, "")
+    except ConfigError as e:
+        raise ConfigError(e.key, e.msg, source) from None
+
+
+def load_recipe(path: str | os.PathLike, stage: str, overrides: Sequence[str] = ()) -> RunConfig:
+    """Load `stage` ("sft", "dpo") from a recipe YAML, then apply `key=value` overrides."""
+    path = os.fspath(path)
+    with open(path) as f:
+        try:
+            doc = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("<yaml>", f"not valid YAML: {e}", path) from None
+    if not isinstance(doc, dict):
+        raise ConfigError("<top>", "expected a mapping of sections", path)
+    if stage not in STAGES:
+        raise ConfigError("stage", f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    sections = set().union(*(_fields(c) for c in STAGES.values()))
+    shared, stages = {}, {}
+    for k, v in doc.items():
+        if k in STAGES:
+            stages[k] = v or {}
+        elif k in sections:
+            shared[k] = v
+        else:
+            valid = ", ".join(sorted(sections)) + "; stages: " + ", ".join(STAGES)
+            raise ConfigError(str(k), f"unknown top-level key; valid keys: {valid}", path)
+    if stage not in stages:
+        raise ConfigError(stage, f"the recipe has no {stage!r} section", path)
+    if not isinstance(stages[stage], dict):
+        raise ConfigError(stage, "expected a mapping of sections", path)
+    stage_fields = _fields(STAGES[stage])
+    merged = _deep_merge({k: v for k, v in shared.items() if k in stage_fields}, stages[stage])
+    try:
+        merged = apply_overrides(merged, overrides)
+    except ConfigError as e:
+        raise ConfigError(e.key, e.msg, "override") from None
+    src = f"{path} [{stage}]" + (" + overrides" if overrides else "")
+    return build_run_config(stage, merged, src)
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """Inverse of RunConfig.to_dict (e.g. the config saved in a checkpoint)."""
+    d = dict(d)
+    return build_run_config(d.pop("stage"), d)
+
+
+def config_hash(obj: Any, length: int = 16) -> str:
+    """Stable hex digest of a config (dataclass or JSON-able value): sha256 of its canonical
+    JSON (sorted keys, tuples as lists). Equal configs hash equal across runs/processes."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = obj.to_dict() if hasattr(obj, "to_dict") else dataclasses.asdict(obj)
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
