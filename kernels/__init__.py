@@ -6,6 +6,7 @@ from ._backend import default_backend, interpreting, resolve_backend
 from .gae import discounted_returns, gae, gae_packed
 from .group_advantages import group_advantages
 from .linear_logprobs import linear_logprobs, linear_logprobs_reference
+from .policy_loss import kl_divergence, kl_penalty, policy_loss
 from .seq_reduce import seq_reduce, seq_reduce_reference
 from .whiten import whiten
 
@@ -14,3 +15,4 @@ __all__ += ["discounted_returns", "gae", "gae_packed"]
 __all__ += ["linear_logprobs", "linear_logprobs_reference"]
 __all__ += ["seq_reduce", "seq_reduce_reference"]
 __all__ += ["group_advantages", "whiten"]
+__all__ += ["kl_divergence", "kl_penalty", "policy_loss"]

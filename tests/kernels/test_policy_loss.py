@@ -1,0 +1,307 @@
+"""Policy loss (PPO clip, dual clip, TIS, KL term, aggregation modes) and KL estimators:
+Triton (interpreter on CPU) and torch paths, forward, metrics and gradients, against a
+reference written one token at a time in float64 (its gradients come from autograd)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+from nova_kernels import kl_divergence, kl_penalty, policy_loss
+from nova_kernels._testing import assert_verbose_allclose
+
+pl_mod = importlib.import_module("nova_kernels.policy_loss")
+BACKENDS = ["triton", "torch"]
+AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setattr(pl_mod, "_empty", lambda *a, **k: torch.full(*a, float("nan"), **k))
+
+
+# --- reference ----------------------------------------------------------------------------
+
+
+def ref_kl(lp, ref, kl_type, lr_clamp=20.0, val_clamp=10.0):
+    logr = torch.clamp(ref - lp, -lr_clamp, lr_clamp)
+    if kl_type == "k1":
+        kl = -logr
+    elif kl_type == "k2":
+        kl = logr**2 / 2
+    else:
+        kl = torch.exp(logr) - 1 - logr
+    return torch.clamp(kl, -val_clamp, val_clamp)
+
+
+def ref_token(lp, old, a, rl, ref, c):
+    ratio = torch.exp(torch.clamp(lp - old, -20.0, 20.0))
+    pg1 = -a * ratio
+    pg2 = -a * torch.clamp(ratio, 1 - c["clip_low"], 1 + c["clip_high"])
+    loss = torch.maximum(pg1, pg2)
+    clipped = bool(pg2 > pg1)
+    lower = False
+    if c["dual_clip"] is not None and a < 0:
+        pg3 = -a * c["dual_clip"]
+        lower = bool(loss > pg3)
+        loss = torch.minimum(loss, pg3)
+    if rl is not None:
+        cap = c["tis_cap"] if c["tis_cap"] is not None else math.inf
+        w = min(math.exp(max(-20.0, min(20.0, float(old - rl)))), cap)
+        loss = loss * w
+    kl = torch.zeros((), dtype=torch.float64)
+    if ref is not None:
+        kl = ref_kl(lp, ref, c["kl_type"])
+        loss = loss + c["kl_coef"] * kl
+    return loss, kl, clipped, lower, float(old - lp.detach())
+
+
+def ref_policy_loss(lp, old, adv, mask, rl, ref, rows, c):
+    """rows: list of index lists into the flattened tensors (one per sequence)."""
+    lp, old, adv = lp.reshape(-1), old.reshape(-1), adv.reshape(-1)
+    mask = mask.reshape(-1)
+    rl = rl.reshape(-1) if rl is not None else None
+    ref = ref.reshape(-1) if ref is not None else None
+    row_loss, row_kl, row_n = [], [], []
+    n_clip = n_lower = 0
+    approx_kl = 0.0
+    for idx in rows:
+        s_loss = torch.zeros((), dtype=torch.float64)
+        s_kl = torch.zeros((), dtype=torch.float64)
+        n = 0
+        for i in idx:
+            if not mask[i]:
+                continue
+            loss, kl, clipped, lower, nk = ref_token(
+                lp[i], old[i], adv[i], rl[i] if rl is not None else None,
+                ref[i] if ref is not None else None, c,
+            )  # fmt: skip
+            s_loss, s_kl, n = s_loss + loss, s_kl + kl.detach(), n + 1
+            n_clip, n_lower, approx_kl = n_clip + clipped, n_lower + lower, approx_kl + nk
+        row_loss.append(s_loss)
+        row_kl.append(s_kl)
+        row_n.append(n)
+    ntok = sum(row_n)
+    agg = c["agg"]
+    nseq = c.get("num_seqs") or sum(1 for n in row_n if n > 0)
+
+    def aggregate(values):
+        if agg == "token-mean":
+            return sum(values) / (c.get("num_tokens") or ntok)
+        if agg == "seq-mean-token-sum":
+            return sum(v for v, n in zip(values, row_n) if n) / nseq
+        if agg == "seq-mean-token-mean":
+            return sum(v / n for v, n in zip(values, row_n) if n) / nseq
+        return sum(values) / c["loss_scale_factor"]
+
+    metrics = {
+        "pg_clipfrac": n_clip / ntok,
+        "pg_clipfrac_lower": n_lower / ntok,
+        "ppo_kl": approx_kl / ntok,
+        "kl_loss": float(aggregate(row_kl)),
+    }
+    return aggregate(row_loss), metrics
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+def make_inputs(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(shape, generator=g, dtype=torch.float64) * 3
+    lp = old + 0.4 * torch.randn(shape, generator=g, dtype=torch.float64)
+    adv = torch.randn(shape, generator=g, dtype=torch.float64)
+    rl = old + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+    ref = lp + 1.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+    far = torch.rand(shape, generator=g) < 0.05  # |ref - lp| > 20: log-ratio clamp
+    ref = torch.where(far, lp + 25 * torch.sign(torch.randn(shape, generator=g)), ref)
+    mask = torch.rand(shape, generator=g) > 0.3
+    if len(shape) == 2:
+        lens = torch.randint(0, shape[1] + 1, (shape[0],), generator=g)
+        mask &= torch.arange(shape[1])[None, :] < lens[:, None]
+        mask[1] = False  # an empty row
+        mask[0, : shape[1] // 2] = True
+    return lp, old, adv, mask, rl, ref
+
+
+def padded_rows(B, T):
+    return [list(range(b * T, (b + 1) * T)) for b in range(B)]
+
+
+FULL = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, tis_cap=2.0, kl_coef=0.1, kl_type="k3")
+
+
+def run_and_compare(backend, inputs, rows, cfg, cu=None, lp_dtype=torch.float32, tol=1e-5):
+    lp64, old, adv, mask, rl, ref = inputs
+    kw = dict(cfg)
+    # the reference spells out policy_loss's defaults
+    c = {**dict(dual_clip=3.0, tis_cap=2.0, kl_coef=0.0, kl_type="k3"), **cfg}
+    c.setdefault("clip_high", c["clip_low"])
+    kw["rollout_logprobs"] = rl.float() if rl is not None else None
+    kw["ref_logprobs"] = ref.float() if ref is not None else None
+    lp = lp64.to(lp_dtype).requires_grad_(True)
+    loss, metrics = policy_loss(
+        lp, old.float(), adv.float(), mask, cu_seqlens=cu, backend=backend, **kw
+    )
+    loss.backward()
+    # the reference sees the very values the kernel saw
+    lp_ref = lp.detach().double().requires_grad_(True)
+    r_old, r_adv = old.float().double(), adv.float().double()
+    r_rl = rl.float().double() if rl is not None else None
+    r_ref = ref.float().double() if ref is not None else None
+    ref_loss, ref_metrics = ref_policy_loss(lp_ref, r_old, r_adv, mask, r_rl, r_ref, rows, c)
+    ref_loss.backward()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_verbose_allclose(loss, ref_loss, rtol=tol, atol=tol, name="loss")
+    assert lp.grad.dtype == lp_dtype
+    gtol = max(tol, 1e-2 if lp_dtype == torch.bfloat16 else tol)
+    assert_verbose_allclose(lp.grad, lp_ref.grad, rtol=gtol, atol=gtol, name="grad logprobs")
+    for k, v in ref_metrics.items():
+        if k == "kl_loss" and ref is None:
+            continue
+        assert abs(float(metrics[k]) - v) <= 1e-5 * (1 + abs(v)), (k, float(metrics[k]), v)
+    assert_verbose_allclose(
+        metrics["pg_loss"], loss.detach() - cfg.get("kl_coef", 0.0) * metrics.get("kl_loss", 0.0),
+        rtol=1e-6, atol=1e-6, name="pg_loss",
+    )  # fmt: skip
+
+
+# --- tests --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", AGGS)
+def test_policy_loss_full(backend, agg):
+    B, T = 7, 53
+    inputs = make_inputs((B, T), seed=AGGS.index(agg))
+    cfg = dict(FULL, agg=agg, loss_scale_factor=40.0 if agg.endswith("norm") else None)
+    run_and_compare(backend, inputs, padded_rows(B, T), cfg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
+def test_policy_loss_kl_types_and_clamps(backend, kl_type):
+    B, T = 4, 32
+    lp, old, adv, mask, rl, ref = make_inputs((B, T), seed=10)
+    ref = lp + 4.0 * torch.randn(B, T, dtype=torch.float64)  # k2/k3 values past 10
+    cfg = dict(clip_low=0.2, kl_coef=0.5, kl_type=kl_type, agg="token-mean", tis_cap=None)
+    run_and_compare(backend, (lp, old, adv, mask, None, ref), padded_rows(B, T), cfg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_plain_ppo(backend):
+    """No dual clip, no IS weights, no KL; asymmetric clip (clip-higher)."""
+    B, T = 5, 21
+    lp, old, adv, mask, _, _ = make_inputs((B, T), seed=4)
+    cfg = dict(clip_low=0.1, clip_high=0.3, dual_clip=None, agg="seq-mean-token-mean")
+    run_and_compare(backend, (lp, old, adv, mask, None, None), padded_rows(B, T), cfg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_policy_loss_global_normalizers(backend):
+    B, T = 3, 17
+    inputs = make_inputs((B, T), seed=6)
+    for agg, extra in (
+        ("token-mean", {"num_tokens": 100.0}),
+        ("seq-mean-token-sum", {"num_seqs": 8.0}),
+    ):
+        cfg = dict(FULL, agg=agg, **extra)
+        run_and_compare(backend, inputs, padded_rows(B, T), cfg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_policy_loss_packed(backend, agg):
+    lens = [5, 0, 17, 70, 1]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    inputs = make_inputs((int(cu[-1]),), seed=8)
+    rows = [list(range(int(cu[i]), int(cu[i + 1]))) for i in range(len(lens))]
+    cfg = dict(FULL, agg=agg, loss_scale_factor=70.0 if agg.endswith("norm") else None)
+    run_and_compare(backend, inputs, rows, cfg, cu=cu)
+
+
+def test_policy_loss_bf16_logprobs_triton():
+    B, T = 3, 40
+    inputs = make_inputs((B, T), seed=12)
+    run_and_compare(
+        "triton", inputs, padded_rows(B, T), dict(FULL, agg="token-mean"), lp_dtype=torch.bfloat16
+    )
+
+
+def test_policy_loss_torch_gradcheck_float64():
+    lp, old, adv, mask, rl, ref = make_inputs((3, 6), seed=2)
+    mask[0] = True
+
+    def f(x):
+        return policy_loss(
+            x, old, adv, mask, rollout_logprobs=rl, ref_logprobs=ref, kl_coef=0.2,
+            agg="seq-mean-token-mean", backend="torch", **{"clip_high": 0.3},
+        )[0]  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, (lp.clone().requires_grad_(True),))
+
+
+def test_policy_loss_formula_by_hand():
+    """Four tokens: clipped high, dual-clipped, unclipped negative, clipped low."""
+    old = torch.zeros(1, 4)
+    ratio = torch.tensor([[1.5, 5.0, 2.0, 0.5]])
+    adv = torch.tensor([[1.0, -1.0, -1.0, -2.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    expected_loss = torch.tensor([-1.2, 3.0, 2.0, 2 * 0.8])  # -A*clip, -A*c, -A*r, -A*(1-eps)
+    expected_grad = torch.tensor([0.0, 0.0, 2.0, 0.0]) / 4  # d(-A r)/dlp = -A r, token-mean
+    for backend in BACKENDS:
+        lp = ratio.log().requires_grad_(True)
+        loss, m = policy_loss(lp, old, adv, mask, clip_low=0.2, backend=backend)
+        loss.backward()
+        assert abs(float(loss.detach()) - float(expected_loss.mean())) < 1e-6
+        assert_verbose_allclose(lp.grad[0], expected_grad, rtol=1e-6, atol=1e-6)
+        assert float(m["pg_clipfrac"]) == pytest.approx(0.5)  # tokens 0 and 3
+        assert float(m["pg_clipfrac_lower"]) == pytest.approx(0.25)  # token 1
+
+
+def test_policy_loss_rejects_bad_config():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="agg"):
+        policy_loss(x, x, x, x, agg="mean")
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(x, x, x, x, dual_clip=0.5)
+    with pytest.raises(ValueError, match="advantages"):
+        policy_loss(x, x, torch.zeros(2, 4), x)
+
+
+# --- KL estimators on their own -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
+def test_kl_divergence_fwd_bwd(kl_type):
+    g = torch.Generator().manual_seed(1)
+    lp = -torch.rand(7, 53, generator=g) * 3
+    ref = lp + 3.0 * torch.randn(7, 53, generator=g)
+    ref[0, :5] = lp[0, :5] + torch.tensor([30.0, -30.0, 21.0, -21.0, 2.5])
+    gout = torch.randn(7, 53, generator=g)
+    x = lp.double().requires_grad_(True)
+    expected = ref_kl(x, ref.double(), kl_type)
+    (expected * gout.double()).sum().backward()
+    for backend in BACKENDS:
+        y = lp.clone().requires_grad_(True)
+        kl = kl_divergence(y, ref, kl_type, backend=backend)
+        (kl * gout).sum().backward()
+        assert kl.dtype == torch.float32
+        assert_verbose_allclose(kl, expected, rtol=1e-5, atol=1e-5, name=f"kl {backend}")
+        assert_verbose_allclose(y.grad, x.grad, rtol=1e-5, atol=1e-5, name=f"dkl {backend}")
+
+
+def test_kl_penalty_is_masked_and_gradient_free():
+    g = torch.Generator().manual_seed(3)
+    lp = -torch.rand(4, 9, generator=g).requires_grad_(True)
+    ref = -torch.rand(4, 9, generator=g)
+    rewards = torch.randn(4, 9, generator=g)
+    mask = torch.rand(4, 9, generator=g) > 0.5
+    for backend in BACKENDS:
+        out, kl = kl_penalty(rewards, lp, ref, mask, 0.05, "k1", backend=backend)
+        expected_kl = (lp.detach() - ref) * mask
+        assert not out.requires_grad
+        assert_verbose_allclose(kl, expected_kl, rtol=1e-6, atol=1e-6)
+        assert_verbose_allclose(out, rewards - 0.05 * expected_kl, rtol=1e-6, atol=1e-6)
