@@ -291,8 +291,13 @@ def _triton_dlogits(h_nH, w_vH, tgt_n, col0, lse_n, mu_n, glp_n, gent_n, with_en
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """GEMM dtype of the chunked paths: the input dtype on GPU, fp32 on CPU (no fast bf16 GEMM
-    on most CPUs, and it keeps the CPU path at fp32 accuracy)."""
-    return x.dtype if x.is_cuda else torch.float32
+    on most CPUs, and it keeps the CPU path at fp32 accuracy); fp64 stays fp64."""
+    return x.dtype if x.is_cuda or x.dtype == torch.float64 else torch.float32
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Accumulation / statistics dtype: fp32, or fp64 for fp64 inputs (torch backend only)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _chunks(n: int, vp: int) -> tuple[int, int]:
@@ -318,14 +323,14 @@ def _torch_stats(h_NH, w_VpH, tgt_N, with_entropy):
     """Chunked PyTorch statistics over this shard (online logsumexp). -> 4 x [N] fp32"""
     N, Vp = h_NH.shape[0], w_VpH.shape[0]
     nc, vc = _chunks(N, Vp)
-    cdt = _compute_dtype(h_NH)
-    m = torch.full((N,), _NEG, device=h_NH.device, dtype=torch.float32)
-    s, a, t = (torch.zeros(N, device=h_NH.device, dtype=torch.float32) for _ in range(3))
+    cdt, acc = _compute_dtype(h_NH), _acc_dtype(h_NH)
+    m = torch.full((N,), _NEG, device=h_NH.device, dtype=acc)
+    s, a, t = (torch.zeros(N, device=h_NH.device, dtype=acc) for _ in range(3))
     for c0 in range(0, Vp, vc):
         w_c = w_VpH[c0 : c0 + vc].to(cdt)
         for r0 in range(0, N, nc):
             r = slice(r0, r0 + nc)
-            z = (h_NH[r].to(cdt) @ w_c.T).float()  # [nc, vc]
+            z = (h_NH[r].to(cdt) @ w_c.T).to(acc)  # [nc, vc]
             m_new = torch.maximum(m[r], z.max(1).values)
             alpha = torch.exp(m[r] - m_new)
             tl_ = tgt_N[r] - c0
@@ -343,7 +348,7 @@ def _torch_stats(h_NH, w_VpH, tgt_N, with_entropy):
 def _torch_dlogits(h_nH, w_vH, tgt_n, col0, lse_n, mu_n, glp_n, gent_n, with_entropy, ws):
     """dz for one chunk with torch ops ([n, v] in the compute dtype; ws unused)."""
     cdt = _compute_dtype(h_nH)
-    z = (h_nH.to(cdt) @ w_vH.to(cdt).T).float()
+    z = (h_nH.to(cdt) @ w_vH.to(cdt).T).to(lse_n.dtype)
     p = torch.exp(z - lse_n[:, None])
     if with_entropy:
         dz = p * (z.sub_(mu_n[:, None])).mul_(gent_n[:, None])
@@ -365,9 +370,9 @@ def _grads(h_NH, w_VpH, tgt_N, lse_N, mu_N, glp_N, gent_N, with_entropy, backend
     N, H = h_NH.shape
     Vp = w_VpH.shape[0]
     nc, vc = _chunks(N, Vp)
-    cdt = _compute_dtype(h_NH)
+    cdt, acc = _compute_dtype(h_NH), _acc_dtype(h_NH)
     dev = h_NH.device
-    grad_h = torch.zeros(N, H, device=dev, dtype=torch.float32) if need_h else None
+    grad_h = torch.zeros(N, H, device=dev, dtype=acc) if need_h else None
     grad_w = torch.empty_like(w_VpH) if need_w else None
     ws = _alloc(nc * vc, device=dev, dtype=cdt) if backend == "triton" else None
     mu_N = mu_N if with_entropy else lse_N  # placeholders: the kernel does not read them
@@ -394,13 +399,13 @@ def _grads(h_NH, w_VpH, tgt_N, lse_N, mu_N, glp_N, gent_N, with_entropy, backend
                 ws_view,
             )
             if need_h:
-                if cdt == torch.float32:
+                if cdt == acc:
                     grad_h[r].addmm_(dz, w_cc)
                 else:
-                    grad_h[r] += (dz @ w_cc).float()
+                    grad_h[r] += (dz @ w_cc).to(acc)
             if need_w:
                 part = dz.T @ h_r.to(cdt)
-                gw = part.float() if gw is None else gw.add_(part)
+                gw = part.to(acc) if gw is None else gw.add_(part)
         if need_w:
             grad_w[c0 : c0 + vc] = gw
     return grad_h, grad_w
@@ -475,6 +480,8 @@ def _check(hidden, weight, targets, sequence_parallel: bool, tp: int) -> None:
         raise ValueError(f"linear_logprobs: targets has {targets.shape[0]} rows, expected {n}")
     if targets.dtype.is_floating_point:
         raise ValueError(f"linear_logprobs: targets must be integer ids, got {targets.dtype}")
+    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"linear_logprobs: unsupported dtype {hidden.dtype}")
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -515,9 +522,9 @@ class LinearLogprobsFunction(torch.autograd.Function):
             return (None,) * 8
         h_NH = _sp_gather(hidden, tp_group, tp) if sp else hidden
         zero = torch.zeros_like(lse)
-        glp = torch.where(valid, g_logp.float(), 0.0) if g_logp is not None else zero
+        glp = torch.where(valid, g_logp.to(lse.dtype), 0.0) if g_logp is not None else zero
         use_ent = with_entropy and g_ent is not None
-        gent = torch.where(valid, g_ent.float(), 0.0) if use_ent else None
+        gent = torch.where(valid, g_ent.to(lse.dtype), 0.0) if use_ent else None
         grad_h, grad_w = _grads(
             h_NH, w_VpH, tgt_N, lse, mu if use_ent else None, glp, gent, use_ent, backend,
             need_h, need_w,
@@ -546,12 +553,15 @@ def linear_logprobs(
     targets: [N] global vocab ids (int), ignore_index rows give logp = 0 (and entropy = 0) and
         no gradient. Ids must lie in [0, tp*Vp) otherwise.
     Returns logp [N] fp32, or (logp, entropy) [N] fp32 each with return_entropy; both are
-    differentiable w.r.t. hidden and weight (grads in their dtypes).
+    differentiable w.r.t. hidden and weight (grads in their dtypes). fp64 inputs run the torch
+    path in fp64 and return fp64 (for gradchecks and high-precision references).
     backend: "triton" | "torch" | None (NOVA_KERNELS, else triton on CUDA / torch on CPU).
     """
     backend = resolve_backend(backend)
     tp, _ = _tp_info(tp_group)
     _check(hidden, weight, targets, sequence_parallel and tp > 1, tp)
+    if hidden.dtype == torch.float64 and backend == "triton":
+        backend = "torch"  # fp64 (gradchecks, references) is a torch-path feature
     logp, ent = LinearLogprobsFunction.apply(
         hidden, weight, targets, tp_group, ignore_index, return_entropy, sequence_parallel, backend
     )

@@ -203,3 +203,14 @@ def test_tp2_equals_tp1(tp_results):
                 assert_verbose_allclose(gh, gh_want, rtol=1e-5, atol=1e-5, name=f"{tag} dh")
                 gw_want = gw1[rank * vp : (rank + 1) * vp]
                 assert_verbose_allclose(gw, gw_want, rtol=1e-5, atol=1e-5, name=f"{tag} dW")
+
+
+def test_float64_gradcheck(monkeypatch):
+    """fp64 runs the torch path in fp64: gradcheck of logp and entropy through several chunks."""
+    monkeypatch.setattr(ll, "_WORKSPACE_ELEMS", 3 * 4)
+    monkeypatch.setattr(ll, "_MIN_VCHUNK", 4)
+    hidden, weight, targets, _, _ = _inputs(6, 5, 11, torch.float64, seed=4, n_ignored=1)
+    fn = lambda h, w: linear_logprobs(h, w, targets, return_entropy=True, backend="triton")
+    out = fn(hidden, weight)
+    assert out[0].dtype == torch.float64
+    assert torch.autograd.gradcheck(fn, (hidden.requires_grad_(), weight.requires_grad_()))

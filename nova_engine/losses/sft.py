@@ -1,0 +1,68 @@
+"""SFT loss: token-level cross-entropy normalized by the GLOBAL number of loss tokens.
+
+A step sees M micro-batches on each of D data-parallel ranks. The loss we want is the mean
+NLL over every loss token of the step, exactly as if the whole batch sat on one rank:
+
+    L = -(1 / G) * sum_{dp ranks} sum_{micro-batches} sum_{tokens} mask_t * logp_t,
+    G = sum_{dp ranks} sum_{micro-batches} sum_t mask_t           (global loss-token count)
+
+So before the step each rank counts its loss tokens over its micro-batches and the counts
+are summed over the DP group (`global_loss_token_count`, one all_reduce); then every
+micro-batch contributes `sft_loss(logp, mask, G)` = -sum(mask * logp) / G. Summing these
+micro-batch losses (gradient accumulation, no division by M) and SUMMING gradients over DP
+gives grad(L) exactly. When the DP gradient reduction AVERAGES over the D ranks (torch DDP,
+megatron's DDP default), pass `dp_average_size=D` to undo that division.
+
+Per-token log-probs come from `nova_kernels.linear_logprobs` (vocab-parallel, no logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+def all_reduce_count(local: torch.Tensor | int | float, dp_group=None) -> torch.Tensor:
+    """Sum a per-rank count over the data-parallel group (identity without a process group).
+
+    Returns a 0-dim float64 tensor (exact for integer counts below 2**53) on `local`'s device
+    (CPU for Python numbers).
+    """
+    t = torch.as_tensor(local, dtype=torch.float64).clone().reshape(())
+    if dp_group is not None and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, group=dp_group)
+    return t
+
+
+def global_loss_token_count(loss_masks: Iterable[torch.Tensor], dp_group=None) -> torch.Tensor:
+    """G: loss tokens in this rank's micro-batches (masks [N_i], nonzero = loss token), summed
+    over the DP group. Call once per optimizer step, before the micro-batch loop."""
+    masks = list(loss_masks)
+    device = masks[0].device if masks else torch.device("cpu")
+    local = sum(((m != 0).sum().to(torch.float64) for m in masks), torch.zeros((), device=device))
+    return all_reduce_count(local, dp_group)
+
+
+def sft_loss(
+    logprobs: torch.Tensor,
+    loss_mask: torch.Tensor,
+    global_num_tokens: torch.Tensor | float,
+    *,
+    dp_average_size: int = 1,
+) -> torch.Tensor:
+    """This micro-batch's share of the step loss: -sum(mask * logp) / G * dp_average_size.
+
+    logprobs [N] (fp32, from linear_logprobs), loss_mask [N] (nonzero = loss token),
+    global_num_tokens G from `global_loss_token_count` (clamped to >= 1).
+    Returns a 0-dim fp32 tensor (fp64 for fp64 log-probs); summed over micro-batches (and DP ranks) it is the mean NLL.
+    """
+    if logprobs.shape != loss_mask.shape:
+        raise ValueError(
+            f"sft_loss: logprobs {tuple(logprobs.shape)} != mask {tuple(loss_mask.shape)}"
+        )
+    dtype = torch.promote_types(logprobs.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    g = torch.as_tensor(global_num_tokens, device=logprobs.device, dtype=dtype)
+    nll_sum = -(logprobs.to(dtype) * (loss_mask != 0)).sum()
+    return nll_sum / g.clamp_min(1.0) * dp_average_size
