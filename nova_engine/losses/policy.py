@@ -1,0 +1,205 @@
+"""Policy losses for RLVR / PPO by name, thin over `nova_kernels.policy_loss`.
+
+    cfg = PolicyLossConfig(name="ppo", clip_low=0.2, clip_high=0.28, kl_coef=0.05)
+    loss, metrics = compute_policy_loss(cfg, logprobs, old_logprobs, advantages, mask,
+                                        rollout_logprobs=..., ref_logprobs=...)
+
+Inputs are per-token [B, T] (or packed [N] with cu_seqlens): logprobs from
+`nova_kernels.linear_logprobs` (the gradient flows there), old_logprobs from the policy
+before this update, rollout_logprobs from the inference engine (for the truncated IS
+correction), ref_logprobs from the frozen reference. Names:
+
+  ppo        PPO clipped ratio with clip_low / clip_high and dual clip (verl's "vanilla")
+  reinforce  importance-weighted policy gradient without clipping: -A * ratio
+
+The KL to the reference is used in one place only (`kl_in`): "loss" adds
+kl_coef * KL(k1|k2|k3) to every token's loss (differentiable; GRPO style); "reward"
+subtracts kl_coef * KL from the token rewards before the advantages (`apply_kl_penalty`,
+no gradient; PPO / Tülu 3 style); "none" ignores it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import nova_kernels as nk
+import torch
+from nova_kernels.policy_loss import AGG_MODES, KL_TYPES
+
+KL_PLACES = ("loss", "reward", "none")
+
+
+@dataclass
+class PolicyLossConfig:
+    """Hyperparameters of the policy loss."""
+
+    name: str = "ppo"
+    """A registered policy loss: ppo or reinforce."""
+    clip_low: float = 0.2
+    """Lower clip: the ratio is kept >= 1 - clip_low (ppo)."""
+    clip_high: float | None = None
+    """Upper clip: ratio <= 1 + clip_high (None: clip_low; DAPO's clip-higher uses 0.28)."""
+    dual_clip: float | None = 3.0
+    """Dual clip c > 1 for negative advantages (verl's clip_ratio_c); None turns it off."""
+    tis_cap: float | None = 2.0
+    """Cap of the truncated importance weight exp(old - rollout) (None: no truncation); used
+    only when rollout log-probs are passed."""
+    agg: str = "token-mean"
+    """Aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
+    loss_scale_factor: float | None = None
+    """Divisor of seq-mean-token-sum-norm (None: the padded length; set the max response
+    length to keep it constant across batches, as Dr. GRPO does)."""
+    kl_coef: float = 0.0
+    """Coefficient of the KL to the reference (Tülu 3: 0.05 for 8B, 0.07 for 70B)."""
+    kl_type: str = "k3"
+    """KL estimator: k1, k2 or k3 (clamped: log-ratio to +-20, value to +-10)."""
+    kl_in: str = "loss"
+    """Where the KL goes: loss, reward or none."""
+
+    def __post_init__(self):
+        if self.name not in _REGISTRY:
+            raise ValueError(
+                f"PolicyLossConfig.name={self.name!r}: expected one of {sorted(_REGISTRY)}"
+            )
+        if self.agg not in AGG_MODES:
+            raise ValueError(f"PolicyLossConfig.agg={self.agg!r}: expected one of {AGG_MODES}")
+        if self.kl_type not in KL_TYPES:
+            raise ValueError(f"PolicyLossConfig.kl_type={self.kl_type!r}: expected {KL_TYPES}")
+        if self.kl_in not in KL_PLACES:
+            raise ValueError(f"PolicyLossConfig.kl_in={self.kl_in!r}: expected {KL_PLACES}")
+        if not 0.0 <= self.clip_low < 1.0:
+            raise ValueError(f"PolicyLossConfig.clip_low={self.clip_low}: expected [0, 1)")
+        if self.clip_high is not None and self.clip_high < 0:
+            raise ValueError(f"PolicyLossConfig.clip_high={self.clip_high}: expected >= 0")
+        if self.dual_clip is not None and not self.dual_clip > 1.0:
+            raise ValueError(f"PolicyLossConfig.dual_clip={self.dual_clip}: expected > 1")
+        if self.tis_cap is not None and not self.tis_cap > 0:
+            raise ValueError(f"PolicyLossConfig.tis_cap={self.tis_cap}: expected > 0")
+        if self.kl_coef < 0:
+            raise ValueError(f"PolicyLossConfig.kl_coef={self.kl_coef}: expected >= 0")
+        if self.loss_scale_factor is not None and not self.loss_scale_factor > 0:
+            raise ValueError(
+                f"PolicyLossConfig.loss_scale_factor={self.loss_scale_factor}: expected > 0"
+            )
+
+
+PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+_REGISTRY: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    def deco(fn: PolicyLossFn) -> PolicyLossFn:
+        if name in _REGISTRY:
+            raise ValueError(f"policy loss {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def get_policy_loss_fn(name: str) -> PolicyLossFn:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown policy loss {name!r}; expected one of {sorted(_REGISTRY)}"
+        ) from None
+
+
+def policy_loss_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _kernel_kwargs(cfg: PolicyLossConfig, ref_logprobs) -> dict:
+    use_kl = cfg.kl_in == "loss" and ref_logprobs is not None and cfg.kl_coef > 0
+    return dict(
+        ref_logprobs=ref_logprobs if use_kl else None,
+        kl_coef=cfg.kl_coef if use_kl else 0.0,
+        kl_type=cfg.kl_type,
+        agg=cfg.agg,
+        loss_scale_factor=cfg.loss_scale_factor,
+        tis_cap=cfg.tis_cap,
+    )
+
+
+@register_policy_loss("ppo")
+def _ppo(cfg, logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, **kw):
+    return nk.policy_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        dual_clip=cfg.dual_clip,
+        **_kernel_kwargs(cfg, ref_logprobs),
+        **kw,
+    )
+
+
+@register_policy_loss("reinforce")
+def _reinforce(cfg, logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None, **kw):
+    # no clipping: the clip bounds [1 - inf, 1 + inf] never bind and there is no dual clip
+    return nk.policy_loss(
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        clip_low=math.inf,
+        clip_high=math.inf,
+        dual_clip=None,
+        **_kernel_kwargs(cfg, ref_logprobs),
+        **kw,
+    )
+
+
+def compute_policy_loss(
+    cfg: PolicyLossConfig,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    rollout_logprobs: torch.Tensor | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    num_tokens: float | None = None,
+    num_seqs: float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss `cfg.name` (0-d fp32, gradient to logprobs) and its metrics (detached 0-d):
+    pg_clipfrac, pg_clipfrac_lower, ppo_kl, pg_loss, and kl_loss when the KL is in the loss."""
+    return get_policy_loss_fn(cfg.name)(
+        cfg,
+        logprobs,
+        old_logprobs,
+        advantages,
+        mask,
+        ref_logprobs=ref_logprobs,
+        rollout_logprobs=rollout_logprobs,
+        cu_seqlens=cu_seqlens,
+        num_tokens=num_tokens,
+        num_seqs=num_seqs,
+        backend=backend,
+    )
+
+
+def apply_kl_penalty(
+    cfg: PolicyLossConfig,
+    token_rewards: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL in the reward (cfg.kl_in == "reward"): token_rewards - kl_coef * KL * mask, with the
+    rollout policy's log-probs as `logprobs`. Returns (rewards fp32, per-token KL fp32); other
+    kl_in values return the rewards unchanged and a zero KL."""
+    if cfg.kl_in != "reward":
+        return token_rewards.float(), torch.zeros_like(token_rewards, dtype=torch.float32)
+    return nk.kl_penalty(
+        token_rewards, logprobs, ref_logprobs, mask, cfg.kl_coef, cfg.kl_type, backend=backend
+    )

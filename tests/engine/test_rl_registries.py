@@ -1,0 +1,248 @@
+"""Advantage-estimator and policy-loss registries: each name against a plain loop with
+verl's semantics (float64), on both kernel backends (Triton under the interpreter on CPU)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import nova_kernels as nk
+import pytest
+import torch
+from nova_kernels._testing import assert_verbose_allclose
+
+from nova_engine.losses.policy import (
+    PolicyLossConfig,
+    apply_kl_penalty,
+    compute_policy_loss,
+    policy_loss_names,
+)
+from nova_engine.rl.advantages import advantage_names, compute_advantages, group_index
+
+BACKENDS = ["triton", "torch"]
+
+
+# --- plain references ---------------------------------------------------------------------
+
+
+def loop_whiten(x, m):
+    xs = [float(v) for v, k in zip(x.flatten(), m.flatten()) if k]
+    n = len(xs)
+    mean = sum(xs) / n
+    var = sum((v - mean) ** 2 for v in xs) / (n - 1)
+    return (x.double() - mean) / math.sqrt(var + 1e-8)
+
+
+def loop_gae(r, v, m, gamma, lam):
+    adv = torch.zeros(r.shape, dtype=torch.float64)
+    for b in range(r.shape[0]):
+        nv = run = 0.0
+        for t in reversed(range(r.shape[1])):
+            if m[b, t]:
+                run = float(r[b, t]) + gamma * nv - float(v[b, t]) + gamma * lam * run
+                nv = float(v[b, t])
+            adv[b, t] = run
+    return adv
+
+
+def loop_group(scores, labels, how):
+    groups: dict = {}
+    for i, g in enumerate(labels):
+        groups.setdefault(g, []).append(i)
+    out = [0.0] * len(labels)
+    for members in groups.values():
+        s = [float(scores[i]) for i in members]
+        n = len(s)
+        mean = sum(s) / n if n > 1 else 0.0
+        for i, x in zip(members, s):
+            if how == "grpo":
+                out[i] = (x - mean) / ((statistics.stdev(s) if n > 1 else 1.0) + 1e-6)
+            elif how == "rloo":
+                out[i] = (x - mean) * n / (n - 1) if n > 1 else x
+            else:
+                out[i] = x - mean
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def make_batch(seed, B=9, T=23):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(T)[None, :] < torch.randint(3, T + 1, (B,), generator=g)[:, None]
+    mask &= torch.rand(B, T, generator=g) > 0.2
+    rewards = torch.zeros(B, T)
+    last = (mask * torch.arange(T)).argmax(-1)
+    rewards[torch.arange(B), last] = torch.randint(0, 2, (B,), generator=g).float() * 10
+    rewards += 0.1 * torch.randn(B, T, generator=g) * mask  # a few token-level rewards
+    values = torch.randn(B, T, generator=g)
+    labels = ["p0", "p1", "p0", "p2", "p1", "p0", "p3", "p1", "p2"][:B]
+    return rewards, values, mask, labels
+
+
+# --- advantages ---------------------------------------------------------------------------
+
+
+def test_advantage_registry_names():
+    assert advantage_names() == sorted(
+        ["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
+    )
+    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
+        compute_advantages("ppo", token_rewards=torch.zeros(1, 1), mask=torch.ones(1, 1))
+
+
+def test_group_index_labels_and_ints():
+    ids, G = group_index(["b", "a", "b", "c"])
+    assert ids.tolist() == [0, 1, 0, 2] and G == 3
+    ids, G = group_index(torch.tensor([7, 3, 7]))
+    assert ids.tolist() == [1, 0, 1] and G == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gae_estimator(backend):
+    r, v, m, _ = make_batch(1)
+    out = compute_advantages(
+        "gae", token_rewards=r, values=v, mask=m, gamma=0.99, lam=0.95, backend=backend
+    )
+    adv = loop_gae(r, v, m, 0.99, 0.95)
+    assert_verbose_allclose(out.returns, adv + v.double(), rtol=1e-5, atol=1e-5, name="returns")
+    assert_verbose_allclose(out.advantages, loop_whiten(adv, m), rtol=1e-4, atol=1e-4)
+    assert out.degenerate is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
+def test_outcome_estimators(backend, name):
+    r, _, m, labels = make_batch(2)
+    out = compute_advantages(name, token_rewards=r, mask=m, group_ids=labels, backend=backend)
+    per_sample = loop_group(r.sum(-1), labels, name)
+    expected = per_sample[:, None] * m
+    assert_verbose_allclose(out.advantages, expected, rtol=1e-4, atol=1e-4, name=name)
+    assert torch.equal(out.returns, out.advantages)
+    # p3 has one sample: degenerate; the others hold different scores
+    scores = r.sum(-1)
+    order = list(dict.fromkeys(labels))
+    want = [len({float(scores[i]) for i, x in enumerate(labels) if x == g}) == 1 for g in order]
+    assert out.degenerate.tolist() == want
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reinforce_pp(backend):
+    r, _, m, _ = make_batch(3)
+    out = compute_advantages("reinforce_pp", token_rewards=r, mask=m, gamma=0.9, backend=backend)
+    ret = torch.zeros(r.shape, dtype=torch.float64)
+    for b in range(r.shape[0]):
+        run = 0.0
+        for t in reversed(range(r.shape[1])):
+            run = float(r[b, t]) + 0.9 * run
+            ret[b, t] = run
+            run *= float(m[b, t])
+    assert_verbose_allclose(out.returns, ret, rtol=1e-5, atol=1e-5, name="returns")
+    expected = loop_whiten(ret, m) * m
+    assert_verbose_allclose(out.advantages, expected, rtol=1e-4, atol=1e-4, name="advantages")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reinforce_pp_baseline(backend):
+    r, _, m, labels = make_batch(4)
+    out = compute_advantages(
+        "reinforce_pp_baseline", token_rewards=r, mask=m, group_ids=labels, backend=backend
+    )
+    tok = loop_group(r.sum(-1), labels, "mean")[:, None] * m
+    expected = loop_whiten(tok, m) * m
+    assert_verbose_allclose(out.advantages, expected, rtol=1e-4, atol=1e-4, name="advantages")
+    assert out.degenerate.shape == (4,)
+
+
+def test_estimators_reject_missing_inputs():
+    r, v, m, labels = make_batch(5)
+    with pytest.raises(ValueError, match="group_ids"):
+        compute_advantages("grpo", token_rewards=r, mask=m)
+    with pytest.raises(ValueError, match="values"):
+        compute_advantages("gae", token_rewards=r, mask=m, values=None)
+    with pytest.raises(ValueError, match="group ids"):
+        compute_advantages("rloo", token_rewards=r, mask=m, group_ids=labels[:3])
+
+
+# --- policy losses ------------------------------------------------------------------------
+
+
+def make_policy_inputs(seed, B=5, T=19):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g) * 2
+    lp = old + 0.3 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, T, generator=g)
+    rl = old + 0.2 * torch.randn(B, T, generator=g)
+    ref = lp + 0.5 * torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    return lp, old, adv, mask, rl, ref
+
+
+def test_policy_loss_registry():
+    assert policy_loss_names() == ["ppo", "reinforce"]
+    with pytest.raises(ValueError, match="name='a2c'"):
+        PolicyLossConfig(name="a2c")
+    for bad in (dict(dual_clip=1.0), dict(agg="mean"), dict(kl_in="both"), dict(clip_low=1.5)):
+        with pytest.raises(ValueError, match="PolicyLossConfig"):
+            PolicyLossConfig(**bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ppo_is_the_kernel(backend):
+    lp, old, adv, mask, rl, ref = make_policy_inputs(1)
+    cfg = PolicyLossConfig(clip_high=0.28, kl_coef=0.05, agg="seq-mean-token-mean")
+    x = lp.clone().requires_grad_(True)
+    loss, metrics = compute_policy_loss(
+        cfg, x, old, adv, mask, rollout_logprobs=rl, ref_logprobs=ref, backend=backend
+    )
+    loss.backward()
+    y = lp.clone().requires_grad_(True)
+    exp_loss, exp_metrics = nk.policy_loss(
+        y, old, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0, rollout_logprobs=rl,
+        tis_cap=2.0, ref_logprobs=ref, kl_coef=0.05, kl_type="k3", agg="seq-mean-token-mean",
+        backend="torch",
+    )  # fmt: skip
+    exp_loss.backward()
+    assert_verbose_allclose(loss, exp_loss, rtol=1e-5, atol=1e-6)
+    assert_verbose_allclose(x.grad, y.grad, rtol=1e-5, atol=1e-6)
+    assert set(metrics) == set(exp_metrics) and "kl_loss" in metrics
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reinforce_by_hand(backend):
+    """No clipping: loss = token-mean of -A * ratio * w, grad = -A * ratio * w / n."""
+    lp, old, adv, mask, rl, _ = make_policy_inputs(2)
+    lp = old + 2.0 * torch.randn(lp.shape)  # ratios far outside any clip range
+    cfg = PolicyLossConfig(name="reinforce", tis_cap=1.5)
+    x = lp.clone().requires_grad_(True)
+    loss, metrics = compute_policy_loss(
+        cfg, x, old, adv, mask, rollout_logprobs=rl, backend=backend
+    )
+    loss.backward()
+    ratio = (lp - old).double().exp()
+    w = (old - rl).double().exp().clamp(max=1.5)
+    n = mask.sum()
+    assert_verbose_allclose(loss, (-adv * ratio * w)[mask].sum() / n, rtol=1e-5, atol=1e-5)
+    assert_verbose_allclose(x.grad, -adv * ratio * w * mask / n, rtol=1e-5, atol=1e-5)
+    assert float(metrics["pg_clipfrac"]) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_goes_to_exactly_one_place(backend):
+    lp, old, adv, mask, _, ref = make_policy_inputs(3)
+    rewards = torch.randn(lp.shape)
+    in_reward = PolicyLossConfig(kl_coef=0.1, kl_type="k1", kl_in="reward", tis_cap=None)
+    in_loss = PolicyLossConfig(kl_coef=0.1, kl_type="k1", kl_in="loss", tis_cap=None)
+    base = PolicyLossConfig(tis_cap=None)
+    l_reward, m_reward = compute_policy_loss(
+        in_reward, lp, old, adv, mask, ref_logprobs=ref, backend=backend
+    )
+    l_base, _ = compute_policy_loss(base, lp, old, adv, mask, backend=backend)
+    l_loss, m_loss = compute_policy_loss(
+        in_loss, lp, old, adv, mask, ref_logprobs=ref, backend=backend
+    )
+    assert "kl_loss" not in m_reward and "kl_loss" in m_loss
+    assert_verbose_allclose(l_reward, l_base, rtol=1e-6, atol=1e-7)
+    k1_mean = ((lp - ref) * mask).sum() / mask.sum()
+    assert_verbose_allclose(l_loss, l_base + 0.1 * k1_mean, rtol=1e-5, atol=1e-6)
+    pen, kl = apply_kl_penalty(in_reward, rewards, lp, ref, mask, backend=backend)
+    assert_verbose_allclose(pen, rewards - 0.1 * (lp - ref) * mask, rtol=1e-6, atol=1e-6)
+    same, zero = apply_kl_penalty(in_loss, rewards, lp, ref, mask, backend=backend)
+    assert torch.equal(same, rewards) and not zero.any()
