@@ -14,6 +14,9 @@ gives grad(L) exactly. When the DP gradient reduction AVERAGES over the D ranks 
 megatron's DDP default), pass `dp_average_size=D` to undo that division.
 
 Per-token log-probs come from `nova_kernels.linear_logprobs` (vocab-parallel, no logits).
+`sft_loss_fused` gives the same loss and gradients from the hidden states directly through
+`nova_kernels.linear_cross_entropy` (3 GEMMs instead of 4: the gradients are formed in the
+forward pass, possible because SFT's upstream gradient is known there).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+from nova_kernels import linear_cross_entropy
 
 
 def all_reduce_count(local: torch.Tensor | int | float, dp_group=None) -> torch.Tensor:
@@ -66,3 +70,28 @@ def sft_loss(
     g = torch.as_tensor(global_num_tokens, device=logprobs.device, dtype=dtype)
     nll_sum = -(logprobs.to(dtype) * (loss_mask != 0)).sum()
     return nll_sum / g.clamp_min(1.0) * dp_average_size
+
+
+def sft_loss_fused(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    global_num_tokens: torch.Tensor | float,
+    *,
+    tp_group=None,
+    sequence_parallel: bool = False,
+    dp_average_size: int = 1,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """`sft_loss(linear_logprobs(hidden, weight, labels), loss_mask, G)` in one fused call.
+
+    hidden [N, H] (or its sequence-parallel slice), weight [Vp, H] this rank's LM-head shard,
+    labels [N] global ids, loss_mask [N]. Returns the same 0-dim loss (fp32).
+    """
+    g = torch.as_tensor(global_num_tokens, device=hidden.device, dtype=torch.float32)
+    wts = (loss_mask != 0).float() * (dp_average_size / g.clamp_min(1.0))
+    return linear_cross_entropy(
+        hidden, weight, labels, wts, tp_group=tp_group, ignore_index=ignore_index,
+        sequence_parallel=sequence_parallel,
+    )  # fmt: skip
