@@ -1,0 +1,279 @@
+"""Atomic checkpoint directories: a crash never leaves a half checkpoint that looks whole.
+
+Protocol of `write_checkpoint_dir(final_dir, write_fn, step=..., rank=r, barrier=b)` (all
+ranks call it; with one process, leave rank/barrier at their defaults):
+
+    rank 0   removes stale temps of final_dir, creates <final_dir>.tmp-<uuid>, and publishes
+             its name in <final_dir>.pending (written atomically)
+    barrier
+    all      read the temp name, call write_fn(tmp_dir) (each rank writes its own shard files),
+             fsync what they wrote (write_fn may return the paths; default: every file)
+    barrier
+    rank 0   writes the manifest (step, files with sizes, config hash, extra) to
+             <tmp>/COMPLETE via COMPLETE.tmp + fsync + rename, fsyncs the directory, renames
+             tmp -> final_dir, fsyncs the parent, removes the .pending file
+    barrier
+
+A directory counts as a checkpoint only if it is not a temp (`.tmp-`), holds a COMPLETE
+marker that parses, and every file the manifest lists exists with its recorded size.
+`latest_complete(root)` picks the highest-step such directory; `prune(root, keep_last)`
+deletes older ones (marker first, so a crash mid-delete leaves no "complete" remnant);
+`cleanup_stale(root)` removes temps and .pending files of crashed writers (rank 0, at start,
+while nobody writes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from nova_engine.logging import get_logger
+
+logger = get_logger(__name__)
+
+MARKER = "COMPLETE"
+FORMAT_VERSION = 1
+_TMP = ".tmp-"
+_PENDING = ".pending"
+
+
+class CheckpointIOError(ValueError):
+    """A checkpoint directory that is missing, incomplete or inconsistent (the message says
+    which path and what)."""
+
+
+def checkpoint_dir_for(root: str | os.PathLike, step: int) -> str:
+    """<root>/step_00000123"""
+    return os.path.join(os.fspath(root), f"step_{int(step):08d}")
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # e.g. directories on platforms that cannot open them
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _walk_files(root: str) -> list[str]:
+    out = []
+    for dirpath, _, files in os.walk(root):
+        out += [os.path.join(dirpath, f) for f in files]
+    return sorted(out)
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _stale_temps(final_dir: str) -> list[str]:
+    parent, base = os.path.split(final_dir)
+    if not os.path.isdir(parent):
+        return []
+    return [os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(base + _TMP)]
+
+
+def write_checkpoint_dir(
+    final_dir: str | os.PathLike,
+    write_fn: Callable[[str], Iterable[str] | None],
+    *,
+    step: int,
+    config_hash: str | None = None,
+    extra: dict[str, Any] | None = None,
+    rank: int = 0,
+    barrier: Callable[[], None] | None = None,
+    overwrite: bool = False,
+) -> str:
+    """Write a checkpoint atomically (protocol in the module docstring); returns final_dir.
+
+    Args:
+        final_dir: the checkpoint's final path (e.g. `checkpoint_dir_for(root, step)`).
+        write_fn: called on every rank with the temp directory; writes that rank's files
+            there and may return the paths it wrote (absolute or relative to the temp dir;
+            they are fsynced; None = every file in the temp dir).
+        step: recorded in the manifest (ordering of `latest_complete`).
+        config_hash, extra: recorded in the manifest (extra: any JSON-able dict).
+        rank: this process's global rank (rank 0 creates, finalizes and renames).
+        barrier: collective barrier (e.g. torch.distributed.barrier) when several ranks write.
+        overwrite: replace an existing final_dir (else CheckpointIOError).
+    If write_fn raises on a single-process write, the temp directory is removed and the
+    exception propagates; a crashed multi-rank write leaves a temp that is never picked up.
+    """
+    final_dir = os.path.abspath(os.fspath(final_dir))
+    pending = final_dir + _PENDING
+    sync = barrier or (lambda: None)
+    tmp_dir = None
+    if rank == 0:
+        if os.path.exists(final_dir) and not overwrite:
+            raise CheckpointIOError(f"{final_dir}: already exists (pass overwrite=True to replace)")
+        for stale in _stale_temps(final_dir):
+            logger.warning("removing stale checkpoint temp %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.makedirs(os.path.dirname(final_dir), exist_ok=True)
+        tmp_dir = f"{final_dir}{_TMP}{uuid.uuid4().hex[:12]}"
+        os.makedirs(tmp_dir)
+        with open(pending + ".tmp", "w") as f:
+            f.write(os.path.basename(tmp_dir))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pending + ".tmp", pending)
+    sync()
+    if tmp_dir is None:
+        with open(pending) as f:
+            tmp_dir = os.path.join(os.path.dirname(final_dir), f.read().strip())
+    try:
+        written = write_fn(tmp_dir)
+        paths = _walk_files(tmp_dir) if written is None else written
+        for path in paths:
+            _fsync_path(os.path.join(tmp_dir, os.fspath(path)))
+    except BaseException:
+        if barrier is None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            if os.path.exists(pending):
+                os.remove(pending)
+        raise
+    sync()
+    if rank == 0:
+        files = {
+            os.path.relpath(p, tmp_dir): os.path.getsize(p)
+            for p in _walk_files(tmp_dir)
+            if os.path.basename(p) not in (MARKER, MARKER + ".tmp")
+        }
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": int(step),
+            "config_hash": config_hash,
+            "files": files,
+            "created": time.time(),
+            "extra": extra or {},
+        }
+        _write_json_atomic(os.path.join(tmp_dir, MARKER), manifest)
+        for d, _, _ in os.walk(tmp_dir):
+            _fsync_path(d, directory=True)
+        old = None
+        if os.path.exists(final_dir):  # overwrite=True
+            old = f"{final_dir}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        _fsync_path(os.path.dirname(final_dir), directory=True)
+        if old is not None:
+            _remove_checkpoint(old)
+        if os.path.exists(pending):
+            os.remove(pending)
+    sync()
+    return final_dir
+
+
+def read_manifest(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """The COMPLETE manifest of a checkpoint; CheckpointIOError if the directory is not a
+    complete checkpoint (with `verify`: every listed file present with its recorded size)."""
+    ckpt_dir = os.fspath(ckpt_dir)
+    path = os.path.join(ckpt_dir, MARKER)
+    if _TMP in os.path.basename(ckpt_dir):
+        raise CheckpointIOError(f"{ckpt_dir}: a temporary directory of an unfinished write")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointIOError(f"{ckpt_dir}: no {MARKER} marker (an unfinished write?)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointIOError(f"{path}: unreadable marker ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointIOError(f"{path}: expected a manifest with a 'files' mapping")
+    if not isinstance(manifest.get("step"), int):
+        raise CheckpointIOError(f"{path}: expected an integer 'step'")
+    if verify:
+        for rel, size in manifest["files"].items():
+            p = os.path.join(ckpt_dir, rel)
+            if not os.path.isfile(p):
+                raise CheckpointIOError(f"{ckpt_dir}: file {rel} listed in {MARKER} is missing")
+            if os.path.getsize(p) != size:
+                raise CheckpointIOError(
+                    f"{ckpt_dir}: file {rel} has {os.path.getsize(p)} bytes, {MARKER} says {size}"
+                )
+    return manifest
+
+
+def is_complete(ckpt_dir: str | os.PathLike, *, verify: bool = True) -> bool:
+    try:
+        read_manifest(ckpt_dir, verify=verify)
+    except CheckpointIOError:
+        return False
+    return True
+
+
+def list_complete(root: str | os.PathLike, *, verify: bool = True) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint directly under root, oldest first."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if _TMP in name or ".old-" in name or not os.path.isdir(path):
+            continue
+        try:
+            found.append((read_manifest(path, verify=verify)["step"], path))
+        except CheckpointIOError:
+            continue
+    return sorted(found)
+
+
+def latest_complete(root: str | os.PathLike, *, verify: bool = True) -> str | None:
+    """Path of the complete checkpoint with the highest step under root, or None."""
+    found = list_complete(root, verify=verify)
+    return found[-1][1] if found else None
+
+
+def _remove_checkpoint(path: str) -> None:
+    marker = os.path.join(path, MARKER)
+    if os.path.exists(marker):
+        os.remove(marker)  # first: a crash below leaves an incomplete, ignored directory
+        _fsync_path(path, directory=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(root: str | os.PathLike, keep_last: int) -> list[str]:
+    """Delete all but the newest `keep_last` complete checkpoints (0 = keep all); returns
+    the deleted paths. Call on rank 0 after a successful write."""
+    if keep_last <= 0:
+        return []
+    doomed = [p for _, p in list_complete(root, verify=False)[:-keep_last]]
+    for p in doomed:
+        _remove_checkpoint(p)
+        logger.info("removed old checkpoint %s", p)
+    return doomed
+
+
+def cleanup_stale(root: str | os.PathLike) -> list[str]:
+    """Remove temps, half-deleted (.old-) directories and .pending files left under root by
+    crashed writers; returns what was removed. Rank 0 only, while no write is under way."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        return []
+    removed = []
+    for name in sorted(os.listdir(root)):
+        path = os.path.join(root, name)
+        if _TMP in name or ".old-" in name:
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            removed.append(path)
+        elif name.endswith(_PENDING) or name.endswith(_PENDING + ".tmp"):
+            os.remove(path)
+            removed.append(path)
+    return removed
