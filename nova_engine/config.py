@@ -460,32 +460,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise bad
-    if tp is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    if tp in (int, float):
+        # numbers, or strings of numbers: PyYAML reads "5e-6" (no dot) as a string
+        num = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         if isinstance(value, str):
             try:
-                f = float(value)
+                num = float(value)
             except ValueError:
-                raise bad from None
-            if f.is_integer():
-                return int(f)
-        raise bad
-    if tp is float:
-        if isinstance(value, bool):
+                pass
+        if num is None or (tp is int and not float(num).is_integer()):
             raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads "5e-6" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
+        return tp(num)
     if tp is str:
         if isinstance(value, str):
             return value

@@ -274,3 +274,28 @@ def tokenize_pairs(
 def _log_stats(what: str, stats: TokenizeStats) -> None:
     if stats.truncated or stats.n_dropped:
         logger.info("tokenize %s: %s", what, stats.summary())
+
+
+def load_samples(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer: Any,
+    kind: Literal["chat", "pairs"],
+    *,
+    max_length: int | None = None,
+    truncation: Truncation = "truncate",
+    on_bad_line: Literal["error", "skip"] = "error",
+    margin_key: str = "margin",
+) -> tuple[list, Any, TokenizeStats]:
+    """Read + validate + tokenize in one call: (samples, ReadStats, TokenizeStats).
+    kind "chat" gives Samples, "pairs" PairSamples; indices are dense over the valid
+    records of all files (samples dropped by the length policy leave gaps)."""
+    from nova_engine.data.formats import read_records
+
+    if kind not in ("chat", "pairs"):
+        raise ValueError(f'kind={kind!r}: expected "chat" or "pairs"')
+    records, read_stats = read_records(
+        paths, "sft" if kind == "chat" else "pref", on_bad_line=on_bad_line, margin_key=margin_key
+    )
+    fn = tokenize_sft if kind == "chat" else tokenize_pairs
+    samples, tok_stats = fn(records, tokenizer, max_length=max_length, truncation=truncation)
+    return samples, read_stats, tok_stats

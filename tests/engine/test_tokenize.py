@@ -182,3 +182,17 @@ def test_prompt_ids_and_stop_tokens(hf_tok):
     ids = ct.prompt_ids(CONV[1:2])
     assert hf_tok.decode(ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert hf_tok.convert_tokens_to_ids("<|eot_id|>") in ct.eos_token_ids
+
+
+def test_load_samples_end_to_end(tmp_path, tok_dir):
+    from nova_engine.data import synthetic
+    from nova_engine.data.tokenize import load_samples
+
+    paths = synthetic.write_task(tmp_path, n_sft=30, n_pref=20, n_eval=5, seed=1)
+    with open(paths["sft"], "a") as f:
+        f.write("{oops\n")
+    sft, rs, ts = load_samples(paths["sft"], tok_dir, "chat", on_bad_line="skip", max_length=64)
+    assert len(sft) == 30 and rs.n_skipped == 1 and ts.n_out == 30
+    assert [s.index for s in sft] == list(range(30))
+    pairs, _, _ = load_samples([paths["pref"]], tok_dir, "pairs", max_length=64)
+    assert len(pairs) == 20 and all(p.chosen.loss_mask.sum() >= 2 for p in pairs)
