@@ -1,18 +1,8 @@
 """Run configuration: small nested dataclasses, YAML recipes and `key=value` overrides.
 
-A recipe is one YAML file for a model with the sections every stage shares at the top and
-one section per stage that overrides any of them:
-
-    model:    {hf_path: ...}          # shared sections (any RunConfig section name)
-    parallel: {tp: 2, pp: 1, sp: true}
-    sft:                              # stage sections: sft, dpo
-      data:  {train_paths: [...], max_length: 4096}
-      optim: {lr: 5.0e-6, schedule: linear, warmup_ratio: 0.03}
-      train: {global_batch_size: 128, epochs: 2}
-    dpo:
-      model: {hf_path: runs/x/sft/hf}
-      loss:  {loss_type: dpo_norm, beta: 5.0}
-
+A recipe is one YAML file per model: sections shared by every stage at the top (any
+RunConfig section: model, parallel, data, optim, train, checkpoint, loss), then one section
+per stage (`sft:`, `dpo:`) that overrides any of them (see recipes/tiny_cpu.yaml).
 `load_recipe(path, "sft", ["optim.lr=1e-5", "parallel.tp=2"])` deep-merges the shared
 sections with the stage's and applies the overrides (dotted keys relative to the stage's
 RunConfig), typed by the dataclass fields. Unknown keys raise `ConfigError` naming the key
@@ -41,7 +31,9 @@ from typing import Any, Literal
 
 import yaml
 
-DPO_LOSS_TYPES = ("dpo", "dpo_norm", "ipo", "simpo", "hinge", "cdpo")
+# The names of nova_engine.losses.dpo.DPO_LOSSES (kept here so loading a config needs no torch;
+# tests/engine/test_config.py checks the two agree).
+DPO_LOSS_TYPES = ("sigmoid", "dpo_norm", "ipo", "simpo", "hinge", "cdpo")
 
 
 class ConfigError(ValueError):
@@ -286,29 +278,44 @@ class CheckpointConfig:
 @dataclass
 class DPOConfig:
     loss_type: str = "dpo_norm"
-    """One of DPO_LOSS_TYPES: dpo (sigmoid), dpo_norm (length-normalized, Tülu 3), ipo,
+    """One of DPO_LOSS_TYPES: sigmoid (DPO), dpo_norm (length-normalized, Tülu 3), ipo,
     simpo, hinge, cdpo (label-smoothed)."""
-    beta: float = 0.1
-    """Inverse temperature of the implicit reward."""
+    beta: float = 5.0
+    """Inverse temperature of the implicit reward (Tülu 3 dpo_norm: 5; sigmoid DPO ~0.1)."""
+    label_smoothing: float = 0.0
+    """Assumed probability that a label is flipped (cdpo needs it in (0, 0.5); ipo and
+    hinge take none)."""
     gamma_beta_ratio: float = 0.5
     """SimPO target margin gamma / beta."""
-    label_smoothing: float = 0.0
-    """cDPO: assumed probability that a label is flipped."""
     ref_cache_dir: str | None = None
     """Where reference log-probs are cached (default: <train.out_dir>/ref_cache)."""
 
     def __post_init__(self) -> None:
+        t, eps = self.loss_type, self.label_smoothing
         _check(
-            self.loss_type in DPO_LOSS_TYPES,
+            t in DPO_LOSS_TYPES,
             "loss_type",
-            f"expected one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}",
+            f"expected one of {', '.join(DPO_LOSS_TYPES)}, got {t!r}",
         )
         _check(self.beta > 0, "beta", f"expected > 0, got {self.beta}")
-        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "expected in [0, 0.5)")
+        _check(0 <= eps < 0.5, "label_smoothing", f"expected in [0, 0.5), got {eps}")
+        _check(t != "cdpo" or eps > 0, "label_smoothing", "cdpo needs a value in (0, 0.5)")
+        _check(t not in ("ipo", "hinge") or eps == 0, "label_smoothing", f"{t} takes none")
 
     @property
     def needs_reference(self) -> bool:
         return self.loss_type != "simpo"
+
+    def to_loss_config(self) -> Any:
+        """The nova_engine.losses.dpo.DPOConfig with these settings."""
+        from nova_engine.losses.dpo import DPOConfig as LossDPOConfig
+
+        return LossDPOConfig(
+            loss_type=self.loss_type,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            gamma_beta_ratio=self.gamma_beta_ratio,
+        )
 
 
 # ---------------------------------------------------------------------------- run configs

@@ -122,10 +122,37 @@ def test_bad_overrides_name_the_key(override, message):
     assert str(ei.value).endswith(message)
 
 
+def test_dpo_loss_names_match_the_losses_registry():
+    from nova_engine.config import DPO_LOSS_TYPES
+    from nova_engine.losses.dpo import DPO_LOSSES
+
+    assert set(DPO_LOSS_TYPES) == set(DPO_LOSSES)
+    run = load_recipe(
+        RECIPES / "tiny_cpu.yaml",
+        "dpo",
+        ["loss.loss_type=cdpo", "loss.label_smoothing=0.1", "loss.beta=0.2"],
+    )
+    cfg = run.loss.to_loss_config()
+    assert (cfg.loss_type, cfg.beta, cfg.label_smoothing, cfg.gamma_beta_ratio) == (
+        "cdpo",
+        0.2,
+        0.1,
+        0.5,
+    )
+    with pytest.raises(
+        ConfigError, match=r"loss\.label_smoothing: cdpo needs a value in \(0, 0\.5\)"
+    ):
+        load_recipe(RECIPES / "tiny_cpu.yaml", "dpo", ["loss.loss_type=cdpo"])
+    with pytest.raises(ConfigError, match=r"loss\.label_smoothing: ipo takes none"):
+        load_recipe(
+            RECIPES / "tiny_cpu.yaml", "dpo", ["loss.loss_type=ipo", "loss.label_smoothing=0.1"]
+        )
+
+
 def test_dpo_errors_and_validate_world():
     with pytest.raises(
         ConfigError,
-        match=r"loss\.loss_type: expected one of dpo, dpo_norm, ipo, simpo, hinge, cdpo, got 'orpo'",
+        match=r"loss\.loss_type: expected one of sigmoid, dpo_norm, ipo, simpo, hinge, cdpo, got 'orpo'",
     ):
         load_recipe(RECIPES / "tiny_cpu.yaml", "dpo", ["loss.loss_type=orpo"])
     with pytest.raises(ConfigError, match=r"1000 cannot hold one dpo sample of up to 1024 tokens"):
