@@ -243,40 +243,21 @@ def _launch_scan(
 # ----------------------------------------------------------------------------- torch path
 
 
-def _chunked_reverse_scan(
-    u: torch.Tensor,  # [B, T] fp32 additive terms
-    log_count: torch.Tensor,  # [B, T] exponent counter: decay(t, s) = base ** (cnt_s - cnt_t)
-    base: float,
-    same: torch.Tensor | None,  # [B, T] segment ids: decay is 0 across different ids
-    chunk: int = 128,
-) -> torch.Tensor:
-    """x_t = sum_{s >= t} decay(t, s) u_s, vectorized over B, chunked over T (carry between)."""
-    B, T = u.shape
-    out = torch.empty_like(u)
-    carry = u.new_zeros(B)
-    carry_cnt = None
-    carry_seg = None
-    for hi in range(T, 0, -chunk):
-        lo = max(0, hi - chunk)
-        cnt = log_count[:, lo:hi]
-        ex = cnt[:, None, :] - cnt[:, :, None]  # [B, t, s] = cnt_s - cnt_t
-        tri = torch.ones(hi - lo, hi - lo, dtype=torch.bool, device=u.device).triu()
-        keep = tri.expand(B, -1, -1)
-        if same is not None:
-            seg = same[:, lo:hi]
-            keep = keep & (seg[:, None, :] == seg[:, :, None])
-        D = torch.where(keep, torch.pow(base, ex.clamp_min(0)), 0.0)
-        x = torch.einsum("bts,bs->bt", D, u[:, lo:hi])
-        if carry_cnt is not None:
-            dc = torch.pow(base, (carry_cnt[:, None] - cnt).clamp_min(0))
-            if same is not None:
-                dc = torch.where(seg == carry_seg[:, None], dc, 0.0)
-            x = x + dc * carry[:, None]
-        out[:, lo:hi] = x
-        carry = x[:, 0]
-        carry_cnt = cnt[:, 0]
-        carry_seg = same[:, lo] if same is not None else None
-    return out
+def _reverse_affine_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x_t = a_t * x_{t+1} + b_t along the last dim with x_T = 0, for [B, T] a, b.
+
+    Log-step doubling (Hillis-Steele): after the step of span k, (a_t, b_t) is the map
+    x_{t+2k} -> x_t, and b_t = x_t once t + 2k >= T (there is nothing past the end to add).
+    O(B T log T), vectorized."""
+    a, b = a.clone(), b.clone()
+    T = a.shape[-1]
+    k = 1
+    while k < T:
+        # compose with the map starting k steps later: x_t = a_t (a'_{t+k} x + b'_{t+k}) + b_t
+        b[..., : T - k] += a[..., : T - k] * b[..., k:]
+        a[..., : T - k] *= a[..., k:].clone()
+        k *= 2
+    return b
 
 
 def _gae_torch(rewards, values, mask, gamma, lam):
@@ -292,20 +273,17 @@ def _gae_torch(rewards, values, mask, gamma, lam):
     v_pad = torch.cat([v, v.new_zeros(B, 1)], 1)
     nv = v_pad.gather(1, nxt)
     mf = m.float()
-    u = mf * (r + gamma * nv - v)
-    cnt = torch.cumsum(mf, 1) - mf  # valid steps in [0, t)
-    adv = _chunked_reverse_scan(u, cnt, gamma * lam, None)
+    # A_t = (1 - m + m gamma lam) A_{t+1} + m delta_t
+    adv = _reverse_affine_scan(1.0 - mf + mf * (gamma * lam), mf * (r + gamma * nv - v))
     return adv, adv + v
 
 
 def _returns_torch(rewards, mask, gamma):
     r = rewards.float()
     mf = (mask != 0).float()
-    B, T = r.shape
-    # R_t = r_t + gamma * m_{t+1} R_{t+1}: decay gamma^(s-t) while m stays 1 on (t, s]
-    seg = torch.cumsum(1.0 - mf, 1)
-    steps = torch.arange(T, device=r.device, dtype=torch.float32).expand(B, T)
-    return _chunked_reverse_scan(r, steps, gamma, seg)
+    # R_t = r_t + gamma * m_{t+1} R_{t+1}
+    m_next = torch.cat([mf[:, 1:], torch.zeros_like(mf[:, :1])], 1)
+    return _reverse_affine_scan(gamma * m_next, r)
 
 
 def _unpack(x: torch.Tensor, cu: torch.Tensor, fill=0):

@@ -95,8 +95,8 @@ def test_gae_triton_split_rows(block_t, n_splits):
     check(ret, ref_ret, "returns")
 
 
-def test_gae_torch_long_rows_chunked():
-    """The torch path carries across its 128-step chunks."""
+def test_gae_torch_long_rows():
+    """Long rows: many doubling steps of the torch scan (T not a power of two)."""
     r, v, m = make_inputs(3, 300, seed=5, mask_dtype=torch.int64)
     adv, ret = gae(r, v, m, 0.99, 0.95, backend="torch")
     ref_adv, ref_ret = loop_gae(r, v, m, 0.99, 0.95)

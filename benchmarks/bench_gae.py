@@ -1,0 +1,127 @@
+"""GAE and REINFORCE++ returns: the loop over t (verl), the chunked PyTorch path, Triton.
+
+    python -m benchmarks.bench_gae            # GPU: B in {64, 512} x T in {1024, 8192}
+    python -m benchmarks.bench_gae --quick    # CPU: small shapes
+
+Rows (benchmarks/results/gae_<cuda|cpu>.csv): seconds (p50/p20/p80) and peak extra memory
+per impl; `speedup_vs_loop`; for every impl the achieved bandwidth GB/s over the bytes GAE
+must move (read rewards fp32, values fp32, mask bool; write advantages fp32, returns fp32 =
+17 B/token) and `frac_copy_bw`, that bandwidth over a device-to-device copy measured in the
+same run (impl=copy, bytes read + written). REINFORCE++ returns: 13 B/token.
+
+Without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set here before
+triton is imported): those rows (impl triton_interpreter, smallest shapes only) show that the
+path runs; they are not performance figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from nova_kernels.gae import (  # noqa: E402
+    discounted_returns,
+    discounted_returns_reference,
+    gae,
+    gae_reference,
+)
+
+from benchmarks._common import peak_memory, time_fn, write_rows  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+INTERPRETER_MAX_TOKENS = 2048
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, reps: int) -> float:
+    """GB/s of dst.copy_(src) counting bytes read + written."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    p50, _, _ = time_fn(lambda: dst.copy_(src), warmup=3, reps=reps)
+    return 2 * n * 4 / p50 / 1e9
+
+
+def make_inputs(B, T, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rewards = torch.randn(B, T, generator=g)
+    values = torch.randn(B, T, generator=g)
+    lens = torch.randint(T // 2, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lens[:, None]) & (torch.rand(B, T, generator=g) > 0.1)
+    return rewards.to(device), values.to(device), mask.to(device)
+
+
+def bench_shape(B, T, device, copy_gbs, reps, rows):
+    r, v, m = make_inputs(B, T, device)
+    on_gpu = device.type == "cuda"
+    triton_name = "triton" if on_gpu else "triton_interpreter"
+    run_triton = on_gpu or B * T <= INTERPRETER_MAX_TOKENS
+    shape = f"B={B},T={T}"
+    cases = {
+        "gae": (
+            17,
+            {
+                "loop": lambda: gae_reference(r, v, m, 0.99, 0.95),
+                "torch": lambda: gae(r, v, m, 0.99, 0.95, backend="torch"),
+                triton_name: lambda: gae(r, v, m, 0.99, 0.95, backend="triton"),
+            },
+        ),
+        "reinforce_pp_returns": (
+            13,
+            {
+                "loop": lambda: discounted_returns_reference(r, m, 0.99),
+                "torch": lambda: discounted_returns(r, m, 0.99, backend="torch"),
+                triton_name: lambda: discounted_returns(r, m, 0.99, backend="triton"),
+            },
+        ),
+    }
+    for op, (bytes_per_token, impls) in cases.items():
+        times = {}
+        for impl, fn in impls.items():
+            if impl == triton_name and not run_triton:
+                continue
+            slow = impl == "loop" or impl == "triton_interpreter"
+            t = time_fn(fn, warmup=1 if slow else 3, reps=max(3, reps // 4) if slow else reps)
+            times[impl] = t
+            mem = peak_memory(fn)
+            base = dict(op=op, impl=impl, shape=shape, mode="fwd")
+            rows.append({**base, "metric": "seconds", "p50": t[0], "p20": t[1], "p80": t[2]})
+            rows.append({**base, "metric": "peak_mem_bytes", "p50": mem})
+            gbs = [bytes_per_token * B * T / x / 1e9 for x in t]  # p50, p20 (fast), p80
+            rows.append({**base, "metric": "GB/s", "p50": gbs[0], "p20": gbs[2], "p80": gbs[1]})
+            rows.append({**base, "metric": "frac_copy_bw", "p50": gbs[0] / copy_gbs})
+        for impl, t in times.items():
+            if impl != "loop":
+                row = dict(op=op, impl=impl, shape=shape, mode="fwd", metric="speedup_vs_loop")
+                rows.append({**row, "p50": times["loop"][0] / t[0]})
+        summary = ", ".join(f"{k} {v[0] * 1e3:.3f} ms" for k, v in times.items())
+        print(f"{op:22s} {shape:16s} {summary}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes (CPU)")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if args.quick or not on_gpu:
+        shapes = [(8, 128), (8, 1024), (64, 1024)]
+    else:
+        shapes = [(B, T) for B in (64, 512) for T in (1024, 8192)]
+    copy_gbs = copy_bandwidth(device, (1 << 30) if on_gpu else (1 << 26), args.reps)
+    rows = [dict(op="copy", impl="copy", shape="bytes_rw", mode="fwd", metric="GB/s", p50=copy_gbs)]
+    print(f"copy bandwidth {copy_gbs:.1f} GB/s on {device}")
+    for B, T in shapes:
+        bench_shape(B, T, device, copy_gbs, args.reps, rows)
+    path = os.path.join(RESULTS, f"gae_{'cuda' if on_gpu else 'cpu'}.csv")
+    write_rows(path, rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

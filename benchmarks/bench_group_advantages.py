@@ -1,0 +1,85 @@
+"""Group advantages (GRPO, RLOO): verl's loop over a dict of groups, the vectorized PyTorch
+path (index_add / scatter_reduce), Triton (argsort once, one program per group).
+
+    python -m benchmarks.bench_group_advantages            # GPU: S in {64, 512, 8192} samples
+    python -m benchmarks.bench_group_advantages --quick    # CPU: small shapes
+
+Groups of n = 8 samples per prompt, ids shuffled (the general, non-contiguous layout).
+Rows (benchmarks/results/group_advantages_<cuda|cpu>.csv): seconds, peak extra memory,
+speedup_vs_loop. Without CUDA the Triton rows (impl triton_interpreter) only show that the
+path runs under the interpreter; they are not performance figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from nova_kernels.group_advantages import (  # noqa: E402
+    group_advantages,
+    group_advantages_reference,
+)
+
+from benchmarks._common import peak_memory, time_fn, write_rows  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+GROUP = 8
+
+
+def bench_one(S, est, device, reps, rows):
+    """Times the loop, torch and Triton impls of `est` on S shuffled samples."""
+    on_gpu = device.type == "cuda"
+    triton_name = "triton" if on_gpu else "triton_interpreter"
+    g = torch.Generator().manual_seed(S)
+    ids = torch.arange(S // GROUP).repeat_interleave(GROUP)[torch.randperm(S, generator=g)]
+    scores = (torch.randint(0, 2, (S,), generator=g).float() * 10).to(device)
+    ids = ids.to(device)
+    G = S // GROUP
+    impls = {
+        "loop": lambda: group_advantages_reference(scores, ids, est),
+        "torch": lambda: group_advantages(
+            scores, ids, estimator=est, num_groups=G, backend="torch"
+        ),
+        triton_name: lambda: group_advantages(
+            scores, ids, estimator=est, num_groups=G, backend="triton"
+        ),
+    }
+    times = {}
+    shape = f"S={S},n={GROUP}"
+    for impl, fn in impls.items():
+        slow = impl in ("loop", "triton_interpreter")
+        t = time_fn(fn, warmup=1 if slow else 3, reps=max(3, reps // 4) if slow else reps)
+        times[impl] = t
+        base = dict(op=f"group_advantages_{est}", impl=impl, shape=shape, mode="fwd")
+        rows.append({**base, "metric": "seconds", "p50": t[0], "p20": t[1], "p80": t[2]})
+        rows.append({**base, "metric": "peak_mem_bytes", "p50": peak_memory(fn)})
+        if impl != "loop":
+            rows.append({**base, "metric": "speedup_vs_loop", "p50": times["loop"][0] / t[0]})
+    summary = ", ".join(f"{k} {v[0] * 1e3:.3f} ms" for k, v in times.items())
+    print(f"{est:5s} {shape:12s} {summary}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes (CPU)")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    sizes = [64, 512] if (args.quick or not on_gpu) else [64, 512, 8192]
+    rows = []
+    for S in sizes:
+        for est in ("grpo", "rloo"):
+            bench_one(S, est, device, args.reps, rows)
+    path = os.path.join(RESULTS, f"group_advantages_{'cuda' if on_gpu else 'cpu'}.csv")
+    write_rows(path, rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

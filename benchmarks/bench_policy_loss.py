@@ -1,0 +1,104 @@
+"""Policy loss (PPO clip + dual clip + truncated IS + k3 KL term, token-mean), forward and
+forward+backward: the vectorized PyTorch path (verl's formulas under autograd) vs the fused
+Triton kernels (per-row partial sums forward, elementwise recomputing backward).
+
+    python -m benchmarks.bench_policy_loss            # GPU: B in {64, 512} x T in {1024, 8192}
+    python -m benchmarks.bench_policy_loss --quick    # CPU: small shapes
+
+There is no Python-loop baseline here: the engines compute this loss with vectorized
+PyTorch already (that is the `torch` impl). Rows (benchmarks/results/policy_loss_<cuda|cpu>.csv):
+seconds, peak extra memory and speedup_vs_torch per mode. Without CUDA the Triton rows
+(triton_interpreter, smallest shape only) only show the path runs; they are not performance
+figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from nova_kernels.policy_loss import policy_loss  # noqa: E402
+
+from benchmarks._common import peak_memory, time_fn, write_rows  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+INTERPRETER_MAX_TOKENS = 2048
+CFG = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, tis_cap=2.0, kl_coef=0.05, kl_type="k3")
+
+
+def make_inputs(B, T, device):
+    g = torch.Generator().manual_seed(B * T)
+    old = -torch.rand(B, T, generator=g) * 3
+    lp = old + 0.3 * torch.randn(B, T, generator=g)
+    adv = torch.randn(B, T, generator=g)
+    rl = old + 0.2 * torch.randn(B, T, generator=g)
+    ref = lp + 0.5 * torch.randn(B, T, generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    return [t.to(device) for t in (lp, old, adv, mask, rl, ref)]
+
+
+def bench_one(B, T, device, reps, rows):
+    on_gpu = device.type == "cuda"
+    triton_name = "triton" if on_gpu else "triton_interpreter"
+    lp, old, adv, mask, rl, ref = make_inputs(B, T, device)
+    x = lp.clone().requires_grad_(True)
+    shape = f"B={B},T={T}"
+
+    def loss(backend):
+        kw = dict(rollout_logprobs=rl, ref_logprobs=ref, backend=backend, **CFG)
+        return policy_loss(x, old, adv, mask, **kw)[0]
+
+    def fwd(backend):
+        with torch.no_grad():
+            return loss(backend)
+
+    def fwd_bwd(backend):
+        x.grad = None
+        loss(backend).backward()
+
+    for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+        times = {}
+        for impl, backend in (("torch", "torch"), (triton_name, "triton")):
+            if impl == "triton_interpreter" and B * T > INTERPRETER_MAX_TOKENS:
+                continue
+            slow = impl == "triton_interpreter"
+            call = functools.partial(fn, backend)
+            t = time_fn(call, warmup=1 if slow else 3, reps=3 if slow else reps)
+            times[impl] = t
+            base = dict(op="policy_loss", impl=impl, shape=shape, mode=mode)
+            rows.append({**base, "metric": "seconds", "p50": t[0], "p20": t[1], "p80": t[2]})
+            rows.append({**base, "metric": "peak_mem_bytes", "p50": peak_memory(call)})
+            if impl != "torch":
+                speedup = times["torch"][0] / t[0]
+                rows.append({**base, "metric": "speedup_vs_torch", "p50": speedup})
+        summary = ", ".join(f"{k} {v[0] * 1e3:.3f} ms" for k, v in times.items())
+        print(f"{mode:8s} {shape:14s} {summary}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes (CPU)")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    if args.quick or not on_gpu:
+        shapes = [(8, 128), (64, 1024)]
+    else:
+        shapes = [(B, T) for B in (64, 512) for T in (1024, 8192)]
+    rows = []
+    for B, T in shapes:
+        bench_one(B, T, device, args.reps, rows)
+    path = os.path.join(RESULTS, f"policy_loss_{'cuda' if on_gpu else 'cpu'}.csv")
+    write_rows(path, rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
