@@ -9,9 +9,12 @@ per file (several checks inside `fn`) to keep CI fast on 2 cores.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import pickle
 import socket
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -28,7 +31,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, args: tuple):
+def _resolve(ref: tuple[str, str | None, str]) -> Callable:
+    """The function named by (module, file, qualname). Test modules imported by pytest in
+    importlib mode are not importable by name in a child: load those from their file."""
+    modname, path, qualname = ref
+    try:
+        mod = importlib.import_module(modname)
+    except ImportError:
+        if path is None:
+            raise
+        spec = importlib.util.spec_from_file_location(modname, path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[modname] = mod
+        spec.loader.exec_module(mod)
+    obj: object = mod
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[return-value]
+
+
+def _worker(rank: int, world_size: int, port: int, outdir: str, ref: tuple, args: tuple):
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -39,6 +62,7 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
     torch.set_num_threads(1)
     result: dict[str, Any]
     try:
+        fn = _resolve(ref)
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = {"ok": True, "value": fn(rank, world_size, *args)}
     except BaseException:  # noqa: BLE001 - forwarded to the parent
@@ -55,11 +79,13 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
 
 def run_distributed(fn: Callable, world_size: int, *args: Any) -> list[Any]:
     """Call `fn(rank, world_size, *args)` on `world_size` gloo ranks; return their results."""
+    module = sys.modules.get(fn.__module__)
+    ref = (fn.__module__, getattr(module, "__file__", None), fn.__qualname__)
     with tempfile.TemporaryDirectory() as outdir:
         port = free_port()
         mp.start_processes(
             _worker,
-            args=(world_size, port, outdir, fn, args),
+            args=(world_size, port, outdir, ref, args),
             nprocs=world_size,
             join=True,
             start_method="spawn",

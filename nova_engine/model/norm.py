@@ -1,0 +1,23 @@
+"""RMSNorm for the local layer spec, numerically identical to Hugging Face's LlamaRMSNorm /
+Qwen2RMSNorm (normalize in fp32, cast back, then scale), and usable with sequence
+parallelism (torch's RMSNorm wrapper in megatron refuses SP): its weight is marked
+`sequence_parallel` so megatron's finalize_model_grads all-reduces its gradient over TP."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class NovaRMSNorm(torch.nn.Module):
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_: object):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)

@@ -1,0 +1,105 @@
+"""Forward/backward over pipeline stages with megatron-core's schedules.
+
+`forward_backward(chunks, ps, microbatches, step_fn, ...)` runs megatron's no-pipelining,
+1F1B or interleaved 1F1B schedule (picked from the layout) over a list of micro-batches.
+`step_fn(model_chunk, microbatch)` runs one chunk and returns `(output, loss_fn)`;
+`loss_fn(output)` (called on the last stage only) returns `(loss, num_tokens, metrics)`.
+
+Loss normalization is the engine's, not megatron's: each stage loss arrives already
+divided by the *global* number of loss tokens of the step (across micro-batches and DP
+ranks), so the schedule runs with `calculate_per_token_loss=True` (no division by the
+number of micro-batches, DP gradients summed, not averaged) and grads are finalized
+without megatron's per-token rescale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
+
+from nova_engine.parallel.state import ParallelState
+
+StepFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, Callable]]
+
+
+def _finalize_grads(model, num_tokens=None, **kwargs):
+    # our losses are pre-normalized by the global token count: never rescale by num_tokens
+    return finalize_model_grads(model, num_tokens=None, **kwargs)
+
+
+def configure_for_engine(chunks: Sequence[torch.nn.Module]) -> None:
+    """Set the megatron config switches the engine's loss convention relies on."""
+    for chunk in chunks:
+        config = get_model_config(chunk)
+        config.calculate_per_token_loss = True
+        config.finalize_model_grads_func = _finalize_grads
+
+
+def wrap_ddp(
+    chunks: Sequence[torch.nn.Module],
+    ps: ParallelState,
+    use_distributed_optimizer: bool = False,
+    overlap_grad_reduce: bool = False,
+) -> list[DistributedDataParallel]:
+    """megatron DDP around each chunk: fp32 grad buffers (param.main_grad), DP sum-reduce."""
+    configure_for_engine(chunks)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer,
+        average_in_collective=False,
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        wrapped.append(
+            DistributedDataParallel(
+                config=get_model_config(chunk),
+                ddp_config=ddp_config,
+                module=chunk,
+                # only the first chunk gets the default bucket layout (megatron's convention)
+                disable_bucketing=i > 0,
+            )
+        )
+    return wrapped
+
+
+def forward_backward(
+    chunks: Sequence[torch.nn.Module],
+    ps: ParallelState,
+    microbatches: Sequence[Any],
+    step_fn: StepFn,
+    *,
+    seq_length: int,
+    micro_batch_size: int = 1,
+    forward_only: bool = False,
+) -> list[dict]:
+    """Run all micro-batches through the pipeline; returns the last stage's metrics dicts
+    (one per micro-batch, empty list on other stages). `seq_length` is the (padded) token
+    count of every micro-batch — equal for all, so stages need no shape exchange."""
+    configure_for_engine(chunks)
+    fb = get_forward_backward_func()
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        return step_fn(model, batch)
+
+    n = len(chunks)
+    iters = [iter(microbatches) for _ in range(n)] if n > 1 else iter(microbatches)
+    return fb(
+        forward_step_func=forward_step,
+        data_iterator=iters,
+        model=list(chunks) if n > 1 else chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )

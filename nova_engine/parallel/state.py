@@ -1,0 +1,170 @@
+"""The engine's parallel layout, as one explicit object.
+
+This module (with `cpu_support`) is the only code in Nova Engine that touches
+`megatron.core.parallel_state`. `initialize_parallel()` validates the layout against the
+world size *before* any collective runs, sets up megatron's groups (TP, PP, virtual PP, DP;
+SP is a flag on TP), seeds megatron's model-parallel RNG tracker, and returns a
+`ParallelState` that the rest of the engine receives as an argument.
+
+Rank order is megatron's default "tp-cp-ep-dp-pp": TP ranks are adjacent, PP outermost.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nova_engine.logging import get_logger
+from nova_engine.parallel import cpu_support
+
+log = get_logger(__name__)
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work (raised before any collective)."""
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    """Sizes, this rank's coordinates and process groups of the layout.
+
+    tp/pp/dp: tensor-, pipeline- and data-parallel sizes (world = tp*pp*dp).
+    vpp: virtual pipeline stages (model chunks) per PP rank, None = not interleaved.
+    sp: sequence parallelism (activations outside TP regions split along the sequence).
+    """
+
+    tp: int
+    pp: int
+    dp: int
+    vpp: int | None
+    sp: bool
+    rank: int
+    world_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    tp_group: dist.ProcessGroup
+    pp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    mp_group: dist.ProcessGroup
+    embd_group: dist.ProcessGroup | None
+    device: torch.device
+    on_gloo: bool
+
+    @property
+    def num_chunks(self) -> int:
+        """Model chunks held by this rank (virtual stages)."""
+        return self.vpp or 1
+
+    def is_first_stage(self, vp_stage: int | None = None) -> bool:
+        return self.pp_rank == 0 and (vp_stage is None or vp_stage == 0)
+
+    def is_last_stage(self, vp_stage: int | None = None) -> bool:
+        last_chunk = vp_stage is None or vp_stage == self.num_chunks - 1
+        return self.pp_rank == self.pp - 1 and last_chunk
+
+    def pg_collection(self):
+        """megatron's ProcessGroupCollection for this layout (passed to GPTModel)."""
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        return ProcessGroupCollection.use_mpu_process_groups()
+
+    def describe(self) -> str:
+        v = f" VP{self.vpp}" if self.vpp else ""
+        s = " SP" if self.sp else ""
+        return f"TP{self.tp} PP{self.pp}{v} DP{self.dp}{s} (world {self.world_size})"
+
+
+def validate_layout(world_size: int, tp: int, pp: int, vpp: int | None = None) -> int:
+    """Check that world_size = tp * pp * dp for an integer dp >= 1; return dp."""
+    for key, v in (("tp", tp), ("pp", pp)):
+        if not isinstance(v, int) or v < 1:
+            raise LayoutError(f"parallel.{key}={v!r}: expected an integer >= 1")
+    if vpp is not None and (not isinstance(vpp, int) or vpp < 1):
+        raise LayoutError(f"parallel.vpp={vpp!r}: expected None or an integer >= 1")
+    if vpp is not None and vpp > 1 and pp < 2:
+        raise LayoutError(f"parallel.vpp={vpp} needs pipeline parallelism (pp >= 2), got pp={pp}")
+    if world_size % (tp * pp) != 0:
+        raise LayoutError(
+            f"world size {world_size} is not divisible by tp*pp = {tp}*{pp} = {tp * pp}; "
+            "expected world_size = tp * pp * dp"
+        )
+    return world_size // (tp * pp)
+
+
+def initialize_parallel(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    sp: bool = False,
+    seed: int = 1234,
+) -> ParallelState:
+    """Set up megatron's groups for a TP×PP(×VP)×DP layout on the running process group.
+
+    Initializes torch.distributed from the torchrun environment when it is not yet
+    initialized (nccl with CUDA, gloo otherwise). Applies the CPU support patches when CUDA
+    is absent.
+    """
+    from megatron.core import parallel_state as mpu
+    from megatron.core import tensor_parallel
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+    world_size = dist.get_world_size()
+    if vpp == 1:
+        vpp = None
+    dp = validate_layout(world_size, tp, pp, vpp)
+    if sp and tp == 1:
+        log.warning("sequence parallelism requested with tp=1: it has no effect, turning it off")
+        sp = False
+
+    on_gloo = dist.get_backend() == "gloo"
+    cpu_support.apply_cpu_support()
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        create_gloo_process_groups=not on_gloo,  # the default groups already are gloo
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if not on_gloo else torch.device("cpu")
+    )
+    state = ParallelState(
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        vpp=vpp,
+        sp=sp,
+        rank=dist.get_rank(),
+        world_size=world_size,
+        tp_rank=mpu.get_tensor_model_parallel_rank(),
+        pp_rank=mpu.get_pipeline_model_parallel_rank(),
+        dp_rank=mpu.get_data_parallel_rank(),
+        tp_group=mpu.get_tensor_model_parallel_group(),
+        pp_group=mpu.get_pipeline_model_parallel_group(),
+        dp_group=mpu.get_data_parallel_group(),
+        mp_group=mpu.get_model_parallel_group(),
+        embd_group=mpu.get_embedding_group(check_initialized=False),
+        device=device,
+        on_gloo=on_gloo,
+    )
+    log.info("parallel layout: %s", state.describe())
+    return state
+
+
+def destroy_parallel() -> None:
+    """Tear down megatron's groups (the default process group stays)."""
+    from megatron.core import parallel_state as mpu
+
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
