@@ -55,18 +55,21 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 @dataclass
 class TinyModelConfig:
-    """Dimensions of a randomly initialized Llama-architecture model built locally (the CPU
-    demo); names follow HF config.json."""
+    """A randomly initialized model built locally (the CPU demo); field names are HF
+    config.json keys (`hf_config_kwargs()` passes them on, e.g. to
+    nova_engine.model.tiny.build_tiny_hf_model)."""
 
+    family: Literal["llama", "qwen2"] = "llama"
+    """Architecture family."""
     hidden_size: int = 64
     """Model width."""
     intermediate_size: int = 172
     """SwiGLU inner width."""
-    num_layers: int = 2
+    num_hidden_layers: int = 2
     """Decoder layers."""
-    num_heads: int = 4
+    num_attention_heads: int = 4
     """Attention heads."""
-    num_kv_heads: int = 2
+    num_key_value_heads: int = 2
     """Key/value heads (grouped-query attention)."""
     max_position_embeddings: int = 512
     """Longest position the RoPE tables cover."""
@@ -78,10 +81,21 @@ class TinyModelConfig:
     """Seed of the random initialization."""
 
     def __post_init__(self) -> None:
-        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        dims = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        for k in (*dims, "num_key_value_heads"):
             _check(getattr(self, k) >= 1, k, f"expected >= 1, got {getattr(self, k)}")
-        _check(self.hidden_size % self.num_heads == 0, "hidden_size", "must divide by num_heads")
-        _check(self.num_heads % self.num_kv_heads == 0, "num_heads", "must divide by num_kv_heads")
+        h, nh, nkv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        _check(h % nh == 0, "hidden_size", f"{h} does not divide by num_attention_heads={nh}")
+        _check(
+            nh % nkv == 0,
+            "num_attention_heads",
+            f"{nh} does not divide by num_key_value_heads={nkv}",
+        )
+
+    def hf_config_kwargs(self) -> dict[str, Any]:
+        """The HF config.json fields (everything but family and init_seed)."""
+        d = dataclasses.asdict(self)
+        return {k: v for k, v in d.items() if k not in ("family", "init_seed")}
 
 
 @dataclass
@@ -126,23 +140,17 @@ class ParallelConfig:
         return self.tp * self.pp
 
     def validate_world(self, world_size: int) -> int:
-        """Data-parallel size for `world_size` ranks; raises ConfigError if tp*pp does not
-        divide it."""
-        mp = self.model_parallel_size
-        if world_size < 1 or world_size % mp:
-            raise ConfigError(
-                "parallel",
-                f"world size {world_size} is not a multiple of tp*pp = {self.tp}*{self.pp} = {mp}",
-            )
+        """Data-parallel size for `world_size` ranks (ConfigError unless tp*pp divides it)."""
+        mp, tp, pp = self.model_parallel_size, self.tp, self.pp
+        msg = f"world size {world_size} is not a multiple of tp*pp = {tp}*{pp} = {mp}"
+        _check(world_size >= 1 and world_size % mp == 0, "parallel", msg)
         return world_size // mp
 
     def validate_layers(self, num_layers: int) -> None:
         """The model's layers must split evenly over pp*vpp chunks."""
         chunks = self.pp * self.vpp
-        if num_layers % chunks:
-            raise ConfigError(
-                "parallel", f"{num_layers} layers do not split over pp*vpp = {chunks} chunks"
-            )
+        msg = f"{num_layers} layers do not split over pp*vpp = {chunks} chunks"
+        _check(num_layers % chunks == 0, "parallel", msg)
 
 
 @dataclass
@@ -391,15 +399,10 @@ class DPORunConfig(RunConfig):
     def ref_config(self) -> dict[str, Any]:
         """The settings that change reference log-probs (beyond model and data content):
         tokenization and numeric precision. Hash it into the reference-cache key."""
-        d = self.data
-        return {
-            "tokenizer_dir": os.path.abspath(self.model.tokenizer_dir),
-            "max_length": d.max_length,
-            "truncation": d.truncation,
-            "on_bad_line": d.on_bad_line,
-            "margin_key": d.margin_key,
-            "precision": self.train.precision,
-        }
+        keys = ("max_length", "truncation", "on_bad_line", "margin_key")
+        out = {k: getattr(self.data, k) for k in keys}
+        out["tokenizer_dir"] = os.path.abspath(self.model.tokenizer_dir)
+        return out | {"precision": self.train.precision}
 
 
 STAGES: dict[str, type[RunConfig]] = {"sft": SFTRunConfig, "dpo": DPORunConfig}

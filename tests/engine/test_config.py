@@ -90,6 +90,8 @@ def test_overrides_are_typed():
     # the stage section wins over the shared one, overrides win over both
     assert run.model.tokenizer_path == "demo_out/tokenizer" and run.model.build.hidden_size == 128
     assert load_recipe(RECIPES / "tiny_cpu.yaml", "dpo").model.build is None
+    kw = run.model.build.hf_config_kwargs()
+    assert kw["num_hidden_layers"] == 4 and "init_seed" not in kw and "family" not in kw
 
 
 @pytest.mark.parametrize(
@@ -111,7 +113,7 @@ def test_overrides_are_typed():
         ("optim.min_lr=1", "optim.min_lr: expected 0 <= min_lr <= lr=0.002"),
         ("data.format=pairs", 'data.format: the sft stage reads "chat" data, got "pairs"'),
         ("data.max_length=4096", "train.micro_batch_tokens: 2048 cannot hold one sft sample of up to 4096 tokens (data.max_length=4096)"),
-        ("model.build.num_heads=3", "model.build.hidden_size: must divide by num_heads"),
+        ("model.build.num_attention_heads=3", "model.build.hidden_size: 128 does not divide by num_attention_heads=3"),
         ("noequals", 'noequals: expected an override of the form "a.b.c=value"'),
     ],
 )  # fmt: skip
