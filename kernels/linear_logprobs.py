@@ -30,7 +30,8 @@ derivative). So the "triton" backend = Triton forward-statistics kernel + Triton
 cuBLAS gradient GEMMs; the "torch" backend does the same loop with torch ops (production on CPU).
 
 Memory: O(N*H + Vp*H) (the fp32 grad_hidden accumulator is N*H*4 bytes) plus the workspace
-(_WORKSPACE_ELEMS elements of dz, and for the torch path a few fp32 chunks of the same size).
+(_WORKSPACE_ELEMS elements of dz, and for the torch path a few fp32 chunks of the same size;
+_CPU_WORKSPACE_ELEMS on CPU).
 
 Performance note (the H100 bar "fwd+bwd <= 1.15 x three N*H*V GEMMs"). Per-token log-probs
 with an arbitrary upstream gradient cost 4 GEMMs here: the forward must finish the logsumexp
@@ -61,6 +62,7 @@ from ._backend import interpreting, resolve_backend
 
 _NEG = -1.0e30  # finite "-inf" for running maxima: keeps (-inf) * 0 NaNs out of the rescaling
 _WORKSPACE_ELEMS = 1 << 26  # bound on one chunk of logits / dlogits (elements), 128 MiB in bf16
+_CPU_WORKSPACE_ELEMS = 1 << 22  # on CPU (16 MiB fp32 chunks are plenty for a CPU GEMM)
 _MIN_VCHUNK = 1024  # narrowest vocab chunk before rows are chunked too (GEMM efficiency)
 _POISON = False  # tests: fill workspaces with NaN before launches so unwritten elements show
 
@@ -237,7 +239,7 @@ def _kernel(name: str):
     """The jitted kernel (interpreter: fixed meta-params) or its autotuned GPU wrapper."""
     base = {"fwd": _fwd_stats_kernel, "bwd": _bwd_dlogits_kernel}[name]
     if interpreting():
-        return base, {"BLOCK_N": 16, "BLOCK_V": 32, "BLOCK_K": 32}
+        return base, {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_K": 32}
     if name not in _TUNED:
         key = ["H", "Vp"] if name == "fwd" else ["H", "n_cols"]
         _TUNED[name] = triton.autotune(_gpu_configs(), key=key)(base)
@@ -260,7 +262,7 @@ def _triton_stats(h_NH, w_VpH, tgt_N, with_entropy):
     Vp = w_VpH.shape[0]
     kernel, meta = _kernel("fwd")
     if interpreting() or not h_NH.is_cuda:
-        n_splits = min(2, triton.cdiv(Vp, 32))
+        n_splits = min(2, triton.cdiv(Vp, 64))
     else:  # enough programs to fill the GPU when N is small
         sms = torch.cuda.get_device_properties(h_NH.device).multi_processor_count
         n_splits = max(1, min(triton.cdiv(Vp, 1024), triton.cdiv(2 * sms, triton.cdiv(N, 128))))
@@ -300,12 +302,18 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _chunks(n: int, vp: int) -> tuple[int, int]:
-    """(Nc, Vc) with Nc * Vc <= _WORKSPACE_ELEMS (or one minimal chunk when that is smaller)."""
-    if n * vp <= _WORKSPACE_ELEMS:
+def _budget(device: torch.device) -> int:
+    return (
+        _WORKSPACE_ELEMS if device.type == "cuda" else min(_WORKSPACE_ELEMS, _CPU_WORKSPACE_ELEMS)
+    )
+
+
+def _chunks(n: int, vp: int, budget: int) -> tuple[int, int]:
+    """(Nc, Vc) with Nc * Vc <= budget (or one minimal chunk when that is smaller)."""
+    if n * vp <= budget:
         return max(n, 1), max(vp, 1)
-    vc = min(vp, max(_MIN_VCHUNK, _WORKSPACE_ELEMS // max(n, 1)))
-    return max(1, min(n, _WORKSPACE_ELEMS // vc)), vc
+    vc = min(vp, max(_MIN_VCHUNK, budget // max(n, 1)))
+    return max(1, min(n, budget // vc)), vc
 
 
 def _merge(m_SN, s_SN, a_SN, t_SN):
@@ -322,7 +330,7 @@ def _merge(m_SN, s_SN, a_SN, t_SN):
 def _torch_stats(h_NH, w_VpH, tgt_N, with_entropy):
     """Chunked PyTorch statistics over this shard (online logsumexp). -> 4 x [N] fp32"""
     N, Vp = h_NH.shape[0], w_VpH.shape[0]
-    nc, vc = _chunks(N, Vp)
+    nc, vc = _chunks(N, Vp, _budget(h_NH.device))
     cdt, acc = _compute_dtype(h_NH), _acc_dtype(h_NH)
     m = torch.full((N,), _NEG, device=h_NH.device, dtype=acc)
     s, a, t = (torch.zeros(N, device=h_NH.device, dtype=acc) for _ in range(3))
@@ -369,7 +377,7 @@ def _grads(h_NH, w_VpH, tgt_N, lse_N, mu_N, glp_N, gent_N, with_entropy, backend
     """grad_hidden [N, H] fp32 (or None), grad_W [Vp, H] in W's dtype (or None)."""
     N, H = h_NH.shape
     Vp = w_VpH.shape[0]
-    nc, vc = _chunks(N, Vp)
+    nc, vc = _chunks(N, Vp, _budget(h_NH.device))
     cdt, acc = _compute_dtype(h_NH), _acc_dtype(h_NH)
     dev = h_NH.device
     grad_h = torch.zeros(N, H, device=dev, dtype=acc) if need_h else None
@@ -590,7 +598,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if token_weights is not None:
             wts = token_weights.to(acc)
         wts = torch.where(targets != ignore_index, wts, 0.0)
-        nc = max(1, min(N, _WORKSPACE_ELEMS // max(vp, 1)))
+        nc = max(1, min(N, _budget(h_NH.device) // max(vp, 1)))
         grad_h = torch.empty(N, H, device=h_NH.device, dtype=hidden.dtype) if need_h else None
         # grad_W accumulates over row chunks: in fp32 on CPU, in W's dtype on GPU (cuBLAS
         # accumulates each chunk's product in fp32 and rounds once per chunk)
@@ -647,7 +655,7 @@ def linear_cross_entropy(
     targets [N] global ids, ignore_index rows contribute 0). token_weights [N] (default 1) are
     constants (no gradient), e.g. loss_mask / global_token_count for SFT. Returns a 0-dim fp32
     loss (replicated over the TP group). Torch ops + cuBLAS on every device; memory: one
-    [Nc, Vp] fp32 logits chunk (Nc = _WORKSPACE_ELEMS // Vp) plus the grads held from forward.
+    [Nc, Vp] fp32 logits chunk (Nc = workspace // Vp) plus the grads held from forward.
     """
     tp, _ = _tp_info(tp_group)
     _check(hidden, weight, targets, sequence_parallel and tp > 1, tp)
