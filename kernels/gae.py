@@ -193,6 +193,8 @@ def _pick_splits(rows: int, n_chunks: int, device: torch.device) -> int:
     if interpreting() or device.type != "cuda" or n_chunks <= 1:
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if rows >= 2 * sms:  # enough rows: one pass over the inputs
+        return 1
     want = -(-4 * sms // max(rows, 1))
     return max(1, min(n_chunks, want))
 

@@ -217,9 +217,16 @@ def _kl_bwd_kernel(
 # ----------------------------------------------------------------------------- launch
 
 
-def _block_t(max_len: int) -> int:
-    cap = 64 if interpreting() else 1024
-    return min(cap, max(16, triton.next_power_of_2(max(max_len, 1))))
+def _block_t(max_len: int, rows: int, device: torch.device) -> int:
+    """Tokens per program: 1024 on GPU unless that leaves too few programs to fill it."""
+    fit = max(16, triton.next_power_of_2(max(max_len, 1)))
+    if interpreting() or device.type != "cuda":
+        return min(64, fit)
+    want = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    block = 1024
+    while block > 128 and rows * triton.cdiv(max_len, block) < want:
+        block //= 2
+    return min(block, fit)
 
 
 def _flat(x):
@@ -255,7 +262,7 @@ class _PolicyLossFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logprobs, old, adv, mask, rollout, ref, cu, cfg):
         rows, T, max_len = cfg["rows"], cfg["T"], cfg["max_len"]
-        block = _block_t(max_len)
+        block = _block_t(max_len, rows, logprobs.device)
         nc = max(1, triton.cdiv(max_len, block))
         ptrs, scalars, meta = _launch_args(cfg, (logprobs, old, adv, mask, rollout, ref, cu))
         part = _empty((_N_PARTS, rows, nc), dtype=torch.float32, device=logprobs.device)
