@@ -14,12 +14,13 @@ a time and checks that the thing it makes work then fails.
 | cuda_literals      | `device="cuda"` literals in the pipeline schedules (`total_num_tokens`)  |
 |                    | and the optimizer (grad-norm, found-inf, zero-count tensors)            |
 | float_tensor_type  | the optimizer's `param.type() == 'torch.cuda.FloatTensor'` checks         |
-| synchronize        | `torch.cuda.synchronize()` after p2p shape exchange / batched p2p       |
 | tensor_cuda        | `tensor.cuda()` moves (tied-embedding sync across PP stages, optimizer  |
 |                    | state loading): on CPU the tensor stays where it is                     |
 
-Not a patch but a setting, made by `nova_engine.parallel.state`: on gloo, pipeline p2p runs
-with `batch_p2p_comm=False` (with the default, PP=2 VP=2 gives silently wrong gradients).
+Not patches but settings, made by `nova_engine.model.build.transformer_config`: on gloo,
+pipeline p2p runs with `batch_p2p_comm=False` (with the default, PP=2 VP=2 gives silently
+wrong gradients), and micro-batches have a fixed length (`variable_seq_lengths=False`), so
+the p2p paths that call `torch.cuda.synchronize()` are never taken.
 """
 
 from __future__ import annotations
@@ -161,13 +162,6 @@ def _patch_float_tensor_type() -> list[tuple[object, str, object]]:
     return [_set(torch.Tensor, "type", type_)]
 
 
-# ------------------------------------------------------------------------------- synchronize
-
-
-def _patch_synchronize() -> list[tuple[object, str, object]]:
-    return [_set(torch.cuda, "synchronize", lambda device=None: None)]
-
-
 # ------------------------------------------------------------------------------- tensor_cuda
 
 
@@ -182,7 +176,6 @@ PATCHES: dict[str, _Patch] = {
         _Patch("rng", _patch_rng),
         _Patch("cuda_literals", _patch_cuda_literals),
         _Patch("float_tensor_type", _patch_float_tensor_type),
-        _Patch("synchronize", _patch_synchronize),
         _Patch("tensor_cuda", _patch_tensor_cuda),
     )
 }
