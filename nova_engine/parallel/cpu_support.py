@@ -16,6 +16,8 @@ a time and checks that the thing it makes work then fails.
 | float_tensor_type  | the optimizer's `param.type() == 'torch.cuda.FloatTensor'` checks         |
 | tensor_cuda        | `tensor.cuda()` moves (tied-embedding sync across PP stages, optimizer  |
 |                    | state loading): on CPU the tensor stays where it is                     |
+| multi_tensor_l2norm| the local (no apex/TE) multi-tensor L2 norm in megatron.core.utils,     |
+|                    | used for the optimizer's grad norm, allocates its result on "cuda"      |
 
 Not patches but settings, made by `nova_engine.model.build.transformer_config`: on gloo,
 pipeline p2p runs with `batch_p2p_comm=False` (with the default, PP=2 VP=2 gives silently
@@ -169,6 +171,16 @@ def _patch_tensor_cuda() -> list[tuple[object, str, object]]:
     return [_set(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)]
 
 
+# ----------------------------------------------------------------------- multi_tensor_l2norm
+
+
+def _patch_multi_tensor_l2norm() -> list[tuple[object, str, object]]:
+    """`megatron.core.utils.local_multi_tensor_l2_norm` (the fallback without apex/TE that
+    the optimizer's grad norm goes through) builds its result with `device="cuda"`."""
+    utils = importlib.import_module("megatron.core.utils")
+    return [_set(utils, "torch", _TorchOnCpu())]
+
+
 PATCHES: dict[str, _Patch] = {
     p.name: p
     for p in (
@@ -177,6 +189,7 @@ PATCHES: dict[str, _Patch] = {
         _Patch("cuda_literals", _patch_cuda_literals),
         _Patch("float_tensor_type", _patch_float_tensor_type),
         _Patch("tensor_cuda", _patch_tensor_cuda),
+        _Patch("multi_tensor_l2norm", _patch_multi_tensor_l2norm),
     )
 }
 

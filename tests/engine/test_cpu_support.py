@@ -57,6 +57,11 @@ def _checks(tmp_dir):
         clip_grads.clip_grad_by_total_norm_fp32([p], max_norm=1.0, total_norm=5.0)
         return p.grad.tolist()
 
+    def multi_tensor_l2norm():
+        # the optimizer's grad norm (L2 over all grads, summed over the group's 2 ranks)
+        grads = [torch.tensor([3.0, 0.0]), torch.tensor([4.0])]
+        return float(clip_grads.get_grad_norm_fp32(grads, 2, torch.distributed.group.WORLD))
+
     def tensor_cuda_and_schedules(ps: ParallelState):
         # tied embeddings at PP2: megatron syncs the last stage's copy with `.cuda()`;
         # the no-pipelining / 1F1B schedules allocate `device="cuda"` token counters
@@ -71,20 +76,35 @@ def _checks(tmp_dir):
 
         return forward_backward(chunks, ps, [0], step, seq_length=8, forward_only=True)
 
-    return current_device, rng, cuda_literals, float_tensor_type, tensor_cuda_and_schedules
+    return (
+        current_device,
+        rng,
+        cuda_literals,
+        float_tensor_type,
+        multi_tensor_l2norm,
+        tensor_cuda_and_schedules,
+    )
 
 
 def _worker(rank, world, tmp_dir):
     from nova_engine.parallel.state import initialize_parallel
 
     ps = initialize_parallel(tp=1, pp=2)
-    current_device, rng, cuda_literals, float_tensor_type, tensor_cuda_and_sched = _checks(tmp_dir)
+    (
+        current_device,
+        rng,
+        cuda_literals,
+        float_tensor_type,
+        multi_tensor_l2norm,
+        tensor_cuda_and_sched,
+    ) = _checks(tmp_dir)
     out = {}
     for name, fn in [
         ("current_device", current_device),
         ("rng", rng),
         ("cuda_literals", cuda_literals),
         ("float_tensor_type", float_tensor_type),
+        ("multi_tensor_l2norm", multi_tensor_l2norm),
     ]:
         with cpu_support.without_patch(name):
             out[(name, "without")] = _outcome(fn)
@@ -111,7 +131,15 @@ def test_all_patches_applied(results):
 
 
 @pytest.mark.parametrize(
-    "name", ["current_device", "rng", "cuda_literals", "float_tensor_type", "tensor_cuda+pp"]
+    "name",
+    [
+        "current_device",
+        "rng",
+        "cuda_literals",
+        "float_tensor_type",
+        "multi_tensor_l2norm",
+        "tensor_cuda+pp",
+    ],
 )
 def test_fails_without_patch(results, name):
     status, msg = results[0][(name, "without")]
@@ -136,6 +164,13 @@ def test_float_tensor_type_with_patch(results):
     status, grad = results[0][("float_tensor_type", "with")]
     assert status == "ok"
     assert grad == pytest.approx([3.0 / 5.0, 0.0, 4.0 / 5.0], rel=1e-5)
+
+
+def test_multi_tensor_l2norm_with_patch(results):
+    # sqrt(2 ranks * (3^2 + 4^2)), formula by hand
+    status, norm = results[0][("multi_tensor_l2norm", "with")]
+    assert status == "ok"
+    assert norm == pytest.approx(50.0**0.5, rel=1e-6)
 
 
 def test_schedules_and_tied_pp_with_patch(results):

@@ -1,0 +1,87 @@
+"""The optimizer: megatron-core's (Adam with decoupled weight decay, fp32 master weights for
+bf16 models, optional distributed optimizer = ZeRO-1 over DP, global-norm clipping).
+
+    opt = build_optimizer(ddp_chunks, run.optim, precision="bf16", distributed=True)
+    sched = LRScheduler.from_config(run.optim, total_steps)      # nova_engine.train.schedules
+    sched.apply(opt)
+    ok, grad_norm, _ = opt.step(); sched.step(opt)
+
+The learning rate comes from `schedules.LRScheduler` (it writes param_groups[...]["lr"]);
+megatron's own scheduler is not used. `optimizer_state` / `load_optimizer_state` give a
+per-rank state (this rank's Adam moments and fp32 master weights or master-weight shards)
+that restores the optimizer exactly on the same layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+
+def build_optimizer(
+    chunks: Sequence[torch.nn.Module],
+    optim: Any,
+    *,
+    precision: str = "fp32",
+    distributed: bool = False,
+):
+    """megatron optimizer over DDP-wrapped chunks (`nova_engine.parallel.pipeline.wrap_ddp`,
+    built with the same `distributed` flag). `optim` is a nova_engine.config.OptimConfig."""
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.betas[0],
+        adam_beta2=optim.betas[1],
+        adam_eps=optim.eps,
+        clip_grad=optim.grad_clip,
+        bf16=precision == "bf16",
+        fp16=False,
+        params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        use_distributed_optimizer=distributed,
+    )
+    return get_megatron_optimizer(config, list(chunks), use_gloo_process_groups=False)
+
+
+def _leaves(opt) -> list:
+    """The megatron optimizers under a (possibly chained) optimizer."""
+    return list(getattr(opt, "chained_optimizers", [opt]))
+
+
+def _torch_opt(leaf) -> torch.optim.Optimizer:
+    return leaf.optimizer
+
+
+def optimizer_state(opt) -> dict[str, Any]:
+    """This rank's optimizer state: per leaf optimizer the torch optimizer's state_dict and
+    the values of the parameters it updates (fp32 master weights / their DP shards)."""
+    out = []
+    for leaf in _leaves(opt):
+        inner = _torch_opt(leaf)
+        params = [p.detach().clone() for g in inner.param_groups for p in g["params"]]
+        out.append({"torch": inner.state_dict(), "main_params": params})
+    return {"leaves": out}
+
+
+def load_optimizer_state(opt, state: dict[str, Any]) -> None:
+    """Inverse of `optimizer_state` (same layout, same model)."""
+    leaves = _leaves(opt)
+    if len(leaves) != len(state["leaves"]):
+        raise ValueError(
+            f"checkpoint has {len(state['leaves'])} optimizer parts, this run {len(leaves)}"
+        )
+    for leaf, saved in zip(leaves, state["leaves"]):
+        inner = _torch_opt(leaf)
+        params = [p for g in inner.param_groups for p in g["params"]]
+        if len(params) != len(saved["main_params"]):
+            raise ValueError("optimizer parameter count differs from the checkpoint's")
+        with torch.no_grad():
+            for p, v in zip(params, saved["main_params"]):
+                if p.shape != v.shape:
+                    raise ValueError(f"optimizer parameter shape {p.shape} != saved {v.shape}")
+                p.copy_(v)
+        inner.load_state_dict(saved["torch"])

@@ -1,0 +1,78 @@
+"""SFT stage: next-token cross-entropy on assistant tokens, normalized by the step's global
+count of loss tokens, through `nova_kernels.linear_logprobs` on the last hidden states (no
+[tokens x vocab] logits).
+
+    torchrun --nproc_per_node 8 -m nova_engine.train sft --recipe recipes/llama3_8b.yaml
+    nova sft --recipe recipes/tiny_cpu.yaml train.max_steps=20        # one process
+
+Loss of a micro-batch: -sum(mask * logp) / G with G = loss tokens of the step over all
+micro-batches and DP ranks (`nova_engine.losses.sft`); the loop sums micro-batch losses, so
+the logged loss is the step's mean token NLL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from nova_kernels import linear_logprobs
+
+from nova_engine.data.packing import PackedBatch
+from nova_engine.losses.sft import sft_loss
+from nova_engine.model.packed import packed_forward
+from nova_engine.parallel.state import ParallelState
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The NovaGPTModel inside a DDP wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def token_logprobs(
+    model: torch.nn.Module, hidden: torch.Tensor, mb: PackedBatch, ps: ParallelState
+):
+    """Per-token log p(label) [T] fp32 from the last stage's hidden states [T(/tp), 1, H]."""
+    h_NH = hidden.reshape(-1, hidden.shape[-1])
+    return linear_logprobs(
+        h_NH,
+        unwrap(model).lm_head_weight(),
+        mb.labels,
+        tp_group=ps.tp_group if ps.tp > 1 else None,
+        sequence_parallel=ps.sp and ps.tp > 1,
+    )
+
+
+class SFTStage:
+    """The SFT stage for the trainer loop (see nova_engine.train.loop.Stage)."""
+
+    name = "sft"
+    metric_names = ("loss", "loss_tokens")
+
+    def __init__(self, ps: ParallelState):
+        self.ps = ps
+
+    def local_count(self, microbatches: Sequence[PackedBatch]) -> float:
+        return float(sum(float((mb.loss_mask != 0).sum()) for mb in microbatches))
+
+    def step_fn(self, global_count: torch.Tensor):
+        ps = self.ps
+
+        def step(model, mb: PackedBatch):
+            out = packed_forward(model, mb)
+
+            def loss_fn(hidden):
+                logp = token_logprobs(model, hidden, mb, ps)
+                loss = sft_loss(logp, mb.loss_mask, global_count)
+                n = (mb.loss_mask != 0).sum()
+                return loss, n, {"loss": loss.detach(), "loss_tokens": n}
+
+            return out, loss_fn
+
+        return step
+
+    def finalize_metrics(self, sums: dict[str, float], global_count: float) -> dict[str, float]:
+        loss = sums["loss"]
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "loss_tokens": sums["loss_tokens"]}
