@@ -1,0 +1,154 @@
+"""Run plumbing shared by the stages: process group setup, model build/load, the trainer with
+its optimizer and schedule, resume, the training run with periodic eval/save, final export.
+
+`sft.run(run)` and `dpo.run(run)` call these; tests call `build_trainer` directly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch.distributed as dist
+
+from nova_engine.logging import get_logger
+from nova_engine.parallel.spawn import free_port
+from nova_engine.parallel.state import ParallelState, initialize_parallel
+from nova_engine.train import checkpoint_io
+from nova_engine.train.checkpoint import load_checkpoint, save_checkpoint
+from nova_engine.train.loop import StepBatcher, Trainer
+from nova_engine.train.schedules import LRScheduler
+
+logger = get_logger(__name__)
+
+
+def ensure_process_group_env() -> None:
+    """Single-process use (`nova`, the demo): torchrun's variables for a world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def setup_parallel(run) -> ParallelState:
+    """Process group + megatron groups for `run.parallel` (validated against the world)."""
+    ensure_process_group_env()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    run.validate_world(world)
+    p = run.parallel
+    return initialize_parallel(
+        tp=p.tp, pp=p.pp, vpp=p.vpp if p.vpp > 1 else None, sp=p.sp, seed=run.train.seed
+    )
+
+
+def ensure_model(run, ps: ParallelState) -> None:
+    """Build the recipe's tiny random model at model.hf_path when it is absent (rank 0)."""
+    cfg = run.model
+    if cfg.build is not None and ps.rank == 0:
+        if not os.path.isfile(os.path.join(cfg.hf_path, "config.json")):
+            from nova_engine.data.tokenize import load_tokenizer
+            from nova_engine.model.tiny import build_tiny_hf_model
+
+            vocab = len(load_tokenizer(cfg.tokenizer_dir))
+            b = cfg.build
+            build_tiny_hf_model(
+                cfg.hf_path, b.family, b.init_seed, vocab_size=vocab, **b.hf_config_kwargs()
+            )
+            logger.info("built a random %s model at %s", b.family, cfg.hf_path)
+    if ps.world_size > 1:
+        dist.barrier()
+
+
+def build_trainer(
+    model_dir: str,
+    ps: ParallelState,
+    *,
+    optim: Any = None,
+    total_steps: int = 1,
+    precision: str = "fp32",
+    recompute: str = "none",
+    distributed_optimizer: bool = False,
+):
+    """(Trainer, arch): the model of `model_dir` on layout `ps`, DDP-wrapped, with megatron's
+    optimizer and the LR schedule of `optim` (None: forward-only trainer)."""
+    from nova_engine.model.arch import load_arch
+    from nova_engine.model.build import build_model
+    from nova_engine.model.hf_io import load_hf_weights
+    from nova_engine.parallel.pipeline import wrap_ddp
+    from nova_engine.train.optim import build_optimizer
+
+    arch = load_arch(model_dir)
+    chunks = build_model(arch, ps, precision=precision, recompute=recompute)
+    load_hf_weights(chunks, arch, ps, model_dir)
+    dist_opt = distributed_optimizer and optim is not None
+    models = wrap_ddp(chunks, ps, use_distributed_optimizer=dist_opt)
+    opt = sched = None
+    if optim is not None:
+        opt = build_optimizer(models, optim, precision=precision, distributed=dist_opt)
+        sched = LRScheduler.from_config(optim, total_steps)
+    return Trainer(ps, chunks, models, opt, sched), arch
+
+
+def resume_path(run) -> str | None:
+    """The checkpoint to resume from per `checkpoint.resume` ("auto", "none" or a path)."""
+    r = run.checkpoint.resume
+    if r == "none":
+        return None
+    if r == "auto":
+        return checkpoint_io.latest_complete(run.checkpoint_dir)
+    return r
+
+
+def train_stage(
+    run,
+    ps: ParallelState,
+    trainer: Trainer,
+    arch,
+    stage,
+    batcher: StepBatcher,
+    eval_fn: Callable[[], dict[str, float]] | None = None,
+) -> list[dict[str, float]]:
+    """Resume if asked, train to the end with periodic eval/save, save, export to
+    <out_dir>/hf. Returns the per-step metrics of this process's run."""
+    from nova_engine.train.metrics import MetricsLogger
+
+    root = run.checkpoint_dir
+    if ps.rank == 0:
+        checkpoint_io.cleanup_stale(root)
+    path = resume_path(run)
+    if path is not None:
+        load_checkpoint(path, trainer)
+
+    def save(step: int) -> None:
+        save_checkpoint(
+            root, trainer, config_hash=run.hash(), arch=arch, keep_last=run.checkpoint.keep_last
+        )
+
+    t = run.train
+    with MetricsLogger(
+        t.out_dir,
+        total_steps=batcher.total_steps,
+        stage=stage.name,
+        tensorboard=t.tensorboard,
+        start_step=trainer.step,
+    ) as m:
+        out = trainer.fit(
+            stage,
+            batcher,
+            metrics_logger=m,
+            log_every=t.log_every,
+            eval_every=t.eval_every,
+            eval_fn=eval_fn,
+            save_every=t.save_every,
+            save_fn=save,
+        )
+        if eval_fn is not None:
+            m.log(trainer.step, eval_fn(), prefix="eval/")
+    if not t.save_every or trainer.step % t.save_every:
+        save(trainer.step)
+    if run.checkpoint.export_hf:
+        from nova_engine.model.hf_io import export_hf
+
+        export_hf(trainer.chunks, arch, ps, os.path.join(t.out_dir, "hf"))
+    return out
