@@ -16,6 +16,11 @@ class _RankZeroFilter(logging.Filter):
         return _global_rank() == 0
 
 
+def is_rank0() -> bool:
+    """True on global rank 0 (or when torch.distributed is not initialized and RANK is unset)."""
+    return _global_rank() == 0
+
+
 def _global_rank() -> int:
     try:
         import torch.distributed as dist

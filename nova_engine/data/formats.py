@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from nova_engine.logging import get_logger
+from nova_engine.logging import get_logger, is_rank0
 
 logger = get_logger(__name__)
 
@@ -293,19 +293,8 @@ def _iter_objects(path: str) -> Iterable[tuple[int, Any]]:
             yield lineno, obj
 
 
-def _is_rank0() -> bool:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank() == 0
-    except ImportError:  # pragma: no cover
-        pass
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _log_skips(path: str, stats: ReadStats) -> None:
-    if stats.n_skipped and _is_rank0():
+    if stats.n_skipped and is_rank0():
         kinds = ", ".join(f"{k}={v}" for k, v in stats.skipped.most_common())
         logger.warning(
             "%s: skipped %d of %d lines (%s); first: %s",

@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from nova_engine.logging import get_logger
+from nova_engine.logging import get_logger, is_rank0
 
 logger = get_logger(__name__)
 
@@ -85,17 +85,6 @@ def peak_flops_for(device_name: str) -> float | None:
         if all(part in name for part in key.upper().split()):
             return PEAK_BF16_FLOPS[key]
     return None
-
-
-def _is_rank0() -> bool:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank() == 0
-    except ImportError:  # pragma: no cover
-        pass
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def format_duration(seconds: float) -> str:
@@ -157,7 +146,7 @@ class MetricsLogger:
         enabled: bool | None = None,
         clock: Any = time.perf_counter,
     ):
-        self.enabled = _is_rank0() if enabled is None else enabled
+        self.enabled = is_rank0() if enabled is None else enabled
         self.total_steps, self.stage, self.stream = total_steps, stage, stream
         self.start_step, self._clock = start_step, clock
         self._t0 = clock()
