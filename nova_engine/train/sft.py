@@ -76,3 +76,49 @@ class SFTStage:
     def finalize_metrics(self, sums: dict[str, float], global_count: float) -> dict[str, float]:
         loss = sums["loss"]
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "loss_tokens": sums["loss_tokens"]}
+
+
+def load_chat(run, paths) -> list:
+    from nova_engine.data.tokenize import load_samples
+
+    d = run.data
+    samples, _, _ = load_samples(
+        paths, run.model.tokenizer_dir, "chat", max_length=d.max_length,
+        truncation=d.truncation, on_bad_line=d.on_bad_line,
+    )  # fmt: skip
+    if d.eval_max_samples is not None and paths is d.eval_paths:
+        samples = samples[: d.eval_max_samples]
+    return samples
+
+
+def run(run) -> list[dict[str, float]]:
+    """The SFT stage from a SFTRunConfig (all ranks); returns the per-step metrics."""
+    from nova_engine.train.loop import StepBatcher
+    from nova_engine.train.runner import build_trainer, ensure_model, setup_parallel, train_stage
+
+    ps = setup_parallel(run)
+    ensure_model(run, ps)
+    t = run.train
+    samples = load_chat(run, run.data.train_paths)
+    batcher = StepBatcher(
+        samples, global_batch_size=t.global_batch_size, micro_batch_tokens=t.micro_batch_tokens,
+        ps=ps, seed=run.data.seed, shuffle=run.data.shuffle, epochs=t.epochs,
+        max_steps=t.max_steps,
+    )  # fmt: skip
+    trainer, arch = build_trainer(
+        run.model.hf_path, ps, optim=run.optim, total_steps=batcher.total_steps,
+        precision=t.precision, recompute=t.recompute,
+        distributed_optimizer=run.parallel.distributed_optimizer,
+    )  # fmt: skip
+    stage = SFTStage(ps)
+    eval_fn = None
+    if run.data.eval_paths:
+        ev = StepBatcher(
+            load_chat(run, run.data.eval_paths), global_batch_size=t.global_batch_size,
+            micro_batch_tokens=t.micro_batch_tokens, ps=ps, shuffle=False,
+        )  # fmt: skip
+
+        def eval_fn():
+            return trainer.evaluate(stage, [ev.rank_microbatches(s) for s in range(ev.total_steps)])
+
+    return train_stage(run, ps, trainer, arch, stage, batcher, eval_fn)

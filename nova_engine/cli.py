@@ -1,0 +1,59 @@
+"""`nova`: single-process use of the engine (a world of one; use torchrun with
+`-m nova_engine.train` for several ranks).
+
+    nova sft --recipe recipes/tiny_cpu.yaml train.max_steps=50
+    nova dpo --recipe recipes/tiny_cpu.yaml loss.beta=0.1
+    nova export runs/sft/checkpoints/step_00000200 out/hf     # a checkpoint's HF export
+    nova demo --out demo_out                                  # = make demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+
+def _export(ckpt: str, out: str) -> int:
+    from nova_engine.train.checkpoint import HF_SUBDIR
+    from nova_engine.train.checkpoint_io import read_manifest
+
+    read_manifest(ckpt)  # a complete checkpoint, or CheckpointIOError naming what is wrong
+    src = os.path.join(ckpt, HF_SUBDIR)
+    if not os.path.isdir(src):
+        print(f"{ckpt}: no {HF_SUBDIR}/ export in this checkpoint", file=sys.stderr)
+        return 1
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    print(f"exported {src} -> {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="nova", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for stage in ("sft", "dpo"):
+        s = sub.add_parser(stage, help=f"run the {stage} stage")
+        s.add_argument("--recipe", required=True)
+        s.add_argument("overrides", nargs="*")
+    e = sub.add_parser("export", help="copy a checkpoint's HF export to a directory")
+    e.add_argument("checkpoint")
+    e.add_argument("out")
+    d = sub.add_parser("demo", help="the make-demo run")
+    d.add_argument("--out", default="demo_out")
+    args, rest = p.parse_known_args(argv)
+    if args.cmd in ("sft", "dpo"):
+        from nova_engine.train.__main__ import main as train_main
+
+        return train_main([args.cmd, "--recipe", args.recipe, *args.overrides, *rest])
+    if args.cmd == "export":
+        return _export(args.checkpoint, args.out)
+    from nova_engine.demo import main as demo_main
+
+    return demo_main(["--out", args.out, *rest])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
