@@ -1,0 +1,139 @@
+"""The DPO stage on gloo (one spawned group of 2 ranks), TP1×DP2 and TP2:
+
+- the reference pass caches, per pair, the summed response log-probs that `transformers`
+  gives the same model (sums and token counts);
+- at step 1 the policy is the reference, so every DPO-family loss with a reference is
+  l(0): log 2 for sigmoid / dpo_norm (formula by hand), accuracy 0, margin 0;
+- per-step losses agree across the two layouts; the loss on the (repeated) batch goes down;
+- a cache saved by rank 0 reopens complete under the same key, and a changed data file
+  gives a new key (so a stale cache is never used).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from nova_engine.parallel.spawn import run_distributed
+
+WORLD = 2
+STEPS = 4
+GBS = 16  # the whole data set each step: the loss on it must go down
+MBT = 128
+LAYOUTS = [(1, 1), (2, 1)]
+
+
+def _worker(rank, world, model_dir, pairs, root):
+    import os
+
+    from nova_engine.config import OptimConfig
+    from nova_engine.losses.dpo import DPOConfig
+    from nova_engine.parallel.state import destroy_parallel, initialize_parallel
+    from nova_engine.train.dpo import DPOStage, reference_pass
+    from nova_engine.train.loop import StepBatcher
+    from nova_engine.train.ref_cache import RefCache, RefCacheKey
+    from nova_engine.train.runner import build_trainer
+
+    key = RefCacheKey(model="m", data="d", config="c")
+    out = {}
+    for tp, pp in LAYOUTS:
+        ps = initialize_parallel(tp=tp, pp=pp, seed=3)
+        optim = OptimConfig(lr=3e-3, grad_clip=1.0, schedule="constant")
+        trainer, _ = build_trainer(model_dir, ps, optim=optim, total_steps=STEPS)
+
+        def batcher(ps=ps, **kw):
+            return StepBatcher(pairs, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps, **kw)
+
+        cache_dir = os.path.join(root, f"cache{tp}")
+        cache = RefCache.open(cache_dir, key, expected=[p.index for p in pairs])
+        cache = reference_pass(trainer, batcher(shuffle=False), cache)
+        reopened = RefCache.open(cache_dir, key, expected=[p.index for p in pairs])
+        stage = DPOStage(ps, DPOConfig(loss_type="dpo_norm", beta=2.0), cache)
+        hist = trainer.fit(stage, batcher(seed=1, max_steps=STEPS))
+        out[(tp, pp)] = {
+            "ref": cache.lookup([p.index for p in pairs]),
+            "reopened_complete": reopened.complete,
+            "hist": hist,
+        }
+        destroy_parallel()
+    return out
+
+
+def _hf_response_logps(model_dir, pairs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
+    rows = []
+    with torch.no_grad():
+        for p in pairs:
+            row = []
+            for s in (p.chosen, p.rejected):
+                ids = torch.as_tensor(s.tokens).unsqueeze(0)
+                logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+                tgt = ids[0, 1:]
+                mask = torch.as_tensor(s.loss_mask[1:]).bool()
+                row += [logp[torch.arange(len(tgt)), tgt][mask].sum().item(), int(mask.sum())]
+            rows.append(row)
+    return np.array(rows)  # [P, 4]: chosen sum, chosen n, rejected sum, rejected n
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    from nova_engine.data.synthetic import write_task
+    from nova_engine.data.tiny import build_tiny_tokenizer
+    from nova_engine.data.tokenize import load_samples
+    from nova_engine.model.tiny import build_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("train_dpo")
+    tok = build_tiny_tokenizer(root / "tok")
+    paths = write_task(root / "data", n_sft=4, n_pref=GBS, n_eval=4, seed=2)
+    model_dir = str(root / "model")
+    build_tiny_hf_model(
+        model_dir, "llama", seed=1, vocab_size=512, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    pairs, _, _ = load_samples(paths["pref"], tok, "pairs", max_length=64)
+    hf = _hf_response_logps(model_dir, pairs)
+    out = run_distributed(_worker, WORLD, model_dir, pairs, str(root))
+    return out[0], hf, paths, root
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_reference_pass_matches_transformers(results, layout):
+    out, hf, _, _ = results
+    c, r, cn, rn = out[layout]["ref"]
+    np.testing.assert_allclose(c, hf[:, 0], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(r, hf[:, 2], rtol=1e-5, atol=1e-4)
+    assert cn.tolist() == hf[:, 1].astype(int).tolist()
+    assert rn.tolist() == hf[:, 3].astype(int).tolist()
+    assert out[layout]["reopened_complete"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_first_step_is_log2(results, layout):
+    first = results[0][layout]["hist"][0]
+    assert math.isclose(first["loss"], math.log(2.0), rel_tol=1e-5)
+    assert abs(first["margin"]) < 1e-5 and first["accuracy"] == 0.0
+
+
+def test_losses_equal_across_layouts_and_decrease(results):
+    out = results[0]
+    a = [h["loss"] for h in out[LAYOUTS[0]]["hist"]]
+    b = [h["loss"] for h in out[LAYOUTS[1]]["hist"]]
+    assert len(a) == STEPS
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    assert a[-1] < a[0]
+
+
+def test_changed_data_changes_the_cache_key(results):
+    from nova_engine.train.ref_cache import data_fingerprint
+
+    _, _, paths, root = results
+    before = data_fingerprint(paths["pref"])
+    changed = root / "changed.jsonl"
+    text = open(paths["pref"]).read()
+    changed.write_text(text.replace("pref-0", "pref-x", 1))
+    assert data_fingerprint(str(changed)) != before
