@@ -144,7 +144,10 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def bench_shape(N, H, V, device, dtype, reps, compile_naive, rows):
+def bench_shape(N, H, V, device, dtype, reps, compile_naive, rows, phase, oom):
+    """phase "time": seconds, x_gemm3; phase "memory": peak_extra_bytes, mem_vs_naive. On CPU
+    every timing runs before the first memory measurement (that one changes glibc's malloc
+    settings for the rest of the process, which would slow later timings)."""
     shape = f"N={N},H={H},V={V},{str(dtype).removeprefix('torch.')}"
     gen = torch.Generator(device="cpu").manual_seed(0)
     h = torch.randn(N, H, generator=gen).to(device, dtype).requires_grad_()
@@ -157,33 +160,39 @@ def bench_shape(N, H, V, device, dtype, reps, compile_naive, rows):
         p80 = p50 if p80 is None else p80
         rows.append(dict(base, impl=impl, mode=mode, metric=metric, p50=p50, p20=p20, p80=p80))
 
-    hd, wd = h.detach(), w.detach()
-    gemm = time_fn(lambda: hd @ wd.T, warmup=2, reps=reps)
-    row("gemm", "fwd", "seconds", *gemm)
+    if phase == "time":
+        hd, wd = h.detach(), w.detach()
+        gemm = time_fn(lambda: hd @ wd.T, warmup=2, reps=reps)
+        row("gemm", "fwd", "seconds", *gemm)
     naive_mem = {}
     for name, (fwd, fwd_bwd) in impls(device, dtype, h, w, t, compile_naive).items():
         for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-            if fn is None:
+            if fn is None or (shape, name, mode) in oom:
                 continue
             try:
-                times = time_fn(fn, warmup=2, reps=reps)
-                mem = peak_memory(fn) if device.type == "cuda" else _cpu_peak_extra(fn)
+                if phase == "time":
+                    times = time_fn(fn, warmup=2, reps=reps)
+                else:
+                    mem = peak_memory(fn) if device.type == "cuda" else _cpu_peak_extra(fn)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
                 if not _is_oom(e):
                     raise
                 row(name, mode, "oom", float("nan"))
+                oom.add((shape, name, mode))
                 h.grad = w.grad = None
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            row(name, mode, "seconds", *times)
+            if phase == "time":
+                row(name, mode, "seconds", *times)
+                if mode == "fwd_bwd" and not name.endswith("dpo"):
+                    row(name, mode, "x_gemm3", times[0] / (3 * gemm[0]))
+                continue
             row(name, mode, "peak_extra_bytes", float(mem))
             if name == "naive":
                 naive_mem[mode] = mem
             elif mode in naive_mem and naive_mem[mode] > 0:
                 row(name, mode, "mem_vs_naive", mem / naive_mem[mode])
-            if mode == "fwd_bwd" and not name.endswith("dpo"):
-                row(name, mode, "x_gemm3", times[0] / (3 * gemm[0]))
     h.grad = w.grad = None
 
 
@@ -203,10 +212,12 @@ def main():
     dtype = torch.bfloat16 if on_gpu else torch.float32
     reps = args.reps or (5 if quick else 20)
     rows: list[dict] = []
-    for N, H, V in shapes:
-        bench_shape(N, H, V, device, dtype, reps, not args.no_compile, rows)
-        if on_gpu:
-            torch.cuda.empty_cache()
+    oom: set = set()
+    for phase in ("time", "memory"):
+        for N, H, V in shapes:
+            bench_shape(N, H, V, device, dtype, reps, not args.no_compile, rows, phase, oom)
+            if on_gpu:
+                torch.cuda.empty_cache()
     out = args.out or os.path.join(RESULTS, f"linear_logprobs_{'cuda' if on_gpu else 'cpu'}.csv")
     write_rows(out, rows)
     for r in rows:
