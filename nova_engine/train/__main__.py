@@ -23,7 +23,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("stage", choices=STAGES)
     p.add_argument("--recipe", required=True, help="recipe YAML (recipes/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def run_stage(stage: str, recipe: str, overrides: list[str]) -> list[dict[str, float]]:
