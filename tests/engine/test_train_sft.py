@@ -1,7 +1,8 @@
 """The trainer loop with the SFT stage on gloo (one spawned group of 4 ranks):
 
 - per-step losses and grad norms agree across layouts (TP1×DP4 with the plain and the
-  distributed optimizer, TP2×DP2, TP2×PP2, TP2×PP2+SP), packing with several micro-batches;
+  distributed optimizer, TP2×DP2 with selective recompute, TP2×PP2, TP2×PP2+SP with full
+  recompute), packing with several micro-batches;
 - step 1's loss equals the mean token NLL of the same global batch under `transformers`;
 - exact resume: stop after step k, resume from the checkpoint, identical per-step losses
   (same layout; plain and distributed optimizer);
@@ -24,15 +25,15 @@ STEPS = 6
 GBS = 8
 MBT = 64  # tokens per micro-batch: a step's 8 samples (~20 tokens each) need several
 K = 3  # resume point
-# (tp, pp, vpp, sp, distributed_optimizer)
+# (tp, pp, vpp, sp, distributed_optimizer, recompute)
 LAYOUTS = [
-    (1, 1, None, False, False),
-    (1, 1, None, False, True),
-    (2, 1, None, False, False),
-    (2, 2, None, False, False),
-    (2, 2, None, True, False),
+    (1, 1, None, False, False, "none"),
+    (1, 1, None, False, True, "none"),
+    (2, 1, None, False, False, "selective"),
+    (2, 2, None, False, False, "none"),
+    (2, 2, None, True, False, "full"),
 ]
-RESUME = [(2, 2, None, False, False), (1, 1, None, False, True)]
+RESUME = [LAYOUTS[3], LAYOUTS[1]]
 
 
 def _optim():
@@ -47,11 +48,12 @@ def _setup(layout, model_dir, samples):
     from nova_engine.train.runner import build_trainer
     from nova_engine.train.sft import SFTStage
 
-    tp, pp, vpp, sp, dopt = layout
+    tp, pp, vpp, sp, dopt, recompute = layout
     ps = initialize_parallel(tp=tp, pp=pp, vpp=vpp, sp=sp, seed=7)
     trainer, arch = build_trainer(
-        model_dir, ps, optim=_optim(), total_steps=STEPS, distributed_optimizer=dopt
-    )
+        model_dir, ps, optim=_optim(), total_steps=STEPS, distributed_optimizer=dopt,
+        recompute=recompute,
+    )  # fmt: skip
     batcher = StepBatcher(
         samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps, seed=3, max_steps=STEPS
     )
