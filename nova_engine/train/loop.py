@@ -279,9 +279,12 @@ class Trainer:
         save_every: int = 0,
         save_fn: Callable[[int], None] | None = None,
         stop_after: int | None = None,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
     ) -> list[dict[str, float]]:
         """Train from `self.step` to `batcher.total_steps` (or `stop_after` steps total);
-        returns the per-step metrics of this call (also kept in `self.history`)."""
+        returns the per-step metrics of this call (also kept in `self.history`).
+        flops_per_token / peak_flops (all ranks' summed peak): MFU in the logged metrics."""
         end = batcher.total_steps if stop_after is None else min(stop_after, batcher.total_steps)
         out = []
         tokens_since = 0
@@ -292,7 +295,10 @@ class Trainer:
             out.append(rec)
             self.history.append(rec)
             if metrics_logger is not None and (self.step % log_every == 0 or self.step == end):
-                metrics_logger.log(self.step, res.metrics, tokens=tokens_since)
+                metrics_logger.log(
+                    self.step, res.metrics, tokens=tokens_since,
+                    flops_per_token=flops_per_token, peak_flops=peak_flops,
+                )  # fmt: skip
                 tokens_since = 0
             if eval_fn is not None and eval_every and self.step % eval_every == 0:
                 ev = eval_fn()

@@ -100,6 +100,28 @@ def resume_path(run) -> str | None:
     return r
 
 
+def _mfu_inputs(arch, ps: ParallelState, batcher: StepBatcher):
+    """(flops per token, summed peak FLOP/s of the world) on known GPUs, else (None, None)."""
+    import torch
+
+    from nova_engine.data.sample import PairSample
+    from nova_engine.train.metrics import effective_seq_len, flops_per_token, peak_flops_for
+
+    if not torch.cuda.is_available():
+        return None, None
+    peak = peak_flops_for(torch.cuda.get_device_name())
+    if peak is None:
+        return None, None
+    seqs = batcher.samples[:10000]
+    if seqs and isinstance(seqs[0], PairSample):
+        seqs = [h for p in seqs for h in (p.chosen, p.rejected)]
+    n_params = arch.num_params - arch.vocab_size * arch.hidden_size  # no embedding lookup
+    if arch.tie_word_embeddings:
+        n_params += arch.vocab_size * arch.hidden_size  # the LM head matmul still counts
+    seq = effective_seq_len([len(s) for s in seqs])
+    return flops_per_token(n_params, arch.num_layers, arch.hidden_size, seq), peak * ps.world_size
+
+
 def train_stage(
     run,
     ps: ParallelState,
@@ -126,6 +148,7 @@ def train_stage(
         )
 
     t = run.train
+    fpt, peak = _mfu_inputs(arch, ps, batcher)
     with MetricsLogger(
         t.out_dir,
         total_steps=batcher.total_steps,
@@ -142,6 +165,8 @@ def train_stage(
             eval_fn=eval_fn,
             save_every=t.save_every,
             save_fn=save,
+            flops_per_token=fpt,
+            peak_flops=peak,
         )
         if eval_fn is not None:
             m.log(trainer.step, eval_fn(), prefix="eval/")
