@@ -168,8 +168,8 @@ def train_stage(
             flops_per_token=fpt,
             peak_flops=peak,
         )
-        if eval_fn is not None:
-            m.log(trainer.step, eval_fn(), prefix="eval/")
+        if eval_fn is not None and not (t.eval_every and trainer.step % t.eval_every == 0):
+            m.log(trainer.step, eval_fn(), prefix="eval/")  # (fit evaluated this step already)
     if not t.save_every or trainer.step % t.save_every:
         save(trainer.step)
     if run.checkpoint.export_hf:
