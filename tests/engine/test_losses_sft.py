@@ -3,9 +3,6 @@ gloo with the real all_reduce) give exactly the single-rank full-batch mean and 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -109,12 +106,7 @@ def _dp_worker(rank, world):
 
 @pytest.fixture(scope="module")
 def dp_results():
-    root = str(Path(__file__).resolve().parents[2])  # spawned ranks import `tests.` by name
-    sys.path.insert(0, root)
-    try:
-        return run_distributed(_dp_worker, 2)
-    finally:
-        sys.path.remove(root)
+    return run_distributed(_dp_worker, 2)
 
 
 def test_dp2_gloo_equals_full_batch(dp_results):

@@ -6,8 +6,6 @@ on gloo in one spawned group."""
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -220,13 +218,7 @@ def _tp_worker(rank, world):
 
 @pytest.fixture(scope="module")
 def tp_results():
-    # spawned ranks unpickle _tp_worker by module name: make `tests.` importable there
-    root = str(Path(__file__).resolve().parents[2])
-    sys.path.insert(0, root)
-    try:
-        return run_distributed(_tp_worker, 2)
-    finally:
-        sys.path.remove(root)
+    return run_distributed(_tp_worker, 2)
 
 
 def test_tp2_equals_tp1(tp_results):
