@@ -75,19 +75,18 @@ def _worker(rank, world, model_dir, samples, root):
     out: dict = {"layouts": {}, "resume": {}}
     n_mbs = []
     for layout in LAYOUTS:
-        ps, trainer, _, batcher, stage = _setup(layout, model_dir, samples)
-        n_mbs.append(len(batcher.rank_microbatches(0)))
-        out["layouts"][layout] = _losses(trainer.fit(stage, batcher))
-        destroy_parallel()
-    out["n_mbs"] = n_mbs
-
-    for i, layout in enumerate(RESUME):
-        ckpt_root = os.path.join(root, f"ckpt{i}")
         ps, trainer, arch, batcher, stage = _setup(layout, model_dir, samples)
-        first = trainer.fit(stage, batcher, stop_after=K)
+        n_mbs.append(len(batcher.rank_microbatches(0)))
+        if layout not in RESUME:
+            out["layouts"][layout] = _losses(trainer.fit(stage, batcher))
+            destroy_parallel()
+            continue
+        # the uninterrupted run, with a checkpoint after step K and a crash while writing
+        # the one after step K+1 (half a file, then the process "dies")
+        ckpt_root = os.path.join(root, f"ckpt{RESUME.index(layout)}")
+        hist = trainer.fit(stage, batcher, stop_after=K)
         checkpoint.save_checkpoint(ckpt_root, trainer, arch=arch, config_hash="h")
-        rest = trainer.fit(stage, batcher, stop_after=K + 1)
-        # a crash while writing the step K+1 checkpoint: half a file, then the process dies
+        hist += trainer.fit(stage, batcher, stop_after=K + 1)
         real = checkpoint._save_rank_file
 
         def crash(state, path):
@@ -105,7 +104,8 @@ def _worker(rank, world, model_dir, samples, root):
             checkpoint._save_rank_file = real
         dist.barrier()
         latest = checkpoint_io.latest_complete(ckpt_root)
-        rest += trainer.fit(stage, batcher)
+        hist += trainer.fit(stage, batcher)
+        out["layouts"][layout] = _losses(hist)
         destroy_parallel()
 
         ps, trainer, arch, batcher, stage = _setup(layout, model_dir, samples)
@@ -113,12 +113,13 @@ def _worker(rank, world, model_dir, samples, root):
         resumed = trainer.fit(stage, batcher)
         destroy_parallel()
         out["resume"][layout] = {
-            "full": _losses(first + rest),
+            "full": out["layouts"][layout],
             "resumed": _losses(resumed),
             "step": step,
             "crashed": crashed,
             "latest": os.path.basename(latest),
         }
+    out["n_mbs"] = n_mbs
 
     # weights of the TP2xPP2 checkpoint into TP1xDP4 (through hf/), then one forward-only eval
     from nova_engine.train.loop import StepBatcher
