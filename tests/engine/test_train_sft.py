@@ -2,7 +2,7 @@
 
 - per-step losses and grad norms agree across layouts (TP1×DP4 with the plain and the
   distributed optimizer, TP2×DP2 with selective recompute, TP2×PP2, TP2×PP2+SP with full
-  recompute), packing with several micro-batches;
+  recompute, TP1×PP2×VP2×DP2 interleaved), packing with several micro-batches;
 - step 1's loss equals the mean token NLL of the same global batch under `transformers`;
 - exact resume: stop after step k, resume from the checkpoint, identical per-step losses
   (same layout; plain and distributed optimizer);
@@ -33,6 +33,7 @@ LAYOUTS = [
     (2, 1, None, False, False, "selective"),
     (2, 2, None, False, False, "none"),
     (2, 2, None, True, False, "full"),
+    (1, 2, 2, False, False, "none"),
 ]
 RESUME = [LAYOUTS[3], LAYOUTS[1]]
 BF16 = (2, 1, None, False, True, "none", "bf16")  # bf16 weights, fp32 masters, ZeRO-1
@@ -173,7 +174,7 @@ def results(tmp_path_factory):
     model_dir = str(root / "model")
     build_tiny_hf_model(
         model_dir, "llama", seed=0, vocab_size=512, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
     )  # fmt: skip
     samples, _, _ = load_samples(paths["sft"], tok, "chat", max_length=64)
     ps1 = SimpleNamespace(tp=1, pp=1, dp=1, dp_rank=0, device=torch.device("cpu"))
