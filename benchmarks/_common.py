@@ -7,10 +7,10 @@ torch, triton, commit); extra keys in a row become extra columns after those.
 from __future__ import annotations
 
 import csv
+import ctypes
 import os
 import platform
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -48,13 +48,16 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def peak_memory(fn: Callable[[], object], interval_s: float = 0.001) -> int:
-    """Peak extra memory of one `fn()` call, in bytes.
+def peak_memory(fn: Callable[[], object]) -> int:
+    """Peak extra memory of one `fn()` call, in bytes (inputs excluded; outputs and grads
+    that `fn` creates included).
 
     CUDA: `torch.cuda.max_memory_allocated` above the allocation before the call.
-    CPU (Linux): the process's resident set size sampled every `interval_s` by a background
-    thread, peak minus the value before the call — approximate: spikes shorter than the
-    interval can be missed, and memory the allocator returns late or keeps cached shows too.
+    CPU (Linux): the kernel's resident-set high-water mark. glibc is told to mmap every
+    allocation >= 128 KiB (so a free returns pages at once instead of recycling them in the
+    heap, which would hide them from RSS), the high-water mark (VmHWM) is reset through
+    /proc/self/clear_refs before the call and read after it. Exact to a page for the large
+    tensors that matter; small allocations reused from the heap do not show.
     """
     if torch.cuda.is_available():
         _sync()
@@ -63,23 +66,16 @@ def peak_memory(fn: Callable[[], object], interval_s: float = 0.001) -> int:
         fn()
         _sync()
         return int(torch.cuda.max_memory_allocated() - before)
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, big blocks always mmapped
+    libc.malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
     before = _rss_bytes()
-    peak = [before]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(interval_s)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        thread.join()
-    return max(0, max(peak[0], _rss_bytes()) - before)
+    fn()
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+    return max(0, hwm - before)
 
 
 def env_info() -> dict[str, str]:

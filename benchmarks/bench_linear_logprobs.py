@@ -17,16 +17,12 @@ Rows (benchmarks/results/linear_logprobs_<cuda|cpu>.csv), per impl/shape/mode:
   included), and for fwd_bwd `x_gemm3` = time / (3 x the time of one N x H x V GEMM measured
   in the same run, impl=gemm, the bar's floor) and `mem_vs_naive`. A shape/impl that runs out
   of memory gets one row with metric=oom. On CPU the Triton impls are skipped (the interpreter
-  is no timing) and memory is measured here, not by _common's sampled RSS (which misses memory
-  that glibc recycles from its heap): glibc is told to mmap every allocation >= 128 KiB (so a
-  free returns pages at once), the kernel's RSS high-water mark is reset (/proc/self/clear_refs)
-  before the call and read (VmHWM) after it; exact to a page for the big tensors that matter.
+  is no timing); CPU memory is the RSS high-water mark method of `_common.peak_memory`.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 
 import torch
@@ -49,25 +45,6 @@ GPU_SHAPES = [
     (n, h, v) for n in (4096, 16384, 65536) for h in (4096, 8192) for v in (128256, 152064)
 ]
 CPU_SHAPES = [(1024, 256, 32000), (4096, 256, 32000)]
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _cpu_peak_extra(fn) -> int:
-    """Peak RSS above the pre-call RSS during fn() (Linux; see the module docstring)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, big blocks always mmapped
-    libc.malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    before = _rss()
-    fn()
-    with open("/proc/self/status") as f:
-        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
-    return max(0, hwm - before)
 
 
 def naive(h, w, t):
@@ -173,7 +150,7 @@ def bench_shape(N, H, V, device, dtype, reps, compile_naive, rows, phase, oom):
                 if phase == "time":
                     times = time_fn(fn, warmup=2, reps=reps)
                 else:
-                    mem = peak_memory(fn) if device.type == "cuda" else _cpu_peak_extra(fn)
+                    mem = peak_memory(fn)
             except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
                 if not _is_oom(e):
                     raise

@@ -23,7 +23,6 @@ if not torch.cuda.is_available():
 from nova_kernels import seq_reduce, seq_reduce_reference  # noqa: E402
 
 from benchmarks._common import peak_memory, time_fn, write_rows  # noqa: E402
-from benchmarks.bench_linear_logprobs import _cpu_peak_extra  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 GPU_SHAPES = [(t, b) for t in (1 << 16, 1 << 20) for b in (64, 1024)]
@@ -56,7 +55,7 @@ def bench_shape(T, B, device, reps, rows, phase):
         for mode, fn, nbytes in (("fwd", fwd, 5 * T), ("fwd_bwd", fwd_bwd, 14 * T)):
             base = dict(op="seq_reduce", impl=name, shape=shape, mode=mode)
             if phase == "memory":
-                mem = peak_memory(fn) if device.type == "cuda" else _cpu_peak_extra(fn)
+                mem = peak_memory(fn)
                 rows.append(dict(base, metric="peak_extra_bytes", p50=mem, p20=mem, p80=mem))
                 continue
             times = time_fn(fn, warmup=2, reps=reps)
