@@ -8,7 +8,9 @@
   (same layout; plain and distributed optimizer);
 - a checkpoint whose write crashed is never picked up; resume takes the previous one;
 - a checkpoint loads into another layout through its hf/ export (weights only);
-- bf16 with fp32 master weights (TP2×DP2, distributed optimizer) tracks fp32 within 2%.
+- bf16 with fp32 master weights (TP2×DP2, distributed optimizer) tracks fp32 within 2%;
+- a second group of 8 ranks: 10 steps of TP2×PP2×DP2 (with and without SP, and with the
+  distributed optimizer) equal to TP1×DP8.
 """
 
 from __future__ import annotations
@@ -39,13 +41,23 @@ RESUME = [LAYOUTS[3], LAYOUTS[1]]
 BF16 = (2, 1, None, False, True, "none", "bf16")  # bf16 weights, fp32 masters, ZeRO-1
 
 
+WORLD8 = 8
+STEPS8 = 10
+# TP1xDP8 is the reference of the 8-rank group
+LAYOUTS8 = [
+    (1, 1, None, False, False, "none"),
+    (2, 2, None, False, False, "none"),
+    (2, 2, None, True, True, "none"),
+]
+
+
 def _optim():
     from nova_engine.config import OptimConfig
 
     return OptimConfig(lr=2e-3, weight_decay=0.01, grad_clip=1.0, schedule="cosine", warmup_steps=1)
 
 
-def _setup(layout, model_dir, samples):
+def _setup(layout, model_dir, samples, steps=STEPS):
     from nova_engine.parallel.state import initialize_parallel
     from nova_engine.train.loop import StepBatcher
     from nova_engine.train.runner import build_trainer
@@ -55,11 +67,11 @@ def _setup(layout, model_dir, samples):
     precision = layout[6] if len(layout) > 6 else "fp32"
     ps = initialize_parallel(tp=tp, pp=pp, vpp=vpp, sp=sp, seed=7)
     trainer, arch = build_trainer(
-        model_dir, ps, optim=_optim(), total_steps=STEPS, distributed_optimizer=dopt,
+        model_dir, ps, optim=_optim(), total_steps=steps, distributed_optimizer=dopt,
         recompute=recompute, precision=precision,
     )  # fmt: skip
     batcher = StepBatcher(
-        samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps, seed=3, max_steps=STEPS
+        samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps, seed=3, max_steps=steps
     )
     return ps, trainer, arch, batcher, SFTStage(ps)
 
@@ -142,6 +154,17 @@ def _worker(rank, world, model_dir, samples, root):
     return out
 
 
+def _worker8(rank, world, model_dir, samples):
+    from nova_engine.parallel.state import destroy_parallel
+
+    out = {}
+    for layout in LAYOUTS8:
+        ps, trainer, _, batcher, stage = _setup(layout, model_dir, samples, steps=STEPS8)
+        out[layout] = _losses(trainer.fit(stage, batcher))
+        destroy_parallel()
+    return out
+
+
 def _hf_step_loss(model_dir, batch):
     """Mean token NLL of `batch` (Samples) under transformers, formula from the Sample
     convention: loss_mask[i] = 1 means token i is predicted from tokens < i."""
@@ -170,7 +193,7 @@ def results(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("train_sft")
     tok = build_tiny_tokenizer(root / "tok")
-    paths = write_task(root / "data", n_sft=GBS * STEPS, n_pref=4, n_eval=4, seed=5)
+    paths = write_task(root / "data", n_sft=GBS * STEPS8, n_pref=4, n_eval=4, seed=5)
     model_dir = str(root / "model")
     build_tiny_hf_model(
         model_dir, "llama", seed=0, vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -181,11 +204,12 @@ def results(tmp_path_factory):
     first = StepBatcher(samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps1, seed=3)
     hf_loss = _hf_step_loss(model_dir, first.step_samples(0))
     out = run_distributed(_worker, WORLD, model_dir, samples, str(root))
-    return out, hf_loss
+    out8 = run_distributed(_worker8, WORLD8, model_dir, samples)
+    return out, hf_loss, out8
 
 
 def test_step1_matches_transformers(results):
-    out, hf_loss = results
+    out, hf_loss, _ = results
     for layout in LAYOUTS:  # fp32 ones
         losses = out[0]["layouts"][layout]
         assert math.isclose(losses[0][0], hf_loss, rel_tol=1e-5), (layout, losses[0][0], hf_loss)
@@ -239,3 +263,16 @@ def test_load_into_other_layout(results):
     # forward-only eval of step 0's batch with the step-3 weights from another layout:
     # lower than the initial loss, as training brought it
     assert ev["loss"] < out["layouts"][LAYOUTS[0]][0][0]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS8[1:], ids=str)
+def test_tp2_pp2_dp2_equals_tp1(results, layout):
+    out8 = results[2][0]
+    ref = torch.tensor(out8[LAYOUTS8[0]], dtype=torch.float64)
+    got = torch.tensor(out8[layout], dtype=torch.float64)
+    assert got.shape == (STEPS8, 2)
+    assert ref[-1, 0] < ref[0, 0], "the loss goes down"
+    torch.testing.assert_close(got[:, 0], ref[:, 0], rtol=1e-5, atol=0)
+    torch.testing.assert_close(got[:, 1], ref[:, 1], rtol=1e-4, atol=0)
+    # step 1 (initial weights, same first batch) is the transformers loss
+    assert math.isclose(float(got[0, 0]), results[1], rel_tol=1e-5)
