@@ -1,4 +1,4 @@
-"""The DPO stage on gloo (one spawned group of 2 ranks), TP1×DP2 and TP2:
+"""The DPO stage on gloo (one spawned group of 4 ranks), TP1×DP4, TP2×DP2 and TP2×PP2:
 
 - the reference pass caches, per pair, the summed response log-probs that `transformers`
   gives the same model (sums and token counts);
@@ -19,11 +19,11 @@ import torch
 
 from nova_engine.parallel.spawn import run_distributed
 
-WORLD = 2
+WORLD = 4
 STEPS = 4
 GBS = 16  # the whole data set each step: the loss on it must go down
 MBT = 128
-LAYOUTS = [(1, 1), (2, 1)]
+LAYOUTS = [(1, 1), (2, 1), (2, 2)]
 
 
 def _worker(rank, world, model_dir, pairs, root):
@@ -47,7 +47,7 @@ def _worker(rank, world, model_dir, pairs, root):
         def batcher(ps=ps, **kw):
             return StepBatcher(pairs, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps, **kw)
 
-        cache_dir = os.path.join(root, f"cache{tp}")
+        cache_dir = os.path.join(root, f"cache{tp}x{pp}")
         cache = RefCache.open(cache_dir, key, expected=[p.index for p in pairs])
         cache = reference_pass(trainer, batcher(shuffle=False), cache)
         reopened = RefCache.open(cache_dir, key, expected=[p.index for p in pairs])
@@ -119,10 +119,11 @@ def test_first_step_is_log2(results, layout):
     assert abs(first["margin"]) < 1e-5 and first["accuracy"] == 0.0
 
 
-def test_losses_equal_across_layouts_and_decrease(results):
+@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=str)
+def test_losses_equal_across_layouts_and_decrease(results, layout):
     out = results[0]
     a = [h["loss"] for h in out[LAYOUTS[0]]["hist"]]
-    b = [h["loss"] for h in out[LAYOUTS[1]]["hist"]]
+    b = [h["loss"] for h in out[layout]["hist"]]
     assert len(a) == STEPS
     np.testing.assert_allclose(b, a, rtol=1e-5)
     assert a[-1] < a[0]
