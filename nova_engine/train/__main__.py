@@ -39,14 +39,31 @@ def run_stage(stage: str, recipe: str, overrides: list[str]) -> list[dict[str, f
     return dpo.run(run)
 
 
-def main(argv: list[str] | None = None) -> int:
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can cause (bad recipe, data line, model, checkpoint or layout): the
+    entry point reports their one-line message instead of a traceback."""
     from nova_engine.config import ConfigError
+    from nova_engine.data.formats import DataError
+    from nova_engine.data.tokenize import TemplateError
+    from nova_engine.model.arch import ArchitectureError
+    from nova_engine.model.hf_io import CheckpointError
+    from nova_engine.parallel.state import LayoutError
+    from nova_engine.train.checkpoint_io import CheckpointIOError
+    from nova_engine.train.ref_cache import RefCacheError
 
+    return (
+        ConfigError, DataError, TemplateError, ArchitectureError, CheckpointError,
+        LayoutError, CheckpointIOError, RefCacheError,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     try:
         run_stage(args.stage, args.recipe, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except user_errors() as e:
+        kind = "config error" if type(e).__name__ == "ConfigError" else type(e).__name__
+        print(f"{kind}: {e}", file=sys.stderr)
         return 2
     finally:
         import torch.distributed as dist

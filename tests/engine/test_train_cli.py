@@ -49,3 +49,24 @@ def test_export_refuses_an_incomplete_checkpoint(tmp_path):
     (half / "hf").mkdir(parents=True)
     with pytest.raises(CheckpointIOError, match="COMPLETE"):
         cli.main(["export", str(half), str(tmp_path / "out")])
+
+
+def test_bad_data_line_stops_the_run_naming_file_and_line(tmp_path, capsys):
+    """Through the real entry point: the tiny model is built, the data read; line 2 of the
+    training file is not JSON -> exit 2 with file:line and what was wrong."""
+    from nova_engine.data.tiny import build_tiny_tokenizer
+
+    build_tiny_tokenizer(tmp_path / "tok")
+    good = (
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "2"}]}'
+    )
+    bad = tmp_path / "train.jsonl"
+    bad.write_text(good + "\n" + '{"messages": [\n' + good + "\n")
+    rc = train_main.main([
+        "sft", "--recipe", RECIPE, f"model.hf_path={tmp_path / 'model'}",
+        f"model.tokenizer_path={tmp_path / 'tok'}", f"data.train_paths=[{bad}]",
+        "data.eval_paths=[]", f"train.out_dir={tmp_path / 'out'}",
+    ])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:2:" in err and "DataError" in err
