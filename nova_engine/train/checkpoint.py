@@ -4,11 +4,14 @@ per rank, written atomically (`checkpoint_io`: temp dir + COMPLETE manifest + re
     path = save_checkpoint(root, trainer, config_hash=run.hash(), arch=arch)   # all ranks
     step = load_checkpoint(latest_complete(root), trainer)                      # all ranks
 
-Layout of `<root>/step_00000123/`:
-    rank_00003.pt   this rank's parameters (by name, per chunk), optimizer state (Adam moments
-                    + fp32 master weights or their DP shards), LR schedule, step, RNG states
-    hf/             the model as a HF directory (`hf_io.export_hf`), when `arch` is given
-    COMPLETE        the manifest (step, files + sizes, config hash, layout)
+Layout of `<root>/step_00000123/` (nothing is written twice across DP replicas):
+    mp_tp01_pp00.pt  written by DP rank 0 of each (TP, PP) coordinate: that shard's parameters
+                     (by name, per chunk) and, unless the optimizer is DP-sharded, its
+                     optimizer state (Adam moments + fp32 master weights)
+    rank_00003.pt    every rank: step, LR schedule, RNG states, and with the distributed
+                     optimizer (ZeRO-1) this rank's shard of the optimizer state
+    hf/              the model as a HF directory (`hf_io.export_hf`), when `arch` is given
+    COMPLETE         the manifest (step, files + sizes, config hash, layout)
 
 Same layout → exact resume: the per-step losses of a resumed run equal an uninterrupted
 run's (the data position is the step count: StepBatcher batches depend only on seed and
@@ -28,7 +31,7 @@ import torch.distributed as dist
 from nova_engine.logging import get_logger
 from nova_engine.train import checkpoint_io
 from nova_engine.train.checkpoint_io import CheckpointIOError
-from nova_engine.train.optim import load_optimizer_state, optimizer_state
+from nova_engine.train.optim import dp_sharded, load_optimizer_state, optimizer_state
 
 logger = get_logger(__name__)
 
@@ -41,6 +44,10 @@ def _layout(ps) -> dict[str, Any]:
 
 def _rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
+
+
+def _shard_file(ps) -> str:
+    return f"mp_tp{ps.tp_rank:02d}_pp{ps.pp_rank:02d}.pt"
 
 
 def _rng_state() -> dict[str, Any]:
@@ -63,16 +70,26 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def rank_state(trainer) -> dict[str, Any]:
-    """What this rank saves (see the module docstring)."""
+    """What this rank saves in its rank file (see the module docstring)."""
+    opt = trainer.optimizer
+    sharded = opt is not None and dp_sharded(opt)
     return {
         "step": trainer.step,
         "layout": _layout(trainer.ps),
+        "optimizer": optimizer_state(opt) if sharded else None,
+        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
+        "rng": _rng_state(),
+    }
+
+
+def shard_state(trainer) -> dict[str, Any]:
+    """What DP rank 0 of a (TP, PP) coordinate saves for all its DP replicas."""
+    opt = trainer.optimizer
+    return {
         "model": [
             {n: p.detach().cpu().clone() for n, p in c.named_parameters()} for c in trainer.chunks
         ],
-        "optimizer": optimizer_state(trainer.optimizer) if trainer.optimizer else None,
-        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
-        "rng": _rng_state(),
+        "optimizer": optimizer_state(opt) if opt is not None and not dp_sharded(opt) else None,
     }
 
 
@@ -93,11 +110,15 @@ def save_checkpoint(
     ps = trainer.ps
     final = checkpoint_io.checkpoint_dir_for(root, trainer.step)
     state = rank_state(trainer)
+    shard = shard_state(trainer) if ps.dp_rank == 0 else None
 
     def write(tmp: str) -> list[str]:
         path = os.path.join(tmp, _rank_file(ps.rank))
         _save_rank_file(state, path)
         written = [path]
+        if shard is not None:
+            written.append(os.path.join(tmp, _shard_file(ps)))
+            _save_rank_file(shard, written[-1])
         if arch is not None:
             from nova_engine.model.hf_io import export_hf
 
@@ -151,17 +172,21 @@ def load_checkpoint(path: str | os.PathLike, trainer, *, weights_only: bool = Fa
             "same layout (load the weights alone with weights_only=True / checkpoint.resume "
             "on the hf/ export)"
         )
-    file = os.path.join(path, _rank_file(ps.rank))
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    state = torch.load(
+        os.path.join(path, _rank_file(ps.rank)), map_location="cpu", weights_only=False
+    )
+    shard_path = os.path.join(path, _shard_file(ps))
+    shard = torch.load(shard_path, map_location="cpu", weights_only=False)
     with torch.no_grad():
-        for chunk, params in zip(trainer.chunks, state["model"]):
+        for chunk, params in zip(trainer.chunks, shard["model"]):
             own = dict(chunk.named_parameters())
             if set(own) != set(params):
-                raise CheckpointIOError(f"{file}: parameter names differ from the model's")
+                raise CheckpointIOError(f"{shard_path}: parameter names differ from the model's")
             for n, v in params.items():
                 own[n].copy_(v.to(own[n].dtype))
-    if trainer.optimizer is not None and state["optimizer"] is not None:
-        load_optimizer_state(trainer.optimizer, state["optimizer"])
+    opt_state = state["optimizer"] if state["optimizer"] is not None else shard["optimizer"]
+    if trainer.optimizer is not None and opt_state is not None:
+        load_optimizer_state(trainer.optimizer, opt_state)
     if trainer.scheduler is not None and state["scheduler"] is not None:
         trainer.scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])

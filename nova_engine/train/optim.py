@@ -52,6 +52,13 @@ def _leaves(opt) -> list:
     return list(getattr(opt, "chained_optimizers", [opt]))
 
 
+def dp_sharded(opt) -> bool:
+    """True when the optimizer state is sharded over DP (megatron's distributed optimizer)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(leaf, DistributedOptimizer) for leaf in _leaves(opt))
+
+
 def _torch_opt(leaf) -> torch.optim.Optimizer:
     return leaf.optimizer
 

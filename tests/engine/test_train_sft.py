@@ -134,6 +134,7 @@ def _worker(rank, world, model_dir, samples, root):
             "step": step,
             "crashed": crashed,
             "latest": os.path.basename(latest),
+            "files": sorted(os.listdir(latest)),
         }
     out["n_mbs"] = n_mbs
 
@@ -254,6 +255,10 @@ def test_exact_resume_after_crash(results, layout):
     assert res["step"] == K
     assert len(res["full"]) == STEPS and len(res["resumed"]) == STEPS - K
     assert res["resumed"] == res["full"][K:], "resumed losses are bit-identical"
+    # model weights once per (TP, PP) shard, not once per DP replica; one small file per rank
+    tp, pp = layout[0], layout[1]
+    assert sum(f.startswith("mp_tp") for f in res["files"]) == tp * pp
+    assert sum(f.startswith("rank_") for f in res["files"]) == WORLD
 
 
 def test_load_into_other_layout(results):
