@@ -1,14 +1,14 @@
-"""linear_logprobs (and the fused 3-GEMM cross-entropy): time and peak memory, forward and
-forward+backward, against the naive path (logits -> log_softmax -> gather), the naive path
-under torch.compile, and Liger-Kernel's fused linear cross entropy / fused linear DPO loss.
+"""linear_logprobs: time and peak memory, forward and forward+backward, against the naive path
+(logits -> log_softmax -> gather), the naive path under torch.compile, and Liger-Kernel's
+fused linear DPO loss. (The SFT loss, linear_cross_entropy vs Liger's fused linear cross
+entropy, is bench_linear_cross_entropy.py, which uses this module's driver.)
 
     python -m benchmarks.bench_linear_logprobs            # GPU: N {4k,16k,64k} x H {4096,8192}
                                                           #      x V {128256,152064}, bf16
     python -m benchmarks.bench_linear_logprobs --quick    # CPU: small shapes, fp32
 
 Impls: naive, naive_compile (GPU), nova_triton (GPU), nova_torch (the chunked PyTorch path),
-nova_fused_ce (linear_cross_entropy: grads in the forward, so fwd_bwd only), liger_flce
-(LigerFusedLinearCrossEntropyLoss, sum), and for DPO (B pairs of T=1024 tokens, reference-free
+and for DPO (B pairs of T=1024 tokens, reference-free
 sigmoid on mean log-probs, = SimPO with gamma 0): nova_dpo (linear_logprobs + seq_reduce +
 loss) vs liger_dpo (LigerFusedLinearDPOLoss, use_ref_model=False), when liger_kernel imports.
 
@@ -30,12 +30,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nova_kernels import (  # noqa: E402
-    linear_cross_entropy,
-    linear_logprobs,
-    linear_logprobs_reference,
-    seq_reduce,
-)
+from nova_kernels import linear_logprobs, linear_logprobs_reference, seq_reduce  # noqa: E402
 
 from benchmarks._common import peak_memory, time_fn, write_rows  # noqa: E402
 
@@ -95,11 +90,7 @@ def impls(device, dtype, h, w, t, compile_naive):
     if on_gpu:
         out["nova_triton"] = logp_pair(lambda *a: linear_logprobs(*a, backend="triton"))
     out["nova_torch"] = logp_pair(lambda *a: linear_logprobs(*a, backend="torch"))
-    out["nova_fused_ce"] = loss_only(lambda: linear_cross_entropy(h, w, t))
     liger = _liger()
-    if liger is not None:
-        flce = liger[0](reduction="sum")
-        out["liger_flce"] = loss_only(lambda: flce(w, h, t))
     n_pairs = h.shape[0] // (2 * DPO_SEQ)
     if n_pairs > 0:
         n = 2 * n_pairs * DPO_SEQ
@@ -121,7 +112,7 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
-def bench_shape(N, H, V, device, dtype, reps, compile_naive, rows, phase, oom):
+def bench_shape(N, H, V, device, dtype, reps, compile_naive, rows, phase, oom, impls_fn, op):
     """phase "time": seconds, x_gemm3; phase "memory": peak_extra_bytes, mem_vs_naive. On CPU
     every timing runs before the first memory measurement (that one changes glibc's malloc
     settings for the rest of the process, which would slow later timings)."""
@@ -130,7 +121,7 @@ def bench_shape(N, H, V, device, dtype, reps, compile_naive, rows, phase, oom):
     h = torch.randn(N, H, generator=gen).to(device, dtype).requires_grad_()
     w = (torch.randn(V, H, generator=gen) / H**0.5).to(device, dtype).requires_grad_()
     t = torch.randint(0, V, (N,), generator=gen).to(device)
-    base = dict(op="linear_logprobs", shape=shape)
+    base = dict(op=op, shape=shape)
 
     def row(impl, mode, metric, p50, p20=None, p80=None):
         p20 = p50 if p20 is None else p20
@@ -142,7 +133,7 @@ def bench_shape(N, H, V, device, dtype, reps, compile_naive, rows, phase, oom):
         gemm = time_fn(lambda: hd @ wd.T, warmup=2, reps=reps)
         row("gemm", "fwd", "seconds", *gemm)
     naive_mem = {}
-    for name, (fwd, fwd_bwd) in impls(device, dtype, h, w, t, compile_naive).items():
+    for name, (fwd, fwd_bwd) in impls_fn(device, dtype, h, w, t, compile_naive).items():
         for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
             if fn is None or (shape, name, mode) in oom:
                 continue
@@ -166,22 +157,20 @@ def bench_shape(N, H, V, device, dtype, reps, compile_naive, rows, phase, oom):
                     row(name, mode, "x_gemm3", times[0] / (3 * gemm[0]))
                 continue
             row(name, mode, "peak_extra_bytes", float(mem))
-            if name == "naive":
+            if name.startswith("naive") and not name.endswith("compile"):
                 naive_mem[mode] = mem
             elif mode in naive_mem and naive_mem[mode] > 0:
                 row(name, mode, "mem_vs_naive", mem / naive_mem[mode])
     h.grad = w.grad = None
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None, op="linear_logprobs", impls_fn=impls):
+    ap = argparse.ArgumentParser(description=f"{op}: time and peak memory vs the naive path")
     ap.add_argument("--quick", action="store_true", help="CPU-sized shapes")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip naive under torch.compile")
-    ap.add_argument(
-        "--out", default=None, help="CSV path (default results/linear_logprobs_<dev>.csv)"
-    )
-    args = ap.parse_args()
+    ap.add_argument("--out", default=None, help=f"CSV path (default results/{op}_<dev>.csv)")
+    args = ap.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     quick = args.quick or not on_gpu
@@ -192,10 +181,12 @@ def main():
     oom: set = set()
     for phase in ("time", "memory"):
         for N, H, V in shapes:
-            bench_shape(N, H, V, device, dtype, reps, not args.no_compile, rows, phase, oom)
+            bench_shape(
+                N, H, V, device, dtype, reps, not args.no_compile, rows, phase, oom, impls_fn, op
+            )
             if on_gpu:
                 torch.cuda.empty_cache()
-    out = args.out or os.path.join(RESULTS, f"linear_logprobs_{'cuda' if on_gpu else 'cpu'}.csv")
+    out = args.out or os.path.join(RESULTS, f"{op}_{'cuda' if on_gpu else 'cpu'}.csv")
     write_rows(out, rows)
     for r in rows:
         print(f"{r['impl']:>14} {r['shape']:>32} {r['mode']:>8} {r['metric']:>16} {r['p50']:.4g}")

@@ -5,11 +5,8 @@ reference, an autograd.Function where it has a backward, and a selector
 from ._backend import default_backend, interpreting, resolve_backend
 from .gae import discounted_returns, gae, gae_packed
 from .group_advantages import group_advantages
-from .linear_logprobs import (
-    linear_cross_entropy,
-    linear_logprobs,
-    linear_logprobs_reference,
-)
+from .linear_cross_entropy import linear_cross_entropy
+from .linear_logprobs import linear_logprobs, linear_logprobs_reference
 from .policy_loss import kl_divergence, kl_penalty, policy_loss
 from .seq_reduce import seq_reduce, seq_reduce_reference
 from .whiten import whiten

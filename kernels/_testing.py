@@ -71,3 +71,17 @@ def poison_like(t: torch.Tensor) -> torch.Tensor:
     if t.is_floating_point():
         return torch.full_like(t, float("nan"))
     return torch.full_like(t, torch.iinfo(t.dtype).min)
+
+
+def linear_inputs(n: int, h: int, v: int, dtype: torch.dtype, seed: int = 0, n_ignored: int = 3):
+    """Fresh random inputs of the LM-head ops: hidden [n, h], weight [v, h] (logits spread over
+    several nats), targets [n] with `n_ignored` rows at -100, and upstream gradients for the
+    log-probs and the entropy ([n] each)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) / h**0.25).to(dtype)
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[torch.randperm(n, generator=g)[:n_ignored]] = -100
+    g_lp = torch.randn(n, generator=g)
+    g_ent = torch.randn(n, generator=g)
+    return hidden, weight, targets, g_lp, g_ent

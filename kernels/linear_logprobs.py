@@ -36,15 +36,9 @@ _CPU_WORKSPACE_ELEMS on CPU).
 Performance note (the H100 bar "fwd+bwd <= 1.15 x three N*H*V GEMMs"). Per-token log-probs
 with an arbitrary upstream gradient cost 4 GEMMs here: the forward must finish the logsumexp
 over the whole vocab before any p_j is known, so dz cannot be formed in the forward pass without
-either holding [N, V] logits or knowing the upstream gradient in advance. 4/3 = 1.33 > 1.15: the
-general path cannot meet that bar, by construction. `linear_cross_entropy` (this module) is the
-3-GEMM path for the case where the upstream gradient IS known at forward time (SFT's weighted
-token sum, as Liger's fused linear cross entropy): row chunks hold [Nc, Vp] fp32 logits, the TP
-group combines the chunk's statistics, dz is formed at once and both gradient GEMMs run inside
-the forward; backward only scales the stored grads by the (scalar) upstream gradient. Its
-elementwise part (max, exp, sum, dz) is plain torch ops over the [Nc, Vp] fp32 chunk, about
-five memory passes: estimated ~20% of the GEMM time at H=4096 on an H100, so a fused Triton
-row kernel for that part is the next step towards the 1.15x bar (not measured: no GPU yet).
+either holding [N, V] logits or knowing the upstream gradient in advance: 4/3 = 1.33 > 1.15 by
+construction. When the upstream gradient IS known at forward time (SFT's weighted token sum),
+`nova_kernels.linear_cross_entropy` forms the grads in the forward pass in 3 GEMMs.
 
 Sequence parallel: with `sequence_parallel=True` hidden is this rank's [N/tp, H] slice of the
 sequence dimension; the function all-gathers it (rank-major, as megatron) in forward and
@@ -57,11 +51,18 @@ and outputs are always the full [N] rows (replicated over the TP group).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import triton
 import triton.language as tl
 
 from ._backend import interpreting, resolve_backend
+from ._vocab_parallel import (
+    _check,
+    _local_targets,
+    _reduce_grad_hidden,
+    _sp_gather,
+    _tp_combine,
+    _tp_info,
+)
 
 _NEG = -1.0e30  # finite "-inf" for running maxima: keeps (-inf) * 0 NaNs out of the rescaling
 _WORKSPACE_ELEMS = 1 << 26  # bound on one chunk of logits / dlogits (elements), 128 MiB in bf16
@@ -422,79 +423,6 @@ def _grads(h_NH, w_VpH, tgt_N, lse_N, mu_N, glp_N, gent_N, with_entropy, backend
     return grad_h, grad_w
 
 
-# ----------------------------------------------------------------------------- tensor parallel
-
-
-def _tp_info(group) -> tuple[int, int]:
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-def _tp_combine(m, s, a, t, group, tp: int, with_entropy: bool):
-    """Exact combination of per-rank statistics: all_reduce(MAX) of m, all_reduce(SUM) of the
-    rescaled [s, t, a]. Identity when tp == 1."""
-    if tp == 1:
-        return m, s, a, t
-    M = m.clone()
-    dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
-    scale = torch.exp(m - M)
-    parts = [s * scale, t] + ([scale * (a + (m - M) * s)] if with_entropy else [])
-    buf = torch.stack(parts)
-    dist.all_reduce(buf, group=group)
-    return M, buf[0], (buf[2] if with_entropy else a), buf[1]
-
-
-def _sp_gather(x_nH: torch.Tensor, group, tp: int) -> torch.Tensor:
-    """[N/tp, H] -> [N, H], rank-major along the rows (megatron's sequence-parallel layout)."""
-    x_nH = x_nH.contiguous()
-    out = torch.empty(tp * x_nH.shape[0], *x_nH.shape[1:], device=x_nH.device, dtype=x_nH.dtype)
-    dist.all_gather_into_tensor(out, x_nH, group=group)
-    return out
-
-
-def _reduce_grad_hidden(g_NH: torch.Tensor, group, tp: int, sp: bool) -> torch.Tensor:
-    """Sum the per-shard grad_hidden over the TP group: reduce-scatter (SP) or all-reduce."""
-    if tp == 1:
-        return g_NH
-    if sp:
-        out = torch.empty(
-            g_NH.shape[0] // tp, *g_NH.shape[1:], device=g_NH.device, dtype=g_NH.dtype
-        )
-        dist.reduce_scatter_tensor(out, g_NH.contiguous(), group=group)
-        return out
-    dist.all_reduce(g_NH, group=group)
-    return g_NH
-
-
-def _local_targets(targets_N, start: int, vp: int, ignore_index: int) -> torch.Tensor:
-    """Global vocab ids -> ids local to the shard [start, start+vp), -1 elsewhere / ignored."""
-    local = targets_N.long() - start
-    keep = (targets_N != ignore_index) & (local >= 0) & (local < vp)
-    return torch.where(keep, local, -1)
-
-
-def _check(hidden, weight, targets, sequence_parallel: bool, tp: int) -> None:
-    if hidden.dim() != 2 or weight.dim() != 2 or targets.dim() != 1:
-        raise ValueError(
-            f"linear_logprobs: expected hidden [N, H], weight [Vp, H], targets [N]; got "
-            f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}"
-        )
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"linear_logprobs: hidden H={hidden.shape[1]} != weight H={weight.shape[1]}"
-        )
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"linear_logprobs: hidden {hidden.dtype} != weight {weight.dtype}")
-    n = hidden.shape[0] * (tp if sequence_parallel else 1)
-    if targets.shape[0] != n:
-        raise ValueError(f"linear_logprobs: targets has {targets.shape[0]} rows, expected {n}")
-    if targets.dtype.is_floating_point:
-        raise ValueError(f"linear_logprobs: targets must be integer ids, got {targets.dtype}")
-    if hidden.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise ValueError(f"linear_logprobs: unsupported dtype {hidden.dtype}")
-
-
 # ----------------------------------------------------------------------------- autograd
 
 
@@ -577,99 +505,6 @@ def linear_logprobs(
         hidden, weight, targets, tp_group, ignore_index, return_entropy, sequence_parallel, backend
     )
     return (logp, ent) if return_entropy else logp
-
-
-# ----------------------------------------------------------------------------- fused CE (3 GEMMs)
-
-
-class LinearCrossEntropyFunction(torch.autograd.Function):
-    """loss = -sum_n w_n logp_n with both grads formed in the forward pass (see the module
-    docstring): per row chunk, logits [Nc, Vp] (GEMM 1), TP-combined statistics, dz = w (p - 1_t),
-    grad_hidden rows (GEMM 2) and grad_W accumulation (GEMM 3). Backward scales by the scalar."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, tp_group, ignore_index, sp):
-        tp, rank = _tp_info(tp_group)
-        sp = bool(sp) and tp > 1
-        h_NH = (_sp_gather(hidden, tp_group, tp) if sp else hidden).contiguous()
-        w_VpH = weight.contiguous()
-        (N, H), vp = h_NH.shape, w_VpH.shape[0]
-        cdt, acc = _compute_dtype(h_NH), _acc_dtype(h_NH)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        tgt_N = _local_targets(targets, rank * vp, vp, ignore_index)
-        wts = torch.ones(N, device=h_NH.device, dtype=acc)
-        if token_weights is not None:
-            wts = token_weights.to(acc)
-        wts = torch.where(targets != ignore_index, wts, 0.0)
-        nc = max(1, min(N, _budget(h_NH.device) // max(vp, 1)))
-        grad_h = torch.empty(N, H, device=h_NH.device, dtype=hidden.dtype) if need_h else None
-        # grad_W accumulates over row chunks: in fp32 on CPU, in W's dtype on GPU (cuBLAS
-        # accumulates each chunk's product in fp32 and rounds once per chunk)
-        grad_w = torch.zeros(vp, H, device=h_NH.device, dtype=cdt) if need_w else None
-        w_c = w_VpH.to(cdt)
-        loss = torch.zeros((), device=h_NH.device, dtype=acc)
-        for r0 in range(0, N, nc):
-            r = slice(r0, r0 + nc)
-            h_r = h_NH[r].to(cdt)
-            z = (h_r @ w_c.T).to(acc)  # [nc, Vp]
-            tgt = tgt_N[r]
-            hit = (tgt >= 0).nonzero()[:, 0]
-            t = torch.zeros(z.shape[0], device=z.device, dtype=acc)
-            t[hit] = z[hit, tgt[hit]]
-            m = z.max(1).values
-            e = z.sub_(m[:, None]).exp_()  # exp(z - m), in place
-            M, S, _, T = _tp_combine(m, e.sum(1), t, t, tp_group, tp, False)
-            wr = wts[r]
-            loss -= (wr * (T - M - torch.log(S))).sum()
-            if need_h or need_w:
-                dz = e.mul_((wr * torch.exp(m - M) / S)[:, None])  # w * p
-                dz[hit, tgt[hit]] -= wr[hit]
-                dz = dz.to(cdt)
-                if need_h:
-                    grad_h[r] = dz @ w_c
-                if need_w:
-                    grad_w.addmm_(dz.T, h_r)
-        if need_h:
-            grad_h = _reduce_grad_hidden(grad_h, tp_group, tp, sp)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
-        return loss
-
-    @staticmethod
-    def backward(ctx, g_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * g_loss.to(grad_h.dtype) if grad_h is not None else None
-        gw = grad_w * g_loss.to(grad_w.dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None
-
-
-def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    token_weights: torch.Tensor | None = None,
-    *,
-    tp_group=None,
-    ignore_index: int = -100,
-    sequence_parallel: bool = False,
-) -> torch.Tensor:
-    """Weighted cross-entropy sum, -sum_n w_n log p(targets_n), in 3 GEMMs (grads in forward).
-
-    Same layout contract as `linear_logprobs` (hidden [N, H] or its SP slice, weight [Vp, H],
-    targets [N] global ids, ignore_index rows contribute 0). token_weights [N] (default 1) are
-    constants (no gradient), e.g. loss_mask / global_token_count for SFT. Returns a 0-dim fp32
-    loss (replicated over the TP group). Torch ops + cuBLAS on every device; memory: one
-    [Nc, Vp] fp32 logits chunk (Nc = workspace // Vp) plus the grads held from forward.
-    """
-    tp, _ = _tp_info(tp_group)
-    _check(hidden, weight, targets, sequence_parallel and tp > 1, tp)
-    if token_weights is not None and token_weights.shape != targets.shape:
-        raise ValueError(
-            f"linear_cross_entropy: token_weights {tuple(token_weights.shape)} != targets "
-            f"{tuple(targets.shape)}"
-        )
-    return LinearCrossEntropyFunction.apply(
-        hidden, weight, targets, token_weights, tp_group, ignore_index, sequence_parallel
-    )
 
 
 # ----------------------------------------------------------------------------- reference

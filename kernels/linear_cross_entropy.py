@@ -1,0 +1,123 @@
+"""Fused vocab-parallel cross-entropy in 3 GEMMs: loss = -sum_n w_n log p(target_n), with the
+gradients formed in the forward pass (Liger's fused linear cross entropy, made vocab-parallel).
+
+    loss = linear_cross_entropy(hidden_NH, w_VpH, targets_N, mask_N / global_tokens, tp_group=g)
+
+When the upstream gradient of every token's log-prob is known at forward time (SFT: the
+token weights, e.g. loss_mask / global loss-token count, times the scalar upstream gradient),
+dz = w (p - 1_t) can be formed as soon as a row chunk's softmax statistics are complete, so the
+logits are never recomputed: per row chunk, z = h @ W.T (GEMM 1) into an fp32 [Nc, Vp]
+workspace, the chunk's (max, sum-exp, target logit) combined over the TP group, dz formed in
+place, grad_hidden rows = dz @ W (GEMM 2), grad_W += dz.T @ h (GEMM 3). Backward only scales
+the stored grads by the scalar upstream gradient. `linear_logprobs` (4 GEMMs) is the general
+path for per-token log-probs with an arbitrary upstream gradient (DPO, RL).
+
+Legend and the TP / sequence-parallel contract are those of `nova_kernels.linear_logprobs`
+(hidden [N, H] or its [N/tp, H] SP slice, weight [Vp, H] this rank's vocab shard, targets [N]
+global ids). The elementwise part is torch ops over the fp32 chunk on every device (cuBLAS
+GEMMs on GPU); a fused Triton row kernel for it is the next step towards the GEMM floor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._vocab_parallel import (
+    _check,
+    _local_targets,
+    _reduce_grad_hidden,
+    _sp_gather,
+    _tp_combine,
+    _tp_info,
+)
+from .linear_logprobs import _acc_dtype, _budget, _compute_dtype
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """loss = -sum_n w_n logp_n with both grads formed in the forward pass (see the module
+    docstring): per row chunk, logits [Nc, Vp] (GEMM 1), TP-combined statistics, dz = w (p - 1_t),
+    grad_hidden rows (GEMM 2) and grad_W accumulation (GEMM 3). Backward scales by the scalar."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, token_weights, tp_group, ignore_index, sp):
+        tp, rank = _tp_info(tp_group)
+        sp = bool(sp) and tp > 1
+        h_NH = (_sp_gather(hidden, tp_group, tp) if sp else hidden).contiguous()
+        w_VpH = weight.contiguous()
+        (N, H), vp = h_NH.shape, w_VpH.shape[0]
+        cdt, acc = _compute_dtype(h_NH), _acc_dtype(h_NH)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        tgt_N = _local_targets(targets, rank * vp, vp, ignore_index)
+        wts = torch.ones(N, device=h_NH.device, dtype=acc)
+        if token_weights is not None:
+            wts = token_weights.to(acc)
+        wts = torch.where(targets != ignore_index, wts, 0.0)
+        nc = max(1, min(N, _budget(h_NH.device) // max(vp, 1)))
+        grad_h = torch.empty(N, H, device=h_NH.device, dtype=hidden.dtype) if need_h else None
+        # grad_W accumulates over row chunks: in fp32 on CPU, in W's dtype on GPU (cuBLAS
+        # accumulates each chunk's product in fp32 and rounds once per chunk)
+        grad_w = torch.zeros(vp, H, device=h_NH.device, dtype=cdt) if need_w else None
+        w_c = w_VpH.to(cdt)
+        loss = torch.zeros((), device=h_NH.device, dtype=acc)
+        for r0 in range(0, N, nc):
+            r = slice(r0, r0 + nc)
+            h_r = h_NH[r].to(cdt)
+            z = (h_r @ w_c.T).to(acc)  # [nc, Vp]
+            tgt = tgt_N[r]
+            hit = (tgt >= 0).nonzero()[:, 0]
+            t = torch.zeros(z.shape[0], device=z.device, dtype=acc)
+            t[hit] = z[hit, tgt[hit]]
+            m = z.max(1).values
+            e = z.sub_(m[:, None]).exp_()  # exp(z - m), in place
+            M, S, _, T = _tp_combine(m, e.sum(1), t, t, tp_group, tp, False)
+            wr = wts[r]
+            loss -= (wr * (T - M - torch.log(S))).sum()
+            if need_h or need_w:
+                dz = e.mul_((wr * torch.exp(m - M) / S)[:, None])  # w * p
+                dz[hit, tgt[hit]] -= wr[hit]
+                dz = dz.to(cdt)
+                if need_h:
+                    grad_h[r] = dz @ w_c
+                if need_w:
+                    grad_w.addmm_(dz.T, h_r)
+        if need_h:
+            grad_h = _reduce_grad_hidden(grad_h, tp_group, tp, sp)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * g_loss.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * g_loss.to(grad_w.dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    token_weights: torch.Tensor | None = None,
+    *,
+    tp_group=None,
+    ignore_index: int = -100,
+    sequence_parallel: bool = False,
+) -> torch.Tensor:
+    """Weighted cross-entropy sum, -sum_n w_n log p(targets_n), in 3 GEMMs (grads in forward).
+
+    Same layout contract as `linear_logprobs` (hidden [N, H] or its SP slice, weight [Vp, H],
+    targets [N] global ids, ignore_index rows contribute 0). token_weights [N] (default 1) are
+    constants (no gradient), e.g. loss_mask / global_token_count for SFT. Returns a 0-dim fp32
+    loss (replicated over the TP group). Torch ops + cuBLAS on every device; memory: one
+    [Nc, Vp] fp32 logits chunk (Nc = workspace // Vp) plus the grads held from forward.
+    """
+    tp, _ = _tp_info(tp_group)
+    _check(hidden, weight, targets, sequence_parallel and tp > 1, tp)
+    if token_weights is not None and token_weights.shape != targets.shape:
+        raise ValueError(
+            f"linear_cross_entropy: token_weights {tuple(token_weights.shape)} != targets "
+            f"{tuple(targets.shape)}"
+        )
+    return LinearCrossEntropyFunction.apply(
+        hidden, weight, targets, token_weights, tp_group, ignore_index, sequence_parallel
+    )
