@@ -1,6 +1,7 @@
 """SFT stage: next-token cross-entropy on assistant tokens, normalized by the step's global
-count of loss tokens, through `nova_kernels.linear_logprobs` on the last hidden states (no
-[tokens x vocab] logits).
+count of loss tokens, through `nova_kernels.linear_cross_entropy` on the last hidden states:
+no [tokens x vocab] logits, and 3 GEMMs (the gradients are formed in the forward pass, since
+the upstream gradient of every token's log-prob is known: mask / G).
 
     torchrun --nproc_per_node 8 -m nova_engine.train sft --recipe recipes/llama3_8b.yaml
     nova sft --recipe recipes/tiny_cpu.yaml train.max_steps=20        # one process
@@ -19,7 +20,7 @@ import torch
 from nova_kernels import linear_logprobs
 
 from nova_engine.data.packing import PackedBatch
-from nova_engine.losses.sft import sft_loss
+from nova_engine.losses.sft import sft_loss_fused
 from nova_engine.model.packed import packed_forward
 from nova_engine.parallel.state import ParallelState
 
@@ -64,8 +65,12 @@ class SFTStage:
             out = packed_forward(model, mb)
 
             def loss_fn(hidden):
-                logp = token_logprobs(model, hidden, mb, ps)
-                loss = sft_loss(logp, mb.loss_mask, global_count)
+                loss = sft_loss_fused(
+                    hidden.reshape(-1, hidden.shape[-1]), unwrap(model).lm_head_weight(),
+                    mb.labels, mb.loss_mask, global_count,
+                    tp_group=ps.tp_group if ps.tp > 1 else None,
+                    sequence_parallel=ps.sp and ps.tp > 1,
+                )  # fmt: skip
                 n = (mb.loss_mask != 0).sum()
                 return loss, n, {"loss": loss.detach(), "loss_tokens": n}
 
