@@ -14,6 +14,8 @@ import os
 import shutil
 import sys
 
+from nova_engine.train.metrics import emit
+
 
 def _export(ckpt: str, out: str) -> int:
     from nova_engine.train.checkpoint import HF_SUBDIR
@@ -22,10 +24,10 @@ def _export(ckpt: str, out: str) -> int:
     read_manifest(ckpt)  # a complete checkpoint, or CheckpointIOError naming what is wrong
     src = os.path.join(ckpt, HF_SUBDIR)
     if not os.path.isdir(src):
-        print(f"{ckpt}: no {HF_SUBDIR}/ export in this checkpoint", file=sys.stderr)
+        emit(f"{ckpt}: no {HF_SUBDIR}/ export in this checkpoint", err=True)
         return 1
     shutil.copytree(src, out, dirs_exist_ok=True)
-    print(f"exported {src} -> {out}")
+    emit(f"exported {src} -> {out}")
     return 0
 
 

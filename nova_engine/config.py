@@ -1,4 +1,5 @@
-"""Run configuration: small nested dataclasses, YAML recipes and `key=value` overrides.
+"""Run configuration: small nested dataclasses (this module) read from YAML recipes with
+`key=value` overrides (`nova_engine.recipe.load_recipe`).
 
 A recipe is one YAML file per model: sections shared by every stage at the top (any
 RunConfig section: model, parallel, data, optim, train, checkpoint, loss), then one section
@@ -17,19 +18,14 @@ count of loss tokens.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import types
 import typing
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-import yaml
 
 # The names of nova_engine.losses.dpo.DPO_LOSSES (kept here so loading a config needs no torch;
 # tests/engine/test_config.py checks the two agree).
@@ -406,212 +402,6 @@ class DPORunConfig(RunConfig):
 
 
 STAGES: dict[str, type[RunConfig]] = {"sft": SFTRunConfig, "dpo": DPORunConfig}
-
-
-# ---------------------------------------------------------------------------- building
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    if origin in (list, tuple):
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", str(tp))
-
-
-class _Raw:
-    """An override's text next to its YAML parse (a number, bool or null), so that a str
-    field gets the text verbatim (`model.hf_path=1234`, `data.margin_key=on`)."""
-
-    def __init__(self, raw: str, parsed: Any):
-        self.raw, self.parsed = raw, parsed
-
-    def __repr__(self) -> str:
-        return repr(self.parsed)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """`value` (from YAML or an override) as type `tp`, or ConfigError."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    bad = ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
-    if origin in (typing.Union, types.UnionType):
-        plain = value.parsed if isinstance(value, _Raw) else value
-        if plain is None or (isinstance(plain, str) and plain.lower() in ("null", "none")):
-            if type(None) in args:
-                return None
-        arms = [a for a in args if a is not type(None)]
-        if len(arms) == 1:  # Optional[X]: X's own error is the precise one
-            return _coerce(value, arms[0], key)
-        for a in arms:
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                continue
-        raise bad
-    if isinstance(value, _Raw):
-        value = value.raw if tp is str else value.parsed
-    if origin is Literal:
-        if value in args:
-            return value
-        raise bad
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
-        return _build(tp, value, key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise bad
-    if tp in (int, float):
-        # numbers, or strings of numbers: PyYAML reads "5e-6" (no dot) as a string
-        num = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-        if isinstance(value, str):
-            try:
-                num = float(value)
-            except ValueError:
-                pass
-        if num is None or (tp is int and not float(num).is_integer()):
-            raise bad
-        return tp(num)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise bad
-    if origin is list:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            raise bad
-        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise bad
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    raise ConfigError(key, f"unsupported field type {tp}")  # pragma: no cover
-
-
-def _fields(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
-
-
-def _build(cls: type, values: dict, prefix: str) -> Any:
-    fields = _fields(cls)
-    kwargs = {}
-    for k, v in values.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if k not in fields:
-            raise ConfigError(key, f"unknown key; valid keys here: {', '.join(fields)}")
-        kwargs[k] = _coerce(v, fields[k], key)
-    for f in dataclasses.fields(cls):
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if f.init and required and f.name not in kwargs:
-            key = f"{prefix}.{f.name}" if prefix else f.name
-            raise ConfigError(key, "missing required key")
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        if e.key.startswith(prefix + ".") or not prefix:
-            raise
-        raise ConfigError(f"{prefix}.{e.key}", e.msg) from None
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
-def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
-    """Set dotted keys in a nested dict: "optim.lr=1e-5", "data.train_paths=[a.jsonl,b.jsonl]".
-    Values are parsed as YAML scalars/lists (typing happens when the config is built)."""
-    out = copy.deepcopy(values)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(item, 'expected an override of the form "a.b.c=value"')
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, (int, float, bool)) or value is None:
-            value = _Raw(raw, value)
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            if node.get(p) is None:  # absent or null (e.g. `build: null`): a new section
-                node[p] = {}
-            nxt = node[p]
-            if not isinstance(nxt, dict):
-                raise ConfigError(key, f'"{p}" is a value, not a section')
-            node = nxt
-        node[parts[-1]] = value
-    return out
-
-
-def build_run_config(stage: str, values: dict, source: str | None = None) -> RunConfig:
-    """A stage's RunConfig from a nested dict (already merged)."""
-    if stage not in STAGES:
-        raise ConfigError("stage", f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    try:
-        return _build(STAGES[stage], values, "")
-    except ConfigError as e:
-        raise ConfigError(e.key, e.msg, source) from None
-
-
-def load_recipe(path: str | os.PathLike, stage: str, overrides: Sequence[str] = ()) -> RunConfig:
-    """Load `stage` ("sft", "dpo") from a recipe YAML, then apply `key=value` overrides."""
-    path = os.fspath(path)
-    with open(path) as f:
-        try:
-            doc = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError("<yaml>", f"not valid YAML: {e}", path) from None
-    if not isinstance(doc, dict):
-        raise ConfigError("<top>", "expected a mapping of sections", path)
-    if stage not in STAGES:
-        raise ConfigError("stage", f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    sections = set().union(*(_fields(c) for c in STAGES.values()))
-    shared, stages = {}, {}
-    for k, v in doc.items():
-        if k in STAGES:
-            stages[k] = v or {}
-        elif k in sections:
-            shared[k] = v
-        else:
-            valid = ", ".join(sorted(sections)) + "; stages: " + ", ".join(STAGES)
-            raise ConfigError(str(k), f"unknown top-level key; valid keys: {valid}", path)
-    if stage not in stages:
-        raise ConfigError(stage, f"the recipe has no {stage!r} section", path)
-    if not isinstance(stages[stage], dict):
-        raise ConfigError(stage, "expected a mapping of sections", path)
-    stage_fields = _fields(STAGES[stage])
-    merged = _deep_merge({k: v for k, v in shared.items() if k in stage_fields}, stages[stage])
-    try:
-        merged = apply_overrides(merged, overrides)
-    except ConfigError as e:
-        raise ConfigError(e.key, e.msg, "override") from None
-    src = f"{path} [{stage}]" + (" + overrides" if overrides else "")
-    return build_run_config(stage, merged, src)
-
-
-def config_from_dict(d: dict) -> RunConfig:
-    """Inverse of RunConfig.to_dict (e.g. the config saved in a checkpoint)."""
-    d = dict(d)
-    return build_run_config(d.pop("stage"), d)
 
 
 def config_hash(obj: Any, length: int = 16) -> str:

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from nova_engine.train.metrics import emit
+
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes",
                       "tiny_cpu.yaml")  # fmt: skip
 N_SFT, N_PREF, N_EVAL, TASK_SEED = 8000, 2000, 200, 0
@@ -165,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
 
-    from nova_engine.config import load_recipe
     from nova_engine.data.synthetic import write_task
     from nova_engine.data.tiny import build_tiny_tokenizer
     from nova_engine.data.tokenize import ChatTokenizer
     from nova_engine.logging import get_logger
+    from nova_engine.recipe import load_recipe
     from nova_engine.train import dpo, sft
 
     log = get_logger("nova_engine.demo")
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         f"time: SFT {times['sft']:.0f}s, DPO {times['dpo']:.0f}s, total {total:.0f}s",
         f"loss curves: {png}",
     ]
-    print("\n".join(lines))
+    emit("\n".join(lines))
     summary = {
         name: {k: v for k, v in r.items() if k in ("exact_match", "pref_acc")}
         for name, r in rows.items()

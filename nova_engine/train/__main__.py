@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from nova_engine.train.metrics import emit
+
 STAGES = ("sft", "dpo")
 
 
@@ -27,7 +29,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_stage(stage: str, recipe: str, overrides: list[str]) -> list[dict[str, float]]:
-    from nova_engine.config import load_recipe
+    from nova_engine.recipe import load_recipe
 
     run = load_recipe(recipe, stage, overrides)
     if stage == "sft":
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(args.stage, args.recipe, args.overrides)
     except user_errors() as e:
         kind = "config error" if type(e).__name__ == "ConfigError" else type(e).__name__
-        print(f"{kind}: {e}", file=sys.stderr)
+        emit(f"{kind}: {e}", err=True)
         return 2
     finally:
         import torch.distributed as dist

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -274,3 +275,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def emit(text: str, *, err: bool = False) -> None:
+    """User-facing output of the entry points and the demo (a results table, a one-line user
+    error): stdout on rank 0, or stderr (every rank) for errors."""
+    stream = sys.stderr if err else sys.stdout
+    if err or is_rank0():
+        stream.write(text + "\n")
+        stream.flush()

@@ -15,10 +15,9 @@ from nova_engine.config import (
     ModelConfig,
     ParallelConfig,
     SFTRunConfig,
-    config_from_dict,
     config_hash,
-    load_recipe,
 )
+from nova_engine.recipe import config_from_dict, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -224,7 +223,7 @@ def test_hash_and_dict_round_trip():
     assert config_hash({"x": 1, "y": [1, 2]}) == config_hash({"y": (1, 2), "x": 1})
     # the same in a fresh interpreter (no dependence on hash randomization)
     code = textwrap.dedent(f"""
-        from nova_engine.config import load_recipe
+        from nova_engine.recipe import load_recipe
         print(load_recipe({str(RECIPES / "tiny_cpu.yaml")!r}, "dpo").hash())
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

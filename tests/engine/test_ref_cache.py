@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from nova_engine.config import load_recipe
 from nova_engine.data.tiny import build_tiny_tokenizer
+from nova_engine.recipe import load_recipe
 from nova_engine.train.ref_cache import (
     RefCache,
     RefCacheError,
