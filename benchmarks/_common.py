@@ -134,3 +134,53 @@ def write_rows(path: str | Path, rows: list[dict], append: bool = False) -> None
         if new_file:
             writer.writeheader()
         writer.writerows(rows)
+
+
+SLOW_IMPLS = ("loop", "reference", "triton_interpreter")
+
+
+def measure_impls(
+    rows: list[dict],
+    *,
+    op: str,
+    shape: str,
+    mode: str,
+    impls: dict[str, Callable[[], object]],
+    reps: int,
+    baseline: str | None = None,
+    bytes_moved: int | None = None,
+    copy_gbs: float | None = None,
+) -> dict[str, tuple[float, ...]]:
+    """Time and measure the peak memory of each impl; append tidy rows; return the times.
+
+    Rows per impl: seconds (p50/p20/p80), peak_mem_bytes; with `bytes_moved`, GB/s (and
+    frac_copy_bw against `copy_gbs`); with `baseline` (an impl name, measured first),
+    speedup_vs_<baseline>. Python loops, references and the Triton interpreter get fewer reps.
+    """
+    times: dict[str, tuple[float, ...]] = {}
+    for impl, fn in impls.items():
+        slow = impl in SLOW_IMPLS
+        t = time_fn(fn, warmup=1 if slow else 3, reps=max(3, reps // 4) if slow else reps)
+        times[impl] = t
+        base = dict(op=op, impl=impl, shape=shape, mode=mode)
+        rows.append({**base, "metric": "seconds", "p50": t[0], "p20": t[1], "p80": t[2]})
+        rows.append({**base, "metric": "peak_mem_bytes", "p50": peak_memory(fn)})
+        if bytes_moved is not None:
+            gbs = [bytes_moved / x / 1e9 for x in t]  # from p50, p20 (fast), p80 (slow) times
+            rows.append({**base, "metric": "GB/s", "p50": gbs[0], "p20": gbs[2], "p80": gbs[1]})
+            if copy_gbs:
+                rows.append({**base, "metric": "frac_copy_bw", "p50": gbs[0] / copy_gbs})
+        if baseline is not None and impl != baseline:
+            speedup = times[baseline][0] / t[0]
+            rows.append({**base, "metric": f"speedup_vs_{baseline}", "p50": speedup})
+    return times
+
+
+def summary(times: dict[str, tuple[float, ...]]) -> str:
+    return ", ".join(f"{k} {v[0] * 1e3:.3f} ms" for k, v in times.items())
+
+
+def results_path(op: str) -> str:
+    """benchmarks/results/<op>_<cuda|cpu>.csv"""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return str(Path(__file__).resolve().parent / "results" / f"{op}_{device}.csv")

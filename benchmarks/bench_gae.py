@@ -31,9 +31,8 @@ from nova_kernels.gae import (  # noqa: E402
     gae_reference,
 )
 
-from benchmarks._common import peak_memory, time_fn, write_rows  # noqa: E402
+from benchmarks._common import measure_impls, results_path, summary, time_fn, write_rows  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 INTERPRETER_MAX_TOKENS = 2048
 
 
@@ -80,26 +79,13 @@ def bench_shape(B, T, device, copy_gbs, reps, rows):
         ),
     }
     for op, (bytes_per_token, impls) in cases.items():
-        times = {}
-        for impl, fn in impls.items():
-            if impl == triton_name and not run_triton:
-                continue
-            slow = impl == "loop" or impl == "triton_interpreter"
-            t = time_fn(fn, warmup=1 if slow else 3, reps=max(3, reps // 4) if slow else reps)
-            times[impl] = t
-            mem = peak_memory(fn)
-            base = dict(op=op, impl=impl, shape=shape, mode="fwd")
-            rows.append({**base, "metric": "seconds", "p50": t[0], "p20": t[1], "p80": t[2]})
-            rows.append({**base, "metric": "peak_mem_bytes", "p50": mem})
-            gbs = [bytes_per_token * B * T / x / 1e9 for x in t]  # p50, p20 (fast), p80
-            rows.append({**base, "metric": "GB/s", "p50": gbs[0], "p20": gbs[2], "p80": gbs[1]})
-            rows.append({**base, "metric": "frac_copy_bw", "p50": gbs[0] / copy_gbs})
-        for impl, t in times.items():
-            if impl != "loop":
-                row = dict(op=op, impl=impl, shape=shape, mode="fwd", metric="speedup_vs_loop")
-                rows.append({**row, "p50": times["loop"][0] / t[0]})
-        summary = ", ".join(f"{k} {v[0] * 1e3:.3f} ms" for k, v in times.items())
-        print(f"{op:22s} {shape:16s} {summary}")
+        if not run_triton:
+            impls.pop(triton_name)
+        times = measure_impls(
+            rows, op=op, shape=shape, mode="fwd", impls=impls, reps=reps, baseline="loop",
+            bytes_moved=bytes_per_token * B * T, copy_gbs=copy_gbs,
+        )  # fmt: skip
+        print(f"{op:22s} {shape:16s} {summary(times)}")
 
 
 def main(argv=None):
@@ -118,7 +104,7 @@ def main(argv=None):
     print(f"copy bandwidth {copy_gbs:.1f} GB/s on {device}")
     for B, T in shapes:
         bench_shape(B, T, device, copy_gbs, args.reps, rows)
-    path = os.path.join(RESULTS, f"gae_{'cuda' if on_gpu else 'cpu'}.csv")
+    path = results_path("gae")
     write_rows(path, rows)
     print(f"wrote {path}")
 

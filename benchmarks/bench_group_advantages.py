@@ -25,9 +25,8 @@ from nova_kernels.group_advantages import (  # noqa: E402
     group_advantages_reference,
 )
 
-from benchmarks._common import peak_memory, time_fn, write_rows  # noqa: E402
+from benchmarks._common import measure_impls, results_path, summary, write_rows  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 GROUP = 8
 
 
@@ -49,19 +48,12 @@ def bench_one(S, est, device, reps, rows):
             scores, ids, estimator=est, num_groups=G, backend="triton"
         ),
     }
-    times = {}
     shape = f"S={S},n={GROUP}"
-    for impl, fn in impls.items():
-        slow = impl in ("loop", "triton_interpreter")
-        t = time_fn(fn, warmup=1 if slow else 3, reps=max(3, reps // 4) if slow else reps)
-        times[impl] = t
-        base = dict(op=f"group_advantages_{est}", impl=impl, shape=shape, mode="fwd")
-        rows.append({**base, "metric": "seconds", "p50": t[0], "p20": t[1], "p80": t[2]})
-        rows.append({**base, "metric": "peak_mem_bytes", "p50": peak_memory(fn)})
-        if impl != "loop":
-            rows.append({**base, "metric": "speedup_vs_loop", "p50": times["loop"][0] / t[0]})
-    summary = ", ".join(f"{k} {v[0] * 1e3:.3f} ms" for k, v in times.items())
-    print(f"{est:5s} {shape:12s} {summary}")
+    times = measure_impls(
+        rows, op=f"group_advantages_{est}", shape=shape, mode="fwd", impls=impls, reps=reps,
+        baseline="loop",
+    )  # fmt: skip
+    print(f"{est:5s} {shape:12s} {summary(times)}")
 
 
 def main(argv=None):
@@ -76,7 +68,7 @@ def main(argv=None):
     for S in sizes:
         for est in ("grpo", "rloo"):
             bench_one(S, est, device, args.reps, rows)
-    path = os.path.join(RESULTS, f"group_advantages_{'cuda' if on_gpu else 'cpu'}.csv")
+    path = results_path("group_advantages")
     write_rows(path, rows)
     print(f"wrote {path}")
 

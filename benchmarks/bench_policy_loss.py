@@ -25,9 +25,8 @@ if not torch.cuda.is_available():
 
 from nova_kernels.policy_loss import policy_loss  # noqa: E402
 
-from benchmarks._common import peak_memory, time_fn, write_rows  # noqa: E402
+from benchmarks._common import measure_impls, results_path, summary, write_rows  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
 INTERPRETER_MAX_TOKENS = 2048
 CFG = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, tis_cap=2.0, kl_coef=0.05, kl_type="k3")
 
@@ -63,22 +62,16 @@ def bench_one(B, T, device, reps, rows):
         loss(backend).backward()
 
     for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-        times = {}
-        for impl, backend in (("torch", "torch"), (triton_name, "triton")):
-            if impl == "triton_interpreter" and B * T > INTERPRETER_MAX_TOKENS:
-                continue
-            slow = impl == "triton_interpreter"
-            call = functools.partial(fn, backend)
-            t = time_fn(call, warmup=1 if slow else 3, reps=3 if slow else reps)
-            times[impl] = t
-            base = dict(op="policy_loss", impl=impl, shape=shape, mode=mode)
-            rows.append({**base, "metric": "seconds", "p50": t[0], "p20": t[1], "p80": t[2]})
-            rows.append({**base, "metric": "peak_mem_bytes", "p50": peak_memory(call)})
-            if impl != "torch":
-                speedup = times["torch"][0] / t[0]
-                rows.append({**base, "metric": "speedup_vs_torch", "p50": speedup})
-        summary = ", ".join(f"{k} {v[0] * 1e3:.3f} ms" for k, v in times.items())
-        print(f"{mode:8s} {shape:14s} {summary}")
+        impls = {
+            impl: functools.partial(fn, backend)
+            for impl, backend in (("torch", "torch"), (triton_name, "triton"))
+            if not (impl == "triton_interpreter" and B * T > INTERPRETER_MAX_TOKENS)
+        }
+        times = measure_impls(
+            rows, op="policy_loss", shape=shape, mode=mode, impls=impls, reps=reps,
+            baseline="torch",
+        )  # fmt: skip
+        print(f"{mode:8s} {shape:14s} {summary(times)}")
 
 
 def main(argv=None):
@@ -95,7 +88,7 @@ def main(argv=None):
     rows = []
     for B, T in shapes:
         bench_one(B, T, device, args.reps, rows)
-    path = os.path.join(RESULTS, f"policy_loss_{'cuda' if on_gpu else 'cpu'}.csv")
+    path = results_path("policy_loss")
     write_rows(path, rows)
     print(f"wrote {path}")
 

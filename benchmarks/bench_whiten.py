@@ -22,9 +22,7 @@ if not torch.cuda.is_available():
 
 from nova_kernels.whiten import whiten, whiten_reference  # noqa: E402
 
-from benchmarks._common import peak_memory, time_fn, write_rows  # noqa: E402
-
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+from benchmarks._common import measure_impls, results_path, summary, write_rows  # noqa: E402
 
 
 def bench_one(B, T, device, reps, rows):
@@ -38,20 +36,12 @@ def bench_one(B, T, device, reps, rows):
         "torch": lambda: whiten(x, m, backend="torch"),
         triton_name: lambda: whiten(x, m, backend="triton"),
     }
-    times = {}
     shape = f"B={B},T={T}"
-    for impl, fn in impls.items():
-        slow = impl == "triton_interpreter"
-        t = time_fn(fn, warmup=1 if slow else 3, reps=3 if slow else reps)
-        times[impl] = t
-        base = dict(op="whiten", impl=impl, shape=shape, mode="fwd")
-        rows.append({**base, "metric": "seconds", "p50": t[0], "p20": t[1], "p80": t[2]})
-        rows.append({**base, "metric": "peak_mem_bytes", "p50": peak_memory(fn)})
-        rows.append({**base, "metric": "GB/s", "p50": 18 * B * T / t[0] / 1e9})
-        if impl != "reference":
-            speedup = times["reference"][0] / t[0]
-            rows.append({**base, "metric": "speedup_vs_reference", "p50": speedup})
-    print(f"{shape:14s} " + ", ".join(f"{k} {v[0] * 1e3:.3f} ms" for k, v in times.items()))
+    times = measure_impls(
+        rows, op="whiten", shape=shape, mode="fwd", impls=impls, reps=reps,
+        baseline="reference", bytes_moved=18 * B * T,
+    )  # fmt: skip
+    print(f"{shape:14s} {summary(times)}")
 
 
 def main(argv=None):
@@ -68,7 +58,7 @@ def main(argv=None):
     rows = []
     for B, T in shapes:
         bench_one(B, T, device, args.reps, rows)
-    path = os.path.join(RESULTS, f"whiten_{'cuda' if on_gpu else 'cpu'}.csv")
+    path = results_path("whiten")
     write_rows(path, rows)
     print(f"wrote {path}")
 
