@@ -273,6 +273,10 @@ class CheckpointConfig:
     """"auto" (latest complete checkpoint under dir, if any), "none", or a checkpoint path."""
     export_hf: bool = True
     """Export the final model to <train.out_dir>/hf as a HF directory."""
+    hf_in_checkpoints: bool = True
+    """Also write a HF export (hf/) into every checkpoint: it is what loads a checkpoint into
+    another TP x PP layout and what `nova export` copies. At 70B it costs a full gather and
+    ~140 GB per save: turn it off there (checkpoints then resume on the same layout only)."""
 
     def __post_init__(self) -> None:
         _check(self.keep_last >= 0, "keep_last", "expected >= 0 (0 = keep all)")

@@ -144,8 +144,10 @@ def train_stage(
 
     def save(step: int) -> None:
         save_checkpoint(
-            root, trainer, config_hash=run.hash(), arch=arch, keep_last=run.checkpoint.keep_last
-        )
+            root, trainer, config_hash=run.hash(),
+            arch=arch if run.checkpoint.hf_in_checkpoints else None,
+            keep_last=run.checkpoint.keep_last,
+        )  # fmt: skip
 
     t = run.train
     fpt, peak = _mfu_inputs(arch, ps, batcher)
