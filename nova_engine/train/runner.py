@@ -73,21 +73,43 @@ def build_trainer(
     """(Trainer, arch): the model of `model_dir` on layout `ps`, DDP-wrapped, with megatron's
     optimizer and the LR schedule of `optim` (None: forward-only trainer)."""
     from nova_engine.model.arch import load_arch
+
+    arch = load_arch(model_dir)
+    trainer = make_trainer(
+        arch, ps, weights_dir=model_dir, optim=optim, total_steps=total_steps,
+        precision=precision, recompute=recompute, distributed_optimizer=distributed_optimizer,
+    )  # fmt: skip
+    return trainer, arch
+
+
+def make_trainer(
+    arch,
+    ps: ParallelState,
+    *,
+    weights_dir: str | None = None,
+    optim: Any = None,
+    total_steps: int = 1,
+    precision: str = "fp32",
+    recompute: str = "none",
+    distributed_optimizer: bool = False,
+) -> Trainer:
+    """A Trainer for `arch` on `ps`: weights from the HF directory `weights_dir`, or
+    megatron's random initialization when it is None (benchmarks)."""
     from nova_engine.model.build import build_model
     from nova_engine.model.hf_io import load_hf_weights
     from nova_engine.parallel.pipeline import wrap_ddp
     from nova_engine.train.optim import build_optimizer
 
-    arch = load_arch(model_dir)
     chunks = build_model(arch, ps, precision=precision, recompute=recompute)
-    load_hf_weights(chunks, arch, ps, model_dir)
+    if weights_dir is not None:
+        load_hf_weights(chunks, arch, ps, weights_dir)
     dist_opt = distributed_optimizer and optim is not None
     models = wrap_ddp(chunks, ps, use_distributed_optimizer=dist_opt)
     opt = sched = None
     if optim is not None:
         opt = build_optimizer(models, optim, precision=precision, distributed=dist_opt)
         sched = LRScheduler.from_config(optim, total_steps)
-    return Trainer(ps, chunks, models, opt, sched), arch
+    return Trainer(ps, chunks, models, opt, sched)
 
 
 def resume_path(run) -> str | None:
@@ -100,7 +122,7 @@ def resume_path(run) -> str | None:
     return r
 
 
-def _mfu_inputs(arch, ps: ParallelState, batcher: StepBatcher):
+def mfu_inputs(arch, ps: ParallelState, batcher: StepBatcher):
     """(flops per token, summed peak FLOP/s of the world) on known GPUs, else (None, None)."""
     import torch
 
@@ -150,7 +172,7 @@ def train_stage(
         )  # fmt: skip
 
     t = run.train
-    fpt, peak = _mfu_inputs(arch, ps, batcher)
+    fpt, peak = mfu_inputs(arch, ps, batcher)
     with MetricsLogger(
         t.out_dir,
         total_steps=batcher.total_steps,

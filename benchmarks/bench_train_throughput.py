@@ -1,0 +1,188 @@
+"""End-to-end training throughput on a Llama-shaped model (random weights, world of one):
+
+1. packed vs padded: forward+backward of the same samples (log-normal lengths) as packed THD
+   micro-batches of `capacity` tokens, and as right-padded [B, S] batches of the same token
+   budget (B = capacity // longest sample, padded to the longest of each batch, arrival
+   order), each through the SFT loss (hidden states -> linear_cross_entropy). Reported in
+   real (non-padding) tokens/s: the padding FLOPs packing saves.
+2. SFT steps: the engine's trainer (megatron schedules + optimizer, packing, the SFT stage)
+   for a few steps; tokens/s, and MFU where the GPU's peak is known.
+
+    python -m benchmarks.bench_train_throughput            # GPU: ~1.2B Llama, bf16
+    python -m benchmarks.bench_train_throughput --quick    # CPU: a tiny Llama, fp32
+
+Rows: benchmarks/results/train_throughput_<cuda|cpu>.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from benchmarks._common import results_path, write_rows
+
+# GPU: Llama-3.2-1B-like (hidden 2048, 16 layers, GQA 32/8, vocab 128256): 1.24B parameters
+GPU_MODEL = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+)  # fmt: skip
+CPU_MODEL = dict(
+    hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=2048, max_position_embeddings=1024,
+)  # fmt: skip
+
+
+def _lengths(n: int, median: float, max_len: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.lognormal(np.log(median), 0.8, n), 8, max_len).astype(np.int64)
+
+
+def _samples(lengths: np.ndarray, vocab: int, seed: int = 0):
+    from nova_engine.data.sample import Sample
+
+    rng = np.random.default_rng(seed + 1)
+    out = []
+    for i, n in enumerate(lengths):
+        mask = np.ones(n, dtype=np.uint8)
+        mask[0] = 0
+        out.append(Sample(rng.integers(0, vocab, n), mask, index=i))
+    return out
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def packed_vs_padded(model, ps, samples, capacity: int, reps: int) -> list[dict]:
+    """Real tokens/s of fwd+bwd for the packed and the padded layout of `samples`."""
+    from nova_kernels import linear_cross_entropy
+
+    from nova_engine.data.packing import PackedBatch, PackingPlan
+    from nova_engine.model.packed import packed_forward
+
+    dev = ps.device
+    plan = PackingPlan.from_samples(samples, capacity=capacity, seed=0)
+    packed = [plan.make_batch(samples, ids).to(dev) for _, ids in plan.epoch_bins(0)]
+    bsz = max(1, capacity // max(len(s) for s in samples))
+    padded = []
+    for i in range(0, len(samples), bsz):
+        group = samples[i : i + bsz]
+        width = max(len(s) for s in group)
+        rows = [PackedBatch.from_samples([s], pad_to_length=width) for s in group]
+        padded.append(
+            (
+                torch.stack([r.tokens for r in rows]).to(dev),
+                torch.stack([r.labels for r in rows]).to(dev),
+            )
+        )
+    weight = model.lm_head_weight()
+    n_real = sum(len(s) for s in samples)
+
+    def run_packed():
+        for mb in packed:
+            h = packed_forward(model, mb)
+            linear_cross_entropy(h.reshape(-1, h.shape[-1]), weight, mb.labels).backward()
+
+    def run_padded():
+        for ids_BS, labels_BS in padded:
+            pos = torch.arange(ids_BS.shape[1], device=dev).expand_as(ids_BS)
+            h_SBH = model(ids_BS, pos, attention_mask=None)
+            labels_SB = labels_BS.transpose(0, 1).reshape(-1)
+            linear_cross_entropy(h_SBH.reshape(-1, h_SBH.shape[-1]), weight, labels_SB).backward()
+
+    rows = []
+    for impl, fn in (("packed", run_packed), ("padded", run_padded)):
+        fn()  # warmup
+        times = []
+        for _ in range(reps):
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        p50, p20, p80 = (float(np.quantile(times, q)) for q in (0.5, 0.2, 0.8))
+        slots = sum(mb.num_tokens for mb in packed) if impl == "packed" else sum(
+            ids.numel() for ids, _ in padded
+        )  # fmt: skip
+        base = dict(op="train_fwd_bwd", impl=impl, mode="fwd_bwd", shape=f"{len(samples)} samples")
+        rows.append({**base, "metric": "real_tokens_per_s", "p50": n_real / p50,
+                     "p20": n_real / p80, "p80": n_real / p20})  # fmt: skip
+        rows.append({**base, "metric": "real_token_fraction", "p50": n_real / slots})
+        print(f"{impl:7s} {n_real / p50:12.0f} real tokens/s  ({n_real / slots:.1%} of slots real)")
+    return rows
+
+
+def sft_steps(arch, ps, samples, capacity: int, steps: int, precision: str) -> list[dict]:
+    """The trainer's SFT steps; tokens/s (and MFU on known GPUs) over steps 2..N."""
+    from nova_engine.config import OptimConfig
+    from nova_engine.train.loop import StepBatcher
+    from nova_engine.train.runner import make_trainer, mfu_inputs
+    from nova_engine.train.sft import SFTStage
+
+    gbs = max(1, len(samples) // (steps + 1))
+    batcher = StepBatcher(samples, global_batch_size=gbs, micro_batch_tokens=capacity, ps=ps,
+                          max_steps=steps + 1)  # fmt: skip
+    optim = OptimConfig(lr=1e-5, schedule="constant")
+    trainer = make_trainer(arch, ps, optim=optim, total_steps=steps + 1, precision=precision)
+    stage = SFTStage(ps)
+    trainer.train_step(stage, batcher.rank_microbatches(0))  # warmup (allocations, autotune)
+    _sync()
+    t0, tokens = time.perf_counter(), 0
+    for step in range(1, steps + 1):
+        tokens += trainer.train_step(stage, batcher.rank_microbatches(step)).tokens
+    _sync()
+    secs = time.perf_counter() - t0
+    base = dict(op="sft_step", impl="nova", mode="train", shape=f"gbs={gbs},cap={capacity}")
+    rows = [{**base, "metric": "tokens_per_s", "p50": tokens / secs}]
+    fpt, peak = mfu_inputs(arch, ps, batcher)
+    msg = f"SFT steps: {tokens / secs:.0f} tokens/s"
+    if fpt is not None:
+        mfu = tokens / secs * fpt / peak
+        rows.append({**base, "metric": "mfu", "p50": mfu})
+        msg += f", MFU {mfu:.1%}"
+    print(msg)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model on CPU")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args(argv)
+    from nova_engine.model.arch import arch_from_hf_config
+    from nova_engine.model.build import build_model
+    from nova_engine.model.tiny import tiny_hf_config
+    from nova_engine.parallel.state import initialize_parallel
+    from nova_engine.train.runner import ensure_process_group_env
+
+    on_gpu = torch.cuda.is_available() and not args.quick
+    dims, precision = (GPU_MODEL, "bf16") if on_gpu else (CPU_MODEL, "fp32")
+    n, median, max_len, capacity, steps = (
+        (512, 600, 4096, 16384, 5) if on_gpu else (96, 40, 256, 1024, 3)
+    )
+    cfg = tiny_hf_config("llama", tie_word_embeddings=False, **dims).to_dict()
+    cfg["architectures"] = ["LlamaForCausalLM"]
+    arch = arch_from_hf_config(cfg)
+    ensure_process_group_env()
+    ps = initialize_parallel()
+    samples = _samples(_lengths(n, median, max_len), arch.vocab_size)
+    model = build_model(arch, ps, precision=precision)[0]
+    model.return_hidden = True
+    print(f"model: {arch.num_params / 1e9:.3f}B parameters, {precision}, on {ps.device}")
+    rows = packed_vs_padded(model, ps, samples, capacity, args.reps)
+    del model
+    rows += sft_steps(arch, ps, samples, capacity, steps, precision)
+    for r in rows:
+        r["shape"] = f"{arch.num_params / 1e9:.2f}B,{r['shape']}"
+    path = results_path("train_throughput")
+    write_rows(path, rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
