@@ -173,12 +173,12 @@ def main(argv=None):
     samples = _samples(_lengths(n, median, max_len), arch.vocab_size)
     model = build_model(arch, ps, precision=precision)[0]
     model.return_hidden = True
-    print(f"model: {arch.num_params / 1e9:.3f}B parameters, {precision}, on {ps.device}")
+    print(f"model: {arch.num_params / 1e6:.1f}M parameters, {precision}, on {ps.device}")
     rows = packed_vs_padded(model, ps, samples, capacity, args.reps)
     del model
     rows += sft_steps(arch, ps, samples, capacity, steps, precision)
     for r in rows:
-        r["shape"] = f"{arch.num_params / 1e9:.2f}B,{r['shape']}"
+        r["shape"] = f"{arch.num_params / 1e6:.0f}M params,{r['shape']}"
     path = results_path("train_throughput")
     write_rows(path, rows)
     print(f"wrote {path}")
