@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (device tool `run`): set up, check the kernels on the GPU,
+# run every benchmark at full size, copy the result CSVs to $OUT.
+#
+# Here, first:   bash ../shared/gpu/wheels.sh     (megatron-core, liger-kernel, ... into .whl/)
+# Then:          run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# and commit what comes back under benchmarks/results/ (rows carry the device name).
+#
+# The GPU image has torch 2.11 + triton 3.6 (not this machine's 2.13 / 3.9); nothing here
+# has run on a GPU yet, so the first session reads the output for failures first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" /tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+ln -sfn "$PWD/kernels" /tmp/site/nova_kernels        # the package name of kernels/
+export PYTHONPATH=/tmp/site:$PWD
+python3 setup.py -q build_ext --inplace 2>&1 | tail -3  # nova_engine._C (the packer)
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+
+# kernels compiled for the GPU (no interpreter), against the references
+timeout 240 python3 -m pytest -q -x -p no:cacheprovider --import-mode=importlib tests/kernels \
+    2>&1 | tail -15
+for b in linear_logprobs linear_cross_entropy seq_reduce gae group_advantages whiten \
+         policy_loss train_throughput; do
+    timeout 150 python3 -m benchmarks.bench_$b 2>&1 | tail -12
+done
+cp benchmarks/results/*_cuda.csv "$OUT"/ 2>/dev/null
+ls -la "$OUT"
