@@ -160,43 +160,33 @@ def load_pairs(run, paths) -> list:
 def run(run) -> list[dict[str, float]]:
     """The DPO stage from a DPORunConfig (all ranks); returns the per-step metrics."""
     from nova_engine.train.ref_cache import RefCacheKey
-    from nova_engine.train.runner import build_trainer, ensure_model, setup_parallel, train_stage
+    from nova_engine.train.runner import (
+        ensure_model,
+        eval_over,
+        setup_parallel,
+        step_batcher,
+        train_stage,
+        trainer_for_run,
+    )
 
     ps = setup_parallel(run)
     ensure_model(run, ps)
-    t = run.train
     pairs = load_pairs(run, run.data.train_paths)
-
-    def batcher(data, **kw) -> StepBatcher:
-        return StepBatcher(
-            data, global_batch_size=t.global_batch_size, micro_batch_tokens=t.micro_batch_tokens,
-            ps=ps, **kw,
-        )  # fmt: skip
-
-    train_batches = batcher(
-        pairs, seed=run.data.seed, shuffle=run.data.shuffle, epochs=t.epochs, max_steps=t.max_steps
-    )
-    trainer, arch = build_trainer(
-        run.model.hf_path, ps, optim=run.optim, total_steps=train_batches.total_steps,
-        precision=t.precision, recompute=t.recompute,
-        distributed_optimizer=run.parallel.distributed_optimizer,
-    )  # fmt: skip
+    train_batches = step_batcher(run, ps, pairs, train=True)
+    trainer, arch = trainer_for_run(run, ps, train_batches.total_steps)
     cache = None
     if run.loss.needs_reference:
         key = RefCacheKey.for_run(run)
         cache = RefCache.open(run.ref_cache_dir, key, expected=[p.index for p in pairs])
         if not cache.complete:
-            cache = reference_pass(trainer, batcher(pairs, shuffle=False), cache)
+            cache = reference_pass(trainer, step_batcher(run, ps, pairs, train=False), cache)
         else:
             logger.info("reference log-probs from the cache %s", cache.path)
     stage = DPOStage(ps, run.loss.to_loss_config(), cache)
     eval_fn = None
     if run.data.eval_paths and cache is None:
-        ev = batcher(load_pairs(run, run.data.eval_paths), shuffle=False)
-
-        def eval_fn():
-            return trainer.evaluate(stage, [ev.rank_microbatches(s) for s in range(ev.total_steps)])
-
+        ev = step_batcher(run, ps, load_pairs(run, run.data.eval_paths), train=False)
+        eval_fn = eval_over(trainer, stage, ev)
     elif run.data.eval_paths:
         logger.warning("DPO eval on held-out pairs needs their reference log-probs: skipped")
     return train_stage(run, ps, trainer, arch, stage, train_batches, eval_fn)

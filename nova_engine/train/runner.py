@@ -112,6 +112,38 @@ def make_trainer(
     return Trainer(ps, chunks, models, opt, sched)
 
 
+def step_batcher(run, ps: ParallelState, data, *, train: bool) -> StepBatcher:
+    """The run's batcher over `data`: seeded, shuffled epochs for training; one ordered pass
+    for evaluation and reference passes."""
+    t = run.train
+    kw: dict[str, Any] = dict(shuffle=False)
+    if train:
+        kw = dict(
+            seed=run.data.seed, shuffle=run.data.shuffle, epochs=t.epochs, max_steps=t.max_steps
+        )
+    return StepBatcher(
+        data, global_batch_size=t.global_batch_size, micro_batch_tokens=t.micro_batch_tokens,
+        ps=ps, **kw,
+    )  # fmt: skip
+
+
+def trainer_for_run(run, ps: ParallelState, total_steps: int):
+    """(Trainer, arch) for a stage's run config: its model, optimizer, precision, layout."""
+    t = run.train
+    return build_trainer(
+        run.model.hf_path, ps, optim=run.optim, total_steps=total_steps,
+        precision=t.precision, recompute=t.recompute,
+        distributed_optimizer=run.parallel.distributed_optimizer,
+    )  # fmt: skip
+
+
+def eval_over(trainer: Trainer, stage, batcher: StepBatcher):
+    """An eval_fn for Trainer.fit: the stage's metrics over every step of `batcher`."""
+    return lambda: trainer.evaluate(
+        stage, [batcher.rank_microbatches(s) for s in range(batcher.total_steps)]
+    )
+
+
 def resume_path(run) -> str | None:
     """The checkpoint to resume from per `checkpoint.resume` ("auto", "none" or a path)."""
     r = run.checkpoint.resume

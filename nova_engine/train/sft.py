@@ -98,32 +98,22 @@ def load_chat(run, paths) -> list:
 
 def run(run) -> list[dict[str, float]]:
     """The SFT stage from a SFTRunConfig (all ranks); returns the per-step metrics."""
-    from nova_engine.train.loop import StepBatcher
-    from nova_engine.train.runner import build_trainer, ensure_model, setup_parallel, train_stage
+    from nova_engine.train.runner import (
+        ensure_model,
+        eval_over,
+        setup_parallel,
+        step_batcher,
+        train_stage,
+        trainer_for_run,
+    )
 
     ps = setup_parallel(run)
     ensure_model(run, ps)
-    t = run.train
-    samples = load_chat(run, run.data.train_paths)
-    batcher = StepBatcher(
-        samples, global_batch_size=t.global_batch_size, micro_batch_tokens=t.micro_batch_tokens,
-        ps=ps, seed=run.data.seed, shuffle=run.data.shuffle, epochs=t.epochs,
-        max_steps=t.max_steps,
-    )  # fmt: skip
-    trainer, arch = build_trainer(
-        run.model.hf_path, ps, optim=run.optim, total_steps=batcher.total_steps,
-        precision=t.precision, recompute=t.recompute,
-        distributed_optimizer=run.parallel.distributed_optimizer,
-    )  # fmt: skip
+    batcher = step_batcher(run, ps, load_chat(run, run.data.train_paths), train=True)
+    trainer, arch = trainer_for_run(run, ps, batcher.total_steps)
     stage = SFTStage(ps)
     eval_fn = None
     if run.data.eval_paths:
-        ev = StepBatcher(
-            load_chat(run, run.data.eval_paths), global_batch_size=t.global_batch_size,
-            micro_batch_tokens=t.micro_batch_tokens, ps=ps, shuffle=False,
-        )  # fmt: skip
-
-        def eval_fn():
-            return trainer.evaluate(stage, [ev.rank_microbatches(s) for s in range(ev.total_steps)])
-
+        ev = step_batcher(run, ps, load_chat(run, run.data.eval_paths), train=False)
+        eval_fn = eval_over(trainer, stage, ev)
     return train_stage(run, ps, trainer, arch, stage, batcher, eval_fn)
