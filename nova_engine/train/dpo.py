@@ -174,19 +174,24 @@ def run(run) -> list[dict[str, float]]:
     pairs = load_pairs(run, run.data.train_paths)
     train_batches = step_batcher(run, ps, pairs, train=True)
     trainer, arch = trainer_for_run(run, ps, train_batches.total_steps)
-    cache = None
-    if run.loss.needs_reference:
-        key = RefCacheKey.for_run(run)
-        cache = RefCache.open(run.ref_cache_dir, key, expected=[p.index for p in pairs])
-        if not cache.complete:
-            cache = reference_pass(trainer, step_batcher(run, ps, pairs, train=False), cache)
-        else:
+    loss_cfg = run.loss.to_loss_config()
+
+    def reference(pairs_, paths) -> RefCache | None:
+        """The reference log-probs of `pairs_` (cached; computed now, before any update)."""
+        if not run.loss.needs_reference:
+            return None
+        key = RefCacheKey.for_run(run, data_paths=paths)
+        cache = RefCache.open(run.ref_cache_dir, key, expected=[p.index for p in pairs_])
+        if cache.complete:
             logger.info("reference log-probs from the cache %s", cache.path)
-    stage = DPOStage(ps, run.loss.to_loss_config(), cache)
+            return cache
+        return reference_pass(trainer, step_batcher(run, ps, pairs_, train=False), cache)
+
+    stage = DPOStage(ps, loss_cfg, reference(pairs, run.data.train_paths))
     eval_fn = None
-    if run.data.eval_paths and cache is None:
-        ev = step_batcher(run, ps, load_pairs(run, run.data.eval_paths), train=False)
-        eval_fn = eval_over(trainer, stage, ev)
-    elif run.data.eval_paths:
-        logger.warning("DPO eval on held-out pairs needs their reference log-probs: skipped")
+    if run.data.eval_paths:
+        eval_pairs = load_pairs(run, run.data.eval_paths)
+        eval_stage = DPOStage(ps, loss_cfg, reference(eval_pairs, run.data.eval_paths))
+        ev = step_batcher(run, ps, eval_pairs, train=False)
+        eval_fn = eval_over(trainer, eval_stage, ev)
     return train_stage(run, ps, trainer, arch, stage, train_batches, eval_fn)

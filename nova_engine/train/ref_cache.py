@@ -133,16 +133,18 @@ class RefCacheKey:
         return hashlib.sha256(blob).hexdigest()[:20]
 
     @classmethod
-    def for_run(cls, run, ref_model_dir: str | None = None) -> RefCacheKey:
+    def for_run(
+        cls, run, ref_model_dir: str | None = None, data_paths: list[str] | None = None
+    ) -> RefCacheKey:
         """The key of a DPORunConfig: its model directory (or `ref_model_dir`), training
-        files and ref_config()."""
+        files (or `data_paths`, e.g. the held-out pairs) and ref_config()."""
         from nova_engine.config import config_hash
 
         ref = dict(run.ref_config())
         ref["tokenizer_dir"] = tokenizer_fingerprint(run.model.tokenizer_dir)  # content, not path
         return cls(
             model=model_fingerprint(ref_model_dir or run.model.hf_path),
-            data=data_fingerprint(run.data.train_paths),
+            data=data_fingerprint(data_paths or run.data.train_paths),
             config=config_hash(ref),
         )
 

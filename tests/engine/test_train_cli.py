@@ -70,3 +70,39 @@ def test_bad_data_line_stops_the_run_naming_file_and_line(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert f"{bad}:2:" in err and "DataError" in err
+
+
+def test_dpo_entry_point_evaluates_held_out_pairs(tmp_path):
+    """`dpo` through the entry point with held-out pairs: both reference passes run before
+    any update (two cache files: train and held-out), and the eval records carry the DPO
+    metrics."""
+    from nova_engine.data.synthetic import write_task
+    from nova_engine.data.tiny import build_tiny_tokenizer
+    from nova_engine.data.tokenize import load_tokenizer
+    from nova_engine.model.tiny import build_tiny_hf_model
+    from nova_engine.train.metrics import read_metrics
+
+    tok = build_tiny_tokenizer(tmp_path / "tok")
+    train = write_task(tmp_path / "train", n_sft=2, n_pref=16, n_eval=2, seed=1)["pref"]
+    held = write_task(tmp_path / "held", n_sft=2, n_pref=8, n_eval=2, seed=2)["pref"]
+    model = tmp_path / "model"
+    build_tiny_hf_model(
+        str(model), "llama", vocab_size=len(load_tokenizer(tok)), hidden_size=64,
+        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    rc = train_main.main([
+        "dpo", "--recipe", RECIPE, f"model.hf_path={model}", f"model.tokenizer_path={tok}",
+        f"data.train_paths=[{train}]", f"data.eval_paths=[{held}]", "train.global_batch_size=8",
+        "train.max_steps=2", "train.eval_every=2", f"train.out_dir={out}",
+        "train.tensorboard=false", "checkpoint.resume=none",
+    ])  # fmt: skip
+    assert rc == 0
+    assert len([f for f in os.listdir(out / "ref_cache") if f.endswith(".npz")]) == 2
+    evals = [
+        r for r in read_metrics(out / "metrics.jsonl") if any(k.startswith("eval/") for k in r)
+    ]
+    assert evals, "an eval record was written"
+    rec = evals[-1]
+    for k in ("eval/loss", "eval/accuracy", "eval/margin"):
+        assert k in rec and rec[k] == rec[k], k  # present and not NaN
