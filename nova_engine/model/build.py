@@ -193,8 +193,3 @@ def build_model(
         model.to(ps.device)
         chunks.append(model)
     return chunks
-
-
-def chunk_layer_numbers(model: GPTModel) -> list[int]:
-    """Global 0-based indices of the decoder layers held by this model chunk."""
-    return [layer.layer_number - 1 for layer in model.decoder.layers]

@@ -66,12 +66,6 @@ class ParallelState:
         last_chunk = vp_stage is None or vp_stage == self.num_chunks - 1
         return self.pp_rank == self.pp - 1 and last_chunk
 
-    def pg_collection(self):
-        """megatron's ProcessGroupCollection for this layout (passed to GPTModel)."""
-        from megatron.core.process_groups_config import ProcessGroupCollection
-
-        return ProcessGroupCollection.use_mpu_process_groups()
-
     def describe(self) -> str:
         v = f" VP{self.vpp}" if self.vpp else ""
         s = " SP" if self.sp else ""
