@@ -184,3 +184,28 @@ def results_path(op: str) -> str:
     """benchmarks/results/<op>_<cuda|cpu>.csv"""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return str(Path(__file__).resolve().parent / "results" / f"{op}_{device}.csv")
+
+
+# the RL benches' [B, T] shapes: the issue's grid on a GPU, small ones on CPU
+GPU_BT_SHAPES = [(b, t) for b in (64, 512) for t in (1024, 8192)]
+CPU_BT_SHAPES = [(8, 128), (64, 1024)]
+
+
+def bench_args(doc: str | None, argv=None):
+    """(args, device, quick) of a bench with the usual --quick / --reps flags; quick is
+    forced on a machine without CUDA."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes (CPU)")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    return args, torch.device("cuda" if on_gpu else "cpu"), args.quick or not on_gpu
+
+
+def finish(op: str, rows: list[dict]) -> None:
+    """Write the rows to results_path(op) and say where."""
+    path = results_path(op)
+    write_rows(path, rows)
+    print(f"wrote {path}")

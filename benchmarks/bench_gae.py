@@ -16,7 +16,6 @@ path runs; they are not performance figures.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -31,7 +30,7 @@ from nova_kernels.gae import (  # noqa: E402
     gae_reference,
 )
 
-from benchmarks._common import measure_impls, results_path, summary, time_fn, write_rows  # noqa: E402
+from benchmarks._common import GPU_BT_SHAPES, bench_args, finish, measure_impls, summary, time_fn  # noqa: E402
 
 INTERPRETER_MAX_TOKENS = 2048
 
@@ -89,24 +88,14 @@ def bench_shape(B, T, device, copy_gbs, reps, rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes (CPU)")
-    ap.add_argument("--reps", type=int, default=20)
-    args = ap.parse_args(argv)
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
-    if args.quick or not on_gpu:
-        shapes = [(8, 128), (8, 1024), (64, 1024)]
-    else:
-        shapes = [(B, T) for B in (64, 512) for T in (1024, 8192)]
-    copy_gbs = copy_bandwidth(device, (1 << 30) if on_gpu else (1 << 26), args.reps)
+    args, device, quick = bench_args(__doc__, argv)
+    shapes = [(8, 128), (8, 1024), (64, 1024)] if quick else GPU_BT_SHAPES
+    copy_gbs = copy_bandwidth(device, (1 << 26) if quick else (1 << 30), args.reps)
     rows = [dict(op="copy", impl="copy", shape="bytes_rw", mode="fwd", metric="GB/s", p50=copy_gbs)]
     print(f"copy bandwidth {copy_gbs:.1f} GB/s on {device}")
     for B, T in shapes:
         bench_shape(B, T, device, copy_gbs, args.reps, rows)
-    path = results_path("gae")
-    write_rows(path, rows)
-    print(f"wrote {path}")
+    finish("gae", rows)
 
 
 if __name__ == "__main__":

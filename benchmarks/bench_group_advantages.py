@@ -12,7 +12,6 @@ path runs under the interpreter; they are not performance figures.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
@@ -25,7 +24,7 @@ from nova_kernels.group_advantages import (  # noqa: E402
     group_advantages_reference,
 )
 
-from benchmarks._common import measure_impls, results_path, summary, write_rows  # noqa: E402
+from benchmarks._common import bench_args, finish, measure_impls, summary  # noqa: E402
 
 GROUP = 8
 
@@ -57,20 +56,12 @@ def bench_one(S, est, device, reps, rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes (CPU)")
-    ap.add_argument("--reps", type=int, default=20)
-    args = ap.parse_args(argv)
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
-    sizes = [64, 512] if (args.quick or not on_gpu) else [64, 512, 8192]
-    rows = []
-    for S in sizes:
+    args, device, quick = bench_args(__doc__, argv)
+    rows: list[dict] = []
+    for S in [64, 512] if quick else [64, 512, 8192]:
         for est in ("grpo", "rloo"):
             bench_one(S, est, device, args.reps, rows)
-    path = results_path("group_advantages")
-    write_rows(path, rows)
-    print(f"wrote {path}")
+    finish("group_advantages", rows)
 
 
 if __name__ == "__main__":

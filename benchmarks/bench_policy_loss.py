@@ -14,7 +14,6 @@ figures.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 
@@ -25,7 +24,14 @@ if not torch.cuda.is_available():
 
 from nova_kernels.policy_loss import policy_loss  # noqa: E402
 
-from benchmarks._common import measure_impls, results_path, summary, write_rows  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    CPU_BT_SHAPES,
+    GPU_BT_SHAPES,
+    bench_args,
+    finish,
+    measure_impls,
+    summary,
+)
 
 INTERPRETER_MAX_TOKENS = 2048
 CFG = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, tis_cap=2.0, kl_coef=0.05, kl_type="k3")
@@ -75,22 +81,11 @@ def bench_one(B, T, device, reps, rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes (CPU)")
-    ap.add_argument("--reps", type=int, default=20)
-    args = ap.parse_args(argv)
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if on_gpu else "cpu")
-    if args.quick or not on_gpu:
-        shapes = [(8, 128), (64, 1024)]
-    else:
-        shapes = [(B, T) for B in (64, 512) for T in (1024, 8192)]
-    rows = []
-    for B, T in shapes:
+    args, device, quick = bench_args(__doc__, argv)
+    rows: list[dict] = []
+    for B, T in CPU_BT_SHAPES if quick else GPU_BT_SHAPES:
         bench_one(B, T, device, args.reps, rows)
-    path = results_path("policy_loss")
-    write_rows(path, rows)
-    print(f"wrote {path}")
+    finish("policy_loss", rows)
 
 
 if __name__ == "__main__":
