@@ -81,6 +81,46 @@ def _alloc(*shape, device, dtype) -> torch.Tensor:
 
 
 @triton.jit
+def _logits_tile(
+    h_ptr,  # [N, H] hidden rows, row stride stride_h, unit column stride
+    w_ptr,  # [V, H] weight rows, row stride stride_w
+    rows64,  # [BLOCK_N] int64 row ids
+    row_ok,  # [BLOCK_N] bool
+    cols64,  # [BLOCK_V] int64 vocab ids (rows of w)
+    col_ok,  # [BLOCK_V] bool
+    H,
+    stride_h,
+    stride_w,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CAST_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """z = h[rows] @ w[cols].T as a [BLOCK_N, BLOCK_V] fp32 tile, accumulated over H in
+    BLOCK_K steps (masked rows / columns read as 0)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        hb = tl.load(
+            h_ptr + rows64[:, None] * stride_h + ks[None, :],
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        wb = tl.load(
+            w_ptr + cols64[None, :] * stride_w + ks[:, None],
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        if CAST_FP32:
+            hb = hb.to(tl.float32)
+            wb = wb.to(tl.float32)
+        acc = tl.dot(hb, wb, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _fwd_stats_kernel(
     h_ptr,  # [N, H] hidden, input dtype, row stride stride_h, unit column stride
     w_ptr,  # [Vp, H] weight shard, row stride stride_w
@@ -120,24 +160,10 @@ def _fwd_stats_kernel(
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_end
         cols64 = cols.to(tl.int64)
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < H
-            hb = tl.load(
-                h_ptr + rows64[:, None] * stride_h + ks[None, :],
-                mask=row_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            wb = tl.load(
-                w_ptr + cols64[None, :] * stride_w + ks[:, None],
-                mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )
-            if CAST_FP32:
-                hb = hb.to(tl.float32)
-                wb = wb.to(tl.float32)
-            acc = tl.dot(hb, wb, acc, input_precision=DOT_PRECISION)
+        acc = _logits_tile(
+            h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, H, stride_h, stride_w,
+            BLOCK_N, BLOCK_V, BLOCK_K, CAST_FP32, DOT_PRECISION,
+        )  # fmt: skip
         z = tl.where(col_ok[None, :], acc, -1.0e30)  # finite: no 0 * inf below
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
@@ -189,24 +215,10 @@ def _bwd_dlogits_kernel(
     col_ok = cols < n_cols
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < H
-        hb = tl.load(
-            h_ptr + rows64[:, None] * stride_h + ks[None, :],
-            mask=row_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        wb = tl.load(
-            w_ptr + cols64[None, :] * stride_w + ks[:, None],
-            mask=k_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        if CAST_FP32:
-            hb = hb.to(tl.float32)
-            wb = wb.to(tl.float32)
-        acc = tl.dot(hb, wb, acc, input_precision=DOT_PRECISION)
+    acc = _logits_tile(
+        h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, H, stride_h, stride_w,
+        BLOCK_N, BLOCK_V, BLOCK_K, CAST_FP32, DOT_PRECISION,
+    )  # fmt: skip
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
