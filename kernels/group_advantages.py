@@ -34,6 +34,18 @@ _empty = torch.empty  # tests swap in a NaN-filling allocator
 
 
 @triton.jit
+def _group_chunk(x_ptr, perm_ptr, off, i, lane, n, CONTIGUOUS: tl.constexpr):
+    """Scores i .. i+BLOCK of the group starting at `off`: (x fp32, sample indices, valid)."""
+    ok = i + lane < n
+    if CONTIGUOUS:
+        idx = off + i + lane
+    else:
+        idx = tl.load(perm_ptr + off + i + lane, mask=ok, other=0)
+    x = tl.load(x_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    return x, idx, ok
+
+
+@triton.jit
 def _group_adv_kernel(
     x_ptr,  # [S] scores
     perm_ptr,  # [S] int64 sample indices ordered by group (unused when CONTIGUOUS)
@@ -58,12 +70,7 @@ def _group_adv_kernel(
     lo = tl.full([BLOCK], float("inf"), tl.float32)
     hi = tl.full([BLOCK], float("-inf"), tl.float32)
     for i in range(0, n, BLOCK):
-        ok = i + lane < n
-        if CONTIGUOUS:
-            idx = off + i + lane
-        else:
-            idx = tl.load(perm_ptr + off + i + lane, mask=ok, other=0)
-        x = tl.load(x_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        x, idx, ok = _group_chunk(x_ptr, perm_ptr, off, i, lane, n, CONTIGUOUS)
         acc += x
         lo = tl.minimum(lo, tl.where(ok, x, float("inf")))
         hi = tl.maximum(hi, tl.where(ok, x, float("-inf")))
@@ -71,12 +78,7 @@ def _group_adv_kernel(
     mean = tl.sum(acc, 0) / tl.maximum(nf, 1.0)
     ss = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(0, n, BLOCK):
-        ok = i + lane < n
-        if CONTIGUOUS:
-            idx = off + i + lane
-        else:
-            idx = tl.load(perm_ptr + off + i + lane, mask=ok, other=0)
-        x = tl.load(x_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        x, idx, ok = _group_chunk(x_ptr, perm_ptr, off, i, lane, n, CONTIGUOUS)
         d = tl.where(ok, x - mean, 0.0)
         ss += d * d
     std = tl.sqrt(tl.sum(ss, 0) / tl.maximum(nf - 1.0, 1.0))
@@ -91,12 +93,7 @@ def _group_adv_kernel(
         shift = tl.where(single, 0.0, mean)
         scale = tl.where(single, 1.0, nf / tl.maximum(nf - 1.0, 1.0))
     for i in range(0, n, BLOCK):
-        ok = i + lane < n
-        if CONTIGUOUS:
-            idx = off + i + lane
-        else:
-            idx = tl.load(perm_ptr + off + i + lane, mask=ok, other=0)
-        x = tl.load(x_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        x, idx, ok = _group_chunk(x_ptr, perm_ptr, off, i, lane, n, CONTIGUOUS)
         tl.store(adv_ptr + idx, (x - shift) * scale, mask=ok)
     all_equal = tl.max(hi, 0) == tl.min(lo, 0)
     tl.store(deg_ptr + g, (all_equal | (n == 0)).to(tl.int8))
