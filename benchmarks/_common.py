@@ -21,7 +21,7 @@ COLUMNS = ("op", "impl", "shape", "mode", "metric", "p50", "p20", "p80")
 ENV_COLUMNS = ("device", "torch", "triton", "commit")
 
 
-def _sync() -> None:
+def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -31,13 +31,13 @@ def time_fn(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> tuple[
     Synchronizes CUDA around every call when CUDA is available."""
     for _ in range(warmup):
         fn()
-    _sync()
+    sync()
     times = []
     for _ in range(reps):
-        _sync()
+        sync()
         t0 = time.perf_counter()
         fn()
-        _sync()
+        sync()
         times.append(time.perf_counter() - t0)
     t = torch.tensor(times, dtype=torch.float64)
     return tuple(float(torch.quantile(t, q)) for q in (0.5, 0.2, 0.8))
@@ -60,11 +60,11 @@ def peak_memory(fn: Callable[[], object]) -> int:
     tensors that matter; small allocations reused from the heap do not show.
     """
     if torch.cuda.is_available():
-        _sync()
+        sync()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         fn()
-        _sync()
+        sync()
         return int(torch.cuda.max_memory_allocated() - before)
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, big blocks always mmapped

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks._common import results_path, write_rows
+from benchmarks._common import results_path, sync, time_fn, write_rows
 
 # GPU: Llama-3.2-1B-like (hidden 2048, 16 layers, GQA 32/8, vocab 128256): 1.24B parameters
 GPU_MODEL = dict(
@@ -50,11 +50,6 @@ def _samples(lengths: np.ndarray, vocab: int, seed: int = 0):
         mask[0] = 0
         out.append(Sample(rng.integers(0, vocab, n), mask, index=i))
     return out
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def packed_vs_padded(model, ps, samples, capacity: int, reps: int) -> list[dict]:
@@ -96,16 +91,8 @@ def packed_vs_padded(model, ps, samples, capacity: int, reps: int) -> list[dict]
 
     rows = []
     for impl, fn in (("packed", run_packed), ("padded", run_padded)):
-        fn()  # warmup
-        times = []
-        for _ in range(reps):
-            _sync()
-            t0 = time.perf_counter()
-            fn()
-            _sync()
-            times.append(time.perf_counter() - t0)
+        p50, p20, p80 = time_fn(fn, warmup=1, reps=reps)
         model.zero_grad(set_to_none=True)
-        p50, p20, p80 = (float(np.quantile(times, q)) for q in (0.5, 0.2, 0.8))
         slots = sum(mb.num_tokens for mb in packed) if impl == "packed" else sum(
             ids.numel() for ids, _ in padded
         )  # fmt: skip
@@ -131,11 +118,11 @@ def sft_steps(arch, ps, samples, capacity: int, steps: int, precision: str) -> l
     trainer = make_trainer(arch, ps, optim=optim, total_steps=steps + 1, precision=precision)
     stage = SFTStage(ps)
     trainer.train_step(stage, batcher.rank_microbatches(0))  # warmup (allocations, autotune)
-    _sync()
+    sync()
     t0, tokens = time.perf_counter(), 0
     for step in range(1, steps + 1):
         tokens += trainer.train_step(stage, batcher.rank_microbatches(step)).tokens
-    _sync()
+    sync()
     secs = time.perf_counter() - t0
     base = dict(op="sft_step", impl="nova", mode="train", shape=f"gbs={gbs},cap={capacity}")
     rows = [{**base, "metric": "tokens_per_s", "p50": tokens / secs}]
