@@ -380,8 +380,9 @@ def _torch_dlogits(h_nH, w_vH, tgt_n, col0, lse_n, mu_n, glp_n, gent_n, with_ent
     else:
         dz = p.mul_(-glp_n[:, None])
     tl_ = tgt_n - col0
-    hit = ((tl_ >= 0) & (tl_ < z.shape[1])).nonzero()[:, 0]
-    dz[hit, tl_[hit]] += glp_n[hit]
+    hit = (tl_ >= 0) & (tl_ < z.shape[1])  # masked scatter: no host sync per chunk
+    tcol = tl_.clamp(0, z.shape[1] - 1)[:, None]
+    dz.scatter_add_(1, tcol, torch.where(hit, glp_n, 0.0)[:, None].to(dz.dtype))
     return dz.to(cdt)
 
 
