@@ -1,20 +1,28 @@
 """`nova`: single-process use of the engine (a world of one; use torchrun with
-`-m nova_engine.train` for several ranks).
+`-m nova_engine.train` for several ranks) and the tools around the stages.
 
     nova sft --recipe recipes/tiny_cpu.yaml train.max_steps=50
     nova dpo --recipe recipes/tiny_cpu.yaml loss.beta=0.1
     nova export runs/sft/checkpoints/step_00000200 out/hf     # a checkpoint's HF export
     nova demo --out demo_out                                  # = make demo
+    nova <tool> --help                                        # the tools listed below
+
+Each tool is one module with `main(argv) -> int` (its own argparse); `TOOLS` maps the
+command name to it, so adding a tool is one line here.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import sys
 
 from nova_engine.train.metrics import emit
+
+# command -> (module with main(argv) -> int, one-line help)
+TOOLS: dict[str, tuple[str, str]] = {}
 
 
 def _export(ckpt: str, out: str) -> int:
@@ -31,12 +39,22 @@ def _export(ckpt: str, out: str) -> int:
     return 0
 
 
+def _stages() -> tuple[str, ...]:
+    from nova_engine.train.__main__ import STAGES
+
+    return tuple(STAGES)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:  # a tool parses its own arguments
+        module, _ = TOOLS[argv[0]]
+        return int(importlib.import_module(module).main(argv[1:]) or 0)
     p = argparse.ArgumentParser(prog="nova", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
-    for stage in ("sft", "dpo"):
+    stages = _stages()
+    for stage in stages:
         s = sub.add_parser(stage, help=f"run the {stage} stage")
         s.add_argument("--recipe", required=True)
         s.add_argument("overrides", nargs="*")
@@ -45,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("out")
     d = sub.add_parser("demo", help="the make-demo run")
     d.add_argument("--out", default="demo_out")
+    for name, (_, help_text) in TOOLS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     args, rest = p.parse_known_args(argv)
-    if args.cmd in ("sft", "dpo"):
+    if args.cmd in stages:
         from nova_engine.train.__main__ import main as train_main
 
         return train_main([args.cmd, "--recipe", args.recipe, *args.overrides, *rest])
