@@ -126,6 +126,27 @@ def test_entropy_value_by_hand():
             assert abs(ent[i].item() - want_ent) < 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_logit", [47.0, 100.0, 195.0])
+def test_entropy_at_large_logits_within_torch_error(backend, max_logit):
+    """Entropy at max logit 47-195 within 2x plain torch's fp32 error (log_softmax) against
+    float64. One-hot hidden rows make every logit exact in fp32, so the comparison isolates
+    the entropy formula: (m + log s) - (m + a/s) cancelled to 5-8x torch's error here."""
+    n, h, v = 37, 72, 1000
+    g = torch.Generator().manual_seed(int(max_logit))
+    hidden = torch.nn.functional.one_hot(torch.randint(0, h, (n,), generator=g), h).float()
+    weight = max_logit - torch.empty(v, h).uniform_(3.0, 30.0, generator=g)
+    weight[torch.randint(0, v, (h,), generator=g), torch.arange(h)] = max_logit
+    targets = torch.randint(0, v, (n,), generator=g)
+    _, ent = linear_logprobs(hidden, weight, targets, ignore_index=IGNORE, return_entropy=True,
+                             backend=backend)  # fmt: skip
+    _, ent64 = linear_logprobs_reference(hidden, weight, targets, IGNORE, True, torch.float64)
+    _, ent32 = linear_logprobs_reference(hidden, weight, targets, IGNORE, True, torch.float32)
+    err = (ent.double() - ent64).abs().max().item()
+    err_torch = (ent32.double() - ent64).abs().max().item()
+    assert 0 < err_torch and err <= 2 * err_torch, (err, err_torch)
+
+
 def test_input_errors():
     h, w = torch.randn(4, 8), torch.randn(16, 8)
     with pytest.raises(ValueError, match="targets has 3 rows"):
