@@ -54,7 +54,12 @@ class PolicyLossConfig:
     kl_coef: float = 0.0
     """Coefficient of the KL to the reference (Tülu 3: 0.05 for 8B, 0.07 for 70B)."""
     kl_type: str = "k3"
-    """KL estimator: k1, k2 or k3 (clamped: log-ratio to +-20, value to +-10)."""
+    """KL estimator: k1, k2 or k3."""
+    kl_log_ratio_clamp: float | None = 20.0
+    """Clamp of the log-ratio ref - logprobs before the estimator (None: off)."""
+    kl_value_clamp: float | None = 10.0
+    """Clamp of the estimator's value (None: off). NeMo-RL clamps all three estimators;
+    verl clamps only k3: set both to None for k1/k2 to match verl."""
     kl_in: str = "loss"
     """Where the KL goes: loss, reward or none."""
 
@@ -77,6 +82,10 @@ class PolicyLossConfig:
             raise ValueError(f"PolicyLossConfig.dual_clip={self.dual_clip}: expected > 1")
         if self.tis_cap is not None and not self.tis_cap > 0:
             raise ValueError(f"PolicyLossConfig.tis_cap={self.tis_cap}: expected > 0")
+        for key in ("kl_log_ratio_clamp", "kl_value_clamp"):
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise ValueError(f"PolicyLossConfig.{key}={v}: expected > 0 or None (off)")
         if self.kl_coef < 0:
             raise ValueError(f"PolicyLossConfig.kl_coef={self.kl_coef}: expected >= 0")
         if self.loss_scale_factor is not None and not self.loss_scale_factor > 0:
@@ -118,6 +127,8 @@ def _kernel_kwargs(cfg: PolicyLossConfig, ref_logprobs) -> dict:
         ref_logprobs=ref_logprobs if use_kl else None,
         kl_coef=cfg.kl_coef if use_kl else 0.0,
         kl_type=cfg.kl_type,
+        kl_log_ratio_clamp=cfg.kl_log_ratio_clamp,
+        kl_value_clamp=cfg.kl_value_clamp,
         agg=cfg.agg,
         loss_scale_factor=cfg.loss_scale_factor,
         tis_cap=cfg.tis_cap,
@@ -201,5 +212,6 @@ def apply_kl_penalty(
     if cfg.kl_in != "reward":
         return token_rewards.float(), torch.zeros_like(token_rewards, dtype=torch.float32)
     return nk.kl_penalty(
-        token_rewards, logprobs, ref_logprobs, mask, cfg.kl_coef, cfg.kl_type, backend=backend
-    )
+        token_rewards, logprobs, ref_logprobs, mask, cfg.kl_coef, cfg.kl_type, backend=backend,
+        log_ratio_clamp=cfg.kl_log_ratio_clamp, value_clamp=cfg.kl_value_clamp,
+    )  # fmt: skip

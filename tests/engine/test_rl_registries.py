@@ -246,3 +246,29 @@ def test_kl_goes_to_exactly_one_place(backend):
     assert_verbose_allclose(pen, rewards - 0.1 * (lp - ref) * mask, rtol=1e-6, atol=1e-6)
     same, zero = apply_kl_penalty(in_loss, rewards, lp, ref, mask, backend=backend)
     assert torch.equal(same, rewards) and not zero.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kl_clamps_configurable(backend):
+    """k1 with log-ratios far past the clamps: clamped by default (NeMo-RL), unclamped with
+    both clamps None (verl clamps only k3), in the loss and in the reward."""
+    lp, old, adv, mask, _, ref = make_policy_inputs(4)
+    ref = lp + 30.0 * torch.randn(lp.shape)  # |ref - lp| well beyond 20 on many tokens
+    logr = (ref - lp).double()
+    n = mask.sum()
+    base = PolicyLossConfig(tis_cap=None)
+    l_base, _ = compute_policy_loss(base, lp, old, adv, mask, backend=backend)
+    for clamps, kl in (
+        ({}, (-logr.clamp(-20, 20)).clamp(-10, 10)),
+        (dict(kl_log_ratio_clamp=None, kl_value_clamp=None), -logr),
+        (dict(kl_log_ratio_clamp=5.0, kl_value_clamp=None), -logr.clamp(-5, 5)),
+    ):
+        cfg = PolicyLossConfig(kl_coef=0.1, kl_type="k1", tis_cap=None, **clamps)
+        loss, _ = compute_policy_loss(cfg, lp, old, adv, mask, ref_logprobs=ref, backend=backend)
+        expect = l_base.double() + 0.1 * (kl * mask).sum() / n
+        assert_verbose_allclose(loss.double(), expect, rtol=1e-5, atol=1e-5)
+        cfg_r = PolicyLossConfig(kl_coef=0.1, kl_type="k1", kl_in="reward", **clamps)
+        _, kl_r = apply_kl_penalty(cfg_r, torch.zeros(lp.shape), lp, ref, mask, backend=backend)
+        assert_verbose_allclose(kl_r.double(), kl * mask, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kl_value_clamp"):
+        PolicyLossConfig(kl_value_clamp=0.0)
