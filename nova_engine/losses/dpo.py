@@ -1,5 +1,5 @@
 """The DPO family, by name: sigmoid DPO, length-normalized DPO (Tülu 3's dpo_norm), IPO, SimPO,
-hinge and conservative DPO (label smoothing).
+hinge, conservative DPO (label smoothing) and robust DPO (rDPO, unbiased under label noise).
 
 Inputs are per-sequence quantities (B pairs), computed from per-token log-probs
 (`nova_kernels.linear_logprobs`) with `sequence_logps` (a `nova_kernels.seq_reduce` over the
@@ -35,12 +35,12 @@ class DPOConfig:
     """Hyperparameters of the DPO family."""
 
     loss_type: str = "dpo_norm"
-    """One of DPO_LOSSES: sigmoid, dpo_norm, ipo, simpo, hinge, cdpo."""
+    """One of DPO_LOSSES: sigmoid, dpo_norm, ipo, simpo, hinge, cdpo, rdpo."""
     beta: float = 5.0
     """Inverse temperature beta (Tülu 3 dpo_norm: 5; sigmoid DPO usually 0.1)."""
     label_smoothing: float = 0.0
-    """eps: assumed probability that a preference label is flipped (cdpo requires 0 < eps < 0.5;
-    sigmoid, dpo_norm and simpo accept it too; ipo and hinge refuse it)."""
+    """eps: assumed probability that a preference label is flipped (cdpo and rdpo require
+    0 < eps < 0.5; sigmoid, dpo_norm and simpo accept it too; ipo and hinge refuse it)."""
     gamma_beta_ratio: float = 0.5
     """SimPO's target margin gamma expressed as gamma / beta (SimPO paper, TRL's simpo_gamma is
     gamma itself: gamma = gamma_beta_ratio * beta)."""
@@ -54,8 +54,10 @@ class DPOConfig:
             raise ValueError(f"DPOConfig.beta={self.beta}: expected > 0")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig.label_smoothing={self.label_smoothing}: expected [0, 0.5)")
-        if self.loss_type == "cdpo" and self.label_smoothing == 0.0:
-            raise ValueError("DPOConfig: loss_type='cdpo' needs label_smoothing in (0, 0.5)")
+        if self.loss_type in ("cdpo", "rdpo") and self.label_smoothing == 0.0:
+            raise ValueError(
+                f"DPOConfig: loss_type={self.loss_type!r} needs label_smoothing in (0, 0.5)"
+            )
         if self.loss_type in ("ipo", "hinge") and self.label_smoothing != 0.0:
             raise ValueError(f"DPOConfig: loss_type={self.loss_type!r} takes no label_smoothing")
 
@@ -126,6 +128,19 @@ def conservative_dpo(p: PreferenceLogps, cfg: DPOConfig):
     """Conservative DPO (Mitchell 2023, label smoothing eps in (0, 0.5)):
     loss = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h); rewards as sigmoid DPO."""
     return sigmoid_dpo(p, cfg)
+
+
+@register("rdpo")
+def robust_dpo(p: PreferenceLogps, cfg: DPOConfig):
+    """Robust DPO (Chowdhury et al. 2024, TRL's loss_type="robust"), an unbiased estimate of
+    the clean-label loss when labels flip with probability eps in (0, 0.5):
+    loss = ((1 - eps)(-log sigma(beta h)) - eps(-log sigma(-beta h))) / (1 - 2 eps);
+    rewards as sigmoid DPO. (Not lower-bounded: the eps term rewards pushing h down.)"""
+    ref_c, ref_r = p.need_ref("rdpo")
+    rc, rr = p.policy_chosen - ref_c, p.policy_rejected - ref_r
+    x, eps = cfg.beta * (rc - rr), cfg.label_smoothing
+    loss = ((1 - eps) * -F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+    return loss, cfg.beta * rc, cfg.beta * rr
 
 
 @register("dpo_norm")

@@ -38,11 +38,14 @@ def logsig(x):
 
 def by_hand(name, beta, eps, ratio, i):
     """(loss, r_c, r_r) of pair i, written out from the papers' formulas."""
-    if name in ("sigmoid", "cdpo", "hinge"):
+    if name in ("sigmoid", "cdpo", "hinge", "rdpo"):
         r_c, r_r = beta * (PC[i] - RC[i]), beta * (PR[i] - RR[i])
         h = (PC[i] - PR[i]) - (RC[i] - RR[i])
         if name == "hinge":
             return max(0.0, 1 - beta * h), r_c, r_r
+        if name == "rdpo":  # Chowdhury et al. 2024, eq. for the unbiased loss
+            loss = ((1 - eps) * -logsig(beta * h) + eps * logsig(-beta * h)) / (1 - 2 * eps)
+            return loss, r_c, r_r
         return -(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h), r_c, r_r
     if name in ("dpo_norm", "ipo"):
         mc, mr = (PC[i] - RC[i]) / NC[i], (PR[i] - RR[i]) / NR[i]
@@ -60,6 +63,8 @@ CASES = [
     ("sigmoid", 0.1, 0.0),
     ("sigmoid", 0.5, 0.1),
     ("cdpo", 0.1, 0.2),
+    ("rdpo", 0.1, 0.2),
+    ("rdpo", 0.5, 0.05),
     ("dpo_norm", 5.0, 0.0),
     ("ipo", 0.1, 0.0),
     ("ipo", 2.0, 0.0),
@@ -125,6 +130,8 @@ def test_config_validation():
         DPOConfig(beta=0.0)
     with pytest.raises(ValueError, match="cdpo"):
         DPOConfig(loss_type="cdpo")
+    with pytest.raises(ValueError, match="rdpo"):
+        DPOConfig(loss_type="rdpo")
     with pytest.raises(ValueError, match="ipo"):
         DPOConfig(loss_type="ipo", label_smoothing=0.1)
     p = _logps()
