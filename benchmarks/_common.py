@@ -2,6 +2,10 @@
 
 Rows have the columns of `COLUMNS` (op, impl, shape, mode, metric, p50, p20, p80, device,
 torch, triton, commit); extra keys in a row become extra columns after those.
+
+One vocabulary for every bench: mode is fwd | fwd_bwd | bwd | plan | step | generate (or the
+op's own verb); metric names in `METRICS` (seconds, peak_mem_bytes, GB/s, ...): a bench
+that needs a new one adds it there. A/B comparisons are timed by `time_interleaved`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,23 @@ from pathlib import Path
 import torch
 
 COLUMNS = ("op", "impl", "shape", "mode", "metric", "p50", "p20", "p80")
+METRICS = (
+    "seconds",  # wall time of one call
+    "peak_mem_bytes",  # peak extra memory of one call (`peak_memory`): inputs excluded
+    "GB/s",
+    "frac_copy_bw",
+    "tokens_per_s",
+    "real_tokens_per_s",
+    "real_token_fraction",
+    "mfu",
+    "efficiency",
+    "lb_over_bins",
+    "bins",
+    "seqs_per_s",
+    "x_gemm3",
+    "mem_vs_naive",
+    "oom",
+)
 ENV_COLUMNS = ("device", "torch", "triton", "commit")
 
 
@@ -41,6 +62,34 @@ def time_fn(fn: Callable[[], object], warmup: int = 3, reps: int = 20) -> tuple[
         times.append(time.perf_counter() - t0)
     t = torch.tensor(times, dtype=torch.float64)
     return tuple(float(torch.quantile(t, q)) for q in (0.5, 0.2, 0.8))
+
+
+def time_interleaved(
+    impls: dict[str, Callable[[], object]], warmup: int = 3, reps: int = 20
+) -> dict[str, tuple[float, ...]]:
+    """Wall times of several implementations measured interleaved (A B A B ...: round r
+    runs every impl once, in an order rotated by r), so that drift of a shared or busy
+    machine falls on all of them alike. Returns name -> (p50, p20, p80) seconds; the one
+    timing driver of every A/B comparison in the benchmarks."""
+    names = list(impls)
+    for _ in range(warmup):
+        for name in names:
+            impls[name]()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            sync()
+            t0 = time.perf_counter()
+            impls[name]()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, ts in times.items():
+        t = torch.tensor(ts, dtype=torch.float64)
+        out[name] = tuple(float(torch.quantile(t, q)) for q in (0.5, 0.2, 0.8))
+    return out
 
 
 def _rss_bytes() -> int:
@@ -151,17 +200,22 @@ def measure_impls(
     bytes_moved: int | None = None,
     copy_gbs: float | None = None,
 ) -> dict[str, tuple[float, ...]]:
-    """Time and measure the peak memory of each impl; append tidy rows; return the times.
+    """Time (interleaved, `time_interleaved`) and measure the peak memory of each impl;
+    append tidy rows; return the times.
 
     Rows per impl: seconds (p50/p20/p80), peak_mem_bytes; with `bytes_moved`, GB/s (and
-    frac_copy_bw against `copy_gbs`); with `baseline` (an impl name, measured first),
-    speedup_vs_<baseline>. Python loops, references and the Triton interpreter get fewer reps.
+    frac_copy_bw against `copy_gbs`); with `baseline` (an impl name), speedup_vs_<baseline>
+    (ratio of p50s). Python loops, references and the Triton interpreter are timed in their
+    own interleaved group with fewer reps.
     """
+    slow = {k: f for k, f in impls.items() if k in SLOW_IMPLS}
+    fast = {k: f for k, f in impls.items() if k not in SLOW_IMPLS}
+    measured = time_interleaved(fast, warmup=3, reps=reps) if fast else {}
+    if slow:
+        measured.update(time_interleaved(slow, warmup=1, reps=max(3, reps // 4)))
     times: dict[str, tuple[float, ...]] = {}
     for impl, fn in impls.items():
-        slow = impl in SLOW_IMPLS
-        t = time_fn(fn, warmup=1 if slow else 3, reps=max(3, reps // 4) if slow else reps)
-        times[impl] = t
+        t = times[impl] = measured[impl]
         base = dict(op=op, impl=impl, shape=shape, mode=mode)
         rows.append({**base, "metric": "seconds", "p50": t[0], "p20": t[1], "p80": t[2]})
         rows.append({**base, "metric": "peak_mem_bytes", "p50": peak_memory(fn)})

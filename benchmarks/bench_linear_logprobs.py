@@ -13,7 +13,7 @@ sigmoid on mean log-probs, = SimPO with gamma 0): nova_dpo (linear_logprobs + se
 loss) vs liger_dpo (LigerFusedLinearDPOLoss, use_ref_model=False), when liger_kernel imports.
 
 Rows (benchmarks/results/linear_logprobs_<cuda|cpu>.csv), per impl/shape/mode:
-  seconds (p50/p20/p80), peak_extra_bytes (one call; inputs excluded, outputs and grads
+  seconds (p50/p20/p80, all impls timed interleaved), peak_mem_bytes (one call; inputs excluded, outputs and grads
   included), and for fwd_bwd `x_gemm3` = time / (3 x the time of one N x H x V GEMM measured
   in the same run, impl=gemm, the bar's floor) and `mem_vs_naive`. A shape/impl that runs out
   of memory gets one row with metric=oom. On CPU the Triton impls are skipped (the interpreter
@@ -32,7 +32,7 @@ if not torch.cuda.is_available():
 
 from nova_kernels import linear_logprobs, linear_logprobs_reference, seq_reduce  # noqa: E402
 
-from benchmarks._common import peak_memory, time_fn, write_rows  # noqa: E402
+from benchmarks._common import peak_memory, time_interleaved, write_rows  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 DPO_SEQ = 1024  # tokens per sequence in the DPO comparison
@@ -113,7 +113,7 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def bench_shape(N, H, V, device, dtype, reps, compile_naive, rows, phase, oom, impls_fn, op):
-    """phase "time": seconds, x_gemm3; phase "memory": peak_extra_bytes, mem_vs_naive. On CPU
+    """phase "time": seconds, x_gemm3; phase "memory": peak_mem_bytes, mem_vs_naive. On CPU
     every timing runs before the first memory measurement (that one changes glibc's malloc
     settings for the rest of the process, which would slow later timings)."""
     shape = f"N={N},H={H},V={V},{str(dtype).removeprefix('torch.')}"
@@ -128,39 +128,50 @@ def bench_shape(N, H, V, device, dtype, reps, compile_naive, rows, phase, oom, i
         p80 = p50 if p80 is None else p80
         rows.append(dict(base, impl=impl, mode=mode, metric=metric, p50=p50, p20=p20, p80=p80))
 
+    def try_run(name, mode, fn) -> bool:
+        """Run once (probe / memory phase); False (and an oom row) when out of memory."""
+        nonlocal mem
+        try:
+            mem = peak_memory(fn) if phase == "memory" else fn()
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+            if not _is_oom(e):
+                raise
+            row(name, mode, "oom", float("nan"))
+            oom.add((shape, name, mode))
+            h.grad = w.grad = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return False
+        return True
+
+    mem = None
+    candidates = {}
     if phase == "time":
         hd, wd = h.detach(), w.detach()
-        gemm = time_fn(lambda: hd @ wd.T, warmup=2, reps=reps)
-        row("gemm", "fwd", "seconds", *gemm)
+        candidates[("gemm", "fwd")] = lambda: hd @ wd.T
     naive_mem = {}
     for name, (fwd, fwd_bwd) in impls_fn(device, dtype, h, w, t, compile_naive).items():
         for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
-            if fn is None or (shape, name, mode) in oom:
-                continue
-            try:
-                if phase == "time":
-                    times = time_fn(fn, warmup=2, reps=reps)
-                else:
-                    mem = peak_memory(fn)
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-                if not _is_oom(e):
-                    raise
-                row(name, mode, "oom", float("nan"))
-                oom.add((shape, name, mode))
-                h.grad = w.grad = None
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+            if fn is None or (shape, name, mode) in oom or not try_run(name, mode, fn):
                 continue
             if phase == "time":
-                row(name, mode, "seconds", *times)
-                if mode == "fwd_bwd" and not name.endswith("dpo"):
-                    row(name, mode, "x_gemm3", times[0] / (3 * gemm[0]))
+                candidates[(name, mode)] = fn
                 continue
-            row(name, mode, "peak_extra_bytes", float(mem))
+            row(name, mode, "peak_mem_bytes", float(mem))
             if name.startswith("naive") and not name.endswith("compile"):
                 naive_mem[mode] = mem
             elif mode in naive_mem and naive_mem[mode] > 0:
                 row(name, mode, "mem_vs_naive", mem / naive_mem[mode])
+    if phase == "time":  # every impl and mode interleaved (A B A B ...)
+        times = time_interleaved(
+            {f"{n}|{m}": fn for (n, m), fn in candidates.items()}, warmup=2, reps=reps
+        )
+        gemm = times["gemm|fwd"]
+        for (name, mode), _ in candidates.items():
+            t3 = times[f"{name}|{mode}"]
+            row(name, mode, "seconds", *t3)
+            if mode == "fwd_bwd" and not name.endswith("dpo"):
+                row(name, mode, "x_gemm3", t3[0] / (3 * gemm[0]))
     h.grad = w.grad = None
 
 

@@ -67,7 +67,7 @@ def bench_one(B, T, device, reps, rows):
         x.grad = None
         loss(backend).backward()
 
-    for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+    for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         impls = {
             impl: functools.partial(fn, backend)
             for impl, backend in (("torch", "torch"), (triton_name, "triton"))

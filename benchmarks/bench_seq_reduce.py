@@ -5,7 +5,7 @@
 
 Impls: naive (the per-sequence Python loop, seq_reduce_reference), nova_torch (index_add
 path), nova_triton (GPU only; the interpreter is no timing). Rows
-(benchmarks/results/seq_reduce_<cuda|cpu>.csv): seconds (p50/p20/p80), peak_extra_bytes
+(benchmarks/results/seq_reduce_<cuda|cpu>.csv): seconds (p50/p20/p80), peak_mem_bytes
 (CPU: exact RSS high-water mark, see bench_linear_logprobs), and for nova impls GB/s over the
 bytes the op must move (values fp32 + mask 1 B read, grad fp32 written in backward).
 """
@@ -22,7 +22,7 @@ if not torch.cuda.is_available():
 
 from nova_kernels import seq_reduce, seq_reduce_reference  # noqa: E402
 
-from benchmarks._common import peak_memory, time_fn, write_rows  # noqa: E402
+from benchmarks._common import peak_memory, time_interleaved, write_rows  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 GPU_SHAPES = [(t, b) for t in (1 << 16, 1 << 20) for b in (64, 1024)]
@@ -42,6 +42,7 @@ def bench_shape(T, B, device, reps, rows, phase):
     if device.type == "cuda":
         impls["nova_triton"] = lambda: seq_reduce(v, cu, mask, reduction="mean", backend="triton")
     shape = f"T={T},B={B}"
+    timed = {}
     for name, f in impls.items():
 
         def fwd(f=f):
@@ -52,17 +53,23 @@ def bench_shape(T, B, device, reps, rows, phase):
             v.grad = None
             (f() * g).sum().backward()
 
-        for mode, fn, nbytes in (("fwd", fwd, 5 * T), ("fwd_bwd", fwd_bwd, 14 * T)):
-            base = dict(op="seq_reduce", impl=name, shape=shape, mode=mode)
+        for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
             if phase == "memory":
                 mem = peak_memory(fn)
-                rows.append(dict(base, metric="peak_extra_bytes", p50=mem, p20=mem, p80=mem))
-                continue
-            times = time_fn(fn, warmup=2, reps=reps)
-            rows.append(dict(base, metric="seconds", p50=times[0], p20=times[1], p80=times[2]))
-            if name != "naive":
-                gbs = [nbytes / t / 1e9 for t in times]
-                rows.append(dict(base, metric="GB/s", p50=gbs[0], p20=gbs[2], p80=gbs[1]))
+                rows.append(dict(op="seq_reduce", impl=name, shape=shape, mode=mode,
+                                 metric="peak_mem_bytes", p50=mem, p20=mem, p80=mem))  # fmt: skip
+            else:
+                timed[f"{name}|{mode}"] = fn
+    if phase == "memory":
+        return
+    nbytes = {"fwd": 5 * T, "fwd_bwd": 14 * T}
+    for key, times in time_interleaved(timed, warmup=2, reps=reps).items():
+        name, mode = key.split("|")
+        base = dict(op="seq_reduce", impl=name, shape=shape, mode=mode)
+        rows.append(dict(base, metric="seconds", p50=times[0], p20=times[1], p80=times[2]))
+        if name != "naive":
+            gbs = [nbytes[mode] / t / 1e9 for t in times]
+            rows.append(dict(base, metric="GB/s", p50=gbs[0], p20=gbs[2], p80=gbs[1]))
 
 
 def main():
