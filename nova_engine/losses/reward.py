@@ -39,8 +39,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# The HelpSteer2 attributes in the order of the dataset's columns (and of Nemotron's head).
-HELPSTEER2_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 PAIRWISE = ("bt", "margin_bt", "scaled_bt")
 REWARD_LOSS_TYPES = (*PAIRWISE, "regression")
 
