@@ -10,9 +10,12 @@ Backends, picked per call:
   flag changed from `is_causal=True` (2.10/2.11) to `window_size=(-1, 0)` (2.12+), and
   `enable_gqa` appeared in 2.12 — both handled), else flash-attn's `flash_attn_varlen_func`
   when importable, else the SDPA path below.
-- packed (thd), CPU: SDPA with a block-diagonal causal mask built from cu_seqlens
-  (token i may attend to j iff same segment and j <= i). O(T^2) memory: a CPU/test path.
-- padded (sbhd): SDPA with is_causal (right padding never influences real tokens).
+- packed (thd), CPU (and fp32 on CUDA): segments grouped by length, one SDPA call with
+  is_causal per group over [n, heads, L, hn] (shorter members right-padded, which never
+  reaches their real tokens): cost and memory grow with the sum of the segments' squares,
+  never with T^2 (`_plan` picks the groups by a cost model; cached per length tuple).
+- padded (sbhd): SDPA, causal with the mask aligned bottom-right, so the same call serves
+  a full forward, a prefill and decoding against megatron's KV cache (`padded_attention`).
 
 Shapes (np = query heads per TP rank, ng = KV groups per TP rank, hn = head dim):
   sbhd: q [S, B, np, hn], k/v [S, B, ng, hn] -> [S, B, np*hn]
@@ -23,8 +26,10 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -49,11 +54,124 @@ def _varlen_api() -> tuple[object, set[str]] | None:
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """[T, T] bool mask, True where query i may attend to key j (same segment, j <= i)."""
+    """[T, T] bool mask, True where query i may attend to key j (same segment, j <= i).
+    A reference for tests: the packed path never builds it (its cost is the square of T)."""
     pos = torch.arange(total, device=cu_seqlens.device)
     seg = torch.searchsorted(cu_seqlens[1:].to(torch.int64), pos, right=True)
     same = seg[:, None] == seg[None, :]
     return same & (pos[None, :] <= pos[:, None])
+
+
+# Cost model of one SDPA call over n segments padded to length L, in units of one query-key
+# pair of one head: _CALL_COST + n * (L^2 / 2 + _ROW_COST * L). Calibrated on a 2-core CPU
+# (fwd+bwd, 4 heads x 32): a call's fixed cost ~ attention over a 96-token segment.
+_CALL_COST = 4096.0
+_ROW_COST = 48.0
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Segments run through one SDPA call: padded to `length` (right padding, is_causal)."""
+
+    length: int
+    count: int
+    view_start: int  # >= 0: the segments are adjacent, all `length` long: a view of q/k/v
+    gather_nL: torch.Tensor | None  # [n*L] token ids (clamped to each segment's last token)
+    keep_rows: torch.Tensor | None  # [<= n*L] rows of the group's output that are real tokens
+
+
+@dataclass(frozen=True)
+class _Plan:
+    groups: tuple[_Group, ...]
+    order_T: torch.Tensor | None  # [T] row of each token in cat(group outputs); None: identity
+
+
+def _partition(lengths_sorted: np.ndarray) -> list[int]:
+    """Optimal split points of descending lengths into contiguous groups under the cost model
+    (a group's padded length is its first, longest member). O(n^2) vectorized DP."""
+    n = len(lengths_sorted)
+    L = lengths_sorted.astype(np.float64)
+    per_seg = L * L / 2 + _ROW_COST * L  # cost of one segment padded to L (L = group head)
+    best = np.zeros(n + 1)
+    cut = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):  # best[i]: segments 0..i-1 grouped; last group j..i-1
+        j = np.arange(i)
+        cost = best[:i] + _CALL_COST + (i - j) * per_seg[:i]
+        k = int(np.argmin(cost))
+        best[i], cut[i] = cost[k], k
+    bounds, i = [], n
+    while i > 0:
+        bounds.append(i)
+        i = int(cut[i])
+    return [0] + bounds[::-1]
+
+
+@lru_cache(maxsize=64)
+def _plan(lengths: tuple[int, ...], device: torch.device) -> _Plan:
+    """Group the segments of a packed batch (lengths in packed order) for batched SDPA."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    live = np.flatnonzero(lens > 0)
+    by_len = live[np.argsort(-lens[live], kind="stable")]
+    bounds = _partition(lens[by_len])
+    groups, rows = [], []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        segs = np.sort(by_len[a:b])
+        L = int(lens[segs].max())
+        tok_nL = starts[segs][:, None] + np.arange(L)[None, :]
+        keep_nL = np.arange(L)[None, :] < lens[segs][:, None]
+        rows.append(tok_nL[keep_nL])
+        adjacent = bool(keep_nL.all()) and bool((np.diff(starts[segs]) == L).all())
+        if adjacent:
+            groups.append(_Group(L, len(segs), int(starts[segs[0]]), None, None))
+            continue
+        last = (starts[segs] + lens[segs] - 1)[:, None]
+        gather = np.minimum(tok_nL, last).reshape(-1)
+        groups.append(
+            _Group(
+                L,
+                len(segs),
+                -1,
+                torch.from_numpy(gather).to(device),
+                torch.from_numpy(np.flatnonzero(keep_nL.reshape(-1))).to(device),
+            )
+        )
+    cat_rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    order = None
+    if not np.array_equal(cat_rows, np.arange(len(cat_rows))):
+        inv = np.empty_like(cat_rows)
+        inv[cat_rows] = np.arange(len(cat_rows))
+        order = torch.from_numpy(inv).to(device)
+    return _Plan(tuple(groups), order)
+
+
+def _grouped_causal_attention(q_TNH, k_TGH, v_TGH, cu: torch.Tensor, scale: float):
+    """Causal attention per segment at the cost of the sum of the segments' squares: segments
+    grouped by length (`_plan`), each group one SDPA call over [n, heads, L, hn] with
+    is_causal (right padding of shorter members never reaches their real tokens)."""
+    cu_list = cu.tolist()
+    total = q_TNH.shape[0]
+    if cu_list[0] > 0:  # tokens outside the boundaries: segments of their own
+        cu_list.insert(0, 0)
+    if cu_list[-1] < total:
+        cu_list.append(total)
+    lengths = tuple(b - a for a, b in zip(cu_list[:-1], cu_list[1:]))
+    plan = _plan(lengths, q_TNH.device)
+    gqa = q_TNH.shape[1] != k_TGH.shape[1]
+    pieces = []
+    for g in plan.groups:
+        if g.view_start >= 0:
+            rows = slice(g.view_start, g.view_start + g.count * g.length)
+            q, k, v = (t[rows] for t in (q_TNH, k_TGH, v_TGH))
+        else:
+            q, k, v = (t.index_select(0, g.gather_nL) for t in (q_TNH, k_TGH, v_TGH))
+        # [n*L, heads, hn] -> [n, heads, L, hn]
+        q, k, v = (t.unflatten(0, (g.count, g.length)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        out = out.transpose(1, 2).flatten(0, 1)  # [n*L, heads, hn]
+        pieces.append(out if g.keep_rows is None else out.index_select(0, g.keep_rows))
+    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return out if plan.order_T is None else out.index_select(0, plan.order_T)
 
 
 def _varlen_torch(q, k, v, cu, max_len, scale):
@@ -101,14 +219,75 @@ def packed_attention(
                 softmax_scale=scale,
                 causal=True,
             )
-    total = q_TNH.shape[0]
-    mask_TT = block_causal_mask(cu, total)
-    # SDPA wants [B, heads, T, hn]
-    q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (q_TNH, k_TGH, v_TGH))
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask_TT, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
-    return out.squeeze(0).permute(1, 0, 2)
+    return _grouped_causal_attention(q_TNH, k_TGH, v_TGH, cu, scale)
+
+
+# mask types megatron may pass to a causal decoder layer: its own (causal / padding_causal),
+# causal_bottom_right, and no_mask, which its KV-cache path passes for every step after the
+# prompt (its kernels align a causal mask top-left, which would hide the cache from the query)
+_CAUSAL_TYPES = (
+    AttnMaskType.causal,
+    AttnMaskType.padding_causal,
+    AttnMaskType.causal_bottom_right,
+    AttnMaskType.no_mask,
+)
+
+
+def padded_attention(
+    q_SBNH: torch.Tensor,
+    k_KBGH: torch.Tensor,
+    v_KBGH: torch.Tensor,
+    scale: float,
+    mask_type: AttnMaskType = AttnMaskType.causal,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of a padded batch, also against a KV cache; returns [S, B, np*hn].
+
+    q [S, B, np, hn] holds the newest S positions of the K keys in k/v [K, B, ng, hn]
+    (S == K: a full forward or a prefill; S < K: decoding against a KV cache). Query i sits
+    at key position K - S + i and sees the keys j <= K - S + i: the causal mask aligned
+    bottom-right, which is SDPA's is_causal when S == K and every cached key for a one-token
+    query. `mask_type` must be one a causal layer can receive (causal, padding_causal,
+    causal_bottom_right, or no_mask, which megatron's KV-cache path passes after the prompt:
+    for a one-token query it is the same mask, for a few-token query the layer stays causal).
+
+    attention_mask (optional, megatron's convention: bool, True = masked out) broadcasts to
+    [B, 1, S, K]; a mask over a longer cache ([..., >= K]) is cut to the first K keys and,
+    when it has more than S query rows, to rows K-S..K. Left padding is masked this way; a
+    query always sees its own position, so a padding row that sees nothing else stays finite
+    (a NaN there would reach real tokens through 0 * NaN in the next layer's attention).
+    """
+    if mask_type not in _CAUSAL_TYPES:
+        raise ValueError(f"NovaCoreAttention is causal-only, got mask type {mask_type}")
+    s, b, kl = q_SBNH.shape[0], q_SBNH.shape[1], k_KBGH.shape[0]
+    if s > kl:
+        raise ValueError(f"query of {s} positions against {kl} keys: expected S <= K")
+    # [S, B, heads, hn] -> [B, heads, S, hn]
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (q_SBNH, k_KBGH, v_KBGH))
+    gqa = q.shape[1] != k.shape[1]
+    if attention_mask is None and (s == kl or s == 1):
+        # full forward / prefill: top-left is bottom-right; one query: every key is visible
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=scale, enable_gqa=gqa)
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+    qpos = torch.arange(kl - s, kl, device=q.device)
+    kpos = torch.arange(kl, device=q.device)
+    allowed = kpos[None, :] <= qpos[:, None]  # [S, K]
+    if attention_mask is not None:
+        m = attention_mask.to(device=q.device, dtype=torch.bool)
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+        if m.shape[-1] < kl:
+            raise ValueError(f"attention_mask covers {m.shape[-1]} keys, expected >= {kl}")
+        m = m[..., :kl]
+        if m.shape[-2] not in (1, s):
+            if m.shape[-2] < kl:
+                raise ValueError(
+                    f"attention_mask has {m.shape[-2]} query rows, expected 1, {s} or >= {kl}"
+                )
+            m = m[..., kl - s : kl, :]
+        allowed = (allowed & ~m) | (kpos[None, :] == qpos[:, None])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
 class NovaCoreAttention(MegatronModule):
@@ -130,6 +309,7 @@ class NovaCoreAttention(MegatronModule):
             raise ValueError("NovaCoreAttention does not implement context parallelism")
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"NovaCoreAttention is causal-only, got {attn_mask_type}")
+        self.attn_mask_type = attn_mask_type
         self.dropout_p = (
             config.attention_dropout if attention_dropout is None else attention_dropout
         )
@@ -157,10 +337,5 @@ class NovaCoreAttention(MegatronModule):
                 query, key, value, cu, packed_seq_params.max_seqlen_q, self.softmax_scale
             )
             return out.reshape(out.shape[0], -1)
-        # sbhd: [S, B, heads, hn] -> [B, heads, S, hn]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=q.shape[1] != k.shape[1]
-        )
-        s, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        return padded_attention(query, key, value, self.softmax_scale, mask_type, attention_mask)
