@@ -13,7 +13,12 @@ packages += ["nova_kernels"]
 ext_modules = [
     Pybind11Extension(
         "nova_engine._C",
-        sources=["csrc/bindings.cpp", "csrc/packer.cpp"],
+        sources=[
+            "csrc/bindings.cpp",
+            "csrc/packer.cpp",
+            "csrc/decontam.cpp",
+            "csrc/decontam_bindings.cpp",
+        ],
         cxx_std=17,
         extra_compile_args=["-O3"],
     ),

@@ -13,6 +13,8 @@
 
 namespace py = pybind11;
 
+void bind_decontam(py::module_& m);  // decontam_bindings.cpp
+
 namespace {
 
 // Hands a std::vector to numpy without a copy.
@@ -64,4 +66,5 @@ PYBIND11_MODULE(_C, m) {
         "bin b holds items[bin_offsets[b]:bin_offsets[b+1]] in placement order.");
   m.def("permutation", &permutation, py::arg("n"), py::arg("seed"), py::arg("epoch"),
         "A permutation of range(n) drawn from (seed, epoch) with splitmix64 Fisher-Yates.");
+  bind_decontam(m);
 }

@@ -22,7 +22,9 @@ import sys
 from nova_engine.train.metrics import emit
 
 # command -> (module with main(argv) -> int, one-line help)
-TOOLS: dict[str, tuple[str, str]] = {}
+TOOLS: dict[str, tuple[str, str]] = {
+    "decontaminate": ("nova_engine.tools.decontaminate", "n-gram decontamination against eval sets"),
+}
 
 
 def _export(ckpt: str, out: str) -> int:
