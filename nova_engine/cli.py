@@ -23,7 +23,7 @@ from nova_engine.train.metrics import emit
 
 # command -> (module with main(argv) -> int, one-line help)
 TOOLS: dict[str, tuple[str, str]] = {
-    "decontaminate": ("nova_engine.tools.decontaminate", "n-gram decontamination against eval sets"),
+    "decontaminate": ("nova_engine.tools.decontaminate", "drop n-gram overlap with eval sets"),
 }
 
 
