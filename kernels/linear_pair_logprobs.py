@@ -1,0 +1,230 @@
+"""Fused vocab-parallel preference head in 3 GEMMs: per-sequence log-prob sums of a packed
+batch and a loss over groups of sequences (DPO / RM pairs), with both gradients formed in the
+forward pass.
+
+    loss, logps_S, counts_S = linear_pair_logprobs(
+        hidden_NH, w_VpH, targets_N, cu_seqlens, loss_mask_N, group_loss,
+        num_sequences=S, group_size=2, tp_group=g, sequence_parallel=sp)
+
+Legend: N packed tokens (rows), H hidden, Vp this rank's vocab shard (as `linear_logprobs`),
+S scored sequences (sequence s = rows cu[s] ... cu[s+1]-1; rows from cu[S] on, e.g. the packing
+pad, are not scored and get no gradient), G = group_size consecutive sequences form a group (a
+DPO pair: chosen 2i, rejected 2i+1), Nc the rows of one chunk of whole groups.
+
+Why 3 GEMMs. `linear_logprobs` + `seq_reduce` + a loss needs 4 N*H*Vp GEMMs: the forward must
+finish each row's logsumexp before any p_j is known, and the upstream gradient of a token's
+log-prob (d loss / d logp_seq) only exists after the loss, so backward recomputes the logits.
+But a group's loss term is complete as soon as its G sequences are scored (DPO's reference
+log-probs are constants), so chunking the rows by whole groups lets each chunk finish its
+loss gradient while its logits are still in the workspace:
+
+    z = h_r @ W.T                     GEMM 1, [Nc, Vp] fp32 workspace
+    (max, sum-exp, target logit)      combined exactly over the TP group (`_tp_combine`)
+    logp_t = z_t - lse_t;  lp_s = sum_{t in s} mask_t logp_t   (the chunk's sequences)
+    g_s = d group_loss / d lp_s       autograd on [Nc-sized] scalars, per chunk
+    dz = g_s(t) mask_t (1_t - p)      in place on the workspace
+    grad_h[r] = dz @ W                GEMM 2
+    grad_W  += dz.T @ h_r             GEMM 3
+
+`group_loss(logps, counts, first)` gets the fp32 log-prob sums and loss-token counts of whole
+groups (sequences first ... first+len-1, len a multiple of G) and returns their loss as a
+0-dim tensor; the total loss is the sum over chunks, so it must be a SUM over groups (DPO's
+`reduce_pairs` is: sum of per-pair losses / global pair count). Backward only scales the
+stored gradients by the scalar upstream gradient. A group longer than the row budget is
+scored in row sub-chunks and its logits recomputed once for dz (4 GEMMs for that group only).
+
+TP / SP contract as `linear_cross_entropy`: hidden [N, H] (SP: this rank's [N/tp, H] slice,
+all-gathered rank-major here, grad_hidden reduce-scattered), weight [Vp, H] this rank's
+shard, targets / cu_seqlens / loss_mask replicated over the TP group; every rank runs the same
+chunk schedule (it depends only on N, Vp and cu_seqlens). The loss and the returned sums are
+replicated over the TP group. Torch ops + cuBLAS on every device (backend "torch"); a Triton
+row kernel for the elementwise part is not written yet, so "triton" runs the same path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ._backend import resolve_backend
+from ._vocab_parallel import (
+    _check,
+    _local_targets,
+    _reduce_grad_hidden,
+    _sp_gather,
+    _tp_combine,
+    _tp_info,
+)
+from .linear_logprobs import _acc_dtype, _budget, _compute_dtype
+
+GroupLoss = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def _group_chunks(cu: list[int], num_seq: int, gsize: int, rows_max: int):
+    """[(s0, s1)] runs of whole groups, each spanning <= rows_max rows (or one group)."""
+    out, s0 = [], 0
+    while s0 < num_seq:
+        s1 = min(s0 + gsize, num_seq)
+        while s1 < num_seq and cu[min(s1 + gsize, num_seq)] - cu[s0] <= rows_max:
+            s1 = min(s1 + gsize, num_seq)
+        out.append((s0, s1))
+        s0 = s1
+    return out
+
+
+class _Chunk:
+    """Per-row-range state of the forward: the logits workspace (exp(z - m)), statistics."""
+
+    def __init__(self, h_r, w_c, tgt, acc, tp_group, tp):
+        z = (h_r @ w_c.T).to(acc)  # GEMM 1: [rows, Vp]
+        self.hit, self.tcol = tgt >= 0, tgt.clamp(min=0)[:, None]
+        t = torch.where(self.hit, z.gather(1, self.tcol)[:, 0], 0.0)
+        m = z.max(1).values
+        self.e = z.sub_(m[:, None]).exp_()  # exp(z - m), in place
+        M, S, _, T = _tp_combine(m, self.e.sum(1), t, t, tp_group, tp, False)
+        self.scale = torch.exp(m - M) / S  # p = e * scale
+        self.logp = T - M - torch.log(S)  # valid rows only (masked by the caller)
+
+    def dz(self, g_t, cdt):
+        """dz = g_t (1_t - p) for this shard's columns, in place on the workspace."""
+        dz = self.e.mul_((-g_t * self.scale)[:, None])
+        dz.scatter_add_(1, self.tcol, torch.where(self.hit, g_t, 0.0)[:, None].to(dz.dtype))
+        self.e = None
+        return dz.to(cdt)
+
+
+class LinearPairLogprobsFunction(torch.autograd.Function):
+    """(hidden, weight) -> (loss, per-sequence log-prob sums [S], counts [S]); see the module
+    docstring. Only the loss is differentiable."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, cu_seqlens, loss_mask, group_loss, cfg):
+        num_seq, gsize, tp_group, ignore_index, sp = cfg
+        tp, rank = _tp_info(tp_group)
+        sp = bool(sp) and tp > 1
+        h_NH = (_sp_gather(hidden, tp_group, tp) if sp else hidden).contiguous()
+        w_VpH = weight.contiguous()
+        (N, H), vp = h_NH.shape, w_VpH.shape[0]
+        dev, cdt, acc = h_NH.device, _compute_dtype(h_NH), _acc_dtype(h_NH)
+        train = group_loss is not None
+        need_h = train and ctx.needs_input_grad[0]
+        need_w = train and ctx.needs_input_grad[1]
+        cu = [int(x) for x in cu_seqlens[: num_seq + 1].tolist()]
+        tgt_N = _local_targets(targets, rank * vp, vp, ignore_index)
+        # token weight: counted (loss mask) and a real target; seg: the sequence of each row
+        counted = (loss_mask != 0) & (targets != ignore_index)
+        wts_N = counted.to(acc)
+        lens = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], device=dev)
+        seg_N = torch.repeat_interleave(torch.arange(num_seq, device=dev), lens)
+        counts = torch.zeros(num_seq, device=dev, dtype=acc)
+        counts.index_add_(0, seg_N, (loss_mask[cu[0] : cu[-1]] != 0).to(acc))
+        sums = torch.zeros(num_seq, device=dev, dtype=acc)
+        grad_h = torch.zeros(N, H, device=dev, dtype=hidden.dtype) if need_h else None
+        grad_w = torch.zeros(vp, H, device=dev, dtype=cdt) if need_w else None
+        w_c = w_VpH.to(cdt)
+        loss = torch.zeros((), device=dev, dtype=acc)
+        rows_max = max(1, _budget(dev) // max(vp, 1))
+        for s0, s1 in _group_chunks(cu, num_seq, gsize, rows_max):
+            r0, r1 = cu[s0], cu[s1]
+            subs = [(a, min(a + rows_max, r1)) for a in range(r0, r1, rows_max)]
+            chunks = []
+            for a, b in subs:
+                ch = _Chunk(h_NH[a:b].to(cdt), w_c, tgt_N[a:b], acc, tp_group, tp)
+                sums.index_add_(0, seg_N[a - cu[0] : b - cu[0]], ch.logp * wts_N[a:b])
+                if len(subs) > 1:
+                    ch.e = None  # an oversize group: recompute its logits for dz below
+                chunks.append(ch)
+            if not train:
+                continue
+            with torch.enable_grad():
+                lp = sums[s0:s1].detach().requires_grad_()
+                term = group_loss(lp, counts[s0:s1], s0)
+                (g_seq,) = torch.autograd.grad(term, lp, allow_unused=True)
+            loss += term.detach().to(acc)
+            if not (need_h or need_w) or g_seq is None:
+                continue
+            for (a, b), ch in zip(subs, chunks):
+                h_r = h_NH[a:b].to(cdt)
+                if ch.e is None:  # oversize group: the same statistics, recomputed
+                    ch = _Chunk(h_r, w_c, tgt_N[a:b], acc, tp_group, tp)
+                g_t = g_seq.to(acc)[seg_N[a - cu[0] : b - cu[0]] - s0] * wts_N[a:b]
+                dz = ch.dz(g_t, cdt)
+                if need_h:
+                    grad_h[a:b] = (dz @ w_c).to(hidden.dtype)  # GEMM 2
+                if need_w:
+                    grad_w.addmm_(dz.T, h_r)  # GEMM 3
+        if need_h:
+            grad_h = _reduce_grad_hidden(grad_h, tp_group, tp, sp)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+        ctx.mark_non_differentiable(sums, counts)
+        return loss, sums, counts
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_sums, _g_counts):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * g_loss.to(grad_h.dtype) if grad_h is not None else None
+        gw = grad_w * g_loss.to(grad_w.dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None
+
+
+def linear_pair_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    loss_mask: torch.Tensor,
+    group_loss: GroupLoss | None,
+    *,
+    num_sequences: int | None = None,
+    group_size: int = 2,
+    tp_group=None,
+    ignore_index: int = -100,
+    sequence_parallel: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, logps [S], counts [S]) of a packed batch in 3 GEMMs (see the module docstring).
+
+    hidden [N, H] (SP: [N/tp, H]), weight [Vp, H], targets [N] global ids (ignore_index: not
+    counted), cu_seqlens [>= S+1], loss_mask [N] (nonzero = counted). num_sequences S (default
+    len(cu_seqlens) - 1) must be a multiple of group_size. group_loss(logps, counts, first) ->
+    0-dim loss of whole groups (a sum over groups); None scores only (loss 0, no gradients).
+    Returns the summed loss (fp32, differentiable in hidden and weight) and the per-sequence
+    log-prob sums over counted tokens and loss-token counts (fp32, detached).
+    """
+    resolve_backend(backend)  # validates; both backends run the torch path (module docstring)
+    tp, _ = _tp_info(tp_group)
+    _check(hidden, weight, targets, sequence_parallel and tp > 1, tp)
+    num_seq = len(cu_seqlens) - 1 if num_sequences is None else int(num_sequences)
+    if num_seq < 0 or num_seq > len(cu_seqlens) - 1 or num_seq % group_size:
+        raise ValueError(
+            f"linear_pair_logprobs: num_sequences={num_seq} must be a multiple of "
+            f"group_size={group_size} and <= len(cu_seqlens) - 1 = {len(cu_seqlens) - 1}"
+        )
+    if loss_mask.shape != targets.shape:
+        raise ValueError(
+            f"linear_pair_logprobs: loss_mask {tuple(loss_mask.shape)} != targets "
+            f"{tuple(targets.shape)}"
+        )
+    cfg = (num_seq, group_size, tp_group, ignore_index, sequence_parallel)
+    return LinearPairLogprobsFunction.apply(
+        hidden, weight, targets, cu_seqlens, loss_mask, group_loss, cfg
+    )
+
+
+def linear_pair_logprobs_reference(
+    hidden, weight, targets, cu_seqlens, loss_mask, group_loss, *, num_sequences=None, **kw
+):
+    """The 4-GEMM path the fused head replaces: `linear_logprobs` -> `seq_reduce` (sum, with
+    counts) -> group_loss over all sequences at once. Same returns (logps/counts detached)."""
+    from .linear_logprobs import linear_logprobs
+    from .seq_reduce import seq_reduce
+
+    num_seq = len(cu_seqlens) - 1 if num_sequences is None else int(num_sequences)
+    logp = linear_logprobs(hidden, weight, targets, **kw)
+    sums, counts = seq_reduce(
+        logp, cu_seqlens[: num_seq + 1], loss_mask, reduction="sum", return_counts=True
+    )
+    counts = counts.to(sums.dtype)
+    loss = group_loss(sums, counts, 0) if group_loss is not None else sums.sum() * 0
+    return loss, sums.detach(), counts
