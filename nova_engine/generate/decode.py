@@ -1,0 +1,417 @@
+"""Batched KV-cache generation on a model's own megatron chunks, at any TP x PP (x VP) layout.
+
+    from nova_engine.generate import Request, SamplingParams, generate
+    outs = generate(chunks, ps, arch, [Request(ids) for ids in prompts],
+                    SamplingParams(temperature=0.7, top_p=0.9, n=4, stop_token_ids=(eot,)))
+    outs[j][i].tokens, outs[j][i].logprobs          # sample i of prompt j, on every rank
+
+Public signature (stable; `ModelEngine.generate(*args)` calls it with its chunks, ps, arch):
+    generate(chunks, ps, arch, requests, params, *, max_batch_size=64,
+             max_pad_fraction=0.25, on_batch_done=None) -> list[list[Generation]]
+`chunks`: this rank's model chunks (NovaGPTModel, optionally DDP-wrapped); `ps`: a
+ParallelState (only its tp_group and pp_group are used); `requests`: token-id lists or
+`Request`s. Every rank of the model-parallel group calls it with the same requests; DP
+replicas call it with their own. Results are identical on every rank of the group.
+
+How. megatron-core's own inference pieces do the caching: a `StaticInferenceContext` per
+batch, whose KV cache megatron's attention fills and reads ([S, B, ng/tp, hn] per layer,
+allocated on first use), with Nova's core attention aligning the causal mask bottom-right
+(a one-token query sees every cached key). Around them:
+- ragged prompts are left-padded in the cache; a padding mask hides the pads, and RoPE
+  positions are per row (position = cache index - row padding), so every token sits at its
+  true position and the result equals the unpadded sequence's (megatron's static path uses
+  the cache index as the position; the chunks' RoPE module is swapped for a per-row table
+  for the duration of the call);
+- PP: each decode step runs the chunks in pipeline order (virtual stages included), passing
+  [S, B, H] activations stage to stage with send/recv on the PP group; the last stage
+  computes [B, V/tp] logits of the newest position only, gathers them over TP, samples
+  (nova_engine.generate.sampling) and broadcasts tokens, log-probs and entropies to the PP
+  group, so every stage knows which rows finished;
+- SP is switched off for the call (a one-token step cannot be split over TP ranks).
+megatron's text-generation controller and inference wrapper are not used: the controller
+feeds ragged prompts one token per step, samples from one global generator and asserts CUDA
+tensors in its pipeline communication.
+
+Padding bound. Requests x samples are sorted by prompt length and cut into batches of at
+most `max_batch_size` rows such that a batch's left padding is at most `max_pad_fraction`
+of its real prompt tokens. A finished row is dropped from the batch (and its KV cache) once
+a quarter of the batch has finished, so fewer than 1/4 of the rows of any decode step are
+finished sequences.
+
+Legend: B rows in the batch, P longest prompt of the batch, S query positions of a step,
+K = P + T - 1 cache length, H hidden, V vocab (Vp = V/tp on one TP rank).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nova_engine.generate.sampling import (
+    Generation,
+    Request,
+    SamplingParams,
+    choose_tokens,
+    model_logprobs,
+    uniforms,
+)
+from nova_engine.logging import get_logger
+
+log = get_logger(__name__)
+
+_PAD_ID = 0  # token fed at padded cache slots (masked out everywhere)
+
+
+class GenerationError(ValueError):
+    """A request the model cannot serve (empty, too long, unknown token ids)."""
+
+
+def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(m, "module"):
+        m = m.module
+    return m
+
+
+# ------------------------------------------------------------------------------ the layout
+
+
+@dataclass
+class _Layout:
+    """What the decode loop needs of the layout: groups, sizes, ranks, stage peers."""
+
+    tp_group: dist.ProcessGroup | None
+    pp_group: dist.ProcessGroup | None
+    tp: int
+    pp: int
+    tp_rank: int
+    pp_rank: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, ps, chunks: Sequence[torch.nn.Module]) -> _Layout:
+        tp_group, pp_group = ps.tp_group, ps.pp_group
+        tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+        pp = dist.get_world_size(pp_group) if pp_group is not None else 1
+        return cls(
+            tp_group, pp_group, tp, pp,
+            dist.get_rank(tp_group) if tp > 1 else 0,
+            dist.get_rank(pp_group) if pp > 1 else 0,
+            next(chunks[0].parameters()).device,
+        )  # fmt: skip
+
+    def pp_global(self, pp_rank: int) -> int:
+        return dist.get_global_rank(self.pp_group, pp_rank % self.pp)
+
+    def tp_global(self, tp_rank: int) -> int:
+        return dist.get_global_rank(self.tp_group, tp_rank)
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+# ------------------------------------------------------------------- the chunks, for a call
+
+
+class _RowRope:
+    """Per-row RoPE angles [K, B, 1, d] (position = cache index - row padding), served in
+    place of megatron's [K, 1, 1, d] table; computed as megatron does (position * inv_freq
+    in fp32, halves concatenated), so each value equals the training forward's."""
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq
+        self.emb_KB1D: torch.Tensor | None = None
+
+    def set_positions(self, pos_KB: torch.Tensor) -> None:
+        f = pos_KB.to(self.inv_freq.device, self.inv_freq.dtype)[..., None] * self.inv_freq
+        self.emb_KB1D = torch.cat((f, f), dim=-1)[:, :, None, :]
+
+    def keep_rows(self, keep_B: torch.Tensor) -> None:
+        self.emb_KB1D = self.emb_KB1D.index_select(1, keep_B.to(self.emb_KB1D.device))
+
+    def __call__(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
+        return self.emb_KB1D[offset : offset + max_seq_len]
+
+
+@contextlib.contextmanager
+def _generation_mode(models: Sequence[torch.nn.Module], rope: _RowRope) -> Iterator[None]:
+    """eval mode, final hidden states out of the last stage, per-row RoPE, SP off; all
+    restored on exit."""
+    saved: list[tuple[object, str, object]] = []
+
+    def set_(obj: object, attr: str, value: object) -> None:
+        saved.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
+
+    training = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+            set_(m, "return_hidden", True)
+            m.rotary_pos_emb.forward = rope  # instance attribute: nn.Module.__call__ uses it
+            if m.config.sequence_parallel:
+                set_(m.config, "sequence_parallel", False)
+            for sub in m.modules():
+                for attr in ("sequence_parallel", "reduce_scatter_embeddings"):
+                    if getattr(sub, attr, False) is True:
+                        set_(sub, attr, False)
+        yield
+    finally:
+        for obj, attr, value in reversed(saved):
+            setattr(obj, attr, value)
+        for m, was in zip(models, training):
+            m.rotary_pos_emb.__dict__.pop("forward", None)
+            m.train(was)
+
+
+# ------------------------------------------------------------------------------- batching
+
+
+def plan_batches(
+    lengths: Sequence[int], max_batch: int, max_pad_fraction: float
+) -> list[list[int]]:
+    """Row indices per batch: rows sorted by length (longest first, ties by index), cut so
+    that a batch has at most `max_batch` rows and left padding of at most
+    `max_pad_fraction` x its real prompt tokens."""
+    order = sorted(range(len(lengths)), key=lambda r: (-lengths[r], r))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    real = 0
+    for r in order:
+        if cur:
+            n_real = real + lengths[r]
+            pad = lengths[cur[0]] * (len(cur) + 1) - n_real
+            if len(cur) >= max_batch or pad > max_pad_fraction * n_real:
+                batches.append(cur)
+                cur, real = [], 0
+        cur.append(r)
+        real += lengths[r]
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+@dataclass
+class _Row:
+    prompt: list[int]
+    key: int  # the prompt's global index j
+    sample: int  # i
+    limit: int  # tokens to generate at most
+    stops: frozenset[int]
+    out: Generation
+    finished: bool = False
+
+
+def _validate(
+    requests, params: SamplingParams, arch
+) -> list[tuple[list[int], int, int, frozenset]]:
+    """(tokens, key, max_new, stops) per request; GenerationError names the bad one."""
+    vocab, context = arch.vocab_size, arch.max_position_embeddings
+    out = []
+    for k, req in enumerate(requests):
+        if not isinstance(req, Request):
+            req = Request(tokens=req)
+        toks = [int(t) for t in req.tokens]
+        where = f"request {k}" + (f" (prompt {req.index})" if req.index is not None else "")
+        if not toks:
+            raise GenerationError(f"{where}: empty prompt")
+        if len(toks) >= context:
+            raise GenerationError(
+                f"{where}: prompt of {len(toks)} tokens leaves no room in the model's context "
+                f"of {context} tokens (max_position_embeddings)"
+            )
+        bad = [t for t in toks if not 0 <= t < vocab]
+        if bad:
+            raise GenerationError(f"{where}: token id {bad[0]} outside the vocabulary [0, {vocab})")
+        stops = params.stop_token_ids if req.stop_token_ids is None else req.stop_token_ids
+        bad = [t for t in stops if not 0 <= int(t) < vocab]
+        if bad:
+            raise GenerationError(
+                f"{where}: unknown stop token id {bad[0]} (vocabulary [0, {vocab}))"
+            )
+        max_new = params.max_new_tokens if req.max_new_tokens is None else req.max_new_tokens
+        if max_new < 1:
+            raise GenerationError(f"{where}: max_new_tokens={max_new}, expected >= 1")
+        key = k if req.index is None else int(req.index)
+        out.append((toks, key, min(max_new, context - len(toks)), frozenset(int(t) for t in stops)))
+    return out
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+class _Decoder:
+    """One rank's side of the decode loop over its chunks (one batch at a time)."""
+
+    def __init__(self, chunks, layout: _Layout, params: SamplingParams, rope: _RowRope):
+        self.models = [_unwrap(c) for c in chunks]
+        self.layout, self.params, self.rope = layout, params, rope
+        self.dtype = self.models[0].config.params_dtype
+        self.hidden = self.models[0].config.hidden_size
+        self.w_VpH = None
+        if self.models[-1].post_process:
+            w = self.models[-1].lm_head_weight().detach()
+            self.w_VpH = w if w.dtype == torch.float32 else w.float()  # fp32 logits
+
+    # -- one step through the pipeline --------------------------------------------------
+
+    def _forward(self, ids_BS: torch.Tensor, ctx, mask) -> torch.Tensor | None:
+        """Run the chunks in pipeline order; the last stage returns [B, H] hidden of the
+        newest position (fp32), other ranks None."""
+        lay, dev = self.layout, self.layout.device
+        b, s = ids_BS.shape
+        out = None
+        for m in self.models:
+            if not m.pre_process:
+                buf = torch.empty(s, b, self.hidden, dtype=self.dtype, device=dev)
+                dist.recv(buf, src=lay.pp_global(lay.pp_rank - 1), group=lay.pp_group)
+                m.set_input_tensor(buf)
+            out = m(ids_BS, None, attention_mask=mask, inference_context=ctx)
+            if not m.post_process:
+                dist.send(out.contiguous(), dst=lay.pp_global(lay.pp_rank + 1), group=lay.pp_group)
+        if not self.models[-1].post_process:
+            return None
+        return out[-1].float()
+
+    def _pick(self, h_BH, rows: list[_Row], steps: list[int]) -> torch.Tensor:
+        """Last stage: logits, choice, log-probs -> [3, B] float64 (token, logp, entropy),
+        identical on every TP rank (TP rank 0's choice is broadcast)."""
+        lay = self.layout
+        logits_BVp = h_BH @ self.w_VpH.t()
+        if lay.tp > 1:
+            parts = [torch.empty_like(logits_BVp) for _ in range(lay.tp)]
+            dist.all_gather(parts, logits_BVp.contiguous(), group=lay.tp_group)
+            logits_BV = torch.cat(parts, dim=-1)
+        else:
+            logits_BV = logits_BVp
+        u_B = None
+        if not self.params.greedy:
+            key = torch.tensor([r.key for r in rows], dtype=torch.int64)
+            smp = torch.tensor([r.sample for r in rows], dtype=torch.int64)
+            u_B = uniforms(self.params.seed, key, smp, torch.tensor(steps, dtype=torch.int64))
+        tok_B = choose_tokens(logits_BV, self.params, u_B)
+        lp_B, ent_B = model_logprobs(logits_BV, tok_B, self.params.return_entropy)
+        info = torch.stack(
+            [tok_B.double(), lp_B.double(), ent_B.double() if ent_B is not None else lp_B.double()]
+        )
+        if lay.tp > 1:
+            dist.broadcast(info, src=lay.tp_global(0), group=lay.tp_group)
+        return info
+
+    def _step(self, ids_BS, ctx, mask, rows, steps) -> torch.Tensor:
+        """One forward + choice; every rank returns the [3, B] float64 step info."""
+        lay = self.layout
+        h = self._forward(ids_BS, ctx, mask)
+        if h is not None:
+            info = self._pick(h, rows, steps)
+        else:
+            info = torch.empty(3, len(rows), dtype=torch.float64, device=lay.device)
+        if lay.pp > 1:
+            dist.broadcast(info, src=lay.pp_global(lay.pp - 1), group=lay.pp_group)
+        return info.cpu()
+
+    # -- one batch -----------------------------------------------------------------------
+
+    def run(self, rows: list[_Row]) -> None:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        dev = self.layout.device
+        lens = torch.tensor([len(r.prompt) for r in rows])
+        p = int(lens.max())
+        pads = p - lens
+        k = p + max(r.limit for r in rows) - 1  # the last token is never fed back
+        ctx = StaticInferenceContext(len(rows), k)
+        pos_KB = (torch.arange(k)[:, None] - pads[None, :]).clamp_min(0)
+        self.rope.set_positions(pos_KB.to(dev))
+        # megatron's mask convention: True = masked out; [B, 1, 1, K], cut per step
+        mask = None
+        if int(pads.max()) > 0:
+            mask = (torch.arange(k)[None, :] < pads[:, None])[:, None, None, :].to(dev)
+        ids = torch.full((len(rows), p), _PAD_ID, dtype=torch.int64)
+        for b, r in enumerate(rows):
+            ids[b, int(pads[b]) :] = torch.tensor(r.prompt)
+        active = list(rows)
+        new_ids = ids.to(dev)
+        while True:
+            info = self._step(new_ids, ctx, mask, active, [len(r.out.tokens) for r in active])
+            ctx.sequence_len_offset += new_ids.shape[1]
+            ctx.enable_decode_mode()
+            toks = info[0].long().tolist()
+            for b, r in enumerate(active):
+                if r.finished:
+                    continue
+                r.out.tokens.append(toks[b])
+                r.out.logprobs.append(float(info[1, b]))
+                if r.out.entropies is not None:
+                    r.out.entropies.append(float(info[2, b]))
+                if toks[b] in r.stops:
+                    r.out.finish_reason, r.finished = "stop", True
+                elif len(r.out.tokens) >= r.limit:
+                    r.out.finish_reason, r.finished = "length", True
+            n_done = sum(r.finished for r in active)
+            if n_done == len(active):
+                break
+            if 4 * n_done >= len(active):  # drop finished rows from the batch and its cache
+                keep = [b for b, r in enumerate(active) if not r.finished]
+                keep_B = torch.tensor(keep, device=dev)
+                for layer, (kc, vc) in ctx.key_value_memory_dict.items():
+                    ctx.key_value_memory_dict[layer] = (
+                        kc.index_select(1, keep_B),
+                        vc.index_select(1, keep_B),
+                    )
+                self.rope.keep_rows(keep_B)
+                if mask is not None:
+                    mask = mask.index_select(0, keep_B)
+                active = [active[b] for b in keep]
+                toks = [toks[b] for b in keep]
+            new_ids = torch.tensor(toks, dtype=torch.int64, device=dev)[:, None]
+
+
+def generate(
+    chunks: Sequence[torch.nn.Module],
+    ps,
+    arch,
+    requests: Sequence[Request | Sequence[int]],
+    params: SamplingParams,
+    *,
+    max_batch_size: int = 64,
+    max_pad_fraction: float = 0.25,
+    on_batch_done: Callable[[int, int], None] | None = None,
+) -> list[list[Generation]]:
+    """Generate `params.n` samples for each request on this rank's `chunks` of the model
+    (layout `ps`, architecture `arch`); see the module docstring. Returns, per request (in
+    the given order), its samples. `on_batch_done(rows_done, rows_total)` is called after
+    each batch (progress)."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size={max_batch_size}: expected >= 1")
+    if max_pad_fraction < 0:
+        raise ValueError(f"max_pad_fraction={max_pad_fraction}: expected >= 0")
+    specs = _validate(requests, params, arch)
+    rows: list[_Row] = []
+    results: list[list[Generation]] = []
+    for toks, key, limit, stops in specs:
+        outs = []
+        for i in range(params.n):
+            g = Generation(prompt=key, sample=i, entropies=[] if params.return_entropy else None)
+            rows.append(_Row(toks, key, i, limit, stops, g))
+            outs.append(g)
+        results.append(outs)
+    if not rows:
+        return results
+    models = [_unwrap(c) for c in chunks]
+    layout = _Layout.of(ps, models)
+    rope = _RowRope(models[0].rotary_pos_emb.inv_freq)
+    batches = plan_batches([len(r.prompt) for r in rows], max_batch_size, max_pad_fraction)
+    done = 0
+    with torch.no_grad(), _generation_mode(models, rope):
+        decoder = _Decoder(models, layout, params, rope)
+        for batch in batches:
+            decoder.run([rows[r] for r in batch])
+            done += len(batch)
+            if on_batch_done is not None:
+                on_batch_done(done, len(rows))
+    return results
