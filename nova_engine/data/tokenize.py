@@ -65,11 +65,54 @@ class TokenizeStats:
         )
 
 
-def load_tokenizer(path: str | os.PathLike) -> Any:
-    """`AutoTokenizer.from_pretrained(path)` from a local directory (no network)."""
+# Chat templates a base model may lack, by name (`template=<name>`); a path to a Jinja file
+# works too. "tulu": the Tülu 3 SFT/DPO/RLVR format (<|user|>, <|assistant|> headers, EOS
+# closing each assistant turn); "chatml": <|im_start|>role ... <|im_end|> as Qwen2 uses it.
+CHAT_TEMPLATES: dict[str, str] = {
+    "tulu": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'system' %}{{ '<|system|>\n' + message['content'] + '\n' }}"
+        "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+        "{% elif message['role'] == 'assistant' %}"
+        "{% if not loop.last %}{{ '<|assistant|>\n' + message['content'] + eos_token + '\n' }}"
+        "{% else %}{{ '<|assistant|>\n' + message['content'] + eos_token }}{% endif %}"
+        "{% endif %}"
+        "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+        "{% endfor %}"
+    ),
+    "chatml": (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+}
+
+
+def resolve_chat_template(spec: str) -> str:
+    """A template by name (CHAT_TEMPLATES) or from a Jinja file; TemplateError otherwise."""
+    if spec in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[spec]
+    if os.path.isfile(spec):
+        with open(spec, encoding="utf-8") as f:
+            text = f.read()
+        if "messages" not in text:
+            raise TemplateError(f"{spec}: not a chat template (it never reads `messages`)")
+        return text
+    raise TemplateError(
+        f"template={spec!r}: expected one of {sorted(CHAT_TEMPLATES)} or a path to a Jinja file"
+    )
+
+
+def load_tokenizer(path: str | os.PathLike, template: str | None = None) -> Any:
+    """`AutoTokenizer.from_pretrained(path)` from a local directory (no network); `template`
+    (a CHAT_TEMPLATES name or a Jinja file) replaces the tokenizer's chat template."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(os.fspath(path), local_files_only=True)
+    if template is not None:
+        tok.chat_template = resolve_chat_template(template)
+    return tok
 
 
 def _first_diff(a: Sequence[int], b: Sequence[int]) -> int:
@@ -87,6 +130,8 @@ class ChatTokenizer:
         tokenizer: a HF tokenizer object with a chat template, or a local directory path.
         max_length: maximum tokens per sequence (None = unbounded).
         truncation: "truncate" or "drop" (see the module docstring).
+        template: replaces the tokenizer's chat template (a CHAT_TEMPLATES name or a Jinja
+            file), e.g. "tulu" for a base model without one.
     Counts accumulate in `self.stats` (a TokenizeStats).
     """
 
@@ -96,13 +141,16 @@ class ChatTokenizer:
         *,
         max_length: int | None = None,
         truncation: Truncation = "truncate",
+        template: str | None = None,
     ):
         if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = load_tokenizer(tokenizer)
+            tokenizer = load_tokenizer(tokenizer, template)
+        elif template is not None:
+            tokenizer.chat_template = resolve_chat_template(template)
         if not getattr(tokenizer, "chat_template", None):
             raise TemplateError(
                 f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat_template: "
-                "expected a chat model's tokenizer directory"
+                f"set one with template=<{'|'.join(sorted(CHAT_TEMPLATES))}|file.jinja>"
             )
         if truncation not in ("truncate", "drop"):
             raise ValueError(f'truncation={truncation!r}: expected "truncate" or "drop"')
@@ -249,9 +297,10 @@ def tokenize_sft(
     *,
     max_length: int | None = None,
     truncation: Truncation = "truncate",
+    template: str | None = None,
 ) -> tuple[list[Sample], TokenizeStats]:
     """Tokenize SFT records; logs the length-policy counts when anything was cut or dropped."""
-    ct = ChatTokenizer(tokenizer, max_length=max_length, truncation=truncation)
+    ct = ChatTokenizer(tokenizer, max_length=max_length, truncation=truncation, template=template)
     out = [s for s in (ct.sft_sample(r) for r in records) if s is not None]
     _log_stats("sft", ct.stats)
     return out, ct.stats
@@ -263,9 +312,10 @@ def tokenize_pairs(
     *,
     max_length: int | None = None,
     truncation: Truncation = "truncate",
+    template: str | None = None,
 ) -> tuple[list[PairSample], TokenizeStats]:
     """Tokenize preference records into PairSamples."""
-    ct = ChatTokenizer(tokenizer, max_length=max_length, truncation=truncation)
+    ct = ChatTokenizer(tokenizer, max_length=max_length, truncation=truncation, template=template)
     out = [s for s in (ct.pair_sample(r) for r in records) if s is not None]
     _log_stats("pairs", ct.stats)
     return out, ct.stats

@@ -196,3 +196,32 @@ def test_load_samples_end_to_end(tmp_path, tok_dir):
     assert [s.index for s in sft] == list(range(30))
     pairs, _, _ = load_samples([paths["pref"]], tok_dir, "pairs", max_length=64)
     assert len(pairs) == 20 and all(p.chosen.loss_mask.sum() >= 2 for p in pairs)
+
+
+def test_template_option_for_a_base_tokenizer(tok_dir, tmp_path):
+    """A tokenizer without a chat template gets one by name ("tulu") or from a Jinja file; the
+    assistant-only mask then covers exactly the assistant content and its closing EOS."""
+    from transformers import AutoTokenizer
+
+    from nova_engine.data.tokenize import CHAT_TEMPLATES, load_tokenizer
+
+    base = AutoTokenizer.from_pretrained(tok_dir)
+    base.chat_template = None
+    eos = base.eos_token
+    ct = ChatTokenizer(base, template="tulu")
+    tokens, mask = ct.encode_chat(CONV[1:3])
+    text = base.decode(np.asarray(tokens)[mask.astype(bool)])
+    assert text == "65" + eos
+    want = "<|user|>\nWhat is forty-seven plus eighteen?\n<|assistant|>\n65" + eos
+    assert ct.render(CONV[1:3]) == want
+    jinja = tmp_path / "chatml.jinja"
+    jinja.write_text(CHAT_TEMPLATES["chatml"])
+    tok = load_tokenizer(tok_dir, template=str(jinja))
+    assert tok.chat_template == CHAT_TEMPLATES["chatml"]
+    samples, _ = tokenize_sft([ChatRecord(CONV, 0, "a:1")], tok_dir, template="tulu")
+    assert len(samples) == 1 and samples[0].loss_mask.sum() > 0
+    with pytest.raises(TemplateError, match="expected one of"):
+        ChatTokenizer(base, template="no-such-template")
+    (tmp_path / "bad.jinja").write_text("hello")
+    with pytest.raises(TemplateError, match="never reads"):
+        ChatTokenizer(base, template=str(tmp_path / "bad.jinja"))
