@@ -24,6 +24,8 @@ from nova_engine.train.metrics import emit
 # command -> (module with main(argv) -> int, one-line help)
 TOOLS: dict[str, tuple[str, str]] = {
     "decontaminate": ("nova_engine.tools.decontaminate", "drop n-gram overlap with eval sets"),
+    "merge": ("nova_engine.tools.merge", "merge models: ExPO (+ alpha sweep), linear, TIES, ..."),
+    "generate": ("nova_engine.tools.generate", "sample responses for a JSONL of prompts (KV cache)"),
 }
 
 
