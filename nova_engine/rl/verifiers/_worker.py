@@ -49,11 +49,12 @@ def serve(conn: Connection) -> None:
         tag, plugins, memory_limit_mb = conn.recv()
         assert tag == "config", tag
         _limit_memory(memory_limit_mb)
-        from nova_engine.rl.verifiers import _warm  # noqa: F401 - built-ins registered, warm
         from nova_engine.rl.verifiers.base import verify_one
 
-        for ref in plugins:
+        for ref in plugins:  # first: a bad plugin fails fast
             _load_plugin(ref)
+        from nova_engine.rl.verifiers import _warm  # noqa: F401 - built-ins registered, warm
+
         conn.send(("ready", os.getpid()))
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises
         conn.send(("failed", f"{type(e).__name__}: {e}"))

@@ -14,12 +14,12 @@ batch therefore finishes within about ceil(n / num_workers) * timeout_s at worst
 
 Workers are fresh interpreters (`python -m nova_engine.rl.verifiers._worker`), not forks: a
 replacement never copies a large training process (CUDA, NCCL threads) and the parent's
-__main__ is never re-imported. Each loads the built-in verifiers, warms them up (lazy imports
-and first-call set-up do not count against the first real call), loads the `plugins` (module
-names or .py paths whose `register_verifier` calls add verifiers; tests use this) and reports
-ready; a replacement starts in the background while the other workers go on. An address-space
-limit (`memory_limit_mb`, RLIMIT_AS) keeps a runaway sympy computation from taking the
-machine's memory: it surfaces as "error: MemoryError".
+__main__ is never re-imported. Each loads the built-in verifiers and the `plugins` (module
+names or .py paths whose `register_verifier` calls add verifiers; tests use this), warms the
+built-ins up (lazy imports and first-call set-up do not count against the first real call) and
+reports ready; a replacement starts in the background while the other workers go on. An
+address-space limit (`memory_limit_mb`, RLIMIT_AS) keeps a runaway sympy computation from
+taking the machine's memory: it surfaces as "error: MemoryError".
 """
 
 from __future__ import annotations
@@ -92,12 +92,15 @@ class _Worker:
         self.conn.close()
         return code
 
-    def stop(self) -> None:
-        try:
-            self.conn.send(None)
-            self.proc.wait(timeout=2)
-        except (OSError, ValueError, subprocess.TimeoutExpired):
-            pass
+    def ask_to_stop(self) -> None:
+        """An idle ready worker exits on None; any other one is killed (it is busy or still
+        importing, and would not read the message soon)."""
+        if self.ready and self.task is None:
+            try:
+                self.conn.send(None)
+                return
+            except (OSError, ValueError):
+                pass
         self.kill()
 
 
@@ -154,7 +157,14 @@ class VerifierPool:
             return
         self._closed = True
         for w in self._workers:
-            w.stop()
+            w.ask_to_stop()
+        deadline = time.monotonic() + 2.0
+        for w in self._workers:
+            try:
+                w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            w.kill()
 
     def __enter__(self) -> VerifierPool:
         return self
