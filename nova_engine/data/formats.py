@@ -271,7 +271,7 @@ def _iter_objects(path: str) -> Iterable[tuple[int, Any]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is fine
             except UnicodeDecodeError as e:
                 yield lineno, _Bad(f"not valid UTF-8 ({e.reason} at byte {e.start})", "bad_utf8")
                 continue

@@ -238,6 +238,36 @@ class ChatTokenizer:
 
     # -- max-length policy ----------------------------------------------------------
 
+    @property
+    def _chars_per_token(self) -> int:
+        """An upper bound on the characters one token decodes to (its longest vocab entry)."""
+        if not hasattr(self, "_max_token_chars"):
+            vocab = self.tokenizer.get_vocab()
+            self._max_token_chars = max((len(t) for t in vocab), default=1) or 1
+        return self._max_token_chars
+
+    def _clip(self, messages: list[dict]) -> tuple[list[dict], bool]:
+        """Messages cut to what the first max_length tokens can reach, and whether anything
+        was cut. The first max_length tokens decode to at most max_length * L characters (L
+        the longest token), so content beyond (max_length + 64) * L characters cannot reach
+        them; cutting there spares tokenizing a huge line whole (a 30 MB line took minutes)
+        and leaves the kept tokens as they were (64 tokens of slack for the tokenizer's
+        pre-tokenization at the cut)."""
+        if self.max_length is None:
+            return messages, False
+        budget = (self.max_length + 64) * self._chars_per_token
+        out: list[dict] = []
+        for m in messages:
+            if budget <= 0:
+                return out, True
+            content = m["content"]
+            if len(content) > budget:
+                out.append({**m, "content": content[:budget]})
+                return out, True
+            out.append(m)
+            budget -= len(content)
+        return out, False
+
     def _fit(self, tokens: list[int], mask: np.ndarray) -> tuple[list[int], np.ndarray] | None:
         """Apply the max-length policy; None = dropped (and counted)."""
         if self.max_length is None or len(tokens) <= self.max_length:
@@ -257,7 +287,11 @@ class ChatTokenizer:
     def sft_sample(self, rec: ChatRecord) -> Sample | None:
         """A Sample (index = rec.index), or None if the length policy dropped it."""
         self.stats.n_in += 1
-        fitted = self._fit(*self.encode_chat(rec.messages, rec.source))
+        messages, cut = self._clip(rec.messages)
+        if cut and self.truncation == "drop":
+            self.stats.dropped_too_long += 1  # longer than max_length without tokenizing
+            return None
+        fitted = self._fit(*self.encode_chat(messages, rec.source))
         if fitted is None:
             return None
         self.stats.n_out += 1
@@ -270,7 +304,16 @@ class ChatTokenizer:
         self.stats.n_in += 1
         sides, cut = [], False
         for resp in (rec.chosen, rec.rejected):
-            tokens, mask = self.encode_response(rec.prompt, resp, rec.source)
+            conv, clipped = self._clip(rec.prompt + resp)
+            if clipped:
+                if self.truncation == "drop":
+                    self.stats.dropped_too_long += 1
+                    return None
+                if len(conv) <= len(rec.prompt):  # the prompt alone fills max_length
+                    self.stats.dropped_no_loss += 1
+                    return None
+            prompt, resp = conv[: len(rec.prompt)], conv[len(rec.prompt) :]
+            tokens, mask = self.encode_response(prompt, resp, rec.source)
             if self.max_length is not None and len(tokens) > self.max_length:
                 if self.truncation == "drop":
                     self.stats.dropped_too_long += 1

@@ -66,6 +66,16 @@ def test_bad_utf8_line(tmp_path):
         read_sft_jsonl(path)
 
 
+def test_bom_and_json_error_columns(tmp_path):
+    """A UTF-8 BOM before the first line is accepted; a JSON error names its real column."""
+    path = _write(tmp_path, [b"\xef\xbb\xbf" + GOOD_SFT.encode(), GOOD_SFT])
+    assert len(read_sft_jsonl(path)[0]) == 2
+    bad = GOOD_SFT[:-1] + ",}"
+    path = _write(tmp_path, [GOOD_SFT, bad], name="bad.jsonl")
+    with pytest.raises(DataError, match=rf":2: bad JSON: .* at column {len(bad)}$"):
+        read_sft_jsonl(path)
+
+
 V = {"role": "assistant", "content": "5"}
 PAIR_BAD = [
     (json.dumps({"chosen": [U, A]}), "missing_key", 'missing key "rejected" (a message list or a response string); keys present: chosen'),

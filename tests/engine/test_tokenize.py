@@ -225,3 +225,32 @@ def test_template_option_for_a_base_tokenizer(tok_dir, tmp_path):
     (tmp_path / "bad.jinja").write_text("hello")
     with pytest.raises(TemplateError, match="never reads"):
         ChatTokenizer(base, template=str(tmp_path / "bad.jinja"))
+
+
+def test_huge_line_is_cut_before_tokenizing(hf_tok):
+    """A ~2 MB message with max_length=64: the same samples as tokenizing it whole and then
+    truncating (SFT and pairs), without tokenizing the whole text; "drop" drops it unread."""
+    import random
+
+    rng = random.Random(0)
+    words = ["seven", "plus", "eighteen", "is", "sixty-five", "minus", "3", "and", "\n"]
+    huge = " ".join(rng.choice(words) for _ in range(300_000))  # ~2 MB
+    conv = [CONV[1], {"role": "assistant", "content": huge}]
+    ct = ChatTokenizer(hf_tok, max_length=64)
+    seen = []
+    encode = ct.encode_text
+    ct.encode_text = lambda text: seen.append(len(text)) or encode(text)
+    got = ct.sft_sample(ChatRecord(conv, 0, "a:1"))
+    assert max(seen) < 200 * ct._chars_per_token < len(huge) / 50  # never the whole text
+    whole, mask = ChatTokenizer(hf_tok).encode_chat(conv)
+    assert got is not None and list(got.tokens) == whole[:64]
+    assert np.array_equal(got.loss_mask, mask[:64]) and ct.stats.truncated == 1
+    pair = ChatTokenizer(hf_tok, max_length=64).pair_sample(
+        PairRecord([CONV[1]], [conv[1]], [CONV[2]], 0, "b:1")
+    )
+    full, fmask = ChatTokenizer(hf_tok).encode_response([CONV[1]], [conv[1]])
+    assert pair is not None and list(pair.chosen.tokens) == full[:64]
+    assert np.array_equal(pair.chosen.loss_mask, fmask[:64])
+    drop = ChatTokenizer(hf_tok, max_length=64, truncation="drop")
+    assert drop.sft_sample(ChatRecord(conv, 0, "a:1")) is None
+    assert drop.stats.dropped_too_long == 1
