@@ -228,13 +228,13 @@ def test_template_option_for_a_base_tokenizer(tok_dir, tmp_path):
 
 
 def test_huge_line_is_cut_before_tokenizing(hf_tok):
-    """A ~2 MB message with max_length=64: the same samples as tokenizing it whole and then
+    """A ~400 kB message with max_length=64: the same samples as tokenizing it whole and then
     truncating (SFT and pairs), without tokenizing the whole text; "drop" drops it unread."""
     import random
 
     rng = random.Random(0)
     words = ["seven", "plus", "eighteen", "is", "sixty-five", "minus", "3", "and", "\n"]
-    huge = " ".join(rng.choice(words) for _ in range(300_000))  # ~2 MB
+    huge = " ".join(rng.choice(words) for _ in range(60_000))  # ~400 kB
     conv = [CONV[1], {"role": "assistant", "content": huge}]
     ct = ChatTokenizer(hf_tok, max_length=64)
     seen = []
