@@ -12,21 +12,26 @@
 namespace nova::decontam {
 namespace {
 
-enum ByteClass : uint8_t { kWord = 0, kSpace = 1, kDrop = 2, kSegment = 3 };
+// Byte classes; kWord and kDrop bytes make up a word (the kDrop ones are left out of it).
+enum ByteClass : uint8_t { kWord = 0, kDrop = 1, kSpace = 2, kSegment = 3 };
 
 struct ByteTables {
   std::array<uint8_t, 256> cls{};
+  std::array<uint8_t, 256> fix{};  // 1: the byte changes under normalization (drop, A-Z)
   std::array<char, 256> lower{};
   ByteTables() {
     for (int c = 0; c < 256; ++c) {
       cls[c] = kWord;
       lower[c] = static_cast<char>(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
+      fix[c] = c >= 'A' && c <= 'Z';
     }
     // Python's str.isspace() on ASCII: \t \n \v \f \r, \x1c-\x1f, space.
     for (int c : {9, 10, 11, 12, 13, 0x1c, 0x1d, 0x1e, 0x1f, 32}) cls[c] = kSpace;
     // Python's string.punctuation.
-    for (const char* p = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"; *p; ++p)
+    for (const char* p = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"; *p; ++p) {
       cls[static_cast<uint8_t>(*p)] = kDrop;
+      fix[static_cast<uint8_t>(*p)] = 1;
+    }
     cls[0] = kSegment;
   }
 };
@@ -110,31 +115,31 @@ void word_hashes(std::string_view text, std::vector<uint64_t>& words,
   const ByteTables& t = tables();
   words.clear();
   seg_ends.clear();
-  std::string word;
-  word.reserve(64);
-  auto flush = [&] {
-    if (!word.empty()) {
-      words.push_back(hash_word(word.data(), word.size()));
-      word.clear();
-    }
-  };
-  for (const char ch : text) {
-    const auto c = static_cast<uint8_t>(ch);
-    switch (t.cls[c]) {
-      case kWord:
-        word.push_back(t.lower[c]);
-        break;
-      case kSpace:
-        flush();
-        break;
-      case kDrop:
-        break;
-      default:  // kSegment
-        flush();
-        seg_ends.push_back(static_cast<int64_t>(words.size()));
+  words.reserve(text.size() / 2 + 1);
+  std::string buf;
+  const auto* p = reinterpret_cast<const uint8_t*>(text.data());
+  const uint8_t* const end = p + text.size();
+  while (p < end) {
+    const uint8_t c = t.cls[*p];
+    if (c == kSpace) {
+      ++p;
+    } else if (c == kSegment) {
+      seg_ends.push_back(static_cast<int64_t>(words.size()));
+      ++p;
+    } else {  // a word: hash it in place unless a byte changes under normalization
+      const uint8_t* start = p;
+      uint8_t fix = 0;
+      while (p < end && t.cls[*p] < kSpace) fix |= t.fix[*p++];
+      if (!fix) {
+        words.push_back(hash_word(reinterpret_cast<const char*>(start), p - start));
+        continue;
+      }
+      buf.clear();
+      for (const uint8_t* q = start; q < p; ++q)
+        if (t.cls[*q] == kWord) buf.push_back(t.lower[*q]);
+      if (!buf.empty()) words.push_back(hash_word(buf.data(), buf.size()));
     }
   }
-  flush();
   seg_ends.push_back(static_cast<int64_t>(words.size()));
 }
 
@@ -238,18 +243,35 @@ ScanResult NgramIndex::scan(const std::vector<std::string_view>& texts) const {
   Grams g(n_);
   std::vector<uint32_t> count(gram_counts_.size(), 0);
   std::vector<int32_t> hits, touched;
+  std::vector<uint64_t> grams;
   for (const std::string_view text : texts) {
     g.load(text);
-    hits.clear();
+    // Three passes so the random reads overlap: every gram (prefetching its filter word),
+    // the filter tests (prefetching the table slot of each pass), the table probes.
+    grams.clear();
     int64_t start = 0;
     for (int64_t end : g.seg_ends) {
       for (int64_t k : lengths) {
         for (int64_t i = start; i + k <= end; ++i) {
-          const int64_t idx = find(g.gram(i, k));
-          if (idx >= 0) hits.push_back(static_cast<int32_t>(idx));
+          const uint64_t x = g.gram(i, k);
+          __builtin_prefetch(&filter_[(x >> filter_shift_) >> 6]);
+          grams.push_back(x);
         }
       }
       start = end;
+    }
+    size_t kept = 0;
+    for (const uint64_t x : grams) {
+      const uint64_t b = x >> filter_shift_;
+      if ((filter_[b >> 6] >> (b & 63)) & 1) {
+        __builtin_prefetch(&slot_keys_[x & slot_mask_]);
+        grams[kept++] = x;
+      }
+    }
+    hits.clear();
+    for (size_t j = 0; j < kept; ++j) {
+      const int64_t idx = find(grams[j]);
+      if (idx >= 0) hits.push_back(static_cast<int32_t>(idx));
     }
     if (!hits.empty()) {
       std::sort(hits.begin(), hits.end());
