@@ -18,6 +18,11 @@ from typing import Any
 import torch
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+# reward / value models: the same decoder with a `score` head instead of the LM head
+SEQUENCE_CLASSIFIERS = {
+    "LlamaForSequenceClassification": "llama",
+    "Qwen2ForSequenceClassification": "qwen2",
+}
 
 
 class ArchitectureError(ValueError):
@@ -111,11 +116,12 @@ def _req(cfg: dict[str, Any], key: str, where: str, kind: type = int) -> Any:
 
 def arch_from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelArch:
     archs = cfg.get("architectures") or []
-    if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
+    known = SUPPORTED_ARCHITECTURES | SEQUENCE_CLASSIFIERS
+    if len(archs) != 1 or archs[0] not in known:
         raise ArchitectureError(
-            f"{where}: architectures={archs!r}; expected one of {sorted(SUPPORTED_ARCHITECTURES)}"
+            f"{where}: architectures={archs!r}; expected one of {sorted(known)}"
         )
-    family = SUPPORTED_ARCHITECTURES[archs[0]]
+    family = known[archs[0]]
     heads = _req(cfg, "num_attention_heads", where)
     hidden = _req(cfg, "hidden_size", where)
     kv_heads = cfg.get("num_key_value_heads") or heads

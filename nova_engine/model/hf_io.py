@@ -21,6 +21,17 @@ rank 0 writes the index and config.json. Layout conversions, per decoder layer i
 
 Tied embeddings: HF stores only embed_tokens; megatron's last stage (when it is not also
 the first) holds a copy as output_layer.weight, loaded from the same tensor.
+
+Reward / value models (`*ForSequenceClassification`): the decoder as above plus `score.weight`
+[num_labels, H] (no bias), which is the last stage's score head (nova_engine.model.heads,
+replicated over TP) and replaces the LM head. Import reads it when the checkpoint has one
+(`score_rows` picks rows, e.g. a regression model's helpfulness output for a one-output head)
+and leaves the head's seeded init when it does not (a *ForCausalLM); a checkpoint without
+`lm_head.weight` leaves an untied model's unused output layer at its init. Export with
+`sequence_classifier=ScoreExport(pad_token_id, labels)` writes Llama/Qwen2ForSequenceClassification
+with num_labels, id2label and pad_token_id set: transformers then reads the score at the last
+token that is not padding, the last token of each sequence as Nova packs it, so pad_token_id
+must differ from every token a sequence can end with (`choose_pad_token_id`).
 """
 
 from __future__ import annotations
@@ -29,7 +40,9 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,6 +64,24 @@ _SAFE_DTYPES = {
 
 class CheckpointError(ValueError):
     """A checkpoint with missing, extra or mis-shaped tensors (names the tensor)."""
+
+
+SCORE_PARAM = "score.weight"  # the score head on the last stage's chunk (model.heads)
+SCORE_HF = "score.weight"  # *ForSequenceClassification: [num_labels, H], no bias
+SEQUENCE_CLASSIFIER_CLASSES = {
+    "llama": "LlamaForSequenceClassification",
+    "qwen2": "Qwen2ForSequenceClassification",
+}
+
+
+@dataclass
+class ScoreExport:
+    """How to write a model with a score head as *ForSequenceClassification."""
+
+    pad_token_id: int
+    """Written to config.json: transformers reads the score at the last token != pad."""
+    labels: Sequence[str] | None = None
+    """Names of the K outputs (id2label), e.g. the HelpSteer2 attributes; None: LABEL_i."""
 
 
 # ----------------------------------------------------------------------------- the names
@@ -140,9 +171,18 @@ class HFCheckpoint:
             return sl[rows]
         return sl[:]
 
+    @property
+    def is_sequence_classifier(self) -> bool:
+        """Whether this is a *ForSequenceClassification checkpoint (it has score.weight)."""
+        return SCORE_HF in self.weight_map
+
     def validate(self, arch: ModelArch) -> None:
         """Missing, extra or mis-shaped tensors -> CheckpointError naming the tensor."""
         expected = hf_expected_names(arch)
+        if self.is_sequence_classifier:
+            expected.pop("lm_head.weight", None)
+            k = self.shape(SCORE_HF)
+            expected[SCORE_HF] = (k[0] if len(k) == 2 else -1, arch.hidden_size)
         present = self.names()
         missing = sorted(set(expected) - present)
         if missing:
@@ -235,16 +275,67 @@ def _split_name(mname: str, model) -> tuple[str, int | None]:
     return mname, model.decoder.layers[local].layer_number - 1
 
 
+def score_labels(model_dir: str) -> list[str] | None:
+    """The output names (config.json id2label, in index order) of a *ForSequenceClassification
+    directory; None for any other model."""
+    with open(os.path.join(model_dir, "config.json")) as fh:
+        cfg = json.load(fh)
+    archs = cfg.get("architectures") or []
+    if not archs or archs[0] not in SEQUENCE_CLASSIFIER_CLASSES.values():
+        return None
+    id2label = cfg.get("id2label") or {}
+    n = int(cfg.get("num_labels", len(id2label) or 1))
+    return [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(n)]
+
+
+def _score_value(
+    ckpt: HFCheckpoint, param: torch.Tensor, rows: Sequence[int] | None
+) -> torch.Tensor:
+    """score.weight [K', H] of the checkpoint, rows `rows` (all when None), for a head [K, H]."""
+    value = ckpt.read(SCORE_HF)
+    if rows is not None:
+        bad = [r for r in rows if not 0 <= r < value.shape[0]]
+        if bad:
+            raise CheckpointError(
+                f"{ckpt.dir}: {SCORE_HF} has {value.shape[0]} outputs, no row {bad[0]}"
+            )
+        value = value[list(rows)]
+    if tuple(value.shape) != tuple(param.shape):
+        raise CheckpointError(
+            f"{ckpt.dir}: {SCORE_HF} gives shape {list(value.shape)}, the score head is "
+            f"{list(param.shape)} [num_outputs, hidden_size] (pick rows with score_rows)"
+        )
+    return value
+
+
 def load_hf_weights(
-    chunks: Iterable[torch.nn.Module], arch: ModelArch, ps: ParallelState, model_dir: str
+    chunks: Iterable[torch.nn.Module],
+    arch: ModelArch,
+    ps: ParallelState,
+    model_dir: str,
+    *,
+    score_rows: Sequence[int] | None = None,
 ) -> None:
-    """Copy a HF checkpoint into this rank's model chunks (each rank reads only its slices)."""
+    """Copy a HF checkpoint into this rank's model chunks (each rank reads only its slices).
+
+    A score head on the chunks (`score.weight`) takes the checkpoint's score.weight, rows
+    `score_rows` when given, or keeps its seeded init when the checkpoint has none."""
     ckpt = HFCheckpoint(model_dir)
     ckpt.validate(arch)
+    no_lm_head = ckpt.is_sequence_classifier and "lm_head.weight" not in ckpt.names()
     with torch.no_grad():
         for model in chunks:
             for mname, param in model.named_parameters():
                 name, layer = _split_name(mname, model)
+                if name == SCORE_PARAM:
+                    if ckpt.is_sequence_classifier:
+                        param.copy_(_score_value(ckpt, param, score_rows).to(param.dtype))
+                    else:
+                        log.info("%s has no %s: the score head keeps its init", model_dir, SCORE_HF)
+                    continue
+                if name == "output_layer.weight" and no_lm_head and not arch.tie_word_embeddings:
+                    log.info("%s has no lm_head: the unused output layer keeps its init", model_dir)
+                    continue
                 value = _hf_value(ckpt, arch, name, layer, ps.tp, ps.tp_rank)
                 if tuple(value.shape) != tuple(param.shape):
                     raise CheckpointError(
@@ -317,12 +408,18 @@ def _hf_file_index(arch: ModelArch, hf_name: str) -> int:
     return arch.num_layers + 1
 
 
-def hf_config_dict(arch: ModelArch, dtype: torch.dtype) -> dict:
-    """config.json for `arch`, written through transformers' own config class."""
+def hf_config_dict(
+    arch: ModelArch,
+    dtype: torch.dtype,
+    sequence_classifier: ScoreExport | None = None,
+    num_labels: int = 1,
+) -> dict:
+    """config.json for `arch`, written through transformers' own config class (as a
+    *ForSequenceClassification with `num_labels` outputs when `sequence_classifier` is set)."""
     from transformers import LlamaConfig, Qwen2Config
 
     cls = LlamaConfig if arch.family == "llama" else Qwen2Config
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         vocab_size=arch.vocab_size,
         hidden_size=arch.hidden_size,
         intermediate_size=arch.intermediate_size,
@@ -340,9 +437,19 @@ def hf_config_dict(arch: ModelArch, dtype: torch.dtype) -> dict:
         rope = {"rope_type": "llama3", "rope_theta": arch.rope_theta, **arch.rope_scaling}
     if arch.family == "llama":
         kwargs["head_dim"] = arch.head_dim
+    seq = sequence_classifier
+    if seq is not None:
+        labels = list(seq.labels) if seq.labels is not None else None
+        if labels is not None and len(labels) != num_labels:
+            raise CheckpointError(f"{len(labels)} labels {labels} for a {num_labels}-output head")
+        names = labels or [f"LABEL_{i}" for i in range(num_labels)]
+        kwargs["id2label"] = dict(enumerate(names))
+        kwargs["pad_token_id"] = int(seq.pad_token_id)
     cfg = cls(**kwargs, rope_parameters=rope)
     out = cfg.to_dict()
-    out["architectures"] = [arch.architecture]
+    out["architectures"] = [
+        arch.architecture if seq is None else SEQUENCE_CLASSIFIER_CLASSES[arch.family]
+    ]
     out["torch_dtype"] = str(dtype).removeprefix("torch.")
     return out
 
@@ -353,21 +460,35 @@ def export_hf(
     ps: ParallelState,
     out_dir: str,
     dtype: torch.dtype | None = None,
+    *,
+    sequence_classifier: ScoreExport | None = None,
 ) -> None:
     """Write this layout's model as a HF directory (safetensors shards + index + config).
 
     Collective over the model-parallel group; only DP rank 0 writes. The caller makes the
-    directory atomic if it needs to (nova_engine.train.checkpoint_io)."""
+    directory atomic if it needs to (nova_engine.train.checkpoint_io). With
+    `sequence_classifier`, the chunks' score head becomes `score.weight` and the LM head is
+    left out (*ForSequenceClassification); without it a score head is not exported."""
     dtype = dtype or _SAFE_DTYPES.get(arch.torch_dtype, torch.float32)
+    seq = sequence_classifier
     n_files = arch.num_layers + 2
     files: dict[int, dict[str, torch.Tensor]] = {}
+    score_shape: list[int] = []
     for model in chunks:
         for mname, param in model.named_parameters():
             name, layer = _split_name(mname, model)
+            if name == SCORE_PARAM:  # replicated over TP: no gather
+                if seq is not None and ps.tp_rank == 0 and ps.dp_rank == 0:
+                    score_shape = list(param.shape)
+                    idx = _hf_file_index(arch, SCORE_HF)
+                    files.setdefault(idx, {})[SCORE_HF] = (
+                        param.detach().to(dtype).contiguous().cpu()
+                    )
+                continue
             parts = _gather_tp(param.detach(), ps)
             if ps.tp_rank != 0 or ps.dp_rank != 0:
                 continue
-            if name == "output_layer.weight" and arch.tie_word_embeddings:
+            if name == "output_layer.weight" and (arch.tie_word_embeddings or seq is not None):
                 continue
             for hf_name, t in _to_hf(arch, name, layer, parts).items():
                 idx = _hf_file_index(arch, hf_name)
@@ -380,21 +501,53 @@ def export_hf(
     local_map = {
         name: _file_name(idx, n_files) for idx, tensors in files.items() for name in tensors
     }
-    gathered: list[dict[str, str] | None] = [None] * ps.world_size
-    dist.all_gather_object(gathered, local_map)
+    gathered: list[tuple[dict[str, str], list[int]] | None] = [None] * ps.world_size
+    dist.all_gather_object(gathered, (local_map, score_shape))
     if ps.rank == 0:
         weight_map: dict[str, str] = {}
-        for m in gathered:
-            weight_map.update(m or {})
-        expected = set(hf_expected_names(arch))
+        shapes = hf_expected_names(arch)
+        for g in gathered:
+            if g is not None:
+                weight_map.update(g[0])
+                if g[1]:
+                    score_shape = g[1]
+        if seq is not None:
+            shapes.pop("lm_head.weight", None)
+            if not score_shape:
+                raise CheckpointError(
+                    "export as a sequence classifier: the model has no score head"
+                )
+            shapes[SCORE_HF] = tuple(score_shape)
+        expected = set(shapes)
         if set(weight_map) != expected:
             missing = sorted(expected - set(weight_map))[:3]
             raise CheckpointError(f"export incomplete: missing {missing}")
         itemsize = torch.empty(0, dtype=dtype).element_size()
-        total = sum(math.prod(shape) * itemsize for shape in hf_expected_names(arch).values())
+        total = sum(math.prod(shape) * itemsize for shape in shapes.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as fh:
             json.dump(index, fh, indent=2)
+        num_labels = score_shape[0] if score_shape else 1
         with open(os.path.join(out_dir, "config.json"), "w") as fh:
-            json.dump(hf_config_dict(arch, dtype), fh, indent=2)
+            json.dump(hf_config_dict(arch, dtype, seq, num_labels), fh, indent=2)
     dist.barrier()
+
+
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<|endoftext|>", "<|end_of_text|>")
+
+
+def choose_pad_token_id(tokenizer, avoid: Iterable[int] = ()) -> int:
+    """A pad_token_id for a *ForSequenceClassification export: the tokenizer's pad token, else
+    a reserved one (Llama 3.1's <|finetune_right_pad_id|>, <|pad|>, Qwen2's <|endoftext|>,
+    <|end_of_text|>), never one of `avoid` (the tokens sequences end with: transformers reads
+    the score at the last token that is not the pad token)."""
+    bad = set(avoid)
+    ids = [tokenizer.pad_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in PAD_CANDIDATES]
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for i in ids:
+        if isinstance(i, int) and i >= 0 and i != unk and i not in bad:
+            return i
+    raise CheckpointError(
+        f"no pad token for the sequence-classification export: the tokenizer's pad token and "
+        f"{', '.join(PAD_CANDIDATES)} are absent or end sequences ({sorted(bad)[:5]})"
+    )
