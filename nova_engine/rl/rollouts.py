@@ -1,0 +1,384 @@
+"""Rollouts -> packed training batches, per-token RL tensors on the packed layout, and group
+statistics / whitening reduced over data-parallel ranks.
+
+    ro = Rollouts.from_groups(prompt_tokens, generations, rewards, group_offset=dp_rank * P)
+    for mb in ro.pack(capacity=4096, pad_to_multiple=tp):
+        mb.batch                                # PackedBatch: prompt + response per sequence
+        mb.gen_logprobs                         # [T] the sampler's log-probs, label-aligned
+        adv_T = mb.per_token(adv_R)             # GRPO / RLOO: one advantage per response
+        r_T = ppo_token_rewards(mb, ro.rewards_t(), kl_T, kl_coef)   # PPO: reward + KL
+        adv_T, ret_T = gae_packed_advantages(mb, r_T, values_T, gamma, lam)
+
+Layout (label-aligned, as PackedBatch): packed position j holds the prediction of token j+1
+of its sequence, so the log-prob, value, reward and advantage of generated token k of a
+response whose prompt has p tokens sit at position start + p + k - 1, and `batch.loss_mask`
+is 1 exactly on those positions (the response tokens; never the prompt, never padding). The
+last generated token's position carries the scalar reward (PPO).
+
+Responses. `Generation.tokens` are the generated ids, the stop token included when
+`finished` (the model learns to stop); finished=False means the length limit was hit without
+a stop token (Tülu 3 may override its reward, see RewardConfig.truncated_reward). An EMPTY
+generation (no tokens: the prompt filled the context) is not packed (nothing to train on) but
+keeps its reward and group membership, so it still counts in its group's statistics.
+
+Groups. `group_ids` [R] are GLOBAL ids (group_offset + prompt position): with the samples of a
+prompt on one rank and `group_offset` = the rank's first prompt in the step, the DP-reduced
+statistics (`group_advantages_dp`, `whiten_dp`) over `num_groups` = prompts per step equal
+the single-process ones over the whole step.
+
+Shape legend: P prompts, R responses (rows), N packed sequences, T packed tokens, G groups.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nova_engine.data.packing import PackedBatch, pack_lengths
+from nova_engine.data.sample import Sample
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
+
+@dataclass
+class Generation:
+    """One generated response."""
+
+    tokens: np.ndarray
+    """[L] int64 generated ids (the stop token included when finished); L may be 0."""
+    logprobs: np.ndarray | None = None
+    """[L] float32 log-prob of each generated token under the sampling policy."""
+    finished: bool = True
+    """True when generation ended with a stop token; False when it hit the length limit."""
+
+    def __post_init__(self) -> None:
+        self.tokens = np.asarray(self.tokens, dtype=np.int64).reshape(-1)
+        if self.logprobs is not None:
+            self.logprobs = np.asarray(self.logprobs, dtype=np.float32).reshape(-1)
+            if self.logprobs.shape != self.tokens.shape:
+                raise ValueError(
+                    f"Generation: {self.logprobs.shape[0]} log-probs for "
+                    f"{self.tokens.shape[0]} tokens"
+                )
+        self.finished = bool(self.finished)
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass
+class Rollouts:
+    """A step's responses (on this rank), prompt-major: prompt p's responses are contiguous."""
+
+    prompts: list[np.ndarray]  # [P] prompt token ids
+    generations: list[Generation]  # [R]
+    prompt_of: np.ndarray  # [R] int64 position of each response's prompt in `prompts`
+    group_ids: np.ndarray  # [R] int64 global group id (group_offset + prompt position)
+    rewards: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # [R]
+
+    def __post_init__(self) -> None:
+        R = len(self.generations)
+        self.prompt_of = np.asarray(self.prompt_of, dtype=np.int64)
+        self.group_ids = np.asarray(self.group_ids, dtype=np.int64)
+        self.rewards = np.asarray(self.rewards, dtype=np.float32)
+        if self.rewards.size == 0 and R:
+            self.rewards = np.zeros(R, np.float32)
+        for name in ("prompt_of", "group_ids", "rewards"):
+            if getattr(self, name).shape != (R,):
+                raise ValueError(f"Rollouts.{name} has shape {getattr(self, name).shape}, "
+                                 f"expected ({R},)")  # fmt: skip
+        if R and (self.prompt_of.min() < 0 or self.prompt_of.max() >= len(self.prompts)):
+            raise ValueError(f"Rollouts.prompt_of must index the {len(self.prompts)} prompts")
+        for p, toks in enumerate(self.prompts):
+            if len(toks) < 1:
+                raise ValueError(f"prompt {p} is empty: a response needs a prompt token before it")
+
+    @classmethod
+    def from_groups(
+        cls,
+        prompts: Sequence[Sequence[int] | np.ndarray],
+        generations: Sequence[Sequence[Generation]],
+        rewards: Sequence[Sequence[float]] | None = None,
+        *,
+        group_offset: int = 0,
+    ) -> Rollouts:
+        """prompts [P]; generations[p] = prompt p's responses (any number, n for GRPO);
+        rewards[p][i] the reward of generations[p][i] (None: zeros, set later with
+        `set_rewards`). Group id of prompt p = group_offset + p."""
+        if len(generations) != len(prompts):
+            raise ValueError(f"{len(generations)} generation groups for {len(prompts)} prompts")
+        if rewards is not None and [len(r) for r in rewards] != [len(g) for g in generations]:
+            raise ValueError("rewards must have one value per generation, grouped like them")
+        flat = [g for group in generations for g in group]
+        prompt_of = np.repeat(np.arange(len(prompts)), [len(g) for g in generations])
+        rew = (
+            np.zeros(len(flat), np.float32) if rewards is None else [x for r in rewards for x in r]
+        )
+        return cls(
+            prompts=[np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts],
+            generations=flat,
+            prompt_of=prompt_of,
+            group_ids=prompt_of + int(group_offset),
+            rewards=np.asarray(rew, dtype=np.float32),
+        )
+
+    # -- per-response views ----------------------------------------------------------------
+
+    @property
+    def num_responses(self) -> int:
+        return len(self.generations)
+
+    @property
+    def response_lengths(self) -> np.ndarray:
+        """[R] int64 generated tokens per response."""
+        return np.array([len(g) for g in self.generations], dtype=np.int64)
+
+    @property
+    def finished(self) -> np.ndarray:
+        """[R] bool: ended with a stop token."""
+        return np.array([g.finished for g in self.generations], dtype=bool)
+
+    @property
+    def empty(self) -> np.ndarray:
+        """[R] bool: no generated tokens (not packed)."""
+        return self.response_lengths == 0
+
+    def set_rewards(self, rewards: Sequence[float]) -> None:
+        r = np.asarray(rewards, dtype=np.float32).reshape(-1)
+        if r.shape != (self.num_responses,):
+            raise ValueError(f"{r.shape[0]} rewards for {self.num_responses} responses")
+        self.rewards = r
+
+    def rewards_t(self, device=None) -> torch.Tensor:
+        """[R] fp32 rewards as a tensor."""
+        return torch.as_tensor(self.rewards, dtype=torch.float32, device=device)
+
+    def group_ids_t(self, device=None) -> torch.Tensor:
+        """[R] int64 global group ids as a tensor."""
+        return torch.as_tensor(self.group_ids, dtype=torch.int64, device=device)
+
+    def sample(self, r: int) -> Sample:
+        """Prompt + response r as a Sample: loss on the response tokens only, index = r."""
+        prompt, gen = self.prompts[self.prompt_of[r]], self.generations[r]
+        tokens = np.concatenate([prompt, gen.tokens])
+        mask = np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(gen), np.uint8)])
+        return Sample(tokens, mask, index=r)
+
+    # -- packing ------------------------------------------------------------------------
+
+    def pack(
+        self,
+        capacity: int,
+        *,
+        pad_to_multiple: int = 1,
+        pad_id: int = 0,
+        algorithm: str = "ffd",
+        max_seqs_per_bin: int | None = None,
+    ) -> list[RolloutBatch]:
+        """The non-empty responses packed into micro-batches of at most `capacity` tokens
+        (C++ packer; ValueError when one prompt + response exceeds it)."""
+        rows = np.flatnonzero(~self.empty)
+        lengths = np.array([len(self.prompts[self.prompt_of[r]]) for r in rows], np.int64)
+        lengths += self.response_lengths[rows]
+        if rows.size == 0:
+            return []
+        too_long = np.flatnonzero(lengths > capacity)
+        if too_long.size:
+            r = int(rows[too_long[0]])
+            raise ValueError(
+                f"response {r}: prompt + response = {lengths[too_long[0]]} tokens exceeds the "
+                f"packing capacity {capacity} (set it >= max prompt + max response length)"
+            )
+        plan = pack_lengths(lengths, capacity, algorithm, max_seqs_per_bin, overlong="error")
+        return [self._micro_batch(rows[ids], pad_to_multiple, pad_id) for ids in plan.bins()]
+
+    def _micro_batch(self, rows: np.ndarray, pad_to_multiple: int, pad_id: int) -> RolloutBatch:
+        samples = [self.sample(int(r)) for r in rows]
+        batch = PackedBatch.from_samples(samples, pad_to_multiple=pad_to_multiple, pad_id=pad_id)
+        logprobs = None
+        if all(self.generations[r].logprobs is not None for r in rows):
+            lp = np.zeros(batch.num_tokens, np.float32)
+            starts = batch.cu_seqlens[: len(rows)].numpy().astype(np.int64)
+            for start, r in zip(starts, rows):
+                p, gen = len(self.prompts[self.prompt_of[r]]), self.generations[r]
+                lp[start + p - 1 : start + p - 1 + len(gen)] = gen.logprobs
+            logprobs = torch.from_numpy(lp)
+        return RolloutBatch(batch, torch.from_numpy(rows.astype(np.int64)), logprobs)
+
+
+@dataclass
+class RolloutBatch:
+    """One packed micro-batch of rollouts."""
+
+    batch: PackedBatch
+    rows: torch.Tensor
+    """[N] int64 the rollout row (response index r) of each packed sequence."""
+    gen_logprobs: torch.Tensor | None = None
+    """[T] fp32 the sampler's log-probs on the label-aligned layout, 0 off the loss mask
+    (None when some generation came without log-probs)."""
+
+    def to(self, device) -> RolloutBatch:
+        lp = None if self.gen_logprobs is None else self.gen_logprobs.to(device)
+        return RolloutBatch(self.batch.to(device), self.rows.to(device), lp)
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """[T] fp32, 1 on response-token positions (= batch.loss_mask)."""
+        return self.batch.loss_mask
+
+    def per_token(self, x_R: torch.Tensor) -> torch.Tensor:
+        """Per-response values [R] -> [T] fp32 on each response's token positions, 0 elsewhere
+        (GRPO / RLOO / REINFORCE++-baseline advantages)."""
+        seq = self.batch.seq_index.to(x_R.device)
+        row_of_tok = self.rows.to(x_R.device)[seq.clamp_min(0)]
+        return x_R.float()[row_of_tok] * self.batch.loss_mask.to(x_R.device)
+
+    def last_positions(self) -> torch.Tensor:
+        """[N] int64 position of each sequence's last response token's prediction."""
+        return self.batch.cu_seqlens[1 : self.batch.num_samples + 1].long() - 2
+
+
+def ppo_token_rewards(
+    mb: RolloutBatch,
+    rewards_R: torch.Tensor,
+    kl_T: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> torch.Tensor:
+    """[T] fp32 token rewards for PPO: each response's scalar reward at its last token's
+    position, minus kl_coef * KL per response token (kl_T [T] on the same layout, e.g. from
+    nova_kernels.kl_divergence of the sampler's and the reference's log-probs)."""
+    mask = mb.batch.loss_mask.to(rewards_R.device)
+    out = torch.zeros_like(mask, dtype=torch.float32)
+    out[mb.last_positions().to(rewards_R.device)] = rewards_R.float()[mb.rows.to(out.device)]
+    if kl_T is not None:
+        out = out - float(kl_coef) * kl_T.float() * mask
+    return out
+
+
+def gae_packed_advantages(
+    mb: RolloutBatch,
+    token_rewards_T: torch.Tensor,
+    values_T: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE per packed sequence (nova_kernels.gae_packed over batch.cu_seqlens, the response
+    mask as the step mask): (advantages [T], returns [T]) fp32, 0 off the response tokens.
+    Whiten the advantages over DP with `whiten_dp` (verl does, for PPO)."""
+    import nova_kernels as nk
+
+    b = mb.batch
+    mask = b.loss_mask.to(token_rewards_T.device)
+    adv, ret = nk.gae_packed(
+        token_rewards_T, values_T, mask, b.cu_seqlens.to(mask.device), gamma, lam, backend=backend
+    )
+    return adv * mask, ret * mask
+
+
+# -------------------------------------------------------------- statistics reduced over DP
+
+
+def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+@dataclass
+class GroupStats:
+    count: torch.Tensor  # [G] fp32 responses per group, over all ranks
+    mean: torch.Tensor  # [G] fp32 (0 for empty groups)
+    std: torch.Tensor  # [G] fp32 unbiased (0 for groups of < 2)
+    degenerate: torch.Tensor  # [G] bool: all scores equal (size <= 1 included)
+
+
+def group_stats_dp(
+    scores_R: torch.Tensor, group_ids_R: torch.Tensor, num_groups: int, group=None
+) -> GroupStats:
+    """Per-group count, mean, unbiased std and "all equal" of the scores of every rank.
+
+    scores_R [R] float, group_ids_R [R] int in [0, num_groups) (global ids); `group` the DP
+    process group (None: this process alone). Three all-reduces on the scores' device
+    (sums, then centered squares: two passes keep fp32 accurate; and max / -min)."""
+    if scores_R.dim() != 1 or group_ids_R.shape != scores_R.shape:
+        raise ValueError("group_stats_dp: scores and group_ids must both be [R]")
+    dev, G = scores_R.device, int(num_groups)
+    x, ids = scores_R.float(), group_ids_R.to(dev).long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= G):
+        raise ValueError(f"group_stats_dp: group ids must lie in [0, {G})")
+    sums = torch.zeros(2, G, device=dev)
+    sums[0].index_add_(0, ids, torch.ones_like(x))
+    sums[1].index_add_(0, ids, x)
+    _all_reduce(sums, dist.ReduceOp.SUM, group)
+    n = sums[0]
+    mean = sums[1] / n.clamp_min(1)
+    ss = torch.zeros(G, device=dev).index_add_(0, ids, (x - mean[ids]) ** 2)
+    _all_reduce(ss, dist.ReduceOp.SUM, group)
+    ext = torch.full((2, G), float("-inf"), device=dev)
+    ext[0].scatter_reduce_(0, ids, x, "amax")
+    ext[1].scatter_reduce_(0, ids, -x, "amax")
+    _all_reduce(ext, dist.ReduceOp.MAX, group)
+    std = torch.sqrt(ss / (n - 1).clamp_min(1))
+    degenerate = (ext[0] == -ext[1]) | (n == 0)
+    return GroupStats(n, mean, std, degenerate)
+
+
+def group_advantages_dp(
+    scores_R: torch.Tensor,
+    group_ids_R: torch.Tensor,
+    num_groups: int,
+    *,
+    estimator: str = "grpo",
+    eps: float = 1e-6,
+    group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outcome advantages [R] fp32 of this rank's responses from group statistics over all DP
+    ranks, and degenerate [G] bool; the semantics of nova_kernels.group_advantages (grpo:
+    (s - mean) / (std + eps); dr_grpo: s - mean; rloo: n / (n - 1) (s - mean); a group of one
+    keeps mean 0, std 1, scale 1)."""
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"estimator={estimator!r}: expected one of {GROUP_ESTIMATORS}")
+    st = group_stats_dp(scores_R, group_ids_R, num_groups, group)
+    ids = group_ids_R.to(scores_R.device).long()
+    x = scores_R.float()
+    single = (st.count <= 1)[ids]
+    shifted = x - torch.where(single, 0.0, st.mean[ids])
+    if estimator == "grpo":
+        adv = shifted / (torch.where(single, 1.0, st.std[ids]) + eps)
+    elif estimator == "dr_grpo":
+        adv = shifted
+    else:
+        n = st.count[ids]
+        adv = shifted * torch.where(single, 1.0, n / (n - 1).clamp_min(1))
+    return adv, st.degenerate
+
+
+def whiten_dp(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    group=None,
+) -> torch.Tensor:
+    """Masked whitening with the mean and unbiased variance of the masked elements of every
+    rank (nova_kernels.whiten's semantics, verl's masked_whiten); fp32 of values' shape."""
+    if mask.shape != values.shape:
+        raise ValueError(f"whiten_dp: mask {tuple(mask.shape)} != values {tuple(values.shape)}")
+    x, m = values.float(), (mask != 0).float()
+    sums = torch.stack([m.sum(), (x * m).sum()])
+    _all_reduce(sums, dist.ReduceOp.SUM, group)
+    n = sums[0]
+    mean = sums[1] / (n + 1e-8)
+    ss = (((x - mean) ** 2) * m).sum().reshape(1)
+    _all_reduce(ss, dist.ReduceOp.SUM, group)
+    bessel = torch.where(n > 1, n / (n - 1).clamp_min(1), torch.ones_like(n))
+    var = ss[0] / (n + 1e-8) * bessel
+    out = (x - mean) * torch.rsqrt(var + eps)
+    return out if shift_mean else out + mean
