@@ -204,6 +204,8 @@ def test_ifeval_ground_truth_forms_and_errors():
         check_ground_truth("ifeval", json.dumps({"func_name": "validate_haiku"}))
     with pytest.raises(ValueError, match=r"missing argument\(s\) \['N'\]"):
         parse_constraints(tulu_gt("verify_bullet_points"))
+    # keys the check does not take are ignored (Tülu rows carry every argument name)
+    assert run("ifeval", "no commas", tulu_gt("validate_no_commas", N=3, word="x")).correct
     with pytest.raises(ValueError, match="quantifier"):
         parse_constraints(tulu_gt("validate_word_constraint", N=3, quantifier="roughly"))
     with pytest.raises(ValueError, match="not JSON"):

@@ -105,7 +105,10 @@ class _Worker:
 
 
 class VerifierPool:
-    """A pool of verifier worker processes with a wall-clock limit per call.
+    """A pool of verifier worker processes with a wall-clock limit per call. One batch at a
+    time (not thread-safe); under torchrun each rank that verifies holds its own pool.
+    Dataset names are checked in THIS process before any work: a plugin's verifiers must be
+    registered here too (import the plugin here as well).
 
     Args:
         num_workers: worker processes (>= 1).
@@ -173,7 +176,10 @@ class VerifierPool:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the OS reaps the workers
+            pass
 
     @property
     def num_workers(self) -> int:
