@@ -310,6 +310,10 @@ class NovaCoreAttention(MegatronModule):
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"NovaCoreAttention is causal-only, got {attn_mask_type}")
         self.attn_mask_type = attn_mask_type
+        # set for the duration of a generation call (nova_engine.generate.kv_cache): an
+        # object whose attend(q, k, v, scale) appends k/v of the new positions to this
+        # layer's cache and attends over the whole cache
+        self.decode_cache = None
         self.dropout_p = (
             config.attention_dropout if attention_dropout is None else attention_dropout
         )
@@ -337,5 +341,7 @@ class NovaCoreAttention(MegatronModule):
                 query, key, value, cu, packed_seq_params.max_seqlen_q, self.softmax_scale
             )
             return out.reshape(out.shape[0], -1)
+        if self.decode_cache is not None:
+            return self.decode_cache.attend(query, key, value, self.softmax_scale)
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         return padded_attention(query, key, value, self.softmax_scale, mask_type, attention_mask)
