@@ -186,6 +186,7 @@ def build_model(
             position_embedding_type="rope",
             rotary_base=int(arch.rope_theta),
             vp_stage=vp_stage,
+            pg_collection=ps.pg_collection,  # the layout's own groups (None: megatron's)
         )
         # RoPE frequencies exactly as HF computes them (incl. llama3 scaling with the
         # checkpoint's own factors; megatron hard-codes some of them)

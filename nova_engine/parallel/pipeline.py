@@ -10,6 +10,10 @@ divided by the *global* number of loss tokens of the step (across micro-batches 
 ranks), so the schedule runs with `calculate_per_token_loss=True` (no division by the
 number of micro-batches, DP gradients summed, not averaged) and grads are finalized
 without megatron's per-token rescale.
+
+Every megatron call gets the layout's explicit groups (`ps.pg_collection`, and a
+`P2PCommunicator` over `ps.pp_group` when pipelining), never megatron's globals, so engines
+of different layouts can share one world.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.utils import get_model_config
 
 from nova_engine.parallel.state import ParallelState
@@ -67,6 +72,7 @@ def wrap_ddp(
                 module=chunk,
                 # only the first chunk gets the default bucket layout (megatron's convention)
                 disable_bucketing=i > 0,
+                pg_collection=ps.pg_collection,
             )
         )
     return wrapped
@@ -81,12 +87,27 @@ def forward_backward(
     seq_length: int,
     micro_batch_size: int = 1,
     forward_only: bool = False,
-) -> list[dict]:
+    collect_non_loss_data: bool = False,
+) -> list[Any]:
     """Run all micro-batches through the pipeline; returns the last stage's metrics dicts
     (one per micro-batch, empty list on other stages). `seq_length` is the (padded) token
-    count of every micro-batch — equal for all, so stages need no shape exchange."""
+    count of every micro-batch — equal for all, so stages need no shape exchange.
+
+    collect_non_loss_data (forward only): loss_fn is called as `loss_fn(output,
+    non_loss_data=True)` and whatever it returns is collected (no loss, no zero-loss trick).
+    """
+    if not microbatches:
+        raise ValueError(
+            "forward_backward: no micro-batches on this rank (deal every rank at least one, "
+            "e.g. an all-padding batch); an empty rank would stall the others"
+        )
     configure_for_engine(chunks)
-    fb = get_forward_backward_func()
+    fb = get_forward_backward_func(ps.pp, ps.vpp)
+    kw: dict[str, Any] = {}
+    if ps.pg_collection is not None:
+        kw["pg_collection"] = ps.pg_collection
+        if ps.pp > 1:
+            kw["p2p_communicator"] = P2PCommunicator(ps.pp_group, get_model_config(chunks[0]))
 
     def forward_step(data_iterator, model):
         batch = next(data_iterator)
@@ -102,4 +123,6 @@ def forward_backward(
         seq_length=seq_length,
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
+        collect_non_loss_data=collect_non_loss_data,
+        **kw,
     )

@@ -6,13 +6,21 @@ world size *before* any collective runs, sets up megatron's groups (TP, PP, virt
 SP is a flag on TP), seeds megatron's model-parallel RNG tracker, and returns a
 `ParallelState` that the rest of the engine receives as an argument.
 
-Rank order is megatron's default "tp-cp-ep-dp-pp": TP ranks are adjacent, PP outermost.
+`new_parallel_state()` builds a second layout in the same world without touching megatron's
+globals: its own process groups, handed to megatron through `ps.pg_collection` (a
+`ProcessGroupCollection`, which GPTModel, DDP, the optimizer, the schedules and
+finalize_model_grads accept in megatron-core 0.16.1). So a policy at TP2xDP2 and a reward
+model at TP1xPP2xDP2 can live in one torchrun world (`nova_engine.train.engine`).
+
+Rank order is megatron's default "tp-cp-ep-dp-pp": TP ranks are adjacent, PP outermost:
+    rank = tp_rank + tp * (dp_rank + dp * pp_rank)
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -53,6 +61,8 @@ class ParallelState:
     embd_group: dist.ProcessGroup | None
     device: torch.device
     on_gloo: bool
+    pg_collection: Any = None
+    """megatron's ProcessGroupCollection of this layout (passed to every megatron piece)."""
 
     @property
     def num_chunks(self) -> int:
@@ -151,8 +161,117 @@ def initialize_parallel(
         embd_group=mpu.get_embedding_group(check_initialized=False),
         device=device,
         on_gloo=on_gloo,
+        pg_collection=_mpu_collection(mpu),
     )
     log.info("parallel layout: %s", state.describe())
+    return state
+
+
+def _collection(
+    tp_group, pp_group, dp_group, mp_group, embd_group, pos_embd_group, cp_group, ep_group, world
+):
+    """megatron's ProcessGroupCollection for a dense (no experts, no CP) layout."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    return ProcessGroupCollection(
+        tp=tp_group, pp=pp_group, mp=mp_group, embd=embd_group, pos_embd=pos_embd_group,
+        cp=cp_group, tp_cp=tp_group, hcp=[cp_group], ep=ep_group, expt_tp=tp_group,
+        tp_ep=tp_group, tp_ep_pp=mp_group, tp_dp_cp=world, dp=dp_group, dp_cp=dp_group,
+        expt_dp=dp_group, intra_dp_cp=dp_group, intra_expt_dp=dp_group,
+        intra_dist_opt=world,
+    )  # fmt: skip
+
+
+def _mpu_collection(mpu) -> Any:
+    return _collection(
+        mpu.get_tensor_model_parallel_group(),
+        mpu.get_pipeline_model_parallel_group(),
+        mpu.get_data_parallel_group(),
+        mpu.get_model_parallel_group(),
+        mpu.get_embedding_group(check_initialized=False),
+        mpu.get_position_embedding_group(check_initialized=False),
+        mpu.get_context_parallel_group(),
+        mpu.get_expert_model_parallel_group(),
+        mpu.get_intra_distributed_optimizer_instance_group(),
+    )
+
+
+_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+
+def _group(ranks: list[int]) -> dist.ProcessGroup:
+    """One process group per rank set, created once (every rank calls this for every group,
+    in the same order, as dist.new_group requires)."""
+    key = tuple(sorted(set(ranks)))
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(list(key))
+    return _GROUPS[key]
+
+
+def layout_ranks(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]]:
+    """Every TP, DP, PP and model-parallel rank group of a layout (megatron's rank order)."""
+    dp = world_size // (tp * pp)
+
+    def rank(t: int, d: int, p: int) -> int:
+        return t + tp * (d + dp * p)
+
+    return {
+        "tp": [[rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
+        "dp": [[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
+        "pp": [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
+        "mp": [sorted(rank(t, d, p) for p in range(pp) for t in range(tp)) for d in range(dp)],
+    }
+
+
+def new_parallel_state(
+    tp: int = 1, pp: int = 1, vpp: int | None = None, sp: bool = False
+) -> ParallelState:
+    """A layout with process groups of its own (collective: every rank calls it with the
+    same arguments); megatron's global groups are left as they are. The model-parallel RNG
+    tracker stays the one `initialize_parallel` seeded (it is only used for dropout and
+    random init; engines load their weights)."""
+    if not dist.is_initialized():
+        raise LayoutError("new_parallel_state: call initialize_parallel() first")
+    world, me = dist.get_world_size(), dist.get_rank()
+    if vpp == 1:
+        vpp = None
+    dp = validate_layout(world, tp, pp, vpp)
+    sp = sp and tp > 1
+    groups: dict[str, dist.ProcessGroup] = {}
+    for kind, sets in layout_ranks(world, tp, pp).items():
+        for ranks in sets:
+            g = _group(ranks)
+            if me in ranks:
+                groups[kind] = g
+    for ranks in layout_ranks(world, tp, pp)["pp"]:  # first and last stage share embeddings
+        g = _group([ranks[0], ranks[-1]])
+        pos = _group([ranks[0]])
+        if me in ranks:
+            groups["embd"], groups["pos_embd"] = (
+                (g if me in (ranks[0], ranks[-1]) else None),
+                (pos if me == ranks[0] else None),
+            )
+    for r in range(world):
+        g = _group([r])
+        if r == me:
+            groups["self"] = g
+    world_group = _group(list(range(world)))
+    tp_rank = me % tp
+    dp_rank = (me // tp) % dp
+    pp_rank = me // (tp * dp)
+    on_gloo = dist.get_backend() == "gloo"
+    device = torch.device("cpu") if on_gloo else torch.device("cuda", torch.cuda.current_device())
+    state = ParallelState(
+        tp=tp, pp=pp, dp=dp, vpp=vpp, sp=sp, rank=me, world_size=world,
+        tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
+        tp_group=groups["tp"], pp_group=groups["pp"], dp_group=groups["dp"],
+        mp_group=groups["mp"], embd_group=groups["embd"], device=device, on_gloo=on_gloo,
+        pg_collection=_collection(
+            groups["tp"], groups["pp"], groups["dp"], groups["mp"], groups["embd"],
+            groups["pos_embd"], groups["self"], groups["self"], world_group,
+        ),
+    )  # fmt: skip
+    log.info("extra parallel layout: %s", state.describe())
     return state
 
 

@@ -27,9 +27,11 @@ def build_optimizer(
     *,
     precision: str = "fp32",
     distributed: bool = False,
+    pg_collection: Any = None,
 ):
     """megatron optimizer over DDP-wrapped chunks (`nova_engine.parallel.pipeline.wrap_ddp`,
-    built with the same `distributed` flag). `optim` is a nova_engine.config.OptimConfig."""
+    built with the same `distributed` flag). `optim` is a nova_engine.config.OptimConfig;
+    pg_collection: the layout's groups (ParallelState.pg_collection; None = megatron's)."""
     config = OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,
@@ -44,7 +46,9 @@ def build_optimizer(
         params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
         use_distributed_optimizer=distributed,
     )
-    return get_megatron_optimizer(config, list(chunks), use_gloo_process_groups=False)
+    return get_megatron_optimizer(
+        config, list(chunks), use_gloo_process_groups=False, pg_collection=pg_collection
+    )
 
 
 def _leaves(opt) -> list:
