@@ -179,13 +179,13 @@ def validate_paragraphs(text: str, N: int, first_word: str, i: int) -> bool:
     if len(paras) != N or not 1 <= i <= N:
         return False
     m = re.match(r"[\W_]*([\w'-]+)", paras[i - 1])
-    return bool(m) and m.group(1).lower() == first_word.strip().lower()
+    return m is not None and m.group(1).lower() == first_word.strip().lower()
 
 
 def verify_postscript(text: str, postscript_marker: str) -> bool:
     marker = postscript_marker.strip()
     m = re.search(r"^\s*" + re.escape(marker), text, re.IGNORECASE | re.MULTILINE)
-    return bool(m) and bool(text[m.end() :].strip())
+    return m is not None and bool(text[m.end() :].strip())
 
 
 def validate_placeholders(text: str, N: int) -> bool:

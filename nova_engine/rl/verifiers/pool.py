@@ -248,9 +248,9 @@ class VerifierPool:
         first = min(w.deadline if w.ready else w.startup_deadline for w in waiting)
         by_conn = {w.conn: w for w in waiting}
         for conn in wait(list(by_conn), timeout=max(0.0, first - time.monotonic())):
-            w = by_conn[conn]
+            w = by_conn[conn]  # type: ignore[index]
             try:
-                msg = conn.recv()
+                msg = w.conn.recv()
             except (EOFError, OSError):
                 self._died(w, results)
                 continue
