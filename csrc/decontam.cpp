@@ -8,12 +8,14 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace nova::decontam {
 namespace {
 
-// Byte classes; kWord and kDrop bytes make up a word (the kDrop ones are left out of it).
-enum ByteClass : uint8_t { kWord = 0, kDrop = 1, kSpace = 2, kSegment = 3 };
+// Classes of bytes and code points; kWord and kDrop ones make up a word (the kDrop ones are
+// left out of it). kMulti: the lead byte of a multi-byte UTF-8 sequence.
+enum ByteClass : uint8_t { kWord = 0, kDrop = 1, kSpace = 2, kSegment = 3, kMulti = 4 };
 
 struct ByteTables {
   std::array<uint8_t, 256> cls{};
@@ -33,6 +35,7 @@ struct ByteTables {
       fix[static_cast<uint8_t>(*p)] = 1;
     }
     cls[0] = kSegment;
+    for (int c = 0xc0; c < 0xf8; ++c) cls[c] = kMulti;
   }
 };
 
@@ -73,12 +76,14 @@ struct Grams {
   std::vector<uint64_t> words, prefix, powers;
   std::vector<int64_t> seg_ends;
 
-  explicit Grams(int64_t max_k) : powers(max_k + 1, 1) {
+  const Tokenizer& tokenizer;
+
+  Grams(int64_t max_k, const Tokenizer& tok) : powers(max_k + 1, 1), tokenizer(tok) {
     for (int64_t k = 1; k <= max_k; ++k) powers[k] = powers[k - 1] * kPoly;
   }
 
   void load(std::string_view text) {
-    word_hashes(text, words, seg_ends);
+    tokenizer.word_hashes(text, words, seg_ends);
     prefix.resize(words.size() + 1);
     prefix[0] = 0;
     for (size_t i = 0; i < words.size(); ++i) prefix[i + 1] = prefix[i] * kPoly + words[i];
@@ -110,8 +115,37 @@ uint64_t pow2_at_least(uint64_t x) {
 
 }  // namespace
 
-void word_hashes(std::string_view text, std::vector<uint64_t>& words,
-                 std::vector<int64_t>& seg_ends) {
+Tokenizer::Tokenizer(const std::vector<uint32_t>& drop, const std::vector<uint32_t>& space)
+    : drop_bits_(kMaxListed / 64, 0), space_bits_(kMaxListed / 64, 0) {
+  for (const auto* list : {&drop, &space}) {
+    for (uint32_t cp : *list) {
+      if (cp < 128 || cp >= kMaxListed)
+        throw std::invalid_argument("listed code points must be in [128, 2^17), got " +
+                                    std::to_string(cp));
+      auto& bits = list == &drop ? drop_bits_ : space_bits_;
+      bits[cp >> 6] |= uint64_t{1} << (cp & 63);
+    }
+  }
+}
+
+uint8_t Tokenizer::classify(const uint8_t* p, const uint8_t* end, int* len) const {
+  const uint8_t c = tables().cls[*p];
+  *len = 1;
+  if (c != kMulti) return c;
+  const uint8_t b = *p;
+  const int n = b < 0xe0 ? 2 : b < 0xf0 ? 3 : 4;
+  if (end - p < n) return kWord;
+  uint32_t cp = b & (0x7f >> n);
+  for (int i = 1; i < n; ++i) cp = (cp << 6) | (p[i] & 0x3f);
+  *len = n;
+  if (cp >= kMaxListed) return kWord;
+  if ((drop_bits_[cp >> 6] >> (cp & 63)) & 1) return kDrop;
+  if ((space_bits_[cp >> 6] >> (cp & 63)) & 1) return kSpace;
+  return kWord;
+}
+
+void Tokenizer::word_hashes(std::string_view text, std::vector<uint64_t>& words,
+                            std::vector<int64_t>& seg_ends) const {
   const ByteTables& t = tables();
   words.clear();
   seg_ends.clear();
@@ -119,31 +153,47 @@ void word_hashes(std::string_view text, std::vector<uint64_t>& words,
   std::string buf;
   const auto* p = reinterpret_cast<const uint8_t*>(text.data());
   const uint8_t* const end = p + text.size();
+  int len = 1;
   while (p < end) {
-    const uint8_t c = t.cls[*p];
+    const uint8_t c = classify(p, end, &len);
     if (c == kSpace) {
-      ++p;
+      p += len;
     } else if (c == kSegment) {
       seg_ends.push_back(static_cast<int64_t>(words.size()));
       ++p;
-    } else {  // a word: hash it in place unless a byte changes under normalization
+    } else {  // a word: hash it in place unless something in it changes under normalization
       const uint8_t* start = p;
       uint8_t fix = 0;
-      while (p < end && t.cls[*p] < kSpace) fix |= t.fix[*p++];
+      while (p < end) {
+        if (t.cls[*p] < kSpace) {  // ASCII word or punctuation byte: the common case
+          fix |= t.fix[*p++];
+          continue;
+        }
+        const uint8_t k = classify(p, end, &len);
+        if (k >= kSpace) break;
+        fix |= k == kDrop;
+        p += len;
+      }
       if (!fix) {
         words.push_back(hash_word(reinterpret_cast<const char*>(start), p - start));
         continue;
       }
       buf.clear();
-      for (const uint8_t* q = start; q < p; ++q)
-        if (t.cls[*q] == kWord) buf.push_back(t.lower[*q]);
+      for (const uint8_t* q = start; q < p; q += len) {
+        if (classify(q, p, &len) == kWord) {
+          if (len == 1)
+            buf.push_back(t.lower[*q]);
+          else
+            buf.append(reinterpret_cast<const char*>(q), len);
+        }
+      }
       if (!buf.empty()) words.push_back(hash_word(buf.data(), buf.size()));
     }
   }
   seg_ends.push_back(static_cast<int64_t>(words.size()));
 }
 
-NgramIndex::NgramIndex(int64_t n) : n_(n) {
+NgramIndex::NgramIndex(int64_t n, Tokenizer tokenizer) : n_(n), tokenizer_(std::move(tokenizer)) {
   if (n < 1) throw std::invalid_argument("n must be >= 1, got " + std::to_string(n));
 }
 
@@ -152,7 +202,7 @@ int64_t NgramIndex::add(std::string_view text) {
   if (size() >= std::numeric_limits<int32_t>::max())
     throw std::invalid_argument("too many eval items (limit 2^31 - 1)");
   const auto id = static_cast<int32_t>(size());
-  Grams g(n_);
+  Grams g(n_, tokenizer_);
   g.load(text);
   std::vector<uint64_t> grams;
   int64_t start = 0;
@@ -240,7 +290,7 @@ ScanResult NgramIndex::scan(const std::vector<std::string_view>& texts) const {
   }
   std::vector<int64_t> lengths = {n_};
   lengths.insert(lengths.end(), short_lengths_.begin(), short_lengths_.end());
-  Grams g(n_);
+  Grams g(n_, tokenizer_);
   std::vector<uint32_t> count(gram_counts_.size(), 0);
   std::vector<int32_t> hits, touched;
   std::vector<uint64_t> grams;

@@ -1,11 +1,12 @@
 // Exact word n-gram overlap of training items against evaluation items (decontamination).
 //
-// Text arrives normalized by the Python side (nova_engine/data/decontam.py: NFKC, lowercase,
-// punctuation deleted, every whitespace character a space) or as raw ASCII, which the
-// tokenizer here normalizes the same way: A-Z lowercased, ASCII punctuation
-// (Python's string.punctuation) deleted, ASCII whitespace (\t \n \v \f \r \x1c-\x1f, space)
-// separating words. A NUL byte separates segments (chat turns): no n-gram crosses it. Any
-// other byte, UTF-8 included, belongs to a word.
+// Text. The Python side (nova_engine/data/decontam.py) hands over each segment either as raw
+// ASCII or, for any other text, NFKC-normalized and lowercased UTF-8. The tokenizer here does
+// the rest: A-Z lowercased; deleted: ASCII punctuation (Python's string.punctuation) and the
+// code points the caller lists as punctuation (Unicode category P*); word separators: ASCII
+// whitespace (\t \n \v \f \r \x1c-\x1f, space) and the code points listed as whitespace;
+// a NUL byte separates segments (chat turns), and no n-gram crosses it. Every other byte or
+// code point belongs to a word (malformed UTF-8 bytes included, one byte at a time).
 //
 // Grams. A segment of m >= n words gives its word n-grams; a segment of 0 < m < n words gives
 // one gram, the whole segment (m words). An eval item's gram set G(E) is the union over its
@@ -28,10 +29,25 @@
 
 namespace nova::decontam {
 
-// Hashes of the words of `text` (normalized as above); seg_ends[s] is the word index one past
-// the end of segment s (one entry per segment, empty segments included).
-void word_hashes(std::string_view text, std::vector<uint64_t>& words,
-                 std::vector<int64_t>& seg_ends);
+// Splits normalized text into word hashes (see above). Code points >= 2^17 are never listed
+// (no punctuation or whitespace lives there).
+class Tokenizer {
+ public:
+  static constexpr uint32_t kMaxListed = 1u << 17;
+  // drop: code points deleted (>= 128); space: code points separating words (>= 128).
+  Tokenizer(const std::vector<uint32_t>& drop, const std::vector<uint32_t>& space);
+
+  // Hashes of the words of `text`; seg_ends[s] is the word index one past the end of
+  // segment s (one entry per segment, empty segments included).
+  void word_hashes(std::string_view text, std::vector<uint64_t>& words,
+                   std::vector<int64_t>& seg_ends) const;
+
+ private:
+  // Class (kWord, kDrop, kSpace, kSegment) of the code point at p; *len = its bytes.
+  uint8_t classify(const uint8_t* p, const uint8_t* end, int* len) const;
+
+  std::vector<uint64_t> drop_bits_, space_bits_;
+};
 
 struct ScanResult {
   std::vector<int64_t> offsets;   // [n_items + 1]: item i's hits are [offsets[i], offsets[i+1])
@@ -41,8 +57,8 @@ struct ScanResult {
 
 class NgramIndex {
  public:
-  // n >= 1 words per gram.
-  explicit NgramIndex(int64_t n);
+  // n >= 1 words per gram; the tokenizer's non-ASCII punctuation and whitespace.
+  NgramIndex(int64_t n, Tokenizer tokenizer);
 
   // Adds one eval item (its id is the number of items added before it). Not after build().
   int64_t add(std::string_view text);
@@ -57,6 +73,7 @@ class NgramIndex {
   const std::vector<int64_t>& need() const { return need_; }                // after build()
   const std::vector<int64_t>& short_lengths() const { return short_lengths_; }  // m < n seen
   int64_t num_distinct_grams() const { return static_cast<int64_t>(keys_.size()); }
+  const Tokenizer& tokenizer() const { return tokenizer_; }
 
   // The hits of each training item, in order. Const and self-contained: safe to call from
   // several threads at once, and without the GIL.
@@ -66,6 +83,7 @@ class NgramIndex {
   int64_t find(uint64_t gram) const;  // index into keys_, or -1
 
   int64_t n_;
+  Tokenizer tokenizer_;
   bool built_ = false;
   std::vector<int64_t> gram_counts_, need_, short_lengths_;
   std::vector<std::pair<uint64_t, int32_t>> pending_;  // (gram, eval id) until build()

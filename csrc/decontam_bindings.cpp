@@ -15,6 +15,7 @@
 
 namespace py = pybind11;
 using nova::decontam::NgramIndex;
+using nova::decontam::Tokenizer;
 
 namespace {
 
@@ -26,20 +27,26 @@ py::array_t<T> vec_to_numpy(std::vector<T>&& v) {
                         free_when_done);
 }
 
-// The UTF-8 of every str in `texts`; `keep` holds references so the views stay valid while
-// the GIL is released.
+// The bytes of every item of `texts` (str: its UTF-8, read in place; bytes: as is); `keep`
+// holds references so the views stay valid while the GIL is released.
 std::vector<std::string_view> utf8_views(const py::list& texts, std::vector<py::object>& keep) {
   std::vector<std::string_view> views;
   views.reserve(texts.size());
   keep.reserve(texts.size());
   for (size_t i = 0; i < texts.size(); ++i) {
     py::object item = texts[i];
-    if (!PyUnicode_Check(item.ptr()))
-      throw py::type_error("texts[" + std::to_string(i) + "] must be str, got " +
-                           std::string(Py_TYPE(item.ptr())->tp_name));
+    const char* data = nullptr;
     Py_ssize_t size = 0;
-    const char* data = PyUnicode_AsUTF8AndSize(item.ptr(), &size);
-    if (data == nullptr) throw py::error_already_set();
+    if (PyUnicode_Check(item.ptr())) {
+      data = PyUnicode_AsUTF8AndSize(item.ptr(), &size);
+      if (data == nullptr) throw py::error_already_set();
+    } else if (PyBytes_Check(item.ptr())) {
+      data = PyBytes_AS_STRING(item.ptr());
+      size = PyBytes_GET_SIZE(item.ptr());
+    } else {
+      throw py::type_error("texts[" + std::to_string(i) + "] must be str or bytes, got " +
+                           std::string(Py_TYPE(item.ptr())->tp_name));
+    }
     views.emplace_back(data, static_cast<size_t>(size));
     keep.push_back(std::move(item));
   }
@@ -56,7 +63,13 @@ void bind_decontam(py::module_& m) {
   py::class_<NgramIndex>(m, "NgramIndex",
                          "Exact word n-gram index of eval items (see csrc/decontam.h): add() "
                          "the eval texts, build(threshold), then scan() training texts.")
-      .def(py::init<int64_t>(), py::arg("n"))
+      .def(py::init([](int64_t n, const std::vector<uint32_t>& drop,
+                       const std::vector<uint32_t>& space) {
+             return NgramIndex(n, Tokenizer(drop, space));
+           }),
+           py::arg("n"), py::arg("drop"), py::arg("space"),
+           "n words per gram; drop / space: the non-ASCII code points (< 2^17) deleted as "
+           "punctuation / read as whitespace.")
       .def(
           "add",
           [](NgramIndex& self, const py::list& texts) {
@@ -65,7 +78,7 @@ void bind_decontam(py::module_& m) {
             py::gil_scoped_release release;
             for (const auto& v : views) self.add(v);
           },
-          py::arg("texts"), "Adds eval items (normalized str, NUL between segments) in order.")
+          py::arg("texts"), "Adds eval items (str or UTF-8 bytes, NUL between segments) in order.")
       .def("build", &NgramIndex::build, py::arg("threshold"),
            "Freezes the index; an item is hit when count / gram_count >= threshold.")
       .def_property_readonly("n", &NgramIndex::n)
@@ -97,15 +110,16 @@ void bind_decontam(py::module_& m) {
           },
           py::arg("texts"),
           "Training texts [B] -> (offsets [B+1], eval_ids [M], counts [M]) int64: text i hits "
-          "eval_ids[offsets[i]:offsets[i+1]] (ascending) with those gram counts.");
-  m.def(
-      "decontam_word_hashes",
-      [](const std::string& text) {
-        std::vector<uint64_t> words;
-        std::vector<int64_t> seg_ends;
-        nova::decontam::word_hashes(text, words, seg_ends);
-        return py::make_tuple(vec_to_numpy(std::move(words)), vec_to_numpy(std::move(seg_ends)));
-      },
-      py::arg("text"),
-      "(word hashes [W] uint64, segment ends [S] int64) of a normalized text (tests).");
+          "eval_ids[offsets[i]:offsets[i+1]] (ascending) with those gram counts.")
+      .def(
+          "word_hashes",
+          [](const NgramIndex& self, const py::bytes& text) {
+            std::vector<uint64_t> words;
+            std::vector<int64_t> seg_ends;
+            self.tokenizer().word_hashes(std::string_view(text), words, seg_ends);
+            return py::make_tuple(vec_to_numpy(std::move(words)),
+                                  vec_to_numpy(std::move(seg_ends)));
+          },
+          py::arg("text"),
+          "(word hashes [W] uint64, segment ends [S] int64) of UTF-8 text (tests).");
 }

@@ -5,7 +5,8 @@ Normalization (`normalize`): Unicode NFKC, lowercase, every punctuation characte
 (Unicode category P*, plus the ASCII symbols of `string.punctuation`: $ + < = > ^ ` | ~),
 every whitespace character (and NUL) a space; words are the runs between spaces. So
 "Don't  STOP!" and "dont stop" are the same two words; other symbols (×, €, ∑) stay.
-ASCII text skips the Python pass: the C++ tokenizer applies the same rules to it.
+The compiled path gets the same result from Python's NFKC + lowercasing of non-ASCII text and
+the deletion/splitting in C++ (`prepare`); plain ASCII skips Python altogether.
 
 An item is a list of segments (one per chat turn, or one string); n-grams never cross
 segments. Grams of an eval item E: the word n-grams of each segment, or the whole segment
@@ -83,12 +84,34 @@ def words(text: str) -> list[str]:
     return normalize(text).split()
 
 
-def prepare(segments: Sequence[str]) -> str:
-    """The text of one item for the compiled index: segments joined by NUL, each normalized
-    in Python unless it is plain ASCII without NUL (the C++ tokenizer normalizes those)."""
-    return SEGMENT_SEP.join(
-        s if s.isascii() and SEGMENT_SEP not in s else normalize(s) for s in segments
-    )
+def prepare(segments: Sequence[str]) -> str | bytes:
+    """The text of one item for the compiled index: segments joined by NUL. Plain ASCII goes
+    as is (the C++ tokenizer does all of the normalization); other text is NFKC-normalized
+    and lowercased here and sent as UTF-8 (lone surrogates passed through), the tokenizer
+    deleting punctuation and splitting on whitespace with the tables of `unicode_classes`."""
+    out, ascii_only = [], True
+    for s in segments:
+        if not s.isascii():
+            s = unicodedata.normalize("NFKC", s).lower()
+            ascii_only = False
+        out.append(s.replace(SEGMENT_SEP, " ") if SEGMENT_SEP in s else s)
+    text = SEGMENT_SEP.join(out)
+    return text if ascii_only else text.encode("utf-8", "surrogatepass")
+
+
+@functools.cache
+def unicode_classes() -> tuple[list[int], list[int]]:
+    """(punctuation, whitespace): the non-ASCII code points `normalize` deletes / reads as
+    spaces, for the C++ tokenizer."""
+    table = _table()
+    drop = sorted(c for c, v in table.items() if c >= 128 and v is None)
+    space = sorted(c for c, v in table.items() if c >= 128 and v == " ")
+    return drop, space
+
+
+def new_index(n: int) -> _C.NgramIndex:
+    """An empty compiled index for n-grams, with this module's normalization tables."""
+    return _C.NgramIndex(n, *unicode_classes())
 
 
 # ---------------------------------------------------------------------------- layouts
@@ -191,8 +214,8 @@ def eval_segments(obj: dict, field: str | None = None, all_turns: bool = False) 
 
 def build_index(eval_items: Iterable[Sequence[str]], n: int, threshold: float) -> _C.NgramIndex:
     """A frozen compiled index of eval items (each a list of segments), ids in order."""
-    index = _C.NgramIndex(n)
-    batch: list[str] = []
+    index = new_index(n)
+    batch: list[str | bytes] = []
     for segs in eval_items:
         batch.append(prepare(segs))
         if len(batch) == 4096:

@@ -11,13 +11,14 @@ import random
 import numpy as np
 import pytest
 
-from nova_engine import _C
 from nova_engine.cli import main as nova_main
 from nova_engine.data.decontam import (
     LayoutError,
     build_index,
     eval_segments,
+    new_index,
     normalize,
+    prepare,
     ref_scan,
     scan,
     train_segments,
@@ -48,17 +49,24 @@ def test_normalize_rules():
     assert normalize("a\x00b") == "a b"
 
 
-def test_cpp_tokenizer_matches_python_on_ascii():
-    """Raw ASCII goes to C++ unnormalized: its words must hash like Python's normalized words."""
+def test_cpp_tokenizer_matches_python():
+    """Raw ASCII goes to C++ unnormalized, other text only NFKC-normalized and lowercased: its
+    words must hash like Python's fully normalized words."""
     rng = random.Random(1)
-    alphabet = "aAbBzZ09 \t\n\r\x0b\x0c\x1c\x1f!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~\x01\x7f"
-    for _ in range(300):
-        raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
-        got, seg_got = _C.decontam_word_hashes(raw)
-        want, seg_want = _C.decontam_word_hashes(" ".join(words(raw)))
-        np.testing.assert_array_equal(got, want, err_msg=repr(raw))
-        assert seg_got.tolist() == seg_want.tolist() == [len(words(raw))]
-    _, seg = _C.decontam_word_hashes("a b\x00\x00c")
+    index = new_index(3)
+    ascii_chars = "aAbBzZ09 \t\n\r\x0b\x0c\x1c\x1f!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~\x01\x7f"
+    other = "éÉﬁＡ\u00a0\u2028\u3000—«»¿\u0085\U0001e95e\U00020000\ud800×"  # P*, spaces, ...
+    for alphabet in (ascii_chars, ascii_chars + other):
+        for _ in range(200):
+            raw = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+            text = prepare([raw])
+            got, seg_got = index.word_hashes(text if isinstance(text, bytes) else text.encode())
+            clean = " ".join(words(raw)).encode("utf-8", "surrogatepass")
+            want, seg_want = index.word_hashes(clean)
+            np.testing.assert_array_equal(got, want, err_msg=repr(raw))
+            assert seg_got.tolist() == seg_want.tolist() == [len(words(raw))]
+            assert len(set(got.tolist())) == len(set(words(raw)))  # distinct words, distinct hashes
+    _, seg = index.word_hashes(b"a b\x00\x00c")
     assert seg.tolist() == [2, 2, 3]
 
 
@@ -77,7 +85,8 @@ def _noisy(rng: random.Random, vocab: list[str], n_words: int) -> str:
 
 def test_index_equals_reference_on_random_data():
     rng = random.Random(0)
-    vocab = ["a", "b", "c", "d", "e", "Ünï", "ﬁx", "ＡＢ", "e\u0301", "é", "don't", "x-y", "q"]
+    vocab = ["a", "b", "c", "d", "e", "Ünï", "ﬁx", "ＡＢ", "e\u0301", "é", "don't", "x-y", "q«»"]
+    vocab += ["\ud800z", "\u2028", "x\x00y"]  # a lone surrogate, a line separator, a NUL
     evals = [
         [_noisy(rng, vocab, rng.randint(0, 14)) for _ in range(rng.randint(1, 2))]
         for _ in range(60)
@@ -226,7 +235,7 @@ def test_planted_copies_caught_and_clean_lines_kept_byte_for_byte(tmp_path):
     lines = [json.dumps(o, ensure_ascii=False).encode() + b"\n" for o in objs]
     lines[0] = lines[0][:-1] + b"\r\n"  # CRLF kept
     lines.insert(2, b"   \n")  # blank lines kept
-    lines.append(json.dumps(_user("café ✓ " + _text(rng, 9)), ensure_ascii=False).encode())  # no \n
+    lines.append(json.dumps(_user("café ✓ \ud800 " + _text(rng, 9))).encode())  # no \n at the end
     tr = tmp_path / "data" / "mix.jsonl"
     tr.parent.mkdir()
     tr.write_bytes(b"".join(lines))
