@@ -96,6 +96,22 @@ class TrainStats:
 # ---------------------------------------------------------------------------- reading
 
 
+_RAW_DECODE = json.JSONDecoder().raw_decode
+
+
+def _parse(raw: bytes) -> Any:
+    """json.loads(raw), without its encoding detection and whitespace regexes for the usual
+    line (UTF-8, the value, trailing JSON whitespace); anything else takes json.loads."""
+    try:
+        text = raw.decode()
+        obj, end = _RAW_DECODE(text)
+    except ValueError:
+        return json.loads(raw)  # the exact error, or a BOM / leading whitespace handled
+    if end != len(text) and text[end:].strip(" \t\n\r"):
+        return json.loads(raw)  # raises "Extra data"
+    return obj
+
+
 def _records(path: str, on_bad_line: str, stats_skip: list[int]):
     """(lineno, raw bytes, parsed dict | None for a blank line); bad lines raise DataError or
     are counted in stats_skip[0] and left out."""
@@ -105,7 +121,7 @@ def _records(path: str, on_bad_line: str, stats_skip: list[int]):
                 yield lineno, raw, None
                 continue
             try:
-                obj = json.loads(raw)
+                obj = _parse(raw)
             except UnicodeDecodeError as e:
                 reason = f"not valid UTF-8 ({e.reason} at byte {e.start})"
                 _bad(path, lineno, reason, "bad_utf8", on_bad_line, stats_skip)
@@ -187,7 +203,7 @@ def scan_train_file(path, out_path, index, cfg, set_of_id, sets, hits) -> TrainS
     lines: list[bytes] = []  # this batch's lines to write, items included
     pos: list[int] = []  # position in `lines` of each item of the batch
     linenos: list[int] = []
-    texts: list[str] = []
+    texts: list[str | bytes] = []  # prepared item texts
 
     def flush() -> None:
         removed = set()
@@ -206,8 +222,10 @@ def scan_train_file(path, out_path, index, cfg, set_of_id, sets, hits) -> TrainS
                     st.removed_by_eval_set[name] = st.removed_by_eval_set.get(name, 0) + 1
         st.items += len(texts)
         st.removed += len(removed)
-        if out is not None:
+        if out is not None and removed:
             out.writelines(ln for k, ln in enumerate(lines) if k not in removed)
+        elif out is not None:
+            out.writelines(lines)
         lines.clear(), pos.clear(), linenos.clear(), texts.clear()
 
     try:
