@@ -127,12 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--full", action="store_true", help="1M training prompts")
     ap.add_argument("--train-items", type=int, help="override the number of training prompts")
-    ap.add_argument("--reps", type=int, help="interleaved repetitions (default 5, full 2)")
+    ap.add_argument("--reps", type=int, help="interleaved repetitions (default 3, full 2)")
     ap.add_argument("--subsample", type=int, default=5000, help="items for the A/B core")
     ap.add_argument("--out", default=results_path("decontaminate"))
     args = ap.parse_args(argv)
     n_train = args.train_items or (1_000_000 if args.full else 100_000)
-    reps = args.reps or (2 if args.full else 5)
+    reps = args.reps or (2 if args.full else 3)
     load = f"{os.getloadavg()[0]:.1f}"
     device_note = f"cpu, 1 thread, 2-core machine shared with other jobs (load avg {load})"
     shape = f"train={n_train},eval={N_EVAL},train_words=50-150,eval_words=20-100,n={NGRAM}"

@@ -21,7 +21,7 @@ struct ByteTables {
   std::array<uint8_t, 256> cls{};
   std::array<uint8_t, 256> fix{};  // 1: the byte changes under normalization (drop, A-Z)
   std::array<char, 256> lower{};
-  ByteTables() {
+  constexpr ByteTables() {
     for (int c = 0; c < 256; ++c) {
       cls[c] = kWord;
       lower[c] = static_cast<char>(c >= 'A' && c <= 'Z' ? c - 'A' + 'a' : c);
@@ -39,10 +39,9 @@ struct ByteTables {
   }
 };
 
-const ByteTables& tables() {
-  static const ByteTables t;
-  return t;
-}
+constexpr ByteTables kTables{};
+
+constexpr const ByteTables& tables() { return kTables; }
 
 constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ULL;
 constexpr uint64_t kPoly = 0xd6e8feb86659fd93ULL;  // odd: its powers are units mod 2^64
@@ -62,9 +61,16 @@ inline uint64_t hash_word(const char* p, size_t len) {
     h = (h ^ v) * 0xff51afd7ed558ccdULL;
     h ^= h >> 32;
   }
-  if (i < len) {
-    uint64_t v = 0;
-    std::memcpy(&v, p + i, len - i);
+  const size_t r = len - i;  // the tail, read without a byte-wise copy (wyhash's trick):
+  if (r >= 4) {                // two overlapping 4-byte reads, which with r fix every byte
+    uint32_t a, b;
+    std::memcpy(&a, p + i, 4);
+    std::memcpy(&b, p + len - 4, 4);
+    h = (h ^ ((uint64_t{a} << 32) | b)) * 0xc4ceb9fe1a85ec53ULL;
+    h ^= h >> 29;
+  } else if (r > 0) {
+    const auto* q = reinterpret_cast<const uint8_t*>(p + i);
+    const uint64_t v = (uint64_t{q[0]} << 16) | (uint64_t{q[r >> 1]} << 8) | q[r - 1];
     h = (h ^ v) * 0xc4ceb9fe1a85ec53ULL;
     h ^= h >> 29;
   }
