@@ -1,9 +1,14 @@
 """Run configuration: small nested dataclasses (this module) read from YAML recipes with
 `key=value` overrides (`nova_engine.recipe.load_recipe`).
 
+This module holds the sections every stage shares (model, parallel, data, optim, train,
+checkpoint) and `RunConfig`; each stage's RunConfig subclass (with its own sections, e.g.
+DPO's `loss`) lives next to the stage in nova_engine.train.stages, whose registry names the
+stages (`run_config_class`).
+
 A recipe is one YAML file per model: sections shared by every stage at the top (any
-RunConfig section: model, parallel, data, optim, train, checkpoint, loss), then one section
-per stage (`sft:`, `dpo:`) that overrides any of them (see recipes/tiny_cpu.yaml).
+RunConfig section of any stage), then one section per stage (`sft:`, `dpo:`) that overrides
+any of them (see recipes/tiny_cpu.yaml).
 `load_recipe(path, "sft", ["optim.lr=1e-5", "parallel.tp=2"])` deep-merges the shared
 sections with the stage's and applies the overrides (dotted keys relative to the stage's
 RunConfig), typed by the dataclass fields. Unknown keys raise `ConfigError` naming the key
@@ -27,10 +32,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# The names of nova_engine.losses.dpo.DPO_LOSSES (kept here so loading a config needs no torch;
-# tests/engine/test_config.py checks the two agree).
-DPO_LOSS_TYPES = ("sigmoid", "dpo_norm", "ipo", "simpo", "hinge", "cdpo")
-
 
 class ConfigError(ValueError):
     """A bad recipe key or value: the message names the dotted key and what was expected."""
@@ -41,9 +42,13 @@ class ConfigError(ValueError):
         super().__init__(f"{where}{key}: {msg}")
 
 
-def _check(cond: bool, key: str, msg: str) -> None:
+def check(cond: bool, key: str, msg: str) -> None:
+    """Raise ConfigError(key, msg) unless `cond` (for __post_init__ validation)."""
     if not cond:
         raise ConfigError(key, msg)
+
+
+_check = check
 
 
 # ---------------------------------------------------------------------------- sections
@@ -283,49 +288,6 @@ class CheckpointConfig:
         _check(bool(self.resume), "resume", 'expected "auto", "none" or a path')
 
 
-@dataclass
-class DPOConfig:
-    loss_type: str = "dpo_norm"
-    """One of DPO_LOSS_TYPES: sigmoid (DPO), dpo_norm (length-normalized, Tülu 3), ipo,
-    simpo, hinge, cdpo (label-smoothed)."""
-    beta: float = 5.0
-    """Inverse temperature of the implicit reward (Tülu 3 dpo_norm: 5; sigmoid DPO ~0.1)."""
-    label_smoothing: float = 0.0
-    """Assumed probability that a label is flipped (cdpo needs it in (0, 0.5); ipo and
-    hinge take none)."""
-    gamma_beta_ratio: float = 0.5
-    """SimPO target margin gamma / beta."""
-    ref_cache_dir: str | None = None
-    """Where reference log-probs are cached (default: <train.out_dir>/ref_cache)."""
-
-    def __post_init__(self) -> None:
-        t, eps = self.loss_type, self.label_smoothing
-        _check(
-            t in DPO_LOSS_TYPES,
-            "loss_type",
-            f"expected one of {', '.join(DPO_LOSS_TYPES)}, got {t!r}",
-        )
-        _check(self.beta > 0, "beta", f"expected > 0, got {self.beta}")
-        _check(0 <= eps < 0.5, "label_smoothing", f"expected in [0, 0.5), got {eps}")
-        _check(t != "cdpo" or eps > 0, "label_smoothing", "cdpo needs a value in (0, 0.5)")
-        _check(t not in ("ipo", "hinge") or eps == 0, "label_smoothing", f"{t} takes none")
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.loss_type != "simpo"
-
-    def to_loss_config(self) -> Any:
-        """The nova_engine.losses.dpo.DPOConfig with these settings."""
-        from nova_engine.losses.dpo import DPOConfig as LossDPOConfig
-
-        return LossDPOConfig(
-            loss_type=self.loss_type,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-            gamma_beta_ratio=self.gamma_beta_ratio,
-        )
-
-
 # ---------------------------------------------------------------------------- run configs
 
 
@@ -372,6 +334,58 @@ class RunConfig:
             )
         return dp
 
+    def model_dims(self) -> tuple[dict[str, int], str] | None:
+        """(the model dimensions a layout must divide, where they were read): the model's
+        config.json, or (a model still to be built) `model.build` with the tokenizer's vocab.
+        None when neither exists yet (the model loader then reports it)."""
+        keys = ("num_attention_heads", "num_key_value_heads", "vocab_size",
+                "intermediate_size", "num_hidden_layers")  # fmt: skip
+        path = os.path.join(self.model.hf_path, "config.json")
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    cfg = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                return None  # unreadable: the model loader names the problem
+            cfg.setdefault("num_key_value_heads", cfg.get("num_attention_heads"))
+            if not all(isinstance(cfg.get(k), int) for k in keys):
+                return None
+            return {k: cfg[k] for k in keys}, path
+        b = self.model.build
+        if b is None:
+            return None
+        from nova_engine.data.tokenize import load_tokenizer
+
+        dims = {k: getattr(b, k) for k in keys if k != "vocab_size"}
+        dims["vocab_size"] = len(load_tokenizer(self.model.tokenizer_dir))
+        return dims, "model.build (+ the tokenizer's vocab)"
+
+    def validate_layout(self, world_size: int) -> int:
+        """Everything about the layout that can be checked before any process group
+        exists: `validate_world`, then TP/PP/VP against the model's heads, KV heads, vocab,
+        FFN width and layers. Returns dp; ConfigError names the parallel key."""
+        dp = self.validate_world(world_size)
+        found = self.model_dims()
+        if found is None:
+            return dp
+        dims, source = found
+        p = self.parallel
+        checks = [
+            ("parallel.tp", p.tp, k)
+            for k in (
+                "num_attention_heads",
+                "num_key_value_heads",
+                "vocab_size",
+                "intermediate_size",
+            )
+        ]
+        checks.append(("parallel.pp", p.pp * p.vpp, "num_hidden_layers"))  # fmt: skip
+        for key, div, dim in checks:
+            if dims[dim] % div:
+                what = f"pp*vpp = {p.pp}*{p.vpp} = {div}" if key == "parallel.pp" else f"tp={div}"
+                raise ConfigError(key, f"{what} does not divide {dim}={dims[dim]} of {source}")
+        return dp
+
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, **dataclasses.asdict(self)}
 
@@ -379,33 +393,20 @@ class RunConfig:
         return config_hash(self)
 
 
-@dataclass
-class SFTRunConfig(RunConfig):
-    stage: typing.ClassVar[str] = "sft"
-    data_format: typing.ClassVar[str] = "chat"
+def run_config_class(stage: str) -> type[RunConfig]:
+    """The RunConfig subclass of `stage`, from the stage registry (nova_engine.train.stages;
+    each stage's config lives next to its stage). ConfigError for an unknown stage."""
+    from nova_engine.train.stages import STAGES
+
+    if stage not in STAGES:
+        raise ConfigError("stage", f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    return STAGES[stage].config_class
 
 
-@dataclass
-class DPORunConfig(RunConfig):
-    loss: DPOConfig = field(default_factory=DPOConfig)
+def stage_names() -> tuple[str, ...]:
+    from nova_engine.train.stages import STAGES
 
-    stage: typing.ClassVar[str] = "dpo"
-    data_format: typing.ClassVar[str] = "pairs"
-
-    @property
-    def ref_cache_dir(self) -> str:
-        return self.loss.ref_cache_dir or os.path.join(self.train.out_dir, "ref_cache")
-
-    def ref_config(self) -> dict[str, Any]:
-        """The settings that change reference log-probs (beyond model and data content):
-        tokenization and numeric precision. Hash it into the reference-cache key."""
-        keys = ("max_length", "truncation", "on_bad_line", "margin_key")
-        out = {k: getattr(self.data, k) for k in keys}
-        out["tokenizer_dir"] = os.path.abspath(self.model.tokenizer_dir)
-        return out | {"precision": self.train.precision}
-
-
-STAGES: dict[str, type[RunConfig]] = {"sft": SFTRunConfig, "dpo": DPORunConfig}
+    return tuple(STAGES)
 
 
 def config_hash(obj: Any, length: int = 16) -> str:

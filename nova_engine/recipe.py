@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import yaml
 
-from nova_engine.config import STAGES, ConfigError, RunConfig
+from nova_engine.config import ConfigError, RunConfig, run_config_class, stage_names
 
 
 def _type_name(tp: Any) -> str:
@@ -176,16 +176,16 @@ def apply_overrides(values: dict, overrides: Sequence[str]) -> dict:
 
 def build_run_config(stage: str, values: dict, source: str | None = None) -> RunConfig:
     """A stage's RunConfig from a nested dict (already merged)."""
-    if stage not in STAGES:
-        raise ConfigError("stage", f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+    cls = run_config_class(stage)
     try:
-        return _build(STAGES[stage], values, "")
+        return _build(cls, values, "")
     except ConfigError as e:
         raise ConfigError(e.key, e.msg, source) from None
 
 
 def load_recipe(path: str | os.PathLike, stage: str, overrides: Sequence[str] = ()) -> RunConfig:
-    """Load `stage` ("sft", "dpo") from a recipe YAML, then apply `key=value` overrides."""
+    """Load `stage` (a name of the stage registry: "sft", "dpo", ...) from a recipe YAML,
+    then apply `key=value` overrides."""
     path = os.fspath(path)
     with open(path) as f:
         try:
@@ -194,24 +194,25 @@ def load_recipe(path: str | os.PathLike, stage: str, overrides: Sequence[str] = 
             raise ConfigError("<yaml>", f"not valid YAML: {e}", path) from None
     if not isinstance(doc, dict):
         raise ConfigError("<top>", "expected a mapping of sections", path)
-    if stage not in STAGES:
-        raise ConfigError("stage", f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    sections = set().union(*(_fields(c) for c in STAGES.values()))
-    shared, stages = {}, {}
+    stages = {name: run_config_class(name) for name in stage_names()}
+    if stage not in stages:
+        run_config_class(stage)  # ConfigError naming the stages
+    sections = set().union(*(_fields(c) for c in stages.values()))
+    shared, per_stage = {}, {}
     for k, v in doc.items():
-        if k in STAGES:
-            stages[k] = v or {}
+        if k in stages:
+            per_stage[k] = v or {}
         elif k in sections:
             shared[k] = v
         else:
-            valid = ", ".join(sorted(sections)) + "; stages: " + ", ".join(STAGES)
+            valid = ", ".join(sorted(sections)) + "; stages: " + ", ".join(stages)
             raise ConfigError(str(k), f"unknown top-level key; valid keys: {valid}", path)
-    if stage not in stages:
+    if stage not in per_stage:
         raise ConfigError(stage, f"the recipe has no {stage!r} section", path)
-    if not isinstance(stages[stage], dict):
+    if not isinstance(per_stage[stage], dict):
         raise ConfigError(stage, "expected a mapping of sections", path)
-    stage_fields = _fields(STAGES[stage])
-    merged = _deep_merge({k: v for k, v in shared.items() if k in stage_fields}, stages[stage])
+    stage_fields = _fields(stages[stage])
+    merged = _deep_merge({k: v for k, v in shared.items() if k in stage_fields}, per_stage[stage])
     try:
         merged = apply_overrides(merged, overrides)
     except ConfigError as e:

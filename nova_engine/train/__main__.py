@@ -15,14 +15,13 @@ import argparse
 import sys
 
 from nova_engine.train.metrics import emit
-
-STAGES = ("sft", "dpo")
+from nova_engine.train.stages import STAGES  # the one stage registry (name -> StageSpec)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m nova_engine.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("stage", choices=STAGES)
+    p.add_argument("stage", choices=tuple(STAGES))
     p.add_argument("--recipe", required=True, help="recipe YAML (recipes/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
     return p.parse_intermixed_args(argv)
@@ -32,13 +31,7 @@ def run_stage(stage: str, recipe: str, overrides: list[str]) -> list[dict[str, f
     from nova_engine.recipe import load_recipe
 
     run = load_recipe(recipe, stage, overrides)
-    if stage == "sft":
-        from nova_engine.train import sft
-
-        return sft.run(run)
-    from nova_engine.train import dpo
-
-    return dpo.run(run)
+    return STAGES[stage].run(run)
 
 
 def user_errors() -> tuple[type[Exception], ...]:

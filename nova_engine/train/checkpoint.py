@@ -1,23 +1,27 @@
-"""Training checkpoints: model, optimizer, LR schedule, data position and RNG states, one file
-per rank, written atomically (`checkpoint_io`: temp dir + COMPLETE manifest + rename).
+"""Training checkpoints of a loop: every trainable engine (model, optimizer, LR schedule),
+the data source's position and RNG, the loop's step and the RNG states — one file per rank,
+written atomically (`checkpoint_io`: temp dir + COMPLETE manifest + rename).
 
-    path = save_checkpoint(root, trainer, config_hash=run.hash(), arch=arch)   # all ranks
-    step = load_checkpoint(latest_complete(root), trainer)                      # all ranks
+    path = save_checkpoint(root, loop, config_hash=run.hash(), hf=True)   # all ranks
+    step = load_checkpoint(latest_complete(root), loop)                    # all ranks
 
 Layout of `<root>/step_00000123/` (nothing is written twice across DP replicas):
-    mp_tp01_pp00.pt  written by DP rank 0 of each (TP, PP) coordinate: that shard's parameters
-                     (by name, per chunk) and, unless the optimizer is DP-sharded, its
-                     optimizer state (Adam moments + fp32 master weights)
-    rank_00003.pt    every rank: step, LR schedule, RNG states, and with the distributed
-                     optimizer (ZeRO-1) this rank's shard of the optimizer state
-    hf/              the model as a HF directory (`hf_io.export_hf`), when `arch` is given
-    COMPLETE         the manifest (step, files + sizes, config hash, layout)
+    mp_<engine>_tp01_pp00.pt  per trainable engine, written by DP rank 0 of each (TP, PP)
+                     coordinate of that engine's layout: the shard's parameters (by name,
+                     per chunk) and, unless the optimizer is DP-sharded, its optimizer state
+                     (Adam moments + fp32 master weights)
+    rank_00003.pt    every rank: loop step, data-source state, RNG states, and per engine
+                     its LR schedule and with the distributed optimizer (ZeRO-1) this rank's
+                     shard of the optimizer state
+    hf/              the first trainable engine ("policy") as a HF directory, when hf=True
+                     (other trainable engines: hf_<engine>/)
+    COMPLETE         the manifest (step, files + sizes, config hash, layouts)
 
-Same layout → exact resume: the per-step losses of a resumed run equal an uninterrupted
-run's (the data position is the step count: StepBatcher batches depend only on seed and
-step). A different TP×PP layout → `load_checkpoint(..., weights_only=True)` reads hf/ into
-the new layout (the optimizer state does not carry over); `hf/` is also the HF export of
-any checkpoint (`nova export`).
+Same layouts -> exact resume: the per-step losses of a resumed run equal an uninterrupted
+run's. A different TP x PP layout -> `load_checkpoint(..., weights_only=True)` reads hf/
+into the new layout (the optimizer state does not carry over); `hf/` is also the HF export
+of any checkpoint (`nova export`). Frozen engines are not saved (they are rebuilt from
+their own HF directories).
 """
 
 from __future__ import annotations
@@ -46,8 +50,12 @@ def _rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
-def _shard_file(ps) -> str:
-    return f"mp_tp{ps.tp_rank:02d}_pp{ps.pp_rank:02d}.pt"
+def _shard_file(name: str, ps) -> str:
+    return f"mp_{name}_tp{ps.tp_rank:02d}_pp{ps.pp_rank:02d}.pt"
+
+
+def _hf_dir(loop, name: str) -> str:
+    return HF_SUBDIR if name == next(iter(loop.trainable)) else f"{HF_SUBDIR}_{name}"
 
 
 def _rng_state() -> dict[str, Any]:
@@ -69,27 +77,30 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def rank_state(trainer) -> dict[str, Any]:
+def rank_state(loop) -> dict[str, Any]:
     """What this rank saves in its rank file (see the module docstring)."""
-    opt = trainer.optimizer
-    sharded = opt is not None and dp_sharded(opt)
+    engines = {}
+    for name, e in loop.trainable.items():
+        opt = e.optimizer
+        engines[name] = {
+            "layout": _layout(e.ps),
+            "optimizer": optimizer_state(opt) if dp_sharded(opt) else None,
+            "scheduler": e.scheduler.state_dict() if e.scheduler else None,
+        }
     return {
-        "step": trainer.step,
-        "layout": _layout(trainer.ps),
-        "optimizer": optimizer_state(opt) if sharded else None,
-        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
+        "step": loop.step,
+        "data": loop.data.state_dict() if loop.data is not None else None,
+        "engines": engines,
         "rng": _rng_state(),
     }
 
 
-def shard_state(trainer) -> dict[str, Any]:
-    """What DP rank 0 of a (TP, PP) coordinate saves for all its DP replicas."""
-    opt = trainer.optimizer
+def shard_state(engine) -> dict[str, Any]:
+    """What DP rank 0 of a (TP, PP) coordinate saves for all the engine's DP replicas."""
+    opt = engine.optimizer
     return {
-        "model": [
-            {n: p.detach().cpu().clone() for n, p in c.named_parameters()} for c in trainer.chunks
-        ],
-        "optimizer": optimizer_state(opt) if opt is not None and not dp_sharded(opt) else None,
+        "model": engine.model_state(),
+        "optimizer": optimizer_state(opt) if not dp_sharded(opt) else None,
     }
 
 
@@ -97,43 +108,48 @@ def _save_rank_file(state: dict[str, Any], path: str) -> None:
     torch.save(state, path)
 
 
+def _any_ps(loop):
+    return next(iter(loop.engines.values())).ps
+
+
 def save_checkpoint(
     root: str | os.PathLike,
-    trainer,
+    loop,
     *,
     config_hash: str | None = None,
-    arch=None,
+    hf: bool = False,
     keep_last: int = 0,
     extra: dict[str, Any] | None = None,
 ) -> str:
-    """Write `<root>/step_<trainer.step>` on all ranks (collective); returns its path."""
-    ps = trainer.ps
-    final = checkpoint_io.checkpoint_dir_for(root, trainer.step)
-    state = rank_state(trainer)
-    shard = shard_state(trainer) if ps.dp_rank == 0 else None
+    """Write `<root>/step_<loop.step>` on all ranks (collective); returns its path."""
+    ps = _any_ps(loop)
+    final = checkpoint_io.checkpoint_dir_for(root, loop.step)
+    state = rank_state(loop)
+    shards = {n: shard_state(e) for n, e in loop.trainable.items() if e.ps.dp_rank == 0}
+    layouts = {n: _layout(e.ps) for n, e in loop.trainable.items()}
 
     def write(tmp: str) -> list[str]:
         path = os.path.join(tmp, _rank_file(ps.rank))
         _save_rank_file(state, path)
         written = [path]
-        if shard is not None:
-            written.append(os.path.join(tmp, _shard_file(ps)))
+        for name, shard in shards.items():
+            written.append(os.path.join(tmp, _shard_file(name, loop.engines[name].ps)))
             _save_rank_file(shard, written[-1])
-        if arch is not None:
-            from nova_engine.model.hf_io import export_hf
-
-            export_hf(trainer.chunks, arch, ps, os.path.join(tmp, HF_SUBDIR))
-            if ps.rank == 0:
-                hf = os.path.join(tmp, HF_SUBDIR)
-                written += [os.path.join(hf, f) for f in os.listdir(hf)]
+        if hf:
+            for name, e in loop.trainable.items():
+                out = os.path.join(tmp, _hf_dir(loop, name))
+                e.export_hf(out)
+                if ps.rank == 0:
+                    written += [os.path.join(out, f) for f in os.listdir(out)]
         return written
 
+    policy_layout = next(iter(layouts.values()), _layout(ps))
     path = checkpoint_io.write_checkpoint_dir(
         final,
         write,
-        step=trainer.step,
+        step=loop.step,
         config_hash=config_hash,
-        extra={"layout": _layout(ps), **(extra or {})},
+        extra={"layout": policy_layout, "engines": layouts, **(extra or {})},
         rank=ps.rank,
         barrier=dist.barrier if ps.world_size > 1 else None,
         overwrite=True,
@@ -146,50 +162,47 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, trainer, *, weights_only: bool = False) -> int:
-    """Restore `trainer` from a complete checkpoint; returns the step it was saved at.
+def load_checkpoint(path: str | os.PathLike, loop, *, weights_only: bool = False) -> int:
+    """Restore `loop` from a complete checkpoint; returns the step it was saved at.
 
-    Same layout: everything (exact resume). `weights_only=True`: only the model, read from
-    the checkpoint's hf/ export, which works for any TP×PP layout. A different layout
-    without weights_only raises CheckpointIOError saying so.
+    Same layouts: everything (exact resume). `weights_only=True`: only the trainable
+    engines' models, read from the checkpoint's HF exports, which works for any TP x PP
+    layout. A different layout without weights_only raises CheckpointIOError saying so.
     """
     path = os.fspath(path)
     manifest = checkpoint_io.read_manifest(path)
-    ps = trainer.ps
-    saved = manifest.get("extra", {}).get("layout")
+    saved = manifest.get("extra", {}).get("engines") or {}
     if weights_only:
-        hf = os.path.join(path, HF_SUBDIR)
-        if not os.path.isdir(hf):
-            raise CheckpointIOError(f"{path}: no {HF_SUBDIR}/ export to load weights from")
-        from nova_engine.model.arch import load_arch
-        from nova_engine.model.hf_io import load_hf_weights
-
-        load_hf_weights(trainer.chunks, load_arch(hf), ps, hf)
+        for name, e in loop.trainable.items():
+            hf = os.path.join(path, _hf_dir(loop, name))
+            if not os.path.isdir(hf):
+                raise CheckpointIOError(f"{path}: no {_hf_dir(loop, name)}/ export to load from")
+            e.load_hf(hf)
         return int(manifest["step"])
-    if saved != _layout(ps):
-        raise CheckpointIOError(
-            f"{path}: saved with layout {saved}, this run is {_layout(ps)}; resume needs the "
-            "same layout (load the weights alone with weights_only=True / checkpoint.resume "
-            "on the hf/ export)"
-        )
+    for name, e in loop.trainable.items():
+        if saved.get(name) != _layout(e.ps):
+            raise CheckpointIOError(
+                f"{path}: engine {name!r} saved with layout {saved.get(name)}, this run is "
+                f"{_layout(e.ps)}; resume needs the same layout (load the weights alone with "
+                "weights_only=True / checkpoint.resume on the hf/ export)"
+            )
+    ps = _any_ps(loop)
     state = torch.load(
         os.path.join(path, _rank_file(ps.rank)), map_location="cpu", weights_only=False
     )
-    shard_path = os.path.join(path, _shard_file(ps))
-    shard = torch.load(shard_path, map_location="cpu", weights_only=False)
-    with torch.no_grad():
-        for chunk, params in zip(trainer.chunks, shard["model"]):
-            own = dict(chunk.named_parameters())
-            if set(own) != set(params):
-                raise CheckpointIOError(f"{shard_path}: parameter names differ from the model's")
-            for n, v in params.items():
-                own[n].copy_(v.to(own[n].dtype))
-    opt_state = state["optimizer"] if state["optimizer"] is not None else shard["optimizer"]
-    if trainer.optimizer is not None and opt_state is not None:
-        load_optimizer_state(trainer.optimizer, opt_state)
-    if trainer.scheduler is not None and state["scheduler"] is not None:
-        trainer.scheduler.load_state_dict(state["scheduler"])
+    for name, e in loop.trainable.items():
+        shard_path = os.path.join(path, _shard_file(name, e.ps))
+        shard = torch.load(shard_path, map_location="cpu", weights_only=False)
+        e.load_model_state(shard["model"], shard_path)
+        mine = state["engines"][name]
+        opt_state = mine["optimizer"] if mine["optimizer"] is not None else shard["optimizer"]
+        if opt_state is not None:
+            load_optimizer_state(e.optimizer, opt_state)
+        if e.scheduler is not None and mine["scheduler"] is not None:
+            e.scheduler.load_state_dict(mine["scheduler"])
+    if loop.data is not None and state.get("data") is not None:
+        loop.data.load_state_dict(state["data"])
     _set_rng_state(state["rng"])
-    trainer.step = int(state["step"])
-    logger.info("resumed from %s (step %d)", path, trainer.step)
-    return trainer.step
+    loop.step = int(state["step"])
+    logger.info("resumed from %s (step %d)", path, loop.step)
+    return loop.step

@@ -1,7 +1,8 @@
-"""Run plumbing shared by the stages: process group setup, model build/load, the trainer with
-its optimizer and schedule, resume, the training run with periodic eval/save, final export.
+"""Run plumbing shared by the stages: layout validation and process groups, model build,
+the policy engine with its optimizer and schedule, the loop, resume, the training run with
+periodic eval/save, final export.
 
-`sft.run(run)` and `dpo.run(run)` call these; tests call `build_trainer` directly.
+`stages.sft.run(run)` and `stages.dpo.run(run)` call these.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from nova_engine.parallel.spawn import free_port
 from nova_engine.parallel.state import ParallelState, initialize_parallel
 from nova_engine.train import checkpoint_io
 from nova_engine.train.checkpoint import load_checkpoint, save_checkpoint
-from nova_engine.train.loop import StepBatcher, Trainer
-from nova_engine.train.schedules import LRScheduler
+from nova_engine.train.data_source import PackedDataSource
+from nova_engine.train.engine import ModelEngine
+from nova_engine.train.loop import Loop
 
 logger = get_logger(__name__)
 
@@ -32,10 +34,11 @@ def ensure_process_group_env() -> None:
 
 
 def setup_parallel(run) -> ParallelState:
-    """Process group + megatron groups for `run.parallel` (validated against the world)."""
+    """Process group + megatron groups for `run.parallel`, after the whole layout has been
+    validated against the world and the model's dimensions (before any group exists)."""
     ensure_process_group_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    run.validate_world(world)
+    run.validate_layout(world)
     p = run.parallel
     return initialize_parallel(
         tp=p.tp, pp=p.pp, vpp=p.vpp if p.vpp > 1 else None, sp=p.sp, seed=run.train.seed
@@ -60,26 +63,34 @@ def ensure_model(run, ps: ParallelState) -> None:
         dist.barrier()
 
 
-def build_trainer(
-    model_dir: str,
-    ps: ParallelState,
-    *,
-    optim: Any = None,
-    total_steps: int = 1,
-    precision: str = "fp32",
-    recompute: str = "none",
-    distributed_optimizer: bool = False,
-):
-    """(Trainer, arch): the model of `model_dir` on layout `ps`, DDP-wrapped, with megatron's
-    optimizer and the LR schedule of `optim` (None: forward-only trainer)."""
-    from nova_engine.model.arch import load_arch
-
-    arch = load_arch(model_dir)
-    trainer = make_trainer(
-        arch, ps, weights_dir=model_dir, optim=optim, total_steps=total_steps,
-        precision=precision, recompute=recompute, distributed_optimizer=distributed_optimizer,
+def engine_for_run(run, ps: ParallelState, total_steps: int) -> ModelEngine:
+    """The policy engine of a stage's run config: its model, optimizer, precision, layout."""
+    t = run.train
+    return ModelEngine.from_hf(
+        run.model.hf_path, ps, name="policy", optim=run.optim, total_steps=total_steps,
+        precision=t.precision, recompute=t.recompute,
+        distributed_optimizer=run.parallel.distributed_optimizer,
     )  # fmt: skip
-    return trainer, arch
+
+
+def data_source(run, ps: ParallelState, data, *, train: bool) -> PackedDataSource:
+    """The run's packed data source over `data`: seeded, shuffled epochs for training; one
+    ordered pass for evaluation and reference passes."""
+    t = run.train
+    kw: dict[str, Any] = dict(shuffle=False)
+    if train:
+        kw = dict(
+            seed=run.data.seed, shuffle=run.data.shuffle, epochs=t.epochs, max_steps=t.max_steps
+        )
+    return PackedDataSource(
+        data, global_batch_size=t.global_batch_size, micro_batch_tokens=t.micro_batch_tokens,
+        ps=ps, **kw,
+    )  # fmt: skip
+
+
+def loop_for_run(run, ps: ParallelState, data: PackedDataSource) -> Loop:
+    """A loop with the run's policy engine over `data`."""
+    return Loop({"policy": engine_for_run(run, ps, data.total_steps)}, data)
 
 
 def make_trainer(
@@ -92,55 +103,20 @@ def make_trainer(
     precision: str = "fp32",
     recompute: str = "none",
     distributed_optimizer: bool = False,
-) -> Trainer:
-    """A Trainer for `arch` on `ps`: weights from the HF directory `weights_dir`, or
-    megatron's random initialization when it is None (benchmarks)."""
-    from nova_engine.model.build import build_model
-    from nova_engine.model.hf_io import load_hf_weights
-    from nova_engine.parallel.pipeline import wrap_ddp
-    from nova_engine.train.optim import build_optimizer
-
-    chunks = build_model(arch, ps, precision=precision, recompute=recompute)
-    if weights_dir is not None:
-        load_hf_weights(chunks, arch, ps, weights_dir)
-    dist_opt = distributed_optimizer and optim is not None
-    models = wrap_ddp(chunks, ps, use_distributed_optimizer=dist_opt)
-    opt = sched = None
-    if optim is not None:
-        opt = build_optimizer(models, optim, precision=precision, distributed=dist_opt)
-        sched = LRScheduler.from_config(optim, total_steps)
-    return Trainer(ps, chunks, models, opt, sched)
-
-
-def step_batcher(run, ps: ParallelState, data, *, train: bool) -> StepBatcher:
-    """The run's batcher over `data`: seeded, shuffled epochs for training; one ordered pass
-    for evaluation and reference passes."""
-    t = run.train
-    kw: dict[str, Any] = dict(shuffle=False)
-    if train:
-        kw = dict(
-            seed=run.data.seed, shuffle=run.data.shuffle, epochs=t.epochs, max_steps=t.max_steps
-        )
-    return StepBatcher(
-        data, global_batch_size=t.global_batch_size, micro_batch_tokens=t.micro_batch_tokens,
-        ps=ps, **kw,
+) -> Loop:
+    """A one-engine loop without a data source (benchmarks: `loop.train_step(stage, mbs)`);
+    weights from the HF directory `weights_dir`, or megatron's random init when None."""
+    engine = ModelEngine(
+        arch, ps, weights_dir=weights_dir, optim=optim, total_steps=total_steps,
+        precision=precision, recompute=recompute, distributed_optimizer=distributed_optimizer,
     )  # fmt: skip
+    return Loop(engine)
 
 
-def trainer_for_run(run, ps: ParallelState, total_steps: int):
-    """(Trainer, arch) for a stage's run config: its model, optimizer, precision, layout."""
-    t = run.train
-    return build_trainer(
-        run.model.hf_path, ps, optim=run.optim, total_steps=total_steps,
-        precision=t.precision, recompute=t.recompute,
-        distributed_optimizer=run.parallel.distributed_optimizer,
-    )  # fmt: skip
-
-
-def eval_over(trainer: Trainer, stage, batcher: StepBatcher):
-    """An eval_fn for Trainer.fit: the stage's metrics over every step of `batcher`."""
-    return lambda: trainer.evaluate(
-        stage, [batcher.rank_microbatches(s) for s in range(batcher.total_steps)]
+def eval_over(loop: Loop, stage, source: PackedDataSource) -> Callable[[], dict[str, float]]:
+    """An eval_fn for Loop.fit: the stage's metrics over every step of `source`."""
+    return lambda: loop.evaluate(
+        stage, [source.rank_microbatches(s) for s in range(source.total_steps)], stage.engine
     )
 
 
@@ -154,7 +130,7 @@ def resume_path(run) -> str | None:
     return r
 
 
-def mfu_inputs(arch, ps: ParallelState, batcher: StepBatcher):
+def mfu_inputs(arch, ps: ParallelState, batcher: PackedDataSource):
     """(flops per token, summed peak FLOP/s of the world) on known GPUs, else (None, None)."""
     import torch
 
@@ -177,44 +153,37 @@ def mfu_inputs(arch, ps: ParallelState, batcher: StepBatcher):
 
 
 def train_stage(
-    run,
-    ps: ParallelState,
-    trainer: Trainer,
-    arch,
-    stage,
-    batcher: StepBatcher,
-    eval_fn: Callable[[], dict[str, float]] | None = None,
+    run, loop: Loop, stage, eval_fn: Callable[[], dict[str, float]] | None = None
 ) -> list[dict[str, float]]:
-    """Resume if asked, train to the end with periodic eval/save, save, export to
+    """Resume if asked, train to the end with periodic eval/save, save, export the policy to
     <out_dir>/hf. Returns the per-step metrics of this process's run."""
     from nova_engine.train.metrics import MetricsLogger
 
-    root = run.checkpoint_dir
+    policy = loop.engine(stage.engine)
+    ps, root = policy.ps, run.checkpoint_dir
     if ps.rank == 0:
         checkpoint_io.cleanup_stale(root)
     path = resume_path(run)
     if path is not None:
-        load_checkpoint(path, trainer)
+        load_checkpoint(path, loop)
 
     def save(step: int) -> None:
         save_checkpoint(
-            root, trainer, config_hash=run.hash(),
-            arch=arch if run.checkpoint.hf_in_checkpoints else None,
+            root, loop, config_hash=run.hash(), hf=run.checkpoint.hf_in_checkpoints,
             keep_last=run.checkpoint.keep_last,
         )  # fmt: skip
 
     t = run.train
-    fpt, peak = mfu_inputs(arch, ps, batcher)
+    fpt, peak = mfu_inputs(policy.arch, ps, loop.data)
     with MetricsLogger(
         t.out_dir,
-        total_steps=batcher.total_steps,
+        total_steps=loop.data.total_steps,
         stage=stage.name,
         tensorboard=t.tensorboard,
-        start_step=trainer.step,
+        start_step=loop.step,
     ) as m:
-        out = trainer.fit(
+        out = loop.fit(
             stage,
-            batcher,
             metrics_logger=m,
             log_every=t.log_every,
             eval_every=t.eval_every,
@@ -224,12 +193,10 @@ def train_stage(
             flops_per_token=fpt,
             peak_flops=peak,
         )
-        if eval_fn is not None and not (t.eval_every and trainer.step % t.eval_every == 0):
-            m.log(trainer.step, eval_fn(), prefix="eval/")  # (fit evaluated this step already)
-    if not t.save_every or trainer.step % t.save_every:
-        save(trainer.step)
+        if eval_fn is not None and not (t.eval_every and loop.step % t.eval_every == 0):
+            m.log(loop.step, eval_fn(), prefix="eval/")  # (fit evaluated this step already)
+    if not t.save_every or loop.step % t.save_every:
+        save(loop.step)
     if run.checkpoint.export_hf:
-        from nova_engine.model.hf_io import export_hf
-
-        export_hf(trainer.chunks, arch, ps, os.path.join(t.out_dir, "hf"))
+        policy.export_hf(os.path.join(t.out_dir, "hf"))
     return out

@@ -9,15 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from nova_engine.config import (
-    ConfigError,
-    DPORunConfig,
-    ModelConfig,
-    ParallelConfig,
-    SFTRunConfig,
-    config_hash,
-)
+from nova_engine.config import ConfigError, ModelConfig, ParallelConfig, config_hash
 from nova_engine.recipe import config_from_dict, load_recipe
+from nova_engine.train.stages.dpo import DPORunConfig
+from nova_engine.train.stages.sft import SFTRunConfig
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -123,17 +118,18 @@ def test_bad_overrides_name_the_key(override, message):
     assert str(ei.value).endswith(message)
 
 
-def test_dpo_loss_names_match_the_losses_registry():
-    from nova_engine.config import DPO_LOSS_TYPES
-    from nova_engine.losses.dpo import DPO_LOSSES
+def test_dpo_loss_section_is_the_losses_config():
+    """DPO's hyperparameters are defined once (nova_engine.losses.dpo.DPOConfig): the
+    recipe's `loss:` section is that class plus ref_cache_dir, with errors naming the key."""
+    from nova_engine.losses.dpo import DPOConfig
 
-    assert set(DPO_LOSS_TYPES) == set(DPO_LOSSES)
     run = load_recipe(
         RECIPES / "tiny_cpu.yaml",
         "dpo",
         ["loss.loss_type=cdpo", "loss.label_smoothing=0.1", "loss.beta=0.2"],
     )
-    cfg = run.loss.to_loss_config()
+    cfg = run.loss
+    assert isinstance(cfg, DPOConfig)
     assert (cfg.loss_type, cfg.beta, cfg.label_smoothing, cfg.gamma_beta_ratio) == (
         "cdpo",
         0.2,
@@ -151,11 +147,13 @@ def test_dpo_loss_names_match_the_losses_registry():
 
 
 def test_dpo_errors_and_validate_world():
-    with pytest.raises(
-        ConfigError,
-        match=r"loss\.loss_type: expected one of sigmoid, dpo_norm, ipo, simpo, hinge, cdpo, got 'orpo'",
-    ):
+    from nova_engine.losses.dpo import DPO_LOSSES
+
+    with pytest.raises(ConfigError) as ei:
         load_recipe(RECIPES / "tiny_cpu.yaml", "dpo", ["loss.loss_type=orpo"])
+    assert str(ei.value).endswith(
+        f"loss.loss_type: expected one of {', '.join(DPO_LOSSES)}, got 'orpo'"
+    )
     with pytest.raises(ConfigError, match=r"1000 cannot hold one dpo sample of up to 1024 tokens"):
         load_recipe(
             RECIPES / "tiny_cpu.yaml",
@@ -236,3 +234,47 @@ def test_hash_and_dict_round_trip():
         "margin_key",
         "precision",
     }
+
+
+def test_stage_registry_is_the_one_list():
+    from nova_engine import cli
+    from nova_engine.train import __main__ as train_main
+    from nova_engine.train.stages import STAGES
+
+    assert tuple(STAGES) == ("sft", "dpo")
+    assert cli._stages() == tuple(STAGES) == tuple(train_main.STAGES)
+    assert STAGES["sft"].config_class is SFTRunConfig
+    assert STAGES["dpo"].config_class is DPORunConfig
+    with pytest.raises(ConfigError, match="unknown stage 'ppo'; expected one of sft, dpo"):
+        load_recipe(RECIPES / "tiny_cpu.yaml", "ppo")
+
+
+def test_layout_is_validated_against_the_model_before_any_group(tmp_path):
+    """validate_layout reads the model's config.json (no process group needed) and names the
+    parallel key and the model dimension it does not divide."""
+    import json
+
+    model = tmp_path / "m"
+    model.mkdir()
+    cfg = {"num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 1000,
+           "intermediate_size": 512, "num_hidden_layers": 6}  # fmt: skip
+    (model / "config.json").write_text(json.dumps(cfg))
+
+    def run(*overrides):
+        return load_recipe(RECIPES / "tiny_cpu.yaml", "sft", [f"model.hf_path={model}",
+                           "model.build=null", "train.global_batch_size=8", *overrides])  # fmt: skip
+
+    assert run("parallel.tp=2").validate_layout(4) == 2
+    assert run("parallel.pp=3", "parallel.vpp=2").validate_layout(3) == 1  # 6 layers / 6
+    cases = [
+        (["parallel.tp=4"], 4, "parallel.tp: tp=4 does not divide num_key_value_heads=2"),
+        (["parallel.pp=4"], 4, "parallel.pp: pp*vpp = 4*1 = 4 does not divide num_hidden_layers=6"),
+    ]  # fmt: skip
+    for overrides, world, message in cases:
+        with pytest.raises(ConfigError) as ei:
+            run(*overrides).validate_layout(world)
+        assert message in str(ei.value) and str(model / "config.json") in str(ei.value)
+    cfg["vocab_size"] = 1001
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="parallel.tp: tp=2 does not divide vocab_size=1001"):
+        run("parallel.tp=2").validate_layout(2)

@@ -6,12 +6,17 @@
   l(0): log 2 for sigmoid / dpo_norm (formula by hand), accuracy 0, margin 0;
 - per-step losses agree across the two layouts; the loss on the (repeated) batch goes down;
 - a cache saved by rank 0 reopens complete under the same key, and a changed data file
-  gives a new key (so a stale cache is never used).
+  gives a new key (so a stale cache is never used);
+- every layout's losses equal the golden per-step losses (tests/engine/golden, one process);
+- an evaluation step with fewer pairs than DP ranks (empty ranks get a padding batch) gives
+  l(0) = log 2 at the reference weights.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -24,39 +29,45 @@ STEPS = 4
 GBS = 16  # the whole data set each step: the loss on it must go down
 MBT = 128
 LAYOUTS = [(1, 1), (2, 1), (2, 2)]
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "dpo.json")
 
 
 def _worker(rank, world, model_dir, pairs, root):
-    import os
-
     from nova_engine.config import OptimConfig
     from nova_engine.losses.dpo import DPOConfig
     from nova_engine.parallel.state import destroy_parallel, initialize_parallel
-    from nova_engine.train.dpo import DPOStage, reference_pass
-    from nova_engine.train.loop import StepBatcher
+    from nova_engine.train.data_source import PackedDataSource
+    from nova_engine.train.engine import ModelEngine
+    from nova_engine.train.loop import Loop
     from nova_engine.train.ref_cache import RefCache, RefCacheKey
-    from nova_engine.train.runner import build_trainer
+    from nova_engine.train.stages.dpo import DPOStage, reference_pass
 
     key = RefCacheKey(model="m", data="d", config="c")
     out = {}
     for tp, pp in LAYOUTS:
         ps = initialize_parallel(tp=tp, pp=pp, seed=3)
         optim = OptimConfig(lr=3e-3, grad_clip=1.0, schedule="constant")
-        trainer, _ = build_trainer(model_dir, ps, optim=optim, total_steps=STEPS)
+        engine = ModelEngine.from_hf(model_dir, ps, optim=optim, total_steps=STEPS)
 
-        def batcher(ps=ps, **kw):
-            return StepBatcher(pairs, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps, **kw)
+        def source(ps=ps, data=pairs, gbs=GBS, **kw):
+            return PackedDataSource(data, global_batch_size=gbs, micro_batch_tokens=MBT, ps=ps,
+                                    **kw)  # fmt: skip
 
         cache_dir = os.path.join(root, f"cache{tp}x{pp}")
         cache = RefCache.open(cache_dir, key, expected=[p.index for p in pairs])
-        cache = reference_pass(trainer, batcher(shuffle=False), cache)
+        cache = reference_pass(engine, source(shuffle=False), cache)
         reopened = RefCache.open(cache_dir, key, expected=[p.index for p in pairs])
         stage = DPOStage(ps, DPOConfig(loss_type="dpo_norm", beta=2.0), cache)
-        hist = trainer.fit(stage, batcher(seed=1, max_steps=STEPS))
+        loop = Loop(engine, source(seed=1, max_steps=STEPS))
+        few = None
+        if (tp, pp) == (1, 1):  # DP4, 2 pairs: two ranks hold only padding
+            few = loop.evaluate(stage, [source(data=pairs[:2], gbs=2).rank_microbatches(0)])
+        hist = loop.fit(stage)
         out[(tp, pp)] = {
             "ref": cache.lookup([p.index for p in pairs]),
             "reopened_complete": reopened.complete,
             "hist": hist,
+            "few": few,
         }
         destroy_parallel()
     return out
@@ -138,3 +149,25 @@ def test_changed_data_changes_the_cache_key(results):
     text = open(paths["pref"]).read()
     changed.write_text(text.replace("pref-0", "pref-x", 1))
     assert data_fingerprint(str(changed)) != before
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_golden_losses(results, layout):
+    with open(GOLDEN) as f:
+        gold = json.load(f)
+    c = gold["config"]
+    assert (c["global_batch_size"], c["micro_batch_tokens"], c["batch_seed"]) == (GBS, MBT, 1)
+    assert (c["lr"], c["schedule"], c["loss_type"], c["beta"]) == (
+        3e-3,
+        "constant",
+        "dpo_norm",
+        2.0,
+    )
+    got = [h["loss"] for h in results[0][layout]["hist"]]
+    np.testing.assert_allclose(got, [r[0] for r in gold["steps10"][:STEPS]], rtol=2e-5)
+
+
+def test_eval_with_fewer_pairs_than_dp_ranks(results):
+    few = results[0][(1, 1)]["few"]
+    assert math.isclose(few["loss"], math.log(2.0), rel_tol=1e-5)
+    assert few["accuracy"] == 0.0 and abs(few["margin"]) < 1e-6

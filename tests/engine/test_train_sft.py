@@ -10,12 +10,24 @@
 - a checkpoint loads into another layout through its hf/ export (weights only);
 - bf16 with fp32 master weights (TP2×DP2, distributed optimizer) tracks fp32 within 2%;
 - a second group of 8 ranks: 10 steps of TP2×PP2×DP2 (with and without SP, and with the
-  distributed optimizer) equal to TP1×DP8.
+  distributed optimizer) equal to TP1×DP8;
+- every fp32 layout of both groups equals the golden per-step losses (tests/engine/golden,
+  one process) within 2e-5, so a change that shifts every layout alike is caught;
+- engines (nova_engine.train.engine): two engines of different layouts in one world (TP2xDP2
+  from megatron's groups, TP1xPP2xDP2 from groups of its own), stepping in turn, each equal
+  to the golden single-rank run; a frozen engine has no DDP wrapper, no grad buffers and no
+  trainable parameters, and its forward_collect log-probs give the training forward's step-1
+  loss; `generate` on its shards gives tokens whose log-probs equal the forward's; a step
+  with fewer sequences than DP ranks (empty ranks get a padding batch) equals the
+  transformers loss of those sequences; a 2-output score head gives the same scores and
+  gradient norm at TP1xDP4 and TP2xDP2 with sequence parallelism.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -57,23 +69,28 @@ def _optim():
     return OptimConfig(lr=2e-3, weight_decay=0.01, grad_clip=1.0, schedule="cosine", warmup_steps=1)
 
 
-def _setup(layout, model_dir, samples, steps=STEPS):
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "sft.json")
+EMPTY_RANK_SEQS = 2  # < DP=4: two ranks get no sequence
+
+
+def _setup(layout, model_dir, samples, steps=STEPS, ps=None):
     from nova_engine.parallel.state import initialize_parallel
-    from nova_engine.train.loop import StepBatcher
-    from nova_engine.train.runner import build_trainer
-    from nova_engine.train.sft import SFTStage
+    from nova_engine.train.data_source import PackedDataSource
+    from nova_engine.train.engine import ModelEngine
+    from nova_engine.train.loop import Loop
+    from nova_engine.train.stages.sft import SFTStage
 
     tp, pp, vpp, sp, dopt, recompute = layout[:6]
     precision = layout[6] if len(layout) > 6 else "fp32"
-    ps = initialize_parallel(tp=tp, pp=pp, vpp=vpp, sp=sp, seed=7)
-    trainer, arch = build_trainer(
+    ps = ps or initialize_parallel(tp=tp, pp=pp, vpp=vpp, sp=sp, seed=7)
+    engine = ModelEngine.from_hf(
         model_dir, ps, optim=_optim(), total_steps=steps, distributed_optimizer=dopt,
         recompute=recompute, precision=precision,
     )  # fmt: skip
-    batcher = StepBatcher(
+    data = PackedDataSource(
         samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps, seed=3, max_steps=steps
     )
-    return ps, trainer, arch, batcher, SFTStage(ps)
+    return ps, Loop(engine, data), data, SFTStage(ps)
 
 
 def _losses(hist):
@@ -81,8 +98,6 @@ def _losses(hist):
 
 
 def _worker(rank, world, model_dir, samples, root):
-    import os
-
     import torch.distributed as dist
 
     from nova_engine.parallel.state import destroy_parallel
@@ -91,18 +106,18 @@ def _worker(rank, world, model_dir, samples, root):
     out: dict = {"layouts": {}, "resume": {}}
     n_mbs = []
     for layout in [*LAYOUTS, BF16]:
-        ps, trainer, arch, batcher, stage = _setup(layout, model_dir, samples)
-        n_mbs.append(len(batcher.rank_microbatches(0)))
+        ps, loop, data, stage = _setup(layout, model_dir, samples)
+        n_mbs.append(len(data.rank_microbatches(0)))
         if layout not in RESUME:
-            out["layouts"][layout] = _losses(trainer.fit(stage, batcher))
+            out["layouts"][layout] = _losses(loop.fit(stage))
             destroy_parallel()
             continue
         # the uninterrupted run, with a checkpoint after step K and a crash while writing
         # the one after step K+1 (half a file, then the process "dies")
         ckpt_root = os.path.join(root, f"ckpt{RESUME.index(layout)}")
-        hist = trainer.fit(stage, batcher, stop_after=K)
-        checkpoint.save_checkpoint(ckpt_root, trainer, arch=arch, config_hash="h")
-        hist += trainer.fit(stage, batcher, stop_after=K + 1)
+        hist = loop.fit(stage, stop_after=K)
+        checkpoint.save_checkpoint(ckpt_root, loop, hf=True, config_hash="h")
+        hist += loop.fit(stage, stop_after=K + 1)
         real = checkpoint._save_rank_file
 
         def crash(state, path):
@@ -112,7 +127,7 @@ def _worker(rank, world, model_dir, samples, root):
 
         checkpoint._save_rank_file = crash
         try:
-            checkpoint.save_checkpoint(ckpt_root, trainer, config_hash="h")
+            checkpoint.save_checkpoint(ckpt_root, loop, config_hash="h")
             crashed = "no crash"
         except RuntimeError as e:
             crashed = str(e)
@@ -120,18 +135,19 @@ def _worker(rank, world, model_dir, samples, root):
             checkpoint._save_rank_file = real
         dist.barrier()
         latest = checkpoint_io.latest_complete(ckpt_root)
-        hist += trainer.fit(stage, batcher)
+        hist += loop.fit(stage)
         out["layouts"][layout] = _losses(hist)
         destroy_parallel()
 
-        ps, trainer, arch, batcher, stage = _setup(layout, model_dir, samples)
-        step = checkpoint.load_checkpoint(latest, trainer)
-        resumed = trainer.fit(stage, batcher)
+        ps, loop, data, stage = _setup(layout, model_dir, samples)
+        step = checkpoint.load_checkpoint(latest, loop)
+        resumed = loop.fit(stage)
         destroy_parallel()
         out["resume"][layout] = {
             "full": out["layouts"][layout],
             "resumed": _losses(resumed),
             "step": step,
+            "data_position": data.position,
             "crashed": crashed,
             "latest": os.path.basename(latest),
             "files": sorted(os.listdir(latest)),
@@ -139,20 +155,114 @@ def _worker(rank, world, model_dir, samples, root):
     out["n_mbs"] = n_mbs
 
     # weights of the TP2xPP2 checkpoint into TP1xDP4 (through hf/), then one forward-only eval
-    from nova_engine.train.loop import StepBatcher
+    from nova_engine.train.data_source import PackedDataSource
 
-    ps, trainer, _, _, stage = _setup(LAYOUTS[0], model_dir, samples)
+    ps, loop, _, stage = _setup(LAYOUTS[0], model_dir, samples)
     latest = checkpoint_io.latest_complete(os.path.join(root, "ckpt0"))
     try:
-        checkpoint.load_checkpoint(latest, trainer)
+        checkpoint.load_checkpoint(latest, loop)
         out["layout_error"] = None
     except checkpoint_io.CheckpointIOError as e:
         out["layout_error"] = str(e)
-    checkpoint.load_checkpoint(latest, trainer, weights_only=True)
-    eval_batcher = StepBatcher(samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps)
-    out["eval_after_load"] = trainer.evaluate(stage, [eval_batcher.rank_microbatches(0)])
+    checkpoint.load_checkpoint(latest, loop, weights_only=True)
+    ev = PackedDataSource(samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps)
+    out["eval_after_load"] = loop.evaluate(stage, [ev.rank_microbatches(0)])
     destroy_parallel()
+    out["engines"] = _engines(model_dir, samples)
     return out
+
+
+def _engines(model_dir, samples):
+    """Two engines of different layouts in one world; a frozen engine; an empty-rank step."""
+    from nova_engine.model.heads import token_logprobs
+    from nova_engine.parallel.state import destroy_parallel, initialize_parallel
+    from nova_engine.parallel.state import new_parallel_state as new_ps
+    from nova_engine.train.data_source import PackedDataSource
+    from nova_engine.train.engine import ModelEngine
+
+    res: dict = {}
+    ps_a = initialize_parallel(tp=2, seed=7)  # megatron's groups
+    ps_b = new_ps(tp=1, pp=2)  # groups of its own, same world
+    _, loop_a, data_a, stage_a = _setup(LAYOUTS[0], model_dir, samples, ps=ps_a)
+    _, loop_b, data_b, stage_b = _setup(LAYOUTS[0], model_dir, samples, ps=ps_b)
+    hist_a, hist_b = [], []
+    for _ in range(STEPS):  # in turn: both alive, each its own collectives
+        hist_a.append(loop_a.train_step(stage_a, data_a.next_batch()).metrics)
+        hist_b.append(loop_b.train_step(stage_b, data_b.next_batch()).metrics)
+    res["two"] = {"a": _losses(hist_a), "b": _losses(hist_b)}
+
+    # a frozen engine on the second layout: no DDP, no grad buffer, nothing trainable
+    frozen = ModelEngine.from_hf(model_dir, ps_b, trainable=False, name="reference")
+    params = [p for c in frozen.chunks for p in c.parameters()]
+    res["frozen"] = {
+        "ddp": any(hasattr(m, "zero_grad_buffer") for m in frozen.models),
+        "main_grad": any(hasattr(p, "main_grad") for p in params),
+        "requires_grad": any(p.requires_grad for p in params),
+        "optimizer": frozen.optimizer is not None,
+    }
+    # forward_collect: per-token log-probs -> the step-1 SFT loss of the training forward
+    mbs = PackedDataSource(samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps_b,
+                           seed=3).rank_microbatches(0)  # fmt: skip
+    rows = frozen.forward_collect(
+        mbs, lambda m, h, mb: torch.stack([
+            -(token_logprobs(m, h, mb.labels, ps_b).double() * (mb.loss_mask != 0)).sum(),
+            (mb.loss_mask != 0).sum().double(),
+        ]),
+    )  # fmt: skip
+    t = sum(rows) if rows and ps_b.tp_rank == 0 else torch.zeros(2, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    res["collect_loss"] = float(t[0] / t[1])
+
+    # generate on the frozen engine's shards (PP2): greedy tokens whose log-probs are the
+    # forward's (forward_collect of prompt + generated tokens)
+    from nova_engine.data.packing import PackedBatch
+    from nova_engine.data.sample import Sample
+    from nova_engine.generate import SamplingParams
+
+    prompt = [int(x) for x in samples[0].tokens[:9]]
+    gen = frozen.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=5))[0][0]
+    full = Sample(prompt + gen.tokens, [0] * len(prompt) + [1] * len(gen.tokens))
+    mb = PackedBatch.from_samples([full], pad_to_length=MBT).to(ps_b.device)
+    got = frozen.forward_collect(
+        [mb], lambda m, h, b: (token_logprobs(m, h, b.labels, ps_b) * (b.loss_mask != 0)).sum()
+    )
+    lp = torch.tensor([float(got[0]) if got else 0.0], dtype=torch.float64)
+    torch.distributed.all_reduce(lp, group=ps_b.pp_group)  # the last stage has it
+    res["generate"] = {"n": len(gen.tokens), "gen_logp": sum(gen.logprobs), "fwd_logp": float(lp)}
+    del frozen
+
+    # fewer sequences than DP ranks: ranks 2, 3 get an all-padding micro-batch
+    destroy_parallel()
+    ps = initialize_parallel(tp=1, seed=7)
+    _, loop, _, stage = _setup(LAYOUTS[0], model_dir, samples, ps=ps)
+    few = PackedDataSource(samples[:EMPTY_RANK_SEQS], global_batch_size=EMPTY_RANK_SEQS,
+                           micro_batch_tokens=MBT, ps=ps, shuffle=False)  # fmt: skip
+    res["empty_rank"] = {
+        "real_tokens": int((few.rank_microbatches(0)[0].seq_index >= 0).sum()),
+        "metrics": loop.train_step(stage, few.next_batch()).metrics,
+    }
+
+    # a 2-output score head at TP1xDP4 and at TP2xDP2 with sequence parallelism: the same
+    # scores and the same gradients (through the head into the decoder)
+    from nova_engine.model.heads import sequence_scores
+    from nova_engine.train.loop import Loop
+
+    res["score"] = {}
+    for key, hps in (("tp1", ps), ("tp2_sp", new_ps(tp=2, sp=True))):
+        eng = ModelEngine.from_hf(model_dir, hps, optim=_optim(), score_outputs=2, name="rm")
+        mbs = PackedDataSource(samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=hps,
+                               shuffle=False).rank_microbatches(0)  # fmt: skip
+
+        def loss_fn(m, h, mb, hps=hps):
+            s = sequence_scores(m, h, mb, hps)  # [S, 2]
+            loss = (s[:, 0] - 0.5 * s[:, 1]).sum() / GBS
+            return loss, torch.tensor(s.shape[0]), {"loss": loss.detach()}
+
+        results = eng.forward_backward(mbs, loss_fn)
+        _, grad_norm, _ = eng.step()
+        res["score"][key] = (Loop.reduce_metrics(eng, ["loss"], results)["loss"], grad_norm)
+    destroy_parallel()
+    return res
 
 
 def _worker8(rank, world, model_dir, samples):
@@ -160,8 +270,8 @@ def _worker8(rank, world, model_dir, samples):
 
     out = {}
     for layout in LAYOUTS8:
-        ps, trainer, _, batcher, stage = _setup(layout, model_dir, samples, steps=STEPS8)
-        out[layout] = _losses(trainer.fit(stage, batcher))
+        ps, loop, _, stage = _setup(layout, model_dir, samples, steps=STEPS8)
+        out[layout] = _losses(loop.fit(stage))
         destroy_parallel()
     return out
 
@@ -190,7 +300,7 @@ def results(tmp_path_factory):
     from nova_engine.data.tiny import build_tiny_tokenizer
     from nova_engine.data.tokenize import load_samples
     from nova_engine.model.tiny import build_tiny_hf_model
-    from nova_engine.train.loop import StepBatcher
+    from nova_engine.train.data_source import PackedDataSource
 
     root = tmp_path_factory.mktemp("train_sft")
     tok = build_tiny_tokenizer(root / "tok")
@@ -202,15 +312,16 @@ def results(tmp_path_factory):
     )  # fmt: skip
     samples, _, _ = load_samples(paths["sft"], tok, "chat", max_length=64)
     ps1 = SimpleNamespace(tp=1, pp=1, dp=1, dp_rank=0, device=torch.device("cpu"))
-    first = StepBatcher(samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps1, seed=3)
+    first = PackedDataSource(samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps1, seed=3)
     hf_loss = _hf_step_loss(model_dir, first.step_samples(0))
+    hf_few = _hf_step_loss(model_dir, samples[:EMPTY_RANK_SEQS])
     out = run_distributed(_worker, WORLD, model_dir, samples, str(root))
     out8 = run_distributed(_worker8, WORLD8, model_dir, samples)
-    return out, hf_loss, out8
+    return out, hf_loss, out8, hf_few
 
 
 def test_step1_matches_transformers(results):
-    out, hf_loss, _ = results
+    out, hf_loss = results[0], results[1]
     for layout in LAYOUTS:  # fp32 ones
         losses = out[0]["layouts"][layout]
         assert math.isclose(losses[0][0], hf_loss, rel_tol=1e-5), (layout, losses[0][0], hf_loss)
@@ -256,8 +367,9 @@ def test_exact_resume_after_crash(results, layout):
     assert len(res["full"]) == STEPS and len(res["resumed"]) == STEPS - K
     assert res["resumed"] == res["full"][K:], "resumed losses are bit-identical"
     # model weights once per (TP, PP) shard, not once per DP replica; one small file per rank
+    assert res["data_position"] == STEPS, "the data source resumed at the saved position"
     tp, pp = layout[0], layout[1]
-    assert sum(f.startswith("mp_tp") for f in res["files"]) == tp * pp
+    assert sum(f.startswith("mp_policy_tp") for f in res["files"]) == tp * pp
     assert sum(f.startswith("rank_") for f in res["files"]) == WORLD
 
 
@@ -281,3 +393,67 @@ def test_tp2_pp2_dp2_equals_tp1(results, layout):
     torch.testing.assert_close(got[:, 1], ref[:, 1], rtol=1e-4, atol=0)
     # step 1 (initial weights, same first batch) is the transformers loss
     assert math.isclose(float(got[0, 0]), results[1], rel_tol=1e-5)
+
+
+def _golden(run):
+    with open(GOLDEN) as f:
+        gold = json.load(f)
+    c = gold["config"]
+    # the golden file was made with this file's settings (regenerate it if they change)
+    assert (c["global_batch_size"], c["micro_batch_tokens"], c["batch_seed"]) == (GBS, MBT, 3)
+    assert c["runs"] == [STEPS, STEPS8] and (c["lr"], c["schedule"]) == (2e-3, "cosine")
+    return torch.tensor(gold[run], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_golden_losses(results, layout):
+    got = torch.tensor(results[0][0]["layouts"][layout], dtype=torch.float64)
+    torch.testing.assert_close(got[:, 0], _golden(f"steps{STEPS}")[:, 0], rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS8, ids=str)
+def test_golden_losses_8_ranks(results, layout):
+    got = torch.tensor(results[2][0][layout], dtype=torch.float64)
+    torch.testing.assert_close(got[:, 0], _golden(f"steps{STEPS8}")[:, 0], rtol=2e-5, atol=0)
+
+
+def test_two_engines_of_different_layouts_in_one_world(results):
+    two = results[0][0]["engines"]["two"]
+    gold = _golden(f"steps{STEPS}")
+    for name in ("a", "b"):
+        got = torch.tensor(two[name], dtype=torch.float64)
+        torch.testing.assert_close(got[:, 0], gold[:, 0], rtol=2e-5, atol=0)
+        torch.testing.assert_close(got[:, 1], gold[:, 1], rtol=1e-4, atol=0)
+
+
+def test_frozen_engine_and_forward_collect(results):
+    eng = results[0][0]["engines"]
+    assert eng["frozen"] == {
+        "ddp": False, "main_grad": False, "requires_grad": False, "optimizer": False,
+    }  # fmt: skip
+    # forward only, frozen, other layout: the training forward's step-1 loss
+    step1 = results[0][0]["layouts"][LAYOUTS[0]][0][0]
+    assert math.isclose(eng["collect_loss"], step1, rel_tol=1e-5)
+    assert math.isclose(eng["collect_loss"], results[1], rel_tol=1e-5)
+
+
+def test_step_with_fewer_sequences_than_dp_ranks(results):
+    res = [r["engines"]["empty_rank"] for r in results[0]]
+    assert [r["real_tokens"] > 0 for r in res] == [True, True, False, False]
+    m = res[0]["metrics"]
+    assert math.isclose(m["loss"], results[3], rel_tol=1e-5)  # the 2 sequences' NLL
+    assert math.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
+
+
+def test_generate_on_engine_shards_matches_the_forward(results):
+    g = results[0][0]["engines"]["generate"]
+    assert g["n"] == 5
+    assert math.isclose(g["gen_logp"], g["fwd_logp"], rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_score_head_under_sequence_parallelism(results):
+    s = results[0][0]["engines"]["score"]
+    (l1, g1), (l2, g2) = s["tp1"], s["tp2_sp"]
+    assert l1 != 0 and g1 > 0
+    assert math.isclose(l1, l2, rel_tol=1e-5, abs_tol=1e-7)
+    assert math.isclose(g1, g2, rel_tol=1e-5)
