@@ -31,7 +31,7 @@ import numpy as np
 
 from nova_engine.data.decontam import LayoutError, build_index, eval_segments, prepare
 from nova_engine.data.decontam import train_segments as _train_segments
-from nova_engine.data.formats import DataError
+from nova_engine.data.formats import DataError, ReadStats
 from nova_engine.logging import get_logger
 from nova_engine.train.metrics import emit
 
@@ -79,7 +79,7 @@ class EvalSet:
     first_id: int
     lines: list[int] = field(default_factory=list)
     excerpts: list[str] = field(default_factory=list)
-    skipped: int = 0
+    bad: ReadStats = field(default_factory=ReadStats)
 
 
 @dataclass
@@ -89,7 +89,7 @@ class TrainStats:
     items: int = 0
     removed: int = 0
     blank_lines: int = 0
-    skipped: int = 0
+    bad: ReadStats = field(default_factory=ReadStats)
     removed_by_eval_set: dict[str, int] = field(default_factory=dict)
 
 
@@ -112,9 +112,9 @@ def _parse(raw: bytes) -> Any:
     return obj
 
 
-def _records(path: str, on_bad_line: str, stats_skip: list[int]):
+def _records(path: str, on_bad_line: str, bad: ReadStats):
     """(lineno, raw bytes, parsed dict | None for a blank line); bad lines raise DataError or
-    are counted in stats_skip[0] and left out."""
+    are counted in `bad` and left out."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -124,26 +124,26 @@ def _records(path: str, on_bad_line: str, stats_skip: list[int]):
                 obj = _parse(raw)
             except UnicodeDecodeError as e:
                 reason = f"not valid UTF-8 ({e.reason} at byte {e.start})"
-                _bad(path, lineno, reason, "bad_utf8", on_bad_line, stats_skip)
+                _bad(path, lineno, reason, "bad_utf8", on_bad_line, bad)
                 continue
             except json.JSONDecodeError as e:
                 reason = f"bad JSON: {e.msg} at column {e.colno}"
-                _bad(path, lineno, reason, "bad_json", on_bad_line, stats_skip)
+                _bad(path, lineno, reason, "bad_json", on_bad_line, bad)
                 continue
             if not isinstance(obj, dict):
                 _bad(path, lineno, f"expected a JSON object per line, got {type(obj).__name__}",
-                     "not_object", on_bad_line, stats_skip)  # fmt: skip
+                     "not_object", on_bad_line, bad)  # fmt: skip
                 continue
             yield lineno, raw, obj
 
 
-def _bad(path, lineno, reason, kind, on_bad_line, stats_skip) -> None:
+def _bad(path, lineno, reason, kind, on_bad_line, bad: ReadStats) -> None:
     err = DataError(path, lineno, reason, kind)
     if on_bad_line == "error":
         raise err
-    if stats_skip[0] < 3:
+    if bad.n_skipped < 3:
         logger.warning("skipping %s", err)
-    stats_skip[0] += 1
+    bad.add_skip(err)
 
 
 def _excerpt(segments: list[str]) -> str:
@@ -157,19 +157,17 @@ def load_eval_sets(paths: list[str], cfg: DecontamConfig):
     texts: list[list[str]] = []
     for path in paths:
         es = EvalSet(path, first_id=len(texts))
-        skip = [0]
-        for lineno, _, obj in _records(path, cfg.on_bad_line, skip):
+        for lineno, _, obj in _records(path, cfg.on_bad_line, es.bad):
             if obj is None:
                 continue
             try:
                 segs = eval_segments(obj, cfg.eval_field, cfg.all_turns)
             except LayoutError as e:
-                _bad(path, lineno, e.reason, e.kind, cfg.on_bad_line, skip)
+                _bad(path, lineno, e.reason, e.kind, cfg.on_bad_line, es.bad)
                 continue
             texts.append(segs)
             es.lines.append(lineno)
             es.excerpts.append(_excerpt(segs))
-        es.skipped = skip[0]
         sets.append(es)
     return build_index(texts, cfg.ngram, cfg.threshold), sets
 
@@ -197,7 +195,6 @@ def scan_train_file(path, out_path, index, cfg, set_of_id, sets, hits) -> TrainS
     """Streams one training file through the index; writes the clean lines to out_path
     (atomically: a temporary file renamed at the end) unless it is None."""
     st = TrainStats(path, out_path)
-    skip = [0]
     tmp = None if out_path is None else f"{out_path}.tmp-{os.getpid()}"
     out = None if tmp is None else open(tmp, "wb")
     lines: list[bytes] = []  # this batch's lines to write, items included
@@ -229,7 +226,7 @@ def scan_train_file(path, out_path, index, cfg, set_of_id, sets, hits) -> TrainS
         lines.clear(), pos.clear(), linenos.clear(), texts.clear()
 
     try:
-        for lineno, raw, obj in _records(path, cfg.on_bad_line, skip):
+        for lineno, raw, obj in _records(path, cfg.on_bad_line, st.bad):
             if obj is None:
                 st.blank_lines += 1
                 lines.append(raw)
@@ -237,7 +234,7 @@ def scan_train_file(path, out_path, index, cfg, set_of_id, sets, hits) -> TrainS
             try:
                 segs = _train_segments(obj, cfg.all_turns)
             except LayoutError as e:
-                _bad(path, lineno, e.reason, e.kind, cfg.on_bad_line, skip)
+                _bad(path, lineno, e.reason, e.kind, cfg.on_bad_line, st.bad)
                 continue
             pos.append(len(lines))
             lines.append(raw)
@@ -254,7 +251,6 @@ def scan_train_file(path, out_path, index, cfg, set_of_id, sets, hits) -> TrainS
             out.close()
             os.remove(tmp)
         raise
-    st.skipped = skip[0]
     return st
 
 
@@ -319,6 +315,14 @@ class _UserError(Exception):
     pass
 
 
+def _bad_report(bad: ReadStats) -> dict[str, Any]:
+    return {
+        "bad_lines_skipped": bad.n_skipped,
+        "bad_lines_by_kind": dict(bad.skipped),
+        "bad_line_examples": bad.examples,
+    }
+
+
 def _report(cfg, sets, stats, hits, gram_counts, out_dir, seconds) -> dict[str, Any]:
     eval_report = {}
     for es in sets:
@@ -340,7 +344,7 @@ def _report(cfg, sets, stats, hits, gram_counts, out_dir, seconds) -> dict[str, 
             "items_without_text": int(
                 (gram_counts[es.first_id : es.first_id + n_items] == 0).sum()
             ),
-            "bad_lines_skipped": es.skipped,
+            **_bad_report(es.bad),
             "contaminated": len(items),
             "contaminated_items": items,
         }
@@ -351,7 +355,7 @@ def _report(cfg, sets, stats, hits, gram_counts, out_dir, seconds) -> dict[str, 
             "kept": st.items - st.removed,
             "removed": st.removed,
             "blank_lines": st.blank_lines,
-            "bad_lines_skipped": st.skipped,
+            **_bad_report(st.bad),
             "removed_by_eval_set": st.removed_by_eval_set,
         }
         for st in stats

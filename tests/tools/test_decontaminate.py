@@ -300,6 +300,13 @@ def test_bad_lines(tmp_path, capsys):
     report = run([str(tr)], [str(ev_path)], DecontamConfig(on_bad_line="skip"), str(tmp_path / "o"))
     t = report["train_files"][str(tr)]
     assert (t["items"], t["removed"], t["bad_lines_skipped"]) == (2, 1, 4)
+    assert t["bad_lines_by_kind"] == {
+        "bad_json": 1,
+        "not_object": 1,
+        "missing_key": 1,
+        "bad_utf8": 1,
+    }
+    assert t["bad_line_examples"][0].startswith(f"{tr}:2: bad JSON")
     assert (tmp_path / "o" / "t.jsonl").read_bytes() == b'{"prompt": "fine"}\n'
     bad_eval = tmp_path / "e.jsonl"
     bad_eval.write_text('{"question": "q"}\n{"answer": 1}\n')
