@@ -62,7 +62,7 @@ class LayoutError(Exception):
 
 @functools.cache
 def _table() -> dict[int, str | None]:
-    # Punctuation and whitespace live in planes 0-1 (checked against unicodedata 14/15).
+    # Punctuation and whitespace live in planes 0-1 (none above U+1FFFF in unicodedata 14.0).
     table: dict[int, str | None] = {}
     for c in range(0x20000):
         ch = chr(c)
