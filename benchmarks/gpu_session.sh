@@ -14,7 +14,7 @@
 # train_smoke: the trainer end to end on one GPU (NCCL, world 1, bf16 with fp32 master
 # weights): 6 + 10 SFT steps and 10 DPO steps (with the reference pass) of the tiny model,
 # each step's loss compared with the CPU fp32 golden values (tests/engine/golden/*.json)
-# within 3% (~1 min). It proves the NCCL collectives (every tensor on the device), the
+# within 3% + 2e-3 (~1 min). It proves the NCCL collectives (every tensor on the device), the
 # kernels inside the loss and the optimizer on CUDA in one call; "golden check: passed".
 #
 # The GPU image has torch 2.11 + triton 3.6 (not this machine's 2.13 / 3.9); nothing here
@@ -35,7 +35,7 @@ ALL="train_smoke tests linear_logprobs linear_cross_entropy seq_reduce gae group
 for b in ${@:-$ALL}; do
     if [ "$b" = train_smoke ]; then
         timeout 300 python3 tests/engine/golden/run_golden.py --check --precision bf16 \
-            --rtol 3e-2 2>&1 | grep -v -i warn | tail -40 | tee "$OUT/train_smoke.txt"
+            --rtol 3e-2 --atol 2e-3 2>&1 | grep -v -i warn | tail -40 | tee "$OUT/train_smoke.txt"
     elif [ "$b" = tests ]; then
         # kernels compiled for the GPU (no interpreter), against the references
         timeout 240 python3 -m pytest -q -x -p no:cacheprovider --import-mode=importlib \

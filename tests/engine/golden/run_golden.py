@@ -1,7 +1,7 @@
 """Golden per-step losses of the tiny model: SFT and DPO, one process (world 1).
 
     .venv/bin/python tests/engine/golden/run_golden.py --write      # regenerate (CPU, fp32)
-    python3 tests/engine/golden/run_golden.py --check --precision bf16 --rtol 3e-2   # GPU smoke
+    python3 tests/engine/golden/run_golden.py --check --precision bf16 --rtol 3e-2 --atol 2e-3
 
 --write stores sft.json / dpo.json next to this file: the settings of the runs and, per
 step, (loss, grad_norm). The spawned multi-rank tests (test_train_sft.py, test_train_dpo.py)
@@ -11,8 +11,9 @@ Regenerate only for an intended change of the numerics, and say why in the commi
 
 --check runs the same steps on this machine's device (CUDA + NCCL when present: the
 one-GPU end-to-end smoke run of benchmarks/gpu_session.sh) and compares with the stored
-losses within --rtol (bf16 weights and activations with fp32 master weights track fp32
-within ~2%). Exit 1 on a mismatch.
+losses within --rtol + --atol (bf16 weights and activations with fp32 master weights track
+fp32 within ~2%; on CPU bf16 measured <= 2.2e-4 relative for SFT, <= 9.5e-3 for DPO's small
+late losses). Exit 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true", help="compare a fresh run with them")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--rtol", type=float, default=2e-5)
+    ap.add_argument("--atol", type=float, default=0.0, help="absolute slack (small DPO losses)")
     args = ap.parse_args(argv)
     if args.write == args.check:
         ap.error("pass exactly one of --write / --check")
@@ -161,11 +163,12 @@ def main(argv=None) -> int:
             if run == "config":
                 continue
             for i, ((loss, _), (ref, _)) in enumerate(zip(rows, gold[run])):
-                ok = abs(loss - ref) <= args.rtol * abs(ref)
+                ok = abs(loss - ref) <= args.rtol * abs(ref) + args.atol
                 bad += not ok
                 print(f"{stage} {run} step {i + 1}: loss {loss:.6f} golden {ref:.6f} "
                       f"rel {abs(loss - ref) / abs(ref):.2e} {'ok' if ok else 'MISMATCH'}")  # fmt: skip
-    print("golden check:", "FAILED" if bad else "passed", f"({args.precision}, rtol {args.rtol})")
+    tol = f"rtol {args.rtol}, atol {args.atol}"
+    print("golden check:", "FAILED" if bad else "passed", f"({args.precision}, {tol})")
     return 1 if bad else 0
 
 
