@@ -1,7 +1,7 @@
 """`nova decontaminate` benchmark (CPU, one thread): the compiled n-gram index against the
 plain-Python n-gram-set reference, and the whole command end to end.
 
-    python -m benchmarks.bench_decontaminate           # 100k training prompts (< 1 min)
+    python -m benchmarks.bench_decontaminate           # 100k training prompts (~30 s CPU)
     python -m benchmarks.bench_decontaminate --full    # 1M training prompts (the issue's goal)
 
 Synthetic data, generated here (seed fixed): a Zipf(1) vocabulary of 30k made-up words, some
@@ -126,6 +126,7 @@ def summarize(xs: list[float]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--full", action="store_true", help="1M training prompts")
+    ap.add_argument("--quick", action="store_true", help="the default size (make bench)")
     ap.add_argument("--train-items", type=int, help="override the number of training prompts")
     ap.add_argument("--reps", type=int, help="interleaved repetitions (default 3, full 2)")
     ap.add_argument("--subsample", type=int, default=5000, help="items for the A/B core")

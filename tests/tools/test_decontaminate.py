@@ -142,6 +142,7 @@ def test_short_items_use_the_whole_item():
     ]
     assert scan(index, trains) == [[(0, 1)], [], [(1, 1)], [], []]
     assert scan(index, trains) == ref_scan(evals, trains, n, 0.5)
+    assert scan(build_index([["?!"]], n, 0.5), trains) == [[]] * len(trains)  # nothing indexed
 
 
 def test_segments_do_not_join():
