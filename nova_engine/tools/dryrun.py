@@ -5,27 +5,30 @@
 
 For rank 0 .. world-1 in turn: torch.distributed is initialized with the `fake` backend
 (torch.testing's FakeStore: collectives return at once, nothing is sent), megatron-core's
-groups are built for the layout, and this rank's engines are built under
-`torch.device("meta")` (shapes and dtypes, no storage): the policy's model chunks (megatron
-`GPTModel`, Nova's layer spec) wrapped in megatron DDP with fp32 grad buffers, and megatron's
-(distributed) optimizer over them, whose fp32 main-parameter shards give the optimizer
-state shapes (Adam's m and v have the same shapes); for rlvr also a frozen reference (no
-buffers, no optimizer) and a critic (a [1, h] score head instead of the LM head); for rm the
-score head replaces the LM head. megatron-core 0.16.1 needs, for this: `pipeline_dtype` set
-(Nova's transformer_config sets it), CPU initialization with weight init switched off
-(`perform_initialization=False`; with it, every rank spends ~0.15 s initializing meta
-tensors), no CUDA RNG seeding, `torch.cuda.current_device()` answering "meta" (so DDP's
-buffers land there) and the optimizer's `torch.cuda.*Tensor` type check accepting meta
-tensors — the last two are patched here for the duration of the dry run only.
+groups are built for the layout, and this rank's models are built with meta tensors (shapes
+and dtypes, no storage): the causal LM's chunks (megatron `GPTModel`, Nova's layer spec)
+wrapped in megatron DDP with fp32 grad buffers, and megatron's (distributed) optimizer over
+them, whose fp32 main-parameter shards give the optimizer state shapes (Adam's m and v have
+the same shapes); for rm and the rlvr critic the same trunk with a [1, h] score head instead
+of the LM head. The rlvr reference is frozen and has exactly the policy's shards (counted
+from the policy's build); stages on one layout share one build per rank.
+
+What megatron-core 0.16.1 needs for this, set here for the dry run only: `pipeline_dtype`
+(Nova's transformer_config sets it); device initialization (`use_cpu_initialization=False`)
+with `torch.cuda.current_device()` answering "meta", so weights and DDP buffers are meta
+tensors; init methods that draw nothing (megatron still tags each weight's TP attributes,
+which `perform_initialization=False` would skip -- the dry run counts replicated
+parameters by them); the CPU RNG tracker of nova_engine.parallel.cpu_support instead of
+CUDA seeding; and the optimizer's `torch.cuda.*Tensor` type check accepting meta tensors.
 
 Checks (exit code 1 when one fails):
 - the per-rank parameter counts add up to the model's total (TP-replicated parameters,
   e.g. RMSNorm weights, counted once; the tied embedding's copy on the last stage once);
-- every rank's parameter count equals the planner's (`nova_engine.tools.plan_terms`) and so
-  do its weight bytes; DP replicas hold identical shards;
+- every rank's parameter count and weight bytes equal the planner's
+  (`nova_engine.tools.plan_terms.stage_params`); DP replicas hold identical shards;
 - the optimizer's fp32 shards over the DP group cover the grad buffer exactly.
-With `--step` the first rank of each pipeline stage also runs one forward/backward on meta
-tensors through the real layer stack (reported per stage; the loss kernels are skipped).
+Not done yet: a pipeline step on meta tensors (the CPU core-attention path and the fused
+loss kernels need host values of cu_seqlens / chunk bounds).
 """
 
 from __future__ import annotations
@@ -148,7 +151,9 @@ def _score_head(chunks, arch, num_labels: int = 1) -> None:
         if c.post_process:
             c.output_layer = None
             dtype = c.config.params_dtype
-            c.score = torch.nn.Linear(arch.hidden_size, num_labels, bias=False, dtype=dtype)
+            c.score = torch.nn.Linear(
+                arch.hidden_size, num_labels, bias=False, dtype=dtype, device="meta"
+            )
 
 
 def _count(chunks) -> tuple[int, int, int, int]:
@@ -168,7 +173,9 @@ def _count(chunks) -> tuple[int, int, int, int]:
 
 
 def _engines(stage: str) -> list[tuple[str, str, bool]]:
-    """(engine, head, trained) per stage."""
+    """(engine, model kind, trained) per stage. Kinds: "lm" (the causal LM) and "score" (the
+    same trunk with a score head). Engines of one kind share one build per rank: the frozen
+    reference holds exactly the policy's shards, the critic the reward model's."""
     if stage == "rm":
         return [("reward", "score", True)]
     if stage == "rlvr":
@@ -176,8 +183,9 @@ def _engines(stage: str) -> list[tuple[str, str, bool]]:
     return [("policy", "lm", True)]
 
 
-def build_rank(run, arch, stage: str, rank: int, world: int) -> RankReport:
-    """Build every engine of `stage` for `rank` on the meta device; count what it holds."""
+def build_rank(run, arch, kinds: dict[str, bool], rank: int, world: int) -> RankReport:
+    """Build each model kind (with DDP and the optimizer when trained) for `rank` on the
+    meta device; count what it holds."""
     from nova_engine.model.build import build_model
     from nova_engine.parallel.pipeline import wrap_ddp
     from nova_engine.train.optim import build_optimizer
@@ -186,21 +194,21 @@ def build_rank(run, arch, stage: str, rank: int, world: int) -> RankReport:
     ps = _fake_rank_state(rank, world, par.tp, par.pp, par.vpp, par.sp)
     try:
         rep = RankReport(rank, ps.tp_rank, ps.pp_rank, ps.dp_rank)
-        for name, head, trained in _engines(stage):
+        for kind, trained in kinds.items():
             chunks = build_model(arch, ps, tr.precision, tr.recompute, use_te=False)
-            if head == "score":
+            if kind == "score":
                 _score_head(chunks, arch)
             total, repl, tied, nbytes = _count(chunks)
-            rep.params[name], rep.replicated[name] = total, repl
-            rep.tied_copy[name], rep.weight_bytes[name] = tied, nbytes
+            rep.params[kind], rep.replicated[kind] = total, repl
+            rep.tied_copy[kind], rep.weight_bytes[kind] = tied, nbytes
             if not trained:
                 continue
             dist_opt = par.distributed_optimizer
             ddp = wrap_ddp(chunks, ps, use_distributed_optimizer=dist_opt)
-            rep.grad_buffer[name] = sum(b.grad_data.numel() for d in ddp for b in d.buffers)
+            rep.grad_buffer[kind] = sum(b.grad_data.numel() for d in ddp for b in d.buffers)
             opt = build_optimizer(ddp, run.optim, precision=tr.precision, distributed=dist_opt)
             leaves = getattr(opt, "chained_optimizers", [opt])
-            rep.optim_shard[name] = sum(
+            rep.optim_shard[kind] = sum(
                 p.numel()
                 for leaf in leaves
                 for g in leaf.optimizer.param_groups
@@ -223,33 +231,34 @@ def check(reports: list[RankReport], arch, run, stage: str) -> list[str]:
         unique = 0
         for r in reports:
             if r.dp_rank == 0:
-                unique += r.params[name] - r.replicated[name] - r.tied_copy[name]
-                unique += r.replicated[name] if r.tp_rank == 0 else 0
+                unique += r.params[head] - r.replicated[head] - r.tied_copy[head]
+                unique += r.replicated[head] if r.tp_rank == 0 else 0
         expect = P.model_params(arch, head)
         if unique != expect:
             errors.append(f"{name}: ranks add up to {unique:,} params, the model has {expect:,}")
         for r in reports:
             plan = sum(P.stage_params(arch, lay, r.pp_rank, head).values())
-            if r.params[name] != plan or r.weight_bytes[name] != plan * b:
+            if r.params[head] != plan or r.weight_bytes[head] != plan * b:
                 errors.append(
-                    f"{name} rank {r.rank}: {r.params[name]:,} params / {r.weight_bytes[name]:,}"
+                    f"{name} rank {r.rank}: {r.params[head]:,} params / {r.weight_bytes[head]:,}"
                     f" bytes, planner {plan:,} / {plan * b:,}"
                 )
         if trained:
             for r in reports:
                 shards = sum(
-                    o.optim_shard[name]
+                    o.optim_shard[head]
                     for o in reports
                     if (o.tp_rank, o.pp_rank) == (r.tp_rank, r.pp_rank)
                 )
-                if par.distributed_optimizer and shards != r.grad_buffer[name]:
+                if par.distributed_optimizer and shards != r.grad_buffer[head]:
                     errors.append(f"{name} rank {r.rank}: optimizer shards {shards:,} != grad "
-                                  f"buffer {r.grad_buffer[name]:,}")  # fmt: skip
+                                  f"buffer {r.grad_buffer[head]:,}")  # fmt: skip
     return errors
 
 
-def format_reports(reports: list[RankReport], arch, stage: str) -> str:
-    names = [e for e, _, _ in _engines(stage)]
+def format_reports(reports: list[RankReport], stage: str) -> str:
+    """Per-rank table: params, fp32 grad-buffer and optimizer-shard elements per model kind."""
+    names = list(dict.fromkeys(k for _, k, _ in _engines(stage)))
     head = f"{'rank':>5} {'tp':>3} {'pp':>3} {'dp':>3} " + " ".join(
         f"{n + ' params':>17} {'grad buf':>13} {'opt shard':>13}" for n in names
     )
@@ -263,20 +272,24 @@ def format_reports(reports: list[RankReport], arch, stage: str) -> str:
     return "\n".join(lines)
 
 
-def dry_run(run, arch, stage: str, world: int) -> tuple[list[RankReport], list[str], float]:
-    """Build every rank in turn; -> (reports, check failures, seconds)."""
+def build_all(run, arch, kinds: dict[str, bool], world: int) -> tuple[list[RankReport], float]:
+    """Build every rank in turn; -> (reports, seconds)."""
     t0 = time.perf_counter()
-    reports = []
     with meta_megatron():
-        for rank in range(world):
-            reports.append(build_rank(run, arch, stage, rank, world))
-    return reports, check(reports, arch, run, stage), time.perf_counter() - t0
+        reports = [build_rank(run, arch, kinds, rank, world) for rank in range(world)]
+    return reports, time.perf_counter() - t0
+
+
+def _layout_key(run, cfg_path: str, world: int) -> tuple:
+    tr = run.train
+    return (repr(run.parallel), tr.precision, tr.recompute, world, cfg_path)
 
 
 def main(argv: list[str] | None = None) -> int:
     from nova_engine.config import ConfigError
     from nova_engine.model.arch import ArchitectureError
-    from nova_engine.tools.plan import resolve, stage_config
+    from nova_engine.tools import plan_terms as P
+    from nova_engine.tools.plan import resolve
 
     p = argparse.ArgumentParser(prog="nova dryrun", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -291,32 +304,45 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")  # megatron's "no apex / TE" warnings, once per import
-    failed = False
-    for stage in STAGES if args.stage == "all" else (args.stage,):
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    resolved = {}
+    for stage in stages:
         try:
             run, arch, cfg_path, world = resolve(
                 args.recipe, stage, args.config, args.world, args.overrides
             )
             run.validate_world(world)
             arch.check_layout(run.parallel.tp, run.parallel.pp, run.parallel.vpp)
-            run = stage_config(run, stage)
         except (ConfigError, ArchitectureError, OSError) as e:
             emit(f"nova dryrun: {e}", err=True)
             return 2
-        reports, errors, secs = dry_run(run, arch, stage, world)
+        resolved[stage] = (run, arch, cfg_path, world)
+    # stages on the same layout share one build per rank of each model kind they use
+    groups: dict[tuple, dict[str, bool]] = {}
+    for stage, (run, _, cfg_path, world) in resolved.items():
+        kinds = groups.setdefault(_layout_key(run, cfg_path, world), {})
+        for _, kind, trained in _engines(stage):
+            kinds[kind] = kinds.get(kind, False) or trained
+    built: dict[tuple, tuple[list[RankReport], float]] = {}
+    failed = False
+    for stage, (run, arch, cfg_path, world) in resolved.items():
+        key = _layout_key(run, cfg_path, world)
+        if key not in built:
+            built[key] = build_all(run, arch, groups[key], world)
+        reports, secs = built[key]
+        errors = check(reports, arch, run, stage)
         par = run.parallel
         emit(f"== {args.recipe} [{stage}] {arch.family} {cfg_path}: TP{par.tp} PP{par.pp}"
              f"{f' VP{par.vpp}' if par.vpp > 1 else ''} DP{world // (par.tp * par.pp)}"
-             f"{' SP' if par.sp else ''}, {world} ranks built on meta in {secs:.1f}s")  # fmt: skip
+             f"{' SP' if par.sp else ''}, {world} ranks built on meta in {secs:.1f}s "
+             f"(models: {', '.join(groups[key])})")  # fmt: skip
         if not args.quiet:
-            emit(format_reports(reports, arch, stage))
-        from nova_engine.tools import plan_terms as P
-
+            emit(format_reports(reports, stage))
         for name, head, _ in _engines(stage):
             total = P.model_params(arch, head)
-            emit(f"{name}: {total / 1e9:.2f}B params ({total:,}); per-rank counts "
-                 f"{'add up' if not errors else 'see below'}; planner weights "
-                 f"{'equal' if not errors else 'differ'}")  # fmt: skip
+            ok = not any(e.startswith((name + ":", name + " ")) for e in errors)
+            emit(f"{name}: {total / 1e9:.2f}B params ({total:,}); per-rank counts add up and "
+                 f"equal the planner's weights: {'OK' if ok else 'FAILED'}")  # fmt: skip
         for e in errors:
             emit(f"FAIL {e}", err=True)
         failed |= bool(errors)

@@ -93,11 +93,6 @@ def resolve(recipe: str, stage: str, config: str | None, world: int | None,
     return run, arch, path, world
 
 
-def stage_config(run, stage: str):
-    """The run config as the stage uses it (today: unchanged; a seam for stage defaults)."""
-    return run
-
-
 @dataclasses.dataclass(frozen=True)
 class Options:
     """Workload knobs of `nova plan` beyond the recipe."""
