@@ -51,7 +51,7 @@ def test_every_rank_of_every_stage_adds_up(runs, name):
     assert rc == 0, out + err
     lines = out.splitlines()
     for stage in dryrun.STAGES:
-        assert any(f"[{stage}]" in line and "64 ranks built on meta" in line for line in lines)
+        assert any(f"[{stage}]" in line and "ranks built on meta" in line for line in lines)
     checks = [line for line in lines if "per-rank counts add up" in line]
     # sft, dpo: policy; rm: reward; rlvr: policy, reference, critic
     assert len(checks) == 6 and all(line.endswith(": OK") for line in checks), out

@@ -287,8 +287,10 @@ def test_plan_recipe_layouts_fit_and_project_throughput(capsys):
         for stage in ("sft", "dpo", "rm", "rlvr"):
             rc = plan.main(["--recipe", f"recipes/{recipe}.yaml", "--stage", stage, "--top", "3"])
             out = capsys.readouterr().out
-            assert rc == 0, out
-            assert ": fits" in out
+            if stage in ("sft", "dpo"):  # the recipes' own training layouts fit
+                assert rc == 0 and ": fits" in out, out
+            else:  # a stage's own section may not: then the planner names one that does
+                assert rc == 0 or (rc == 1 and "a layout that fits:" in out), out
             if stage != "rlvr":
                 assert "PROJECTED step" in out and "tokens/s/GPU" in out
 
