@@ -28,6 +28,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "generate": ("nova_engine.tools.generate", "sample responses for a JSONL of prompts (KV cache)"),
     "plan": ("nova_engine.tools.plan", "per-GPU memory of a recipe's layout; layouts that fit"),
     "dryrun": ("nova_engine.tools.dryrun", "build every rank of a layout on meta (fake backend)"),
+    "pas": ("nova_engine.tools.pas", "prompt augmentation (PAS): build-data, augment"),
 }
 
 

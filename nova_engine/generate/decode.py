@@ -13,15 +13,13 @@ ParallelState (only its tp_group and pp_group are used); `requests`: token-id li
 `Request`s. Every rank of the model-parallel group calls it with the same requests; DP
 replicas call it with their own. Results are identical on every rank of the group.
 
-How. megatron-core's own inference pieces do the caching: a `StaticInferenceContext` per
-batch, whose KV cache megatron's attention fills and reads ([S, B, ng/tp, hn] per layer,
-allocated on first use), with Nova's core attention aligning the causal mask bottom-right
-(a one-token query sees every cached key). Around them:
-- ragged prompts are left-padded in the cache; a padding mask hides the pads, and RoPE
-  positions are per row (position = cache index - row padding), so every token sits at its
-  true position and the result equals the unpadded sequence's (megatron's static path uses
-  the cache index as the position; the chunks' RoPE module is swapped for a per-row table
-  for the duration of the call);
+How. megatron's attention runs as in a plain forward over each step's new positions (the
+prompt at the first step, then one token), and Nova's core attention holds the KV cache
+(nova_engine.generate.kv_cache: why not megatron's StaticInferenceContext cache is said
+there); around that:
+- ragged prompts are left-padded in the cache; the cache's mask hides the pads, and RoPE
+  positions are per row (position = slot - row padding), so every token sits at its true
+  position and the result equals the unpadded sequence's;
 - PP: each decode step runs the chunks in pipeline order (virtual stages included), passing
   [S, B, H] activations stage to stage with send/recv on the PP group; the last stage
   computes [B, V/tp] logits of the newest position only, gathers them over TP, samples
@@ -51,6 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nova_engine.generate.kv_cache import BatchCache
 from nova_engine.generate.sampling import (
     Generation,
     Request,
@@ -117,30 +116,9 @@ class _Layout:
 # ------------------------------------------------------------------- the chunks, for a call
 
 
-class _RowRope:
-    """Per-row RoPE angles [K, B, 1, d] (position = cache index - row padding), served in
-    place of megatron's [K, 1, 1, d] table; computed as megatron does (position * inv_freq
-    in fp32, halves concatenated), so each value equals the training forward's."""
-
-    def __init__(self, inv_freq: torch.Tensor):
-        self.inv_freq = inv_freq
-        self.emb_KB1D: torch.Tensor | None = None
-
-    def set_positions(self, pos_KB: torch.Tensor) -> None:
-        f = pos_KB.to(self.inv_freq.device, self.inv_freq.dtype)[..., None] * self.inv_freq
-        self.emb_KB1D = torch.cat((f, f), dim=-1)[:, :, None, :]
-
-    def keep_rows(self, keep_B: torch.Tensor) -> None:
-        self.emb_KB1D = self.emb_KB1D.index_select(1, keep_B.to(self.emb_KB1D.device))
-
-    def __call__(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
-        return self.emb_KB1D[offset : offset + max_seq_len]
-
-
 @contextlib.contextmanager
-def _generation_mode(models: Sequence[torch.nn.Module], rope: _RowRope) -> Iterator[None]:
-    """eval mode, final hidden states out of the last stage, per-row RoPE, SP off; all
-    restored on exit."""
+def _generation_mode(models: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """eval mode, final hidden states out of the last stage, SP off; all restored on exit."""
     saved: list[tuple[object, str, object]] = []
 
     def set_(obj: object, attr: str, value: object) -> None:
@@ -152,7 +130,6 @@ def _generation_mode(models: Sequence[torch.nn.Module], rope: _RowRope) -> Itera
         for m in models:
             m.eval()
             set_(m, "return_hidden", True)
-            m.rotary_pos_emb.forward = rope  # instance attribute: nn.Module.__call__ uses it
             if m.config.sequence_parallel:
                 set_(m.config, "sequence_parallel", False)
             for sub in m.modules():
@@ -164,7 +141,6 @@ def _generation_mode(models: Sequence[torch.nn.Module], rope: _RowRope) -> Itera
         for obj, attr, value in reversed(saved):
             setattr(obj, attr, value)
         for m, was in zip(models, training):
-            m.rotary_pos_emb.__dict__.pop("forward", None)
             m.train(was)
 
 
@@ -247,9 +223,9 @@ def _validate(
 class _Decoder:
     """One rank's side of the decode loop over its chunks (one batch at a time)."""
 
-    def __init__(self, chunks, layout: _Layout, params: SamplingParams, rope: _RowRope):
+    def __init__(self, chunks, layout: _Layout, params: SamplingParams):
         self.models = [_unwrap(c) for c in chunks]
-        self.layout, self.params, self.rope = layout, params, rope
+        self.layout, self.params = layout, params
         self.dtype = self.models[0].config.params_dtype
         self.hidden = self.models[0].config.hidden_size
         self.w_VpH = None
@@ -259,7 +235,7 @@ class _Decoder:
 
     # -- one step through the pipeline --------------------------------------------------
 
-    def _forward(self, ids_BS: torch.Tensor, ctx, mask) -> torch.Tensor | None:
+    def _forward(self, ids_BS: torch.Tensor) -> torch.Tensor | None:
         """Run the chunks in pipeline order; the last stage returns [B, H] hidden of the
         newest position (fp32), other ranks None."""
         lay, dev = self.layout, self.layout.device
@@ -270,7 +246,7 @@ class _Decoder:
                 buf = torch.empty(s, b, self.hidden, dtype=self.dtype, device=dev)
                 dist.recv(buf, src=lay.pp_global(lay.pp_rank - 1), group=lay.pp_group)
                 m.set_input_tensor(buf)
-            out = m(ids_BS, None, attention_mask=mask, inference_context=ctx)
+            out = m(ids_BS, None, attention_mask=None)
             if not m.post_process:
                 dist.send(out.contiguous(), dst=lay.pp_global(lay.pp_rank + 1), group=lay.pp_group)
         if not self.models[-1].post_process:
@@ -302,10 +278,10 @@ class _Decoder:
             dist.broadcast(info, src=lay.tp_global(0), group=lay.tp_group)
         return info
 
-    def _step(self, ids_BS, ctx, mask, rows, steps) -> torch.Tensor:
+    def _step(self, ids_BS, rows, steps) -> torch.Tensor:
         """One forward + choice; every rank returns the [3, B] float64 step info."""
         lay = self.layout
-        h = self._forward(ids_BS, ctx, mask)
+        h = self._forward(ids_BS)
         if h is not None:
             info = self._pick(h, rows, steps)
         else:
@@ -317,58 +293,47 @@ class _Decoder:
     # -- one batch -----------------------------------------------------------------------
 
     def run(self, rows: list[_Row]) -> None:
-        from megatron.core.inference.contexts import StaticInferenceContext
-
+        """Generate every row of one batch to its end."""
         dev = self.layout.device
         lens = torch.tensor([len(r.prompt) for r in rows])
         p = int(lens.max())
         pads = p - lens
-        k = p + max(r.limit for r in rows) - 1  # the last token is never fed back
-        ctx = StaticInferenceContext(len(rows), k)
-        pos_KB = (torch.arange(k)[:, None] - pads[None, :]).clamp_min(0)
-        self.rope.set_positions(pos_KB.to(dev))
-        # megatron's mask convention: True = masked out; [B, 1, 1, K], cut per step
-        mask = None
-        if int(pads.max()) > 0:
-            mask = (torch.arange(k)[None, :] < pads[:, None])[:, None, None, :].to(dev)
+        slots = p + max(r.limit for r in rows) - 1  # the last token is never fed back
+        cache = BatchCache(self.models, pads, slots)
         ids = torch.full((len(rows), p), _PAD_ID, dtype=torch.int64)
         for b, r in enumerate(rows):
             ids[b, int(pads[b]) :] = torch.tensor(r.prompt)
         active = list(rows)
         new_ids = ids.to(dev)
-        while True:
-            info = self._step(new_ids, ctx, mask, active, [len(r.out.tokens) for r in active])
-            ctx.sequence_len_offset += new_ids.shape[1]
-            ctx.enable_decode_mode()
-            toks = info[0].long().tolist()
-            for b, r in enumerate(active):
-                if r.finished:
-                    continue
-                r.out.tokens.append(toks[b])
-                r.out.logprobs.append(float(info[1, b]))
-                if r.out.entropies is not None:
-                    r.out.entropies.append(float(info[2, b]))
-                if toks[b] in r.stops:
-                    r.out.finish_reason, r.finished = "stop", True
-                elif len(r.out.tokens) >= r.limit:
-                    r.out.finish_reason, r.finished = "length", True
-            n_done = sum(r.finished for r in active)
-            if n_done == len(active):
-                break
-            if 4 * n_done >= len(active):  # drop finished rows from the batch and its cache
-                keep = [b for b, r in enumerate(active) if not r.finished]
-                keep_B = torch.tensor(keep, device=dev)
-                for layer, (kc, vc) in ctx.key_value_memory_dict.items():
-                    ctx.key_value_memory_dict[layer] = (
-                        kc.index_select(1, keep_B),
-                        vc.index_select(1, keep_B),
-                    )
-                self.rope.keep_rows(keep_B)
-                if mask is not None:
-                    mask = mask.index_select(0, keep_B)
-                active = [active[b] for b in keep]
-                toks = [toks[b] for b in keep]
-            new_ids = torch.tensor(toks, dtype=torch.int64, device=dev)[:, None]
+        with cache.installed() as state:
+            while True:
+                state.begin_step(new_ids.shape[1])
+                info = self._step(new_ids, active, [len(r.out.tokens) for r in active])
+                state.end_step()
+                toks = info[0].long().tolist()
+                for b, r in enumerate(active):
+                    if not r.finished:
+                        self._record(r, toks[b], info[1, b], info[2, b])
+                n_done = sum(r.finished for r in active)
+                if n_done == len(active):
+                    break
+                if 4 * n_done >= len(active):  # drop finished rows from the batch and cache
+                    keep = [b for b, r in enumerate(active) if not r.finished]
+                    cache.keep_rows(torch.tensor(keep, device=dev))
+                    active = [active[b] for b in keep]
+                    toks = [toks[b] for b in keep]
+                new_ids = torch.tensor(toks, dtype=torch.int64, device=dev)[:, None]
+
+    @staticmethod
+    def _record(r: _Row, tok: int, logp, ent) -> None:
+        r.out.tokens.append(tok)
+        r.out.logprobs.append(float(logp))
+        if r.out.entropies is not None:
+            r.out.entropies.append(float(ent))
+        if tok in r.stops:
+            r.out.finish_reason, r.finished = "stop", True
+        elif len(r.out.tokens) >= r.limit:
+            r.out.finish_reason, r.finished = "length", True
 
 
 def generate(
@@ -404,11 +369,10 @@ def generate(
         return results
     models = [_unwrap(c) for c in chunks]
     layout = _Layout.of(ps, models)
-    rope = _RowRope(models[0].rotary_pos_emb.inv_freq)
     batches = plan_batches([len(r.prompt) for r in rows], max_batch_size, max_pad_fraction)
     done = 0
-    with torch.no_grad(), _generation_mode(models, rope):
-        decoder = _Decoder(models, layout, params, rope)
+    with torch.no_grad(), _generation_mode(models):
+        decoder = _Decoder(models, layout, params)
         for batch in batches:
             decoder.run([rows[r] for r in batch])
             done += len(batch)

@@ -1,0 +1,158 @@
+"""The KV cache of one batch, held in Nova's core attention for the duration of a generate
+call, and the per-row RoPE positions that go with it.
+
+Why not megatron's `StaticInferenceContext` cache: its attention stores keys before RoPE
+and re-applies RoPE to every cached key at every step (`_adjust_key_value_for_inference`
+returns the whole cache and `apply_rotary_pos_emb` runs on it; only the CUDA flash-decode
+kernel path avoids that), an O(K) elementwise pass per layer and step that took 63% of a
+decode step's time on CPU at K ~ 100 (profiled, batch 32). Here megatron's attention runs
+as in a plain forward over the step's new positions only (QKV, RoPE of the new q/k), and
+the core attention (`NovaCoreAttention.decode_cache`) appends the new k/v to this cache and
+attends over it. megatron's static-context path stays correct with Nova's core attention
+(tests/engine/test_decode_attention.py); the generate loop uses this one.
+
+Layout: per layer k/v [B, ng, K, hn] (SDPA's [batch, heads, keys, dim], so a step's keys
+are a prefix view, no copy). Prompts are left-padded: row b's first `pad[b]` slots hold
+padding that no query sees (a padding query sees itself only, so it stays finite).
+Positions are per row: position = slot - pad[b], so each token has its true position.
+
+Legend: B rows, ng KV groups per TP rank, np query heads per TP rank, K cache slots,
+S new positions of a step, o slots filled before the step, hn head dim, d RoPE dim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class DecodeState:
+    """What every layer's cache shares: slots filled, row padding, the step's mask and the
+    RoPE angles of the step's positions."""
+
+    def __init__(self, pads_B: torch.Tensor, slots: int, inv_freq: torch.Tensor):
+        self.device = inv_freq.device
+        self.pads_B = pads_B.to(self.device)
+        self.has_pad = bool((pads_B > 0).any())
+        self.slots = slots
+        self.inv_freq = inv_freq
+        self.filled = 0  # o
+        self.step_len = 0  # S
+        self.mask_B1SK: torch.Tensor | None = None
+        self.causal = False
+        self.emb_SB1D: torch.Tensor | None = None
+
+    def begin_step(self, s: int) -> None:
+        """Prepare the mask and the RoPE angles of the next S positions."""
+        o, k = self.filled, self.filled + s
+        if k > self.slots:
+            raise RuntimeError(f"KV cache of {self.slots} slots cannot take {k}")
+        self.step_len = s
+        slot_S = torch.arange(o, k, device=self.device)
+        pos_SB = (slot_S[:, None] - self.pads_B[None, :]).clamp_min(0)
+        f = pos_SB.to(self.inv_freq.dtype)[..., None] * self.inv_freq  # as megatron: p * f
+        self.emb_SB1D = torch.cat((f, f), dim=-1)[:, :, None, :]
+        self.causal = False
+        self.mask_B1SK = None
+        if not self.has_pad and s == 1:
+            return  # one query, no padding: every key
+        if not self.has_pad and o == 0:
+            self.causal = True  # a prefill without padding: SDPA's causal mask
+            return
+        key_K = torch.arange(k, device=self.device)
+        allowed_SK = key_K[None, :] <= slot_S[:, None]
+        real_BK = key_K[None, :] >= self.pads_B[:, None]
+        own_SK = key_K[None, :] == slot_S[:, None]
+        self.mask_B1SK = ((allowed_SK[None] & real_BK[:, None, :]) | own_SK[None])[:, None]
+
+    def end_step(self) -> None:
+        self.filled += self.step_len
+
+    def rope(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
+        """Stands in for megatron's RotaryEmbedding.forward: [S, B, 1, d] angles of the
+        step's positions (megatron's own table is [S, 1, 1, d], one position per slot)."""
+        if max_seq_len != self.step_len or offset:
+            raise RuntimeError(
+                f"RoPE asked for {max_seq_len} positions, the step has {self.step_len}"
+            )
+        return self.emb_SB1D
+
+    def keep_rows(self, keep_B: torch.Tensor) -> None:
+        self.pads_B = self.pads_B.index_select(0, keep_B)
+        self.has_pad = bool((self.pads_B > 0).any())
+
+
+class LayerKVCache:
+    """One layer's k/v [B, ng, K, hn]; `attend` is what NovaCoreAttention calls."""
+
+    def __init__(self, state: DecodeState, rows: int, groups: int, head_dim: int, dtype):
+        self.state = state
+        shape = (rows, groups, state.slots, head_dim)
+        # every slot a step reads was written by an earlier step (padding slots by the prefill)
+        self.k_BGKH = torch.empty(shape, dtype=dtype, device=state.device)
+        self.v_BGKH = torch.empty(shape, dtype=dtype, device=state.device)
+
+    def attend(self, q_SBNH, k_SBGH, v_SBGH, scale: float) -> torch.Tensor:
+        """Append the step's k/v [S, B, ng, hn]; attention of q [S, B, np, hn] over the
+        filled cache -> [S, B, np*hn]."""
+        st = self.state
+        o, s = st.filled, q_SBNH.shape[0]
+        k = o + s
+        self.k_BGKH[:, :, o:k] = k_SBGH.permute(1, 2, 0, 3)
+        self.v_BGKH[:, :, o:k] = v_SBGH.permute(1, 2, 0, 3)
+        q = q_SBNH.permute(1, 2, 0, 3)
+        out = F.scaled_dot_product_attention(
+            q, self.k_BGKH[:, :, :k], self.v_BGKH[:, :, :k], attn_mask=st.mask_B1SK,
+            is_causal=st.causal, scale=scale, enable_gqa=q.shape[1] != self.k_BGKH.shape[1],
+        )  # fmt: skip
+        return out.permute(2, 0, 1, 3).reshape(s, q.shape[0], -1)
+
+    def keep_rows(self, keep_B: torch.Tensor) -> None:
+        self.k_BGKH = self.k_BGKH.index_select(0, keep_B)
+        self.v_BGKH = self.v_BGKH.index_select(0, keep_B)
+
+
+class BatchCache:
+    """The caches of every layer of this rank's chunks for one batch, installed in their
+    core attention (and the per-row RoPE in their rotary module) while active."""
+
+    def __init__(self, models: Sequence[torch.nn.Module], pads_B: torch.Tensor, slots: int):
+        self.models = models
+        m0 = models[0]
+        self.state = DecodeState(pads_B, slots, m0.rotary_pos_emb.inv_freq)
+        self.layers: list[tuple[torch.nn.Module, LayerKVCache]] = []
+        for m in models:
+            for layer in m.decoder.layers:
+                attn = layer.self_attention
+                cache = LayerKVCache(
+                    self.state, len(pads_B), attn.num_query_groups_per_partition,
+                    attn.hidden_size_per_attention_head, m.config.params_dtype,
+                )  # fmt: skip
+                self.layers.append((attn.core_attention, cache))
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[DecodeState]:
+        for core, cache in self.layers:
+            core.decode_cache = cache
+        for m in self.models:
+            m.rotary_pos_emb.forward = self.state.rope  # instance attribute: __call__ uses it
+        try:
+            yield self.state
+        finally:
+            for core, _ in self.layers:
+                core.decode_cache = None
+            for m in self.models:
+                m.rotary_pos_emb.__dict__.pop("forward", None)
+
+    def keep_rows(self, keep_B: torch.Tensor) -> None:
+        """Drop finished rows (their cache slots are copied out)."""
+        self.state.keep_rows(keep_B)
+        for _, cache in self.layers:
+            cache.keep_rows(keep_B)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.k_BGKH.nbytes + c.v_BGKH.nbytes for _, c in self.layers)
