@@ -161,6 +161,22 @@ def test_methods_match_hand_computation_on_every_tensor(fam, tmp_path):
         assert rec["method"] == method.name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kth_largest_abs_matches_topk(dtype):
+    """TIES's streamed radix select vs torch.topk, with duplicates, zeros, odd chunks."""
+    from nova_engine.tools.merge.methods import kth_largest_abs
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 13, 5003):
+        x = torch.randn(n, generator=gen, dtype=dtype)
+        x[: n // 3] = -x[n // 3 : 2 * (n // 3)]  # ties in |x|
+        x[::7] = 0
+        for k in sorted({1, max(1, n // 5), (n + 1) // 2, n}):
+            chunks = lambda x=x: (x[s : s + 97] for s in range(0, len(x), 97))
+            got = kth_largest_abs(chunks, k, dtype)
+            assert got == float(torch.topk(x.abs(), k).values[-1]), (n, k)
+
+
 def test_slerp_fallback_really_taken(fam):
     """Slerp(0.75) on models 0/3 above is a lerp for the norm weights (all ~1, parallel) and a
     real slerp for the random matrices: both branches occur."""
@@ -397,6 +413,12 @@ def test_sweep_picks_the_constructed_best_alpha(tmp_path, tok_dir, capsys):
         assert abs(r["rm_accuracy"] - expected[r["alpha"]]) <= 1 / 24 + 1e-9, r
     got = _tensors(out)["score.weight"].double()[0]
     torch.testing.assert_close(got, u1, rtol=0, atol=1e-6)
+    # a bad eval line is refused before any candidate is written
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(lines[0]) + "\n" + '{"prompt": "x", "chosen": "y"}\n')
+    assert main(["expo", "--init", dirs[0], "--aligned", dirs[1], "--alphas", "0.5",
+                 "--eval", str(bad), "--out", str(tmp_path / "never")]) == 2  # fmt: skip
+    assert f"{bad}:2:" in capsys.readouterr().err and not (tmp_path / "never").exists()
     kept = _listing(tmp_path / "best.candidates")
     assert kept == ["alpha_0.1", "alpha_1", "alpha_2"]
     assert not [f for f in _listing(tmp_path) if f.startswith(".")]  # no work dir left

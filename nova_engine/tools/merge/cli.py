@@ -1,5 +1,5 @@
 """`nova merge`: model merging and ExPO on Hugging Face safetensors directories, streamed
-tensor by tensor (peak memory: a few 16 MiB chunks, not the model).
+tensor by tensor (peak memory: a few 4 MiB chunks, not the model).
 
     nova merge expo --init runs/sft_hf --aligned runs/dpo_hf --alpha 0.3 --out out/dpo_expo
     nova merge expo --init runs/rm_init --aligned runs/rm --alphas 0.1,0.3,0.5,1.0 \\
@@ -43,7 +43,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
                    help="output dtype of float tensors (default: as the inputs)")  # fmt: skip
     p.add_argument("--chunk-elems", type=int, default=None,
-                   help="elements per streamed chunk (default 4M = 16 MiB in float32)")  # fmt: skip
+                   help="elements per streamed chunk (default 1M = 4 MiB in float32)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--keep-all", action="store_true",
                    help="keep the other candidates under <out>.candidates/")  # fmt: skip
     e.add_argument("--batch-size", type=int, default=8, help="sequences per scoring batch")
+    e.add_argument("--tokenizer", help="tokenizer directory for --eval (default: --aligned)")
+    e.add_argument("--template", help="chat template for --eval: a built-in name or a .jinja file")
     e.add_argument("--max-length", type=int, default=None,
                    help="truncate eval sequences (default: the model's max positions)")  # fmt: skip
     _common(e)
@@ -131,13 +133,18 @@ def main(argv: list[str] | None = None) -> int:
             rows = expo_sweep(args.init, args.aligned, args.alphas, args.eval, args.out,
                               ref_dir=args.ref, keep_all=args.keep_all,
                               batch_size=args.batch_size, max_length=args.max_length,
+                              tokenizer_dir=args.tokenizer, template=args.template,
                               **common)  # fmt: skip
             emit(format_table(rows))
             best = next(r for r in rows if r["selected"])
             emit(f"kept alpha={best['alpha']:g} -> {args.out}")
             return 0
-        if args.method == "expo" and (args.eval or args.ref or args.keep_all):
-            raise MergeError("--eval, --ref and --keep-all go with --alphas (a sweep)")
+        if args.method == "expo" and any(
+            (args.eval, args.ref, args.keep_all, args.tokenizer, args.template)
+        ):
+            raise MergeError(
+                "--eval, --ref, --keep-all, --tokenizer and --template go with --alphas (a sweep)"
+            )
         try:
             method, models = _method_and_models(args)
         except ValueError as e:

@@ -47,7 +47,7 @@ from nova_engine.tools.merge.safetensors_io import (
 
 logger = get_logger(__name__)
 
-CHUNK_ELEMS = 1 << 22  # 4M elements: 16 MiB per float32 chunk
+CHUNK_ELEMS = 1 << 20  # 1M elements: 4 MiB per float32 chunk
 MERGE_RECORD = "nova_merge.json"
 _WEIGHT_FILE = re.compile(
     r"(\.safetensors|\.safetensors\.index\.json|\.bin|\.bin\.index\.json|\.pt|\.pth|\.ckpt|"

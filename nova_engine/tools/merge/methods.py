@@ -19,9 +19,10 @@ file layout the output copies:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 Get = Callable[[int], torch.Tensor]  # model index -> fresh float chunk
@@ -218,8 +219,9 @@ class Ties(MergeMethod):
     3. disjoint mean: tau = sum over agreeing i of w_i tau_i / sum over agreeing i of w_i,
        agreeing = sign(w_i tau_i) equals the elected sign (0 where none agree);
     theta = base + lam * tau. Weights default to 1 (the paper's plain disjoint mean).
-    Models: [base, m_1 .. m_N]. The trim thresholds come from a first pass that holds one
-    float32 |tau_i| of the whole tensor at a time."""
+    Models: [base, m_1 .. m_N]. Each trim threshold is found exactly in 2 passes over the
+    tensor (4 for float64, see `kth_largest_abs`), so memory stays a few chunks; the price is
+    reading base and m_i twice more per task vector."""
 
     density: float = 0.2
     weights: Sequence[float] | None = None
@@ -246,19 +248,16 @@ class Ties(MergeMethod):
         if self.density >= 1.0 or numel == 0:
             return [None] * (self._n - 1)
         k = max(1, int(self.density * numel + 0.5))
+        dtype = read(0, 0, 1).dtype
         thresholds: list[float | None] = []
         for i in range(1, self._n):
-            mag = None
-            for s in range(0, numel, chunk):
-                e = min(numel, s + chunk)
-                tau = read(i, s, e).sub_(read(0, s, e)).abs_()
-                if mag is None:
-                    mag = torch.empty(numel, dtype=tau.dtype)
-                mag[s:e] = tau
-            arr = mag.numpy()
-            arr.partition(numel - k)  # in place: arr[numel - k] is the k-th largest
-            thresholds.append(float(arr[numel - k]))
-            del mag, arr
+
+            def taus(i: int = i) -> Iterator[torch.Tensor]:
+                for s in range(0, numel, chunk):
+                    e = min(numel, s + chunk)
+                    yield read(i, s, e).sub_(read(0, s, e))
+
+            thresholds.append(kth_largest_abs(taus, k, dtype))
         return thresholds
 
     def combine(self, get: Get, state: object) -> torch.Tensor:
@@ -286,6 +285,32 @@ class Ties(MergeMethod):
             den.add_(agree, alpha=w)
         den.masked_fill_(den.abs() < 1e-12, 1.0)
         return base.add_(num.div_(den), alpha=self.lam)
+
+
+def kth_largest_abs(
+    chunks: Callable[[], Iterable[torch.Tensor]], k: int, dtype: torch.dtype
+) -> float:
+    """The k-th largest |x| (1 <= k <= numel) of a tensor given as re-iterable chunks of
+    `dtype` (float32 or float64), exactly, one chunk in memory at a time: a radix select on
+    the bit patterns of |x| (for x >= 0 they order like the values), 16 bits per pass, each
+    pass a 65536-bin histogram of the next 16 bits among the entries whose higher bits equal
+    the digits found so far (2 passes for float32, 4 for float64)."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"kth_largest_abs: dtype {dtype}, expected float32 or float64")
+    int_type, n_bits = (torch.int32, 32) if dtype == torch.float32 else (torch.int64, 64)
+    prefix = 0
+    for shift in range(n_bits - 16, -1, -16):
+        hist = np.zeros(1 << 16, dtype=np.int64)  # numpy: single-threaded, no OpenMP overhead
+        for c in chunks():
+            bits = c.abs().view(int_type)
+            if shift + 16 < n_bits:
+                bits = bits[(bits >> (shift + 16)) == prefix]
+            hist += np.bincount(((bits >> shift) & 0xFFFF).numpy(), minlength=1 << 16)
+        from_top = np.cumsum(hist[::-1])  # [j] = entries whose digit is >= 65535 - j
+        j = int(np.searchsorted(from_top, k))
+        k -= int(from_top[j - 1]) if j else 0
+        prefix = (prefix << 16) | (65535 - j)
+    return float(torch.tensor([prefix], dtype=int_type).view(dtype)[0])
 
 
 METHODS: dict[str, type[MergeMethod]] = {

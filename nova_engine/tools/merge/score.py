@@ -55,19 +55,31 @@ def model_kind(config: dict, where: str) -> Kind:
 
 
 def load_pairs(
-    eval_path: str, tokenizer_dir: str, max_length: int | None = None
+    eval_path: str,
+    tokenizer_dir: str,
+    max_length: int | None = None,
+    template: str | None = None,
 ) -> list[PairSample]:
     """Read + validate + tokenize the pairs (DataError names path:line; TemplateError when the
-    tokenizer cannot render them). Pairs too long are truncated (see ChatTokenizer)."""
+    tokenizer has no usable chat template: pass `template`). Pairs too long are truncated
+    (see ChatTokenizer)."""
     from nova_engine.data.formats import read_pref_jsonl
-    from nova_engine.data.tokenize import ChatTokenizer
+    from nova_engine.data.tokenize import ChatTokenizer, TemplateError
 
     if not os.path.isfile(eval_path):
         raise ScoreError(f"--eval {eval_path}: no such file (expected preference pairs JSONL)")
     records, _ = read_pref_jsonl(eval_path)
     if not records:
         raise ScoreError(f"--eval {eval_path}: no preference pairs in the file")
-    ct = ChatTokenizer(tokenizer_dir, max_length=max_length)
+    try:
+        ct = ChatTokenizer(tokenizer_dir, max_length=max_length, template=template)
+    except TemplateError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ScoreError(
+            f"{tokenizer_dir}: no tokenizer could be loaded ({str(e).splitlines()[0]}); "
+            "pass --tokenizer <dir>"
+        ) from None
     pairs = [p for p in (ct.pair_sample(r) for r in records) if p is not None]
     if not pairs:
         raise ScoreError(f"--eval {eval_path}: every pair was dropped by the length limit")

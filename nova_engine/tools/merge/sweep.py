@@ -70,6 +70,8 @@ def expo_sweep(
     dtype: torch.dtype | None = None,
     batch_size: int = 8,
     max_length: int | None = None,
+    tokenizer_dir: str | None = None,
+    template: str | None = None,
     scorer: Scorer | None = None,
     metric: str | None = None,
     margin: str | None = None,
@@ -78,9 +80,11 @@ def expo_sweep(
     """Sweep ExPO's alpha; returns one row per alpha, in the given order:
     {"alpha", <metrics...>, "n_pairs", "selected"}. The selected candidate is at `out_dir`.
 
-    `scorer(model_dir) -> {metric: value}` replaces the default PairScorer (transformers,
-    float32, CPU; see nova_engine.tools.merge.score); pass `metric` (maximized) with it, and
-    optionally `margin` (the tie-breaker)."""
+    The pairs are tokenized with the tokenizer of `tokenizer_dir` (default: the aligned
+    model's directory) and its chat template, or `template` (a built-in name or a Jinja
+    file, see nova_engine.data.tokenize). `scorer(model_dir) -> {metric: value}` replaces
+    the default PairScorer (transformers, float32, CPU; see nova_engine.tools.merge.score);
+    pass `metric` (maximized) with it, and optionally `margin` (the tie-breaker)."""
     from nova_engine.tools.merge.score import PairScorer, load_pairs, model_kind
 
     alphas = _check_alphas(alphas)
@@ -100,7 +104,7 @@ def expo_sweep(
         config = models[1].config
         kind = model_kind(config, f"--aligned {aligned_dir}")
         max_length = max_length or config.get("max_position_embeddings")
-        pairs = load_pairs(eval_path, aligned_dir, max_length)
+        pairs = load_pairs(eval_path, tokenizer_dir or aligned_dir, max_length, template)
         n_pairs = len(pairs)
         default = PairScorer(pairs, kind, ref_dir, batch_size)
         scorer, metric, margin = default, default.primary, default.margin
