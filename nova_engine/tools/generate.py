@@ -241,9 +241,9 @@ def run(args: argparse.Namespace) -> int:
     from nova_engine.parallel.state import LayoutError, initialize_parallel
     from nova_engine.train.runner import ensure_process_group_env
 
-    ensure_process_group_env()
     try:
         arch.check_layout(args.tp, args.pp)
+        ensure_process_group_env()
         ps = initialize_parallel(tp=args.tp, pp=args.pp, seed=args.seed)
     except (ArchitectureError, LayoutError) as e:
         raise UserError(f"layout: {e}") from None
