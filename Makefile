@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo demo-pas bench lint clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m nova_engine.demo --out demo_out
+
+# PAS (Baichuan's prompt augmentation) end to end on tiny models: build-data, SFT, augment
+demo-pas: $(STAMP)
+	$(PY) -m nova_engine.tools.pas.demo --out demo_out/pas
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all

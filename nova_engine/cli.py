@@ -33,6 +33,7 @@ TOOLS: dict[str, tuple[str, str]] = {
 
 
 def _export(ckpt: str, out: str) -> int:
+    from nova_engine.model.hf_export import replace_dir
     from nova_engine.train.checkpoint import HF_SUBDIR
     from nova_engine.train.checkpoint_io import read_manifest
 
@@ -41,7 +42,12 @@ def _export(ckpt: str, out: str) -> int:
     if not os.path.isdir(src):
         emit(f"{ckpt}: no {HF_SUBDIR}/ export in this checkpoint", err=True)
         return 1
-    shutil.copytree(src, out, dirs_exist_ok=True)
+    # copy next to `out`, then swap it in: an existing export is replaced, never merged
+    # (stale weight shards would otherwise load), and a failed copy leaves the old one
+    tmp = f"{out.rstrip(os.sep)}.tmp-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    replace_dir(tmp, out)
     emit(f"exported {src} -> {out}")
     return 0
 
