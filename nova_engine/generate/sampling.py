@@ -131,9 +131,12 @@ def uniforms(seed: int, prompt_B: torch.Tensor, sample_B: torch.Tensor, step_B: 
 
 def model_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor, entropy: bool):
     """fp32 log p(token) per row and (when asked) the full-vocabulary entropy."""
-    logp_BV = torch.log_softmax(logits_BV.float(), dim=-1)
-    lp_B = logp_BV.gather(1, tokens_B[:, None]).squeeze(1)
-    ent_B = -(logp_BV.exp() * logp_BV).sum(-1) if entropy else None
+    z_BV = logits_BV.float()
+    lse_B = torch.logsumexp(z_BV, dim=-1)
+    lp_B = z_BV.gather(1, tokens_B[:, None]).squeeze(1) - lse_B
+    ent_B = None
+    if entropy:  # lse - E_p[z]
+        ent_B = lse_B - (torch.softmax(z_BV, dim=-1) * z_BV).sum(-1)
     return lp_B, ent_B
 
 

@@ -22,6 +22,7 @@ NEW = 10
 # (tp, pp, vpp, sp); the first three for both families, the rest for llama
 LAYOUTS = [(1, 1, None, False), (2, 1, None, False), (1, 2, None, False)]
 LLAMA_EXTRA = [(2, 1, None, True), (1, 2, 2, False)]
+BACKEND_LAYOUTS = [(2, 1, None, False), (1, 2, None, False)]
 
 
 def _params(**kw):
@@ -81,7 +82,32 @@ def _training_logprobs(chunks, ps, prompts, gens):
     return torch.cat([r["lp"] for r in res]), torch.cat([r["ent"] for r in res])
 
 
-def _layout_run(family, layout, model_dir, prompts, eos):
+def _backend_checks(chunks, ps, arch, prompts, greedy, other_dir):
+    """The rollout backend: generate = generate(); update_weights(all HF tensors of another
+    model) -> that model's greedy tokens; partial q/k/v and unknown names refused."""
+    from safetensors.torch import load_file
+
+    from nova_engine.generate import generate
+    from nova_engine.generate.backend import EngineRolloutBackend, RolloutBackend
+    from nova_engine.model.hf_io import CheckpointError
+
+    backend = EngineRolloutBackend(chunks, ps, arch)
+    assert isinstance(backend, RolloutBackend)
+    same = [o[0].tokens for o in backend.generate(prompts, greedy)]
+    assert same == [o[0].tokens for o in generate(chunks, ps, arch, prompts, greedy)]
+    tensors = load_file(f"{other_dir}/model.safetensors")
+    errors = []
+    for bad in ({"model.layers.0.self_attn.q_proj.weight": tensors["model.layers.0.self_attn.q_proj.weight"]},
+                {"model.layers.9.mlp.up_proj.weight": tensors["model.layers.0.mlp.up_proj.weight"]}):  # fmt: skip
+        try:
+            backend.update_weights(bad.items())
+        except CheckpointError as e:
+            errors.append(str(e))
+    backend.update_weights(tensors.items())
+    return [o[0].tokens for o in backend.generate(prompts, greedy)], errors
+
+
+def _layout_run(family, layout, model_dir, prompts, eos, other_dir=None):
     from nova_engine.generate import Request, generate
     from nova_engine.model.arch import load_arch
     from nova_engine.model.build import build_model
@@ -112,6 +138,8 @@ def _layout_run(family, layout, model_dir, prompts, eos):
                     Request(prompts[1], index=1, max_new_tokens=2), Request(prompts[2], index=2)]  # fmt: skip
             o = generate(chunks, ps, arch, reqs, greedy)
             out["per_seq"] = [(g[0].tokens, g[0].finish_reason) for g in o]
+        if other_dir is not None:
+            out["backend"] = _backend_checks(chunks, ps, arch, prompts, greedy, other_dir)
     elif ps.dp_rank == 1:  # another batch composition: a reversed subset, one row per batch
         order = [3, 0, 4]
         reqs = [Request(prompts[j], index=j) for j in order]
@@ -121,14 +149,17 @@ def _layout_run(family, layout, model_dir, prompts, eos):
     return out
 
 
-def _worker(rank, world, dirs, prompts, eos, cli):
+def _worker(rank, world, dirs, prompts, eos, cli, other_dir):
     from nova_engine.tools.generate import main as generate_main
 
     out = {}
     for family, model_dir in dirs.items():
         layouts = LAYOUTS + (LLAMA_EXTRA if family == "llama" else [])
         for layout in layouts:
-            out[(family, layout)] = _layout_run(family, layout, model_dir, prompts, eos[family])
+            other = other_dir if family == "llama" and layout in BACKEND_LAYOUTS else None
+            out[(family, layout)] = _layout_run(
+                family, layout, model_dir, prompts, eos[family], other
+            )
     # the command under DP2: lines split over the replicas, gathered, written by rank 0
     out["cli_rc"] = generate_main(cli)
     return out
@@ -156,6 +187,14 @@ def runs(tmp_path_factory):
                 for p in prompts
             ]  # fmt: skip
         dirs[family] = d
+    # another Llama (same shapes, other weights) for the backend's update_weights
+    other = build_tiny_hf_model(str(root / "llama_b"), "llama", seed=8)
+    with torch.no_grad():
+        refs["llama_b"] = [
+            other.generate(torch.tensor([p]), max_new_tokens=NEW, do_sample=False,
+                           eos_token_id=2, pad_token_id=0)[0, len(p):].tolist()
+            for p in prompts
+        ]  # fmt: skip
     # the command's model: the tiny tokenizer's vocabulary, tokenizer saved alongside
     cli_dir = root / "cli_model"
     build_tiny_tokenizer(str(root / "tok"))
@@ -170,7 +209,7 @@ def runs(tmp_path_factory):
     cli = ["--model", str(cli_dir), "--prompts", str(root / "in.jsonl"), "--out",
            str(root / "out.jsonl"), "--temperature", "0.8", "--n", "2", "--seed", "3",
            "--max-new-tokens", "6", "--entropy"]  # fmt: skip
-    results = run_distributed(_worker, 2, dirs, prompts, eos, cli)
+    results = run_distributed(_worker, 2, dirs, prompts, eos, cli, str(root / "llama_b"))
     return prompts, refs, results, root, lines
 
 
@@ -236,3 +275,13 @@ def test_nova_generate_command_under_dp2(runs):
             limit = src.get("max_new_tokens", 6)
             assert len(toks) <= limit and (fin == "stop" or len(toks) == limit)
     assert all(len(t) <= 2 for t in out[1]["tokens"])
+
+
+def test_rollout_backend_generates_and_takes_weights_by_hf_name(runs):
+    _, refs, results, _, _ = runs
+    for layout in BACKEND_LAYOUTS:
+        tokens, errors = results[0][("llama", layout)]["backend"]
+        assert tokens == refs["llama_b"], layout
+        assert refs["llama_b"] != refs["llama"]
+        assert "given without 'model.layers.0.self_attn.k_proj.weight'" in errors[0], errors
+        assert "'model.layers.9.mlp.up_proj.weight' is not a tensor of this" in errors[1], errors
