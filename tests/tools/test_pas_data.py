@@ -343,6 +343,43 @@ def test_classifier_and_category_seeds():
     assert report["counts"]["written"] == 2
 
 
+def test_sequence_classifier_labels(tmp_path):
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    from nova_engine.data.tiny import build_tiny_tokenizer
+    from nova_engine.data.tokenize import load_tokenizer
+    from nova_engine.model.tiny import tiny_hf_config
+    from nova_engine.tools.pas.generator import SequenceClassifier, is_sequence_classifier
+
+    tok_dir = build_tiny_tokenizer(tmp_path / "tok", vocab_size=300)
+    tok = load_tokenizer(tok_dir)
+    labels = {0: "math", 1: "Coding", 2: "poetry"}
+    cfg = tiny_hf_config("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()},
+                         pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(cfg).eval()
+    with torch.no_grad():  # make the score head decisive
+        model.score.weight.normal_(0.0, 5.0)
+    model.save_pretrained(tmp_path / "cls")
+    assert is_sequence_classifier(str(tmp_path / "cls")) and not is_sequence_classifier(tok_dir)
+    ends = ["sea?", "tree", "42", "Paris.", "code!", "rain", "x + 1", "blue", "ok", "why", "7", "cat"]
+    texts = [f"Prompt {i}: " + "why " * i + e for i, e in enumerate(ends)]
+    got = SequenceClassifier(str(tmp_path / "cls"), tok_dir)(texts)
+    with torch.no_grad():
+        want = [labels[int(model(input_ids=torch.tensor([tok(t)["input_ids"]])).logits[0].argmax())]
+                for t in texts]  # fmt: skip
+    assert got == want and len(set(got)) >= 2
+    pool = _pool_of(texts)
+    accept = Scripted(lambda t: '{"verdict": "accept"}')
+    records, _ = build_data(pool, SEEDS, _teacher({}), accept,
+                            classifier=SequenceClassifier(str(tmp_path / "cls"), tok_dir))  # fmt: skip
+    mapped = {"math": "math", "Coding": "coding", "poetry": OTHER}
+    assert [r["category"] for r in records] == [mapped[g] for g in got]
+
+
 # ------------------------------------------------------------------------------ inputs
 
 

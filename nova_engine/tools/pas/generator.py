@@ -136,9 +136,10 @@ class SequenceClassifier:
 
         from nova_engine.data.tokenize import load_tokenizer
 
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, local_files_only=True
-        ).float().eval()  # fmt: skip
+        ).float().eval().to(self.device)  # fmt: skip
         self.tok = load_tokenizer(tokenizer_dir or model_dir)
         cfg = self.model.config
         self.labels = [str(cfg.id2label[i]) for i in range(cfg.num_labels)]
@@ -150,7 +151,8 @@ class SequenceClassifier:
         with self._torch.no_grad():
             for t in texts:
                 ids = self.tok(t, add_special_tokens=True)["input_ids"][: self.max_len]
-                logits = self.model(input_ids=self._torch.tensor([ids])).logits[0]
+                x = self._torch.tensor([ids], device=self.device)
+                logits = self.model(input_ids=x).logits[0]
                 out.append(self.labels[int(logits.argmax())])
         return out
 
