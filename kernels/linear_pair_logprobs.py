@@ -30,8 +30,10 @@ loss gradient while its logits are still in the workspace:
 groups (sequences first ... first+len-1, len a multiple of G) and returns their loss as a
 0-dim tensor; the total loss is the sum over chunks, so it must be a SUM over groups (DPO's
 `reduce_pairs` is: sum of per-pair losses / global pair count). Backward only scales the
-stored gradients by the scalar upstream gradient. A group longer than the row budget is
-scored in row sub-chunks and its logits recomputed once for dz (4 GEMMs for that group only).
+stored gradients by the scalar upstream gradient. Chunks hold up to the `linear_logprobs`
+workspace budget of rows; one group longer than that still runs whole while its logits fit
+`_GROUP_WORKSPACE_ELEMS`, and beyond that it is scored in row sub-chunks and its logits
+recomputed once for dz (4 GEMMs for that group only).
 
 TP / SP contract as `linear_cross_entropy`: hidden [N, H] (SP: this rank's [N/tp, H] slice,
 all-gathered rank-major here, grad_hidden reduce-scattered), weight [Vp, H] this rank's
@@ -60,6 +62,10 @@ from .linear_logprobs import _acc_dtype, _budget, _compute_dtype
 
 GroupLoss = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
+# A group (pair) longer than the chunk budget of `linear_logprobs` (16 Mi elements on CPU)
+# still runs in one chunk, i.e. 3 GEMMs, while its logits fit this many elements (fp32).
+_GROUP_WORKSPACE_ELEMS = 1 << 25
+
 
 def _group_chunks(cu: list[int], num_seq: int, gsize: int, rows_max: int):
     """[(s0, s1)] runs of whole groups, each spanning <= rows_max rows (or one group)."""
@@ -80,7 +86,7 @@ class _Chunk:
         z = (h_r @ w_c.T).to(acc)  # GEMM 1: [rows, Vp]
         self.hit, self.tcol = tgt >= 0, tgt.clamp(min=0)[:, None]
         t = torch.where(self.hit, z.gather(1, self.tcol)[:, 0], 0.0)
-        m = z.max(1).values
+        m = z.amax(1)
         self.e = z.sub_(m[:, None]).exp_()  # exp(z - m), in place
         M, S, _, T = _tp_combine(m, self.e.sum(1), t, t, tp_group, tp, False)
         self.scale = torch.exp(m - M) / S  # p = e * scale
@@ -115,7 +121,7 @@ class LinearPairLogprobsFunction(torch.autograd.Function):
         # token weight: counted (loss mask) and a real target; seg: the sequence of each row
         counted = (loss_mask != 0) & (targets != ignore_index)
         wts_N = counted.to(acc)
-        lens = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], device=dev)
+        lens = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], dtype=torch.long, device=dev)
         seg_N = torch.repeat_interleave(torch.arange(num_seq, device=dev), lens)
         counts = torch.zeros(num_seq, device=dev, dtype=acc)
         counts.index_add_(0, seg_N, (loss_mask[cu[0] : cu[-1]] != 0).to(acc))
@@ -125,9 +131,13 @@ class LinearPairLogprobsFunction(torch.autograd.Function):
         w_c = w_VpH.to(cdt)
         loss = torch.zeros((), device=dev, dtype=acc)
         rows_max = max(1, _budget(dev) // max(vp, 1))
+        rows_group = max(rows_max, _GROUP_WORKSPACE_ELEMS // max(vp, 1))
         for s0, s1 in _group_chunks(cu, num_seq, gsize, rows_max):
             r0, r1 = cu[s0], cu[s1]
-            subs = [(a, min(a + rows_max, r1)) for a in range(r0, r1, rows_max)]
+            # one group longer than the chunk budget: whole up to the group workspace, else
+            # scored in sub-chunks and recomputed (4 GEMMs for that group)
+            step = r1 - r0 if r1 - r0 <= rows_group else rows_max
+            subs = [(a, min(a + step, r1)) for a in range(r0, r1, max(step, 1))]
             chunks = []
             for a, b in subs:
                 ch = _Chunk(h_NH[a:b].to(cdt), w_c, tgt_N[a:b], acc, tp_group, tp)

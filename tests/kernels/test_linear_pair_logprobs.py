@@ -24,6 +24,7 @@ from nova_engine.parallel.spawn import run_distributed
 
 IGNORE = -100
 ll = importlib.import_module("nova_kernels.linear_logprobs")  # owns the workspace budget
+lpl = importlib.import_module("nova_kernels.linear_pair_logprobs")
 
 
 def _batch(pairs: int, h: int, v: int, dtype, seed: int, pad: int = 5, tp: int = 1):
@@ -80,13 +81,21 @@ def _ref64(h, w, t, cu, mask, group_loss, *, num_sequences, dtype=torch.float64,
 NAMES = ["loss", "sums", "counts", "grad_hidden", "grad_weight"]
 
 
-@pytest.mark.parametrize("workspace", ["one_chunk", "pair_per_chunk", "oversize_pairs"])
+WORKSPACES = {  # (chunk budget, whole-group cap) in elements; V = 1000, pairs of 4-24 rows
+    "one_chunk": None,
+    "pair_per_chunk": (12_000, 12_000),  # 12 rows per chunk: about one pair each
+    "whole_pairs_over_budget": (3000, 10**6),  # 3-row budget, pairs still run whole
+    "oversize_pairs": (3000, 3000),  # pairs in 3-row sub-chunks, logits recomputed
+}
+
+
+@pytest.mark.parametrize("workspace", list(WORKSPACES))
 def test_fused_equals_4gemm_fp32(workspace, monkeypatch):
     hidden, weight, targets, cu, mask, refs = _batch(4, 72, 1000, torch.float32, seed=3)
-    if workspace != "one_chunk":  # budget // V rows per chunk: 12 rows, or 3 (< a pair)
-        monkeypatch.setattr(
-            ll, "_WORKSPACE_ELEMS", 12_000 if workspace == "pair_per_chunk" else 3000
-        )
+    if WORKSPACES[workspace] is not None:
+        budget, group_cap = WORKSPACES[workspace]
+        monkeypatch.setattr(ll, "_WORKSPACE_ELEMS", budget)
+        monkeypatch.setattr(lpl, "_GROUP_WORKSPACE_ELEMS", group_cap)
     args = (hidden, weight, targets, cu, mask, refs, 8)
     got = _run(linear_pair_logprobs, *args)
     four = _run(linear_pair_logprobs_reference, *args)
@@ -122,6 +131,12 @@ def test_score_only_and_checks():
     assert float(loss) == 0.0
     assert_verbose_allclose(sums, rsums, rtol=1e-5, atol=1e-5, name="score-only sums")
     assert torch.equal(counts.double(), rcounts)
+    # no sequence at all (a rank dealt nothing gets an all-padding batch): zero loss and grads
+    h = hidden.clone().requires_grad_()
+    loss0, sums0, _ = linear_pair_logprobs(h, weight, targets, cu[-2:] * 0, mask, lambda *a: 1 / 0,
+                                           num_sequences=0)  # fmt: skip
+    loss0.backward()
+    assert float(loss0.detach()) == 0.0 and sums0.numel() == 0 and h.grad.abs().max() == 0
     with pytest.raises(ValueError, match="multiple of group_size"):
         linear_pair_logprobs(hidden, weight, targets, cu, mask, None, num_sequences=3)
     with pytest.raises(ValueError, match="loss_mask"):

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from nova_kernels import linear_pair_logprobs
 
 from nova_engine.config import ConfigError, RunConfig, check
 from nova_engine.data.packing import PackedBatch
@@ -34,9 +35,8 @@ from nova_engine.losses.dpo import (
     PreferenceLogps,
     dpo_loss,
     reduce_pairs,
-    sequence_logps,
 )
-from nova_engine.model.heads import token_logprobs
+from nova_engine.model.heads import _tp_args, lm_head_weight
 from nova_engine.parallel.state import ParallelState
 from nova_engine.train.ref_cache import RefCache
 
@@ -101,10 +101,12 @@ CONFIG = DPORunConfig
 def pair_logps(model, hidden, mb: PackedBatch, ps: ParallelState):
     """(chosen sums, rejected sums, chosen counts, rejected counts), each [P], from the last
     stage's hidden states of a pairs-mode micro-batch."""
-    logp = token_logprobs(model, hidden, mb.labels, ps)
-    sums, counts = sequence_logps(logp, mb.loss_mask, mb.cu_seqlens)
-    n = mb.num_samples  # the padding segment (if any) comes after the N sequences
-    sums, counts = sums[:n], counts[:n].to(sums.dtype)
+    # scored by the fused head the training loss uses (score-only: no gradients), so at
+    # step 1 the policy's sums equal the cached reference sums exactly
+    _, sums, counts = linear_pair_logprobs(
+        hidden.reshape(-1, hidden.shape[-1]), lm_head_weight(model), mb.labels,
+        mb.cu_seqlens, mb.loss_mask, None, num_sequences=mb.num_samples, **_tp_args(ps),
+    )  # fmt: skip
     return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
 
 
@@ -134,9 +136,21 @@ class DPOStage:
 
         def loss_fn(model, hidden, mb: PackedBatch):
             ref_c, ref_r = self._ref(mb)
-            pc, pr, nc, nr = pair_logps(model, hidden, mb, ps)
-            o = dpo_loss(PreferenceLogps(pc, pr, nc, nr, ref_c, ref_r), cfg)
-            loss = reduce_pairs(o.losses, global_count)
+
+            def pair_loss(lp, n, first):  # whole pairs first//2 ...: sum of their losses / P
+                a, b = first // 2, (first + len(lp)) // 2
+                refs = (None, None) if ref_c is None else (ref_c[a:b], ref_r[a:b])
+                p = PreferenceLogps(lp[0::2], lp[1::2], n[0::2], n[1::2], *refs)
+                return reduce_pairs(dpo_loss(p, cfg).losses, global_count)
+
+            # the fused 3-GEMM head: each pair's loss gradient formed in the forward pass
+            loss, lp, n = linear_pair_logprobs(
+                hidden.reshape(-1, hidden.shape[-1]), lm_head_weight(model), mb.labels,
+                mb.cu_seqlens, mb.loss_mask, pair_loss, num_sequences=mb.num_samples,
+                **_tp_args(ps),
+            )  # fmt: skip
+            pc, pr, nc, nr = lp[0::2], lp[1::2], n[0::2], n[1::2]
+            o = dpo_loss(PreferenceLogps(pc, pr, nc, nr, ref_c, ref_r), cfg)  # metrics
             p = torch.tensor(len(pc), device=hidden.device)
             metrics = {
                 "loss": loss.detach(), "pairs": p, "accuracy": o.accuracy.sum(),
