@@ -17,6 +17,12 @@ learning signal and the trainer may drop them (DAPO dynamic sampling).
 Triton: samples are ordered by group once (torch.argsort, stable; skipped for group_size),
 then one program per group makes two passes over its members (sum/min/max, then the
 centered sum of squares) and writes their advantages: deterministic, no atomics.
+
+`broadcast_advantages(adv_B, mask_BT)` spreads per-sample advantages over the response tokens,
+out[b, t] = adv[b] * mask[b, t] (fp32; masks are 0/1, any dtype), in one pass over [B, T]:
+a Triton kernel reading the mask in its own dtype, or on the torch path one promoting
+multiply (verl's `scores.unsqueeze(-1) * response_mask`; a bool/int mask is not first
+compared with 0 into a temporary, which cost a second and third pass).
 """
 
 from __future__ import annotations
@@ -97,6 +103,50 @@ def _group_adv_kernel(
         tl.store(adv_ptr + idx, (x - shift) * scale, mask=ok)
     all_equal = tl.max(hi, 0) == tl.min(lo, 0)
     tl.store(deg_ptr + g, (all_equal | (n == 0)).to(tl.int8))
+
+
+@triton.jit
+def _broadcast_kernel(
+    adv_ptr,  # [B] fp32 per-sample advantages
+    mask_ptr,  # [B, T] mask (any dtype), row stride stride_m, unit column stride
+    out_ptr,  # [B, T] fp32 out, contiguous
+    T,
+    stride_m,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < T
+    a = tl.load(adv_ptr + b)
+    m = tl.load(mask_ptr + b * stride_m + cols, mask=ok, other=0).to(tl.float32)
+    tl.store(out_ptr + b * T + cols, a * m, mask=ok)
+
+
+def broadcast_advantages(
+    adv: torch.Tensor, mask: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """out [B, T] fp32 = adv[b] * mask[b, t] for adv [B] and a 0/1 mask [B, T] (bool, int or
+    float), in one pass over [B, T] (see the module docstring). No gradient."""
+    if adv.dim() != 1 or mask.dim() != 2 or mask.shape[0] != adv.shape[0]:
+        raise ValueError(
+            f"broadcast_advantages: expected adv [B] and mask [B, T]; got {tuple(adv.shape)} "
+            f"and {tuple(mask.shape)}"
+        )
+    with torch.no_grad():
+        adv = adv.float()
+        if resolve_backend(backend) == "torch":
+            out = adv[:, None] * mask
+            return out if out.dtype == torch.float32 else out.float()  # an fp64 mask
+        B, T = mask.shape
+        out = _empty((B, T), dtype=torch.float32, device=mask.device)
+        if B == 0 or T == 0:
+            return out
+        m = mask if mask.stride(-1) == 1 else mask.contiguous()
+        block = 64 if interpreting() else 1024
+        _broadcast_kernel[(B, triton.cdiv(T, block))](
+            adv.contiguous(), m, out, T, m.stride(0), BLOCK=block
+        )
+        return out
 
 
 def _layout(scores, group_ids, num_groups, group_size):

@@ -5,7 +5,7 @@
 
 Names (semantics of verl's core_algos estimators of the same names):
   gae                    GAE (observation steps carry), advantages whitened over the mask
-  grpo                   (score - group mean) / (group std + eps), broadcast over the mask
+  grpo                   (score - group mean) / (group std + eps), broadcast over the 0/1 mask
   dr_grpo                score - group mean (no std division)
   rloo                   n/(n-1) (score - group mean): the leave-one-out baseline
   reinforce_pp           discounted token returns (gamma), whitened over the mask, * mask
@@ -120,7 +120,7 @@ def _gae(*, token_rewards, mask, values, gamma=1.0, lam=1.0, whiten=True, backen
 def _outcome(estimator):
     def fn(*, token_rewards, mask, group_ids=None, eps=1e-6, backend=None, **_):
         adv, degenerate = _group_method(estimator, token_rewards, mask, group_ids, eps, backend)
-        tok = adv[:, None] * (mask != 0)
+        tok = nk.broadcast_advantages(adv, mask, backend=backend)  # one pass over [B, T]
         return AdvantageOutput(tok, tok, degenerate)
 
     fn.__doc__ = f"{estimator} outcome advantages, broadcast over the mask (group_ids required)."

@@ -106,3 +106,27 @@ def test_group_advantages_rejects_bad_input():
         group_advantages(torch.randn(5), group_size=2)
     with pytest.raises(ValueError, match="num_groups"):
         group_advantages(torch.randn(3), torch.tensor([0, 1, 4]), num_groups=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int64, torch.float32])
+@pytest.mark.parametrize("B, T", [(5, 37), (3, 130), (1, 1)])
+def test_broadcast_advantages(backend, mask_dtype, B, T):
+    """out[b, t] = adv[b] where the 0/1 mask is set, 0 elsewhere; every element written."""
+    g = torch.Generator().manual_seed(B * T)
+    adv = torch.randn(B, generator=g)
+    mask_BT = (torch.rand(B, T, generator=g) < 0.6).to(mask_dtype)
+    out = ga_mod.broadcast_advantages(adv, mask_BT, backend=backend)
+    want = torch.where(mask_BT != 0, adv[:, None], torch.zeros(()))
+    assert out.dtype == torch.float32
+    assert_verbose_allclose(out, want, rtol=0, atol=0, name=f"broadcast {backend}")
+    # a non-contiguous mask (a column slice) reads the same
+    wide = torch.zeros(B, T + 3, dtype=mask_dtype)
+    wide[:, 1 : T + 1] = mask_BT
+    out2 = ga_mod.broadcast_advantages(adv, wide[:, 1 : T + 1], backend=backend)
+    assert torch.equal(out2, out)
+
+
+def test_broadcast_advantages_checks():
+    with pytest.raises(ValueError, match="adv \\[B\\] and mask \\[B, T\\]"):
+        ga_mod.broadcast_advantages(torch.zeros(3), torch.zeros(4, 2))
