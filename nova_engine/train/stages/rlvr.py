@@ -1,0 +1,535 @@
+"""RLVR stage (Tülu 3): reinforcement learning with verifiable rewards on rollouts the policy
+generates itself — GRPO, Dr. GRPO, RLOO, REINFORCE++ or PPO with a critic — with a KL to the
+frozen starting policy.
+
+    torchrun --nproc_per_node 8 -m nova_engine.train rlvr --recipe recipes/tulu3_8b_ppo.yaml
+    python -m nova_engine.train rlvr --recipe recipes/tiny_cpu.yaml train.max_steps=5
+
+One step (`RLVRStage.train_step`), P = train.global_batch_size prompts:
+1. generate: each DP replica samples rollout.samples_per_prompt responses for its P/dp prompts
+   on the policy's own shards (KV cache; sample i of stream prompt k draws from
+   (rollout.seed, k, i, t): layout-independent and repeatable after a resume);
+2. verify: the data source's verifier (nova_engine.rl.verifiers) in a process pool with a
+   wall-clock limit (a hang is reward 0, counted), the model-parallel ranks sharing the work;
+   reward = 10 when verified (rollout.*_reward; truncated_reward for responses without a stop
+   token); group advantages with statistics over DP; the step's responses gathered, split into
+   loss.num_mini_batches seeded mini-batches, each dealt over DP balanced by tokens and packed;
+3. reference + value: forward-only passes: the policy's own log-probs (the "old" log-probs of
+   the ratio, and the entropy), the frozen reference's (KL), the critic's per-token values
+   (PPO); advantages (GAE for PPO; whitening over DP);
+4. train: loss.ppo_epochs x num_mini_batches optimizer steps of the policy (clipped ratio,
+   dual clip, KL in the loss or the reward, optional truncated IS) and of the critic.
+Metrics (progress line, metrics.jsonl): reward, verified (per data source), KL, entropy,
+clip fraction, response length, truncated fraction, the time split time/{generate, verify,
+ref_value, train}, gen_tokens_per_s and train_tokens_per_s. Checkpoints hold the policy, the
+critic, both optimizers and the prompt stream's position and seeds: a resumed run repeats the
+uninterrupted run's rewards and losses exactly. Modules: rlvr_rollout (prompts, rollouts,
+packing), rlvr_losses (passes, advantages, losses).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+
+from nova_engine.config import ConfigError, ModelConfig, OptimConfig, RunConfig, check
+from nova_engine.logging import get_logger
+from nova_engine.losses.policy import KL_PLACES, PolicyLossConfig, policy_loss_names
+from nova_engine.rl.advantages import advantage_names
+from nova_engine.rl.verifiers import RewardConfig
+from nova_engine.train.loop import Loop
+from nova_engine.train.stages.rlvr_losses import (
+    PREPASS_METRICS,
+    PolicyLoss,
+    ValueLoss,
+    assign_advantages,
+    prepass,
+)
+from nova_engine.train.stages.rlvr_rollout import (
+    GROUP_BASELINES,
+    EngineRollouts,
+    Producer,
+    PromptSource,
+    StepPrompts,
+    gather_responses,
+    minibatches,
+    rollout_metrics,
+)
+
+logger = get_logger(__name__)
+
+ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+
+
+# ------------------------------------------------------------------------------ config
+
+
+@dataclass
+class RLVRModelSection(ModelConfig):
+    """The recipe's `model:` section: hf_path is the starting policy."""
+
+    reference_path: str | None = None
+    """The frozen reference of the KL term (default: hf_path, the starting policy)."""
+
+
+@dataclass
+class RolloutSection:
+    """The recipe's `rollout:` section: sampling, verification, reward shaping."""
+
+    samples_per_prompt: int = 4
+    """Responses per prompt (the group of GRPO / RLOO; PPO: usually 1)."""
+    max_new_tokens: int = 512
+    """Response length limit (Tülu 3: 2048); reaching it without a stop token = truncated."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    seed: int | None = None
+    """Root of the per-sample sampling randomness (default: train.seed)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Tokens that end a response (default: the tokenizer's end-of-turn / EOS tokens)."""
+    max_batch_size: int = 64
+    """Rows generated at once per DP replica (KV-cache memory)."""
+    verifier_workers: int = 2
+    """Verifier worker processes per rank (0: verify in the training process, unbounded in
+    time: only for trusted, simple checks such as the arithmetic demo)."""
+    verifier_timeout_s: float = 10.0
+    """Wall-clock limit of one verifier call (a hang is reward 0, reason timeout)."""
+    verified_reward: float = 10.0
+    """Reward of a verified response (Tülu 3: 10)."""
+    unverified_reward: float = 0.0
+    """Reward of any other response."""
+    truncated_reward: float | None = None
+    """Reward of a response without a stop token, replacing the verified one (Tülu 3: -10)."""
+
+    def __post_init__(self) -> None:
+        for k in ("samples_per_prompt", "max_new_tokens", "max_batch_size"):
+            check(getattr(self, k) >= 1, k, f"expected >= 1, got {getattr(self, k)}")
+        check(self.temperature > 0, "temperature", "expected > 0 (RL samples)")
+        check(0 < self.top_p <= 1, "top_p", f"expected in (0, 1], got {self.top_p}")
+        check(self.top_k >= 0, "top_k", "expected >= 0")
+        check(self.verifier_workers >= 0, "verifier_workers", "expected >= 0")
+        check(self.verifier_timeout_s > 0, "verifier_timeout_s", "expected > 0")
+        try:
+            self.reward_config()
+        except ValueError as e:
+            raise ConfigError("truncated_reward", str(e)) from None
+
+    def reward_config(self) -> RewardConfig:
+        return RewardConfig(self.verified_reward, self.unverified_reward, self.truncated_reward)
+
+
+@dataclass
+class RLVRLossSection:
+    """The recipe's `loss:` section: advantages, policy loss, KL, value loss, update plan."""
+
+    advantage: str = "grpo"
+    """gae (PPO with the critic), grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline."""
+    gamma: float = 1.0
+    """Discount (gae, reinforce_pp)."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """gae: whiten the advantages over the step's tokens (all DP ranks)."""
+    adv_eps: float = 1e-6
+    """grpo: eps of (r - mean) / (std + eps)."""
+    ppo_epochs: int = 1
+    """Passes over the step's responses."""
+    num_mini_batches: int = 1
+    """Optimizer steps per pass (the responses split into this many mini-batches)."""
+    policy_loss: str = "ppo"
+    """ppo (clipped ratio) or reinforce (no clipping)."""
+    clip_low: float = 0.2
+    """The ratio is clipped to >= 1 - clip_low."""
+    clip_high: float | None = None
+    """... and <= 1 + clip_high (None: clip_low; DAPO: 0.28)."""
+    dual_clip: float | None = 3.0
+    """Dual clip c > 1 on negative advantages (None: off)."""
+    agg: str = "token-mean"
+    """token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
+    loss_scale_length: int | None = None
+    """seq-mean-token-sum-norm's constant length (default rollout.max_new_tokens: Dr. GRPO)."""
+    kl_coef: float = 0.0
+    """beta of the KL to the reference (Tülu 3 PPO: 0.05 at 8B, 0.07 at 70B)."""
+    kl_type: str = "k3"
+    """k1, k2 or k3."""
+    kl_in: str = "loss"
+    """loss (a loss term), reward (a token-reward penalty; gae / reinforce_pp) or none."""
+    kl_log_ratio_clamp: float | None = 20.0
+    """Clamp of the log-ratio before the KL estimator (None: off)."""
+    kl_value_clamp: float | None = 10.0
+    """Clamp of the KL estimate (None: off)."""
+    tis: bool = False
+    """Truncated importance sampling: weight each token by min(e^(old - gen), tis_cap)."""
+    tis_cap: float | None = 2.0
+    """Cap of the truncated importance weight."""
+    vf_coef: float = 0.1
+    """Value-loss coefficient (PPO)."""
+    value_clip: float | None = 0.2
+    """Value clipping around the pre-update values (None: off)."""
+
+    def __post_init__(self) -> None:
+        a = self.advantage
+        check(a in ESTIMATORS, "advantage", f"expected one of {', '.join(ESTIMATORS)}, got {a!r}")
+        check(a in advantage_names(), "advantage", f"{a!r} is not in the advantage registry")
+        check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma, lam in [0, 1]")
+        check(self.ppo_epochs >= 1, "ppo_epochs", "expected >= 1")
+        check(self.num_mini_batches >= 1, "num_mini_batches", "expected >= 1")
+        names = policy_loss_names()
+        check(self.policy_loss in names, "policy_loss", f"expected one of {names}")
+        check(self.kl_in in KL_PLACES, "kl_in", f"expected one of {KL_PLACES}")
+        check(
+            not (self.kl_in == "reward" and a in GROUP_BASELINES),
+            "kl_in", f'"reward" needs per-token rewards (gae, reinforce_pp), not {a}',
+        )  # fmt: skip
+        check(self.vf_coef > 0, "vf_coef", "expected > 0")
+        check(self.value_clip is None or self.value_clip > 0, "value_clip", "expected > 0 or null")
+        check(self.loss_scale_length is None or self.loss_scale_length >= 1,
+              "loss_scale_length", "expected >= 1")  # fmt: skip
+        try:
+            self.policy_config()
+        except ValueError as e:  # PolicyLossConfig.<field>=...: name the recipe key
+            msg = str(e).removeprefix("PolicyLossConfig.")
+            raise ConfigError(msg.split("=", 1)[0], msg) from None
+
+    def policy_config(self) -> PolicyLossConfig:
+        return PolicyLossConfig(
+            name=self.policy_loss, clip_low=self.clip_low, clip_high=self.clip_high,
+            dual_clip=self.dual_clip, tis_cap=self.tis_cap, agg=self.agg, kl_coef=self.kl_coef,
+            kl_type=self.kl_type, kl_log_ratio_clamp=self.kl_log_ratio_clamp,
+            kl_value_clamp=self.kl_value_clamp, kl_in=self.kl_in,
+        )  # fmt: skip
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0 and self.kl_in != "none"
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.advantage == "gae"
+
+
+@dataclass
+class CriticSection:
+    """The recipe's `critic:` section (PPO's value model; advantage gae)."""
+
+    init_from: str | None = None
+    """HF directory the critic starts from: the reward-model stage's export (a
+    *ForSequenceClassification: decoder + score head) or a causal LM (a new seeded head)."""
+    output: str | None = None
+    """Which output of a multi-output head (e.g. a regression RM's "helpfulness")."""
+    init_seed: int = 0
+    """Seed of a new score head."""
+    optim: OptimConfig | None = None
+    """The critic's optimizer (default: the policy's optim section)."""
+
+
+@dataclass
+class RLVRRunConfig(RunConfig):
+    """The rlvr stage's recipe. Reinterpreted shared keys: train.global_batch_size = prompts
+    per step; data.max_length = the longest prompt kept (longer ones are dropped and counted);
+    train.micro_batch_tokens = packing capacity of prompt + response."""
+
+    model: RLVRModelSection  # type: ignore[assignment]
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    loss: RLVRLossSection = field(default_factory=RLVRLossSection)
+    critic: CriticSection = field(default_factory=CriticSection)
+
+    stage: typing.ClassVar[str] = "rlvr"
+    data_format: typing.ClassVar[str] = "rlvr"
+
+    def __post_init__(self) -> None:
+        check(self.data.format == "auto", "data.format",
+              'the rlvr stage reads the RLVR layout (messages, ground_truth, dataset): expected "auto"')  # fmt: skip
+        need = self.data.max_length + self.rollout.max_new_tokens
+        check(
+            self.train.micro_batch_tokens >= need,
+            "train.micro_batch_tokens",
+            f"{self.train.micro_batch_tokens} cannot hold a prompt of data.max_length="
+            f"{self.data.max_length} + rollout.max_new_tokens={self.rollout.max_new_tokens}",
+        )
+        check(not self.loss.needs_critic or bool(self.critic.init_from), "critic.init_from",
+              "advantage gae (PPO) needs a critic: the reward model's HF export")  # fmt: skip
+        n = self.train.global_batch_size * self.rollout.samples_per_prompt
+        check(self.loss.num_mini_batches <= n, "loss.num_mini_batches",
+              f"more mini-batches than the {n} responses of a step")  # fmt: skip
+
+    @property
+    def sampling_seed(self) -> int:
+        return self.train.seed if self.rollout.seed is None else self.rollout.seed
+
+
+CONFIG = RLVRRunConfig
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return float(np.mean([r[key] for r in rows])) if rows else 0.0
+
+
+class RLVRStage:
+    """One RLVR step for the loop (nova_engine.train.loop.Stage); see the module docstring.
+    `producer` makes this rank's rollouts (EngineRollouts, or a fixed set in tests)."""
+
+    name = "rlvr"
+    engine = "policy"
+
+    def __init__(self, ps, rollout: RolloutSection, loss: RLVRLossSection, producer: Producer,
+                 *, micro_batch_tokens: int, seed: int, pad_id: int = 0):  # fmt: skip
+        self.ps, self.rollout, self.loss, self.producer = ps, rollout, loss, producer
+        self.mbt, self.seed, self.pad_id = micro_batch_tokens, seed, pad_id
+        self.pcfg = loss.policy_config()
+        self.reward = rollout.reward_config()
+        scale = loss.loss_scale_length or rollout.max_new_tokens
+        self.policy_loss = PolicyLoss(self.pcfg, ps, tis=loss.tis, scale_len=float(scale))
+        self.value_loss = ValueLoss(ps, vf_coef=loss.vf_coef, value_clip=loss.value_clip)
+
+    def train_step(self, loop: Loop, batch: StepPrompts) -> dict[str, float]:
+        ps, cfg = self.ps, self.loss
+        policy = loop.engine("policy")
+        reference, critic = loop.engines.get("reference"), loop.engines.get("critic")
+        first, mine = batch.share(ps)
+        gens, results, times = self.producer(batch.step, mine)
+        sr = gather_responses(first, mine, gens, results, num_groups=len(batch.items),
+                              reward=self.reward, estimator=cfg.advantage, ps=ps, eps=cfg.adv_eps)  # fmt: skip
+        metrics = rollout_metrics(sr)
+        gen_tokens = sum(len(r.gen) for r in sr.responses)
+
+        t0 = time.perf_counter()
+        mbs = minibatches(sr, ps, step=batch.step, num_mini_batches=cfg.num_mini_batches,
+                          capacity=self.mbt, seed=self.seed, pad_id=self.pad_id)  # fmt: skip
+        flat = [mb for part in mbs for mb in part]
+        pre = prepass(flat, policy, reference, critic, ps, self.pcfg)
+        assign_advantages(flat, estimator=cfg.advantage, policy_cfg=self.pcfg, gamma=cfg.gamma,
+                          lam=cfg.lam, whiten=cfg.whiten_advantages, ps=ps)  # fmt: skip
+        sums = Loop.reduce_metrics(policy, PREPASS_METRICS, pre)
+        n = max(sums["tokens"], 1.0)
+        metrics["entropy"] = sums["entropy"] / n
+        if reference is not None:
+            metrics["kl"] = sums["kl"] / n
+        metrics["logp_mismatch"] = sums["mismatch"] / n
+        if critic is not None:
+            metrics["value_mean"] = sums["values"] / n
+        t1 = time.perf_counter()
+
+        rng = np.random.default_rng([self.seed, batch.step, 11])
+        pol, val, trained = [], [], 0
+        for _ in range(cfg.ppo_epochs):
+            for k in rng.permutation(len(mbs)):
+                before = loop._tokens
+                pol.append(loop.update(policy, mbs[k], self.policy_loss))
+                trained += loop._tokens - before
+                if critic is not None:
+                    val.append(loop.update(critic, mbs[k], self.value_loss))
+        loop._tokens = trained  # tokens/s and MFU of the policy updates (not the critic's)
+        t2 = time.perf_counter()
+
+        for key in ("policy_loss", "pg_loss", "kl_loss", "clip_frac", "clip_frac_lower",
+                    "approx_kl", "grad_norm"):  # fmt: skip
+            metrics[key] = _mean(pol, key)
+        metrics["lr"] = pol[-1]["lr"]
+        if val:
+            metrics["value_loss"] = _mean(val, "value_loss")
+            metrics["vf_clip_frac"] = _mean(val, "vf_clip_frac")
+            metrics["critic_grad_norm"] = _mean(val, "grad_norm")
+        gen_s, ver_s = times.get("generate", 0.0), times.get("verify", 0.0)
+        metrics.update({
+            "time/generate": gen_s, "time/verify": ver_s, "time/ref_value": t1 - t0,
+            "time/train": t2 - t1,
+            "gen_tokens_per_s": gen_tokens / gen_s if gen_s > 0 else 0.0,
+            "train_tokens_per_s": trained / (t2 - t1) if t2 > t1 else 0.0,
+        })  # fmt: skip
+        return metrics
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def eval_fn(producer: EngineRollouts, prompts: list, ps, reward: RewardConfig, params):
+    """An eval_fn for Loop.fit: greedy responses to held-out prompts, verified: verified
+    fraction (overall and per data source) and mean reward."""
+    from nova_engine.rl.verifiers import shape_rewards
+
+    def evaluate() -> dict[str, float]:
+        ids = np.array_split(np.arange(len(prompts)), ps.dp)[ps.dp_rank]
+        mine = [(-1 - int(i), prompts[int(i)]) for i in ids]
+        gens, results, _ = producer(-1, mine, params)
+        flat = [(prompts[int(i)].dataset, r.score, g.finished, r)
+                for i, gs, rs in zip(ids, gens, results) for g, r in zip(gs, rs)]  # fmt: skip
+        parts: list = [flat]
+        if ps.dp > 1:
+            parts = [None] * ps.dp
+            dist.all_gather_object(parts, flat, group=ps.dp_group)
+        rows = [x for p in parts for x in p]
+        rew = shape_rewards([x[3] for x in rows], [x[2] for x in rows], reward)
+        out = {"verified": float(np.mean([x[1] >= 1 for x in rows])), "reward": float(np.mean(rew))}
+        for ds in sorted({x[0] for x in rows}):
+            out[f"verified/{ds}"] = float(np.mean([x[1] >= 1 for x in rows if x[0] == ds]))
+        return out
+
+    return evaluate
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def build_engines(run: RLVRRunConfig, ps, total_updates: int, stop_ids) -> dict[str, Any]:
+    """policy (trained), reference (frozen; when the KL is used), critic (PPO) on layout ps."""
+    from nova_engine.data.tokenize import load_tokenizer
+    from nova_engine.model.arch import load_arch
+    from nova_engine.model.hf_io import choose_pad_token_id, score_labels
+    from nova_engine.train import runner
+    from nova_engine.train.engine import ModelEngine
+    from nova_engine.train.stages.rm import RewardEngine
+
+    t = run.train
+    engines: dict[str, Any] = {"policy": runner.engine_for_run(run, ps, total_updates)}
+    if run.loss.needs_reference:
+        engines["reference"] = ModelEngine.from_hf(
+            run.model.reference_path or run.model.hf_path, ps, name="reference",
+            trainable=False, precision=t.precision,
+        )  # fmt: skip
+    if run.loss.needs_critic:
+        src = run.critic.init_from
+        assert src is not None
+        if not os.path.isfile(os.path.join(src, "config.json")):
+            raise ConfigError("critic.init_from", f"{src} is not a HF model directory")
+        labels, rows = score_labels(src), None
+        if labels is not None and len(labels) > 1:
+            if run.critic.output not in labels:
+                raise ConfigError("critic.output", f"name one of the head's outputs {labels}")
+            rows = [labels.index(run.critic.output)]
+        pad = choose_pad_token_id(load_tokenizer(run.model.tokenizer_dir), stop_ids)
+        engines["critic"] = RewardEngine(
+            load_arch(src), ps, labels=("value",), pad_token_id=pad, score_rows=rows,
+            name="critic", weights_dir=src, optim=run.critic.optim or run.optim,
+            total_steps=total_updates, precision=t.precision, recompute=t.recompute,
+            distributed_optimizer=run.parallel.distributed_optimizer,
+            score_init_seed=run.critic.init_seed,
+        )  # fmt: skip
+    return engines
+
+
+def _verifier(run: RLVRRunConfig):
+    """(verify(items) -> results, pool or None)."""
+    from nova_engine.rl.verifiers import VerifierPool, verify_one
+
+    r = run.rollout
+    if r.verifier_workers == 0:
+        return (lambda items: [verify_one(it) for it in items]), None
+    pool = VerifierPool(r.verifier_workers, r.verifier_timeout_s)
+    return pool.verify_batch, pool
+
+
+def _load_prompts(run: RLVRRunConfig, ct, paths):
+    from nova_engine.data.rlvr import load_rlvr_prompts
+
+    prompts, _, _ = load_rlvr_prompts(paths, ct, max_prompt_length=run.data.max_length,
+                                      on_bad_line=run.data.on_bad_line)  # fmt: skip
+    return prompts
+
+
+def sampling_params(run: RLVRRunConfig, stops) -> Any:
+    from nova_engine.generate import SamplingParams
+
+    r = run.rollout
+    return SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                          max_new_tokens=r.max_new_tokens, stop_token_ids=tuple(stops),
+                          n=r.samples_per_prompt, seed=run.sampling_seed)  # fmt: skip
+
+
+def build_loop(run: RLVRRunConfig, ps, prompts, stops) -> Loop:
+    """The loop of `run`: its engines over the prompt stream of `prompts`."""
+    t = run.train
+    steps = t.max_steps or t.epochs * -(-len(prompts) // t.global_batch_size)
+    source = PromptSource(prompts, prompts_per_step=t.global_batch_size, total_steps=steps,
+                          seed=run.data.seed, shuffle=run.data.shuffle,
+                          sampling_seed=run.sampling_seed)  # fmt: skip
+    updates = steps * run.loss.ppo_epochs * run.loss.num_mini_batches
+    return Loop(build_engines(run, ps, updates, stops), source)
+
+
+def build_stage(run: RLVRRunConfig, ps, producer: Producer, pad_id: int = 0) -> RLVRStage:
+    return RLVRStage(ps, run.rollout, run.loss, producer, seed=run.data.seed, pad_id=pad_id,
+                     micro_batch_tokens=run.train.micro_batch_tokens)  # fmt: skip
+
+
+def run(run: RLVRRunConfig) -> list[dict[str, float]]:
+    """The rlvr stage from an RLVRRunConfig (all ranks); returns the per-step metrics."""
+    from nova_engine.data.tokenize import ChatTokenizer
+    from nova_engine.generate import SamplingParams
+    from nova_engine.train import runner
+
+    ps = runner.setup_parallel(run)
+    runner.ensure_model(run, ps)
+    ct = ChatTokenizer(run.model.tokenizer_dir)
+    prompts = _load_prompts(run, ct, run.data.train_paths)
+    if not prompts:
+        raise ConfigError("data.train_paths", f"no prompt of at most data.max_length="
+                          f"{run.data.max_length} tokens in {run.data.train_paths}")  # fmt: skip
+    r = run.rollout
+    stops = tuple(r.stop_token_ids or ct.eos_token_ids)
+    loop = build_loop(run, ps, prompts, stops)
+    verify, pool = _verifier(run)
+    try:
+        producer = EngineRollouts(loop.engine("policy"), ct.tokenizer, sampling_params(run, stops),
+                                  verify, max_batch_size=r.max_batch_size)  # fmt: skip
+        stage = build_stage(run, ps, producer, pad_id=ct.tokenizer.pad_token_id or 0)
+        evaluate = None
+        if run.data.eval_paths:
+            greedy = SamplingParams(temperature=0.0, max_new_tokens=r.max_new_tokens,
+                                    stop_token_ids=stops)  # fmt: skip
+            held_out = _load_prompts(run, ct, run.data.eval_paths)
+            if run.data.eval_max_samples is not None:
+                held_out = held_out[: run.data.eval_max_samples]
+            evaluate = eval_fn(producer, held_out, ps, stage.reward, greedy)
+        out = runner.train_stage(run, loop, stage, evaluate)
+        if "critic" in loop.engines and run.checkpoint.export_hf:
+            loop.engine("critic").export_hf(os.path.join(run.train.out_dir, "hf_critic"))
+        return out
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def demo_rlvr(
+    out: str,
+    *,
+    recipe: str | None = None,
+    overrides: typing.Sequence[str] = (),
+    n_prompts: int = 2000,
+    skip: int = 10000,
+    n_eval: int = 200,
+    task_seed: int = 0,
+) -> dict[str, Any]:
+    """RLVR for `make demo`: GRPO from <out>/dpo/hf on the arithmetic task (recipe section
+    `rlvr:` of recipes/tiny_cpu.yaml). Writes <out>/data/rlvr_train.jsonl (`n_prompts`
+    problems after the task's first `skip` = N_SFT + N_PREF, disjoint from its eval split of
+    `n_eval` with seed `task_seed`), trains into <out>/rlvr and returns {"history": per-step
+    metrics, "hf": <out>/rlvr/hf (the exported policy), "seconds": wall time}."""
+    from nova_engine.data.rlvr import write_arithmetic_rlvr
+    from nova_engine.recipe import load_recipe
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    recipe = recipe or os.path.join(root, "recipes", "tiny_cpu.yaml")
+    data = write_arithmetic_rlvr(os.path.join(out, "data", "rlvr_train.jsonl"), n_prompts,
+                                 seed=task_seed, skip=skip, n_eval=n_eval)  # fmt: skip
+    j = os.path.join
+    cfg = load_recipe(recipe, "rlvr", [
+        f"model.hf_path={j(out, 'dpo', 'hf')}", f"model.tokenizer_path={j(out, 'tokenizer')}",
+        f"data.train_paths=[{data}]", f"train.out_dir={j(out, 'rlvr')}",
+        "train.tensorboard=false", "checkpoint.resume=none", *overrides,
+    ])  # fmt: skip
+    t0 = time.perf_counter()
+    hist = run(typing.cast(RLVRRunConfig, cfg))
+    return {"history": hist, "hf": j(out, "rlvr", "hf"), "seconds": time.perf_counter() - t0}

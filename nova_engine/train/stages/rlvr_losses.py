@@ -1,0 +1,254 @@
+"""RLVR on packed rollouts: the forward-only passes before the updates, the per-token
+advantages, and the policy and value losses for `Loop.update`.
+
+    stats = prepass(mbs, policy, reference, critic, ps, cfg)   # old / ref log-probs, values
+    assign_advantages(mbs, cfg, ps)                             # advantages (+ returns)
+    loop.update("policy", mbs_k, PolicyLoss(cfg, ps))           # per mini-batch
+    loop.update("critic", mbs_k, ValueLoss(cfg, ps))            # PPO
+
+Layout (nova_engine.rl.rollouts): every tensor is [T] on a micro-batch's label-aligned packed
+positions; position j predicts token j+1, so the log-prob, value and advantage of a response
+token share its position, and `loss_mask` is 1 exactly on response tokens. These tensors exist
+on the last pipeline stage only (where the loss runs); other stages hold none.
+
+- Old log-probs come from the policy's training forward before any update (not from the
+  sampler): the sampler's log-probs are compared with them (`logp_mismatch`, mean |diff|) and,
+  with `loss.tis`, enter the loss as the truncated importance weight min(e^(old - gen), cap).
+- Values: the critic's score head read at EVERY position (`token_values`), not only at the
+  last token as a reward model reads it.
+- Advantages: group estimators broadcast their per-response outcome advantage (computed with
+  DP-reduced group statistics before packing); gae runs GAE per packed sequence on the token
+  rewards (reward at the last response token, minus beta * KL per token when the KL is in the
+  reward) with the critic's values; reinforce_pp takes the discounted returns of the same
+  token rewards. gae, reinforce_pp and reinforce_pp_baseline are whitened over all of the
+  step's response tokens of every DP rank (`whiten_dp`).
+- Losses are normalized by the mini-batch's global token (sequence) count, reduced once over DP
+  by the loop, so per-step losses do not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import nova_kernels as nk
+import torch
+
+from nova_engine.losses.policy import PolicyLossConfig, compute_policy_loss
+from nova_engine.model.heads import _tp_args, lm_head_weight, score_head, token_logprobs
+from nova_engine.rl.rollouts import gae_packed_advantages, ppo_token_rewards, whiten_dp
+from nova_engine.train.stages.rlvr_rollout import GROUP_BASELINES, RLMicroBatch
+
+WHITENED = ("gae", "reinforce_pp", "reinforce_pp_baseline")
+
+
+def token_values(model: torch.nn.Module, hidden: torch.Tensor, ps) -> torch.Tensor:
+    """[T] fp32 values: the score head (K = 1) at every position of hidden [T(/tp), 1, H].
+    Under sequence parallelism the rows are all-gathered over TP (backward: each rank keeps
+    the gradient of its own rows; the loss is the same on every TP rank)."""
+    h_TH = hidden.reshape(-1, hidden.shape[-1])
+    if ps.sp and ps.tp > 1:
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        h_TH = gather_from_sequence_parallel_region(
+            h_TH, tensor_parallel_output_grad=False, group=ps.tp_group
+        )
+    return (h_TH @ score_head(model).weight[:1].t())[:, 0].float()
+
+
+# ------------------------------------------------------------------------------ pre-pass
+
+
+def _kl(cfg: PolicyLossConfig, logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return nk.kl_divergence(logp, ref, cfg.kl_type, log_ratio_clamp=cfg.kl_log_ratio_clamp,
+                            value_clamp=cfg.kl_value_clamp)  # fmt: skip
+
+
+PREPASS_METRICS = ("tokens", "entropy", "kl", "mismatch", "values")
+
+
+def prepass(mbs: Sequence[RLMicroBatch], policy, reference, critic, ps, cfg: PolicyLossConfig):
+    """Forward-only passes over all of this rank's micro-batches of the step: the policy's
+    log-probs and entropies (old_logprobs, entropy), the reference's log-probs (ref_logprobs,
+    when `reference`), the critic's values (values, when `critic`), into each mb.data on the
+    last stage. Returns per-micro-batch metric sums (PREPASS_METRICS) for Loop.reduce_metrics."""
+    tp = _tp_args(ps)
+
+    def logp_entropy(model, hidden, mb):
+        h = hidden.reshape(-1, hidden.shape[-1])
+        lp, ent = nk.linear_logprobs(h, lm_head_weight(model), mb.labels, return_entropy=True,
+                                     **tp)  # fmt: skip
+        return torch.stack([lp, ent])
+
+    outs = policy.forward_collect(mbs, logp_entropy)
+    for mb, o in zip(mbs, outs):
+        mb.data["old_logprobs"], mb.data["entropy"] = o[0], o[1]
+    if reference is not None:
+        refs = reference.forward_collect(mbs, lambda m, h, b: token_logprobs(m, h, b.labels, ps))
+        for mb, o in zip(mbs, refs):
+            mb.data["ref_logprobs"] = o
+    if critic is not None:
+        vals = critic.forward_collect(mbs, lambda m, h, b: token_values(m, h, ps))
+        for mb, o in zip(mbs, vals):
+            mb.data["values"] = o
+    results = []
+    for mb in mbs if outs else []:
+        d, mask = mb.data, mb.loss_mask
+        r = {"tokens": mask.sum(), "entropy": (d["entropy"] * mask).sum()}
+        r["kl"] = (_kl(cfg, d["old_logprobs"], d["ref_logprobs"]) * mask).sum() \
+            if "ref_logprobs" in d else torch.zeros(())  # fmt: skip
+        gen = mb.rb.gen_logprobs
+        r["mismatch"] = ((gen - d["old_logprobs"]).abs() * mask).sum() \
+            if gen is not None else torch.zeros(())  # fmt: skip
+        r["values"] = (d["values"] * mask).sum() if "values" in d else torch.zeros(())
+        results.append(r)
+    return results
+
+
+# ------------------------------------------------------------------------------ advantages
+
+
+def assign_advantages(
+    mbs: Sequence[RLMicroBatch],
+    *,
+    estimator: str,
+    policy_cfg: PolicyLossConfig,
+    gamma: float,
+    lam: float,
+    whiten: bool,
+    ps,
+) -> None:
+    """mb.data["advantages"] (and ["returns"] for gae) on the last stage; see the module
+    docstring. Collective over the DP group of the last stage when whitening."""
+    if not ps.is_last_stage():
+        return
+    for mb in mbs:
+        d, mask = mb.data, mb.loss_mask
+        if estimator in GROUP_BASELINES:
+            d["advantages"] = (
+                mb.rb.per_token(mb.adv_R) if mb.num_samples else torch.zeros_like(mask)
+            )
+            continue
+        kl_T, coef = None, 0.0
+        if policy_cfg.kl_in == "reward" and "ref_logprobs" in d:
+            kl_T, coef = _kl(policy_cfg, d["old_logprobs"], d["ref_logprobs"]), policy_cfg.kl_coef
+        r_T = ppo_token_rewards(mb.rb, mb.rewards_R, kl_T, coef)
+        if estimator == "gae":
+            d["advantages"], d["returns"] = gae_packed_advantages(
+                mb.rb, r_T, d["values"], gamma, lam
+            )
+        else:  # reinforce_pp: discounted returns = GAE with zero values and lambda 1
+            d["advantages"], _ = gae_packed_advantages(
+                mb.rb, r_T, torch.zeros_like(r_T), gamma, 1.0
+            )
+    if estimator in WHITENED and (whiten or estimator != "gae") and mbs:
+        adv = torch.cat([mb.data["advantages"] for mb in mbs])
+        mask = torch.cat([mb.loss_mask for mb in mbs])
+        white = whiten_dp(adv, mask, group=ps.dp_group) * (mask != 0)
+        for mb, part in zip(mbs, white.split([mb.num_tokens for mb in mbs])):
+            mb.data["advantages"] = part
+
+
+# ------------------------------------------------------------------------------ losses
+
+
+def _counts(mbs: Sequence[RLMicroBatch]) -> dict[str, float]:
+    return {
+        "tokens": float(sum(float(mb.loss_mask.sum()) for mb in mbs)),
+        "seqs": float(sum(mb.num_samples for mb in mbs)),
+    }
+
+
+class PolicyLoss:
+    """The policy loss of nova_engine.losses.policy on RL micro-batches (a loop Loss).
+
+    Args:
+        cfg: PolicyLossConfig (clip, dual clip, KL, aggregation).
+        tis: pass the sampler's log-probs (truncated importance sampling, cfg.tis_cap).
+        scale_len: seq-mean-token-sum-norm's constant length (Dr. GRPO: the max response
+            length); the loss is sum / (scale_len * sequences of the mini-batch).
+    """
+
+    metric_names = ("loss", "pg_loss", "kl_loss", "clipped", "clipped_lower", "approx_kl", "tokens")
+    normalizer = "tokens"
+
+    def __init__(self, cfg: PolicyLossConfig, ps, *, tis: bool = False, scale_len: float = 1.0):
+        self.cfg, self.ps, self.tis, self.scale_len = cfg, ps, tis, scale_len
+
+    def counts(self, microbatches: Sequence[RLMicroBatch]) -> dict[str, float]:
+        return _counts(microbatches)
+
+    def loss_fn(self, norms: dict[str, torch.Tensor]):
+        ps, n_tok, n_seq = self.ps, float(norms["tokens"]), float(norms["seqs"])
+        cfg = dataclasses.replace(self.cfg, loss_scale_factor=self.scale_len * max(n_seq, 1.0))
+
+        def loss_fn(model, hidden, mb: RLMicroBatch):
+            d, mask = mb.data, mb.loss_mask
+            lp = token_logprobs(model, hidden, mb.labels, ps)
+            loss, m = compute_policy_loss(
+                cfg, lp, d["old_logprobs"], d["advantages"], mask,
+                rollout_logprobs=mb.rb.gen_logprobs if self.tis else None,
+                ref_logprobs=d.get("ref_logprobs"), cu_seqlens=mb.cu_seqlens,
+                num_tokens=n_tok, num_seqs=n_seq,
+            )  # fmt: skip
+            n = mask.sum()
+            zero = torch.zeros((), device=lp.device)
+            metrics = {
+                "loss": loss.detach(), "pg_loss": m["pg_loss"], "kl_loss": m.get("kl_loss", zero),
+                "clipped": m["pg_clipfrac"] * n, "clipped_lower": m["pg_clipfrac_lower"] * n,
+                "approx_kl": m["ppo_kl"] * n, "tokens": n,
+            }  # fmt: skip
+            return loss, n.long(), metrics
+
+        return loss_fn
+
+    def finalize_metrics(self, sums: dict[str, float], norms: dict[str, float]) -> dict:
+        n = max(sums["tokens"], 1.0)
+        return {
+            "policy_loss": sums["loss"], "pg_loss": sums["pg_loss"], "kl_loss": sums["kl_loss"],
+            "clip_frac": sums["clipped"] / n, "clip_frac_lower": sums["clipped_lower"] / n,
+            "approx_kl": sums["approx_kl"] / n,
+        }  # fmt: skip
+
+
+class ValueLoss:
+    """PPO's clipped value loss on the critic's per-token values (a loop Loss):
+    vf_coef * 0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2), token mean over
+    the mini-batch (value_clip None: the plain squared error)."""
+
+    metric_names = ("loss", "value_loss", "clipped", "tokens")
+    normalizer = "tokens"
+
+    def __init__(self, ps, *, vf_coef: float = 0.1, value_clip: float | None = 0.2):
+        self.ps, self.vf_coef, self.clip = ps, vf_coef, value_clip
+
+    def counts(self, microbatches: Sequence[RLMicroBatch]) -> dict[str, float]:
+        return _counts(microbatches)
+
+    def loss_fn(self, norms: dict[str, torch.Tensor]):
+        ps, g = self.ps, max(float(norms["tokens"]), 1.0)
+
+        def loss_fn(model, hidden, mb: RLMicroBatch):
+            d, mask = mb.data, mb.loss_mask
+            v = token_values(model, hidden, ps)
+            err = (v - d["returns"]) ** 2
+            clipped = torch.zeros_like(err)
+            if self.clip is not None:
+                old = d["values"]
+                vc = old + (v - old).clamp(-self.clip, self.clip)
+                err_c = (vc - d["returns"]) ** 2
+                clipped = (err_c > err).float()
+                err = torch.maximum(err, err_c)
+            per_tok = 0.5 * err * mask
+            value_loss = per_tok.sum() / g
+            n = mask.sum()
+            metrics = {"loss": (self.vf_coef * value_loss).detach(),
+                       "value_loss": value_loss.detach(), "clipped": (clipped * mask).sum(),
+                       "tokens": n}  # fmt: skip
+            return self.vf_coef * value_loss, n.long(), metrics
+
+        return loss_fn
+
+    def finalize_metrics(self, sums: dict[str, float], norms: dict[str, float]) -> dict:
+        return {"value_loss": sums["value_loss"],
+                "vf_clip_frac": sums["clipped"] / max(sums["tokens"], 1.0)}  # fmt: skip

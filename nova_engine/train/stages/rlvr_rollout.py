@@ -1,0 +1,390 @@
+"""RLVR rollouts: the prompt stream, generation + verification on the policy, the step's
+responses gathered over DP, and their packing into balanced PPO mini-batches.
+
+    source = PromptSource(prompts, prompts_per_step=P, seed=s, total_steps=T)  # a DataSource
+    step = source.next_batch()                           # StepPrompts: the step's P prompts
+    mine = step.share(ps)                                 # this DP rank's P/dp prompts
+    gens, results, times = producer(step.step, mine)     # EngineRollouts: generate + verify
+    resp = gather_responses(mine, gens, results, ...)     # rewards, group advantages, DP gather
+    mbs = minibatches(resp, ps, num_mini_batches=M, ...)  # [M] lists of this rank's RLMicroBatch
+
+Prompt stream. Stream position k = step * P + j holds prompt perm_e[k mod N] of the seeded
+permutation of epoch e = k // N (N prompts): a step always takes P prompts, wrapping into the
+next epoch when the data set ends (or holds fewer than P prompts). k is the prompt's sampling
+key: sample i of it draws its t-th token from U(rollout seed, k, i, t)
+(nova_engine.generate.sampling), so rollouts depend on (seed, step, prompt, sample) only, never
+on the layout or the batch a row lands in, and a resumed run regenerates them exactly.
+
+DP. Rank d generates the prompts [d P/dp, (d+1) P/dp) of the step (group id = position j in
+the step); the model-parallel ranks of a replica generate the same rows and split the
+verification between them. Rewards are shaped (RewardConfig), group advantages computed with
+statistics reduced over DP (`group_advantages_dp`), then every rank gathers the step's
+responses (a few MB at Tülu scale), so the packing below is a pure function of
+(responses, seed, step): mini-batch k = a seeded partition of the step's responses, dealt over
+DP balanced by tokens (`data_source.deal`), packed into micro-batches of at most
+`capacity` tokens (exactly `capacity` when PP > 1, as the pipeline schedules need). A rank dealt
+nothing gets one all-padding micro-batch (zero loss, zero counts, zero gradient).
+
+Empty generations (a prompt that fills the model's context gets none) keep their reward and
+group membership but are not packed. A response that hit max_new_tokens without a stop token
+is `finished=False`: RewardConfig.truncated_reward replaces its reward when set (Tülu 3: -10).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nova_engine.data.packing import IGNORE_INDEX, PackedBatch
+from nova_engine.data.rlvr import RLVRPrompt
+from nova_engine.data.sample import Sample
+from nova_engine.logging import get_logger
+from nova_engine.rl.rollouts import Generation, RolloutBatch, Rollouts, group_advantages_dp
+from nova_engine.rl.verifiers import RewardConfig, VerifierResult, VerifyItem, shape_rewards
+from nova_engine.train.data_source import deal
+
+logger = get_logger(__name__)
+
+GROUP_BASELINES = {"grpo": "grpo", "dr_grpo": "dr_grpo", "rloo": "rloo",
+                   "reinforce_pp_baseline": "dr_grpo"}  # fmt: skip
+"""Advantage estimators with an outcome baseline from group statistics (-> the estimator of
+`group_advantages_dp` they use); gae and reinforce_pp have none."""
+
+
+# ------------------------------------------------------------------------------ prompts
+
+
+@dataclass
+class StepPrompts:
+    """The P prompts of one step: (stream position k, prompt) in step order."""
+
+    step: int
+    items: list[tuple[int, RLVRPrompt]]
+
+    def share(self, ps) -> tuple[int, list[tuple[int, RLVRPrompt]]]:
+        """(first position j in the step, this DP rank's contiguous block of prompts)."""
+        per = len(self.items) // ps.dp
+        return ps.dp_rank * per, self.items[ps.dp_rank * per : (ps.dp_rank + 1) * per]
+
+
+class PromptSource:
+    """The prompt stream as a DataSource (nova_engine.train.data_source.DataSource): see the
+    module docstring. Its state is the position and the seeds (permutations and sampling are
+    pure functions of them), which is all a resume needs."""
+
+    def __init__(
+        self,
+        prompts: Sequence[RLVRPrompt],
+        *,
+        prompts_per_step: int,
+        total_steps: int,
+        seed: int = 1234,
+        shuffle: bool = True,
+        sampling_seed: int = 0,
+    ):
+        if not prompts:
+            raise ValueError("rlvr: no prompts (empty data set, or every prompt too long?)")
+        if prompts_per_step < 1 or total_steps < 1:
+            raise ValueError(f"prompts_per_step={prompts_per_step}, total_steps={total_steps}")
+        self.samples = list(prompts)  # (runner.mfu_inputs reads prompt lengths from here)
+        self.P, self.total_steps = prompts_per_step, total_steps
+        self.seed, self.shuffle, self.sampling_seed = seed, shuffle, sampling_seed
+        self.position = 0
+        self._perm: tuple[int, np.ndarray] | None = None
+        if len(self.samples) < prompts_per_step:
+            logger.warning(
+                "rlvr: %d prompts, fewer than the %d of one step: the stream wraps (a prompt "
+                "can appear twice in a step, as separate groups)", len(self.samples), self.P,
+            )  # fmt: skip
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._perm is None or self._perm[0] != epoch:
+            n = len(self.samples)
+            perm = np.arange(n)
+            if self.shuffle:
+                perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+            self._perm = (epoch, perm)
+        return self._perm[1]
+
+    def step_prompts(self, step: int) -> StepPrompts:
+        n, items = len(self.samples), []
+        for k in range(step * self.P, (step + 1) * self.P):
+            epoch, i = divmod(k, n)
+            items.append((k, self.samples[int(self._order(epoch)[i])]))
+        return StepPrompts(step, items)
+
+    def next_batch(self) -> StepPrompts:
+        out = self.step_prompts(self.position)
+        self.position += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "position": self.position,
+            "rng": {"seed": self.seed, "shuffle": self.shuffle, "sampling": self.sampling_seed},
+            "num_prompts": len(self.samples),
+            "prompts_per_step": self.P,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        for key in ("rng", "num_prompts", "prompts_per_step"):
+            if state.get(key) != mine[key]:
+                logger.warning(
+                    "rlvr prompt source %s changed since the checkpoint: %s -> %s (the resumed "
+                    "run does not repeat the interrupted one)", key, state.get(key), mine[key],
+                )  # fmt: skip
+        self.position = int(state["position"])
+
+
+# ------------------------------------------------------------------------------ generation
+
+
+Producer = Callable[[int, list], tuple[list[list[Generation]], list[list[VerifierResult]], dict]]
+"""(step, this rank's [(k, prompt)]) -> (generations [p][i], verifier results [p][i],
+{"generate": s, "verify": s}). Every rank of a DP replica gets the same prompts and returns
+the same values."""
+
+
+def verify_split(items: list[VerifyItem], verify: Callable, ps) -> list[VerifierResult]:
+    """Verify `items` with the model-parallel ranks of this replica sharing the work (rank r of
+    the group takes items r, r + mp, ...); every rank gets all results."""
+    mp = dist.get_world_size(ps.mp_group) if ps.world_size > 1 else 1
+    if mp == 1:
+        return list(verify(items))
+    r = dist.get_rank(ps.mp_group)
+    mine = list(verify(items[r::mp]))
+    parts: list = [None] * mp
+    dist.all_gather_object(parts, mine, group=ps.mp_group)
+    out: list = [None] * len(items)
+    for q, part in enumerate(parts):
+        out[q::mp] = part
+    return out
+
+
+class EngineRollouts:
+    """The default producer: `params.n` samples per prompt from the policy engine's own
+    shards (ModelEngine.generate), decoded and verified (`verify`: a VerifierPool's
+    verify_batch, or in-process verify_one calls when no pool is used)."""
+
+    def __init__(self, engine, tokenizer, params, verify: Callable, *, max_batch_size: int = 64):
+        self.engine, self.tok, self.params, self.verify = engine, tokenizer, params, verify
+        self.max_batch_size = max_batch_size
+        self.context = engine.arch.max_position_embeddings
+        self.stops = set(params.stop_token_ids)
+
+    def text(self, g: Generation) -> str:
+        toks = (
+            g.tokens[:-1] if g.finished and len(g) and int(g.tokens[-1]) in self.stops else g.tokens
+        )
+        return self.tok.decode([int(t) for t in toks], skip_special_tokens=True)
+
+    def __call__(self, step: int, prompts: list, params=None):
+        from nova_engine.generate import Request
+
+        params = params or self.params
+        t0 = time.perf_counter()
+        fits = [j for j, (_, p) in enumerate(prompts) if len(p) < self.context]
+        outs = self.engine.generate(
+            [Request([int(t) for t in prompts[j][1].tokens], index=prompts[j][0]) for j in fits],
+            params, max_batch_size=self.max_batch_size,
+        )  # fmt: skip
+        gens = [
+            [Generation(np.zeros(0, np.int64), np.zeros(0, np.float32), False)] * params.n
+            for _ in prompts
+        ]  # fmt: skip  (no room in the context: empty generations)
+        for j, group in zip(fits, outs):
+            gens[j] = [Generation(np.asarray(g.tokens, np.int64), np.asarray(g.logprobs),
+                                  g.finish_reason == "stop") for g in group]  # fmt: skip
+        t1 = time.perf_counter()
+        items = [VerifyItem(p.dataset, self.text(g), p.ground_truth)
+                 for (_, p), group in zip(prompts, gens) for g in group]  # fmt: skip
+        flat = verify_split(items, self.verify, self.engine.ps)
+        n = params.n
+        results = [flat[j * n : (j + 1) * n] for j in range(len(prompts))]
+        return gens, results, {"generate": t1 - t0, "verify": time.perf_counter() - t1}
+
+
+# ------------------------------------------------------------------------------ responses
+
+
+@dataclass
+class Response:
+    """One response of the step (the same list on every rank after the DP gather)."""
+
+    prompt: np.ndarray  # [Lp] int64
+    gen: Generation
+    reward: float
+    advantage: float  # outcome advantage of the group estimators (0 for gae, reinforce_pp)
+    group: int  # position j of its prompt in the step
+    dataset: str
+    score: float  # verifier score in [0, 1]
+    reason: str  # verifier result kind (correct, wrong, timeout, ...)
+
+
+@dataclass
+class StepResponses:
+    responses: list[Response]
+    degenerate_groups: int  # groups whose rewards are all equal (no group signal)
+    num_groups: int
+    times: dict[str, float] = field(default_factory=dict)
+
+
+def gather_responses(
+    first: int,
+    prompts: list,
+    gens: list[list[Generation]],
+    results: list[list[VerifierResult]],
+    *,
+    num_groups: int,
+    reward: RewardConfig,
+    estimator: str,
+    ps,
+    eps: float = 1e-6,
+) -> StepResponses:
+    """Shape rewards, compute group advantages (statistics over DP) and gather every rank's
+    responses in step order (see the module docstring)."""
+    flat = [(j, g, r) for j, (gs, rs) in enumerate(zip(gens, results)) for g, r in zip(gs, rs)]
+    rewards = shape_rewards([r for _, _, r in flat], [g.finished for _, g, _ in flat], reward)
+    gids = torch.tensor([first + j for j, _, _ in flat], dtype=torch.int64, device=ps.device)
+    rew = torch.tensor(rewards, dtype=torch.float32, device=ps.device)
+    adv, degenerate = torch.zeros_like(rew), 0
+    if estimator in GROUP_BASELINES:
+        adv, deg = group_advantages_dp(rew, gids, num_groups, estimator=GROUP_BASELINES[estimator],
+                                       eps=eps, group=ps.dp_group)  # fmt: skip
+        degenerate = int(deg.sum())
+    adv_list = adv.cpu().tolist()
+    mine = [
+        Response(prompts[j][1].tokens, g, rewards[i], adv_list[i], first + j,
+                 prompts[j][1].dataset, r.score, r.kind)
+        for i, (j, g, r) in enumerate(flat)
+    ]  # fmt: skip
+    if ps.dp > 1:
+        parts: list = [None] * ps.dp
+        dist.all_gather_object(parts, mine, group=ps.dp_group)
+        mine = [x for part in parts for x in part]
+    return StepResponses(mine, degenerate, num_groups)
+
+
+def rollout_metrics(sr: StepResponses) -> dict[str, float]:
+    """Reward, verified fraction (overall and per data source), lengths, truncation."""
+    rs = sr.responses
+    n = max(len(rs), 1)
+    lens = np.array([len(r.gen) for r in rs] or [0])
+    out = {
+        "reward": float(sum(r.reward for r in rs) / n),
+        "verified": float(sum(r.score >= 1.0 for r in rs) / n),
+        "response_len": float(lens.mean()),
+        "response_len_max": float(lens.max()),
+        "truncated": float(sum(not r.gen.finished for r in rs) / n),
+        "empty": float(sum(len(r.gen) == 0 for r in rs)),
+        "degenerate_groups": sr.degenerate_groups / max(sr.num_groups, 1),
+    }
+    for ds in sorted({r.dataset for r in rs}):
+        mine = [r for r in rs if r.dataset == ds]
+        out[f"verified/{ds}"] = sum(r.score >= 1.0 for r in mine) / len(mine)
+    for kind in ("timeout", "error"):
+        c = sum(r.reason == kind for r in rs)
+        if c:
+            out[f"verifier_{kind}"] = float(c)
+    return out
+
+
+# ------------------------------------------------------------------------------ packing
+
+
+class RLMicroBatch:
+    """A packed micro-batch of rollouts (RolloutBatch) with its per-token RL tensors [T]
+    (`data`: old_logprobs, ref_logprobs, values, advantages, returns on the last stage) and
+    its responses' rewards / outcome advantages [N_local rows]. Reads as its PackedBatch."""
+
+    def __init__(self, rb: RolloutBatch, rewards_R: torch.Tensor, adv_R: torch.Tensor):
+        self.rb, self.rewards_R, self.adv_R = rb, rewards_R, adv_R
+        self.data: dict[str, torch.Tensor] = {}
+
+    def __getattr__(self, name: str):
+        if name in ("rb", "rewards_R", "adv_R", "data"):
+            raise AttributeError(name)
+        return getattr(self.rb.batch, name)
+
+
+def _pad_to(rb: RolloutBatch, length: int, pad_id: int) -> RolloutBatch:
+    """The micro-batch padded with `length - T` more padding tokens (the padding segment)."""
+    b = rb.batch
+    extra = length - b.num_tokens
+    if extra <= 0:
+        return rb
+    cu = b.cu_seqlens.clone()
+    if b.num_segments > b.num_samples:  # a padding segment already ends the batch
+        cu[-1] += extra
+    else:
+        cu = torch.cat([cu, cu[-1:] + extra])
+    pad_len = int(cu[-1] - cu[-2])
+    pos = b.position_ids.clone()
+    pos = torch.cat([pos, torch.zeros(extra, dtype=pos.dtype)])
+    pos[-pad_len:] = torch.arange(pad_len)
+    batch = PackedBatch(
+        tokens=torch.cat([b.tokens, torch.full((extra,), pad_id, dtype=b.tokens.dtype)]),
+        position_ids=pos, cu_seqlens=cu,
+        labels=torch.cat([b.labels, torch.full((extra,), IGNORE_INDEX, dtype=b.labels.dtype)]),
+        loss_mask=torch.cat([b.loss_mask, torch.zeros(extra, dtype=b.loss_mask.dtype)]),
+        seq_index=torch.cat([b.seq_index, torch.full((extra,), -1, dtype=b.seq_index.dtype)]),
+        sample_ids=b.sample_ids, num_samples=b.num_samples, max_seqlen=max(b.max_seqlen, pad_len),
+    )  # fmt: skip
+    lp = rb.gen_logprobs
+    lp = None if lp is None else torch.cat([lp, torch.zeros(extra, dtype=lp.dtype)])
+    return RolloutBatch(batch, rb.rows, lp)
+
+
+def _padding_batch(length: int, pad_id: int) -> RolloutBatch:
+    batch = PackedBatch.from_samples([], pad_id=pad_id, pad_to_length=length)
+    return RolloutBatch(batch, torch.zeros(0, dtype=torch.int64), torch.zeros(length))
+
+
+def pack_share(rs: list[Response], ps, *, capacity: int, pad_id: int = 0) -> list[RLMicroBatch]:
+    """This rank's responses `rs` -> micro-batches on the device (module docstring)."""
+    fixed = ps.pp > 1
+    empty_len = capacity if fixed else ps.tp * 8
+    rbs: list[RolloutBatch] = []
+    if any(len(r.gen) for r in rs):
+        ro = Rollouts([r.prompt for r in rs], [r.gen for r in rs], np.arange(len(rs)),
+                      np.array([r.group for r in rs]), np.array([r.reward for r in rs]))  # fmt: skip
+        rbs = ro.pack(capacity, pad_to_multiple=ps.tp, pad_id=pad_id)
+    if fixed:
+        rbs = [_pad_to(rb, capacity, pad_id) for rb in rbs]
+    if not rbs:
+        rbs = [_padding_batch(empty_len, pad_id)]
+    rew = torch.tensor([r.reward for r in rs], dtype=torch.float32, device=ps.device)
+    adv = torch.tensor([r.advantage for r in rs], dtype=torch.float32, device=ps.device)
+    return [RLMicroBatch(rb.to(ps.device), rew, adv) for rb in rbs]
+
+
+def minibatches(
+    sr: StepResponses,
+    ps,
+    *,
+    step: int,
+    num_mini_batches: int,
+    capacity: int,
+    seed: int,
+    pad_id: int = 0,
+) -> list[list[RLMicroBatch]]:
+    """The step's responses -> [M] mini-batches of this rank's micro-batches: a seeded
+    partition of all responses into M parts, each dealt over DP balanced by tokens."""
+    rs = sr.responses
+    perm = np.random.default_rng([seed, step, 7]).permutation(len(rs))
+    out = []
+    for k, part in enumerate(np.array_split(perm, num_mini_batches)):
+        part = np.sort(part)  # step order inside a mini-batch
+        items = [Sample(np.concatenate([rs[r].prompt, rs[r].gen.tokens]),
+                        np.zeros(len(rs[r].prompt) + len(rs[r].gen), np.uint8), int(r))
+                 for r in part]  # fmt: skip
+        mine = deal(items, ps.dp, ps.dp_rank, seed=seed, step=step * num_mini_batches + k)
+        out.append(pack_share([rs[s.index] for s in mine], ps, capacity=capacity, pad_id=pad_id))
+    return out
