@@ -30,11 +30,17 @@ megatron's text-generation controller and inference wrapper are not used: the co
 feeds ragged prompts one token per step, samples from one global generator and asserts CUDA
 tensors in its pipeline communication.
 
-Padding bound. Requests x samples are sorted by prompt length and cut into batches of at
-most `max_batch_size` rows such that a batch's left padding is at most `max_pad_fraction`
-of its real prompt tokens. A finished row is dropped from the batch (and its KV cache) once
-a quarter of the batch has finished, so fewer than 1/4 of the rows of any decode step are
-finished sequences.
+Batches and padding. Requests x samples are sorted by prompt length (a prompt's samples
+side by side) and cut into batches of `max_batch_size` rows, all decoded together. The
+prefill computes each distinct prompt of a batch once (its other samples get copies of its
+cache rows), in groups of similar length: a group's left padding is at most
+`max_pad_fraction` of its real prompt tokens (default 1/4), so the prefill computes at most
+1.25x the real tokens of the distinct prompts. Decode steps run every unfinished row; a
+finished row is dropped from the batch and its cache once a quarter of the batch has
+finished, so fewer than 1/4 of the rows of a decode step are finished sequences. What is
+not bounded: a decode step's attention also reads the padding slots of rows shorter than
+the batch's longest prompt (masked; up to P - len per row), which length-sorted batches
+keep small when there are many requests.
 
 Legend: B rows in the batch, P longest prompt of the batch, S query positions of a step,
 K = P + T - 1 cache length, H hidden, V vocab (Vp = V/tp on one TP rank).
@@ -150,9 +156,9 @@ def _generation_mode(models: Sequence[torch.nn.Module]) -> Iterator[None]:
 def plan_batches(
     lengths: Sequence[int], max_batch: int, max_pad_fraction: float
 ) -> list[list[int]]:
-    """Row indices per batch: rows sorted by length (longest first, ties by index), cut so
-    that a batch has at most `max_batch` rows and left padding of at most
-    `max_pad_fraction` x its real prompt tokens."""
+    """Groups of row indices: rows sorted by length (longest first, ties by index), cut so
+    that a group has at most `max_batch` rows and left padding of at most
+    `max_pad_fraction` x its real prompt tokens (the prefill groups of a batch)."""
     order = sorted(range(len(lengths)), key=lambda r: (-lengths[r], r))
     batches: list[list[int]] = []
     cur: list[int] = []
@@ -223,9 +229,10 @@ def _validate(
 class _Decoder:
     """One rank's side of the decode loop over its chunks (one batch at a time)."""
 
-    def __init__(self, chunks, layout: _Layout, params: SamplingParams):
+    def __init__(self, chunks, layout: _Layout, params: SamplingParams, max_pad_fraction: float):
         self.models = [_unwrap(c) for c in chunks]
         self.layout, self.params = layout, params
+        self.max_pad_fraction = max_pad_fraction
         self.dtype = self.models[0].config.params_dtype
         self.hidden = self.models[0].config.hidden_size
         self.w_VpH = None
@@ -278,38 +285,60 @@ class _Decoder:
             dist.broadcast(info, src=lay.tp_global(0), group=lay.tp_group)
         return info
 
-    def _step(self, ids_BS, rows, steps) -> torch.Tensor:
-        """One forward + choice; every rank returns the [3, B] float64 step info."""
+    def _finish(self, h_BH: torch.Tensor | None, rows: list[_Row]) -> torch.Tensor:
+        """Choice on the last stage; every rank returns the [3, B] float64 step info."""
         lay = self.layout
-        h = self._forward(ids_BS)
-        if h is not None:
-            info = self._pick(h, rows, steps)
+        if h_BH is not None:
+            info = self._pick(h_BH, rows, [len(r.out.tokens) for r in rows])
         else:
             info = torch.empty(3, len(rows), dtype=torch.float64, device=lay.device)
         if lay.pp > 1:
             dist.broadcast(info, src=lay.pp_global(lay.pp - 1), group=lay.pp_group)
         return info.cpu()
 
+    def _prefill(self, rows: list[_Row], cache: BatchCache, state, p: int) -> torch.Tensor:
+        """Every distinct prompt once, in length groups (left padding <= max_pad_fraction of
+        a group's real tokens), each group into its rows' slots p - P_group .. p - 1; the
+        other samples of a prompt get copies of its cache rows. Returns the step info of
+        the first generated token."""
+        dev = self.layout.device
+        lens = [len(r.prompt) for r in rows]
+        first: dict[tuple[int, ...], int] = {}
+        src = [first.setdefault(tuple(r.prompt), b) for b, r in enumerate(rows)]
+        uniq = sorted(first.values())
+        hidden: dict[int, torch.Tensor] = {}
+        for group in plan_batches([lens[b] for b in uniq], len(uniq), self.max_pad_fraction):
+            g_rows = [uniq[i] for i in group]
+            pg = lens[g_rows[0]]  # the longest: plan_batches sorts by length
+            ids = torch.full((len(g_rows), pg), _PAD_ID, dtype=torch.int64)
+            for i, b in enumerate(g_rows):
+                ids[i, pg - lens[b] :] = torch.tensor(rows[b].prompt)
+            state.begin_prefill(torch.tensor(g_rows, device=dev), p - pg, pg)
+            h = self._forward(ids.to(dev))
+            if h is not None:
+                hidden.update(zip(g_rows, h))
+        state.end_prefill(p)
+        dst = [b for b in range(len(rows)) if src[b] != b]
+        if dst:
+            cache.copy_rows(
+                torch.tensor([src[b] for b in dst], device=dev), torch.tensor(dst, device=dev), p
+            )
+        h_BH = torch.stack([hidden[src[b]] for b in range(len(rows))]) if hidden else None
+        return self._finish(h_BH, rows)
+
     # -- one batch -----------------------------------------------------------------------
 
     def run(self, rows: list[_Row]) -> None:
         """Generate every row of one batch to its end."""
         dev = self.layout.device
-        lens = torch.tensor([len(r.prompt) for r in rows])
-        p = int(lens.max())
-        pads = p - lens
+        p = max(len(r.prompt) for r in rows)
+        pads = torch.tensor([p - len(r.prompt) for r in rows])
         slots = p + max(r.limit for r in rows) - 1  # the last token is never fed back
         cache = BatchCache(self.models, pads, slots)
-        ids = torch.full((len(rows), p), _PAD_ID, dtype=torch.int64)
-        for b, r in enumerate(rows):
-            ids[b, int(pads[b]) :] = torch.tensor(r.prompt)
         active = list(rows)
-        new_ids = ids.to(dev)
         with cache.installed() as state:
+            info = self._prefill(rows, cache, state, p)
             while True:
-                state.begin_step(new_ids.shape[1])
-                info = self._step(new_ids, active, [len(r.out.tokens) for r in active])
-                state.end_step()
                 toks = info[0].long().tolist()
                 for b, r in enumerate(active):
                     if not r.finished:
@@ -322,7 +351,10 @@ class _Decoder:
                     cache.keep_rows(torch.tensor(keep, device=dev))
                     active = [active[b] for b in keep]
                     toks = [toks[b] for b in keep]
-                new_ids = torch.tensor(toks, dtype=torch.int64, device=dev)[:, None]
+                state.begin_step(1)
+                h = self._forward(torch.tensor(toks, dtype=torch.int64, device=dev)[:, None])
+                state.end_step()
+                info = self._finish(h, active)
 
     @staticmethod
     def _record(r: _Row, tok: int, logp, ent) -> None:
@@ -349,8 +381,9 @@ def generate(
 ) -> list[list[Generation]]:
     """Generate `params.n` samples for each request on this rank's `chunks` of the model
     (layout `ps`, architecture `arch`); see the module docstring. Returns, per request (in
-    the given order), its samples. `on_batch_done(rows_done, rows_total)` is called after
-    each batch (progress)."""
+    the given order), its samples. `max_batch_size`: rows decoded together (KV cache
+    memory grows with it); `max_pad_fraction`: the prefill padding bound;
+    `on_batch_done(rows_done, rows_total)` is called after each batch (progress)."""
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size={max_batch_size}: expected >= 1")
     if max_pad_fraction < 0:
@@ -369,10 +402,12 @@ def generate(
         return results
     models = [_unwrap(c) for c in chunks]
     layout = _Layout.of(ps, models)
-    batches = plan_batches([len(r.prompt) for r in rows], max_batch_size, max_pad_fraction)
+    # batches: consecutive rows in length order (a prompt's samples side by side)
+    order = sorted(range(len(rows)), key=lambda r: (-len(rows[r].prompt), r))
+    batches = [order[i : i + max_batch_size] for i in range(0, len(order), max_batch_size)]
     done = 0
     with torch.no_grad(), _generation_mode(models):
-        decoder = _Decoder(models, layout, params)
+        decoder = _Decoder(models, layout, params, max_pad_fraction)
         for batch in batches:
             decoder.run([rows[r] for r in batch])
             done += len(batch)

@@ -12,9 +12,12 @@ attends over it. megatron's static-context path stays correct with Nova's core a
 (tests/engine/test_decode_attention.py); the generate loop uses this one.
 
 Layout: per layer k/v [B, ng, K, hn] (SDPA's [batch, heads, keys, dim], so a step's keys
-are a prefix view, no copy). Prompts are left-padded: row b's first `pad[b]` slots hold
+are a prefix view, no copy). Prompts are left-padded: row b's first `pad[b]` slots are
 padding that no query sees (a padding query sees itself only, so it stays finite).
 Positions are per row: position = slot - pad[b], so each token has its true position.
+The prefill runs in groups of rows (`begin_prefill`): a group writes its slots
+P - P_group .. P - 1 and attends among its own new positions only (the slots before are
+padding for it); decode steps (`begin_step`) then run every row over slots 0 .. o + S - 1.
 
 Legend: B rows, ng KV groups per TP rank, np query heads per TP rank, K cache slots,
 S new positions of a step, o slots filled before the step, hn head dim, d RoPE dim.
@@ -41,20 +44,46 @@ class DecodeState:
         self.inv_freq = inv_freq
         self.filled = 0  # o
         self.step_len = 0  # S
+        self.rows_R: torch.Tensor | None = None  # a prefill group's rows (None: all rows)
+        self.start = 0  # the group's first slot
         self.mask_B1SK: torch.Tensor | None = None
         self.causal = False
         self.emb_SB1D: torch.Tensor | None = None
 
+    def _angles(self, slot_S: torch.Tensor, pads_B: torch.Tensor) -> None:
+        pos_SB = (slot_S[:, None] - pads_B[None, :]).clamp_min(0)
+        f = pos_SB.to(self.inv_freq.dtype)[..., None] * self.inv_freq  # as megatron: p * f
+        self.emb_SB1D = torch.cat((f, f), dim=-1)[:, :, None, :]
+
+    def begin_prefill(self, rows_R: torch.Tensor, start: int, s: int) -> None:
+        """A prefill group: rows `rows_R` take slots start..start+S-1 (their prompts end at
+        the last prompt slot, every slot before `start` is padding for them), attending only
+        among themselves (the group's own left padding masked)."""
+        self.rows_R, self.start, self.step_len = rows_R, start, s
+        slot_S = torch.arange(start, start + s, device=self.device)
+        pads_R = self.pads_B.index_select(0, rows_R)
+        self._angles(slot_S, pads_R)
+        self.causal, self.mask_B1SK = True, None
+        if bool((pads_R > start).any()):
+            key_S = slot_S
+            allowed = key_S[None, :] <= slot_S[:, None]
+            real = key_S[None, :] >= pads_R[:, None]
+            own = key_S[None, :] == slot_S[:, None]
+            self.causal = False
+            self.mask_B1SK = ((allowed[None] & real[:, None, :]) | own[None])[:, None]
+
+    def end_prefill(self, prompt_slots: int) -> None:
+        self.rows_R = None
+        self.filled = prompt_slots
+
     def begin_step(self, s: int) -> None:
-        """Prepare the mask and the RoPE angles of the next S positions."""
+        """Prepare the mask and the RoPE angles of the next S positions of every row."""
         o, k = self.filled, self.filled + s
         if k > self.slots:
             raise RuntimeError(f"KV cache of {self.slots} slots cannot take {k}")
         self.step_len = s
         slot_S = torch.arange(o, k, device=self.device)
-        pos_SB = (slot_S[:, None] - self.pads_B[None, :]).clamp_min(0)
-        f = pos_SB.to(self.inv_freq.dtype)[..., None] * self.inv_freq  # as megatron: p * f
-        self.emb_SB1D = torch.cat((f, f), dim=-1)[:, :, None, :]
+        self._angles(slot_S, self.pads_B)
         self.causal = False
         self.mask_B1SK = None
         if not self.has_pad and s == 1:
@@ -91,28 +120,44 @@ class LayerKVCache:
     def __init__(self, state: DecodeState, rows: int, groups: int, head_dim: int, dtype):
         self.state = state
         shape = (rows, groups, state.slots, head_dim)
-        # every slot a step reads was written by an earlier step (padding slots by the prefill)
-        self.k_BGKH = torch.empty(shape, dtype=dtype, device=state.device)
-        self.v_BGKH = torch.empty(shape, dtype=dtype, device=state.device)
+        # zeros: a prefill group leaves the slots before its start unwritten, and a masked
+        # key still enters SDPA's product as 0 x value (NaN garbage would poison the row)
+        self.k_BGKH = torch.zeros(shape, dtype=dtype, device=state.device)
+        self.v_BGKH = torch.zeros(shape, dtype=dtype, device=state.device)
 
     def attend(self, q_SBNH, k_SBGH, v_SBGH, scale: float) -> torch.Tensor:
         """Append the step's k/v [S, B, ng, hn]; attention of q [S, B, np, hn] over the
         filled cache -> [S, B, np*hn]."""
         st = self.state
-        o, s = st.filled, q_SBNH.shape[0]
+        s = q_SBNH.shape[0]
+        gqa = q_SBNH.shape[2] != self.k_BGKH.shape[1]
+        if st.rows_R is not None:  # a prefill group: store, attend among the new positions
+            k_BGSH, v_BGSH = k_SBGH.permute(1, 2, 0, 3), v_SBGH.permute(1, 2, 0, 3)
+            self.k_BGKH[st.rows_R, :, st.start : st.start + s] = k_BGSH
+            self.v_BGKH[st.rows_R, :, st.start : st.start + s] = v_BGSH
+            out = F.scaled_dot_product_attention(
+                q_SBNH.permute(1, 2, 0, 3), k_BGSH, v_BGSH, attn_mask=st.mask_B1SK,
+                is_causal=st.causal, scale=scale, enable_gqa=gqa,
+            )  # fmt: skip
+            return out.permute(2, 0, 1, 3).reshape(s, q_SBNH.shape[1], -1)
+        o = st.filled
         k = o + s
         self.k_BGKH[:, :, o:k] = k_SBGH.permute(1, 2, 0, 3)
         self.v_BGKH[:, :, o:k] = v_SBGH.permute(1, 2, 0, 3)
         q = q_SBNH.permute(1, 2, 0, 3)
         out = F.scaled_dot_product_attention(
             q, self.k_BGKH[:, :, :k], self.v_BGKH[:, :, :k], attn_mask=st.mask_B1SK,
-            is_causal=st.causal, scale=scale, enable_gqa=q.shape[1] != self.k_BGKH.shape[1],
+            is_causal=st.causal, scale=scale, enable_gqa=gqa,
         )  # fmt: skip
         return out.permute(2, 0, 1, 3).reshape(s, q.shape[0], -1)
 
     def keep_rows(self, keep_B: torch.Tensor) -> None:
         self.k_BGKH = self.k_BGKH.index_select(0, keep_B)
         self.v_BGKH = self.v_BGKH.index_select(0, keep_B)
+
+    def copy_rows(self, src_R: torch.Tensor, dst_R: torch.Tensor, slots: int) -> None:
+        self.k_BGKH[dst_R, :, :slots] = self.k_BGKH[src_R, :, :slots]
+        self.v_BGKH[dst_R, :, :slots] = self.v_BGKH[src_R, :, :slots]
 
 
 class BatchCache:
@@ -152,6 +197,11 @@ class BatchCache:
         self.state.keep_rows(keep_B)
         for _, cache in self.layers:
             cache.keep_rows(keep_B)
+
+    def copy_rows(self, src_R: torch.Tensor, dst_R: torch.Tensor, slots: int) -> None:
+        """Rows dst take the first `slots` cache slots of rows src (a shared prompt)."""
+        for _, cache in self.layers:
+            cache.copy_rows(src_R, dst_R, slots)
 
     @property
     def nbytes(self) -> int:

@@ -1,5 +1,5 @@
 """Generation on the megatron chunks at TP1, TP2 (+SP), PP2 (+VP2), tiny Llama and Qwen2:
-greedy tokens equal `transformers.generate`; sampled outputs are the same at every layout
+greedy tokens equal `transformers.generate` (also through ModelEngine.generate); sampled outputs are the same at every layout
 and batch composition for the same seed; generated log-probs and entropies equal the
 packed training forward's (through nova_kernels.linear_logprobs as the stages use it);
 per-sequence stop tokens and max lengths; `nova generate` end to end under DP2.
@@ -140,6 +140,11 @@ def _layout_run(family, layout, model_dir, prompts, eos, other_dir=None):
             out["per_seq"] = [(g[0].tokens, g[0].finish_reason) for g in o]
         if other_dir is not None:
             out["backend"] = _backend_checks(chunks, ps, arch, prompts, greedy, other_dir)
+        if family == "llama" and layout == (2, 1, None, False):  # ModelEngine delegates
+            from nova_engine.train.engine import ModelEngine
+
+            eng = ModelEngine(arch, ps, weights_dir=model_dir, trainable=False)
+            out["engine_greedy"] = [o[0].tokens for o in eng.generate(prompts, greedy)]
     elif ps.dp_rank == 1:  # another batch composition: a reversed subset, one row per batch
         order = [3, 0, 4]
         reqs = [Request(prompts[j], index=j) for j in order]
@@ -223,6 +228,8 @@ def test_greedy_equals_transformers_at_every_layout(runs, family):
     for layout in _layouts(family):
         got = results[0][(family, layout)]["greedy"]
         assert got == refs[family], f"{family} {layout}"
+    if family == "llama":  # through ModelEngine.generate (a frozen engine at TP2)
+        assert results[0][(family, (2, 1, None, False))]["engine_greedy"] == refs[family]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
