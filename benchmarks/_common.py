@@ -38,6 +38,7 @@ METRICS = (
     "x_gemm3",
     "mem_vs_naive",
     "oom",
+    "token_agreement",  # fraction of rows whose generated tokens equal the baseline's
 )
 ENV_COLUMNS = ("device", "torch", "triton", "commit")
 

@@ -61,13 +61,14 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="CPU model and shapes")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new", type=int, default=128, help="new tokens per row")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU default 1)")
     ap.add_argument("--shapes", default=None, help="e.g. 32x64,32x512,32xragged")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     on_gpu = torch.cuda.is_available()
     quick = args.quick or not on_gpu
+    # one thread per process by default on CPU: on a shared machine, two-thread ops of a
+    # busy process wait on a descheduled thread (both impls alike, but noisier)
+    torch.set_num_threads(args.threads or (torch.get_num_threads() if on_gpu else 1))
     device = torch.device("cuda" if on_gpu else "cpu")
     from nova_engine.generate import SamplingParams, generate
     from nova_engine.model.arch import load_arch
@@ -98,7 +99,7 @@ def main(argv=None) -> None:
         b = int(b)
         lengths = [64 + (448 * i) // max(b - 1, 1) for i in range(b)] if p == "ragged" else int(p)
         prompts = _prompts(b, lengths, cfg["vocab_size"], seed=k)
-        tag = f"B{b}xP{p}+{args.new} ({n_params / 1e6:.0f}M {precision})"
+        tag = f"B{b}xP{p}+{args.new} ({n_params / 1e6:.0f}M {precision}, {torch.get_num_threads()} thr)"
         impls = {
             "nova": lambda pr=prompts: [
                 o[0].tokens for o in generate(chunks, ps, arch, pr, params)
@@ -106,7 +107,7 @@ def main(argv=None) -> None:
             "transformers": _hf_runner(hf, prompts, args.new, device),
         }
         agree = sum(a == c for a, c in zip(impls["nova"](), impls["transformers"]())) / b
-        times = time_interleaved(impls, warmup=1, reps=args.reps)
+        times = time_interleaved(impls, warmup=0, reps=args.reps)  # (warmed by the check)
         for impl, fn in impls.items():
             t = times[impl]
             base = dict(op="generate", impl=impl, shape=tag, mode="generate")

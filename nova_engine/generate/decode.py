@@ -69,6 +69,7 @@ from nova_engine.logging import get_logger
 log = get_logger(__name__)
 
 _PAD_ID = 0  # token fed at padded cache slots (masked out everywhere)
+_UPCAST_ELEMS = 1 << 26  # LM-head elements upcast to fp32 at a time (256 MB)
 
 
 class GenerationError(ValueError):
@@ -113,10 +114,6 @@ class _Layout:
 
     def tp_global(self, tp_rank: int) -> int:
         return dist.get_global_rank(self.tp_group, tp_rank)
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
 
 
 # ------------------------------------------------------------------- the chunks, for a call
@@ -237,8 +234,7 @@ class _Decoder:
         self.hidden = self.models[0].config.hidden_size
         self.w_VpH = None
         if self.models[-1].post_process:
-            w = self.models[-1].lm_head_weight().detach()
-            self.w_VpH = w if w.dtype == torch.float32 else w.float()  # fp32 logits
+            self.w_VpH = self.models[-1].lm_head_weight().detach()
 
     # -- one step through the pipeline --------------------------------------------------
 
@@ -260,11 +256,22 @@ class _Decoder:
             return None
         return out[-1].float()
 
+    def _logits(self, h_BH: torch.Tensor) -> torch.Tensor:
+        """[B, Vp] fp32 logits of this rank's vocab shard; a bf16/fp16 head is upcast one
+        slice of rows at a time (no fp32 copy of the whole head is kept)."""
+        w = self.w_VpH
+        if w.dtype == torch.float32:
+            return h_BH @ w.t()
+        rows = max(1, _UPCAST_ELEMS // w.shape[1])
+        return torch.cat(
+            [h_BH @ w[i : i + rows].float().t() for i in range(0, w.shape[0], rows)], 1
+        )
+
     def _pick(self, h_BH, rows: list[_Row], steps: list[int]) -> torch.Tensor:
         """Last stage: logits, choice, log-probs -> [3, B] float64 (token, logp, entropy),
         identical on every TP rank (TP rank 0's choice is broadcast)."""
         lay = self.layout
-        logits_BVp = h_BH @ self.w_VpH.t()
+        logits_BVp = self._logits(h_BH)
         if lay.tp > 1:
             parts = [torch.empty_like(logits_BVp) for _ in range(lay.tp)]
             dist.all_gather(parts, logits_BVp.contiguous(), group=lay.tp_group)
