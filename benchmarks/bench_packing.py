@@ -17,7 +17,8 @@ pad_to_longest: its efficiency / the efficiency of LB bins). The bar is lb_over_
 
 Throughput (sequences/s): the C++ packer, one call on one thread (the packer is
 single-threaded; the GIL is released), timed over several calls; `pack_lengths` (the Python
-API around it) likewise; the plain-Python references from tests/engine/test_packing.py on a
+API around it) likewise, all interleaved (A B C A B C ...); TRL's BFD packer (`trl_rows`,
+optional `bench` extra) against the C++ BFD on the first 100k (quick: 25k) lengths; the plain-Python references from tests/engine/test_packing.py on a
 subsample (20k, quick: 5k), reported as measured on the subsample. They are O(n · bins), so
 their time for 1M sequences is far worse than the linear extrapolation `est_s_linear_1M`
 written next to them (a lower bound on that time).
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks._common import env_info, time_fn, write_rows
+from benchmarks._common import env_info, time_interleaved, write_rows
 from nova_engine import _C
 from nova_engine.data.packing import pack_lengths
 
@@ -122,11 +123,13 @@ def throughput_rows(lengths, capacity, reps, references, ref_n) -> list[dict]:
             rows.append({**row, "metric": extra[0], "p50": extra[1], "p20": "", "p80": ""})
 
     shape = f"n={n},cap={capacity}"
-    for algorithm in ("nextfit", "ffd", "bfd"):
-        t = time_fn(lambda a=algorithm: _C.pack(lengths, capacity, a, 0), warmup=1, reps=reps)
-        add(f"cpp_{algorithm}", shape, t)
-    t = time_fn(lambda: pack_lengths(lengths, capacity, "ffd"), warmup=1, reps=reps)
-    add("pack_lengths_ffd", shape, t)
+    impls = {
+        f"cpp_{a}": (lambda a=a: _C.pack(lengths, capacity, a, 0))
+        for a in ("nextfit", "ffd", "bfd")
+    }
+    impls["pack_lengths_ffd"] = lambda: pack_lengths(lengths, capacity, "ffd")
+    for impl, t in time_interleaved(impls, warmup=1, reps=reps).items():  # A B C A B C ...
+        add(impl, shape, t)
 
     sub = lengths[:ref_n]
     sub_list = sub.tolist()
@@ -143,6 +146,46 @@ def throughput_rows(lengths, capacity, reps, references, ref_n) -> list[dict]:
             count=ref_n,
             extra=("est_s_linear_1M", dt * 1_000_000 / ref_n),
         )
+    return rows
+
+
+def trl_rows(lengths: np.ndarray, capacity: int, reps: int) -> list[dict]:
+    """TRL's best-fit decreasing (`trl.data_utils._pack_bfd`, the packer of its SFTTrainer:
+    a segment tree over bin space, on a pyarrow table of token lists) vs Nova's C++ BFD on the
+    same lengths, timed interleaved; bins of each (the same algorithm: equal counts expected).
+    TRL also gathers the tokens into the packed table, Nova returns the plan only (the
+    gather happens per micro-batch): so TRL does more work per call. Needs `trl` (the
+    optional `bench` extra); skipped without it."""
+    try:
+        import pyarrow as pa
+        from trl.data_utils import _pack_bfd
+    except ImportError:
+        print("trl not installed (pip install -e '.[bench]'): TRL BFD rows skipped")
+        return []
+    n = len(lengths)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    values = pa.array(np.zeros(int(offsets[-1]), dtype=np.int8))
+    table = pa.table({"input_ids": pa.LargeListArray.from_arrays(pa.array(offsets), values)})
+    trl_bins = len(_pack_bfd(table, capacity)["seq_lengths"])
+    nova_bins = len(_C.pack(lengths, capacity, "bfd", 0)[0]) - 1
+    shape = f"n={n},cap={capacity}"
+    times = time_interleaved(
+        {"trl_bfd": lambda: _pack_bfd(table, capacity),
+         "cpp_bfd": lambda: _C.pack(lengths, capacity, "bfd", 0)},
+        warmup=1, reps=reps,
+    )  # fmt: skip
+    rows = []
+    for impl, (p50, p20, p80) in times.items():
+        base = dict(op="packing_vs_trl", impl=impl, shape=shape, mode="pack")
+        rows.append({**base, "metric": "seconds", "p50": p50, "p20": p20, "p80": p80})
+        rows.append(
+            {**base, "metric": "seqs_per_s", "p50": n / p50, "p20": n / p80, "p80": n / p20}
+        )
+        rows.append({**base, "metric": "bins", "p50": trl_bins if impl == "trl_bfd" else nova_bins})
+    speed = times["trl_bfd"][0] / times["cpp_bfd"][0]
+    print(f"vs TRL BFD (n={n}, cap={capacity}): bins trl {trl_bins} nova {nova_bins}; "
+          f"Nova {speed:.0f}x faster (p50 {times['cpp_bfd'][0] * 1e3:.1f} ms vs "
+          f"{times['trl_bfd'][0] * 1e3:.1f} ms)")  # fmt: skip
     return rows
 
 
@@ -170,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     for capacity in CAPACITIES:
         rows += efficiency_rows(lengths, capacity)
         rows += throughput_rows(lengths, capacity, reps, references, ref_n)
+        rows += trl_rows(lengths[: ref_n * 5], capacity, reps)
     for r in rows:
         r["mode"] = f"{r['mode']}{'-quick' if args.quick else ''}"
     write_rows(args.out, rows)

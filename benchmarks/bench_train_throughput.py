@@ -3,8 +3,9 @@
 1. packed vs padded: forward+backward of the same samples (log-normal lengths) as packed THD
    micro-batches of `capacity` tokens, and as right-padded [B, S] batches of the same token
    budget (B = capacity // longest sample, padded to the longest of each batch, arrival
-   order), each through the SFT loss (hidden states -> linear_cross_entropy). Reported in
-   real (non-padding) tokens/s: the padding FLOPs packing saves.
+   order), each through the SFT loss (hidden states -> linear_cross_entropy), timed
+   interleaved (packed, padded, packed, ...). Reported in real (non-padding) tokens/s: the
+   padding FLOPs packing saves.
 2. SFT steps: the engine's trainer (megatron schedules + optimizer, packing, the SFT stage)
    for a few steps; tokens/s, and MFU where the GPU's peak is known.
 
@@ -22,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks._common import results_path, sync, time_fn, write_rows
+from benchmarks._common import results_path, sync, time_interleaved, write_rows
 
 # GPU: Llama-3.2-1B-like (hidden 2048, 16 layers, GQA 32/8, vocab 128256): 1.24B parameters
 GPU_MODEL = dict(
@@ -90,9 +91,10 @@ def packed_vs_padded(model, ps, samples, capacity: int, reps: int) -> list[dict]
             linear_cross_entropy(h_SBH.reshape(-1, h_SBH.shape[-1]), weight, labels_SB).backward()
 
     rows = []
-    for impl, fn in (("packed", run_packed), ("padded", run_padded)):
-        p50, p20, p80 = time_fn(fn, warmup=1, reps=reps)
-        model.zero_grad(set_to_none=True)
+    # A B A B ...: drift of a shared machine falls on both layouts alike
+    times = time_interleaved({"packed": run_packed, "padded": run_padded}, warmup=1, reps=reps)
+    model.zero_grad(set_to_none=True)
+    for impl, (p50, p20, p80) in times.items():
         slots = sum(mb.num_tokens for mb in packed) if impl == "packed" else sum(
             ids.numel() for ids, _ in padded
         )  # fmt: skip

@@ -96,9 +96,7 @@ def balanced_split(costs, dp: int, *, seed: int = 0, step: int = 0) -> list[np.n
     order = np.lexsort((tie, -costs))  # decreasing cost, seeded ties
     owner = _lpt(costs, dp, order)
     _improve(costs, owner, dp)
-    # which rank gets which share is seeded too (rank 0 does not always get the longest item)
-    ranks = np.random.default_rng([seed, step, 0x7261]).permutation(dp)
-    return [np.flatnonzero(owner == ranks[r]) for r in range(dp)]
+    return [np.flatnonzero(owner == r) for r in range(dp)]
 
 
 def max_over_mean(costs, shares: Sequence[np.ndarray]) -> float:
