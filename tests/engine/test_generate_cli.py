@@ -84,3 +84,18 @@ def test_not_a_model(tmp_path, capsys):
                "--out", str(tmp_path / "o.jsonl")])  # fmt: skip
     err = capsys.readouterr().err
     assert rc == 2 and "neither an HF model directory" in err, err
+
+
+def test_checkpoint_dir_resolves_to_its_hf_export(model_dir, tmp_path):
+    import shutil
+
+    from nova_engine.tools.generate import UserError, resolve_model_dir
+
+    ckpt = tmp_path / "step_00000010"
+    ckpt.mkdir()
+    (ckpt / "COMPLETE").write_text("{}")
+    with pytest.raises(UserError, match="checkpoint without an hf/ export"):
+        resolve_model_dir(str(ckpt))
+    shutil.copytree(model_dir, ckpt / "hf")
+    assert resolve_model_dir(str(ckpt)) == str(ckpt / "hf")
+    assert resolve_model_dir(str(model_dir)) == str(model_dir)
