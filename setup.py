@@ -8,7 +8,7 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["nova_engine", "nova_engine.*"])
-packages += ["nova_kernels"]
+packages += ["nova_kernels", "nova_kernels.ops"]
 
 ext_modules = [
     Pybind11Extension(

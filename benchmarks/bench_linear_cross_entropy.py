@@ -1,7 +1,8 @@
 """linear_cross_entropy (the SFT loss, 3 GEMMs with the grads formed in the forward pass):
 forward+backward time and peak memory of -sum_n w_n log p(target_n) against the naive path
-(logits -> cross_entropy), the naive path under torch.compile, linear_logprobs followed by the
-weighted sum (4 GEMMs), and Liger-Kernel's LigerFusedLinearCrossEntropyLoss when it imports.
+(logits -> log_softmax -> gather: nova_kernels.reference), the naive path under torch.compile,
+linear_logprobs followed by the weighted sum (4 GEMMs), and Liger-Kernel's
+LigerFusedLinearCrossEntropyLoss when it imports.
 
     python -m benchmarks.bench_linear_cross_entropy            # GPU: the linear_logprobs shapes
     python -m benchmarks.bench_linear_cross_entropy --quick    # CPU: small shapes, fp32
@@ -14,16 +15,15 @@ bench_linear_logprobs, whose driver this uses.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from nova_kernels import linear_cross_entropy, linear_logprobs
+from nova_kernels.reference import linear_cross_entropy_reference
 
 from benchmarks.bench_linear_logprobs import _liger, main
 
 
 def naive_ce(h, w, t, wts):
-    logits = (h @ w.T).float()
-    ce = F.cross_entropy(logits, t, reduction="none", ignore_index=-100)
-    return (ce * wts).sum()
+    """The shared reference: [N, V] logits (fp32 softmax) -> log_softmax -> gather."""
+    return linear_cross_entropy_reference(h, w, t, wts)
 
 
 def ce_impls(device, dtype, h, w, t, compile_naive):

@@ -22,7 +22,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nova_kernels.policy_loss import policy_loss  # noqa: E402
+from nova_kernels import policy_loss  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402
     CPU_BT_SHAPES,

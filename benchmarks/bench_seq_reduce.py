@@ -20,7 +20,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nova_kernels import seq_reduce, seq_reduce_reference  # noqa: E402
+from nova_kernels import seq_reduce  # noqa: E402
+from nova_kernels.reference import seq_reduce_reference  # noqa: E402
 
 from benchmarks._common import peak_memory, time_interleaved, write_rows  # noqa: E402
 

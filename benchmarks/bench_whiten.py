@@ -19,7 +19,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nova_kernels.whiten import whiten, whiten_reference  # noqa: E402
+from nova_kernels import whiten  # noqa: E402
+from nova_kernels.reference import whiten_reference  # noqa: E402
 
 from benchmarks._common import (  # noqa: E402
     CPU_BT_SHAPES,

@@ -7,10 +7,12 @@ import sys as _sys
 from . import ops
 from ._backend import default_backend, interpreting, resolve_backend
 from .ops import linear_logprobs as _linear_logprobs_module
+from .ops import seq_reduce as _seq_reduce_module
 
-# Transitional: group_advantages and linear_pair_logprobs (and the latter's test) still reach
-# the linear_logprobs module by its old path; remove once both live in ops/ too.
+# Transitional: linear_pair_logprobs (and its test) still import the linear_logprobs and
+# seq_reduce modules by their old paths; remove once it and group_advantages live in ops/.
 _sys.modules[__name__ + ".linear_logprobs"] = _linear_logprobs_module
+_sys.modules[__name__ + ".seq_reduce"] = _seq_reduce_module
 
 from .group_advantages import broadcast_advantages, group_advantages  # noqa: E402
 from .linear_pair_logprobs import linear_pair_logprobs  # noqa: E402

@@ -1,5 +1,6 @@
-"""Helpers shared by the kernel tests and benchmarks (not the references: those live with
-each op, in the op's own module)."""
+"""Helpers shared by the kernel tests and benchmarks: comparisons that say where and by how
+much, and fresh random inputs. The references live in `nova_kernels.reference`; outputs are
+poisoned through `nova_kernels._common.poisoned`."""
 
 from __future__ import annotations
 
@@ -64,13 +65,6 @@ def assert_within_torch_error(
         raise AssertionError(
             f"{name}: kernel error {k_err:.3g} > {factor} x torch error {t_err:.3g} + {floor:g}"
         )
-
-
-def poison_like(t: torch.Tensor) -> torch.Tensor:
-    """A tensor of t's shape/dtype filled with NaN (or an extreme int) so unwritten output shows."""
-    if t.is_floating_point():
-        return torch.full_like(t, float("nan"))
-    return torch.full_like(t, torch.iinfo(t.dtype).min)
 
 
 def linear_inputs(n: int, h: int, v: int, dtype: torch.dtype, seed: int = 0, n_ignored: int = 3):

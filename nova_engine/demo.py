@@ -24,6 +24,7 @@ import sys
 import time
 
 import torch
+from nova_kernels.reference import causal_lm_logps
 
 from nova_engine.train.metrics import emit
 
@@ -125,12 +126,9 @@ def response_logps(model, ct, problems) -> torch.Tensor:
         for ans in (right, wrong):
             msgs = [{"role": "user", "content": p.question()}]
             ids, mask = ct.encode_response(msgs, [{"role": "assistant", "content": ans}])
-            x = torch.tensor([ids])
-            logp = torch.log_softmax(model(x).logits[0, :-1].double(), -1)
-            tgt = x[0, 1:]
-            m = torch.as_tensor(mask[1:]).bool()
-            row.append(logp[torch.arange(len(tgt)), tgt][m].sum().item())
-            crow.append(int(m.sum()))
+            logp, n = causal_lm_logps(model, ids, mask)
+            row.append(logp)
+            crow.append(n)
         sums.append(row)
         counts.append(crow)
     return torch.tensor(sums), torch.tensor(counts, dtype=torch.float64)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import nova_kernels as nk
 import torch
-from nova_kernels.policy_loss import AGG_MODES, KL_TYPES
+from nova_kernels import AGG_MODES, KL_TYPES
 
 KL_PLACES = ("loss", "reward", "none")
 

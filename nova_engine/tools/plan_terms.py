@@ -50,7 +50,7 @@ Departures from the paper / megatron's estimate, and why:
 - Packed THD batches: `micro_batch_tokens` tokens per micro-batch, no padding rows; the
   attention span for FLOPs is the mean document length, not the micro-batch length.
 - No logits: megatron's 4 s b h (1 + V/h) output-layer term (fp32 logits) is replaced by
-  the fused kernel's bounded workspace (`nova_kernels.linear_logprobs._WORKSPACE_ELEMS`
+  the fused kernel's bounded workspace (`nova_kernels.ops.linear_logprobs._WORKSPACE_ELEMS`
   elements per chunk) and the tensors it saves (SFT's `linear_cross_entropy` keeps
   grad_hidden [N, h] and grad_W [V/tp, h] from forward to backward; `linear_logprobs`
   keeps lse and mu, 8 bytes a token, and allocates them in backward).
@@ -75,7 +75,7 @@ from nova_engine.model.arch import ModelArch
 GiB = 1024**3
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, H100 SXM data sheet
 DEFAULT_EFFICIENCY = 0.40  # fraction of peak the projection assumes
-WORKSPACE_ELEMS = 1 << 26  # nova_kernels.linear_logprobs._WORKSPACE_ELEMS (GPU chunk bound)
+WORKSPACE_ELEMS = 1 << 26  # nova_kernels.ops.linear_logprobs._WORKSPACE_ELEMS (GPU chunk bound)
 STAGE_KINDS = ("sft", "dpo", "rm", "rlvr")
 RECOMPUTE = ("none", "selective", "full")
 
@@ -84,7 +84,7 @@ def kernel_workspace_elems() -> int:
     """The fused log-prob kernels' chunk bound (elements of one logits chunk) on GPU, read
     from nova_kernels when importable (falls back to the value this module was written for)."""
     try:
-        from nova_kernels import linear_logprobs as k
+        from nova_kernels.ops import linear_logprobs as k
 
         return int(k._WORKSPACE_ELEMS)
     except Exception:  # noqa: BLE001 - triton missing: the documented constant

@@ -1,15 +1,19 @@
-"""Advantage-estimator and policy-loss registries: each name against a plain loop with
-verl's semantics (float64), on both kernel backends (Triton under the interpreter on CPU)."""
+"""Advantage-estimator and policy-loss registries: each name against the float64 references
+with verl's semantics (nova_kernels.reference), on both kernel backends (Triton under the
+interpreter on CPU)."""
 
 from __future__ import annotations
-
-import math
-import statistics
 
 import nova_kernels as nk
 import pytest
 import torch
 from nova_kernels._testing import assert_verbose_allclose
+from nova_kernels.reference import (
+    discounted_returns_reference,
+    gae_reference,
+    group_advantages_reference,
+    whiten_reference,
+)
 
 from nova_engine.losses.policy import (
     PolicyLossConfig,
@@ -22,46 +26,16 @@ from nova_engine.rl.advantages import advantage_names, compute_advantages, group
 BACKENDS = ["triton", "torch"]
 
 
-# --- plain references ---------------------------------------------------------------------
+def loop_gae(r, v, m, gamma, lam):
+    return gae_reference(r.double(), v.double(), m, gamma, lam)[0]
 
 
 def loop_whiten(x, m):
-    xs = [float(v) for v, k in zip(x.flatten(), m.flatten()) if k]
-    n = len(xs)
-    mean = sum(xs) / n
-    var = sum((v - mean) ** 2 for v in xs) / (n - 1)
-    return (x.double() - mean) / math.sqrt(var + 1e-8)
+    return whiten_reference(x.double(), m)
 
 
-def loop_gae(r, v, m, gamma, lam):
-    adv = torch.zeros(r.shape, dtype=torch.float64)
-    for b in range(r.shape[0]):
-        nv = run = 0.0
-        for t in reversed(range(r.shape[1])):
-            if m[b, t]:
-                run = float(r[b, t]) + gamma * nv - float(v[b, t]) + gamma * lam * run
-                nv = float(v[b, t])
-            adv[b, t] = run
-    return adv
-
-
-def loop_group(scores, labels, how):
-    groups: dict = {}
-    for i, g in enumerate(labels):
-        groups.setdefault(g, []).append(i)
-    out = [0.0] * len(labels)
-    for members in groups.values():
-        s = [float(scores[i]) for i in members]
-        n = len(s)
-        mean = sum(s) / n if n > 1 else 0.0
-        for i, x in zip(members, s):
-            if how == "grpo":
-                out[i] = (x - mean) / ((statistics.stdev(s) if n > 1 else 1.0) + 1e-6)
-            elif how == "rloo":
-                out[i] = (x - mean) * n / (n - 1) if n > 1 else x
-            else:
-                out[i] = x - mean
-    return torch.tensor(out, dtype=torch.float64)
+def loop_group(scores, labels, estimator):
+    return group_advantages_reference(scores, labels, estimator)[0]  # (advantages, flags)
 
 
 def make_batch(seed, B=9, T=23):
@@ -127,13 +101,7 @@ def test_outcome_estimators(backend, name):
 def test_reinforce_pp(backend):
     r, _, m, _ = make_batch(3)
     out = compute_advantages("reinforce_pp", token_rewards=r, mask=m, gamma=0.9, backend=backend)
-    ret = torch.zeros(r.shape, dtype=torch.float64)
-    for b in range(r.shape[0]):
-        run = 0.0
-        for t in reversed(range(r.shape[1])):
-            run = float(r[b, t]) + 0.9 * run
-            ret[b, t] = run
-            run *= float(m[b, t])
+    ret = discounted_returns_reference(r.double(), m, 0.9)
     assert_verbose_allclose(out.returns, ret, rtol=1e-5, atol=1e-5, name="returns")
     expected = loop_whiten(ret, m) * m
     assert_verbose_allclose(out.advantages, expected, rtol=1e-4, atol=1e-4, name="advantages")
@@ -145,10 +113,12 @@ def test_reinforce_pp_baseline(backend):
     out = compute_advantages(
         "reinforce_pp_baseline", token_rewards=r, mask=m, group_ids=labels, backend=backend
     )
-    tok = loop_group(r.sum(-1), labels, "mean")[:, None] * m
-    expected = loop_whiten(tok, m) * m
+    baseline, equal = group_advantages_reference(r.sum(-1), labels, "dr_grpo")
+    expected = loop_whiten(baseline[:, None] * m, m) * m
     assert_verbose_allclose(out.advantages, expected, rtol=1e-4, atol=1e-4, name="advantages")
-    assert out.degenerate.shape == (4,)
+    # one flag per prompt, in order of first appearance: p3 (one sample) is degenerate
+    assert out.degenerate.tolist() == [equal[g] for g in dict.fromkeys(labels)]
+    assert equal["p3"] and not all(equal.values())
 
 
 def test_estimators_reject_missing_inputs():

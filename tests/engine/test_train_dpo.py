@@ -20,7 +20,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 from nova_engine.parallel.spawn import run_distributed
 
@@ -74,20 +73,14 @@ def _worker(rank, world, model_dir, pairs, root):
 
 
 def _hf_response_logps(model_dir, pairs):
+    from nova_kernels.reference import causal_lm_logps
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
-    rows = []
-    with torch.no_grad():
-        for p in pairs:
-            row = []
-            for s in (p.chosen, p.rejected):
-                ids = torch.as_tensor(s.tokens).unsqueeze(0)
-                logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
-                tgt = ids[0, 1:]
-                mask = torch.as_tensor(s.loss_mask[1:]).bool()
-                row += [logp[torch.arange(len(tgt)), tgt][mask].sum().item(), int(mask.sum())]
-            rows.append(row)
+    rows = [
+        [x for s in (p.chosen, p.rejected) for x in causal_lm_logps(model, s.tokens, s.loss_mask)]
+        for p in pairs
+    ]
     return np.array(rows)  # [P, 4]: chosen sum, chosen n, rejected sum, rejected n
 
 

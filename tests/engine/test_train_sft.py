@@ -279,19 +279,12 @@ def _worker8(rank, world, model_dir, samples):
 def _hf_step_loss(model_dir, batch):
     """Mean token NLL of `batch` (Samples) under transformers, formula from the Sample
     convention: loss_mask[i] = 1 means token i is predicted from tokens < i."""
+    from nova_kernels.reference import causal_lm_logps
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for s in batch:
-            ids = torch.as_tensor(s.tokens).unsqueeze(0)
-            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
-            tgt = ids[0, 1:]
-            mask = torch.as_tensor(s.loss_mask[1:]).bool()
-            nll -= logp[torch.arange(len(tgt)), tgt][mask].sum().item()
-            n += int(mask.sum())
-    return nll / n
+    sums, counts = zip(*(causal_lm_logps(model, s.tokens, s.loss_mask) for s in batch))
+    return -sum(sums) / sum(counts)
 
 
 @pytest.fixture(scope="module")

@@ -1,55 +1,24 @@
-"""GAE and REINFORCE++ returns: Triton (interpreter on CPU) and torch paths against plain
-Python loops written the straightforward way, on odd shapes and masks with holes."""
+"""GAE and REINFORCE++ returns: Triton (interpreter on CPU) and torch paths against verl's
+loops (nova_kernels.reference, float64), on odd shapes and masks with holes, and by hand."""
 
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import torch
 from nova_kernels import discounted_returns, gae, gae_packed
 from nova_kernels._testing import assert_verbose_allclose
+from nova_kernels.reference import discounted_returns_reference, gae_reference
 
-# the package attribute `gae` is the function; the module is reached by name
-gae_mod = importlib.import_module("nova_kernels.gae")
 BACKENDS = ["triton", "torch"]
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    """Kernel outputs start as NaN so an element the kernel forgot to write shows."""
-    monkeypatch.setattr(gae_mod, "_empty", lambda *a, **k: torch.full(*a, float("nan"), **k))
-
-
-# --- references: one Python float at a time --------------------------------------------
-
-
 def loop_gae(rewards, values, mask, gamma, lam):
-    B, T = rewards.shape
-    adv = torch.zeros(B, T, dtype=torch.float64)
-    for b in range(B):
-        nextvalue, running = 0.0, 0.0
-        for t in range(T - 1, -1, -1):
-            r, v = float(rewards[b, t]), float(values[b, t])
-            if mask[b, t]:
-                delta = r + gamma * nextvalue - v
-                running = delta + gamma * lam * running
-                nextvalue = v
-            adv[b, t] = running
-    return adv, adv + values.double()
+    """(advantages, returns) of the float64 reference."""
+    return gae_reference(rewards.double(), values.double(), mask, gamma, lam)
 
 
 def loop_returns(rewards, mask, gamma):
-    B, T = rewards.shape
-    ret = torch.zeros(B, T, dtype=torch.float64)
-    for b in range(B):
-        running = 0.0
-        for t in range(T - 1, -1, -1):
-            running = float(rewards[b, t]) + gamma * running
-            ret[b, t] = running
-            if not mask[b, t]:
-                running = 0.0
-    return ret
+    return discounted_returns_reference(rewards.double(), mask, gamma)
 
 
 def make_inputs(B, T, seed, mask_dtype=torch.bool):
@@ -104,14 +73,6 @@ def test_gae_torch_long_rows():
     check(ret, ref_ret, "returns")
 
 
-def test_gae_reference_is_the_loop():
-    r, v, m = make_inputs(5, 29, seed=3)
-    a, ret = gae_mod.gae_reference(r.double(), v.double(), m, 0.99, 0.95)
-    ref_a, ref_ret = loop_gae(r, v, m, 0.99, 0.95)
-    assert_verbose_allclose(a, ref_a, rtol=1e-12, atol=1e-12, name="reference adv")
-    assert_verbose_allclose(ret, ref_ret, rtol=1e-12, atol=1e-12, name="reference ret")
-
-
 def test_gae_formula_by_hand():
     """Two valid steps around an observation step: the observation carries nv and A."""
     r = torch.tensor([[1.0, 5.0, 2.0]])
@@ -121,10 +82,15 @@ def test_gae_formula_by_hand():
     a2 = 2.0 - 1.0  # last step: delta = r - v
     a1 = a2  # observation: carried
     a0 = (1.0 + g * 1.0 - 0.5) + g * lam * a2  # next value is v[2], skipping v[1]
+    want_adv = torch.tensor([[a0, a1, a2]], dtype=torch.float64)
+    want_ret = torch.tensor([[a0 + 0.5, a1 + 9.0, a2 + 1.0]], dtype=torch.float64)
     for backend in BACKENDS:
         adv, ret = gae(r, v, m, g, lam, backend=backend)
-        check(adv, torch.tensor([[a0, a1, a2]], dtype=torch.float64), f"adv {backend}")
-        check(ret, torch.tensor([[a0 + 0.5, a1 + 9.0, a2 + 1.0]]), f"ret {backend}")
+        check(adv, want_adv, f"adv {backend}")
+        check(ret, want_ret, f"ret {backend}")
+    ref_adv, ref_ret = loop_gae(r, v, m, g, lam)  # the reference the other tests trust
+    assert_verbose_allclose(ref_adv, want_adv, rtol=1e-12, atol=1e-12, name="reference adv")
+    assert_verbose_allclose(ref_ret, want_ret, rtol=1e-12, atol=1e-12, name="reference ret")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -161,8 +127,6 @@ def test_discounted_returns_matches_loop(backend, B, T, gamma):
     r, _, m = make_inputs(B, T, seed=T)
     out = discounted_returns(r, m, gamma, backend=backend)
     check(out, loop_returns(r, m, gamma), "returns")
-    ref = gae_mod.discounted_returns_reference(r.double(), m, gamma)
-    assert_verbose_allclose(ref, loop_returns(r, m, gamma), rtol=1e-12, atol=1e-12, name="ref")
 
 
 def test_discounted_returns_triton_split_rows():
@@ -174,3 +138,13 @@ def test_discounted_returns_triton_split_rows():
 def test_discounted_returns_torch_long_rows():
     r, _, m = make_inputs(2, 290, seed=4)
     check(discounted_returns(r, m, 0.995, backend="torch"), loop_returns(r, m, 0.995), "ret")
+
+
+def test_discounted_returns_by_hand():
+    """R_2 = 3; R_1 = 2 + 0.5 * 3; R_0 = 1 (step 1 is masked: the return restarts before it)."""
+    r = torch.tensor([[1.0, 2.0, 3.0]])
+    m = torch.tensor([[True, False, True]])
+    want = torch.tensor([[1.0, 3.5, 3.0]], dtype=torch.float64)
+    for backend in BACKENDS:
+        check(discounted_returns(r, m, 0.5, backend=backend), want, f"returns {backend}")
+    assert torch.equal(loop_returns(r, m, 0.5), want)

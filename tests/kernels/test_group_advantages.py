@@ -4,12 +4,12 @@ and torch paths against a loop over groups written the straightforward way."""
 from __future__ import annotations
 
 import importlib
-import statistics
 
 import pytest
 import torch
 from nova_kernels import group_advantages
 from nova_kernels._testing import assert_verbose_allclose
+from nova_kernels.reference import group_advantages_reference as loop_group_adv
 
 ga_mod = importlib.import_module("nova_kernels.group_advantages")
 BACKENDS = ["triton", "torch"]
@@ -23,29 +23,6 @@ def _poison_outputs(monkeypatch):
         return torch.full(*a, fill, dtype=dtype, **k)
 
     monkeypatch.setattr(ga_mod, "_empty", poison)
-
-
-def loop_group_adv(scores, ids, estimator, eps=1e-6):
-    """One group at a time, Python floats (statistics.stdev is the unbiased std)."""
-    groups: dict[int, list[int]] = {}
-    for i, g in enumerate(ids.tolist()):
-        groups.setdefault(g, []).append(i)
-    adv = [0.0] * len(scores)
-    equal = {}
-    for g, members in groups.items():
-        s = [float(scores[i]) for i in members]
-        n = len(s)
-        equal[g] = max(s) == min(s)
-        mean = sum(s) / n if n > 1 else 0.0
-        std = statistics.stdev(s) if n > 1 else 1.0
-        for i, x in zip(members, s):
-            if estimator == "grpo":
-                adv[i] = (x - mean) / (std + eps)
-            elif estimator == "dr_grpo":
-                adv[i] = x - mean
-            else:
-                adv[i] = (x - mean) * n / (n - 1) if n > 1 else x
-    return torch.tensor(adv, dtype=torch.float64), equal
 
 
 def make_groups(seed):

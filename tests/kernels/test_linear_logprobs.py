@@ -5,26 +5,20 @@ on gloo in one spawned group."""
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 import torch.distributed as dist
-from nova_kernels import linear_logprobs, linear_logprobs_reference
+from nova_kernels import linear_logprobs
+from nova_kernels._common import poisoned
 from nova_kernels._testing import assert_verbose_allclose, assert_within_torch_error
 from nova_kernels._testing import linear_inputs as _inputs
+from nova_kernels.ops import linear_logprobs as ll
+from nova_kernels.reference import linear_logprobs_reference
 
 from nova_engine.parallel.spawn import run_distributed
 
 BACKENDS = ["triton", "torch"]
 IGNORE = -100
-# the module (the package attribute of the same name is the function)
-ll = importlib.import_module("nova_kernels.linear_logprobs")
-
-
-@pytest.fixture(autouse=True)
-def _poison(monkeypatch):
-    monkeypatch.setattr(ll, "_POISON", True)
 
 
 def _run(fn, hidden, weight, targets, g_lp, g_ent, entropy=True):
@@ -166,7 +160,11 @@ TP_CONFIGS = [("torch", False), ("torch", True), ("triton", True)]
 
 
 def _tp_worker(rank, world):
-    ll._POISON = True
+    with poisoned():
+        return _tp_runs(rank, world)
+
+
+def _tp_runs(rank, world):
     hidden, weight, targets, g_lp, g_ent = _inputs(N_TP, H_TP, V_TP, torch.float32, seed=7)
     vp = V_TP // world
     # targets on both shards (checked by the parent), a few ignored rows
@@ -210,12 +208,18 @@ def test_tp2_equals_tp1(tp_results):
             assert_verbose_allclose(gw, gw_want, rtol=1e-5, atol=1e-5, name=f"{tag} dW")
 
 
-def test_float64_gradcheck(monkeypatch):
-    """fp64 runs the torch path in fp64: gradcheck of logp and entropy through several chunks."""
+def test_float64_gradcheck_torch_path(monkeypatch):
+    """fp64 runs the torch path in fp64: gradcheck of logp and entropy through several chunks
+    (the Triton path is fp32 inside: asking it for fp64 is an error, never a silent switch)."""
     monkeypatch.setattr(ll, "_WORKSPACE_ELEMS", 3 * 4)
     monkeypatch.setattr(ll, "_MIN_VCHUNK", 4)
     hidden, weight, targets, _, _ = _inputs(6, 5, 11, torch.float64, seed=4, n_ignored=1)
-    fn = lambda h, w: linear_logprobs(h, w, targets, return_entropy=True, backend="triton")
+    assert ll._chunks(6, 11, ll._budget(torch.device("cpu"))) == (3, 4)  # 2 x 3 chunks
+    fn = lambda h, w: linear_logprobs(h, w, targets, return_entropy=True, backend="torch")
     out = fn(hidden, weight)
-    assert out[0].dtype == torch.float64
+    assert out[0].dtype == torch.float64 and out[1].dtype == torch.float64
     assert torch.autograd.gradcheck(fn, (hidden.requires_grad_(), weight.requires_grad_()))
+    with pytest.raises(ValueError, match="fp64 inputs run on the torch backend only"):
+        linear_logprobs(hidden, weight, targets, backend="triton")
+    # the default backend picks the torch path for fp64
+    torch.testing.assert_close(linear_logprobs(hidden, weight, targets), out[0], rtol=0, atol=0)

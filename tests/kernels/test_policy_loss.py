@@ -4,105 +4,16 @@ reference written one token at a time in float64 (its gradients come from autogr
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import pytest
 import torch
 from nova_kernels import kl_divergence, kl_penalty, policy_loss
 from nova_kernels._testing import assert_verbose_allclose
+from nova_kernels.reference import kl_reference, policy_loss_reference
 
-pl_mod = importlib.import_module("nova_kernels.policy_loss")
 BACKENDS = ["triton", "torch"]
 AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setattr(pl_mod, "_empty", lambda *a, **k: torch.full(*a, float("nan"), **k))
-
-
-# --- reference ----------------------------------------------------------------------------
-
-
-def ref_kl(lp, ref, kl_type, lr_clamp=20.0, val_clamp=10.0):
-    logr = torch.clamp(ref - lp, -lr_clamp, lr_clamp)
-    if kl_type == "k1":
-        kl = -logr
-    elif kl_type == "k2":
-        kl = logr**2 / 2
-    else:
-        kl = torch.exp(logr) - 1 - logr
-    return torch.clamp(kl, -val_clamp, val_clamp)
-
-
-def ref_token(lp, old, a, rl, ref, c):
-    ratio = torch.exp(torch.clamp(lp - old, -20.0, 20.0))
-    pg1 = -a * ratio
-    pg2 = -a * torch.clamp(ratio, 1 - c["clip_low"], 1 + c["clip_high"])
-    loss = torch.maximum(pg1, pg2)
-    clipped = bool(pg2 > pg1)
-    lower = False
-    if c["dual_clip"] is not None and a < 0:
-        pg3 = -a * c["dual_clip"]
-        lower = bool(loss > pg3)
-        loss = torch.minimum(loss, pg3)
-    if rl is not None:
-        cap = c["tis_cap"] if c["tis_cap"] is not None else math.inf
-        w = min(math.exp(max(-20.0, min(20.0, float(old - rl)))), cap)
-        loss = loss * w
-    kl = torch.zeros((), dtype=torch.float64)
-    if ref is not None:
-        kl = ref_kl(lp, ref, c["kl_type"])
-        loss = loss + c["kl_coef"] * kl
-    return loss, kl, clipped, lower, float(old - lp.detach())
-
-
-def ref_policy_loss(lp, old, adv, mask, rl, ref, rows, c):
-    """rows: list of index lists into the flattened tensors (one per sequence)."""
-    lp, old, adv = lp.reshape(-1), old.reshape(-1), adv.reshape(-1)
-    mask = mask.reshape(-1)
-    rl = rl.reshape(-1) if rl is not None else None
-    ref = ref.reshape(-1) if ref is not None else None
-    row_loss, row_kl, row_n = [], [], []
-    n_clip = n_lower = 0
-    approx_kl = 0.0
-    for idx in rows:
-        s_loss = torch.zeros((), dtype=torch.float64)
-        s_kl = torch.zeros((), dtype=torch.float64)
-        n = 0
-        for i in idx:
-            if not mask[i]:
-                continue
-            loss, kl, clipped, lower, nk = ref_token(
-                lp[i], old[i], adv[i], rl[i] if rl is not None else None,
-                ref[i] if ref is not None else None, c,
-            )  # fmt: skip
-            s_loss, s_kl, n = s_loss + loss, s_kl + kl.detach(), n + 1
-            n_clip, n_lower, approx_kl = n_clip + clipped, n_lower + lower, approx_kl + nk
-        row_loss.append(s_loss)
-        row_kl.append(s_kl)
-        row_n.append(n)
-    ntok = sum(row_n)
-    agg = c["agg"]
-    nseq = c.get("num_seqs") or sum(1 for n in row_n if n > 0)
-
-    def aggregate(values):
-        if agg == "token-mean":
-            return sum(values) / (c.get("num_tokens") or ntok)
-        if agg == "seq-mean-token-sum":
-            return sum(v for v, n in zip(values, row_n) if n) / nseq
-        if agg == "seq-mean-token-mean":
-            return sum(v / n for v, n in zip(values, row_n) if n) / nseq
-        return sum(values) / c["loss_scale_factor"]
-
-    metrics = {
-        "pg_clipfrac": n_clip / ntok,
-        "pg_clipfrac_lower": n_lower / ntok,
-        "ppo_kl": approx_kl / ntok,
-        "kl_loss": float(aggregate(row_kl)),
-    }
-    return aggregate(row_loss), metrics
 
 
 # --- inputs -------------------------------------------------------------------------------
@@ -136,9 +47,6 @@ FULL = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, tis_cap=2.0, kl_coef=0.
 def run_and_compare(backend, inputs, rows, cfg, cu=None, lp_dtype=torch.float32, tol=1e-5):
     lp64, old, adv, mask, rl, ref = inputs
     kw = dict(cfg)
-    # the reference spells out policy_loss's defaults
-    c = {**dict(dual_clip=3.0, tis_cap=2.0, kl_coef=0.0, kl_type="k3"), **cfg}
-    c.setdefault("clip_high", c["clip_low"])
     kw["rollout_logprobs"] = rl.float() if rl is not None else None
     kw["ref_logprobs"] = ref.float() if ref is not None else None
     lp = lp64.to(lp_dtype).requires_grad_(True)
@@ -151,7 +59,9 @@ def run_and_compare(backend, inputs, rows, cfg, cu=None, lp_dtype=torch.float32,
     r_old, r_adv = old.float().double(), adv.float().double()
     r_rl = rl.float().double() if rl is not None else None
     r_ref = ref.float().double() if ref is not None else None
-    ref_loss, ref_metrics = ref_policy_loss(lp_ref, r_old, r_adv, mask, r_rl, r_ref, rows, c)
+    ref_loss, ref_metrics = policy_loss_reference(
+        lp_ref, r_old, r_adv, mask, rows, **cfg, rollout_logprobs=r_rl, ref_logprobs=r_ref
+    )
     ref_loss.backward()
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert_verbose_allclose(loss, ref_loss, rtol=tol, atol=tol, name="loss")
@@ -282,7 +192,7 @@ def test_kl_divergence_fwd_bwd(kl_type):
     ref[0, :5] = lp[0, :5] + torch.tensor([30.0, -30.0, 21.0, -21.0, 2.5])
     gout = torch.randn(7, 53, generator=g)
     x = lp.double().requires_grad_(True)
-    expected = ref_kl(x, ref.double(), kl_type)
+    expected = kl_reference(x, ref.double(), kl_type)
     (expected * gout.double()).sum().backward()
     for backend in BACKENDS:
         y = lp.clone().requires_grad_(True)
@@ -291,6 +201,30 @@ def test_kl_divergence_fwd_bwd(kl_type):
         assert kl.dtype == torch.float32
         assert_verbose_allclose(kl, expected, rtol=1e-5, atol=1e-5, name=f"kl {backend}")
         assert_verbose_allclose(y.grad, x.grad, rtol=1e-5, atol=1e-5, name=f"dkl {backend}")
+
+
+def test_kl_estimators_by_hand():
+    """logr = ref - lp = -0.5, 0.5, 30 (clamped to 20, then the value to +-10): values and
+    d/dlp of k1 = -logr, k2 = logr^2 / 2, k3 = e^logr - 1 - logr, for both backends and the
+    reference the other tests compare against."""
+    lp = torch.tensor([-1.0, -1.0, -2.0])
+    ref = torch.tensor([-1.5, -0.5, 28.0])
+    e_lo, e_hi = math.exp(-0.5), math.exp(0.5)
+    want = {
+        "k1": ([0.5, -0.5, -10.0], [1.0, 1.0, 0.0]),
+        "k2": ([0.125, 0.125, 10.0], [0.5, -0.5, 0.0]),
+        "k3": ([e_lo - 0.5, e_hi - 1.5, 10.0], [1 - e_lo, 1 - e_hi, 0.0]),
+    }
+    fns = {b: (lambda x, r, k, b=b: kl_divergence(x, r, k, backend=b)) for b in BACKENDS}
+    fns["reference"] = kl_reference
+    for kl_type, (value, grad) in want.items():
+        for name, fn in fns.items():
+            x = lp.clone().requires_grad_(True)
+            kl = fn(x, ref, kl_type)
+            kl.sum().backward()
+            tag = f"{kl_type} {name}"
+            assert_verbose_allclose(kl, torch.tensor(value), rtol=1e-6, atol=1e-6, name=tag)
+            assert_verbose_allclose(x.grad, torch.tensor(grad), rtol=1e-6, atol=1e-6, name=tag)
 
 
 def test_kl_penalty_is_masked_and_gradient_free():

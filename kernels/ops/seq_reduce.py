@@ -21,10 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting, resolve_backend
+from .._backend import interpreting, resolve_backend
+from .._common import _acc_dtype, empty
 
 _REDUCTIONS = ("sum", "mean")
-_empty = torch.empty  # tests swap in a NaN-filling allocator
 
 
 @triton.jit
@@ -98,8 +98,8 @@ def _segments(cu_B1: torch.Tensor, T: int) -> torch.Tensor:
 
 def _fwd_triton(v_T, cu_B1, m_T, mean: bool):
     B = cu_B1.numel() - 1
-    out = _empty(B, device=v_T.device, dtype=torch.float32)
-    cnt = _empty(B, device=v_T.device, dtype=torch.float32)
+    out = empty(B, device=v_T.device, dtype=torch.float32)
+    cnt = empty(B, device=v_T.device, dtype=torch.float32)
     if B > 0:
         _seq_reduce_fwd_kernel[(B,)](
             v_T, m_T if m_T is not None else v_T, cu_B1, out, cnt,
@@ -111,7 +111,7 @@ def _fwd_triton(v_T, cu_B1, m_T, mean: bool):
 def _bwd_triton(g_B, cnt_B, cu_B1, m_T, T, dtype, mean: bool):
     B = g_B.numel()
     seg = _segments(cu_B1, T)
-    dv = _empty(T, device=g_B.device, dtype=dtype)
+    dv = empty(T, device=g_B.device, dtype=dtype)
     block = 256 if interpreting() else 1024
     if T > 0:
         _seq_reduce_bwd_kernel[(triton.cdiv(T, block),)](
@@ -121,17 +121,13 @@ def _bwd_triton(g_B, cnt_B, cu_B1, m_T, T, dtype, mean: bool):
     return dv
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _weights(m_T, T, device, dtype):
     return (m_T != 0).to(dtype) if m_T is not None else torch.ones(T, device=device, dtype=dtype)
 
 
 def _fwd_torch(v_T, cu_B1, m_T, mean: bool):
     B, T = cu_B1.numel() - 1, v_T.numel()
-    acc = _acc_dtype(v_T.dtype)
+    acc = _acc_dtype(v_T)
     seg = _segments(cu_B1, T)
     inside = (seg >= 0) & (seg < B)
     idx = torch.where(inside, seg, B)  # out-of-sequence tokens land in a dropped slot
@@ -146,7 +142,7 @@ def _fwd_torch(v_T, cu_B1, m_T, mean: bool):
 
 def _bwd_torch(g_B, cnt_B, cu_B1, m_T, T, dtype, mean: bool):
     B = g_B.numel()
-    acc = _acc_dtype(g_B.dtype)
+    acc = _acc_dtype(g_B)
     seg = _segments(cu_B1, T)
     inside = (seg >= 0) & (seg < B)
     g = g_B.to(acc) / cnt_B.clamp_min(1.0) if mean else g_B.to(acc)
@@ -209,19 +205,3 @@ def seq_reduce(
         values.contiguous(), cu_seqlens.contiguous(), mask, reduction == "mean", backend
     )
     return (out, cnt) if return_counts else out
-
-
-def seq_reduce_reference(values, cu_seqlens, mask=None, reduction: str = "sum") -> torch.Tensor:
-    """Loop over sequences (tests and benchmarks). [B] in fp32 (fp64 for fp64 values)."""
-    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-    w = torch.ones_like(values, dtype=dtype) if mask is None else (mask != 0).to(dtype)
-    cu = cu_seqlens.tolist()
-    outs = []
-    for b in range(len(cu) - 1):
-        seg_v, seg_w = values[cu[b] : cu[b + 1]].to(dtype), w[cu[b] : cu[b + 1]]
-        total = (seg_v * seg_w).sum()
-        if reduction == "mean":
-            n = seg_w.sum()
-            total = total / n if n > 0 else total * 0
-        outs.append(total)
-    return torch.stack(outs) if outs else values.new_zeros(0, dtype=dtype)

@@ -54,8 +54,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting, resolve_backend
-from ._vocab_parallel import (
+from .._backend import interpreting, resolve_backend
+from .._common import _acc_dtype, empty
+from .._vocab_parallel import (
     _check,
     _local_targets,
     _reduce_grad_hidden,
@@ -68,13 +69,6 @@ _NEG = -1.0e30  # finite "-inf" for running maxima: keeps (-inf) * 0 NaNs out of
 _WORKSPACE_ELEMS = 1 << 26  # bound on one chunk of logits / dlogits (elements), 128 MiB in bf16
 _CPU_WORKSPACE_ELEMS = 1 << 22  # on CPU (16 MiB fp32 chunks are plenty for a CPU GEMM)
 _MIN_VCHUNK = 1024  # narrowest vocab chunk before rows are chunked too (GEMM efficiency)
-_POISON = False  # tests: fill workspaces with NaN before launches so unwritten elements show
-
-
-def _alloc(*shape, device, dtype) -> torch.Tensor:
-    if _POISON:
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-    return torch.empty(shape, device=device, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -282,7 +276,7 @@ def _triton_stats(h_NH, w_VpH, tgt_N, with_entropy):
     else:  # enough programs to fill the GPU when N is small
         sms = torch.cuda.get_device_properties(h_NH.device).multi_processor_count
         n_splits = max(1, min(triton.cdiv(Vp, 1024), triton.cdiv(2 * sms, triton.cdiv(N, 128))))
-    stats = _alloc(4, n_splits, N, device=h_NH.device, dtype=torch.float32)
+    stats = empty(4, n_splits, N, device=h_NH.device, dtype=torch.float32)
     grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), n_splits)
     kernel[grid](
         h_NH, w_VpH, tgt_N, stats[0], stats[1], stats[2], stats[3], N, H, Vp,
@@ -311,11 +305,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """GEMM dtype of the chunked paths: the input dtype on GPU, fp32 on CPU (no fast bf16 GEMM
     on most CPUs, and it keeps the CPU path at fp32 accuracy); fp64 stays fp64."""
     return x.dtype if x.is_cuda or x.dtype == torch.float64 else torch.float32
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """Accumulation / statistics dtype: fp32, or fp64 for fp64 inputs (torch backend only)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _budget(device: torch.device) -> int:
@@ -399,7 +388,7 @@ def _grads(h_NH, w_VpH, tgt_N, lse_N, mu_N, glp_N, gent_N, with_entropy, backend
     dev = h_NH.device
     grad_h = torch.zeros(N, H, device=dev, dtype=acc) if need_h else None
     grad_w = torch.empty_like(w_VpH) if need_w else None
-    ws = _alloc(nc * vc, device=dev, dtype=cdt) if backend == "triton" else None
+    ws = empty(nc * vc, device=dev, dtype=cdt) if backend == "triton" else None
     mu_N = mu_N if with_entropy else lse_N  # placeholders: the kernel does not read them
     gent_N = gent_N if with_entropy else glp_N
     for c0 in range(0, Vp, vc):
@@ -509,47 +498,18 @@ def linear_logprobs(
         no gradient. Ids must lie in [0, tp*Vp) otherwise.
     Returns logp [N] fp32, or (logp, entropy) [N] fp32 each with return_entropy; both are
     differentiable w.r.t. hidden and weight (grads in their dtypes). fp64 inputs run the torch
-    path in fp64 and return fp64 (for gradchecks and high-precision references).
+    path in fp64 and return fp64 (for gradchecks and high-precision references); asking for
+    the Triton backend with fp64 inputs is an error, the default backend picks torch for them.
     backend: "triton" | "torch" | None (NOVA_KERNELS, else triton on CUDA / torch on CPU).
     """
+    if hidden.dtype == torch.float64:
+        if backend == "triton":
+            raise ValueError("linear_logprobs: fp64 inputs run on the torch backend only")
+        backend = "torch"
     backend = resolve_backend(backend)
     tp, _ = _tp_info(tp_group)
     _check(hidden, weight, targets, sequence_parallel and tp > 1, tp)
-    if hidden.dtype == torch.float64 and backend == "triton":
-        backend = "torch"  # fp64 (gradchecks, references) is a torch-path feature
     logp, ent = LinearLogprobsFunction.apply(
         hidden, weight, targets, tp_group, ignore_index, return_entropy, sequence_parallel, backend
     )
     return (logp, ent) if return_entropy else logp
-
-
-# ----------------------------------------------------------------------------- reference
-
-
-def linear_logprobs_reference(
-    hidden: torch.Tensor,
-    weight_full: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    return_entropy: bool = False,
-    dtype: torch.dtype | None = None,
-):
-    """Materialized logits -> log_softmax -> gather (tests and benchmarks; [N, V] in memory).
-
-    hidden [N, H], weight_full [V, H] (the whole LM head), targets [N]. `dtype` casts the inputs
-    first (e.g. float64 for a high-precision reference); the GEMM runs in that dtype and the
-    softmax in at least fp32. Returns logp [N] (and entropy [N]) in fp32, or fp64 for fp64.
-    """
-    if dtype is not None:
-        hidden, weight_full = hidden.to(dtype), weight_full.to(dtype)
-    logits = hidden @ weight_full.T
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    logsm = torch.log_softmax(logits, dim=-1)
-    valid = targets != ignore_index
-    logp = logsm.gather(1, torch.where(valid, targets, 0).long()[:, None])[:, 0]
-    logp = torch.where(valid, logp, 0.0)
-    if not return_entropy:
-        return logp
-    ent = -(logsm.exp() * logsm).sum(-1)
-    return logp, torch.where(valid, ent, 0.0)

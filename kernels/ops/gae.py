@@ -33,14 +33,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting, resolve_backend
+from .._backend import interpreting, resolve_backend
+from .._common import _row_bounds, empty
 
 _MODE_GAE = 0
 _MODE_RETURNS = 1
-
-# output allocator; tests swap in a NaN-filling one so unwritten elements show
-_empty = torch.empty
-
 
 # ----------------------------------------------------------------------------- Triton
 
@@ -55,17 +52,6 @@ def _compose(p1, q1, s1, a1, b1, p2, q2, s2, a2, b2):
         p2 * a1 + a2,
         q2 * a1 + s2 * b1 + b2,
     )
-
-
-@triton.jit
-def _row_bounds(cu_ptr, rid, T, PACKED: tl.constexpr):
-    if PACKED:
-        start = tl.load(cu_ptr + rid).to(tl.int64)
-        end = tl.load(cu_ptr + rid + 1).to(tl.int64)
-    else:
-        start = rid.to(tl.int64) * T
-        end = start + T
-    return start, end
 
 
 @triton.jit
@@ -226,9 +212,9 @@ def _launch_scan(
     v = values if values is not None else rewards
     cu = cu_seqlens if cu_seqlens is not None else rewards  # unused pointer when padded
     packed = cu_seqlens is not None
-    out1 = _empty(rewards.shape, dtype=torch.float32, device=rewards.device)
-    out2 = _empty(rewards.shape, dtype=torch.float32, device=rewards.device) if mode == 0 else out1
-    agg = _empty((rows, n_splits, 5), dtype=torch.float32, device=rewards.device)
+    out1 = empty(rewards.shape, dtype=torch.float32, device=rewards.device)
+    out2 = empty(rewards.shape, dtype=torch.float32, device=rewards.device) if mode == 0 else out1
+    agg = empty((rows, n_splits, 5), dtype=torch.float32, device=rewards.device)
     if rows == 0 or max_len == 0:
         return out1, (out2 if mode == _MODE_GAE else None)
     num_warps = 4 if block_t <= 1024 else 8
@@ -298,41 +284,6 @@ def _unpack(x: torch.Tensor, cu: torch.Tensor, fill=0):
     src = (cu[:-1].long()[:, None] + pos[None, :]).clamp_max(max(x.numel() - 1, 0))
     out = torch.where(valid, x[src] if x.numel() else x.new_zeros(S, L), fill)
     return out, valid
-
-
-# ----------------------------------------------------------------------------- references
-
-
-def gae_reference(rewards, values, mask, gamma: float, lam: float):
-    """verl's loop over t, vectorized over B (the baseline the kernels replace).
-
-    [B, T] each -> (advantages, returns), in the promoted float dtype (fp64 stays fp64)."""
-    dt = torch.promote_types(rewards.dtype, torch.float32)
-    r, v, m = rewards.to(dt), values.to(dt), (mask != 0).to(dt)
-    nextvalues = torch.zeros_like(r[:, 0])
-    lastgaelam = torch.zeros_like(r[:, 0])
-    out = []
-    for t in reversed(range(r.shape[1])):
-        delta = r[:, t] + gamma * nextvalues - v[:, t]
-        new = delta + gamma * lam * lastgaelam
-        nextvalues = v[:, t] * m[:, t] + (1 - m[:, t]) * nextvalues
-        lastgaelam = new * m[:, t] + (1 - m[:, t]) * lastgaelam
-        out.append(lastgaelam)
-    adv = torch.stack(out[::-1], 1) if out else torch.zeros_like(r)
-    return adv, adv + v
-
-
-def discounted_returns_reference(rewards, mask, gamma: float):
-    """verl's REINFORCE++ return loop. [B, T] -> [B, T]."""
-    dt = torch.promote_types(rewards.dtype, torch.float32)
-    r, m = rewards.to(dt), (mask != 0).to(dt)
-    ret = torch.zeros_like(r)
-    running = torch.zeros_like(r[:, 0])
-    for t in reversed(range(r.shape[1])):
-        running = r[:, t] + gamma * running
-        ret[:, t] = running
-        running = running * m[:, t]
-    return ret
 
 
 # ----------------------------------------------------------------------------- public

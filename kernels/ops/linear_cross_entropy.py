@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from ._vocab_parallel import (
+from .._common import _acc_dtype
+from .._vocab_parallel import (
     _check,
     _local_targets,
     _reduce_grad_hidden,
@@ -30,7 +31,7 @@ from ._vocab_parallel import (
     _tp_combine,
     _tp_info,
 )
-from .linear_logprobs import _acc_dtype, _budget, _compute_dtype
+from .linear_logprobs import _budget, _compute_dtype
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

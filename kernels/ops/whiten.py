@@ -22,9 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting, resolve_backend
-
-_empty = torch.empty  # tests swap in a NaN-filling allocator
+from .._backend import interpreting, resolve_backend
+from .._common import empty
 
 
 @triton.jit
@@ -79,7 +78,7 @@ def _whiten_triton(x, m, shift_mean, eps):
     mf = m.contiguous().view(-1)
     if mf.dtype == torch.bool:
         mf = mf.view(torch.uint8)
-    out = _empty(x.shape, dtype=torch.float32, device=x.device)
+    out = empty(x.shape, dtype=torch.float32, device=x.device)
     if N == 0:
         return out
     block = 1024 if interpreting() else 4096
@@ -108,19 +107,6 @@ def _whiten_torch(x, m, shift_mean, eps):
     var = ((xf - mean) ** 2 * mf).sum() / (n + 1e-8) * _bessel(n)
     out = (xf - mean) * torch.rsqrt(var + eps)
     return out + mean if not shift_mean else out
-
-
-def whiten_reference(values, mask, shift_mean: bool = True, eps: float = 1e-8):
-    """verl's formula in the promoted float dtype (fp64 stays fp64)."""
-    dt = torch.promote_types(values.dtype, torch.float32)
-    x, m = values.to(dt), (mask != 0).to(dt)
-    n = m.sum()
-    mean = (x * m).sum() / (n + 1e-8)
-    var = ((x - mean) ** 2 * m).sum() / (n + 1e-8)
-    if n > 1:
-        var = var * n / (n - 1)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    return out if shift_mean else out + mean
 
 
 def whiten(

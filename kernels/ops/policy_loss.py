@@ -35,18 +35,49 @@ Metrics (masked means over tokens): pg_clipfrac, pg_clipfrac_lower (dual clip), 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting, resolve_backend
+from .._backend import interpreting, resolve_backend
+from .._common import _row_bounds, empty
+from ..reference import kl_reference
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_TYPES = ("k1", "k2", "k3")
 _N_PARTS = 6  # loss, kl, tokens, clipped, dual-clipped, -nk
 
-_empty = torch.empty  # tests swap in a NaN-filling allocator
+
+@dataclass(frozen=True)
+class _LossConfig:
+    """The settings of one `policy_loss` call (validated there), as both paths and the
+    autograd.Function read them; infinities stand for "no clamp / no cap" in the kernels."""
+
+    clip_low: float
+    clip_high: float
+    dual_clip: float | None  # None: no dual clip
+    tis_cap: float  # inf: no truncation
+    kl_coef: float
+    kl_type: str
+    kl_log_ratio_clamp: float | None  # as given (torch path); None: no clamp
+    kl_value_clamp: float | None
+    agg: str
+    loss_scale_factor: float
+    num_tokens: float | None  # replace the local counts (e.g. DP totals)
+    num_seqs: float | None
+    rows: int  # R: B rows, or S packed sequences
+    T: int  # padded row length (0 when packed)
+    max_len: int  # longest row
+
+    @property
+    def lr_clamp(self) -> float:
+        return math.inf if self.kl_log_ratio_clamp is None else float(self.kl_log_ratio_clamp)
+
+    @property
+    def val_clamp(self) -> float:
+        return math.inf if self.kl_value_clamp is None else float(self.kl_value_clamp)
 
 
 # ----------------------------------------------------------------------------- Triton
@@ -122,12 +153,8 @@ def _token_terms(
 
 @triton.jit
 def _row_span(cu_ptr, rid, c, T, BLOCK_T: tl.constexpr, PACKED: tl.constexpr):
-    if PACKED:
-        start = tl.load(cu_ptr + rid).to(tl.int64)
-        end = tl.load(cu_ptr + rid + 1).to(tl.int64)
-    else:
-        start = rid.to(tl.int64) * T
-        end = start + T
+    """Offsets of chunk c of row rid (BLOCK_T tokens) and which of them lie in the row."""
+    start, end = _row_bounds(cu_ptr, rid, T, PACKED)
     offs = start + c * BLOCK_T + tl.arange(0, BLOCK_T)
     return offs, offs < end
 
@@ -234,25 +261,25 @@ def _flat(x):
     return x.view(torch.uint8) if x.dtype == torch.bool else x
 
 
-def _launch_args(cfg, tensors):
+def _launch_args(cfg: _LossConfig, tensors):
     lp, old, adv, m, rl, ref, cu = (_flat(t) if t is not None else None for t in tensors)
     rl = rl if rl is not None else lp
     ref = ref if ref is not None else lp
     cu = cu if cu is not None else lp
     scalars = (
-        cfg["clip_low"],
-        cfg["clip_high"],
-        cfg["dual_clip"] or 0.0,
-        cfg["tis_cap"],
-        cfg["kl_coef"],
-        cfg["lr_clamp"],
-        cfg["val_clamp"],
+        cfg.clip_low,
+        cfg.clip_high,
+        cfg.dual_clip or 0.0,
+        cfg.tis_cap,
+        cfg.kl_coef,
+        cfg.lr_clamp,
+        cfg.val_clamp,
     )
     meta = dict(
-        HAS_DUAL=cfg["dual_clip"] is not None,
+        HAS_DUAL=cfg.dual_clip is not None,
         HAS_TIS=tensors[4] is not None,
         HAS_KL=tensors[5] is not None,
-        KL_TYPE=KL_TYPES.index(cfg["kl_type"]),
+        KL_TYPE=KL_TYPES.index(cfg.kl_type),
         PACKED=tensors[6] is not None,
     )
     return (lp, old, adv, m, rl, ref, cu), scalars, meta
@@ -260,12 +287,12 @@ def _launch_args(cfg, tensors):
 
 class _PolicyLossFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logprobs, old, adv, mask, rollout, ref, cu, cfg):
-        rows, T, max_len = cfg["rows"], cfg["T"], cfg["max_len"]
+    def forward(ctx, logprobs, old, adv, mask, rollout, ref, cu, cfg: _LossConfig):
+        rows, T, max_len = cfg.rows, cfg.T, cfg.max_len
         block = _block_t(max_len, rows, logprobs.device)
         nc = max(1, triton.cdiv(max_len, block))
         ptrs, scalars, meta = _launch_args(cfg, (logprobs, old, adv, mask, rollout, ref, cu))
-        part = _empty((_N_PARTS, rows, nc), dtype=torch.float32, device=logprobs.device)
+        part = empty((_N_PARTS, rows, nc), dtype=torch.float32, device=logprobs.device)
         if rows > 0:
             _policy_loss_fwd_kernel[(rows, nc)](
                 *ptrs, part, T, rows, nc, *scalars, **meta, BLOCK_T=block
@@ -284,12 +311,12 @@ class _PolicyLossFn(torch.autograd.Function):
         logprobs, old, adv, mask, rollout, ref, cu, row_w = ctx.saved_tensors
         cfg = ctx.cfg
         ptrs, scalars, meta = _launch_args(cfg, (logprobs, old, adv, mask, rollout, ref, cu))
-        alloc = torch.zeros if cu is not None else _empty  # packed: tokens past cu[-1]
+        alloc = torch.zeros if cu is not None else empty  # packed: tokens past cu[-1]
         dlp = alloc(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
         go = grad_loss.contiguous().float()
-        if cfg["rows"] > 0:
-            _policy_loss_bwd_kernel[(cfg["rows"], ctx.nc)](
-                *ptrs, go, row_w, dlp.view(-1), cfg["T"], *scalars, **meta, BLOCK_T=ctx.block
+        if cfg.rows > 0:
+            _policy_loss_bwd_kernel[(cfg.rows, ctx.nc)](
+                *ptrs, go, row_w, dlp.view(-1), cfg.T, *scalars, **meta, BLOCK_T=ctx.block
             )
         return dlp, None, None, None, None, None, None, None
 
@@ -298,7 +325,7 @@ class _KLFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logprobs, ref, kl_type, lr_clamp, val_clamp):
         N = logprobs.numel()
-        out = _empty(logprobs.shape, dtype=torch.float32, device=logprobs.device)
+        out = empty(logprobs.shape, dtype=torch.float32, device=logprobs.device)
         block = 1024 if interpreting() else 4096
         args = (N, lr_clamp, val_clamp)
         meta = dict(KL_TYPE=KL_TYPES.index(kl_type), BLOCK=block)
@@ -312,7 +339,7 @@ class _KLFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gkl):
         logprobs, ref = ctx.saved_tensors
-        dlp = _empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
+        dlp = empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
         N = logprobs.numel()
         if N:
             grid = (triton.cdiv(N, ctx.meta["BLOCK"]),)
@@ -325,16 +352,16 @@ class _KLFn(torch.autograd.Function):
 # ----------------------------------------------------------------------------- torch path
 
 
-def _row_weights(row_tokens: torch.Tensor, cfg) -> torch.Tensor:
+def _row_weights(row_tokens: torch.Tensor, cfg: _LossConfig) -> torch.Tensor:
     """[R] token counts -> [R] weights w_row with loss = sum_rows w_row * rowsum."""
-    agg = cfg["agg"]
+    agg = cfg.agg
     one = torch.ones_like(row_tokens)
     if agg == "token-mean":
-        denom = cfg["num_tokens"] if cfg["num_tokens"] is not None else row_tokens.sum()
+        denom = cfg.num_tokens if cfg.num_tokens is not None else row_tokens.sum()
         return one / _nonzero(denom, row_tokens)
     if agg == "seq-mean-token-sum-norm":
-        return one / cfg["loss_scale_factor"]
-    nseq = cfg["num_seqs"] if cfg["num_seqs"] is not None else (row_tokens > 0).sum()
+        return one / cfg.loss_scale_factor
+    nseq = cfg.num_seqs if cfg.num_seqs is not None else (row_tokens > 0).sum()
     w = one / _nonzero(nseq, row_tokens)
     if agg == "seq-mean-token-mean":
         w = w / (row_tokens + 1e-8)
@@ -346,49 +373,32 @@ def _nonzero(x, like):
     return torch.where(x != 0, x, torch.ones_like(x))
 
 
-def kl_reference(logprobs, ref_logprobs, kl_type="k3", log_ratio_clamp=20.0, value_clamp=10.0):
-    """Per-token KL estimate in plain PyTorch (differentiable), promoted float dtype."""
-    dt = torch.promote_types(logprobs.dtype, torch.float32)
-    logr = ref_logprobs.to(dt) - logprobs.to(dt)
-    if log_ratio_clamp is not None:
-        logr = logr.clamp(-log_ratio_clamp, log_ratio_clamp)
-    if kl_type == "k1":
-        kl = -logr
-    elif kl_type == "k2":
-        kl = 0.5 * logr.square()
-    else:
-        kl = torch.exp(logr) - 1 - logr
-    if value_clamp is not None:
-        kl = kl.clamp(-value_clamp, value_clamp)
-    return kl
-
-
-def _per_token_torch(lp, old, adv, mask, rollout, ref, cfg):
+def _per_token_torch(lp, old, adv, mask, rollout, ref, cfg: _LossConfig):
     dt = torch.promote_types(lp.dtype, torch.float32)
     lp, old, adv = lp.to(dt), old.to(dt), adv.to(dt)
     nk = torch.clamp(lp - old, -20.0, 20.0)
     ratio = torch.exp(nk)
     pg1 = -adv * ratio
-    pg2 = -adv * torch.clamp(ratio, 1 - cfg["clip_low"], 1 + cfg["clip_high"])
+    pg2 = -adv * torch.clamp(ratio, 1 - cfg.clip_low, 1 + cfg.clip_high)
     clipped = pg2 > pg1
     pg = torch.maximum(pg1, pg2)
     lower = torch.zeros_like(clipped)
-    if cfg["dual_clip"] is not None:
-        pg3 = -adv * cfg["dual_clip"]
+    if cfg.dual_clip is not None:
+        pg3 = -adv * cfg.dual_clip
         lower = (pg > pg3) & (adv < 0)
         pg = torch.where(adv < 0, torch.minimum(pg3, pg), pg)
     if rollout is not None:
         w = torch.exp(torch.clamp(old - rollout.to(dt), -20.0, 20.0))
-        pg = pg * w.clamp(max=cfg["tis_cap"]).detach()
+        pg = pg * w.clamp(max=cfg.tis_cap).detach()
     kl = torch.zeros_like(pg)
     if ref is not None:
-        kl = kl_reference(lp, ref, cfg["kl_type"], cfg["log_ratio_clamp"], cfg["value_clamp"])
-        pg = pg + cfg["kl_coef"] * kl
+        kl = kl_reference(lp, ref, cfg.kl_type, cfg.kl_log_ratio_clamp, cfg.kl_value_clamp)
+        pg = pg + cfg.kl_coef * kl
     m = (mask != 0).to(dt)
     return [pg * m, kl * m, m, clipped * m, lower * m, -nk.detach() * m]
 
 
-def _policy_loss_torch(lp, old, adv, mask, rollout, ref, cu, cfg):
+def _policy_loss_torch(lp, old, adv, mask, rollout, ref, cu, cfg: _LossConfig):
     terms = _per_token_torch(lp, old, adv, mask, rollout, ref, cfg)
     if cu is None:
         per_row = [t.sum(-1) for t in terms]
@@ -458,17 +468,15 @@ def policy_loss(
             raise ValueError("policy_loss: packed inputs must be [N]")
         rows, T = cu_seqlens.numel() - 1, 0
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if rows > 0 else 0
-    cfg = dict(
+    cfg = _LossConfig(
         clip_low=float(clip_low),
         clip_high=float(clip_low if clip_high is None else clip_high),
         dual_clip=None if dual_clip is None else float(dual_clip),
         tis_cap=math.inf if tis_cap is None else float(tis_cap),
         kl_coef=float(kl_coef),
         kl_type=kl_type,
-        log_ratio_clamp=kl_log_ratio_clamp,
-        value_clamp=kl_value_clamp,
-        lr_clamp=math.inf if kl_log_ratio_clamp is None else float(kl_log_ratio_clamp),
-        val_clamp=math.inf if kl_value_clamp is None else float(kl_value_clamp),
+        kl_log_ratio_clamp=kl_log_ratio_clamp,
+        kl_value_clamp=kl_value_clamp,
         agg=agg,
         loss_scale_factor=float(loss_scale_factor or max(max_len, 1)),
         num_tokens=num_tokens,
@@ -489,7 +497,7 @@ def policy_loss(
         "pg_clipfrac": nclip / denom,
         "pg_clipfrac_lower": nlower / denom,
         "ppo_kl": neg_nk / denom,
-        "pg_loss": loss.detach() - cfg["kl_coef"] * kl_loss,
+        "pg_loss": loss.detach() - cfg.kl_coef * kl_loss,
     }
     if ref_logprobs is not None:
         metrics["kl_loss"] = kl_loss
