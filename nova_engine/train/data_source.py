@@ -9,7 +9,7 @@ implements the same protocol.
 
 `PackedDataSource`: per epoch a seeded permutation of the samples (the same on every rank and
 every layout), `global_batch_size` sequences per step, dealt to the DP ranks by `deal()`
-(round-robin today; issue 19 swaps in token balancing there), each rank's share packed
+(balanced by tokens, deterministic per (seed, step)), each rank's share packed
 (first-fit decreasing) into micro-batches of at most `micro_batch_tokens` tokens. A step's
 data depends only on (seed, step), so the batches do not depend on the layout: per-step
 losses agree across TP/PP/DP up to fp32 summation order. A rank dealt no sequence (fewer
@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from nova_engine.data.balance import balanced_split, item_tokens
 from nova_engine.data.packing import PackedBatch, PackingPlan
 from nova_engine.data.sample import PairSample
 from nova_engine.logging import get_logger
@@ -52,10 +53,14 @@ class DataSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def deal(samples: Sequence[Any], dp: int, dp_rank: int) -> list[Any]:
-    """The sequences of one step that DP rank `dp_rank` (of `dp`) gets: round-robin.
-    The single place a step's sequences are dealt to ranks (swap for balancing here)."""
-    return list(samples[dp_rank::dp])
+def deal(samples: Sequence[Any], dp: int, dp_rank: int, *, seed: int = 0, step: int = 0):
+    """The sequences (pairs) of one step that DP rank `dp_rank` (of `dp`) gets, balanced by
+    tokens (`nova_engine.data.balance`: deterministic in (seed, step), pairs kept whole, each
+    share in step order). The single place a step's sequences are dealt to ranks."""
+    if dp == 1:
+        return list(samples)
+    shares = balanced_split(item_tokens(samples), dp, seed=seed, step=step)
+    return [samples[int(i)] for i in shares[dp_rank]]
 
 
 class PackedDataSource:
@@ -164,7 +169,7 @@ class PackedDataSource:
 
     def rank_microbatches(self, step: int) -> list[PackedBatch]:
         """This DP rank's micro-batches of `step`, on the layout's device."""
-        mine = deal(self.step_samples(step), self.ps.dp, self.ps.dp_rank)
+        mine = deal(self.step_samples(step), self.ps.dp, self.ps.dp_rank, seed=self.seed, step=step)
         return [mb.to(self.ps.device) for mb in self.pack(mine)]
 
 
