@@ -7,17 +7,21 @@ chunks and a method's whole-tensor pass, not by the model.
 Two random bfloat16 Llama-shaped models (init, and aligned = init + noise; 10 layers,
 H 2048, F 5632, 8 KV heads, V 32000, untied head: 1.16 GB each, in 4 shards) are written
 into a temporary directory, streamed to disk as they are generated. Each method then merges
-them in a fresh subprocess that reads its own `resource.getrusage(RUSAGE_SELF).ru_maxrss`
-twice: after the imports (the interpreter + torch + nova_engine: the baseline) and after the
-merge (the peak). The bench asserts, for every method,
+them in a fresh subprocess. After its imports (the interpreter + torch + nova_engine) the
+child resets its resident-set high-water mark (`/proc/self/clear_refs`, "5") and reads its
+RSS (the baseline); after the merge it reads the high-water mark VmHWM (the peak).
+`resource.getrusage(RUSAGE_SELF).ru_maxrss` is recorded too (ru_maxrss_bytes) but cannot be
+the measure: Linux carries it across fork + exec, so the child's value starts at the
+parent's RSS (~0.7 GB here: torch plus the model generator) and the merge never shows in it.
+The bench asserts, for every method,
 
     peak - baseline < 3 x the largest tensor (the 131 MB bfloat16 embedding)
 
 and writes rows (op "merge", impl = method): peak_rss_above_baseline_bytes, bound_bytes,
-peak_over_largest_tensor, baseline_rss_bytes, ru_maxrss_bytes, model_bytes, and seconds (one run, wall
-clock: this is not a timing benchmark). Expected: a few 1M-element chunk buffers (4 MiB
-each in float32) for every method, TIES included (its trim thresholds come from a streamed
-radix select), plus whatever the allocator keeps: tens of MB, a fraction of the bound.
+peak_over_largest_tensor, baseline_rss_bytes, ru_maxrss_bytes, model_bytes, and seconds
+(one run, wall clock, contended: this is not a timing benchmark). Expected: a few
+1M-element chunk buffers (4 MiB each in float32) for every method, TIES included (its trim
+thresholds come from a streamed radix select), plus what the allocator keeps: tens of MB.
 """
 
 from __future__ import annotations

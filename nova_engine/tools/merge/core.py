@@ -353,7 +353,7 @@ def merge_models(
             if len(files) > 1:
                 index = {
                     "metadata": {"total_size": total},
-                    "weight_map": {n: f.name for f in files for n in sorted(f.tensors)},
+                    "weight_map": dict(sorted((n, f.name) for f in files for n in f.tensors)),
                 }
                 with open(os.path.join(tmp, INDEX_NAME), "w") as fh:
                     json.dump(index, fh, indent=2)
