@@ -8,15 +8,14 @@ NLL over every loss token of the step, exactly as if the whole batch sat on one 
 
 So before the step each rank counts its loss tokens over its micro-batches and the counts
 are summed over the DP group (`global_loss_token_count`, one all_reduce); then every
-micro-batch contributes `sft_loss(logp, mask, G)` = -sum(mask * logp) / G. Summing these
-micro-batch losses (gradient accumulation, no division by M) and SUMMING gradients over DP
-gives grad(L) exactly. When the DP gradient reduction AVERAGES over the D ranks (torch DDP,
-megatron's DDP default), pass `dp_average_size=D` to undo that division.
+micro-batch contributes `sft_loss_fused(hidden, W, labels, mask, G)` = -sum(mask * logp) / G.
+Summing these micro-batch losses (gradient accumulation, no division by M) and SUMMING
+gradients over DP gives grad(L) exactly. When the DP gradient reduction AVERAGES over the D
+ranks (torch DDP, megatron's DDP default), pass `dp_average_size=D` to undo that division.
 
-Per-token log-probs come from `nova_kernels.linear_logprobs` (vocab-parallel, no logits).
-`sft_loss_fused` gives the same loss and gradients from the hidden states directly through
-`nova_kernels.linear_cross_entropy` (3 GEMMs instead of 4: the gradients are formed in the
-forward pass, possible because SFT's upstream gradient is known there).
+The loss comes from the hidden states directly through `nova_kernels.linear_cross_entropy`
+(vocab-parallel, no [N, V] logits, 3 GEMMs: the gradients are formed in the forward pass,
+possible because SFT's upstream gradient is known there).
 """
 
 from __future__ import annotations
@@ -49,29 +48,6 @@ def global_loss_token_count(loss_masks: Iterable[torch.Tensor], dp_group=None) -
     return all_reduce_count(local, dp_group)
 
 
-def sft_loss(
-    logprobs: torch.Tensor,
-    loss_mask: torch.Tensor,
-    global_num_tokens: torch.Tensor | float,
-    *,
-    dp_average_size: int = 1,
-) -> torch.Tensor:
-    """This micro-batch's share of the step loss: -sum(mask * logp) / G * dp_average_size.
-
-    logprobs [N] (fp32, from linear_logprobs), loss_mask [N] (nonzero = loss token),
-    global_num_tokens G from `global_loss_token_count` (clamped to >= 1).
-    Returns a 0-dim fp32 tensor (fp64 for fp64 log-probs); summed over micro-batches (and DP ranks) it is the mean NLL.
-    """
-    if logprobs.shape != loss_mask.shape:
-        raise ValueError(
-            f"sft_loss: logprobs {tuple(logprobs.shape)} != mask {tuple(loss_mask.shape)}"
-        )
-    dtype = torch.promote_types(logprobs.dtype, torch.float32)  # fp32 (fp64 stays fp64)
-    g = torch.as_tensor(global_num_tokens, device=logprobs.device, dtype=dtype)
-    nll_sum = -(logprobs.to(dtype) * (loss_mask != 0)).sum()
-    return nll_sum / g.clamp_min(1.0) * dp_average_size
-
-
 def sft_loss_fused(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -84,13 +60,22 @@ def sft_loss_fused(
     dp_average_size: int = 1,
     ignore_index: int = -100,
 ) -> torch.Tensor:
-    """`sft_loss(linear_logprobs(hidden, weight, labels), loss_mask, G)` in one fused call.
+    """This micro-batch's share of the step loss, -sum(mask * logp) / G * dp_average_size,
+    with logp = log p(labels) from the hidden states and the LM head (one fused call).
 
     hidden [N, H] (or its sequence-parallel slice), weight [Vp, H] this rank's LM-head shard,
-    labels [N] global ids, loss_mask [N]. Returns the same 0-dim loss (fp32).
+    labels [N] global ids (ignore_index rows count nothing), loss_mask [N] (nonzero = loss
+    token), global_num_tokens G from `global_loss_token_count` (clamped to >= 1). Returns a
+    0-dim fp32 loss (fp64 for fp64 inputs); summed over micro-batches and DP ranks it is the
+    mean NLL.
     """
-    g = torch.as_tensor(global_num_tokens, device=hidden.device, dtype=torch.float32)
-    wts = (loss_mask != 0).float() * (dp_average_size / g.clamp_min(1.0))
+    if loss_mask.shape != labels.shape:
+        raise ValueError(
+            f"sft_loss_fused: loss_mask {tuple(loss_mask.shape)} != labels {tuple(labels.shape)}"
+        )
+    dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+    g = torch.as_tensor(global_num_tokens, device=hidden.device, dtype=dtype)
+    wts = (loss_mask != 0).to(dtype) * (dp_average_size / g.clamp_min(1.0))
     return linear_cross_entropy(
         hidden, weight, labels, wts, tp_group=tp_group, ignore_index=ignore_index,
         sequence_parallel=sequence_parallel,
