@@ -1,4 +1,5 @@
-"""`make demo-pas`: the PAS pipeline end to end on tiny models, on CPU, in a few minutes.
+"""`make demo-pas`: the PAS pipeline end to end on tiny models, on CPU (about 7 minutes of CPU
+time, most of it the tutor's SFT).
 
     python -m nova_engine.tools.pas.demo --out demo_out/pas
 
@@ -6,17 +7,18 @@
    here, with exact and near duplicates among them;
 2. a tiny "tutor" model (nova_engine.model.tiny, random init) taught the three formats the
    pipeline asks for by a short SFT run (recipes/pas_tiny_cpu.yaml + overrides) on data made
-   from the shipped seeds: category answers, seed complements from few-shot prompts, JSON
-   verdicts (accept the seed's complement, reject another category's). It is the teacher AND
-   the judge. A randomly initialized model would produce no parseable verdict at all, so
+   from the shipped seeds and the pool: category answers for the pool's prompts (labels
+   written here: the tutor has seen these very questions; a demo, not an evaluation), seed
+   complements from few-shot prompts, JSON verdicts (accept the seed's complement, reject
+   another category's). It is the teacher AND the judge. A randomly initialized model would produce no parseable verdict at all, so
    nothing would be written;
 3. `nova pas build-data` with the tutor as teacher and judge;
 4. the PAS model: SFT of the tutor on what build-data wrote (recipes/pas_tiny_cpu.yaml);
-5. `nova pas augment` on prompts in the SFT, preference and RLVR layouts, each output read
-   back with its loader.
+5. `nova pas augment` on one file mixing lines of the SFT, preference and RLVR layouts; the
+   output, split by layout, read back with each layout's loader.
 Each step runs as its own process (as a user would run it); counts and a few examples are
-printed. What the tiny models write is shown as it is: they are a few hundred thousand
-parameters trained for a minute, so expect fluent-looking fragments, not good complements.
+printed. What the tiny models write is shown as it is: ~270k parameters trained on 100
+examples, so expect fragments of the seeds' wording, not good complements.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ POOL = [
     ("coding", "Write a Python function that reverses a linked list."),
     ("coding", "How do I read a CSV file with pandas and skip the first row?"),
     ("coding", "Explain the difference between a list and a tuple in Python."),
-    ("coding", "Write a Python function that reverses a singly linked list."),  # near
+    ("coding", "Please write a Python function that reverses a linked list."),  # near
     ("math", "What is 15 percent of 240?"),
     ("math", "Solve for x: 3x + 7 = 22."),
     ("math", "How many seconds are there in a week?"),
@@ -52,7 +54,7 @@ POOL = [
     ("writing", "Write a haiku about the sea."),
     ("writing", "Write a short story opening about a lighthouse keeper."),
     ("writing", "Draft a thank you note to a colleague who helped me move."),
-    ("writing", "Write a short story opening about an old lighthouse keeper."),  # near
+    ("writing", "Write a short story opening about a lighthouse keeper, please."),  # near
     (
         "reasoning",
         "If it takes 5 machines 5 minutes to make 5 widgets, how long do 100 machines take for 100 widgets?",
@@ -82,7 +84,7 @@ POOL = [
     ("roleplay", "You are a medieval blacksmith. Greet a customer."),
     ("brainstorming", "List ideas for using leftover rice."),
     ("advice", "How do I prepare for a job interview?"),
-    ("qa", "What causes the seasons on planet Earth?"),  # near
+    ("qa", "So what causes the seasons on Earth?"),  # near
 ]
 
 
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m nova_engine.tools.pas.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--out", default="demo_out/pas")
-    p.add_argument("--tutor-epochs", type=int, default=10)
+    p.add_argument("--tutor-epochs", type=int, default=8)
     p.add_argument("--pas-epochs", type=int, default=8)
     args = p.parse_args(argv)
     out = args.out
@@ -199,45 +201,53 @@ def main(argv: list[str] | None = None) -> int:
         f"data.train_paths=[{sft}]", f"train.epochs={args.pas_epochs}",
         f"train.out_dir={pas_dir}"], "the PAS model's SFT")  # fmt: skip
 
-    layouts = _augment_inputs(out)
-    counts = {}
-    for name, path in layouts.items():
-        dst = path.replace(".jsonl", ".augmented.jsonl")
-        times[f"augment {name}"] = _run([py, "-m", "nova_engine.cli", "pas", "augment",
-            "--pas-model", os.path.join(pas_dir, "hf"), "--tokenizer", tok_dir,
-            "--in", path, "--out", dst, "--max-new-tokens", "48"], f"nova pas augment ({name})")  # fmt: skip
-        counts[name] = _read_back(name, dst)
+    # one augment run over a file mixing the SFT, preference and RLVR layouts (augment reads
+    # the prompt wherever it sits); the output is split back by layout and read by its loader
+    layouts = _augment_inputs()
+    src, dst = os.path.join(out, "augment_in.jsonl"), os.path.join(out, "augment_out.jsonl")
+    _write(src, [rec for recs in layouts.values() for rec in recs])
+    times["augment"] = _run([py, "-m", "nova_engine.cli", "pas", "augment",
+        "--pas-model", os.path.join(pas_dir, "hf"), "--tokenizer", tok_dir,
+        "--in", src, "--out", dst, "--max-new-tokens", "48"], "nova pas augment")  # fmt: skip
+    with open(dst, encoding="utf-8") as f:
+        lines = [json.loads(x) for x in f if x.strip()]
     emit("\n[demo-pas] augmented lines, read back with the stage loaders:")
-    for name, n in counts.items():
-        emit(f"  {name:<5} {n} records")
-    _show_examples(layouts["rlvr"].replace(".jsonl", ".augmented.jsonl"), 2, field="all")
+    start = 0
+    for name, recs in layouts.items():
+        part = os.path.join(out, f"augmented_{name}.jsonl")
+        _write(part, lines[start : start + len(recs)])
+        start += len(recs)
+        emit(f"  {name:<5} {_read_back(name, part)} records in {part}")
+    _show_examples(os.path.join(out, "augmented_rlvr.jsonl"), 2, field="all")
     emit("\n[demo-pas] step times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
          + f"; total {time.perf_counter() - t_start:.0f}s (CPU)")  # fmt: skip
     return 0
 
 
-def _augment_inputs(out: str) -> dict[str, str]:
-    paths = {k: os.path.join(out, f"augment_{k}.jsonl") for k in ("sft", "pref", "rlvr")}
-    _write(paths["sft"], [
-        {"id": "s1", "messages": [{"role": "user", "content": "Why is the ocean salty?"},
-                                  {"role": "assistant", "content": "Rivers carry dissolved salts."}]},
-        {"id": "s2", "messages": [{"role": "user", "content": "Write a haiku about snow."},
-                                  {"role": "assistant", "content": "White hush on the hills."}]},
-    ])  # fmt: skip
-    _write(paths["pref"], [
-        {"prompt": "Suggest a name for a bakery.", "chosen": "Rise and Shine", "rejected": "Shop"},
-        {"chosen": [{"role": "user", "content": "What is 7 times 8?"},
-                    {"role": "assistant", "content": "56"}],
-         "rejected": [{"role": "user", "content": "What is 7 times 8?"},
-                      {"role": "assistant", "content": "54"}]},
-    ])  # fmt: skip
-    _write(paths["rlvr"], [
-        {"messages": [{"role": "user", "content": "What is 12 + 30? Answer with the number."}],
-         "ground_truth": "42", "dataset": "arithmetic"},
-        {"messages": [{"role": "user", "content": "What is 9 - 4? Answer with the number."}],
-         "ground_truth": "5", "dataset": "arithmetic"},
-    ])  # fmt: skip
-    return paths
+def _augment_inputs() -> dict[str, list[dict]]:
+    """A few lines of each layout the stages read (SFT chat, preference pairs, RLVR)."""
+    return {
+        "sft": [
+            {"id": "s1", "messages": [{"role": "user", "content": "Why is the ocean salty?"},
+                                      {"role": "assistant", "content": "Rivers carry salts."}]},
+            {"id": "s2", "messages": [{"role": "user", "content": "Write a haiku about snow."},
+                                      {"role": "assistant", "content": "White hush on the hills."}]},
+        ],
+        "pref": [
+            {"prompt": "Suggest a name for a bakery.", "chosen": "Rise and Shine",
+             "rejected": "Shop"},
+            {"chosen": [{"role": "user", "content": "What is 7 times 8?"},
+                        {"role": "assistant", "content": "56"}],
+             "rejected": [{"role": "user", "content": "What is 7 times 8?"},
+                          {"role": "assistant", "content": "54"}]},
+        ],
+        "rlvr": [
+            {"messages": [{"role": "user", "content": "What is 12 + 30? Answer with the number."}],
+             "ground_truth": "42", "dataset": "arithmetic"},
+            {"messages": [{"role": "user", "content": "What is 9 - 4? Answer with the number."}],
+             "ground_truth": "5", "dataset": "arithmetic"},
+        ],
+    }  # fmt: skip
 
 
 def _read_back(name: str, path: str) -> int:

@@ -119,7 +119,12 @@ class NovaGenerator:
             where.append(j)
         if not requests:
             return out
-        gens = generate(m.chunks, m.ps, m.arch, requests, params, max_batch_size=c.batch_size)
+
+        def progress(done: int, total: int) -> None:
+            log.info("%s: %d/%d completions", os.path.basename(m.model_dir), done, total)
+
+        gens = generate(m.chunks, m.ps, m.arch, requests, params, max_batch_size=c.batch_size,
+                        on_batch_done=progress)  # fmt: skip
         tok = m.ct.tokenizer
         for j, g in zip(where, gens):
             self.tokens_generated += len(g[0].tokens)
