@@ -450,6 +450,8 @@ def hf_config_dict(
     out["architectures"] = [
         arch.architecture if seq is None else SEQUENCE_CLASSIFIER_CLASSES[arch.family]
     ]
+    if seq is not None:  # (transformers 5 writes label2id as null; older versions read it)
+        out["label2id"] = {name: i for i, name in kwargs["id2label"].items()}
     out["torch_dtype"] = str(dtype).removeprefix("torch.")
     return out
 

@@ -241,11 +241,11 @@ def test_stage_registry_is_the_one_list():
     from nova_engine.train import __main__ as train_main
     from nova_engine.train.stages import STAGES
 
-    assert tuple(STAGES) == ("sft", "dpo")
+    assert tuple(STAGES) == ("sft", "dpo", "rm")
     assert cli._stages() == tuple(STAGES) == tuple(train_main.STAGES)
     assert STAGES["sft"].config_class is SFTRunConfig
     assert STAGES["dpo"].config_class is DPORunConfig
-    with pytest.raises(ConfigError, match="unknown stage 'ppo'; expected one of sft, dpo"):
+    with pytest.raises(ConfigError, match="unknown stage 'ppo'; expected one of sft, dpo, rm"):
         load_recipe(RECIPES / "tiny_cpu.yaml", "ppo")
 
 

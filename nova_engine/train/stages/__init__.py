@@ -42,5 +42,6 @@ STAGES: dict[str, StageSpec] = {
     for s in (
         StageSpec("sft", "nova_engine.train.stages.sft", "supervised fine-tuning"),
         StageSpec("dpo", "nova_engine.train.stages.dpo", "preference optimization (DPO family)"),
+        StageSpec("rm", "nova_engine.train.stages.rm", "reward model (Bradley-Terry, regression)"),
     )
 }
