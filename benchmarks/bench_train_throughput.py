@@ -61,8 +61,8 @@ def packed_vs_padded(model, ps, samples, capacity: int, reps: int) -> list[dict]
     from nova_engine.model.packed import packed_forward
 
     dev = ps.device
-    plan = PackingPlan.from_samples(samples, capacity=capacity, seed=0)
-    packed = [plan.make_batch(samples, ids).to(dev) for _, ids in plan.epoch_bins(0)]
+    plan = PackingPlan.from_samples(samples, capacity=capacity)
+    packed = [plan.make_batch(samples, ids).to(dev) for ids in plan.result.bins()]
     bsz = max(1, capacity // max(len(s) for s in samples))
     padded = []
     for i in range(0, len(samples), bsz):

@@ -46,15 +46,6 @@ py::tuple pack(const py::array& lengths, int64_t capacity, const std::string& al
   return py::make_tuple(to_numpy(std::move(result.bin_offsets)), to_numpy(std::move(result.items)));
 }
 
-py::array_t<int64_t> permutation(int64_t n, uint64_t seed, uint64_t epoch) {
-  std::vector<int64_t> p;
-  {
-    py::gil_scoped_release release;
-    p = nova::permutation(n, seed, epoch);
-  }
-  return to_numpy(std::move(p));
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -64,7 +55,5 @@ PYBIND11_MODULE(_C, m) {
         "Packs lengths [n] int64 into bins of `capacity` tokens ('nextfit' | 'ffd' | 'bfd'; "
         "max_seqs_per_bin 0 = no cap). Returns (bin_offsets [num_bins+1], items [n]) int64: "
         "bin b holds items[bin_offsets[b]:bin_offsets[b+1]] in placement order.");
-  m.def("permutation", &permutation, py::arg("n"), py::arg("seed"), py::arg("epoch"),
-        "A permutation of range(n) drawn from (seed, epoch) with splitmix64 Fisher-Yates.");
   bind_decontam(m);
 }

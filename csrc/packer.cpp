@@ -183,27 +183,6 @@ PackResult best_fit_decreasing_set(const int64_t* len, int64_t n, int64_t capaci
   return to_csr(bin_of, order, num_bins);
 }
 
-uint64_t splitmix64(uint64_t& state) {
-  uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
-}
-
-// Lemire's nearly-divisionless unbiased integer in [0, s).
-uint64_t bounded(uint64_t& state, uint64_t s) {
-  unsigned __int128 m = static_cast<unsigned __int128>(splitmix64(state)) * s;
-  uint64_t low = static_cast<uint64_t>(m);
-  if (low < s) {
-    const uint64_t threshold = (0 - s) % s;
-    while (low < threshold) {
-      m = static_cast<unsigned __int128>(splitmix64(state)) * s;
-      low = static_cast<uint64_t>(m);
-    }
-  }
-  return static_cast<uint64_t>(m >> 64);
-}
-
 }  // namespace
 
 PackAlgorithm parse_algorithm(const std::string& name) {
@@ -262,20 +241,6 @@ PackResult pack(const int64_t* lengths, int64_t n, int64_t capacity, PackAlgorit
                  : best_fit_decreasing_set(lengths, n, capacity, max_seqs_per_bin);
   }
   throw std::invalid_argument("unknown packing algorithm");
-}
-
-std::vector<int64_t> permutation(int64_t n, uint64_t seed, uint64_t epoch) {
-  if (n < 0) throw std::invalid_argument("permutation size must be >= 0, got " + std::to_string(n));
-  uint64_t s = seed;
-  uint64_t e = splitmix64(s) + epoch;
-  uint64_t state = splitmix64(e);
-  std::vector<int64_t> p(n);
-  std::iota(p.begin(), p.end(), 0);
-  for (int64_t i = n - 1; i >= 1; --i) {
-    const int64_t j = static_cast<int64_t>(bounded(state, static_cast<uint64_t>(i) + 1));
-    std::swap(p[i], p[j]);
-  }
-  return p;
 }
 
 }  // namespace nova

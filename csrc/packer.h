@@ -49,10 +49,4 @@ PackResult pack(const int64_t* lengths, int64_t n, int64_t capacity, PackAlgorit
 // Items in the FFD/BFD placement order: length descending, ties by ascending index.
 std::vector<int64_t> decreasing_order(const int64_t* lengths, int64_t n, int64_t capacity);
 
-// A permutation of [0, n) drawn from (seed, epoch): Fisher-Yates driven by splitmix64, with
-// Lemire's unbiased bounded integers. Same result on every platform (no std:: distributions).
-//   key = splitmix64(splitmix64(seed) + epoch); state = key;
-//   for i = n-1 .. 1: j = bounded(i + 1); swap(p[i], p[j])
-std::vector<int64_t> permutation(int64_t n, uint64_t seed, uint64_t epoch);
-
 }  // namespace nova

@@ -1,14 +1,13 @@
 """Sequence packing: samples → bins of a token capacity → `PackedBatch` (THD layout).
 
-    plan = PackingPlan.from_samples(samples, capacity=16384, seed=0)        # or PairSamples
-    for position, batch in plan.batches(samples, epoch=0, pad_to_multiple=tp):
-        ...                                          # resume: plan.batches(..., start=position)
+    plan = PackingPlan.from_samples(samples, capacity=16384)                # or PairSamples
+    batches = [plan.make_batch(samples, ids, pad_to_multiple=tp) for ids in plan.result.bins()]
 
 The bin assignment comes from the C++ packer (`nova_engine._C.pack`, csrc/packer.cpp):
 first-fit decreasing ("ffd"), best-fit decreasing ("bfd") or next-fit in arrival order
-("nextfit", a baseline). It depends only on the lengths; the seed only reshuffles the ORDER of
-the bins each epoch (permutation drawn from (seed, epoch)), so (epoch, bin position) names a
-point in the stream that a resumed run reproduces exactly.
+("nextfit", a baseline). It depends only on the lengths. The order in which a run sees its
+samples (seeded epochs, resume positions) belongs to the data source
+(`nova_engine.train.data_source`), which packs each step's samples.
 
 Pairs mode (DPO, reward models): the unit is (chosen, rejected); the packer sees the pair's
 total length and both halves land in the same bin, chosen immediately followed by rejected.
@@ -20,7 +19,7 @@ N sequences (samples) in a packed batch, P pairs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -342,66 +341,42 @@ class PackedBatch:
 
 
 # --------------------------------------------------------------------------------------------
-# Packing plan over a data set, with a per-epoch order of the bins
+# Packing plan: a packing of samples (or pairs) and the batches of its bins
 # --------------------------------------------------------------------------------------------
 
 
 class PackingPlan:
-    """A fixed packing of a data set and, per epoch, a seeded order of its bins.
+    """A packing of a list of samples or pairs (`result`: the bins) and the PackedBatch of
+    each bin, truncated per the packing."""
 
-    The packing depends only on the lengths; `bin_order(epoch)` is a permutation drawn from
-    (seed, epoch) by a platform-independent generator (splitmix64 Fisher-Yates in C++), so
-    the stream at (epoch, position) is the same in every run and after every resume.
-    """
-
-    def __init__(self, result: PackResult, seed: int = 0):
+    def __init__(self, result: PackResult):
         self.result = result
-        self.seed = int(seed)
 
     @classmethod
-    def from_lengths(cls, lengths, capacity: int, *, seed: int = 0, **kwargs) -> PackingPlan:
+    def from_lengths(cls, lengths, capacity: int, **kwargs) -> PackingPlan:
         """kwargs: algorithm, max_seqs_per_bin, overlong (see `pack_lengths`)."""
-        return cls(pack_lengths(lengths, capacity, **kwargs), seed)
+        return cls(pack_lengths(lengths, capacity, **kwargs))
 
     @classmethod
     def from_samples(
-        cls,
-        samples: Sequence[Sample] | Sequence[PairSample],
-        capacity: int,
-        *,
-        seed: int = 0,
-        **kwargs,
+        cls, samples: Sequence[Sample] | Sequence[PairSample], capacity: int, **kwargs
     ) -> PackingPlan:
         """Samples or pairs (pairs mode) → plan; kwargs as for `pack_lengths`."""
         if samples and isinstance(samples[0], PairSample):
             chosen = [len(p.chosen) for p in samples]
             rejected = [len(p.rejected) for p in samples]
-            return cls(pack_pairs(chosen, rejected, capacity, **kwargs), seed)
-        return cls(pack_lengths([len(s) for s in samples], capacity, **kwargs), seed)
+            return cls(pack_pairs(chosen, rejected, capacity, **kwargs))
+        return cls(pack_lengths([len(s) for s in samples], capacity, **kwargs))
 
     @property
     def num_bins(self) -> int:
         return self.result.num_bins
 
-    def bin_order(self, epoch: int) -> np.ndarray:
-        """[num_bins] int64: the bin at each position of epoch `epoch`."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        return _C.permutation(self.num_bins, self.seed % 2**64, int(epoch))
-
-    def epoch_bins(self, epoch: int, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
-        """Yields (position, sequence ids of the bin) from position `start` of `epoch`."""
-        if not 0 <= start <= self.num_bins:
-            raise ValueError(f"start={start} is not in [0, num_bins={self.num_bins}]")
-        order = self.bin_order(epoch)
-        for position in range(start, self.num_bins):
-            yield position, self.result.bin(int(order[position]))
-
     def make_batch(
         self, samples: Sequence[Sample] | Sequence[PairSample], seq_ids: np.ndarray, **kwargs
     ) -> PackedBatch:
-        """The PackedBatch of one bin (`seq_ids` from `epoch_bins`), truncated per the plan.
-        kwargs: pad_to_multiple, pad_id, pad_to_length."""
+        """The PackedBatch of one bin (`seq_ids`: an entry of `result.bins()`), truncated per
+        the plan. kwargs: pad_to_multiple, pad_id, pad_to_length."""
         lengths = self.result.lengths[seq_ids]
         if self.result.pairs:
             pairs = [samples[int(p)] for p in seq_ids[0::2] // 2]
@@ -409,13 +384,6 @@ class PackingPlan:
         return PackedBatch.from_samples(
             [samples[int(i)] for i in seq_ids], lengths=lengths, **kwargs
         )
-
-    def batches(
-        self, samples, epoch: int, start: int = 0, **kwargs
-    ) -> Iterator[tuple[int, PackedBatch]]:
-        """Yields (position, PackedBatch) for `epoch` from position `start`."""
-        for position, seq_ids in self.epoch_bins(epoch, start):
-            yield position, self.make_batch(samples, seq_ids, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------

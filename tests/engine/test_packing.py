@@ -88,35 +88,6 @@ REFERENCES = {
     "bfd": ref_best_fit_decreasing,
 }
 
-_M64 = 2**64 - 1
-
-
-def _splitmix64(state: int) -> tuple[int, int]:
-    state = (state + 0x9E3779B97F4A7C15) & _M64
-    z = state
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-    return state, z ^ (z >> 31)
-
-
-def ref_permutation(n: int, seed: int, epoch: int) -> list[int]:
-    _, key = _splitmix64(seed)
-    _, state = _splitmix64((key + epoch) & _M64)
-    p = list(range(n))
-    for i in range(n - 1, 0, -1):
-        s = i + 1
-        state, x = _splitmix64(state)
-        m = x * s
-        if m & _M64 < s:
-            threshold = (2**64 - s) % s
-            while m & _M64 < threshold:
-                state, x = _splitmix64(state)
-                m = x * s
-        j = m >> 64
-        p[i], p[j] = p[j], p[i]
-    return p
-
-
 def ref_packed_batch(samples, pad_to_multiple=1, pad_id=0):
     """Token-by-token construction of a PackedBatch's fields."""
     tokens, pos, labels, mask, seq_index, cu = [], [], [], [], [], [0]
@@ -227,7 +198,7 @@ def test_cpp_uniform_lengths_ffd_differs_from_bfd(capacity):
 def test_empty_inputs():
     res = pack_lengths([], 10)
     assert res.num_bins == 0 and res.bins() == [] and res.efficiency == 0.0
-    assert PackingPlan(res).bin_order(3).size == 0
+    assert PackingPlan(res).num_bins == 0
     b = PackedBatch.from_samples([], pad_to_multiple=4)
     assert b.num_tokens == 0 and b.cu_seqlens.tolist() == [0] and b.max_seqlen == 0
 
@@ -363,12 +334,7 @@ def test_pack_pairs_rejects_bad_input():
         pack_pairs([1, 2], [1], 10)
 
 
-# ---------------------------------------------------------------- epoch plan
-
-
-def test_permutation_matches_reference():
-    for n, seed, epoch in [(0, 0, 0), (1, 3, 0), (17, 0, 0), (50, 123, 4), (333, 2**63 + 5, 9)]:
-        assert _C.permutation(n, seed, epoch).tolist() == ref_permutation(n, seed, epoch)
+# ---------------------------------------------------------------- plan
 
 
 def _make_samples(rng, n, max_len=40):
@@ -379,34 +345,21 @@ def _make_samples(rng, n, max_len=40):
     return out
 
 
-def test_plan_epochs_and_resume():
+def test_plan_batches_cover_every_sample_once():
+    """A plan's bins hold every sample exactly once, each batch within the capacity, its
+    tokens those of the samples in the bin (in the bin's order)."""
     rng = np.random.default_rng(3)
     samples = _make_samples(rng, 200, max_len=60)
-    plan = PackingPlan.from_samples(samples, 128, seed=7, algorithm="bfd")
-    again = PackingPlan.from_samples(samples, 128, seed=7, algorithm="bfd")
-    other_seed = PackingPlan.from_samples(samples, 128, seed=8, algorithm="bfd")
-    order0, order1 = plan.bin_order(0), plan.bin_order(1)
-    assert sorted(order0.tolist()) == list(range(plan.num_bins)) > []
-    assert order0.tolist() == again.bin_order(0).tolist()
-    assert order0.tolist() != order1.tolist()
-    assert order0.tolist() != other_seed.bin_order(0).tolist()
-    assert order0.tolist() == ref_permutation(plan.num_bins, 7, 0)
-    # every sample once per epoch, bins in the epoch's order
-    stream = list(plan.epoch_bins(1))
-    assert [p for p, _ in stream] == list(range(plan.num_bins))
-    assert [ids.tolist() for _, ids in stream] == [plan.result.bin(b).tolist() for b in order1]
-    assert sorted(np.concatenate([ids for _, ids in stream]).tolist()) == list(range(200))
-    # resuming at (epoch, position) reproduces the rest of the stream, batches included
-    full = list(plan.batches(samples, epoch=1, pad_to_multiple=4))
-    resumed = list(again.batches(samples, epoch=1, start=5, pad_to_multiple=4))
-    assert len(resumed) == len(full) - 5
-    for (p, a), (q, b) in zip(full[5:], resumed):
-        assert p == q and torch.equal(a.tokens, b.tokens) and torch.equal(a.labels, b.labels)
-        assert torch.equal(a.sample_ids, b.sample_ids) and a.num_tokens % 4 == 0
-    with pytest.raises(ValueError, match="start="):
-        next(plan.epoch_bins(0, start=plan.num_bins + 1))
-    with pytest.raises(ValueError, match="epoch must be"):
-        plan.bin_order(-1)
+    plan = PackingPlan.from_samples(samples, 128, algorithm="bfd")
+    bins = plan.result.bins()
+    assert len(bins) == plan.num_bins > 0
+    assert sorted(np.concatenate(bins).tolist()) == list(range(200))
+    for ids in bins:
+        batch = plan.make_batch(samples, ids, pad_to_multiple=4)
+        want = torch.cat([torch.as_tensor(samples[int(i)].tokens) for i in ids])
+        assert batch.num_tokens % 4 == 0 and int(want.numel()) <= 128
+        assert torch.equal(batch.tokens[: want.numel()], want.to(batch.tokens.dtype))
+        assert batch.sample_ids.tolist() == [samples[int(i)].index for i in ids]
 
 
 def test_plan_pairs_batches_truncate():
@@ -415,9 +368,9 @@ def test_plan_pairs_batches_truncate():
     pairs = [
         PairSample(singles[2 * k], singles[2 * k + 1], index=k, margin=1 + k % 3) for k in range(30)
     ]
-    plan = PackingPlan.from_samples(pairs, 64, seed=1, algorithm="ffd", max_seqs_per_bin=6)
+    plan = PackingPlan.from_samples(pairs, 64, algorithm="ffd", max_seqs_per_bin=6)
     seen = []
-    for _, batch in plan.batches(pairs, epoch=0):
+    for batch in (plan.make_batch(pairs, ids) for ids in plan.result.bins()):
         assert batch.is_pairs and batch.num_samples == 2 * len(batch.pair_ids) <= 6
         assert batch.num_tokens <= 64
         seen += batch.pair_ids.tolist()
