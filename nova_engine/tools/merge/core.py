@@ -28,11 +28,12 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
 from nova_engine.logging import get_logger
-from nova_engine.tools.merge.methods import MergeMethod, bind
+from nova_engine.tools.merge.methods import MergeMethod, Read, bind
 from nova_engine.tools.merge.safetensors_io import (
     CODE_OF,
     DTYPES,
@@ -256,9 +257,13 @@ def _merge_tensor(
 
     state = method.prepare(numel, read, chunk)
     for s in range(0, numel, chunk):
-        e = min(numel, s + chunk)
-        merged = method.combine(lambda i, s=s, e=e: read(i, s, e), state)
-        writer.write(merged.to(out_dtype))
+        writer.write(
+            method.combine(partial(_chunk, read, s, min(numel, s + chunk)), state).to(out_dtype)
+        )
+
+
+def _chunk(read: Read, start: int, stop: int, i: int) -> torch.Tensor:
+    return read(i, start, stop)
 
 
 def _copy_aux(src: str, dst: str, dtype: torch.dtype | None) -> list[str]:

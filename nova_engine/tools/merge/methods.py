@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -191,7 +192,7 @@ class Slerp(MergeMethod):
         return slerp_coefficients(self.t, dot, math.sqrt(n0), math.sqrt(n1))
 
     def combine(self, get: Get, state: object) -> torch.Tensor:
-        c0, c1 = state  # type: ignore[misc]
+        c0, c1 = cast(tuple[float, float], state)
         acc = get(0).mul_(c0) if c0 != 0 else None
         if c1 == 0:
             return acc if acc is not None else get(0).zero_()
@@ -261,7 +262,7 @@ class Ties(MergeMethod):
         return thresholds
 
     def combine(self, get: Get, state: object) -> torch.Tensor:
-        thresholds: list[float | None] = state  # type: ignore[assignment]
+        thresholds = cast(list[float | None], state)
         weights = self.weights if self.weights is not None else [1.0] * (self._n - 1)
         base = get(0)
         deltas = []

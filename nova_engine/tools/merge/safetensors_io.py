@@ -187,7 +187,7 @@ class SafetensorsDir:
         stop = info.numel if stop is None else stop
         out = torch.empty(stop - start, dtype=DTYPES[info.dtype])
         if out.numel():
-            buf = memoryview(out.view(torch.uint8).numpy()).cast("B")
+            buf = memoryview(out.view(torch.uint8).numpy().data).cast("B")
             _pread_full(self._fd(info.file), buf, info.offset + start * info.itemsize)
         return out
 
@@ -250,7 +250,7 @@ class ShardWriter:
         data = chunk.contiguous().view(-1).view(torch.uint8).numpy()
         if data.nbytes > self._left:
             raise SafetensorsError(f"{self.path}: {name}: more bytes than its shape holds")
-        self._fh.write(data)
+        self._fh.write(data.data)
         self._left -= data.nbytes
         if self._left == 0 and self._k + 1 < len(self._sizes):
             self._k += 1

@@ -99,9 +99,9 @@ def sequence_values(
     """[S] float64: the reward (kind 'reward') or the sum of log p over the loss-mask tokens
     (kind 'policy') of each (tokens, loss_mask) sequence."""
     used = {int(t) for tokens, _ in seqs for t in tokens}
-    pad_id = next(i for i in range(len(used) + 1) if i not in used)
-    if pad_id >= model.config.get_text_config().vocab_size:  # every id in use: no padding
-        pad_id, batch_size = None, 1
+    pad_id: int | None = next(i for i in range(len(used) + 1) if i not in used)
+    if pad_id is not None and pad_id >= model.config.get_text_config().vocab_size:
+        pad_id, batch_size = None, 1  # every id is in use: no padding, one at a time
     model.config.pad_token_id = pad_id
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
     out = torch.empty(len(seqs), dtype=torch.float64)
