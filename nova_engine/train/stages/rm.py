@@ -416,11 +416,14 @@ def regression_then_bt(
     eval_data: Sequence[str] = (),
     bt_loss: str = "scaled_bt",
     overrides: Sequence[str] = (),
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """The HelpSteer2-Preference chain on the recipe's `rm:` section (one process group):
     regression on `regression_data`, then `bt_loss` on `preference_data` initialized from
     it (the helpfulness row seeds the BT head). Returns the two HF export directories
-    ({"regression": ..., "bt": ...}); metrics are in each run's out_dir/metrics.jsonl."""
+    ({"regression": ..., "bt": ...}) and each run's seconds ({"regression_s", "bt_s"});
+    metrics are in each run's out_dir/metrics.jsonl."""
+    import time
+
     from nova_engine.recipe import load_recipe
 
     def paths(key: str, ps: Sequence[str]) -> str:
@@ -431,10 +434,50 @@ def regression_then_bt(
     reg = load_recipe(recipe, "rm", [*common, "loss.loss_type=regression",
                                      paths("data.train_paths", regression_data),
                                      f"train.out_dir={reg_out}"])  # fmt: skip
+    t0 = time.perf_counter()
     run(typing.cast(RMRunConfig, reg))
+    t1 = time.perf_counter()
     bt = load_recipe(recipe, "rm", [*common, f"loss.loss_type={bt_loss}",
                                     paths("data.train_paths", preference_data),
                                     f"model.init_from={os.path.join(reg_out, 'hf')}",
                                     f"train.out_dir={bt_out}"])  # fmt: skip
     run(typing.cast(RMRunConfig, bt))
-    return {"regression": os.path.join(reg_out, "hf"), "bt": os.path.join(bt_out, "hf")}
+    return {
+        "regression": os.path.join(reg_out, "hf"), "bt": os.path.join(bt_out, "hf"),
+        "regression_s": t1 - t0, "bt_s": time.perf_counter() - t1,
+    }  # fmt: skip
+
+
+def demo_rm(
+    out: str,
+    recipe: str,
+    *,
+    model_dir: str,
+    tokenizer_dir: str,
+    n_regression: int = 1000,
+    n_pref: int = 1000,
+    n_eval: int = 200,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """`make demo`'s reward model: writes the synthetic reward task under out/data
+    (nova_engine.data.synthetic_reward), trains regression then Scaled BT from `model_dir`
+    (the SFT export) with the recipe's `rm:` section (world of one), and scores both HF
+    exports with `transformers` on the held-out pairs (right answer vs a wrong one). Returns
+    {"regression": {"accuracy", "seconds", "hf"}, "scaled_bt": {...}}; the regression model
+    ranks pairs by its helpfulness output."""
+    from nova_engine.data.synthetic_reward import write_reward_task
+    from nova_engine.eval.reward_hf import evaluate_hf_reward_model
+
+    paths = write_reward_task(os.path.join(out, "data"), n_regression=n_regression,
+                              n_pref=n_pref, n_eval=n_eval)  # fmt: skip
+    base = [f"model.hf_path={model_dir}", f"model.tokenizer_path={tokenizer_dir}",
+            "train.tensorboard=false", "checkpoint.resume=none", *overrides]  # fmt: skip
+    got = regression_then_bt(
+        recipe, regression_data=[paths["regression"]], preference_data=[paths["pref"]],
+        eval_data=[paths["eval"]], out_dir=out, overrides=base,
+    )  # fmt: skip
+    res: dict[str, Any] = {}
+    for name, key in (("regression", "regression"), ("scaled_bt", "bt")):
+        scores = evaluate_hf_reward_model(got[key], [paths["eval"]], tokenizer_dir)
+        res[name] = {"accuracy": scores.accuracy, "seconds": got[f"{key}_s"], "hf": got[key]}
+    return res
