@@ -49,11 +49,21 @@ class DecodeState:
         self.mask_B1SK: torch.Tensor | None = None
         self.causal = False
         self.emb_SB1D: torch.Tensor | None = None
+        # sliced at each one-token step: which slots hold real tokens ([B, 1, 1, K]) and,
+        # from `end_prefill`, the angles of every decode slot of every row
+        self.real_B11K = (torch.arange(slots, device=self.device) >= self.pads_B[:, None])[
+            :, None, None, :
+        ]
+        self.decode_start = slots
+        self.emb_TB1D = self._table(torch.arange(0, device=self.device), self.pads_B)
 
-    def _angles(self, slot_S: torch.Tensor, pads_B: torch.Tensor) -> None:
+    def _table(self, slot_S: torch.Tensor, pads_B: torch.Tensor) -> torch.Tensor:
         pos_SB = (slot_S[:, None] - pads_B[None, :]).clamp_min(0)
         f = pos_SB.to(self.inv_freq.dtype)[..., None] * self.inv_freq  # as megatron: p * f
-        self.emb_SB1D = torch.cat((f, f), dim=-1)[:, :, None, :]
+        return torch.cat((f, f), dim=-1)[:, :, None, :]
+
+    def _angles(self, slot_S: torch.Tensor, pads_B: torch.Tensor) -> None:
+        self.emb_SB1D = self._table(slot_S, pads_B)
 
     def begin_prefill(self, rows_R: torch.Tensor, start: int, s: int) -> None:
         """A prefill group: rows `rows_R` take slots start..start+S-1 (their prompts end at
@@ -74,7 +84,10 @@ class DecodeState:
 
     def end_prefill(self, prompt_slots: int) -> None:
         self.rows_R = None
-        self.filled = prompt_slots
+        self.filled = self.decode_start = prompt_slots
+        self.emb_TB1D = self._table(
+            torch.arange(prompt_slots, self.slots, device=self.device), self.pads_B
+        )
 
     def begin_step(self, s: int) -> None:
         """Prepare the mask and the RoPE angles of the next S positions of every row."""
@@ -82,12 +95,18 @@ class DecodeState:
         if k > self.slots:
             raise RuntimeError(f"KV cache of {self.slots} slots cannot take {k}")
         self.step_len = s
+        self.causal = False
+        if s == 1:  # one query per row: every real key
+            self.mask_B1SK = self.real_B11K[..., :k] if self.has_pad else None
+            t = o - self.decode_start
+            if t >= 0:
+                self.emb_SB1D = self.emb_TB1D[t : t + 1]
+            else:
+                self._angles(torch.arange(o, k, device=self.device), self.pads_B)
+            return
         slot_S = torch.arange(o, k, device=self.device)
         self._angles(slot_S, self.pads_B)
-        self.causal = False
         self.mask_B1SK = None
-        if not self.has_pad and s == 1:
-            return  # one query, no padding: every key
         if not self.has_pad and o == 0:
             self.causal = True  # a prefill without padding: SDPA's causal mask
             return
@@ -112,6 +131,8 @@ class DecodeState:
     def keep_rows(self, keep_B: torch.Tensor) -> None:
         self.pads_B = self.pads_B.index_select(0, keep_B)
         self.has_pad = bool((self.pads_B > 0).any())
+        self.emb_TB1D = self.emb_TB1D.index_select(1, keep_B)
+        self.real_B11K = self.real_B11K.index_select(0, keep_B)
 
 
 class LayerKVCache:
@@ -144,12 +165,23 @@ class LayerKVCache:
         k = o + s
         self.k_BGKH[:, :, o:k] = k_SBGH.permute(1, 2, 0, 3)
         self.v_BGKH[:, :, o:k] = v_SBGH.permute(1, 2, 0, 3)
+        b, g = q_SBNH.shape[1], self.k_BGKH.shape[1]
+        if s == 1:
+            # one position: the query heads of a KV group become that group's "query rows"
+            # ([B, ng, np/ng, hn]; megatron orders query heads group by group), which SDPA
+            # runs 2-3x faster on CPU than enable_gqa (measured, decode at B 32, K 640)
+            q = q_SBNH.reshape(b, g, -1, q_SBNH.shape[-1])
+            out = F.scaled_dot_product_attention(
+                q, self.k_BGKH[:, :, :k], self.v_BGKH[:, :, :k], attn_mask=st.mask_B1SK,
+                scale=scale,
+            )  # fmt: skip
+            return out.reshape(1, b, -1)
         q = q_SBNH.permute(1, 2, 0, 3)
         out = F.scaled_dot_product_attention(
             q, self.k_BGKH[:, :, :k], self.v_BGKH[:, :, :k], attn_mask=st.mask_B1SK,
             is_causal=st.causal, scale=scale, enable_gqa=gqa,
         )  # fmt: skip
-        return out.permute(2, 0, 1, 3).reshape(s, q.shape[0], -1)
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
     def keep_rows(self, keep_B: torch.Tensor) -> None:
         self.k_BGKH = self.k_BGKH.index_select(0, keep_B)
