@@ -1,4 +1,5 @@
-"""The rm stage on gloo (one spawned group of 4 ranks), TP1×DP4, TP2×DP2 and TP2×PP2:
+"""The rm stage on gloo (one spawned group of 4 ranks), TP1×DP4, TP2×DP2 and TP2×PP2 (with
+sequence parallelism, so the score head reads last tokens from TP-sharded hidden rows):
 
 - per-step losses of bt (+ reward centering), margin_bt, scaled_bt and regression agree
   across the three layouts, and step 1 of every pairwise loss equals its formula on the
@@ -51,7 +52,7 @@ def _worker(rank, world, model_dir, tok_dir, data, root):
 
     arch, out = load_arch(model_dir), {}
     for tp, pp in LAYOUTS:
-        ps = initialize_parallel(tp=tp, pp=pp, seed=3)
+        ps = initialize_parallel(tp=tp, pp=pp, sp=(tp, pp) == (2, 2), seed=3)
         for loss_type in LOSSES:
             loss = _loss(loss_type)
             samples, targets = data["pairs"] if loss.pairwise else data["attributes"]
