@@ -25,10 +25,14 @@ from nova_engine.train.metrics import emit
 TOOLS: dict[str, tuple[str, str]] = {
     "decontaminate": ("nova_engine.tools.decontaminate", "drop n-gram overlap with eval sets"),
     "merge": ("nova_engine.tools.merge", "merge models: ExPO (+ alpha sweep), linear, TIES, ..."),
-    "generate": ("nova_engine.tools.generate", "sample responses for a JSONL of prompts (KV cache)"),
+    "generate": (
+        "nova_engine.tools.generate",
+        "sample responses for a JSONL of prompts (KV cache)",
+    ),
     "plan": ("nova_engine.tools.plan", "per-GPU memory of a recipe's layout; layouts that fit"),
     "dryrun": ("nova_engine.tools.dryrun", "build every rank of a layout on meta (fake backend)"),
     "pas": ("nova_engine.tools.pas", "prompt augmentation (PAS): build-data, augment"),
+    "run": ("nova_engine.train.launch", "torchrun a stage with Nova's exit codes (2: user error)"),
 }
 
 

@@ -176,6 +176,9 @@ class DataConfig:
     """Data order seed."""
     eval_max_samples: int | None = None
     """Evaluate on at most this many held-out samples."""
+    template: str | None = None
+    """Chat template replacing the tokenizer's: a built-in name ("tulu", "chatml") or a
+    Jinja file (for a base model without one, e.g. Tülu 3's format on Llama-3.1-8B)."""
 
     def __post_init__(self) -> None:
         _check(self.max_length >= 2, "max_length", f"expected >= 2, got {self.max_length}")
@@ -252,13 +255,24 @@ class TrainConfig:
     """bf16 weights/activations with fp32 master weights and grads, or fp32 throughout."""
     tensorboard: bool = True
     """Write TensorBoard events under out_dir/tensorboard (when tensorboard is importable)."""
+    max_bad_steps: int = 3
+    """A NaN/Inf loss or gradient skips the update; this many in a row stop the run
+    (0 = never stop)."""
+    divergence_factor: float = 10.0
+    """Warn when the loss exceeds this multiple of its running mean (0 = off)."""
+    zero_grad_steps: int = 3
+    """Warn when the gradient norm is 0 for this many steps in a row (0 = off)."""
+    save_on_signal: bool = True
+    """SIGINT/SIGTERM (Ctrl-C, preemption): save a checkpoint at the next step boundary and
+    exit quietly (False: exit at that boundary without saving)."""
 
     def __post_init__(self) -> None:
         for k in ("global_batch_size", "micro_batch_tokens", "epochs", "log_every"):
             _check(getattr(self, k) >= 1, k, f"expected >= 1, got {getattr(self, k)}")
-        for k in ("eval_every", "save_every"):
+        for k in ("eval_every", "save_every", "max_bad_steps", "zero_grad_steps"):
             _check(getattr(self, k) >= 0, k, f"expected >= 0, got {getattr(self, k)}")
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "expected >= 1")
+        _check(self.divergence_factor >= 0, "divergence_factor", "expected >= 0 (0 = off)")
 
     def total_steps(self, num_samples: int) -> int:
         """Optimizer steps of the run for a data set of `num_samples` sequences (the last
@@ -275,7 +289,10 @@ class CheckpointConfig:
     keep_last: int = 2
     """Complete checkpoints kept (older ones are deleted); 0 = keep all."""
     resume: str = "auto"
-    """"auto" (latest complete checkpoint under dir, if any), "none", or a checkpoint path."""
+    """"auto": the latest intact checkpoint under dir, if any, refusing when the run's
+    model/data/training config changed since (the error lists the keys); "force": the same
+    but resuming despite a changed config; "none"; or a checkpoint path (resumed despite a
+    changed config, with a warning listing the changes)."""
     export_hf: bool = True
     """Export the final model to <train.out_dir>/hf as a HF directory."""
     hf_in_checkpoints: bool = True
@@ -283,9 +300,13 @@ class CheckpointConfig:
     another TP x PP layout and what `nova export` copies. At 70B it costs a full gather and
     ~140 GB per save: turn it off there (checkpoints then resume on the same layout only)."""
 
+    check_free_space: bool = True
+    """Before the model loads, check that dir has room for one checkpoint (turn off where
+    each node writes to its own disk: the estimate is for the whole checkpoint)."""
+
     def __post_init__(self) -> None:
         _check(self.keep_last >= 0, "keep_last", "expected >= 0 (0 = keep all)")
-        _check(bool(self.resume), "resume", 'expected "auto", "none" or a path')
+        _check(bool(self.resume), "resume", 'expected "auto", "force", "none" or a path')
 
 
 # ---------------------------------------------------------------------------- run configs

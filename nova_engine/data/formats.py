@@ -54,6 +54,26 @@ class DataError(ValueError):
         super().__init__(f"{path}:{line}: {reason}")
 
 
+class EmptyDataError(DataError):
+    """No usable sample in a data set: every file empty, every line skipped, or every sample
+    dropped by the length policy; the message names the files and the counts."""
+
+    def __init__(self, paths: Any, read_stats: Any = None, dropped: str | None = None):
+        files = [os.fspath(p) for p in (paths if isinstance(paths, (list, tuple)) else [paths])]
+        where = ", ".join(files)
+        if read_stats is None or read_stats.n_lines == 0:
+            why = "no data lines (empty file)"
+        elif read_stats.n_ok == 0:
+            kinds = ", ".join(f"{k}={v}" for k, v in read_stats.skipped.most_common())
+            first = read_stats.examples[0] if read_stats.examples else ""
+            why = f"all {read_stats.n_lines} lines skipped ({kinds}); first: {first}"
+        else:
+            why = f"every sample dropped by the length policy ({dropped}): raise data.max_length"
+        self.path, self.line, self.kind = where, 0, "empty"
+        self.reason = f"no usable samples: {why}"
+        ValueError.__init__(self, f"{where}: {self.reason}")
+
+
 class _Bad(Exception):
     """Internal: a validation failure without the location (added by the reader)."""
 

@@ -378,11 +378,13 @@ def load_samples(
     truncation: Truncation = "truncate",
     on_bad_line: Literal["error", "skip"] = "error",
     margin_key: str = "margin",
+    template: str | None = None,
 ) -> tuple[list, Any, TokenizeStats]:
     """Read + validate + tokenize in one call: (samples, ReadStats, TokenizeStats).
     kind "chat" gives Samples, "pairs" PairSamples; indices are dense over the valid
-    records of all files (samples dropped by the length policy leave gaps)."""
-    from nova_engine.data.formats import read_records
+    records of all files (samples dropped by the length policy leave gaps). No sample left
+    (empty files, every line skipped or dropped) -> EmptyDataError saying why."""
+    from nova_engine.data.formats import EmptyDataError, read_records
 
     if kind not in ("chat", "pairs"):
         raise ValueError(f'kind={kind!r}: expected "chat" or "pairs"')
@@ -390,5 +392,9 @@ def load_samples(
         paths, "sft" if kind == "chat" else "pref", on_bad_line=on_bad_line, margin_key=margin_key
     )
     fn = tokenize_sft if kind == "chat" else tokenize_pairs
-    samples, tok_stats = fn(records, tokenizer, max_length=max_length, truncation=truncation)
+    samples, tok_stats = fn(
+        records, tokenizer, max_length=max_length, truncation=truncation, template=template
+    )
+    if not samples:
+        raise EmptyDataError(paths, read_stats, tok_stats.summary() if records else None)
     return samples, read_stats, tok_stats

@@ -12,6 +12,7 @@ Arguments after the recipe are `key=value` overrides relative to the stage's con
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from nova_engine.train.metrics import emit
@@ -35,8 +36,9 @@ def run_stage(stage: str, recipe: str, overrides: list[str]) -> list[dict[str, f
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    """Errors a user can cause (bad recipe, data line, model, checkpoint or layout): the
-    entry point reports their one-line message instead of a traceback."""
+    """Errors a user can cause (bad recipe, data line, model, checkpoint, layout, a busy
+    out_dir, a diverged run): the entry point reports their one-line message instead of a
+    traceback."""
     from nova_engine.config import ConfigError
     from nova_engine.data.formats import DataError
     from nova_engine.data.tokenize import TemplateError
@@ -45,21 +47,70 @@ def user_errors() -> tuple[type[Exception], ...]:
     from nova_engine.parallel.state import LayoutError
     from nova_engine.train.checkpoint_io import CheckpointIOError
     from nova_engine.train.ref_cache import RefCacheError
+    from nova_engine.train.safety import RunLockError, TrainingDiverged
 
     return (
         ConfigError, DataError, TemplateError, ArchitectureError, CheckpointError,
-        LayoutError, CheckpointIOError, RefCacheError,
+        LayoutError, CheckpointIOError, RefCacheError, RunLockError, TrainingDiverged,
     )  # fmt: skip
 
 
+def quiet_library_warnings() -> None:
+    """megatron-core warns on import and per layer about optional accelerators and
+    deprecations (32 lines a run): say it once in the log instead."""
+    import warnings
+
+    for msg in (
+        r".*Transformer Engine and Apex are not installed.*",
+        r".*Apex is not installed.*",
+        r".*flash.attn.*",
+        r".*is deprecated.*",
+        r".*tp_group is None.*",
+    ):
+        warnings.filterwarnings("ignore", message=msg)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def report(line: str) -> None:
+    """One line on stderr, from global rank 0 only (every rank hits the same user error;
+    a multi-rank run would otherwise print it once per rank). The other ranks do not exit
+    first: torchrun stops every worker as soon as one exits, and rank 0 (which may reach
+    the error seconds later under load) must not be stopped before its line is out; they
+    wait until the launcher stops them after rank 0's exit (at most 60 s, then print their
+    own line: an error that rank 0 did not hit)."""
+    import time
+
+    if _rank() == 0 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        emit(line, err=True)
+        return
+    time.sleep(60.0)
+    emit(f"rank {_rank()}: {line}", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 a user error (one line), 128 + signal number after SIGINT /
+    SIGTERM (a checkpoint saved at the step boundary; rerun to resume)."""
+    import signal
+
+    from nova_engine.train.safety import Interrupted
+
+    quiet_library_warnings()
     args = parse(argv)
     try:
         run_stage(args.stage, args.recipe, args.overrides)
     except user_errors() as e:
         kind = "config error" if type(e).__name__ == "ConfigError" else type(e).__name__
-        emit(f"{kind}: {e}", err=True)
+        report(f"{kind}: {e}")
         return 2
+    except Interrupted as e:
+        report(str(e))
+        return 128 + e.signum
+    except KeyboardInterrupt:  # before or after the training loop (nothing to save)
+        report("interrupted (SIGINT) before training started or after it ended")
+        return 128 + signal.SIGINT
     finally:
         import torch.distributed as dist
 

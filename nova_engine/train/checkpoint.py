@@ -120,8 +120,11 @@ def save_checkpoint(
     hf: bool = False,
     keep_last: int = 0,
     extra: dict[str, Any] | None = None,
+    hf_extras: Any = None,
 ) -> str:
-    """Write `<root>/step_<loop.step>` on all ranks (collective); returns its path."""
+    """Write `<root>/step_<loop.step>` on all ranks (collective); returns its path.
+    hf_extras(dir): called on rank 0 after each HF export is written (tokenizer files,
+    generation config: nova_engine.model.hf_export.complete_hf_export)."""
     ps = _any_ps(loop)
     final = checkpoint_io.checkpoint_dir_for(root, loop.step)
     state = rank_state(loop)
@@ -140,6 +143,8 @@ def save_checkpoint(
                 out = os.path.join(tmp, _hf_dir(loop, name))
                 e.export_hf(out)
                 if ps.rank == 0:
+                    if hf_extras is not None:
+                        hf_extras(out)
                     written += [os.path.join(out, f) for f in os.listdir(out)]
         return written
 
@@ -160,6 +165,30 @@ def save_checkpoint(
         dist.barrier()
     logger.info("saved checkpoint %s", path)
     return path
+
+
+def _load(path: str, rel: str) -> Any:
+    """torch.load of one checkpoint file; an unreadable file -> CheckpointIOError naming it."""
+    full = os.path.join(path, rel)
+    try:
+        return torch.load(full, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointIOError(f"{full}: missing (a checkpoint of another layout?)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointIOError(f"{full}: unreadable ({str(e).splitlines()[0]})") from None
+
+
+def verify_for_rank(path: str, loop) -> str | None:
+    """None if the files this rank would read from checkpoint `path` are intact (manifest,
+    sizes, checksums), else the reason. Call on every rank and agree (`checkpoint_ok`)."""
+    try:
+        checkpoint_io.read_manifest(path)
+        ps = _any_ps(loop)
+        files = [_rank_file(ps.rank)] + [_shard_file(n, e.ps) for n, e in loop.trainable.items()]
+        checkpoint_io.verify_checksums(path, files)
+    except CheckpointIOError as e:
+        return str(e)
+    return None
 
 
 def load_checkpoint(path: str | os.PathLike, loop, *, weights_only: bool = False) -> int:
@@ -187,12 +216,12 @@ def load_checkpoint(path: str | os.PathLike, loop, *, weights_only: bool = False
                 "weights_only=True / checkpoint.resume on the hf/ export)"
             )
     ps = _any_ps(loop)
-    state = torch.load(
-        os.path.join(path, _rank_file(ps.rank)), map_location="cpu", weights_only=False
-    )
+    mine_files = [_rank_file(ps.rank)] + [_shard_file(n, e.ps) for n, e in loop.trainable.items()]
+    checkpoint_io.verify_checksums(path, mine_files)
+    state = _load(path, _rank_file(ps.rank))
     for name, e in loop.trainable.items():
         shard_path = os.path.join(path, _shard_file(name, e.ps))
-        shard = torch.load(shard_path, map_location="cpu", weights_only=False)
+        shard = _load(path, _shard_file(name, e.ps))
         e.load_model_state(shard["model"], shard_path)
         mine = state["engines"][name]
         opt_state = mine["optimizer"] if mine["optimizer"] is not None else shard["optimizer"]

@@ -14,6 +14,12 @@ ranks call it; with one process, leave rank/barrier at their defaults):
              tmp -> final_dir, fsyncs the parent, removes the .pending file
     barrier
 
+Integrity: after writing and fsyncing its files, every rank computes their CRC-32 (reading
+them back from the page cache) into <tmp>/.checksums/rank_<r>.json; rank 0 merges these into
+the manifest's "checksums" before it finalizes. `verify_checksums` recomputes the CRCs of the
+files a rank is about to read, so a shard with flipped bytes (same size) is refused with its
+path instead of loading silently.
+
 A directory counts as a checkpoint only if it is not a temp (`.tmp-`), holds a COMPLETE
 marker that parses, and every file the manifest lists exists with its recorded size.
 `latest_complete(root)` picks the highest-step such directory; `prune(root, keep_last)`
@@ -29,6 +35,7 @@ import os
 import shutil
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,6 +45,8 @@ logger = get_logger(__name__)
 
 MARKER = "COMPLETE"
 FORMAT_VERSION = 1
+_SUMS = ".checksums"
+_CHUNK = 16 << 20
 _TMP = ".tmp-"
 _PENDING = ".pending"
 
@@ -80,6 +89,32 @@ def _write_json_atomic(path: str, obj: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def file_crc32(path: str) -> str:
+    """CRC-32 of a file's bytes, streamed in 16 MiB reads, as "crc32:<8 hex digits>"."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"crc32:{crc:08x}"
+
+
+def verify_checksums(ckpt_dir: str | os.PathLike, rels: Iterable[str]) -> None:
+    """Recompute the CRC of each file `rels` (relative to ckpt_dir) that the manifest has a
+    checksum for; CheckpointIOError naming the file when one differs (a damaged file)."""
+    ckpt_dir = os.fspath(ckpt_dir)
+    sums = read_manifest(ckpt_dir).get("checksums") or {}
+    for rel in rels:
+        want = sums.get(rel)
+        if want is None:
+            continue
+        got = file_crc32(os.path.join(ckpt_dir, rel))
+        if got != want:
+            raise CheckpointIOError(
+                f"{os.path.join(ckpt_dir, rel)}: checksum mismatch ({got}, the manifest "
+                f"recorded {want}): the file is damaged"
+            )
 
 
 def _stale_temps(final_dir: str) -> list[str]:
@@ -140,8 +175,13 @@ def write_checkpoint_dir(
     try:
         written = write_fn(tmp_dir)
         paths = _walk_files(tmp_dir) if written is None else written
+        sums = {}
         for path in paths:
-            _fsync_path(os.path.join(tmp_dir, os.fspath(path)))
+            full = os.path.join(tmp_dir, os.fspath(path))
+            _fsync_path(full)
+            sums[os.path.relpath(full, tmp_dir)] = file_crc32(full)
+        os.makedirs(os.path.join(tmp_dir, _SUMS), exist_ok=True)
+        _write_json_atomic(os.path.join(tmp_dir, _SUMS, f"rank_{rank:05d}.json"), sums)
     except BaseException:
         if barrier is None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -150,6 +190,12 @@ def write_checkpoint_dir(
         raise
     sync()
     if rank == 0:
+        checksums: dict[str, str] = {}
+        sums_dir = os.path.join(tmp_dir, _SUMS)
+        for name in sorted(os.listdir(sums_dir)):
+            with open(os.path.join(sums_dir, name)) as f:
+                checksums.update(json.load(f))
+        shutil.rmtree(sums_dir)
         files = {
             os.path.relpath(p, tmp_dir): os.path.getsize(p)
             for p in _walk_files(tmp_dir)
@@ -160,6 +206,7 @@ def write_checkpoint_dir(
             "step": int(step),
             "config_hash": config_hash,
             "files": files,
+            "checksums": {k: v for k, v in sorted(checksums.items()) if k in files},
             "created": time.time(),
             "extra": extra or {},
         }
@@ -230,7 +277,9 @@ def list_complete(root: str | os.PathLike, *, verify: bool = True) -> list[tuple
             continue
         try:
             found.append((read_manifest(path, verify=verify)["step"], path))
-        except CheckpointIOError:
+        except CheckpointIOError as e:
+            if name.startswith("step_"):
+                logger.warning("skipping checkpoint %s: %s", path, e)
             continue
     return sorted(found)
 

@@ -202,6 +202,36 @@ class ModelEngine:
         self.scheduler.step(self.optimizer)
         return bool(ok), float(grad_norm or 0.0), lr
 
+    def skip_step(self) -> float:
+        """Drop the gradients of the last forward_backward without updating (a non-finite
+        step); the LR schedule still advances, so LR stays tied to the data step. Returns
+        the learning rate the skipped step would have used."""
+        if self.optimizer is None:
+            raise RuntimeError(f"engine {self.name!r} has no optimizer")
+        lr = self.scheduler.apply(self.optimizer)
+        for m in self.models:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.scheduler.step(self.optimizer)
+        return lr
+
+    def local_grads_finite(self) -> torch.Tensor:
+        """0-dim bool tensor on the device: every gradient this rank holds is finite (no
+        collective; the loop reduces it with the step's metrics)."""
+        ok = torch.ones((), dtype=torch.bool, device=self.ps.device)
+        for m in self.models:
+            for buf in getattr(m, "buffers", []) or []:
+                ok &= torch.isfinite(buf.grad_data).all()
+        return ok
+
+    def local_params_finite(self) -> torch.Tensor:
+        """0-dim bool tensor: every parameter of this rank's chunks is finite."""
+        ok = torch.ones((), dtype=torch.bool, device=self.ps.device)
+        for c in self.chunks:
+            for p in c.parameters():
+                ok &= torch.isfinite(p).all()
+        return ok
+
     def generate(self, requests: Sequence[Any], params: Any, **kwargs: Any) -> list[list[Any]]:
         """KV-cache decoding on this engine's own shards (nova_engine.generate.generate:
         requests = token-id lists or Requests, params = SamplingParams; every rank of the
@@ -266,4 +296,10 @@ class ModelEngine:
                         f"checkpoint's ({sorted(set(own) ^ set(params))[:4]} ...)"
                     )
                 for n, v in params.items():
-                    own[n].copy_(v.to(own[n].dtype))
+                    if v.shape != own[n].shape or v.dtype != own[n].dtype:
+                        raise CheckpointIOError(
+                            f"{where}: parameter {n} of engine {self.name!r} is "
+                            f"{tuple(v.shape)} {v.dtype} in the checkpoint, "
+                            f"{tuple(own[n].shape)} {own[n].dtype} in this run"
+                        )
+                    own[n].copy_(v)

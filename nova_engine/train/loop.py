@@ -24,6 +24,7 @@ lives on the engine's device (NCCL takes only CUDA tensors).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from nova_engine.data.packing import PackedBatch
 from nova_engine.logging import get_logger
 from nova_engine.train.data_source import DataSource, PackedDataSource, StepBatcher
 from nova_engine.train.engine import LossFn, ModelEngine
+from nova_engine.train.safety import NonFiniteGuard, StopRequest
 
 logger = get_logger(__name__)
 
@@ -103,6 +105,10 @@ class Loop:
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._tokens = 0
+        self.guard = NonFiniteGuard()
+        """Skips NaN/Inf updates and stops a diverged run (runner sets train.* thresholds)."""
+        self.stop: StopRequest | None = None
+        """Set by the runner: SIGINT/SIGTERM end `fit` at the next step boundary."""
 
     # -- engines -------------------------------------------------------------------------
 
@@ -134,16 +140,24 @@ class Loop:
 
     @staticmethod
     def reduce_metrics(
-        engine: ModelEngine, names: Sequence[str], results: list[dict]
+        engine: ModelEngine,
+        names: Sequence[str],
+        results: list[dict],
+        extra: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """Each metric summed over micro-batches (last stage, TP rank 0) and DP replicas, in
-        one all_reduce over the world on the engine's device; every rank gets the values."""
-        sums = torch.zeros(len(names), dtype=torch.float64, device=engine.ps.device)
+        one all_reduce over the world on the engine's device; every rank gets the values.
+        `extra`: per-rank 0-dim values summed over every rank in the same collective."""
+        extra = dict(extra or {})
+        sums = torch.zeros(len(names) + len(extra), dtype=torch.float64, device=engine.ps.device)
         if results and engine.ps.tp_rank == 0:
             for r in results:
-                sums += torch.stack([torch.as_tensor(r[n]).to(sums) for n in names])
-        dist.all_reduce(sums)
-        return {n: float(v) for n, v in zip(names, sums.tolist())}
+                sums[: len(names)] += torch.stack([torch.as_tensor(r[n]).to(sums) for n in names])
+        for i, v in enumerate(extra.values()):
+            sums[len(names) + i] = v.to(sums)
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        return {n: float(v) for n, v in zip([*names, *extra], sums.tolist())}
 
     # -- one optimizer step / one evaluation pass ----------------------------------------
 
@@ -159,12 +173,23 @@ class Loop:
         )
         self._tokens += int(norms.pop("_tokens"))
         results = eng.forward_backward(microbatches, loss.loss_fn(norms))
+        bad = {"_nonfinite_grads": (~eng.local_grads_finite()).to(torch.float64)}
+        sums = self.reduce_metrics(eng, loss.metric_names, results, extra=bad)
+        bad_grads = sums.pop("_nonfinite_grads") > 0
+        bad_metrics = [k for k, v in sums.items() if not math.isfinite(v)]
+        floats = {k: float(v) for k, v in norms.items()}
+        if bad_grads or bad_metrics:  # never apply a NaN/Inf update
+            lr = eng.skip_step()
+            why = "non-finite " + ("gradients" if bad_grads else ", ".join(bad_metrics))
+            self.guard.skip(self.step + 1, why)
+            return dict(loss.finalize_metrics(sums, floats), lr=lr, grad_norm=float("nan"),
+                        skipped=1.0)  # fmt: skip
         ok, grad_norm, lr = eng.step()
         if not ok:
             logger.warning("step %d: optimizer skipped the update (inf/nan gradients)", self.step)
-        sums = self.reduce_metrics(eng, loss.metric_names, results)
-        floats = {k: float(v) for k, v in norms.items()}
-        return dict(loss.finalize_metrics(sums, floats), lr=lr, grad_norm=grad_norm)
+        out = dict(loss.finalize_metrics(sums, floats), lr=lr, grad_norm=grad_norm)
+        self.guard.ok(self.step + 1, out.get("loss"), grad_norm)
+        return out
 
     @torch.no_grad()
     def evaluate(
@@ -244,4 +269,18 @@ class Loop:
                     metrics_logger.log(self.step, ev, prefix="eval/")
             if save_fn is not None and save_every and self.step % save_every == 0:
                 save_fn(self.step)
+            if self.stop_requested():
+                break
         return out
+
+    def stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGINT/SIGTERM (one scalar all_reduce per
+        step, so all ranks stop at the same step boundary)."""
+        if self.stop is None:
+            return False
+        flag = torch.tensor(float(self.stop.signum or 0), device=self.engine().ps.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.stop.signum is None:
+            self.stop.signum = int(flag.item())
+        return bool(flag.item())

@@ -167,7 +167,12 @@ class MetricsLogger:
             except Exception as e:  # tensorboard missing or broken: keep going without it
                 logger.warning("TensorBoard disabled (%s)", e)
             else:
-                self._tb = SummaryWriter(os.path.join(os.fspath(out_dir), "tensorboard"))
+                # purge_step: a resumed run drops the events the crashed run wrote after
+                # its last checkpoint, so TensorBoard shows each step once
+                self._tb = SummaryWriter(
+                    os.path.join(os.fspath(out_dir), "tensorboard"),
+                    purge_step=start_step + 1 if start_step else None,
+                )
 
     def _truncate_after(self, step: int) -> None:
         with open(self.path) as f:

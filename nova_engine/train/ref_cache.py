@@ -190,7 +190,11 @@ class RefCache:
         the sample indices the run needs (decides `complete` and `missing()`)."""
         cache = cls(os.fspath(directory), key, expected)
         if os.path.exists(cache.path):
-            cache._load(cache.path)
+            try:
+                cache._load(cache.path)
+            except RefCacheError as e:  # a damaged cache is rebuilt, not fatal
+                logger.warning("%s; recomputing the reference log-probs", e)
+                cache = cls(os.fspath(directory), key, expected)
         stale = cache.stale()
         if stale:
             logger.info(

@@ -14,10 +14,11 @@ from typing import Any
 import torch.distributed as dist
 
 from nova_engine.logging import get_logger
+from nova_engine.model.hf_export import complete_hf_export, replace_dir
 from nova_engine.parallel.spawn import free_port
 from nova_engine.parallel.state import ParallelState, initialize_parallel
-from nova_engine.train import checkpoint_io
-from nova_engine.train.checkpoint import load_checkpoint, save_checkpoint
+from nova_engine.train import checkpoint_io, safety
+from nova_engine.train.checkpoint import load_checkpoint, save_checkpoint, verify_for_rank
 from nova_engine.train.data_source import PackedDataSource
 from nova_engine.train.engine import ModelEngine
 from nova_engine.train.loop import Loop
@@ -35,14 +36,55 @@ def ensure_process_group_env() -> None:
 
 def setup_parallel(run) -> ParallelState:
     """Process group + megatron groups for `run.parallel`, after the whole layout has been
-    validated against the world and the model's dimensions (before any group exists)."""
+    validated against the world and the model's dimensions and the checks that need no
+    model have passed (safety.preflight: paths, writable out_dir, free disk); then rank 0
+    takes the run lock on out_dir (every rank raises if another run holds it)."""
     ensure_process_group_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     run.validate_layout(world)
+    safety.preflight(run)
     p = run.parallel
-    return initialize_parallel(
+    ps = initialize_parallel(
         tp=p.tp, pp=p.pp, vpp=p.vpp if p.vpp > 1 else None, sp=p.sp, seed=run.train.seed
     )
+    acquire_run_lock(run.train.out_dir, ps)
+    return ps
+
+
+_LOCKS: dict[str, safety.RunLock] = {}
+
+
+def all_ok(ps: ParallelState, ok: bool) -> bool:
+    """True on every rank iff `ok` on every rank (one scalar all_reduce on the device)."""
+    if not dist.is_initialized() or ps.world_size == 1:
+        return ok
+    import torch
+
+    flag = torch.tensor(0.0 if ok else 1.0, device=ps.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def acquire_run_lock(out_dir: str, ps: ParallelState) -> None:
+    """Rank 0 holds `<out_dir>/.nova.lock` until the process ends (or release_run_lock);
+    RunLockError on every rank when another run holds it."""
+    key = os.path.abspath(out_dir)
+    err: Exception | None = None
+    if ps.rank == 0 and key not in _LOCKS:
+        lock = safety.RunLock(key)
+        try:
+            lock.acquire()
+            _LOCKS[key] = lock
+        except safety.RunLockError as e:
+            err = e
+    if not all_ok(ps, err is None):
+        raise err or safety.RunLockError(f"{out_dir}: in use by another run (see rank 0)")
+
+
+def release_run_lock(out_dir: str) -> None:
+    lock = _LOCKS.pop(os.path.abspath(out_dir), None)
+    if lock is not None:
+        lock.release()
 
 
 def ensure_model(run, ps: ParallelState) -> None:
@@ -121,13 +163,111 @@ def eval_over(loop: Loop, stage, source: PackedDataSource) -> Callable[[], dict[
 
 
 def resume_path(run) -> str | None:
-    """The checkpoint to resume from per `checkpoint.resume` ("auto", "none" or a path)."""
+    """The checkpoint to resume from per `checkpoint.resume` ("auto", "force", "none" or a
+    path), without integrity checks (see `resume`)."""
     r = run.checkpoint.resume
     if r == "none":
         return None
-    if r == "auto":
+    if r in ("auto", "force"):
         return checkpoint_io.latest_complete(run.checkpoint_dir)
     return r
+
+
+def run_config_json(run) -> dict[str, Any]:
+    import json
+
+    return json.loads(json.dumps(run.to_dict(), default=str))
+
+
+def resume(run, loop: Loop) -> str | None:
+    """Restore `loop` per `checkpoint.resume`; returns the checkpoint loaded (or None).
+
+    "auto"/"force": the newest checkpoint whose files (those each rank reads) pass the size
+    and checksum checks on every rank; a damaged one is skipped with the reason logged.
+    A checkpoint written under another model/data/training config: "auto" refuses with the
+    changed keys (ConfigError), "force" and an explicit path resume with a warning."""
+    from nova_engine.config import ConfigError
+
+    r = run.checkpoint.resume
+    if r == "none":
+        return None
+    ps = loop.engine().ps
+    explicit = r not in ("auto", "force")
+    found = checkpoint_io.list_complete(run.checkpoint_dir)
+    candidates = [r] if explicit else [p for _, p in reversed(found)]
+    for path in candidates:
+        reason = verify_for_rank(path, loop)
+        if not all_ok(ps, reason is None):
+            if explicit:
+                raise checkpoint_io.CheckpointIOError(reason or f"{path}: damaged (see logs)")
+            logger.warning("skipping damaged checkpoint %s: %s", path, reason or "(another rank)")
+            continue
+        manifest = checkpoint_io.read_manifest(path)
+        saved = manifest.get("extra", {}).get("config")
+        if saved is not None and manifest.get("config_hash") != run.hash():
+            diff = safety.config_diff(saved, run_config_json(run))
+            if diff and r == "auto":
+                raise ConfigError(
+                    "checkpoint.resume",
+                    f"{path} was written under another config ({'; '.join(diff[:8])}"
+                    f"{' ...' if len(diff) > 8 else ''}): use another train.out_dir, or "
+                    "checkpoint.resume=force to resume with the new settings",
+                )
+            if diff:
+                logger.warning("resuming %s under a changed config: %s", path, "; ".join(diff))
+        load_checkpoint(path, loop)
+        return path
+    return None
+
+
+def save_guarded(run, loop: Loop) -> str | None:
+    """Checkpoint now unless any rank's weights are non-finite (then nothing is written:
+    the previous checkpoints stay the newest); a full disk -> CheckpointIOError naming the
+    path. Returns the checkpoint path, or None when not written."""
+    ps = loop.engine().ps
+    finite = all(bool(e.local_params_finite()) for e in loop.trainable.values())
+    if not all_ok(ps, finite):
+        logger.error("step %d: non-finite weights: checkpoint NOT written", loop.step)
+        return None
+    root = run.checkpoint_dir
+    m = run.model
+    try:
+        return save_checkpoint(
+            root, loop, config_hash=run.hash(), hf=run.checkpoint.hf_in_checkpoints,
+            keep_last=run.checkpoint.keep_last, extra={"config": run_config_json(run)},
+            hf_extras=lambda d: complete_hf_export(
+                d, source_dir=m.hf_path, tokenizer_dir=m.tokenizer_dir, template=run.data.template
+            ),
+        )  # fmt: skip
+    except (OSError, RuntimeError) as e:
+        err = safety.disk_error(root, e)
+        if err is None:
+            raise
+        raise checkpoint_io.CheckpointIOError(str(err)) from None
+
+
+def export_final(run, engine: ModelEngine, out_dir: str) -> None:
+    """The final HF export, atomic: written to a temp dir, completed with tokenizer files,
+    template and generation config, then swapped in for any previous export."""
+    import shutil
+
+    ps = engine.ps
+    tmp = f"{out_dir}.tmp-export"
+    if ps.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if ps.world_size > 1:
+        dist.barrier()
+    engine.export_hf(tmp)
+    if ps.world_size > 1:
+        dist.barrier()
+    if ps.rank == 0:
+        m = run.model
+        complete_hf_export(
+            tmp, source_dir=m.hf_path, tokenizer_dir=m.tokenizer_dir, template=run.data.template
+        )
+        replace_dir(tmp, out_dir)
+    if ps.world_size > 1:
+        dist.barrier()
 
 
 def mfu_inputs(arch, ps: ParallelState, batcher: PackedDataSource):
@@ -156,25 +296,45 @@ def train_stage(
     run, loop: Loop, stage, eval_fn: Callable[[], dict[str, float]] | None = None
 ) -> list[dict[str, float]]:
     """Resume if asked, train to the end with periodic eval/save, save, export the policy to
-    <out_dir>/hf. Returns the per-step metrics of this process's run."""
-    from nova_engine.train.metrics import MetricsLogger
-
+    <out_dir>/hf. Returns the per-step metrics of this process's run. SIGINT/SIGTERM: a
+    checkpoint at the next step boundary (train.save_on_signal), then safety.Interrupted."""
     policy = loop.engine(stage.engine)
     ps, root = policy.ps, run.checkpoint_dir
     if ps.rank == 0:
         checkpoint_io.cleanup_stale(root)
-    path = resume_path(run)
-    if path is not None:
-        load_checkpoint(path, loop)
+    t = run.train
+    loop.guard = safety.NonFiniteGuard(t.max_bad_steps, t.divergence_factor, t.zero_grad_steps)
+    resume(run, loop)
+    saved_at: list[int] = []
 
     def save(step: int) -> None:
-        save_checkpoint(
-            root, loop, config_hash=run.hash(), hf=run.checkpoint.hf_in_checkpoints,
-            keep_last=run.checkpoint.keep_last,
-        )  # fmt: skip
+        if save_guarded(run, loop) is not None:
+            saved_at.append(step)
+
+    loop.stop = safety.StopRequest().install()
+    try:
+        out = _fit(run, loop, stage, policy, eval_fn, save)
+    finally:
+        loop.stop.uninstall()
+    if loop.stop.requested:
+        path = None
+        if t.save_on_signal:
+            if saved_at[-1:] != [loop.step]:
+                save(loop.step)
+            path = checkpoint_io.latest_complete(root) if saved_at else None
+        raise safety.Interrupted(loop.stop.signum or 2, loop.step, path)
+    if not t.save_every or loop.step % t.save_every:
+        save(loop.step)
+    if run.checkpoint.export_hf:
+        export_final(run, policy, os.path.join(t.out_dir, "hf"))
+    return out
+
+
+def _fit(run, loop: Loop, stage, policy: ModelEngine, eval_fn, save) -> list[dict[str, float]]:
+    from nova_engine.train.metrics import MetricsLogger
 
     t = run.train
-    fpt, peak = mfu_inputs(policy.arch, ps, loop.data)
+    fpt, peak = mfu_inputs(policy.arch, policy.ps, loop.data)
     with MetricsLogger(
         t.out_dir,
         total_steps=loop.data.total_steps,
@@ -193,10 +353,8 @@ def train_stage(
             flops_per_token=fpt,
             peak_flops=peak,
         )
-        if eval_fn is not None and not (t.eval_every and loop.step % t.eval_every == 0):
-            m.log(loop.step, eval_fn(), prefix="eval/")  # (fit evaluated this step already)
-    if not t.save_every or loop.step % t.save_every:
-        save(loop.step)
-    if run.checkpoint.export_hf:
-        policy.export_hf(os.path.join(t.out_dir, "hf"))
+        stopped = loop.stop is not None and loop.stop.requested
+        evaluated = t.eval_every and loop.step % t.eval_every == 0  # fit evaluated already
+        if eval_fn is not None and not stopped and not evaluated:
+            m.log(loop.step, eval_fn(), prefix="eval/")
     return out

@@ -1,0 +1,129 @@
+"""What makes a HF export directory load on its own: tokenizer files, the chat template the
+run trained with, generation_config.json and the special-token ids of config.json — and the
+atomic replacement of an existing export (never a merge with old weight files).
+
+    complete_hf_export(out_dir, source_dir=model_dir, tokenizer_dir=tok_dir, template="tulu")
+    replace_dir(tmp_dir, final_dir)   # final_dir now holds tmp_dir's files, atomically
+
+`nova_engine.model.hf_io.export_hf` writes the weights, the index and config.json from the
+architecture; this module adds the rest from the model the run started from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+
+from nova_engine.logging import get_logger
+
+logger = get_logger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+        return obj if isinstance(obj, dict) else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def complete_hf_export(
+    out_dir: str,
+    *,
+    source_dir: str | None,
+    tokenizer_dir: str | None = None,
+    template: str | None = None,
+) -> None:
+    """Add tokenizer files, chat template, generation config and special-token ids to the
+    export in `out_dir` (rank 0, after the weights are written).
+
+    source_dir: the HF directory the run started from (its generation_config.json and
+    special-token ids are kept); tokenizer_dir: where the tokenizer files are (default
+    source_dir); template: the run's `data.template` override, written into the exported
+    tokenizer_config.json so the next stage renders conversations the same way."""
+    tok_dir = tokenizer_dir or source_dir
+    if tok_dir and os.path.isdir(tok_dir):
+        for name in TOKENIZER_FILES:
+            src = os.path.join(tok_dir, name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(out_dir, name))
+    if template is not None:
+        from nova_engine.data.tokenize import resolve_chat_template
+
+        path = os.path.join(out_dir, "tokenizer_config.json")
+        cfg = _read_json(path)
+        cfg["chat_template"] = resolve_chat_template(template)
+        _write_json(path, cfg)
+        jinja = os.path.join(out_dir, "chat_template.jinja")
+        if os.path.isfile(jinja):  # it would take precedence over tokenizer_config.json
+            os.remove(jinja)
+    src_cfg = _read_json(os.path.join(source_dir, "config.json")) if source_dir else {}
+    cfg_path = os.path.join(out_dir, "config.json")
+    cfg = _read_json(cfg_path)
+    tok_cfg = _read_json(os.path.join(out_dir, "tokenizer_config.json"))
+    for key in SPECIAL_IDS:
+        if src_cfg.get(key) is not None:
+            cfg[key] = src_cfg[key]
+    if cfg.get("pad_token_id") is None:
+        pad = _pad_id_from_tokenizer(out_dir, tok_cfg)
+        if pad is not None:
+            cfg["pad_token_id"] = pad
+    _write_json(cfg_path, cfg)
+    gen_src = os.path.join(source_dir, "generation_config.json") if source_dir else ""
+    gen_out = os.path.join(out_dir, "generation_config.json")
+    if gen_src and os.path.isfile(gen_src):
+        shutil.copy2(gen_src, gen_out)
+    else:
+        gen = {k: cfg[k] for k in SPECIAL_IDS if cfg.get(k) is not None}
+        _write_json(gen_out, {"_from_model_config": True, **gen})
+
+
+def _pad_id_from_tokenizer(out_dir: str, tok_cfg: dict) -> int | None:
+    pad = tok_cfg.get("pad_token")
+    if isinstance(pad, dict):
+        pad = pad.get("content")
+    if not pad:
+        return None
+    vocab = _read_json(os.path.join(out_dir, "tokenizer.json")).get("model", {}).get("vocab")
+    added = _read_json(os.path.join(out_dir, "tokenizer.json")).get("added_tokens", [])
+    for t in added:
+        if t.get("content") == pad:
+            return int(t["id"])
+    if isinstance(vocab, dict) and pad in vocab:
+        return int(vocab[pad])
+    return None
+
+
+def replace_dir(tmp_dir: str, final_dir: str) -> None:
+    """Make `final_dir` hold exactly `tmp_dir`'s files: rename the old one aside, rename the
+    new one in, delete the old one (a crash leaves either the old or the new directory,
+    never a mix)."""
+    old = None
+    if os.path.exists(final_dir):
+        old = f"{final_dir}.old-{uuid.uuid4().hex[:12]}"
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
