@@ -18,8 +18,8 @@ by `stale()`, never silently reused):
 
 Entries are per sample index (`PairSample.index`): chosen/rejected log-prob sums (float64)
 and response token counts. Writes are atomic (temp file + fsync + rename). With data
-parallelism each writer saves a part (`save(part=rank)`) and rank 0 merges them with
-`RefCache.merge_parts(dir, key, num_parts)` after a barrier.
+parallelism the ranks' entries are gathered to rank 0, which writes the one file
+(`nova_engine.train.stages.dpo.reference_pass`).
 """
 
 from __future__ import annotations
@@ -179,9 +179,6 @@ class RefCache:
     def path(self) -> str:
         return os.path.join(self.dir, f"ref_{self.key.digest}.npz")
 
-    def part_path(self, part: int) -> str:
-        return os.path.join(self.dir, f"ref_{self.key.digest}.part{part:05d}.npz")
-
     @classmethod
     def open(
         cls, directory: str | os.PathLike, key: RefCacheKey, expected: Sequence[int] | None = None
@@ -231,7 +228,9 @@ class RefCache:
             new[: len(old)] = old
             setattr(self, f, new)
 
-    def _save_to(self, path: str) -> None:
+    def save(self) -> str:
+        """Write the cache file atomically (temp file + fsync + rename); returns its path."""
+        path = self.path
         os.makedirs(self.dir, exist_ok=True)
         meta = {"key": asdict(self.key), "num_present": int(self.present.sum())}
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}.npz"
@@ -250,43 +249,13 @@ class RefCache:
             if os.path.exists(tmp):
                 os.remove(tmp)
             raise
-
-    def save(self, part: int | None = None) -> str:
-        """Write atomically: the cache file, or (with `part`) this writer's part file."""
-        path = self.path if part is None else self.part_path(part)
-        self._save_to(path)
         return path
-
-    @classmethod
-    def merge_parts(
-        cls,
-        directory: str | os.PathLike,
-        key: RefCacheKey,
-        num_parts: int,
-        expected: Sequence[int] | None = None,
-    ) -> RefCache:
-        """Rank 0, after every writer saved its part: fold parts (and any existing cache
-        file) into the cache file, delete the parts, return the merged cache."""
-        cache = cls.open(directory, key, expected)
-        parts = [cache.part_path(i) for i in range(num_parts)]
-        for p in parts:
-            if not os.path.exists(p):
-                raise RefCacheError(f"{p}: missing part {p[-9:-4]} of {num_parts}")
-            cache._load(p)
-        cache.save()
-        for p in parts:
-            os.remove(p)
-        return cache
 
     def stale(self) -> list[str]:
         """Other keys' cache files in the directory (kept; delete them by hand if unwanted)."""
         mine = os.path.basename(self.path)
         files = glob.glob(os.path.join(self.dir, "ref_*.npz"))
-        return sorted(
-            p
-            for p in files
-            if os.path.basename(p) != mine and ".part" not in p and ".tmp-" not in p
-        )
+        return sorted(p for p in files if os.path.basename(p) != mine and ".tmp-" not in p)
 
     # -- entries --------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """DPO reference cache: fingerprints follow content (not paths), the cache is invalidated when
-the model, the data or the tokenization changes, entries round-trip through atomic files and
-per-rank parts, and missing samples are named."""
+the model, the data or the tokenization changes, entries round-trip through atomic files
+(in any order of puts), a partial cache resumes with the missing samples, and missing samples
+are named."""
 
 import logging
 import os
@@ -194,30 +195,30 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     np.testing.assert_array_equal(back.lookup([0, 1])[0], want[0])  # the old, whole file
 
 
-def test_parts_merge_and_partial_resume(tmp_path):
+def test_round_trip_and_partial_resume(tmp_path):
     key = RefCacheKey("m", "d", "c")
     expected = [0, 1, 2, 3, 5]  # sample 4 was dropped by the length policy
-    shards = [[0, 2, 5], [1, 3]]
+    cache = RefCache.open(tmp_path, key, expected=expected)
     vals = {}
-    for rank, idx in enumerate(shards):
-        part = RefCache.open(tmp_path, key, expected=expected)
-        c, r, cn, rn = _fill(part, idx, seed=rank)
+    for seed, idx in enumerate([[5, 0, 2], [3, 1]]):  # entries arrive in any order
+        c, r, cn, rn = _fill(cache, idx, seed=seed)
         vals.update({i: (c[j], r[j], cn[j], rn[j]) for j, i in enumerate(idx)})
-        part.save(part=rank)
-    with pytest.raises(RefCacheError, match="missing part"):
-        RefCache.merge_parts(tmp_path, key, 3, expected)
-    merged = RefCache.merge_parts(tmp_path, key, 2, expected)
-    assert merged.complete and os.listdir(tmp_path) == [os.path.basename(merged.path)]
-    c, r, cn, rn = RefCache.open(tmp_path, key, expected).lookup(expected)
+    assert cache.complete
+    cache.save()
+    assert os.listdir(tmp_path) == [os.path.basename(cache.path)]
+    back = RefCache.open(tmp_path, key, expected)
+    assert back.complete
+    c, r, cn, rn = back.lookup(expected)
     for j, i in enumerate(expected):
         assert (c[j], r[j], cn[j], rn[j]) == vals[i]
     with pytest.raises(RefCacheError, match="sample 4 is not in the reference cache"):
-        merged.lookup([3, 4])
-    merged.check_token_counts([0, 1], cn[:2], rn[:2])
+        back.lookup([3, 4])
+    back.check_token_counts([0, 1], cn[:2], rn[:2])
     with pytest.raises(RefCacheError, match=r"sample 1: cached response lengths"):
-        merged.check_token_counts([0, 1], cn[:2], [rn[0], rn[1] + 1])
+        back.check_token_counts([0, 1], cn[:2], [rn[0], rn[1] + 1])
     # a partially computed cache resumes with only the missing indices
     partial = RefCache.open(tmp_path / "p", key, expected=expected)
     _fill(partial, [0, 1])
     partial.save()
-    assert list(RefCache.open(tmp_path / "p", key, expected=expected).missing()) == [2, 3, 5]
+    resumed = RefCache.open(tmp_path / "p", key, expected=expected)
+    assert not resumed.complete and list(resumed.missing()) == [2, 3, 5]
