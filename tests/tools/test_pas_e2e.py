@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from nova_engine.parallel.spawn import run_distributed
 
 POOL = [
@@ -74,6 +76,7 @@ def _run(rank: int, world: int, d: str) -> dict:
     return out
 
 
+@pytest.mark.slow  # spawned process group
 def test_pas_end_to_end_tiny_model(tmp_path):
     from nova_engine.data.formats import read_sft_jsonl
     from nova_engine.data.rlvr import read_rlvr_jsonl
