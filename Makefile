@@ -1,6 +1,8 @@
 # Nova Engine — the two commands a newcomer needs:
 #   make demo   tiny Llama-architecture model: SFT then DPO on CPU, prints a results table
-#   make test   the whole test suite (CPU; Triton kernels through TRITON_INTERPRET=1)
+#   make test   lint, format check and the whole test suite (CPU; Triton kernels through
+#               TRITON_INTERPRET=1); `make test-fast` skips the tests marked slow (spawned
+#               process groups, whole training runs): under a minute on 2 cores
 # and `make bench` for the kernel benchmarks (GPU figures only from a GPU).
 
 PYTHON ?= python3
@@ -9,7 +11,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo demo-pas bench lint clean
+.PHONY: install test test-fast demo demo-pas bench lint clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +25,11 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check nova_engine kernels tests benchmarks
+	$(VENV)/bin/ruff format --check nova_engine kernels tests benchmarks
 	$(VENV)/bin/pytest -p no:cacheprovider --import-mode=importlib -q tests
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -p no:cacheprovider --import-mode=importlib -q -m "not slow" tests
 
 demo: $(STAMP)
 	$(PY) -m nova_engine.demo --out demo_out
