@@ -13,11 +13,16 @@ a time and checks that the thing it makes work then fails.
 |                    | stand-in keeps the tracker's per-name states on the CPU generator       |
 | cuda_literals      | `device="cuda"` literals in the pipeline schedules (`total_num_tokens`)  |
 |                    | and the optimizer (grad-norm, found-inf, zero-count tensors)            |
-| float_tensor_type  | the optimizer's `param.type() == 'torch.cuda.FloatTensor'` checks         |
-| tensor_cuda        | `tensor.cuda()` moves (tied-embedding sync across PP stages, optimizer  |
-|                    | state loading): on CPU the tensor stays where it is                     |
+| float_tensor_type  | the optimizer's `param.type() == 'torch.cuda.FloatTensor'` checks (mixed |
+|                    | precision and distributed optimizer set-up, clipping by the total norm) |
+| tensor_cuda        | `weight.data.cuda()` in the tied-embedding sync across PP stages: on    |
+|                    | CPU the tensor stays where it is                                        |
 | multi_tensor_l2norm| the local (no apex/TE) multi-tensor L2 norm in megatron.core.utils,     |
 |                    | used for the optimizer's grad norm, allocates its result on "cuda"      |
+
+The two tensor-method patches are scoped: `torch.Tensor.type` / `torch.Tensor.cuda` answer
+as on CUDA only while the megatron functions listed in `_TYPE_CALLS` / `_CUDA_CALLS` run
+(those functions are wrapped), so a stray `.cuda()` anywhere else still fails on CPU.
 
 Not patches but settings, made by `nova_engine.model.build.transformer_config`: on gloo,
 pipeline p2p runs with `batch_p2p_comm=False` (with the default, PP=2 VP=2 gives silently
@@ -28,6 +33,7 @@ the p2p paths that call `torch.cuda.synchronize()` are never taken.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import types
 from collections.abc import Callable, Iterator
@@ -140,7 +146,40 @@ def _patch_cuda_literals() -> list[tuple[object, str, object]]:
     return saved
 
 
-# ------------------------------------------------------------------------- float_tensor_type
+# ------------------------------------------------- scoped tensor methods (type, cuda)
+
+
+@contextlib.contextmanager
+def _tensor_method(name: str, make: Callable[[Callable], Callable]) -> Iterator[None]:
+    """torch.Tensor.<name> replaced by make(original) inside the block, restored after."""
+    original = getattr(torch.Tensor, name)
+    setattr(torch.Tensor, name, make(original))
+    try:
+        yield
+    finally:
+        setattr(torch.Tensor, name, original)
+
+
+def _wrap_calls(
+    calls: tuple[tuple[str, str], ...], scope: Callable[[], contextlib.AbstractContextManager]
+):
+    """Replace each megatron function `module:Qual.name` by one that runs it inside scope()."""
+    saved = []
+    for module, qualname in calls:
+        owner: object = importlib.import_module(module)
+        *path, attr = qualname.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        original = getattr(owner, attr)
+
+        @functools.wraps(original)
+        def wrapped(*args: object, _f: Callable = original, **kwargs: object) -> object:
+            with scope():
+                return _f(*args, **kwargs)
+
+        saved.append(_set(owner, attr, wrapped))
+    return saved
+
 
 _CPU_TYPE_NAMES = {
     "torch.FloatTensor": "torch.cuda.FloatTensor",
@@ -149,11 +188,9 @@ _CPU_TYPE_NAMES = {
 }
 
 
-def _patch_float_tensor_type() -> list[tuple[object, str, object]]:
-    """The optimizer asks `param.type()` for a `torch.cuda.*Tensor` name; on CPU a parameter
-    reports `torch.FloatTensor`. Answer with the CUDA name for CPU floating tensors when asked
-    without arguments (the only form megatron uses); `t.type(dtype)` casts are untouched."""
-    original = torch.Tensor.type
+def _cuda_type_names(original: Callable) -> Callable:
+    """`t.type()` with the CUDA name for CPU floating tensors when asked without arguments
+    (the only form megatron uses); `t.type(dtype)` casts are untouched."""
 
     def type_(self: torch.Tensor, dtype: object = None, non_blocking: bool = False, **kw: object):
         if dtype is None and not kw:
@@ -161,14 +198,35 @@ def _patch_float_tensor_type() -> list[tuple[object, str, object]]:
             return _CPU_TYPE_NAMES.get(name, name)
         return original(self, dtype, non_blocking, **kw)
 
-    return [_set(torch.Tensor, "type", type_)]
+    return type_
 
 
-# ------------------------------------------------------------------------------- tensor_cuda
+# megatron functions that compare `param.type()` with "torch.cuda.*Tensor" names (the
+# distributed optimizer's parameter groups are built inside its __init__)
+_TYPE_CALLS = (
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),  # imported by name
+)
+
+
+def _patch_float_tensor_type() -> list[tuple[object, str, object]]:
+    return _wrap_calls(_TYPE_CALLS, lambda: _tensor_method("type", _cuda_type_names))
+
+
+# `weight.data.cuda()` before the all-reduce that syncs tied embeddings across PP stages
+_CUDA_CALLS = (
+    (
+        "megatron.core.models.common.language_module.language_module",
+        "LanguageModule.setup_embeddings_and_output_layer",
+    ),
+)
 
 
 def _patch_tensor_cuda() -> list[tuple[object, str, object]]:
-    return [_set(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)]
+    stay = lambda original: lambda self, *args, **kwargs: self  # noqa: E731 - on CPU: no move
+    return _wrap_calls(_CUDA_CALLS, lambda: _tensor_method("cuda", stay))
 
 
 # ----------------------------------------------------------------------- multi_tensor_l2norm

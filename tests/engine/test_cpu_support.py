@@ -1,5 +1,7 @@
 """Each CPU-support patch is needed: with it removed, the megatron call it covers fails;
-with it applied, the call works and gives the right numbers. One 2-rank gloo group."""
+with it applied, the call works and gives the right numbers; the tensor-method patches act
+only inside the megatron calls they cover (a stray `.cuda()` still fails). One 2-rank gloo
+group."""
 
 from __future__ import annotations
 
@@ -114,6 +116,9 @@ def _worker(rank, world, tmp_dir):
             out[(name + "+pp", "without")] = _outcome(lambda: tensor_cuda_and_sched(ps))
     out[("pp", "with")] = _outcome(lambda: tensor_cuda_and_sched(ps))
     out["applied"] = cpu_support.applied()
+    # outside the wrapped megatron calls the tensor methods are torch's own
+    out["stray_cuda"] = _outcome(lambda: torch.zeros(2).cuda())
+    out["plain_type"] = (torch.zeros(2).type(), torch.zeros(2).bfloat16().type())
     return out
 
 
@@ -126,6 +131,7 @@ def results(tmp_path_factory):
     return run_distributed(_worker, 2, d)
 
 
+@pytest.mark.slow  # the spawned 2-rank group
 def test_all_patches_applied(results):
     assert sorted(results[0]["applied"]) == sorted(cpu_support.PATCHES)
 
@@ -141,31 +147,37 @@ def test_all_patches_applied(results):
         "tensor_cuda+pp",
     ],
 )
+@pytest.mark.slow  # the spawned 2-rank group
 def test_fails_without_patch(results, name):
     status, msg = results[0][(name, "without")]
     assert status == "error", f"{name}: still works without its patch: {msg}"
 
 
+@pytest.mark.slow  # the spawned 2-rank group
 def test_current_device_with_patch(results):
     assert results[0][("current_device", "with")] == ("ok", torch.Size([8, 1, 1, 16]))
 
 
+@pytest.mark.slow  # the spawned 2-rank group
 def test_rng_tracker_with_patch(results):
     status, (reproducible, default_untouched) = results[0][("rng", "with")]
     assert status == "ok" and reproducible and default_untouched
 
 
+@pytest.mark.slow  # the spawned 2-rank group
 def test_cuda_literals_with_patch(results):
     # 4 zeros per rank, summed over the 2 ranks of the group
     assert results[0][("cuda_literals", "with")] == ("ok", 8.0)
 
 
+@pytest.mark.slow  # the spawned 2-rank group
 def test_float_tensor_type_with_patch(results):
     status, grad = results[0][("float_tensor_type", "with")]
     assert status == "ok"
     assert grad == pytest.approx([3.0 / 5.0, 0.0, 4.0 / 5.0], rel=1e-5)
 
 
+@pytest.mark.slow  # the spawned 2-rank group
 def test_multi_tensor_l2norm_with_patch(results):
     # sqrt(2 ranks * (3^2 + 4^2)), formula by hand
     status, norm = results[0][("multi_tensor_l2norm", "with")]
@@ -173,12 +185,20 @@ def test_multi_tensor_l2norm_with_patch(results):
     assert norm == pytest.approx(50.0**0.5, rel=1e-6)
 
 
+@pytest.mark.slow  # the spawned 2-rank group
 def test_schedules_and_tied_pp_with_patch(results):
     assert results[0][("cuda_literals+pp", "without")][0] == "error"
     status, _ = results[0][("pp", "with")]
     assert status == "ok"
     # the last stage returned its loss-func metrics through the 1F1B schedule
     assert results[1][("pp", "with")][1] == [{"ok": 1}]
+
+
+@pytest.mark.slow  # the spawned 2-rank group
+def test_tensor_patches_are_scoped(results):
+    status, msg = results[0]["stray_cuda"]
+    assert status == "error", f"a stray .cuda() outside megatron's calls was hidden: {msg}"
+    assert results[0]["plain_type"] == ("torch.FloatTensor", "torch.BFloat16Tensor")
 
 
 def test_no_op_with_cuda(monkeypatch):
