@@ -171,3 +171,4 @@ def test_lazy_slices_read_only_what_is_asked(ckpt_dir):
     rows = ckpt.read("model.embed_tokens.weight", rows=slice(500, 1000))
     assert torch.equal(cols, full[:, 80:160])
     assert rows.shape == (500, 96)
+    assert torch.equal(rows, ckpt.read("model.embed_tokens.weight")[500:1000])

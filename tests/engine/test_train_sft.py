@@ -7,7 +7,8 @@
 - exact resume: stop after step k, resume from the checkpoint, identical per-step losses
   (same layout; plain and distributed optimizer);
 - a checkpoint whose write crashed is never picked up; resume takes the previous one;
-- a checkpoint loads into another layout through its hf/ export (weights only);
+- a checkpoint loads into another layout through its hf/ export (weights only): evaluated
+  there on the next step's batch, it gives the loss the saving layout trained on;
 - bf16 with fp32 master weights (TP2×DP2, distributed optimizer) tracks fp32 within 2%;
 - a second group of 8 ranks: 10 steps of TP2×PP2×DP2 (with and without SP, and with the
   distributed optimizer) equal to TP1×DP8;
@@ -34,6 +35,8 @@ import pytest
 import torch
 
 from nova_engine.parallel.spawn import run_distributed
+
+pytestmark = pytest.mark.slow  # spawned groups of 4 and 8 ranks, whole training runs
 
 WORLD = 4
 STEPS = 6
@@ -84,9 +87,14 @@ def _setup(layout, model_dir, samples, steps=STEPS, ps=None):
     precision = layout[6] if len(layout) > 6 else "fp32"
     ps = ps or initialize_parallel(tp=tp, pp=pp, vpp=vpp, sp=sp, seed=7)
     engine = ModelEngine.from_hf(
-        model_dir, ps, optim=_optim(), total_steps=steps, distributed_optimizer=dopt,
-        recompute=recompute, precision=precision,
-    )  # fmt: skip
+        model_dir,
+        ps,
+        optim=_optim(),
+        total_steps=steps,
+        distributed_optimizer=dopt,
+        recompute=recompute,
+        precision=precision,
+    )
     data = PackedDataSource(
         samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps, seed=3, max_steps=steps
     )
@@ -104,10 +112,16 @@ def _worker(rank, world, model_dir, samples, root):
     from nova_engine.train import checkpoint, checkpoint_io
 
     out: dict = {"layouts": {}, "resume": {}}
-    n_mbs = []
+    n_mbs = {}
     for layout in [*LAYOUTS, BF16]:
         ps, loop, data, stage = _setup(layout, model_dir, samples)
-        n_mbs.append(len(data.rank_microbatches(0)))
+        mbs = data.rank_microbatches(0)
+        # (DP size, real tokens and padded length of each of this rank's micro-batches)
+        n_mbs[layout] = (
+            ps.dp,
+            [int((mb.seq_index >= 0).sum()) for mb in mbs],
+            [mb.num_tokens for mb in mbs],
+        )
         if layout not in RESUME:
             out["layouts"][layout] = _losses(loop.fit(stage))
             destroy_parallel()
@@ -154,7 +168,8 @@ def _worker(rank, world, model_dir, samples, root):
         }
     out["n_mbs"] = n_mbs
 
-    # weights of the TP2xPP2 checkpoint into TP1xDP4 (through hf/), then one forward-only eval
+    # weights of the TP2xPP2 checkpoint (step K) into TP1xDP4 (through hf/), then one
+    # forward-only eval of step K+1's batch: the loss TP2xPP2 trained on at step K+1
     from nova_engine.train.data_source import PackedDataSource
 
     ps, loop, _, stage = _setup(LAYOUTS[0], model_dir, samples)
@@ -165,8 +180,8 @@ def _worker(rank, world, model_dir, samples, root):
     except checkpoint_io.CheckpointIOError as e:
         out["layout_error"] = str(e)
     checkpoint.load_checkpoint(latest, loop, weights_only=True)
-    ev = PackedDataSource(samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps)
-    out["eval_after_load"] = loop.evaluate(stage, [ev.rank_microbatches(0)])
+    ev = PackedDataSource(samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps, seed=3)
+    out["eval_after_load"] = loop.evaluate(stage, [ev.rank_microbatches(K)])
     destroy_parallel()
     out["engines"] = _engines(model_dir, samples)
     return out
@@ -201,14 +216,18 @@ def _engines(model_dir, samples):
         "optimizer": frozen.optimizer is not None,
     }
     # forward_collect: per-token log-probs -> the step-1 SFT loss of the training forward
-    mbs = PackedDataSource(samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps_b,
-                           seed=3).rank_microbatches(0)  # fmt: skip
+    mbs = PackedDataSource(
+        samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps_b, seed=3
+    ).rank_microbatches(0)
     rows = frozen.forward_collect(
-        mbs, lambda m, h, mb: torch.stack([
-            -(token_logprobs(m, h, mb.labels, ps_b).double() * (mb.loss_mask != 0)).sum(),
-            (mb.loss_mask != 0).sum().double(),
-        ]),
-    )  # fmt: skip
+        mbs,
+        lambda m, h, mb: torch.stack(
+            [
+                -(token_logprobs(m, h, mb.labels, ps_b).double() * (mb.loss_mask != 0)).sum(),
+                (mb.loss_mask != 0).sum().double(),
+            ]
+        ),
+    )
     t = sum(rows) if rows and ps_b.tp_rank == 0 else torch.zeros(2, dtype=torch.float64)
     torch.distributed.all_reduce(t)
     res["collect_loss"] = float(t[0] / t[1])
@@ -235,8 +254,13 @@ def _engines(model_dir, samples):
     destroy_parallel()
     ps = initialize_parallel(tp=1, seed=7)
     _, loop, _, stage = _setup(LAYOUTS[0], model_dir, samples, ps=ps)
-    few = PackedDataSource(samples[:EMPTY_RANK_SEQS], global_batch_size=EMPTY_RANK_SEQS,
-                           micro_batch_tokens=MBT, ps=ps, shuffle=False)  # fmt: skip
+    few = PackedDataSource(
+        samples[:EMPTY_RANK_SEQS],
+        global_batch_size=EMPTY_RANK_SEQS,
+        micro_batch_tokens=MBT,
+        ps=ps,
+        shuffle=False,
+    )
     res["empty_rank"] = {
         "real_tokens": int((few.rank_microbatches(0)[0].seq_index >= 0).sum()),
         "metrics": loop.train_step(stage, few.next_batch()).metrics,
@@ -250,8 +274,9 @@ def _engines(model_dir, samples):
     res["score"] = {}
     for key, hps in (("tp1", ps), ("tp2_sp", new_ps(tp=2, sp=True))):
         eng = ModelEngine.from_hf(model_dir, hps, optim=_optim(), score_outputs=2, name="rm")
-        mbs = PackedDataSource(samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=hps,
-                               shuffle=False).rank_microbatches(0)  # fmt: skip
+        mbs = PackedDataSource(
+            samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=hps, shuffle=False
+        ).rank_microbatches(0)
 
         def loss_fn(m, h, mb, hps=hps):
             s = sequence_scores(m, h, mb, hps)  # [S, 2]
@@ -300,17 +325,25 @@ def results(tmp_path_factory):
     paths = write_task(root / "data", n_sft=GBS * STEPS8, n_pref=4, n_eval=4, seed=5)
     model_dir = str(root / "model")
     build_tiny_hf_model(
-        model_dir, "llama", seed=0, vocab_size=512, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
+        model_dir,
+        "llama",
+        seed=0,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     samples, _, _ = load_samples(paths["sft"], tok, "chat", max_length=64)
     ps1 = SimpleNamespace(tp=1, pp=1, dp=1, dp_rank=0, device=torch.device("cpu"))
     first = PackedDataSource(samples, global_batch_size=GBS, micro_batch_tokens=MBT, ps=ps1, seed=3)
     hf_loss = _hf_step_loss(model_dir, first.step_samples(0))
     hf_few = _hf_step_loss(model_dir, samples[:EMPTY_RANK_SEQS])
+    step0_tokens = sum(len(s) for s in first.step_samples(0))
     out = run_distributed(_worker, WORLD, model_dir, samples, str(root))
     out8 = run_distributed(_worker8, WORLD8, model_dir, samples)
-    return out, hf_loss, out8, hf_few
+    return out, hf_loss, out8, hf_few, step0_tokens
 
 
 def test_step1_matches_transformers(results):
@@ -321,8 +354,16 @@ def test_step1_matches_transformers(results):
 
 
 def test_several_microbatches_per_step(results):
-    # DP1 (TP2xPP2) packs 8 samples of ~20 tokens into >= 3 micro-batches of 64 tokens
-    assert min(results[0][0]["n_mbs"]) >= 1 and max(results[0][0]["n_mbs"]) >= 3
+    """Every layout packs its share of step 1 into micro-batches of at most MBT tokens; at DP1
+    (TP2xPP2) that share is the whole batch, 8 samples of ~20 tokens: >= 3 micro-batches
+    holding every token of the batch once."""
+    step0_tokens, dp1 = results[4], 0
+    for layout, (dp, real, padded) in results[0][0]["n_mbs"].items():
+        assert all(0 < r <= n <= MBT for r, n in zip(real, padded)), (layout, real, padded)
+        if dp == 1:
+            dp1 += 1
+            assert sum(real) == step0_tokens and len(real) >= 3, (layout, real, step0_tokens)
+    assert dp1 == 2  # TP2xPP2 with and without SP
 
 
 def test_bf16_tracks_fp32(results):
@@ -370,8 +411,11 @@ def test_load_into_other_layout(results):
     out = results[0][0]
     assert "same layout" in out["layout_error"]
     ev = out["eval_after_load"]
-    # forward-only eval of step 0's batch with the step-3 weights from another layout:
-    # lower than the initial loss, as training brought it
+    # TP2xPP2's step-K weights evaluated at TP1xDP4 on step K+1's batch: the loss the saving
+    # layout computed for that batch with those weights (and the TP1xDP4 run's own)
+    saved_layout_loss = out["layouts"][LAYOUTS[3]][K][0]
+    assert math.isclose(ev["loss"], saved_layout_loss, rel_tol=1e-5), (ev, saved_layout_loss)
+    assert math.isclose(ev["loss"], out["layouts"][LAYOUTS[0]][K][0], rel_tol=1e-5)
     assert ev["loss"] < out["layouts"][LAYOUTS[0]][0][0]
 
 
@@ -422,8 +466,11 @@ def test_two_engines_of_different_layouts_in_one_world(results):
 def test_frozen_engine_and_forward_collect(results):
     eng = results[0][0]["engines"]
     assert eng["frozen"] == {
-        "ddp": False, "main_grad": False, "requires_grad": False, "optimizer": False,
-    }  # fmt: skip
+        "ddp": False,
+        "main_grad": False,
+        "requires_grad": False,
+        "optimizer": False,
+    }
     # forward only, frozen, other layout: the training forward's step-1 loss
     step1 = results[0][0]["layouts"][LAYOUTS[0]][0][0]
     assert math.isclose(eng["collect_loss"], step1, rel_tol=1e-5)
