@@ -407,6 +407,12 @@ class RunConfig:
                 raise ConfigError(key, f"{what} does not divide {dim}={dims[dim]} of {source}")
         return dp
 
+    def tokenizer(self) -> Any:
+        """The run's HF tokenizer: model.tokenizer_dir with data.template applied."""
+        from nova_engine.data.tokenize import load_tokenizer
+
+        return load_tokenizer(self.model.tokenizer_dir, self.data.template)
+
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, **dataclasses.asdict(self)}
 

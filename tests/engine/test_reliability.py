@@ -187,17 +187,21 @@ def test_export_is_complete_and_the_readme_chain_runs_from_it(assets, tmp_path, 
     A rerun replaces the export (an old stray file does not survive)."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from nova_engine.data.tokenize import CHAT_TEMPLATES
+
     out = tmp_path / "sft"
-    assert run(sft_args(assets, out, "train.max_steps=1"), capsys)[0] == 0
+    assert run(sft_args(assets, out, "train.max_steps=1", "data.template=tulu"), capsys)[0] == 0
     hf = out / "hf"
     tok = AutoTokenizer.from_pretrained(hf)
     src = AutoTokenizer.from_pretrained(assets["tok"])
-    assert tok.get_vocab() == src.get_vocab() and tok.chat_template == src.chat_template
+    assert tok.get_vocab() == src.get_vocab()
+    assert tok.chat_template == CHAT_TEMPLATES["tulu"]  # the template the run trained with
     assert (hf / "generation_config.json").is_file()
     cfg = AutoConfig.from_pretrained(hf)
     assert cfg.eos_token_id is not None and cfg.pad_token_id == src.pad_token_id
     (hf / "stray.safetensors").write_bytes(b"old")
-    rc, err = run(sft_args(assets, out, "train.max_steps=2", "checkpoint.resume=none"), capsys)
+    rc, err = run(sft_args(assets, out, "train.max_steps=2", "checkpoint.resume=none",
+                           "data.template=tulu"), capsys)  # fmt: skip
     assert rc == 0 and not (hf / "stray.safetensors").exists()
     rc, err = run([
         "dpo", "--recipe", RECIPE, f"model.hf_path={hf}", "model.tokenizer_path=null",

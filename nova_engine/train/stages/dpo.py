@@ -86,7 +86,7 @@ class DPORunConfig(RunConfig):
     def ref_config(self) -> dict[str, Any]:
         """The settings that change reference log-probs (beyond model and data content):
         tokenization and numeric precision. Hash it into the reference-cache key."""
-        keys = ("max_length", "truncation", "on_bad_line", "margin_key")
+        keys = ("max_length", "truncation", "on_bad_line", "margin_key", "template")
         out = {k: getattr(self.data, k) for k in keys}
         out["tokenizer_dir"] = os.path.abspath(self.model.tokenizer_dir)
         return out | {"precision": self.train.precision}
@@ -104,9 +104,15 @@ def pair_logps(model, hidden, mb: PackedBatch, ps: ParallelState):
     # scored by the fused head the training loss uses (score-only: no gradients), so at
     # step 1 the policy's sums equal the cached reference sums exactly
     _, sums, counts = linear_pair_logprobs(
-        hidden.reshape(-1, hidden.shape[-1]), lm_head_weight(model), mb.labels,
-        mb.cu_seqlens, mb.loss_mask, None, num_sequences=mb.num_samples, **_tp_args(ps),
-    )  # fmt: skip
+        hidden.reshape(-1, hidden.shape[-1]),
+        lm_head_weight(model),
+        mb.labels,
+        mb.cu_seqlens,
+        mb.loss_mask,
+        None,
+        num_sequences=mb.num_samples,
+        **_tp_args(ps),
+    )
     return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
 
 
@@ -145,18 +151,26 @@ class DPOStage:
 
             # the fused 3-GEMM head: each pair's loss gradient formed in the forward pass
             loss, lp, n = linear_pair_logprobs(
-                hidden.reshape(-1, hidden.shape[-1]), lm_head_weight(model), mb.labels,
-                mb.cu_seqlens, mb.loss_mask, pair_loss, num_sequences=mb.num_samples,
+                hidden.reshape(-1, hidden.shape[-1]),
+                lm_head_weight(model),
+                mb.labels,
+                mb.cu_seqlens,
+                mb.loss_mask,
+                pair_loss,
+                num_sequences=mb.num_samples,
                 **_tp_args(ps),
-            )  # fmt: skip
+            )
             pc, pr, nc, nr = lp[0::2], lp[1::2], n[0::2], n[1::2]
             o = dpo_loss(PreferenceLogps(pc, pr, nc, nr, ref_c, ref_r), cfg)  # metrics
             p = torch.tensor(len(pc), device=hidden.device)
             metrics = {
-                "loss": loss.detach(), "pairs": p, "accuracy": o.accuracy.sum(),
+                "loss": loss.detach(),
+                "pairs": p,
+                "accuracy": o.accuracy.sum(),
                 "chosen_reward": o.chosen_rewards.sum(),
-                "rejected_reward": o.rejected_rewards.sum(), "margin": o.margin.sum(),
-            }  # fmt: skip
+                "rejected_reward": o.rejected_rewards.sum(),
+                "margin": o.margin.sum(),
+            }
             return loss, p, metrics
 
         return loss_fn
@@ -191,8 +205,13 @@ def reference_pass(engine, source, cache: RefCache) -> RefCache:
     dist.all_gather_object(gathered, mine)
     allrows = np.concatenate([g for g in gathered if g is not None and len(g)])
     idx = allrows[:, 0].astype(np.int64)
-    cache.put(idx, allrows[:, 1], allrows[:, 2], allrows[:, 3].astype(np.int64),
-              allrows[:, 4].astype(np.int64))  # fmt: skip
+    cache.put(
+        idx,
+        allrows[:, 1],
+        allrows[:, 2],
+        allrows[:, 3].astype(np.int64),
+        allrows[:, 4].astype(np.int64),
+    )
     if ps.rank == 0:
         cache.save()
     if ps.world_size > 1:
@@ -206,9 +225,14 @@ def load_pairs(run, paths) -> list:
 
     d = run.data
     pairs, _, _ = load_samples(
-        paths, run.model.tokenizer_dir, "pairs", max_length=d.max_length,
-        truncation=d.truncation, on_bad_line=d.on_bad_line, margin_key=d.margin_key,
-    )  # fmt: skip
+        paths,
+        run.tokenizer(),
+        "pairs",
+        max_length=d.max_length,
+        truncation=d.truncation,
+        on_bad_line=d.on_bad_line,
+        margin_key=d.margin_key,
+    )
     return pairs
 
 

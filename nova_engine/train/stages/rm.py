@@ -319,7 +319,7 @@ def load_train_data(run: RMRunConfig):
     )
     from nova_engine.data.tokenize import tokenize_pairs
 
-    d, loss, tok = run.data, run.loss, run.model.tokenizer_dir
+    d, loss, tok = run.data, run.loss, run.tokenizer()
     if loss.pairwise:
         recs, stats = read_reward_pairs(d.train_paths, on_bad_line=d.on_bad_line,
                                         margin_key=d.margin_key)  # fmt: skip
@@ -344,7 +344,7 @@ def load_eval_data(run: RMRunConfig):
     if d.eval_max_samples is not None:
         recs = recs[: d.eval_max_samples]
     pairs, subsets, _ = tokenize_rewardbench(
-        recs, run.model.tokenizer_dir, max_length=d.max_length, truncation=d.truncation
+        recs, run.tokenizer(), max_length=d.max_length, truncation=d.truncation
     )
     return pairs, subsets
 

@@ -59,11 +59,14 @@ class SFTStage:
 
         def loss_fn(model, hidden, mb: PackedBatch):
             loss = sft_loss_fused(
-                hidden.reshape(-1, hidden.shape[-1]), unwrap(model).lm_head_weight(),
-                mb.labels, mb.loss_mask, global_count,
+                hidden.reshape(-1, hidden.shape[-1]),
+                unwrap(model).lm_head_weight(),
+                mb.labels,
+                mb.loss_mask,
+                global_count,
                 tp_group=ps.tp_group if ps.tp > 1 else None,
                 sequence_parallel=ps.sp and ps.tp > 1,
-            )  # fmt: skip
+            )
             n = (mb.loss_mask != 0).sum()
             return loss, n, {"loss": loss.detach(), "loss_tokens": n}
 
@@ -82,9 +85,13 @@ def load_chat(run, paths) -> list:
 
     d = run.data
     samples, _, _ = load_samples(
-        paths, run.model.tokenizer_dir, "chat", max_length=d.max_length,
-        truncation=d.truncation, on_bad_line=d.on_bad_line,
-    )  # fmt: skip
+        paths,
+        run.tokenizer(),
+        "chat",
+        max_length=d.max_length,
+        truncation=d.truncation,
+        on_bad_line=d.on_bad_line,
+    )
     if d.eval_max_samples is not None and paths is d.eval_paths:
         samples = samples[: d.eval_max_samples]
     return samples
