@@ -44,10 +44,19 @@ def main(argv=None):
             shape = f"{unit},gbs={GLOBAL_BATCH},dp={dp},steps={steps}"
             for impl, vals in res.items():
                 v = np.asarray(vals)
-                rows.append(dict(op="dp_balance", impl=impl, shape=shape, mode="plan",
-                                 metric="max_over_mean", p50=float(v.mean()),
-                                 p20=float(np.quantile(v, 0.2)),
-                                 p80=float(np.quantile(v, 0.8)), worst=float(v.max())))  # fmt: skip
+                rows.append(
+                    dict(
+                        op="dp_balance",
+                        impl=impl,
+                        shape=shape,
+                        mode="plan",
+                        metric="max_over_mean",
+                        p50=float(v.mean()),
+                        p20=float(np.quantile(v, 0.2)),
+                        p80=float(np.quantile(v, 0.8)),
+                        worst=float(v.max()),
+                    )
+                )
             c = costs_all[0]
             times = time_interleaved(
                 {
@@ -58,11 +67,23 @@ def main(argv=None):
                 reps=30,
             )
             for impl, (p50, p20, p80) in times.items():
-                rows.append(dict(op="dp_balance", impl=impl, shape=shape, mode="plan",
-                                 metric="seconds", p50=p50, p20=p20, p80=p80))  # fmt: skip
-            print(f"{unit:<10}{dp:>4}{np.mean(res['round_robin']):>14.4f}"
-                  f"{np.mean(res['balanced']):>12.4f}{np.max(res['balanced']):>9.4f}"
-                  f"   split {times['balanced'][0] * 1e3:.2f} ms")  # fmt: skip
+                rows.append(
+                    dict(
+                        op="dp_balance",
+                        impl=impl,
+                        shape=shape,
+                        mode="plan",
+                        metric="seconds",
+                        p50=p50,
+                        p20=p20,
+                        p80=p80,
+                    )
+                )
+            print(
+                f"{unit:<10}{dp:>4}{np.mean(res['round_robin']):>14.4f}"
+                f"{np.mean(res['balanced']):>12.4f}{np.max(res['balanced']):>9.4f}"
+                f"   split {times['balanced'][0] * 1e3:.2f} ms"
+            )
     path = "benchmarks/results/balance_cpu.csv"
     write_rows(path, rows)
     print(f"wrote {path}")

@@ -59,8 +59,10 @@ def make_vocab(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         words.append(letters[pos : pos + k])
         pos += k
     r = rng.random(VOCAB)
-    words = [w.capitalize() if x < 0.05 else w + "," if x < 0.12 else w + "." if x < 0.16 else w
-             for w, x in zip(words, r)]  # fmt: skip
+    words = [
+        w.capitalize() if x < 0.05 else w + "," if x < 0.12 else w + "." if x < 0.16 else w
+        for w, x in zip(words, r)
+    ]
     p = 1.0 / np.arange(1, VOCAB + 1)
     return np.array(words, dtype=object), p / p.sum()
 
@@ -140,33 +142,50 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
 
     def row(impl, mode, metric, values, **extra):
-        rows.append({"op": "decontaminate", "impl": impl, "shape": shape, "mode": mode,
-                     "metric": metric, **summarize(values), "note": device_note, **extra})  # fmt: skip
+        rows.append(
+            {
+                "op": "decontaminate",
+                "impl": impl,
+                "shape": shape,
+                "mode": mode,
+                "metric": metric,
+                **summarize(values),
+                "note": device_note,
+                **extra,
+            }
+        )
 
     with tempfile.TemporaryDirectory(prefix="bench_decontam_") as tmp:
         t0 = time.perf_counter()
         ev, tr, n_planted = make_data(Path(tmp), n_train)
         size_mb = tr.stat().st_size / 1e6
-        print(f"data: {n_train} training items ({size_mb:.0f} MB), {N_EVAL} eval items, "
-              f"{n_planted} planted; generated in {time.perf_counter() - t0:.1f} s; load {load}")  # fmt: skip
+        print(
+            f"data: {n_train} training items ({size_mb:.0f} MB), {N_EVAL} eval items, "
+            f"{n_planted} planted; generated in {time.perf_counter() - t0:.1f} s; load {load}"
+        )
         cfg = DecontamConfig(ngram=NGRAM, threshold=THRESHOLD)
         eval_items = [eval_segments(json.loads(x)) for x in ev.open("rb")]
         train_items = read_parse(tr)
         sub = train_items[: args.subsample]
         ref = RefIndex(eval_items, NGRAM, THRESHOLD)
         index = build_index(eval_items, NGRAM, THRESHOLD)
-        ab = {"cpp": lambda: index.scan([prepare(s) for s in sub]),
-              "python_sets": lambda: [ref.hits(s) for s in sub]}  # fmt: skip
+        ab = {
+            "cpp": lambda: index.scan([prepare(s) for s in sub]),
+            "python_sets": lambda: [ref.hits(s) for s in sub],
+        }
         # the two must agree on the subsample
         cpp_hits = ab["cpp"]()
         py_hits = ab["python_sets"]()
         offsets, ids, counts = cpp_hits
-        flat = [sorted(zip(ids[a:b].tolist(), counts[a:b].tolist()))
-                for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]  # fmt: skip
+        flat = [
+            sorted(zip(ids[a:b].tolist(), counts[a:b].tolist()))
+            for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())
+        ]
         assert flat == py_hits, "compiled index and reference disagree"
 
-        times: dict[str, list[float]] = {k: [] for k in
-                                         ("build", "cpp", "python_sets", "cpp_all", "read_parse", "end_to_end")}  # fmt: skip
+        times: dict[str, list[float]] = {
+            k: [] for k in ("build", "cpp", "python_sets", "cpp_all", "read_parse", "end_to_end")
+        }
         cpu: dict[str, list[float]] = {k: [] for k in times}
         report = None
         for r in range(reps):
@@ -176,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                     lambda: build_index(
                         (eval_segments(json.loads(x)) for x in ev.open("rb")), NGRAM, THRESHOLD
                     ),
-                ),  # fmt: skip
+                ),
                 ("cpp", ab["cpp"]),
                 ("python_sets", ab["python_sets"]),
                 ("cpp_all", lambda: index.scan([prepare(s) for s in train_items])),
@@ -195,7 +214,13 @@ def main(argv: list[str] | None = None) -> int:
             row(impl, "core", "seconds", times[impl], items=sub_n)
             row(impl, "core", "cpu_seconds", cpu[impl], items=sub_n)
             row(impl, "core", "items_per_s", [sub_n / t for t in times[impl]], items=sub_n)
-        row("python_sets", "core", "est_seconds_all", [t * n_train / sub_n for t in times["python_sets"]], items=n_train)  # fmt: skip
+        row(
+            "python_sets",
+            "core",
+            "est_seconds_all",
+            [t * n_train / sub_n for t in times["python_sets"]],
+            items=n_train,
+        )
         speed = [p / c for p, c in zip(times["python_sets"], times["cpp"])]
         row("cpp", "core", "speedup_vs_python_sets", speed, items=sub_n)
         row("cpp", "core", "seconds", times["cpp_all"], items=n_train)
@@ -203,15 +228,25 @@ def main(argv: list[str] | None = None) -> int:
         row("python", "read_parse", "seconds", times["read_parse"], items=n_train)
         row("cpp", "end_to_end", "seconds", times["end_to_end"], items=n_train)
         row("cpp", "end_to_end", "cpu_seconds", cpu["end_to_end"], items=n_train)
-        row("cpp", "end_to_end", "items_per_s", [n_train / t for t in times["end_to_end"]], items=n_train)  # fmt: skip
+        row(
+            "cpp",
+            "end_to_end",
+            "items_per_s",
+            [n_train / t for t in times["end_to_end"]],
+            items=n_train,
+        )
         removed = report["train_files"][str(tr)]["removed"]
-        print(f"end to end: removed {removed} of {n_train} ({n_planted} planted); "
-              f"p50 {statistics.median(times['end_to_end']):.1f} s")  # fmt: skip
+        print(
+            f"end to end: removed {removed} of {n_train} ({n_planted} planted); "
+            f"p50 {statistics.median(times['end_to_end']):.1f} s"
+        )
         row("cpp", "end_to_end", "removed", [removed], items=n_train, planted=n_planted)
     for r in rows:
         if r["metric"] in ("seconds", "cpu_seconds", "est_seconds_all"):
-            print(f"{r['impl']:>12} {r['mode']:<11} {r['metric']:<16} items={r['items']:<8} "
-                  f"p50 {r['p50']:9.3f} (p20 {r['p20']:.3f}, p80 {r['p80']:.3f})")  # fmt: skip
+            print(
+                f"{r['impl']:>12} {r['mode']:<11} {r['metric']:<16} items={r['items']:<8} "
+                f"p50 {r['p50']:9.3f} (p20 {r['p20']:.3f}, p80 {r['p80']:.3f})"
+            )
     write_rows(args.out, rows, append=Path(args.out).exists())
     print(f"wrote {args.out}")
     return 0

@@ -77,9 +77,16 @@ def bench_shape(B, T, device, copy_gbs, reps, rows):
         if not run_triton:
             impls.pop(triton_name)
         times = measure_impls(
-            rows, op=op, shape=shape, mode="fwd", impls=impls, reps=reps, baseline="loop",
-            bytes_moved=bytes_per_token * B * T, copy_gbs=copy_gbs,
-        )  # fmt: skip
+            rows,
+            op=op,
+            shape=shape,
+            mode="fwd",
+            impls=impls,
+            reps=reps,
+            baseline="loop",
+            bytes_moved=bytes_per_token * B * T,
+            copy_gbs=copy_gbs,
+        )
         print(f"{op:22s} {shape:16s} {summary(times)}")
 
 

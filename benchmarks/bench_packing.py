@@ -170,10 +170,13 @@ def trl_rows(lengths: np.ndarray, capacity: int, reps: int) -> list[dict]:
     nova_bins = len(_C.pack(lengths, capacity, "bfd", 0)[0]) - 1
     shape = f"n={n},cap={capacity}"
     times = time_interleaved(
-        {"trl_bfd": lambda: _pack_bfd(table, capacity),
-         "cpp_bfd": lambda: _C.pack(lengths, capacity, "bfd", 0)},
-        warmup=1, reps=reps,
-    )  # fmt: skip
+        {
+            "trl_bfd": lambda: _pack_bfd(table, capacity),
+            "cpp_bfd": lambda: _C.pack(lengths, capacity, "bfd", 0),
+        },
+        warmup=1,
+        reps=reps,
+    )
     rows = []
     for impl, (p50, p20, p80) in times.items():
         base = dict(op="packing_vs_trl", impl=impl, shape=shape, mode="pack")
@@ -183,9 +186,11 @@ def trl_rows(lengths: np.ndarray, capacity: int, reps: int) -> list[dict]:
         )
         rows.append({**base, "metric": "bins", "p50": trl_bins if impl == "trl_bfd" else nova_bins})
     speed = times["trl_bfd"][0] / times["cpp_bfd"][0]
-    print(f"vs TRL BFD (n={n}, cap={capacity}): bins trl {trl_bins} nova {nova_bins}; "
-          f"Nova {speed:.0f}x faster (p50 {times['cpp_bfd'][0] * 1e3:.1f} ms vs "
-          f"{times['trl_bfd'][0] * 1e3:.1f} ms)")  # fmt: skip
+    print(
+        f"vs TRL BFD (n={n}, cap={capacity}): bins trl {trl_bins} nova {nova_bins}; "
+        f"Nova {speed:.0f}x faster (p50 {times['cpp_bfd'][0] * 1e3:.1f} ms vs "
+        f"{times['trl_bfd'][0] * 1e3:.1f} ms)"
+    )
     return rows
 
 

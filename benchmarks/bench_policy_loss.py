@@ -74,9 +74,14 @@ def bench_one(B, T, device, reps, rows):
             if not (impl == "triton_interpreter" and B * T > INTERPRETER_MAX_TOKENS)
         }
         times = measure_impls(
-            rows, op="policy_loss", shape=shape, mode=mode, impls=impls, reps=reps,
+            rows,
+            op="policy_loss",
+            shape=shape,
+            mode=mode,
+            impls=impls,
+            reps=reps,
             baseline="torch",
-        )  # fmt: skip
+        )
         print(f"{mode:8s} {shape:14s} {summary(times)}")
 
 

@@ -57,8 +57,18 @@ def bench_shape(T, B, device, reps, rows, phase):
         for mode, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
             if phase == "memory":
                 mem = peak_memory(fn)
-                rows.append(dict(op="seq_reduce", impl=name, shape=shape, mode=mode,
-                                 metric="peak_mem_bytes", p50=mem, p20=mem, p80=mem))  # fmt: skip
+                rows.append(
+                    dict(
+                        op="seq_reduce",
+                        impl=name,
+                        shape=shape,
+                        mode=mode,
+                        metric="peak_mem_bytes",
+                        p50=mem,
+                        p20=mem,
+                        p80=mem,
+                    )
+                )
             else:
                 timed[f"{name}|{mode}"] = fn
     if phase == "memory":

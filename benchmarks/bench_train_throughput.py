@@ -27,13 +27,23 @@ from benchmarks._common import results_path, sync, time_interleaved, write_rows
 
 # GPU: Llama-3.2-1B-like (hidden 2048, 16 layers, GQA 32/8, vocab 128256): 1.24B parameters
 GPU_MODEL = dict(
-    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-)  # fmt: skip
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+)
 CPU_MODEL = dict(
-    hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=2048, max_position_embeddings=1024,
-)  # fmt: skip
+    hidden_size=128,
+    intermediate_size=344,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=2048,
+    max_position_embeddings=1024,
+)
 
 
 def _lengths(n: int, median: float, max_len: int, seed: int = 0) -> np.ndarray:
@@ -95,12 +105,21 @@ def packed_vs_padded(model, ps, samples, capacity: int, reps: int) -> list[dict]
     times = time_interleaved({"packed": run_packed, "padded": run_padded}, warmup=1, reps=reps)
     model.zero_grad(set_to_none=True)
     for impl, (p50, p20, p80) in times.items():
-        slots = sum(mb.num_tokens for mb in packed) if impl == "packed" else sum(
-            ids.numel() for ids, _ in padded
-        )  # fmt: skip
+        slots = (
+            sum(mb.num_tokens for mb in packed)
+            if impl == "packed"
+            else sum(ids.numel() for ids, _ in padded)
+        )
         base = dict(op="train_fwd_bwd", impl=impl, mode="fwd_bwd", shape=f"{len(samples)} samples")
-        rows.append({**base, "metric": "real_tokens_per_s", "p50": n_real / p50,
-                     "p20": n_real / p80, "p80": n_real / p20})  # fmt: skip
+        rows.append(
+            {
+                **base,
+                "metric": "real_tokens_per_s",
+                "p50": n_real / p50,
+                "p20": n_real / p80,
+                "p80": n_real / p20,
+            }
+        )
         rows.append({**base, "metric": "real_token_fraction", "p50": n_real / slots})
         print(f"{impl:7s} {n_real / p50:12.0f} real tokens/s  ({n_real / slots:.1%} of slots real)")
     return rows
@@ -114,8 +133,9 @@ def sft_steps(arch, ps, samples, capacity: int, steps: int, precision: str) -> l
     from nova_engine.train.sft import SFTStage
 
     gbs = max(1, len(samples) // (steps + 1))
-    batcher = StepBatcher(samples, global_batch_size=gbs, micro_batch_tokens=capacity, ps=ps,
-                          max_steps=steps + 1)  # fmt: skip
+    batcher = StepBatcher(
+        samples, global_batch_size=gbs, micro_batch_tokens=capacity, ps=ps, max_steps=steps + 1
+    )
     optim = OptimConfig(lr=1e-5, schedule="constant")
     trainer = make_trainer(arch, ps, optim=optim, total_steps=steps + 1, precision=precision)
     stage = SFTStage(ps)

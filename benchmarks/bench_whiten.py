@@ -45,9 +45,15 @@ def bench_one(B, T, device, reps, rows):
     }
     shape = f"B={B},T={T}"
     times = measure_impls(
-        rows, op="whiten", shape=shape, mode="fwd", impls=impls, reps=reps,
-        baseline="reference", bytes_moved=18 * B * T,
-    )  # fmt: skip
+        rows,
+        op="whiten",
+        shape=shape,
+        mode="fwd",
+        impls=impls,
+        reps=reps,
+        baseline="reference",
+        bytes_moved=18 * B * T,
+    )
     print(f"{shape:14s} {summary(times)}")
 
 

@@ -155,9 +155,21 @@ def _fwd_stats_kernel(
         col_ok = cols < v_end
         cols64 = cols.to(tl.int64)
         acc = _logits_tile(
-            h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, H, stride_h, stride_w,
-            BLOCK_N, BLOCK_V, BLOCK_K, CAST_FP32, DOT_PRECISION,
-        )  # fmt: skip
+            h_ptr,
+            w_ptr,
+            rows64,
+            row_ok,
+            cols64,
+            col_ok,
+            H,
+            stride_h,
+            stride_w,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_K,
+            CAST_FP32,
+            DOT_PRECISION,
+        )
         z = tl.where(col_ok[None, :], acc, -1.0e30)  # finite: no 0 * inf below
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
@@ -210,9 +222,21 @@ def _bwd_dlogits_kernel(
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
     acc = _logits_tile(
-        h_ptr, w_ptr, rows64, row_ok, cols64, col_ok, H, stride_h, stride_w,
-        BLOCK_N, BLOCK_V, BLOCK_K, CAST_FP32, DOT_PRECISION,
-    )  # fmt: skip
+        h_ptr,
+        w_ptr,
+        rows64,
+        row_ok,
+        cols64,
+        col_ok,
+        H,
+        stride_h,
+        stride_w,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_K,
+        CAST_FP32,
+        DOT_PRECISION,
+    )
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
@@ -279,9 +303,22 @@ def _triton_stats(h_NH, w_VpH, tgt_N, with_entropy):
     stats = empty(4, n_splits, N, device=h_NH.device, dtype=torch.float32)
     grid = lambda META: (triton.cdiv(N, META["BLOCK_N"]), n_splits)
     kernel[grid](
-        h_NH, w_VpH, tgt_N, stats[0], stats[1], stats[2], stats[3], N, H, Vp,
-        h_NH.stride(0), w_VpH.stride(0), WITH_ENTROPY=with_entropy, **_dot_flags(h_NH), **meta,
-    )  # fmt: skip
+        h_NH,
+        w_VpH,
+        tgt_N,
+        stats[0],
+        stats[1],
+        stats[2],
+        stats[3],
+        N,
+        H,
+        Vp,
+        h_NH.stride(0),
+        w_VpH.stride(0),
+        WITH_ENTROPY=with_entropy,
+        **_dot_flags(h_NH),
+        **meta,
+    )
     if not with_entropy:
         stats[2].zero_()
     return _merge(stats[0], stats[1], stats[2], stats[3])
@@ -294,10 +331,25 @@ def _triton_dlogits(h_nH, w_vH, tgt_n, col0, lse_n, mu_n, glp_n, gent_n, with_en
     kernel, meta = _kernel("bwd")
     grid = lambda META: (triton.cdiv(n_rows, META["BLOCK_N"]), triton.cdiv(n_cols, META["BLOCK_V"]))
     kernel[grid](
-        h_nH, w_vH, tgt_n, lse_n, mu_n, glp_n, gent_n, ws, n_rows, n_cols, col0, H,
-        h_nH.stride(0), w_vH.stride(0), ws.stride(0),
-        WITH_ENTROPY=with_entropy, **_dot_flags(h_nH), **meta,
-    )  # fmt: skip
+        h_nH,
+        w_vH,
+        tgt_n,
+        lse_n,
+        mu_n,
+        glp_n,
+        gent_n,
+        ws,
+        n_rows,
+        n_cols,
+        col0,
+        H,
+        h_nH.stride(0),
+        w_vH.stride(0),
+        ws.stride(0),
+        WITH_ENTROPY=with_entropy,
+        **_dot_flags(h_nH),
+        **meta,
+    )
     return ws
 
 
@@ -470,9 +522,18 @@ class LinearLogprobsFunction(torch.autograd.Function):
         use_ent = with_entropy and g_ent is not None
         gent = torch.where(valid, g_ent.to(lse.dtype), 0.0) if use_ent else None
         grad_h, grad_w = _grads(
-            h_NH, w_VpH, tgt_N, lse, mu if use_ent else None, glp, gent, use_ent, backend,
-            need_h, need_w,
-        )  # fmt: skip
+            h_NH,
+            w_VpH,
+            tgt_N,
+            lse,
+            mu if use_ent else None,
+            glp,
+            gent,
+            use_ent,
+            backend,
+            need_h,
+            need_w,
+        )
         if need_h:
             grad_h = _reduce_grad_hidden(grad_h.to(hidden.dtype), tp_group, tp, sp)
         return grad_h, grad_w, None, None, None, None, None, None

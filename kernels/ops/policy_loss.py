@@ -107,10 +107,26 @@ def _kl_value_grad(lp, ref, lr_clamp, val_clamp, KL_TYPE: tl.constexpr):
 
 @triton.jit
 def _token_terms(
-    lp_ptr, old_ptr, adv_ptr, m_ptr, rl_ptr, ref_ptr, offs, ok,
-    clip_low, clip_high, dual_c, tis_cap, kl_coef, lr_clamp, val_clamp,
-    HAS_DUAL: tl.constexpr, HAS_TIS: tl.constexpr, HAS_KL: tl.constexpr, KL_TYPE: tl.constexpr,
-):  # fmt: skip
+    lp_ptr,
+    old_ptr,
+    adv_ptr,
+    m_ptr,
+    rl_ptr,
+    ref_ptr,
+    offs,
+    ok,
+    clip_low,
+    clip_high,
+    dual_c,
+    tis_cap,
+    kl_coef,
+    lr_clamp,
+    val_clamp,
+    HAS_DUAL: tl.constexpr,
+    HAS_TIS: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    KL_TYPE: tl.constexpr,
+):
     """-> (loss, dloss/dlp, kl, mask, clipped, dual-clipped, -nk), each [BLOCK] fp32."""
     lp = tl.load(lp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     old = tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -161,22 +177,55 @@ def _row_span(cu_ptr, rid, c, T, BLOCK_T: tl.constexpr, PACKED: tl.constexpr):
 
 @triton.jit
 def _policy_loss_fwd_kernel(
-    lp_ptr, old_ptr, adv_ptr, m_ptr, rl_ptr, ref_ptr,  # [N] each (rl / ref when used)
+    lp_ptr,  # [N] current log-probs
+    old_ptr,  # [N] old log-probs
+    adv_ptr,  # [N] advantages
+    m_ptr,  # [N] mask (uint8)
+    rl_ptr,  # [N] rollout log-probs (read with HAS_TIS)
+    ref_ptr,  # [N] reference log-probs (read with HAS_KL)
     cu_ptr,  # [S+1] row offsets (packed only)
     part_ptr,  # [6, R, NC] fp32 out: per (row, chunk) partial sums
-    T, R, NC,
-    clip_low, clip_high, dual_c, tis_cap, kl_coef, lr_clamp, val_clamp,
-    HAS_DUAL: tl.constexpr, HAS_TIS: tl.constexpr, HAS_KL: tl.constexpr,
-    KL_TYPE: tl.constexpr, PACKED: tl.constexpr, BLOCK_T: tl.constexpr,
-):  # fmt: skip
+    T,
+    R,
+    NC,
+    clip_low,
+    clip_high,
+    dual_c,
+    tis_cap,
+    kl_coef,
+    lr_clamp,
+    val_clamp,
+    HAS_DUAL: tl.constexpr,
+    HAS_TIS: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    KL_TYPE: tl.constexpr,
+    PACKED: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     rid = tl.program_id(0)
     c = tl.program_id(1)
     offs, ok = _row_span(cu_ptr, rid, c, T, BLOCK_T, PACKED)
     loss, _, kl, m, clipped, lower, neg_nk = _token_terms(
-        lp_ptr, old_ptr, adv_ptr, m_ptr, rl_ptr, ref_ptr, offs, ok,
-        clip_low, clip_high, dual_c, tis_cap, kl_coef, lr_clamp, val_clamp,
-        HAS_DUAL, HAS_TIS, HAS_KL, KL_TYPE,
-    )  # fmt: skip
+        lp_ptr,
+        old_ptr,
+        adv_ptr,
+        m_ptr,
+        rl_ptr,
+        ref_ptr,
+        offs,
+        ok,
+        clip_low,
+        clip_high,
+        dual_c,
+        tis_cap,
+        kl_coef,
+        lr_clamp,
+        val_clamp,
+        HAS_DUAL,
+        HAS_TIS,
+        HAS_KL,
+        KL_TYPE,
+    )
     stride = R * NC
     base = part_ptr + rid * NC + c
     tl.store(base, tl.sum(tl.where(m != 0, loss, 0.0), 0))
@@ -189,24 +238,55 @@ def _policy_loss_fwd_kernel(
 
 @triton.jit
 def _policy_loss_bwd_kernel(
-    lp_ptr, old_ptr, adv_ptr, m_ptr, rl_ptr, ref_ptr,  # [N] each
+    lp_ptr,  # [N] current log-probs
+    old_ptr,  # [N] old log-probs
+    adv_ptr,  # [N] advantages
+    m_ptr,  # [N] mask (uint8)
+    rl_ptr,  # [N] rollout log-probs (read with HAS_TIS)
+    ref_ptr,  # [N] reference log-probs (read with HAS_KL)
     cu_ptr,  # [S+1] row offsets (packed only)
     go_ptr,  # [] grad of the loss
     roww_ptr,  # [R] fp32 aggregation weight of each row
     dlp_ptr,  # [N] out: grad of logprobs (logprobs' dtype)
     T,
-    clip_low, clip_high, dual_c, tis_cap, kl_coef, lr_clamp, val_clamp,
-    HAS_DUAL: tl.constexpr, HAS_TIS: tl.constexpr, HAS_KL: tl.constexpr,
-    KL_TYPE: tl.constexpr, PACKED: tl.constexpr, BLOCK_T: tl.constexpr,
-):  # fmt: skip
+    clip_low,
+    clip_high,
+    dual_c,
+    tis_cap,
+    kl_coef,
+    lr_clamp,
+    val_clamp,
+    HAS_DUAL: tl.constexpr,
+    HAS_TIS: tl.constexpr,
+    HAS_KL: tl.constexpr,
+    KL_TYPE: tl.constexpr,
+    PACKED: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     rid = tl.program_id(0)
     c = tl.program_id(1)
     offs, ok = _row_span(cu_ptr, rid, c, T, BLOCK_T, PACKED)
     _, dloss, _, m, _, _, _ = _token_terms(
-        lp_ptr, old_ptr, adv_ptr, m_ptr, rl_ptr, ref_ptr, offs, ok,
-        clip_low, clip_high, dual_c, tis_cap, kl_coef, lr_clamp, val_clamp,
-        HAS_DUAL, HAS_TIS, HAS_KL, KL_TYPE,
-    )  # fmt: skip
+        lp_ptr,
+        old_ptr,
+        adv_ptr,
+        m_ptr,
+        rl_ptr,
+        ref_ptr,
+        offs,
+        ok,
+        clip_low,
+        clip_high,
+        dual_c,
+        tis_cap,
+        kl_coef,
+        lr_clamp,
+        val_clamp,
+        HAS_DUAL,
+        HAS_TIS,
+        HAS_KL,
+        KL_TYPE,
+    )
     g = tl.load(go_ptr).to(tl.float32) * tl.load(roww_ptr + rid)
     d = tl.where(m != 0, dloss * g, 0.0)
     tl.store(dlp_ptr + offs, d.to(dlp_ptr.dtype.element_ty), mask=ok)
@@ -214,10 +294,15 @@ def _policy_loss_bwd_kernel(
 
 @triton.jit
 def _kl_fwd_kernel(
-    lp_ptr, ref_ptr,  # [N] each
+    lp_ptr,  # [N] log-probs
+    ref_ptr,  # [N] reference log-probs
     kl_ptr,  # [N] fp32 out
-    N, lr_clamp, val_clamp, KL_TYPE: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    N,
+    lr_clamp,
+    val_clamp,
+    KL_TYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     lp = tl.load(lp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -228,10 +313,16 @@ def _kl_fwd_kernel(
 
 @triton.jit
 def _kl_bwd_kernel(
-    lp_ptr, ref_ptr, gkl_ptr,  # [N] each: inputs and the grad of the kl output
+    lp_ptr,  # [N] log-probs
+    ref_ptr,  # [N] reference log-probs
+    gkl_ptr,  # [N] grad of the kl output
     dlp_ptr,  # [N] out: grad of logprobs (logprobs' dtype)
-    N, lr_clamp, val_clamp, KL_TYPE: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    N,
+    lr_clamp,
+    val_clamp,
+    KL_TYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     lp = tl.load(lp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
@@ -454,8 +545,13 @@ def policy_loss(
         raise ValueError(f"policy_loss: kl_type={kl_type!r}, expected one of {KL_TYPES}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"policy_loss: dual_clip must be > 1, got {dual_clip}")
-    for name, t in (("old_logprobs", old_logprobs), ("advantages", advantages), ("mask", mask),
-                    ("rollout_logprobs", rollout_logprobs), ("ref_logprobs", ref_logprobs)):  # fmt: skip
+    for name, t in (
+        ("old_logprobs", old_logprobs),
+        ("advantages", advantages),
+        ("mask", mask),
+        ("rollout_logprobs", rollout_logprobs),
+        ("ref_logprobs", ref_logprobs),
+    ):
         if t is not None and t.shape != logprobs.shape:
             raise ValueError(f"policy_loss: {name} {tuple(t.shape)} != {tuple(logprobs.shape)}")
     if cu_seqlens is None:

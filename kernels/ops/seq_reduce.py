@@ -102,9 +102,15 @@ def _fwd_triton(v_T, cu_B1, m_T, mean: bool):
     cnt = empty(B, device=v_T.device, dtype=torch.float32)
     if B > 0:
         _seq_reduce_fwd_kernel[(B,)](
-            v_T, m_T if m_T is not None else v_T, cu_B1, out, cnt,
-            MEAN=mean, HAS_MASK=m_T is not None, BLOCK=64 if interpreting() else 1024,
-        )  # fmt: skip
+            v_T,
+            m_T if m_T is not None else v_T,
+            cu_B1,
+            out,
+            cnt,
+            MEAN=mean,
+            HAS_MASK=m_T is not None,
+            BLOCK=64 if interpreting() else 1024,
+        )
     return out, cnt
 
 
@@ -115,9 +121,17 @@ def _bwd_triton(g_B, cnt_B, cu_B1, m_T, T, dtype, mean: bool):
     block = 256 if interpreting() else 1024
     if T > 0:
         _seq_reduce_bwd_kernel[(triton.cdiv(T, block),)](
-            seg, m_T if m_T is not None else seg, g_B.contiguous(), cnt_B, dv, T, B,
-            MEAN=mean, HAS_MASK=m_T is not None, BLOCK=block,
-        )  # fmt: skip
+            seg,
+            m_T if m_T is not None else seg,
+            g_B.contiguous(),
+            cnt_B,
+            dv,
+            T,
+            B,
+            MEAN=mean,
+            HAS_MASK=m_T is not None,
+            BLOCK=block,
+        )
     return dv
 
 

@@ -212,6 +212,13 @@ def apply_kl_penalty(
     if cfg.kl_in != "reward":
         return token_rewards.float(), torch.zeros_like(token_rewards, dtype=torch.float32)
     return nk.kl_penalty(
-        token_rewards, logprobs, ref_logprobs, mask, cfg.kl_coef, cfg.kl_type, backend=backend,
-        log_ratio_clamp=cfg.kl_log_ratio_clamp, value_clamp=cfg.kl_value_clamp,
-    )  # fmt: skip
+        token_rewards,
+        logprobs,
+        ref_logprobs,
+        mask,
+        cfg.kl_coef,
+        cfg.kl_type,
+        backend=backend,
+        log_ratio_clamp=cfg.kl_log_ratio_clamp,
+        value_clamp=cfg.kl_value_clamp,
+    )

@@ -77,6 +77,11 @@ def sft_loss_fused(
     g = torch.as_tensor(global_num_tokens, device=hidden.device, dtype=dtype)
     wts = (loss_mask != 0).to(dtype) * (dp_average_size / g.clamp_min(1.0))
     return linear_cross_entropy(
-        hidden, weight, labels, wts, tp_group=tp_group, ignore_index=ignore_index,
+        hidden,
+        weight,
+        labels,
+        wts,
+        tp_group=tp_group,
+        ignore_index=ignore_index,
         sequence_parallel=sequence_parallel,
-    )  # fmt: skip
+    )

@@ -154,9 +154,12 @@ def attach_score_head(
         raise ValueError("attach_score_head: only the last pipeline stage carries the head")
     ref = next(model.parameters())
     head = ScoreHead(
-        model.config.hidden_size, num_outputs, dtype=ref.dtype, device=ref.device,
+        model.config.hidden_size,
+        num_outputs,
+        dtype=ref.dtype,
+        device=ref.device,
         init_seed=init_seed,
-    )  # fmt: skip
+    )
     model.score = head
     return head
 

@@ -174,12 +174,26 @@ def _collection(
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     return ProcessGroupCollection(
-        tp=tp_group, pp=pp_group, mp=mp_group, embd=embd_group, pos_embd=pos_embd_group,
-        cp=cp_group, tp_cp=tp_group, hcp=[cp_group], ep=ep_group, expt_tp=tp_group,
-        tp_ep=tp_group, tp_ep_pp=mp_group, tp_dp_cp=world, dp=dp_group, dp_cp=dp_group,
-        expt_dp=dp_group, intra_dp_cp=dp_group, intra_expt_dp=dp_group,
+        tp=tp_group,
+        pp=pp_group,
+        mp=mp_group,
+        embd=embd_group,
+        pos_embd=pos_embd_group,
+        cp=cp_group,
+        tp_cp=tp_group,
+        hcp=[cp_group],
+        ep=ep_group,
+        expt_tp=tp_group,
+        tp_ep=tp_group,
+        tp_ep_pp=mp_group,
+        tp_dp_cp=world,
+        dp=dp_group,
+        dp_cp=dp_group,
+        expt_dp=dp_group,
+        intra_dp_cp=dp_group,
+        intra_expt_dp=dp_group,
         intra_dist_opt=world,
-    )  # fmt: skip
+    )
 
 
 def _mpu_collection(mpu) -> Any:
@@ -262,15 +276,35 @@ def new_parallel_state(
     on_gloo = dist.get_backend() == "gloo"
     device = torch.device("cpu") if on_gloo else torch.device("cuda", torch.cuda.current_device())
     state = ParallelState(
-        tp=tp, pp=pp, dp=dp, vpp=vpp, sp=sp, rank=me, world_size=world,
-        tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank,
-        tp_group=groups["tp"], pp_group=groups["pp"], dp_group=groups["dp"],
-        mp_group=groups["mp"], embd_group=groups["embd"], device=device, on_gloo=on_gloo,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        vpp=vpp,
+        sp=sp,
+        rank=me,
+        world_size=world,
+        tp_rank=tp_rank,
+        pp_rank=pp_rank,
+        dp_rank=dp_rank,
+        tp_group=groups["tp"],
+        pp_group=groups["pp"],
+        dp_group=groups["dp"],
+        mp_group=groups["mp"],
+        embd_group=groups["embd"],
+        device=device,
+        on_gloo=on_gloo,
         pg_collection=_collection(
-            groups["tp"], groups["pp"], groups["dp"], groups["mp"], groups["embd"],
-            groups["pos_embd"], groups["self"], groups["self"], world_group,
+            groups["tp"],
+            groups["pp"],
+            groups["dp"],
+            groups["mp"],
+            groups["embd"],
+            groups["pos_embd"],
+            groups["self"],
+            groups["self"],
+            world_group,
         ),
-    )  # fmt: skip
+    )
     log.info("extra parallel layout: %s", state.describe())
     return state
 

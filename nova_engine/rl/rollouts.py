@@ -89,8 +89,9 @@ class Rollouts:
             self.rewards = np.zeros(R, np.float32)
         for name in ("prompt_of", "group_ids", "rewards"):
             if getattr(self, name).shape != (R,):
-                raise ValueError(f"Rollouts.{name} has shape {getattr(self, name).shape}, "
-                                 f"expected ({R},)")  # fmt: skip
+                raise ValueError(
+                    f"Rollouts.{name} has shape {getattr(self, name).shape}, expected ({R},)"
+                )
         if R and (self.prompt_of.min() < 0 or self.prompt_of.max() >= len(self.prompts)):
             raise ValueError(f"Rollouts.prompt_of must index the {len(self.prompts)} prompts")
         for p, toks in enumerate(self.prompts):

@@ -131,8 +131,14 @@ def _records(path: str, on_bad_line: str, bad: ReadStats):
                 _bad(path, lineno, reason, "bad_json", on_bad_line, bad)
                 continue
             if not isinstance(obj, dict):
-                _bad(path, lineno, f"expected a JSON object per line, got {type(obj).__name__}",
-                     "not_object", on_bad_line, bad)  # fmt: skip
+                _bad(
+                    path,
+                    lineno,
+                    f"expected a JSON object per line, got {type(obj).__name__}",
+                    "not_object",
+                    on_bad_line,
+                    bad,
+                )
                 continue
             yield lineno, raw, obj
 
@@ -330,14 +336,16 @@ def _report(cfg, sets, stats, hits, gram_counts, out_dir, seconds) -> dict[str, 
         for k, line in enumerate(es.lines):
             e = es.first_id + k
             if e in hits.total:
-                items.append({
-                    "index": k,
-                    "line": line,
-                    "ngrams": int(gram_counts[e]),
-                    "excerpt": es.excerpts[k],
-                    "training_hits": hits.total[e],
-                    "hits": hits.listed[e],
-                })  # fmt: skip
+                items.append(
+                    {
+                        "index": k,
+                        "line": line,
+                        "ngrams": int(gram_counts[e]),
+                        "excerpt": es.excerpts[k],
+                        "training_hits": hits.total[e],
+                        "hits": hits.listed[e],
+                    }
+                )
         n_items = len(es.lines)
         eval_report[es.path] = {
             "items": n_items,
@@ -378,13 +386,17 @@ def format_table(report: dict[str, Any]) -> str:
     """The terminal summary of a report."""
     s = report["settings"]
     verb = "would remove" if s["report_only"] else "removed"
-    rows = [f"decontaminate: {s['ngram']}-grams, threshold {s['threshold']}, "
-            f"{report['seconds']:.1f} s" + (" (report only)" if s["report_only"] else "")]  # fmt: skip
+    rows = [
+        f"decontaminate: {s['ngram']}-grams, threshold {s['threshold']}, "
+        f"{report['seconds']:.1f} s" + (" (report only)" if s["report_only"] else "")
+    ]
     w = max([len(p) for p in [*report["train_files"], *report["eval_sets"]]] + [13])
     rows.append(f"{'training file':<{w}}  {'items':>10}  {'kept':>10}  {verb:>12}  {'bad':>5}")
     for path, t in report["train_files"].items():
-        rows.append(f"{path:<{w}}  {t['items']:>10,}  {t['kept']:>10,}  {t['removed']:>12,}  "
-                    f"{t['bad_lines_skipped']:>5,}")  # fmt: skip
+        rows.append(
+            f"{path:<{w}}  {t['items']:>10,}  {t['kept']:>10,}  {t['removed']:>12,}  "
+            f"{t['bad_lines_skipped']:>5,}"
+        )
     rows.append(f"{'eval set':<{w}}  {'items':>10}  {'contaminated':>12}  {'training hits':>13}")
     for path, e in report["eval_sets"].items():
         n_hits = sum(i["training_hits"] for i in e["contaminated_items"])
@@ -393,23 +405,37 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nova decontaminate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="nova decontaminate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--train", nargs="+", required=True, help="training JSONL files")
     p.add_argument("--eval", nargs="+", required=True, help="evaluation JSONL files")
     p.add_argument("--ngram", type=int, default=8, help="words per gram (default 8)")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="coverage of an eval item that marks a training item (default 0.5)")  # fmt: skip
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="coverage of an eval item that marks a training item (default 0.5)",
+    )
     p.add_argument("--out", help="directory for the cleaned files (one per training file)")
     p.add_argument("--report", help="JSON report path")
     p.add_argument("--report-only", action="store_true", help="write no cleaned files")
-    p.add_argument("--all-turns", action="store_true",
-                   help="every chat turn, not only the user turns")  # fmt: skip
-    p.add_argument("--eval-field", help="eval text field (default: prompt, question, problem, "
-                   "messages, the first present)")  # fmt: skip
+    p.add_argument(
+        "--all-turns", action="store_true", help="every chat turn, not only the user turns"
+    )
+    p.add_argument(
+        "--eval-field",
+        help="eval text field (default: prompt, question, problem, messages, the first present)",
+    )
     p.add_argument("--on-bad-line", choices=("error", "skip"), default="error")
-    p.add_argument("--max-hits", type=int, default=50,
-                   help="training hits listed per contaminated eval item (default 50)")  # fmt: skip
+    p.add_argument(
+        "--max-hits",
+        type=int,
+        default=50,
+        help="training hits listed per contaminated eval item (default 50)",
+    )
     return p
 
 

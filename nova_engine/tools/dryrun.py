@@ -121,15 +121,24 @@ def _fake_rank_state(rank: int, world: int, tp: int, pp: int, vpp: int, sp: bool
     )
     tensor_parallel.model_parallel_cuda_manual_seed(1234)  # the CPU RNG tracker (cpu_support)
     return ParallelState(
-        tp=tp, pp=pp, dp=world // (tp * pp), vpp=vpp if vpp > 1 else None, sp=sp, rank=rank,
-        world_size=world, tp_rank=mpu.get_tensor_model_parallel_rank(),
-        pp_rank=mpu.get_pipeline_model_parallel_rank(), dp_rank=mpu.get_data_parallel_rank(),
+        tp=tp,
+        pp=pp,
+        dp=world // (tp * pp),
+        vpp=vpp if vpp > 1 else None,
+        sp=sp,
+        rank=rank,
+        world_size=world,
+        tp_rank=mpu.get_tensor_model_parallel_rank(),
+        pp_rank=mpu.get_pipeline_model_parallel_rank(),
+        dp_rank=mpu.get_data_parallel_rank(),
         tp_group=mpu.get_tensor_model_parallel_group(),
         pp_group=mpu.get_pipeline_model_parallel_group(),
-        dp_group=mpu.get_data_parallel_group(), mp_group=mpu.get_model_parallel_group(),
+        dp_group=mpu.get_data_parallel_group(),
+        mp_group=mpu.get_model_parallel_group(),
         embd_group=mpu.get_embedding_group(check_initialized=False),
-        device=torch.device("meta"), on_gloo=False,
-    )  # fmt: skip
+        device=torch.device("meta"),
+        on_gloo=False,
+    )
 
 
 def _teardown() -> None:
@@ -251,8 +260,10 @@ def check(reports: list[RankReport], arch, run, stage: str) -> list[str]:
                     if (o.tp_rank, o.pp_rank) == (r.tp_rank, r.pp_rank)
                 )
                 if par.distributed_optimizer and shards != r.grad_buffer[head]:
-                    errors.append(f"{name} rank {r.rank}: optimizer shards {shards:,} != grad "
-                                  f"buffer {r.grad_buffer[head]:,}")  # fmt: skip
+                    errors.append(
+                        f"{name} rank {r.rank}: optimizer shards {shards:,} != grad "
+                        f"buffer {r.grad_buffer[head]:,}"
+                    )
     return errors
 
 
@@ -266,8 +277,9 @@ def format_reports(reports: list[RankReport], stage: str) -> str:
     for r in reports:
         cells = []
         for n in names:
-            cells.append(f"{r.params[n]:>17,} {r.grad_buffer.get(n, 0):>13,} "
-                         f"{r.optim_shard.get(n, 0):>13,}")  # fmt: skip
+            cells.append(
+                f"{r.params[n]:>17,} {r.grad_buffer.get(n, 0):>13,} {r.optim_shard.get(n, 0):>13,}"
+            )
         lines.append(f"{r.rank:>5} {r.tp_rank:>3} {r.pp_rank:>3} {r.dp_rank:>3} " + " ".join(cells))
     return "\n".join(lines)
 
@@ -291,13 +303,19 @@ def main(argv: list[str] | None = None) -> int:
     from nova_engine.tools import plan_terms as P
     from nova_engine.tools.plan import resolve
 
-    p = argparse.ArgumentParser(prog="nova dryrun", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="nova dryrun",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--recipe", required=True)
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides (parallel.pp=2)")
     p.add_argument("--stage", default="sft", choices=(*STAGES, "all"))
-    p.add_argument("--config", help="HF config.json (default: the recipe's model, else "
-                   "recipes/configs/<model name>/config.json)")  # fmt: skip
+    p.add_argument(
+        "--config",
+        help="HF config.json (default: the recipe's model, else "
+        "recipes/configs/<model name>/config.json)",
+    )
     p.add_argument("--world", type=int, help="GPUs (default: the recipe's torchrun command)")
     p.add_argument("--quiet", action="store_true", help="no per-rank table")
     args = p.parse_intermixed_args(argv)
@@ -332,17 +350,21 @@ def main(argv: list[str] | None = None) -> int:
         reports, secs = built[key]
         errors = check(reports, arch, run, stage)
         par = run.parallel
-        emit(f"== {args.recipe} [{stage}] {arch.family} {cfg_path}: TP{par.tp} PP{par.pp}"
-             f"{f' VP{par.vpp}' if par.vpp > 1 else ''} DP{world // (par.tp * par.pp)}"
-             f"{' SP' if par.sp else ''}, {world} ranks built on meta in {secs:.1f}s "
-             f"(models: {', '.join(groups[key])})")  # fmt: skip
+        emit(
+            f"== {args.recipe} [{stage}] {arch.family} {cfg_path}: TP{par.tp} PP{par.pp}"
+            f"{f' VP{par.vpp}' if par.vpp > 1 else ''} DP{world // (par.tp * par.pp)}"
+            f"{' SP' if par.sp else ''}, {world} ranks built on meta in {secs:.1f}s "
+            f"(models: {', '.join(groups[key])})"
+        )
         if not args.quiet:
             emit(format_reports(reports, stage))
         for name, head, _ in _engines(stage):
             total = P.model_params(arch, head)
             ok = not any(e.startswith((name + ":", name + " ")) for e in errors)
-            emit(f"{name}: {total / 1e9:.2f}B params ({total:,}); per-rank counts add up and "
-                 f"equal the planner's weights: {'OK' if ok else 'FAILED'}")  # fmt: skip
+            emit(
+                f"{name}: {total / 1e9:.2f}B params ({total:,}); per-rank counts add up and "
+                f"equal the planner's weights: {'OK' if ok else 'FAILED'}"
+            )
         for e in errors:
             emit(f"FAIL {e}", err=True)
         failed |= bool(errors)

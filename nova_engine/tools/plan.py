@@ -67,8 +67,13 @@ def find_config(recipe: str, hf_path: str, config: str | None) -> str:
     raise OSError(f"no config.json for {recipe}: tried {', '.join(tries)} (pass --config)")
 
 
-def resolve(recipe: str, stage: str, config: str | None, world: int | None,
-            overrides: list[str] | tuple[str, ...] = ()):  # fmt: skip
+def resolve(
+    recipe: str,
+    stage: str,
+    config: str | None,
+    world: int | None,
+    overrides: list[str] | tuple[str, ...] = (),
+):
     """(run config of the stage's section + overrides, ModelArch, config path, world size)."""
     import json
 
@@ -116,17 +121,30 @@ def workload(run, stage: str, lay: P.Layout, opt: Options) -> tuple[P.Workload, 
     m = max(1, math.ceil(tokens / (lay.dp * tr.micro_batch_tokens)))
     rows = opt.rollout_batch or max(1, tr.global_batch_size // lay.dp)
     wl = P.Workload(
-        stage=stage, micro_batch_tokens=tr.micro_batch_tokens, microbatches=m,
-        precision=tr.precision, mean_doc_len=mean, critic=opt.critic, rollout_batch=rows,
-        rollout_len=opt.rollout_len or 2 * d.max_length, reserve_gib=opt.reserve_gib,
-    )  # fmt: skip
+        stage=stage,
+        micro_batch_tokens=tr.micro_batch_tokens,
+        microbatches=m,
+        precision=tr.precision,
+        mean_doc_len=mean,
+        critic=opt.critic,
+        rollout_batch=rows,
+        rollout_len=opt.rollout_len or 2 * d.max_length,
+        reserve_gib=opt.reserve_gib,
+    )
     return wl, tokens
 
 
 def recipe_layout(run, world: int) -> P.Layout:
     par = run.parallel
-    return P.Layout(par.tp, par.pp, world // (par.tp * par.pp), par.vpp, par.sp,
-                    par.distributed_optimizer, run.train.recompute)  # fmt: skip
+    return P.Layout(
+        par.tp,
+        par.pp,
+        world // (par.tp * par.pp),
+        par.vpp,
+        par.sp,
+        par.distributed_optimizer,
+        run.train.recompute,
+    )
 
 
 @dataclasses.dataclass
@@ -145,8 +163,10 @@ class Evaluated:
         worst = max(self.stages, key=lambda s: s.total)
         top = sorted(worst.terms.items(), key=lambda kv: -kv[1])[:3]
         terms = ", ".join(f"{k} {v / P.GiB:.1f}" for k, v in top)
-        return (f"stage {worst.pp_rank} needs {worst.total / P.GiB:.1f} GiB > {gpu_mem_gib:g} "
-                f"GiB (largest: {terms})")  # fmt: skip
+        return (
+            f"stage {worst.pp_rank} needs {worst.total / P.GiB:.1f} GiB > {gpu_mem_gib:g} "
+            f"GiB (largest: {terms})"
+        )
 
 
 def evaluate(arch, run, stage: str, lay: P.Layout, opt: Options) -> Evaluated:
@@ -178,8 +198,10 @@ def candidate_layouts(arch, world: int, global_batch: int, max_tp: int = 8) -> l
 
 def rank_alternatives(arch, run, stage: str, world: int, opt: Options) -> list[Evaluated]:
     """Every candidate layout evaluated; fitting ones first, by projected step time."""
-    evs = [evaluate(arch, run, stage, lay, opt) for lay in candidate_layouts(
-        arch, world, run.train.global_batch_size)]  # fmt: skip
+    evs = [
+        evaluate(arch, run, stage, lay, opt)
+        for lay in candidate_layouts(arch, world, run.train.global_batch_size)
+    ]
 
     def key(e: Evaluated):
         return (not e.fits, e.time.seconds if e.time else e.peak, e.peak)
@@ -197,8 +219,9 @@ def format_memory(ev: Evaluated) -> str:
         names += [k for k in s.terms if k not in names]
     head = f"{'GiB per GPU':<38}" + "".join(f"{'stage ' + str(s.pp_rank):>9}" for s in ev.stages)
     rows = [head]
-    rows.append(f"{'params (this rank)':<38}" + "".join(
-        f"{s.params / 1e9:8.3f}B" for s in ev.stages))  # fmt: skip
+    rows.append(
+        f"{'params (this rank)':<38}" + "".join(f"{s.params / 1e9:8.3f}B" for s in ev.stages)
+    )
     for n in names:
         rows.append(f"{n:<38}" + "".join(_gib(s.terms.get(n, 0.0)) + " " for s in ev.stages))
     rows.append(f"{'total':<38}" + "".join(_gib(s.total) + " " for s in ev.stages))
@@ -208,20 +231,32 @@ def format_memory(ev: Evaluated) -> str:
 def format_time(t: P.StepTime | None, opt: Options) -> str:
     if t is None:
         return "projected throughput: n/a for rlvr (generation-bound; memory only)"
-    return (f"PROJECTED step {t.seconds:.2f} s, {t.tokens_per_s_gpu:,.0f} tokens/s/GPU, MFU "
-            f"{100 * t.mfu:.1f}% (FLOPs at {100 * opt.efficiency:.0f}% of "
-            f"{opt.peak / 1e12:.0f} TFLOP/s bf16, bubble {100 * t.bubble:.1f}%)")  # fmt: skip
+    return (
+        f"PROJECTED step {t.seconds:.2f} s, {t.tokens_per_s_gpu:,.0f} tokens/s/GPU, MFU "
+        f"{100 * t.mfu:.1f}% (FLOPs at {100 * opt.efficiency:.0f}% of "
+        f"{opt.peak / 1e12:.0f} TFLOP/s bf16, bubble {100 * t.bubble:.1f}%)"
+    )
 
 
 def format_alternatives(evs: list[Evaluated], opt: Options, top: int) -> str:
-    rows = [f"{'#':>3}  {'layout':<34} {'peak GiB':>9} {'fits':>5} {'step s':>8} "
-            f"{'tok/s/GPU':>10} {'MFU':>6} {'bubble':>7}"]  # fmt: skip
+    rows = [
+        f"{'#':>3}  {'layout':<34} {'peak GiB':>9} {'fits':>5} {'step s':>8} "
+        f"{'tok/s/GPU':>10} {'MFU':>6} {'bubble':>7}"
+    ]
     for i, e in enumerate(evs[:top], 1):
         t = e.time
-        tail = (f"{t.seconds:8.2f} {t.tokens_per_s_gpu:10,.0f} {100 * t.mfu:5.1f}% "
-                f"{100 * t.bubble:6.1f}%") if t else f"{'n/a':>8}"  # fmt: skip
-        rows.append(f"{i:>3}  {e.layout.describe():<34} {e.peak / P.GiB:9.1f} "
-                    f"{'yes' if e.fits else 'NO':>5} {tail}")  # fmt: skip
+        tail = (
+            (
+                f"{t.seconds:8.2f} {t.tokens_per_s_gpu:10,.0f} {100 * t.mfu:5.1f}% "
+                f"{100 * t.bubble:6.1f}%"
+            )
+            if t
+            else f"{'n/a':>8}"
+        )
+        rows.append(
+            f"{i:>3}  {e.layout.describe():<34} {e.peak / P.GiB:9.1f} "
+            f"{'yes' if e.fits else 'NO':>5} {tail}"
+        )
     return "\n".join(rows)
 
 
@@ -229,18 +264,24 @@ def main(argv: list[str] | None = None) -> int:
     from nova_engine.config import ConfigError
     from nova_engine.model.arch import ArchitectureError
 
-    p = argparse.ArgumentParser(prog="nova plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="nova plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--recipe", required=True)
     p.add_argument("overrides", nargs="*", help="key=value recipe overrides (parallel.pp=2)")
     p.add_argument("--stage", default="sft", choices=P.STAGE_KINDS)
     p.add_argument("--config", help="HF config.json or model directory")
     p.add_argument("--world", type=int, help="GPUs (default: the recipe's torchrun comment)")
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
-    p.add_argument("--mean-len", type=float, help="mean tokens per sequence (default: "
-                   "data.max_length / 2)")  # fmt: skip
-    p.add_argument("--efficiency", type=float, default=P.DEFAULT_EFFICIENCY,
-                   help="fraction of bf16 peak for the projection (default 0.40)")  # fmt: skip
+    p.add_argument(
+        "--mean-len", type=float, help="mean tokens per sequence (default: data.max_length / 2)"
+    )
+    p.add_argument(
+        "--efficiency",
+        type=float,
+        default=P.DEFAULT_EFFICIENCY,
+        help="fraction of bf16 peak for the projection (default 0.40)",
+    )
     p.add_argument(
         "--rollout-batch", type=int, help="rlvr: sequences generated at once per DP rank"
     )
@@ -256,8 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.efficiency <= 1:
         emit("nova plan: --efficiency must be in (0, 1]", err=True)
         return 2
-    opt = Options(args.gpu_mem, args.mean_len, args.efficiency, P.H100_BF16_PEAK,
-                  args.rollout_batch, args.rollout_len, not args.no_critic, args.reserve)  # fmt: skip
+    opt = Options(
+        args.gpu_mem,
+        args.mean_len,
+        args.efficiency,
+        P.H100_BF16_PEAK,
+        args.rollout_batch,
+        args.rollout_len,
+        not args.no_critic,
+        args.reserve,
+    )
     try:
         run, arch, cfg, world = resolve(
             args.recipe, args.stage, args.config, args.world, args.overrides
@@ -270,12 +319,16 @@ def main(argv: list[str] | None = None) -> int:
     lay = recipe_layout(run, world)
     ev = evaluate(arch, run, args.stage, lay, opt)
     wl, tokens = workload(run, args.stage, lay, opt)
-    emit(f"nova plan: {args.recipe} [{args.stage}], {arch.family} from {cfg}: "
-         f"{arch.num_params / 1e9:.2f}B params, {world} GPUs of {args.gpu_mem:g} GiB")  # fmt: skip
-    emit(f"layout {lay.describe()}, {'distributed' if lay.distributed_optimizer else 'replicated'}"
-         f" optimizer, {run.train.precision}; micro-batch {wl.micro_batch_tokens} tokens, "
-         f"m={wl.microbatches} per DP rank per step ({tokens:,.0f} tokens/step at mean length "
-         f"{wl.mean_doc_len:g})")  # fmt: skip
+    emit(
+        f"nova plan: {args.recipe} [{args.stage}], {arch.family} from {cfg}: "
+        f"{arch.num_params / 1e9:.2f}B params, {world} GPUs of {args.gpu_mem:g} GiB"
+    )
+    emit(
+        f"layout {lay.describe()}, {'distributed' if lay.distributed_optimizer else 'replicated'}"
+        f" optimizer, {run.train.precision}; micro-batch {wl.micro_batch_tokens} tokens, "
+        f"m={wl.microbatches} per DP rank per step ({tokens:,.0f} tokens/step at mean length "
+        f"{wl.mean_doc_len:g})"
+    )
     if args.stage != run.stage:
         emit(
             f"(no {args.stage} section in the recipe: layout and batch of its {run.stage} section)"
@@ -290,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     if not ev.fits:
         good = [e for e in alts if e.fits]
         if good:
-            emit(f"a layout that fits: {good[0].layout.describe()} "
-                 f"({good[0].peak / P.GiB:.1f} GiB peak)")  # fmt: skip
+            emit(
+                f"a layout that fits: {good[0].layout.describe()} "
+                f"({good[0].peak / P.GiB:.1f} GiB peak)"
+            )
         else:
             emit(f"no layout of {world} GPUs fits {args.gpu_mem:g} GiB: use more GPUs")
     return 0 if ev.fits else 1

@@ -172,8 +172,9 @@ def layers_of_chunk(arch: ModelArch, lay: Layout) -> int:
     return arch.num_layers // (lay.pp * lay.vpp)
 
 
-def stage_params(arch: ModelArch, lay: Layout, pp_rank: int, head: str = "lm",
-                 num_labels: int = 1) -> dict[str, int]:  # fmt: skip
+def stage_params(
+    arch: ModelArch, lay: Layout, pp_rank: int, head: str = "lm", num_labels: int = 1
+) -> dict[str, int]:
     """Parameters held by one rank (any TP rank) of pipeline stage `pp_rank`, by part.
 
     head: "lm" (the LM head, or the tied embedding's copy on the last stage when pp > 1) or
@@ -194,8 +195,9 @@ def stage_params(arch: ModelArch, lay: Layout, pp_rank: int, head: str = "lm",
     return out
 
 
-def replicated_params(arch: ModelArch, lay: Layout, pp_rank: int, head: str = "lm",
-                      num_labels: int = 1) -> int:  # fmt: skip
+def replicated_params(
+    arch: ModelArch, lay: Layout, pp_rank: int, head: str = "lm", num_labels: int = 1
+) -> int:
     """The part of `stage_params` that every TP rank holds whole (norms, a score head)."""
     n = (arch.num_layers // lay.pp) * layer_params(arch, lay.tp)[1]
     if pp_rank == lay.pp - 1:
@@ -270,8 +272,11 @@ class RankMemory:
 
 def _static(params: int, lay: Layout, b: int, prefix: str = "") -> dict[str, float]:
     opt = (12 if b == 2 else 8) * params / (lay.dp if lay.distributed_optimizer else 1)
-    return {f"{prefix}weights": params * b, f"{prefix}grads (fp32)": params * 4.0,
-            f"{prefix}optimizer": opt}  # fmt: skip
+    return {
+        f"{prefix}weights": params * b,
+        f"{prefix}grads (fp32)": params * 4.0,
+        f"{prefix}optimizer": opt,
+    }
 
 
 def _loss_terms(arch: ModelArch, lay: Layout, wl: Workload) -> tuple[dict, float]:
@@ -380,8 +385,14 @@ class StepTime:
     bubble: float
 
 
-def step_time(arch: ModelArch, lay: Layout, wl: Workload, tokens_per_step: float,
-              peak: float = H100_BF16_PEAK, efficiency: float = DEFAULT_EFFICIENCY) -> StepTime:  # fmt: skip
+def step_time(
+    arch: ModelArch,
+    lay: Layout,
+    wl: Workload,
+    tokens_per_step: float,
+    peak: float = H100_BF16_PEAK,
+    efficiency: float = DEFAULT_EFFICIENCY,
+) -> StepTime:
     """Projected optimizer-step time of `tokens_per_step` tokens (all DP ranks)."""
     model, hw = flops_per_token(arch, wl, lay.recompute)
     bubble = (lay.pp - 1) / (wl.microbatches * lay.vpp)

@@ -201,6 +201,7 @@ def dist_results(tmp_path_factory):
     return root, run_distributed(_dist_checks, 3, root)
 
 
+@pytest.mark.slow  # spawned process group
 def test_multi_rank_shards(dist_results):
     root, results = dist_results
     final = checkpoint_dir_for(root, 3)

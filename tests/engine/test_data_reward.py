@@ -26,10 +26,21 @@ U = {"role": "user", "content": "What is two plus two?"}
 A4 = {"role": "assistant", "content": "4"}
 A5 = {"role": "assistant", "content": "5"}
 
-HS2 = {"prompt": "What is two plus two?", "response": "4", "helpfulness": 4, "correctness": 4,
-       "coherence": 4, "complexity": 0, "verbosity": 1}  # fmt: skip
-PREF = {"prompt": "What is two plus two?", "response_1": "5", "response_2": "4",
-        "preference_strength": 2}  # fmt: skip
+HS2 = {
+    "prompt": "What is two plus two?",
+    "response": "4",
+    "helpfulness": 4,
+    "correctness": 4,
+    "coherence": 4,
+    "complexity": 0,
+    "verbosity": 1,
+}
+PREF = {
+    "prompt": "What is two plus two?",
+    "response_1": "5",
+    "response_2": "4",
+    "preference_strength": 2,
+}
 RB = {"prompt": "What is two plus two?", "chosen": "4", "rejected": "5", "subset": "math-prm"}
 
 
@@ -114,8 +125,9 @@ def test_helpsteer2_scores_and_missing(tmp_path):
     # a custom attribute subset and range
     recs, _ = read_attribute_jsonl(
         _write(tmp_path, [{"prompt": "p", "response": "r", "score": 7.5}], "c.jsonl"),
-        attributes=("score",), score_range=(0, 10),
-    )  # fmt: skip
+        attributes=("score",),
+        score_range=(0, 10),
+    )
     assert recs[0].scores == (7.5,)
 
 
@@ -131,8 +143,11 @@ def test_hs2_preference_sign_ties_and_mixed_layouts(tmp_path):
     assert stats.ties == 1 and stats.n_ok == 4 and stats.n_skipped == 0
     assert [r.index for r in recs] == [0, 1, 2, 3]
     assert [(r.chosen[0]["content"], r.rejected[0]["content"], r.margin) for r in recs] == [
-        ("5", "4", 3.0), ("4", "5", 2.0), ("4", "5", 1.5), ("4", "5", 1.0),
-    ]  # fmt: skip
+        ("5", "4", 3.0),
+        ("4", "5", 2.0),
+        ("4", "5", 1.5),
+        ("4", "5", 1.0),
+    ]
     assert all(r.prompt == [U] for r in recs)
     # ties add up across files
     _, s2 = read_reward_pairs(

@@ -61,8 +61,10 @@ def test_init_is_seeded_and_replicated():
 def test_score_weight_from_a_hf_directory(tmp_path):
     assert SCORE_PARAM == HF_NAMES[SCORE_PARAM] == "score.weight"
     w = torch.randn(3, 16)
-    save_file({"score.weight": w, "model.norm.weight": torch.ones(16)},
-              str(tmp_path / "model.safetensors"))  # fmt: skip
+    save_file(
+        {"score.weight": w, "model.norm.weight": torch.ones(16)},
+        str(tmp_path / "model.safetensors"),
+    )
     head = ScoreHead(16, 3)
     assert load_score_weight(head, str(tmp_path)) and torch.equal(head.weight.data, w)
     wrong = ScoreHead(16, 2)

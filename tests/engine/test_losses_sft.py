@@ -121,6 +121,7 @@ def dp_results():
     return run_distributed(_dp_worker, 2)
 
 
+@pytest.mark.slow  # spawned process group
 def test_dp2_gloo_equals_full_batch(dp_results):
     want_loss, want_grad, n_tokens = _full_batch_mean_grad()
     for res in dp_results:

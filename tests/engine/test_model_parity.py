@@ -16,6 +16,8 @@ import torch
 from nova_engine.model.tiny import build_tiny_hf_model
 from nova_engine.parallel.spawn import run_distributed
 
+pytestmark = pytest.mark.slow  # one spawned group of 4 ranks runs every layout
+
 WORLD = 4
 B, S, V = 4, 24, 1000
 # (tp, pp, vpp, sp)

@@ -271,6 +271,7 @@ def proof(tmp_path_factory):
     return cases, run_distributed(_worker, 4, d, cases)
 
 
+@pytest.mark.slow  # spawned process group
 @pytest.mark.parametrize("case", ["samples", "pairs"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
 def test_packed_logits_equal_alone(proof, case, layout):
@@ -292,6 +293,7 @@ def test_packed_logits_equal_alone(proof, case, layout):
     assert checked >= len(samples)
 
 
+@pytest.mark.slow  # spawned process group
 @pytest.mark.parametrize("case", ["samples", "pairs"])
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
 def test_packed_grads_equal_alone(proof, case, layout):
@@ -308,6 +310,7 @@ def test_packed_grads_equal_alone(proof, case, layout):
             assert ref.abs().max() > 0, f"{name}: zero gradient proves nothing"
 
 
+@pytest.mark.slow  # spawned process group
 def test_positions_restart_per_sample(proof):
     cases, _ = proof
     packed, samples = cases["samples"]

@@ -88,6 +88,7 @@ REFERENCES = {
     "bfd": ref_best_fit_decreasing,
 }
 
+
 def ref_packed_batch(samples, pad_to_multiple=1, pad_id=0):
     """Token-by-token construction of a PackedBatch's fields."""
     tokens, pos, labels, mask, seq_index, cu = [], [], [], [], [], [0]

@@ -47,8 +47,13 @@ def _fixture_file(tmp_path):
     path = tmp_path / "rb.jsonl"
     with open(path, "w") as f:
         for i, (subset, _, _) in enumerate(FIXTURE):
-            row = {"id": i, "prompt": f"question {i}", "chosen": "good", "rejected": "bad",
-                   "subset": subset}  # fmt: skip
+            row = {
+                "id": i,
+                "prompt": f"question {i}",
+                "chosen": "good",
+                "rejected": "bad",
+                "subset": subset,
+            }
             f.write(json.dumps(row) + "\n")
     return str(path)
 

@@ -165,10 +165,21 @@ def test_ppo_is_the_kernel(backend):
     loss.backward()
     y = lp.clone().requires_grad_(True)
     exp_loss, exp_metrics = nk.policy_loss(
-        y, old, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0, rollout_logprobs=rl,
-        tis_cap=2.0, ref_logprobs=ref, kl_coef=0.05, kl_type="k3", agg="seq-mean-token-mean",
+        y,
+        old,
+        adv,
+        mask,
+        clip_low=0.2,
+        clip_high=0.28,
+        dual_clip=3.0,
+        rollout_logprobs=rl,
+        tis_cap=2.0,
+        ref_logprobs=ref,
+        kl_coef=0.05,
+        kl_type="k3",
+        agg="seq-mean-token-mean",
         backend="torch",
-    )  # fmt: skip
+    )
     exp_loss.backward()
     assert_verbose_allclose(loss, exp_loss, rtol=1e-5, atol=1e-6)
     assert_verbose_allclose(x.grad, y.grad, rtol=1e-5, atol=1e-6)

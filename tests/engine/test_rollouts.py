@@ -95,8 +95,9 @@ def test_rewards_advantages_and_ppo_layout():
     torch.testing.assert_close(adv, ref, rtol=1e-6, atol=1e-6)
     assert degenerate.tolist() == ref_deg.tolist() == [False, False, True]
     # the empty response counted in group 0's mean: (10 + 0 + 0) / 3
-    assert math.isclose(float(adv[0]) * (float(np.std([10, 0, 0], ddof=1)) + 1e-6), 10 - 10 / 3,
-                        rel_tol=1e-5)  # fmt: skip
+    assert math.isclose(
+        float(adv[0]) * (float(np.std([10, 0, 0], ddof=1)) + 1e-6), 10 - 10 / 3, rel_tol=1e-5
+    )
 
     kl_coef = 0.05
     mbs = ro.pack(capacity=64)
@@ -125,8 +126,9 @@ def test_rewards_advantages_and_ppo_layout():
                 run = float(r_tok[j]) + 0.9 * nxt - float(values[j]) + 0.9 * 0.8 * run
                 nxt = float(values[j])
                 expect.append(run)
-            torch.testing.assert_close(gae_adv[resp], torch.tensor(expect[::-1]), rtol=1e-5,
-                                       atol=1e-5)  # fmt: skip
+            torch.testing.assert_close(
+                gae_adv[resp], torch.tensor(expect[::-1]), rtol=1e-5, atol=1e-5
+            )
             torch.testing.assert_close(gae_ret[resp], gae_adv[resp] + values[resp])
         off = b.loss_mask == 0
         for t in (tok_adv, r_tok, gae_adv, gae_ret):
@@ -196,13 +198,15 @@ def dp_results():
     return run_distributed(_dp_worker, 2)
 
 
+@pytest.mark.slow  # spawned process group
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_group_advantages_over_dp_equal_one_process(dp_results, estimator):
     import nova_kernels as nk
 
     scores, ids, _, _ = _global_data()
-    ref, ref_deg = nk.group_advantages(scores, ids, estimator=estimator, num_groups=G,
-                                       backend="torch")  # fmt: skip
+    ref, ref_deg = nk.group_advantages(
+        scores, ids, estimator=estimator, num_groups=G, backend="torch"
+    )
     local, local_deg = group_advantages_dp(scores, ids, G, estimator=estimator)
     got = torch.cat([dp_results[0][estimator][0], dp_results[1][estimator][0]])
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
@@ -215,6 +219,7 @@ def test_group_advantages_over_dp_equal_one_process(dp_results, estimator):
     assert not torch.allclose(alone, ref[:10])
 
 
+@pytest.mark.slow  # spawned process group
 def test_group_stats_and_whitening_over_dp(dp_results):
     import nova_kernels as nk
 
@@ -226,8 +231,7 @@ def test_group_stats_and_whitening_over_dp(dp_results):
         if members.numel():
             assert math.isclose(float(st.mean[g]), float(members.mean()), rel_tol=1e-6)
         if members.numel() > 1:
-            assert math.isclose(float(st.std[g]), float(members.std()), rel_tol=1e-5,
-                                abs_tol=1e-6)  # fmt: skip
+            assert math.isclose(float(st.std[g]), float(members.std()), rel_tol=1e-5, abs_tol=1e-6)
     for key, shift in (("whiten", True), ("whiten_keep_mean", False)):
         ref = nk.whiten(values, mask, shift_mean=shift, backend="torch")
         got = torch.cat([dp_results[0][key], dp_results[1][key]])

@@ -62,11 +62,18 @@ def test_bad_data_line_stops_the_run_naming_file_and_line(tmp_path, capsys):
     )
     bad = tmp_path / "train.jsonl"
     bad.write_text(good + "\n" + '{"messages": [\n' + good + "\n")
-    rc = train_main.main([
-        "sft", "--recipe", RECIPE, f"model.hf_path={tmp_path / 'model'}",
-        f"model.tokenizer_path={tmp_path / 'tok'}", f"data.train_paths=[{bad}]",
-        "data.eval_paths=[]", f"train.out_dir={tmp_path / 'out'}",
-    ])  # fmt: skip
+    rc = train_main.main(
+        [
+            "sft",
+            "--recipe",
+            RECIPE,
+            f"model.hf_path={tmp_path / 'model'}",
+            f"model.tokenizer_path={tmp_path / 'tok'}",
+            f"data.train_paths=[{bad}]",
+            "data.eval_paths=[]",
+            f"train.out_dir={tmp_path / 'out'}",
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert f"{bad}:2:" in err and "DataError" in err
@@ -87,16 +94,33 @@ def test_dpo_entry_point_evaluates_held_out_pairs(tmp_path):
     held = write_task(tmp_path / "held", n_sft=2, n_pref=8, n_eval=2, seed=2)["pref"]
     model = tmp_path / "model"
     build_tiny_hf_model(
-        str(model), "llama", vocab_size=len(load_tokenizer(tok)), hidden_size=64,
-        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
+        str(model),
+        "llama",
+        vocab_size=len(load_tokenizer(tok)),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     out = tmp_path / "out"
-    rc = train_main.main([
-        "dpo", "--recipe", RECIPE, f"model.hf_path={model}", f"model.tokenizer_path={tok}",
-        f"data.train_paths=[{train}]", f"data.eval_paths=[{held}]", "train.global_batch_size=8",
-        "train.max_steps=2", "train.eval_every=2", f"train.out_dir={out}",
-        "train.tensorboard=false", "checkpoint.resume=none",
-    ])  # fmt: skip
+    rc = train_main.main(
+        [
+            "dpo",
+            "--recipe",
+            RECIPE,
+            f"model.hf_path={model}",
+            f"model.tokenizer_path={tok}",
+            f"data.train_paths=[{train}]",
+            f"data.eval_paths=[{held}]",
+            "train.global_batch_size=8",
+            "train.max_steps=2",
+            "train.eval_every=2",
+            f"train.out_dir={out}",
+            "train.tensorboard=false",
+            "checkpoint.resume=none",
+        ]
+    )
     assert rc == 0
     assert len([f for f in os.listdir(out / "ref_cache") if f.endswith(".npz")]) == 2
     evals = [

@@ -23,6 +23,8 @@ import pytest
 
 from nova_engine.parallel.spawn import run_distributed
 
+pytestmark = pytest.mark.slow  # a spawned group of 4 ranks, whole training runs
+
 WORLD = 4
 STEPS = 4
 GBS = 16  # the whole data set each step: the loss on it must go down

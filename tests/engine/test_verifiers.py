@@ -116,9 +116,22 @@ def test_arithmetic_exact_number():
 
 # ---------------------------------------------------------------------------------- IFEval
 
-TULU_KEYS = ("N", "quantifier", "end_phrase", "keyword_list", "word", "forbidden_words",
-             "letter", "i", "first_word", "postscript_marker", "options", "section_splitter",
-             "original_prompt", "language")  # fmt: skip
+TULU_KEYS = (
+    "N",
+    "quantifier",
+    "end_phrase",
+    "keyword_list",
+    "word",
+    "forbidden_words",
+    "letter",
+    "i",
+    "first_word",
+    "postscript_marker",
+    "options",
+    "section_splitter",
+    "original_prompt",
+    "language",
+)
 
 
 def tulu_gt(func, **kwargs) -> str:

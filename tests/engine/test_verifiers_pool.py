@@ -60,8 +60,14 @@ def test_mixed_batch_in_order(pool):
     ]
     res = pool.verify_batch(items)
     assert [r.kind for r in res] == [
-        "correct", "correct", "correct", "wrong", "wrong", "correct", "no_answer",
-    ]  # fmt: skip
+        "correct",
+        "correct",
+        "correct",
+        "wrong",
+        "wrong",
+        "correct",
+        "no_answer",
+    ]
     assert pool.last_counts == {"correct": 4, "wrong": 2, "no_answer": 1}
 
 

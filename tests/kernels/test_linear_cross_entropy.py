@@ -81,6 +81,7 @@ def tp_results():
     return run_distributed(_tp_worker, 2)
 
 
+@pytest.mark.slow  # spawned process group
 @pytest.mark.parametrize("sp", [False, True])
 def test_tp2_equals_tp1(tp_results, sp):
     hidden, weight, targets, g_lp, _ = _inputs(N_TP, H_TP, V_TP, torch.float32, seed=7)

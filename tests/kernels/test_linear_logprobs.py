@@ -132,8 +132,9 @@ def test_entropy_at_large_logits_within_torch_error(backend, max_logit):
     weight = max_logit - torch.empty(v, h).uniform_(3.0, 30.0, generator=g)
     weight[torch.randint(0, v, (h,), generator=g), torch.arange(h)] = max_logit
     targets = torch.randint(0, v, (n,), generator=g)
-    _, ent = linear_logprobs(hidden, weight, targets, ignore_index=IGNORE, return_entropy=True,
-                             backend=backend)  # fmt: skip
+    _, ent = linear_logprobs(
+        hidden, weight, targets, ignore_index=IGNORE, return_entropy=True, backend=backend
+    )
     _, ent64 = linear_logprobs_reference(hidden, weight, targets, IGNORE, True, torch.float64)
     _, ent32 = linear_logprobs_reference(hidden, weight, targets, IGNORE, True, torch.float32)
     err = (ent.double() - ent64).abs().max().item()
@@ -177,9 +178,14 @@ def _tp_runs(rank, world):
         h = h.requires_grad_()
         w = weight[rank * vp : (rank + 1) * vp].clone().requires_grad_()
         lp, ent = linear_logprobs(
-            h, w, targets, tp_group=group, return_entropy=True, sequence_parallel=sp,
+            h,
+            w,
+            targets,
+            tp_group=group,
+            return_entropy=True,
+            sequence_parallel=sp,
             backend=backend,
-        )  # fmt: skip
+        )
         ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
         out[(backend, sp)] = (lp.detach(), ent.detach(), h.grad, w.grad)
     return out
@@ -190,6 +196,7 @@ def tp_results():
     return run_distributed(_tp_worker, 2)
 
 
+@pytest.mark.slow  # spawned process group
 def test_tp2_equals_tp1(tp_results):
     hidden, weight, targets, g_lp, g_ent = _inputs(N_TP, H_TP, V_TP, torch.float32, seed=7)
     valid = targets[targets != IGNORE]

@@ -73,9 +73,12 @@ def run_and_compare(backend, inputs, rows, cfg, cu=None, lp_dtype=torch.float32,
             continue
         assert abs(float(metrics[k]) - v) <= 1e-5 * (1 + abs(v)), (k, float(metrics[k]), v)
     assert_verbose_allclose(
-        metrics["pg_loss"], loss.detach() - cfg.get("kl_coef", 0.0) * metrics.get("kl_loss", 0.0),
-        rtol=1e-6, atol=1e-6, name="pg_loss",
-    )  # fmt: skip
+        metrics["pg_loss"],
+        loss.detach() - cfg.get("kl_coef", 0.0) * metrics.get("kl_loss", 0.0),
+        rtol=1e-6,
+        atol=1e-6,
+        name="pg_loss",
+    )
 
 
 # --- tests --------------------------------------------------------------------------------
@@ -146,9 +149,17 @@ def test_policy_loss_torch_gradcheck_float64():
 
     def f(x):
         return policy_loss(
-            x, old, adv, mask, rollout_logprobs=rl, ref_logprobs=ref, kl_coef=0.2,
-            agg="seq-mean-token-mean", backend="torch", **{"clip_high": 0.3},
-        )[0]  # fmt: skip
+            x,
+            old,
+            adv,
+            mask,
+            rollout_logprobs=rl,
+            ref_logprobs=ref,
+            kl_coef=0.2,
+            agg="seq-mean-token-mean",
+            backend="torch",
+            **{"clip_high": 0.3},
+        )[0]
 
     assert torch.autograd.gradcheck(f, (lp.clone().requires_grad_(True),))
 

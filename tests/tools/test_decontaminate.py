@@ -280,8 +280,11 @@ def test_several_files_and_threshold_one(tmp_path):
     assert (tmp_path / "out/a.jsonl").read_text() == json.dumps({"prompt": edited}) + "\n"
     assert (tmp_path / "out/b.jsonl").read_text() == '{"question": "hello"}\n'
     assert report["totals"] == {
-        "eval_items": 7, "eval_contaminated": 3, "train_items": 4, "train_removed": 2
-    }  # fmt: skip
+        "eval_items": 7,
+        "eval_contaminated": 3,
+        "train_items": 4,
+        "train_removed": 2,
+    }
 
 
 def test_bad_lines(tmp_path, capsys):
@@ -326,5 +329,8 @@ def test_user_errors(tmp_path, capsys):
     assert main([*base, "--out", str(tmp_path / "o"), "--threshold", "0"]) == 2
     assert "threshold" in capsys.readouterr().err
     assert main(base) == 2  # neither --out nor --report-only
-    assert main(["--train", str(tmp_path / "missing.jsonl"), "--eval", str(ev_path), "--report-only"]) == 2  # fmt: skip
+    assert (
+        main(["--train", str(tmp_path / "missing.jsonl"), "--eval", str(ev_path), "--report-only"])
+        == 2
+    )
     assert "no such file" in capsys.readouterr().err

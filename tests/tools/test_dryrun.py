@@ -16,6 +16,8 @@ from nova_engine.model.arch import arch_from_hf_config
 from nova_engine.tools import dryrun
 from nova_engine.tools import plan_terms as P
 
+pytestmark = pytest.mark.slow  # a subprocess per 70B recipe, every rank built on meta
+
 RECIPES = {"llama3_70b": "70.55B", "qwen2_72b": "72.71B"}
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,7 +41,7 @@ def runs():
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for name in RECIPES
     }
     return {name: (p.wait(timeout=600), *p.communicate()) for name, p in procs.items()}
@@ -60,11 +62,18 @@ def test_every_rank_of_every_stage_adds_up(runs, name):
 
 
 def _tiny_arch():
-    return arch_from_hf_config({
-        "architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "vocab_size": 512, "tie_word_embeddings": True,
-    })  # fmt: skip
+    return arch_from_hf_config(
+        {
+            "architectures": ["Qwen2ForCausalLM"],
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 512,
+            "tie_word_embeddings": True,
+        }
+    )
 
 
 def _reports(arch, lay: P.Layout) -> list[dryrun.RankReport]:

@@ -49,11 +49,16 @@ LAYOUTS = [
 def tiny_config(family: str) -> dict:
     arch = "LlamaForCausalLM" if family == "llama" else "Qwen2ForCausalLM"
     return {
-        "architectures": [arch], "hidden_size": 96, "intermediate_size": 160,
-        "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2,
-        "vocab_size": 1000, "max_position_embeddings": 256,
+        "architectures": [arch],
+        "hidden_size": 96,
+        "intermediate_size": 160,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "vocab_size": 1000,
+        "max_position_embeddings": 256,
         "tie_word_embeddings": family == "qwen2",
-    }  # fmt: skip
+    }
 
 
 class _FlashLike(torch.autograd.Function):
@@ -98,8 +103,16 @@ class _FlashLike(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def _flash_core_forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                        attention_bias=None, packed_seq_params=None):  # fmt: skip
+def _flash_core_forward(
+    self,
+    query,
+    key,
+    value,
+    attention_mask,
+    attn_mask_type=None,
+    attention_bias=None,
+    packed_seq_params=None,
+):
     out = _FlashLike.apply(query, key, value, packed_seq_params.cu_seqlens_q, self.softmax_scale)
     return out.reshape(out.shape[0], -1)
 
@@ -151,10 +164,16 @@ def _batch(tp: int, seed: int):
     labels = torch.roll(tokens, -1)
     labels[cu[1:].long() - 1] = IGNORE_INDEX
     return PackedBatch(
-        tokens=tokens, position_ids=pos, cu_seqlens=cu, labels=labels,
-        loss_mask=(labels != IGNORE_INDEX).float(), seq_index=torch.zeros(N_TOK, dtype=torch.long),
-        sample_ids=torch.arange(3), num_samples=3, max_seqlen=max(b - a for a, b in zip(SEGS, SEGS[1:])),
-    )  # fmt: skip
+        tokens=tokens,
+        position_ids=pos,
+        cu_seqlens=cu,
+        labels=labels,
+        loss_mask=(labels != IGNORE_INDEX).float(),
+        seq_index=torch.zeros(N_TOK, dtype=torch.long),
+        sample_ids=torch.arange(3),
+        num_samples=3,
+        max_seqlen=max(b - a for a, b in zip(SEGS, SEGS[1:])),
+    )
 
 
 def _sft_step(ps):
@@ -169,10 +188,14 @@ def _sft_step(ps):
 
         def loss_fn(hidden):
             loss = sft_loss_fused(
-                hidden.reshape(-1, hidden.shape[-1]), model.module.lm_head_weight(),
-                mb.labels, mb.loss_mask, float(N_TOK * M), tp_group=tp_group,
+                hidden.reshape(-1, hidden.shape[-1]),
+                model.module.lm_head_weight(),
+                mb.labels,
+                mb.loss_mask,
+                float(N_TOK * M),
+                tp_group=tp_group,
                 sequence_parallel=ps.sp,
-            )  # fmt: skip
+            )
             return loss, torch.tensor(N_TOK), {}
 
         return out, loss_fn
@@ -220,6 +243,7 @@ def measured():
     return run_distributed(_measure_layouts, WORLD)
 
 
+@pytest.mark.slow  # spawned process group
 def test_weights_exact_and_activations_within_15_percent(measured):
     for rank_results in measured:
         for (tp, pp, vpp, sp, rec, family), got in zip(LAYOUTS, rank_results):

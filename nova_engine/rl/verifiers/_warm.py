@@ -10,9 +10,12 @@ from nova_engine.rl.verifiers.base import VerifyItem, verify_one
 WARMUP_ITEMS = (
     VerifyItem("gsm8k", "The answer is 1,234.", "1234"),
     VerifyItem("math", "So $x = \\boxed{\\frac{1}{2}}$.", "0.5"),
-    VerifyItem("ifeval", "Hello there, this is an English sentence.", '{"func_name": '
-               '"validate_response_language", "language": "en"}'),
+    VerifyItem(
+        "ifeval",
+        "Hello there, this is an English sentence.",
+        '{"func_name": "validate_response_language", "language": "en"}',
+    ),
     VerifyItem("arithmetic", "65", "65"),
-)  # fmt: skip
+)
 
 WARMUP_RESULTS = tuple(verify_one(item) for item in WARMUP_ITEMS)

@@ -139,9 +139,29 @@ def validate_word_constraint(text: str, N: int, quantifier: str) -> bool:
 
 
 _ABBREVIATIONS = {
-    "mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc", "e.g", "i.e", "eg", "ie",
-    "no", "fig", "inc", "ltd", "co", "approx", "cf", "al",
-}  # fmt: skip
+    "mr",
+    "mrs",
+    "ms",
+    "dr",
+    "prof",
+    "sr",
+    "jr",
+    "st",
+    "vs",
+    "etc",
+    "e.g",
+    "i.e",
+    "eg",
+    "ie",
+    "no",
+    "fig",
+    "inc",
+    "ltd",
+    "co",
+    "approx",
+    "cf",
+    "al",
+}
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s|$)")
 
 

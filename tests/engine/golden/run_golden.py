@@ -29,17 +29,44 @@ sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..", "..")))
 
 # the settings of tests/engine/test_train_sft.py / test_train_dpo.py
 SFT = dict(
-    data_seed=5, n_sft=80, max_length=64, model_seed=0, num_hidden_layers=4,
-    global_batch_size=8, micro_batch_tokens=64, batch_seed=3, lr=2e-3, weight_decay=0.01,
-    grad_clip=1.0, schedule="cosine", warmup_steps=1, runs=[6, 10],
-)  # fmt: skip
+    data_seed=5,
+    n_sft=80,
+    max_length=64,
+    model_seed=0,
+    num_hidden_layers=4,
+    global_batch_size=8,
+    micro_batch_tokens=64,
+    batch_seed=3,
+    lr=2e-3,
+    weight_decay=0.01,
+    grad_clip=1.0,
+    schedule="cosine",
+    warmup_steps=1,
+    runs=[6, 10],
+)
 DPO = dict(
-    data_seed=2, n_pref=16, max_length=64, model_seed=1, num_hidden_layers=2,
-    global_batch_size=16, micro_batch_tokens=128, batch_seed=1, lr=3e-3, grad_clip=1.0,
-    schedule="constant", loss_type="dpo_norm", beta=2.0, runs=[10],
-)  # fmt: skip
-MODEL = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-             num_key_value_heads=2)  # fmt: skip
+    data_seed=2,
+    n_pref=16,
+    max_length=64,
+    model_seed=1,
+    num_hidden_layers=2,
+    global_batch_size=16,
+    micro_batch_tokens=128,
+    batch_seed=1,
+    lr=3e-3,
+    grad_clip=1.0,
+    schedule="constant",
+    loss_type="dpo_norm",
+    beta=2.0,
+    runs=[10],
+)
+MODEL = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 
 def build(root: str, cfg: dict, kind: str):
@@ -51,14 +78,29 @@ def build(root: str, cfg: dict, kind: str):
 
     tok = build_tiny_tokenizer(os.path.join(root, "tok"))
     if kind == "chat":
-        paths = write_task(os.path.join(root, "data"), n_sft=cfg["n_sft"], n_pref=4, n_eval=4,
-                           seed=cfg["data_seed"])  # fmt: skip
+        paths = write_task(
+            os.path.join(root, "data"),
+            n_sft=cfg["n_sft"],
+            n_pref=4,
+            n_eval=4,
+            seed=cfg["data_seed"],
+        )
     else:
-        paths = write_task(os.path.join(root, "data"), n_sft=4, n_pref=cfg["n_pref"], n_eval=4,
-                           seed=cfg["data_seed"])  # fmt: skip
+        paths = write_task(
+            os.path.join(root, "data"),
+            n_sft=4,
+            n_pref=cfg["n_pref"],
+            n_eval=4,
+            seed=cfg["data_seed"],
+        )
     model_dir = os.path.join(root, "model")
-    build_tiny_hf_model(model_dir, "llama", seed=cfg["model_seed"],
-                        num_hidden_layers=cfg["num_hidden_layers"], **MODEL)  # fmt: skip
+    build_tiny_hf_model(
+        model_dir,
+        "llama",
+        seed=cfg["model_seed"],
+        num_hidden_layers=cfg["num_hidden_layers"],
+        **MODEL,
+    )
     key = "sft" if kind == "chat" else "pref"
     samples, _, _ = load_samples(paths[key], tok, kind, max_length=cfg["max_length"])
     return model_dir, samples
@@ -80,11 +122,17 @@ def run_sft(model_dir, samples, steps: int, ps, precision: str = "fp32"):
     from nova_engine.train.stages.sft import SFTStage
 
     c = SFT
-    engine = ModelEngine.from_hf(model_dir, ps, optim=_optim(c), total_steps=steps,
-                                 precision=precision)  # fmt: skip
-    data = PackedDataSource(samples, global_batch_size=c["global_batch_size"],
-                            micro_batch_tokens=c["micro_batch_tokens"], ps=ps,
-                            seed=c["batch_seed"], max_steps=steps)  # fmt: skip
+    engine = ModelEngine.from_hf(
+        model_dir, ps, optim=_optim(c), total_steps=steps, precision=precision
+    )
+    data = PackedDataSource(
+        samples,
+        global_batch_size=c["global_batch_size"],
+        micro_batch_tokens=c["micro_batch_tokens"],
+        ps=ps,
+        seed=c["batch_seed"],
+        max_steps=steps,
+    )
     hist = Loop(engine, data).fit(SFTStage(ps))
     return [[h["loss"], h["grad_norm"]] for h in hist]
 
@@ -98,12 +146,18 @@ def run_dpo(model_dir, pairs, steps: int, ps, cache_dir: str, precision: str = "
     from nova_engine.train.stages.dpo import DPOStage, reference_pass
 
     c = DPO
-    engine = ModelEngine.from_hf(model_dir, ps, optim=_optim(c), total_steps=steps,
-                                 precision=precision)  # fmt: skip
+    engine = ModelEngine.from_hf(
+        model_dir, ps, optim=_optim(c), total_steps=steps, precision=precision
+    )
 
     def source(**kw):
-        return PackedDataSource(pairs, global_batch_size=c["global_batch_size"],
-                                micro_batch_tokens=c["micro_batch_tokens"], ps=ps, **kw)  # fmt: skip
+        return PackedDataSource(
+            pairs,
+            global_batch_size=c["global_batch_size"],
+            micro_batch_tokens=c["micro_batch_tokens"],
+            ps=ps,
+            **kw,
+        )
 
     key = RefCacheKey(model="m", data="d", config=precision)
     cache = RefCache.open(cache_dir, key, expected=[p.index for p in pairs])
@@ -165,8 +219,10 @@ def main(argv=None) -> int:
             for i, ((loss, _), (ref, _)) in enumerate(zip(rows, gold[run])):
                 ok = abs(loss - ref) <= args.rtol * abs(ref) + args.atol
                 bad += not ok
-                print(f"{stage} {run} step {i + 1}: loss {loss:.6f} golden {ref:.6f} "
-                      f"rel {abs(loss - ref) / abs(ref):.2e} {'ok' if ok else 'MISMATCH'}")  # fmt: skip
+                print(
+                    f"{stage} {run} step {i + 1}: loss {loss:.6f} golden {ref:.6f} "
+                    f"rel {abs(loss - ref) / abs(ref):.2e} {'ok' if ok else 'MISMATCH'}"
+                )
     tol = f"rtol {args.rtol}, atol {args.atol}"
     print("golden check:", "FAILED" if bad else "passed", f"({args.precision}, {tol})")
     return 1 if bad else 0
