@@ -43,5 +43,6 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("sft", "nova_engine.train.stages.sft", "supervised fine-tuning"),
         StageSpec("dpo", "nova_engine.train.stages.dpo", "preference optimization (DPO family)"),
         StageSpec("rm", "nova_engine.train.stages.rm", "reward model (Bradley-Terry, regression)"),
+        StageSpec("rlvr", "nova_engine.train.stages.rlvr", "RL with verifiable rewards (GRPO, PPO)"),
     )
 }

@@ -19,7 +19,7 @@ One step (`RLVRStage.train_step`), P = train.global_batch_size prompts:
    (PPO); advantages (GAE for PPO; whitening over DP);
 4. train: loss.ppo_epochs x num_mini_batches optimizer steps of the policy (clipped ratio,
    dual clip, KL in the loss or the reward, optional truncated IS) and of the critic.
-Metrics (progress line, metrics.jsonl): reward, verified (per data source), KL, entropy,
+Metrics (progress line, metrics.jsonl): reward_mean, verified (per data source), KL, entropy,
 clip fraction, response length, truncated fraction, the time split time/{generate, verify,
 ref_value, train}, gen_tokens_per_s and train_tokens_per_s. Checkpoints hold the policy, the
 critic, both optimizers and the prompt stream's position and seeds: a resumed run repeats the
@@ -372,7 +372,10 @@ def eval_fn(producer: EngineRollouts, prompts: list, ps, reward: RewardConfig, p
             dist.all_gather_object(parts, flat, group=ps.dp_group)
         rows = [x for p in parts for x in p]
         rew = shape_rewards([x[3] for x in rows], [x[2] for x in rows], reward)
-        out = {"verified": float(np.mean([x[1] >= 1 for x in rows])), "reward": float(np.mean(rew))}
+        out = {
+            "verified": float(np.mean([x[1] >= 1 for x in rows])),
+            "reward_mean": float(np.mean(rew)),
+        }
         for ds in sorted({x[0] for x in rows}):
             out[f"verified/{ds}"] = float(np.mean([x[1] >= 1 for x in rows if x[0] == ds]))
         return out

@@ -278,7 +278,7 @@ def rollout_metrics(sr: StepResponses) -> dict[str, float]:
     n = max(len(rs), 1)
     lens = np.array([len(r.gen) for r in rs] or [0])
     out = {
-        "reward": float(sum(r.reward for r in rs) / n),
+        "reward_mean": float(sum(r.reward for r in rs) / n),
         "verified": float(sum(r.score >= 1.0 for r in rs) / n),
         "response_len": float(lens.mean()),
         "response_len_max": float(lens.max()),
