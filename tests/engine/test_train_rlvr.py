@@ -264,11 +264,26 @@ def _start_cli(assets, root):
     data = write_arithmetic_rlvr(os.path.join(root, "cli.jsonl"), 6)
     out_dir = os.path.join(root, "cli_run")
     env = dict(os.environ, NOVA_KERNELS="torch")
-    cmd = [sys.executable, "-m", "nova_engine.train", "rlvr", "--recipe", "recipes/tiny_cpu.yaml",
-           f"model.hf_path={assets['model']}", f"model.tokenizer_path={assets['tok']}",
-           f"data.train_paths=[{data}]", f"train.out_dir={out_dir}", "train.max_steps=2",
-           "train.global_batch_size=4", "rollout.samples_per_prompt=2", "train.log_every=1",
-           "train.tensorboard=false", "rollout.max_new_tokens=4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "nova_engine.train",
+        "rlvr",
+        "--recipe",
+        "recipes/tiny_cpu.yaml",
+        f"model.hf_path={assets['model']}",
+        f"model.tokenizer_path={assets['tok']}",
+        f"data.train_paths=[{data}]",
+        f"train.out_dir={out_dir}",
+        "train.max_steps=2",
+        "train.global_batch_size=4",
+        "rollout.samples_per_prompt=2",
+        "train.log_every=1",
+        "train.tensorboard=false",
+        "rollout.max_new_tokens=4",
+        f"data.eval_paths=[{data}]",
+        "rollout.verifier_workers=1",
+    ]  # fmt: skip  (a verifier pool of one worker process)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     return proc, out_dir
@@ -286,13 +301,16 @@ def test_entry_point_runs(results):
 
     rc, text, out_dir = results[1]
     assert rc == 0, text
-    recs = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    recs_all = read_metrics(os.path.join(out_dir, "metrics.jsonl"))
+    recs = [r for r in recs_all if "reward_mean" in r]
     assert [r["step"] for r in recs] == [1, 2]
     for r in recs:
         for key in ("reward_mean", "verified/arithmetic", "entropy", "kl", "time/generate",
                     "time/verify", "time/ref_value", "time/train", "gen_tokens_per_s"):  # fmt: skip
             assert key in r and math.isfinite(r[key]), (key, r)
         assert r["time/generate"] > 0 and r["gen_tokens_per_s"] > 0
+    ev = [r for r in recs_all if "eval/verified" in r]
+    assert len(ev) == 1 and 0 <= ev[0]["eval/verified/arithmetic"] <= 1  # greedy, held out
     assert os.path.isfile(os.path.join(out_dir, "hf", "config.json"))
     assert "[rlvr] step 2/2" in text
 
@@ -468,3 +486,31 @@ def test_padding_a_rollout_batch_keeps_its_sequences():
     assert torch.equal(padded.gen_logprobs[:n], rb.gen_logprobs)
     start = int(p.cu_seqlens[-2])
     assert torch.equal(p.position_ids[start:], torch.arange(32 - start))
+
+
+def test_a_rank_dealt_only_empty_responses_gets_a_padding_batch():
+    """All of a share's responses empty: one all-padding micro-batch, zero advantages for
+    every estimator, zero loss counts (the rank still joins every collective)."""
+    from types import SimpleNamespace
+
+    from nova_engine.rl.rollouts import Generation
+    from nova_engine.train.stages.rlvr_losses import PolicyLoss, assign_advantages
+    from nova_engine.train.stages.rlvr_rollout import Response, pack_share
+
+    ps = SimpleNamespace(tp=2, pp=1, dp=1, device=torch.device("cpu"), dp_group=None,
+                         is_last_stage=lambda: True)  # fmt: skip
+    empty = Generation(np.zeros(0, np.int64), np.zeros(0, np.float32), False)
+    rs = [Response(np.arange(5), empty, TRUNC_REWARD, 0.0, j, "arithmetic", 0.0, "no_answer")
+          for j in range(3)]  # fmt: skip
+    for pp, length in ((1, 16), (2, MBT)):
+        ps.pp = pp
+        (mb,) = pack_share(rs, ps, capacity=MBT, pad_id=5)
+        assert mb.num_samples == 0 and mb.num_tokens == length and float(mb.loss_mask.sum()) == 0
+        assert PolicyLoss.counts(None, [mb]) == {"tokens": 0.0, "seqs": 0.0}
+    from nova_engine.losses.policy import PolicyLossConfig
+
+    for est in ("grpo", "gae", "reinforce_pp", "reinforce_pp_baseline"):
+        mb.data = {"values": torch.zeros(MBT), "old_logprobs": torch.zeros(MBT)}
+        assign_advantages([mb], estimator=est, policy_cfg=PolicyLossConfig(), gamma=1.0, lam=0.95,
+                          whiten=True, ps=ps)  # fmt: skip
+        assert mb.data["advantages"].shape == (MBT,) and not mb.data["advantages"].any(), est

@@ -362,7 +362,7 @@ def eval_fn(producer: EngineRollouts, prompts: list, ps, reward: RewardConfig, p
 
     def evaluate() -> dict[str, float]:
         ids = np.array_split(np.arange(len(prompts)), ps.dp)[ps.dp_rank]
-        mine = [(-1 - int(i), prompts[int(i)]) for i in ids]
+        mine = [(int(i), prompts[int(i)]) for i in ids]  # (greedy: the key draws nothing)
         gens, results, _ = producer(-1, mine, params)
         flat = [(prompts[int(i)].dataset, r.score, g.finished, r)
                 for i, gs, rs in zip(ids, gens, results) for g, r in zip(gs, rs)]  # fmt: skip
