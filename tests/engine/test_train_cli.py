@@ -79,6 +79,7 @@ def test_bad_data_line_stops_the_run_naming_file_and_line(tmp_path, capsys):
     assert f"{bad}:2:" in err and "DataError" in err
 
 
+@pytest.mark.slow  # a whole SFT+DPO run through the entry point
 def test_dpo_entry_point_evaluates_held_out_pairs(tmp_path):
     """`dpo` through the entry point with held-out pairs: both reference passes run before
     any update (two cache files: train and held-out), and the eval records carry the DPO

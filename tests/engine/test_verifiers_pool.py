@@ -16,6 +16,8 @@ import pytest
 
 from nova_engine.rl.verifiers import VerifierPool, VerifyItem, register_verifier
 
+pytestmark = pytest.mark.slow  # a pool of worker processes; waits out wall-clock limits
+
 TIMEOUT_S = 2.0
 # parses fast, then sympy's comparison never finishes (minutes at least), in little memory
 SYMPY_HANG = (

@@ -54,6 +54,7 @@ def test_gae_matches_loop(backend, B, T, gamma, lam):
     check(ret, ref_ret, "returns")
 
 
+@pytest.mark.slow  # several programs per row: long interpreted scans
 @pytest.mark.parametrize("block_t,n_splits", [(16, 2), (16, 4), (32, 2)])
 def test_gae_triton_split_rows(block_t, n_splits):
     """Rows split over several programs: per-split maps folded into the carry."""
@@ -129,6 +130,7 @@ def test_discounted_returns_matches_loop(backend, B, T, gamma):
     check(out, loop_returns(r, m, gamma), "returns")
 
 
+@pytest.mark.slow  # several programs per row: long interpreted scans
 def test_discounted_returns_triton_split_rows():
     r, _, m = make_inputs(5, 53, seed=2)
     out = discounted_returns(r, m, 0.9, backend="triton", block_t=16, n_splits=3)

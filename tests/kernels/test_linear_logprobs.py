@@ -59,6 +59,7 @@ def test_fp32_matches_float64_reference(backend, shape):
     assert (got[2][ignored] == 0).all(), "ignored rows must get no gradient"
 
 
+@pytest.mark.slow  # three float64 / bf16 / fp16 runs per case
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_torch_error(backend, dtype):
@@ -215,6 +216,7 @@ def test_tp2_equals_tp1(tp_results):
             assert_verbose_allclose(gw, gw_want, rtol=1e-5, atol=1e-5, name=f"{tag} dW")
 
 
+@pytest.mark.slow  # numerical Jacobian through 6 chunks
 def test_float64_gradcheck_torch_path(monkeypatch):
     """fp64 runs the torch path in fp64: gradcheck of logp and entropy through several chunks
     (the Triton path is fp32 inside: asking it for fp64 is an error, never a silent switch)."""
