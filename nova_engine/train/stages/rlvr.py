@@ -238,7 +238,7 @@ class RLVRRunConfig(RunConfig):
     per step; data.max_length = the longest prompt kept (longer ones are dropped and counted);
     train.micro_batch_tokens = packing capacity of prompt + response."""
 
-    model: RLVRModelSection  # type: ignore[assignment]
+    model: RLVRModelSection
     rollout: RolloutSection = field(default_factory=RolloutSection)
     loss: RLVRLossSection = field(default_factory=RLVRLossSection)
     critic: CriticSection = field(default_factory=CriticSection)

@@ -169,7 +169,9 @@ class PolicyLoss:
             length); the loss is sum / (scale_len * sequences of the mini-batch).
     """
 
-    metric_names = ("loss", "pg_loss", "kl_loss", "clipped", "clipped_lower", "approx_kl", "tokens")
+    metric_names: tuple[str, ...] = (
+        "loss", "pg_loss", "kl_loss", "clipped", "clipped_lower", "approx_kl", "tokens",
+    )  # fmt: skip
     normalizer = "tokens"
 
     def __init__(self, cfg: PolicyLossConfig, ps, *, tis: bool = False, scale_len: float = 1.0):
@@ -216,7 +218,7 @@ class ValueLoss:
     vf_coef * 0.5 * max((v - R)^2, (clip(v, v_old - c, v_old + c) - R)^2), token mean over
     the mini-batch (value_clip None: the plain squared error)."""
 
-    metric_names = ("loss", "value_loss", "clipped", "tokens")
+    metric_names: tuple[str, ...] = ("loss", "value_loss", "clipped", "tokens")
     normalizer = "tokens"
 
     def __init__(self, ps, *, vf_coef: float = 0.1, value_clip: float | None = 0.2):
