@@ -166,7 +166,7 @@ def _plot(out: str) -> str:
 
     panels = [("sft", "loss", "SFT loss"), ("dpo", "loss", "DPO loss"),
               ("rm_scaled_bt", "loss", "reward model (Scaled BT) loss"),
-              ("rlvr", "reward", "RLVR mean reward")]  # fmt: skip
+              ("rlvr", "reward_mean", "RLVR mean reward")]  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4))
     for ax, (stage, key, title) in zip(axes, panels):
         path = os.path.join(out, stage, "metrics.jsonl")
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "regression": rm["regression"]["accuracy"], "scaled_bt": rm["scaled_bt"]["accuracy"],
         "expo": rm_expo,
     }  # fmt: skip
-    summary["rlvr_reward_mean"] = [h.get("reward") for h in rl["history"]]
+    summary["rlvr_reward_mean"] = [h.get("reward_mean") for h in rl["history"]]
     summary["seconds"] = dict(times, total=total)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
