@@ -72,10 +72,10 @@ def _improve(costs: np.ndarray, owner: np.ndarray, dp: int) -> None:
                 best = (lo, mine[a], theirs[b - 1] if b > 0 else None, give[a, b])
         if best is None:
             return
-        lo, a, b, give = best
-        owner[a] = lo
-        if b is not None:
-            owner[b] = hi
+        lo, moved, swapped, give = best
+        owner[moved] = lo
+        if swapped is not None:
+            owner[swapped] = hi
         loads[hi] -= give
         loads[lo] += give
 

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from nova_engine import _C
 from nova_engine.data.sample import PairSample, Sample
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 IGNORE_INDEX = -100
 ALGORITHMS = ("ffd", "bfd", "nextfit")
@@ -250,7 +254,7 @@ class PackedBatch:
         return self.pair_ids is not None
 
     def to(self, device) -> PackedBatch:
-        moved = {
+        moved: dict[str, Any] = {
             f.name: v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
             for f in fields(self)
         }
@@ -345,6 +349,11 @@ class PackedBatch:
 # --------------------------------------------------------------------------------------------
 
 
+def _are_pairs(samples: Sequence[Sample] | Sequence[PairSample]) -> TypeIs[Sequence[PairSample]]:
+    """Whether `samples` holds pairs (the lists are homogeneous: the first item decides)."""
+    return bool(samples) and isinstance(samples[0], PairSample)
+
+
 class PackingPlan:
     """A packing of a list of samples or pairs (`result`: the bins) and the PackedBatch of
     each bin, truncated per the packing."""
@@ -362,7 +371,7 @@ class PackingPlan:
         cls, samples: Sequence[Sample] | Sequence[PairSample], capacity: int, **kwargs
     ) -> PackingPlan:
         """Samples or pairs (pairs mode) → plan; kwargs as for `pack_lengths`."""
-        if samples and isinstance(samples[0], PairSample):
+        if _are_pairs(samples):
             chosen = [len(p.chosen) for p in samples]
             rejected = [len(p.rejected) for p in samples]
             return cls(pack_pairs(chosen, rejected, capacity, **kwargs))
@@ -378,7 +387,12 @@ class PackingPlan:
         """The PackedBatch of one bin (`seq_ids`: an entry of `result.bins()`), truncated per
         the plan. kwargs: pad_to_multiple, pad_id, pad_to_length."""
         lengths = self.result.lengths[seq_ids]
-        if self.result.pairs:
+        if self.result.pairs != _are_pairs(samples):
+            kind = "PairSamples" if self.result.pairs else "Samples"
+            raise ValueError(
+                f"this plan packs {kind}: make_batch needs the {kind} it was built from"
+            )
+        if _are_pairs(samples):
             pairs = [samples[int(p)] for p in seq_ids[0::2] // 2]
             return PackedBatch.from_pairs(pairs, lengths=lengths, **kwargs)
         return PackedBatch.from_samples(

@@ -122,8 +122,7 @@ def wrong_answer(problem: Problem, rng: random.Random) -> int:
     else:  # the other operation
         other = "minus" if problem.op == "plus" else "plus"
         candidates.add(OPS[other](problem.a, problem.b))
-    candidates = sorted(c for c in candidates if c >= 0 and c != right)
-    return rng.choice(candidates)
+    return rng.choice(sorted(c for c in candidates if c >= 0 and c != right))
 
 
 def _messages(problem: Problem, answer: str, system: str | None) -> list[dict]:
@@ -154,7 +153,7 @@ def make_splits(
         eval_set.setdefault(p.key, p)
 
     def train(n: int) -> list[Problem]:
-        out = []
+        out: list[Problem] = []
         while len(out) < n:
             p = sample_problem(rng, max_value, ops)
             if p.key not in eval_set:
