@@ -45,7 +45,7 @@ class _Probe:
     def __init__(self) -> None:
         self.names: list[str] = []
 
-    def read(self, name: str, rows=None, cols=None) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         self.names.append(name)
         return torch.zeros(1, 1)
 
@@ -56,7 +56,7 @@ class _Named:
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
 
-    def read(self, name: str, rows=None, cols=None) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
         t = self.tensors[name]
         if cols is not None:
             return t[rows or slice(None), cols]

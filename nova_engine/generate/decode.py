@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -66,6 +67,11 @@ from nova_engine.generate.sampling import (
 )
 from nova_engine.logging import get_logger
 
+if TYPE_CHECKING:
+    from nova_engine.model.arch import ModelArch
+    from nova_engine.model.build import NovaGPTModel
+    from nova_engine.parallel.state import ParallelState
+
 log = get_logger(__name__)
 
 _PAD_ID = 0  # token fed at padded cache slots (masked out everywhere)
@@ -76,10 +82,11 @@ class GenerationError(ValueError):
     """A request the model cannot serve (empty, too long, unknown token ids)."""
 
 
-def _unwrap(m: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(m, "module"):
-        m = m.module
-    return m
+def _unwrap(m: torch.nn.Module) -> NovaGPTModel:
+    """The NovaGPTModel inside DDP / Float16Module wrappers (`.module` is untyped)."""
+    while isinstance(inner := getattr(m, "module", None), torch.nn.Module):
+        m = inner
+    return cast("NovaGPTModel", m)
 
 
 # ------------------------------------------------------------------------------ the layout
@@ -98,7 +105,7 @@ class _Layout:
     device: torch.device
 
     @classmethod
-    def of(cls, ps, chunks: Sequence[torch.nn.Module]) -> _Layout:
+    def of(cls, ps: ParallelState, chunks: Sequence[torch.nn.Module]) -> _Layout:
         tp_group, pp_group = ps.tp_group, ps.pp_group
         tp = dist.get_world_size(tp_group) if tp_group is not None else 1
         pp = dist.get_world_size(pp_group) if pp_group is not None else 1
@@ -110,9 +117,11 @@ class _Layout:
         )  # fmt: skip
 
     def pp_global(self, pp_rank: int) -> int:
+        assert self.pp_group is not None, "stage peers exist only with a PP group"
         return dist.get_global_rank(self.pp_group, pp_rank % self.pp)
 
     def tp_global(self, tp_rank: int) -> int:
+        assert self.tp_group is not None, "TP peers exist only with a TP group"
         return dist.get_global_rank(self.tp_group, tp_rank)
 
 
@@ -120,7 +129,7 @@ class _Layout:
 
 
 @contextlib.contextmanager
-def _generation_mode(models: Sequence[torch.nn.Module]) -> Iterator[None]:
+def _generation_mode(models: Sequence[NovaGPTModel]) -> Iterator[None]:
     """eval mode, final hidden states out of the last stage, SP off; all restored on exit."""
     saved: list[tuple[object, str, object]] = []
 
@@ -226,13 +235,19 @@ def _validate(
 class _Decoder:
     """One rank's side of the decode loop over its chunks (one batch at a time)."""
 
-    def __init__(self, chunks, layout: _Layout, params: SamplingParams, max_pad_fraction: float):
+    def __init__(
+        self,
+        chunks: Sequence[torch.nn.Module],
+        layout: _Layout,
+        params: SamplingParams,
+        max_pad_fraction: float,
+    ):
         self.models = [_unwrap(c) for c in chunks]
         self.layout, self.params = layout, params
         self.max_pad_fraction = max_pad_fraction
         self.dtype = self.models[0].config.params_dtype
         self.hidden = self.models[0].config.hidden_size
-        self.w_VpH = None
+        self.w_VpH: torch.Tensor | None = None  # the last stage's LM-head shard
         if self.models[-1].post_process:
             self.w_VpH = self.models[-1].lm_head_weight().detach()
 
@@ -254,12 +269,14 @@ class _Decoder:
                 dist.send(out.contiguous(), dst=lay.pp_global(lay.pp_rank + 1), group=lay.pp_group)
         if not self.models[-1].post_process:
             return None
+        assert out is not None  # there is at least one chunk
         return out[-1].float()
 
     def _logits(self, h_BH: torch.Tensor) -> torch.Tensor:
         """[B, Vp] fp32 logits of this rank's vocab shard; a bf16/fp16 head is upcast one
         slice of rows at a time (no fp32 copy of the whole head is kept)."""
         w = self.w_VpH
+        assert w is not None, "logits only on the last stage"
         if w.dtype == torch.float32:
             return h_BH @ w.t()
         rows = max(1, _UPCAST_ELEMS // w.shape[1])
@@ -377,8 +394,8 @@ class _Decoder:
 
 def generate(
     chunks: Sequence[torch.nn.Module],
-    ps,
-    arch,
+    ps: ParallelState,
+    arch: ModelArch,
     requests: Sequence[Request | Sequence[int]],
     params: SamplingParams,
     *,

@@ -27,9 +27,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from nova_engine.model.attention import NovaCoreAttention
+    from nova_engine.model.build import NovaGPTModel
 
 
 class DecodeState:
@@ -196,11 +201,11 @@ class BatchCache:
     """The caches of every layer of this rank's chunks for one batch, installed in their
     core attention (and the per-row RoPE in their rotary module) while active."""
 
-    def __init__(self, models: Sequence[torch.nn.Module], pads_B: torch.Tensor, slots: int):
+    def __init__(self, models: Sequence[NovaGPTModel], pads_B: torch.Tensor, slots: int):
         self.models = models
         m0 = models[0]
         self.state = DecodeState(pads_B, slots, m0.rotary_pos_emb.inv_freq)
-        self.layers: list[tuple[torch.nn.Module, LayerKVCache]] = []
+        self.layers: list[tuple[NovaCoreAttention, LayerKVCache]] = []
         for m in models:
             for layer in m.decoder.layers:
                 attn = layer.self_attention

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,14 +39,21 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+if TYPE_CHECKING:
+    from nova_engine.generate.kv_cache import LayerKVCache
+
 try:  # optional accelerator
     from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
 except Exception:  # noqa: BLE001
     flash_attn_varlen_func = None
 
 
+# torch.nn.attention.varlen.varlen_attn: out, or (out, aux) when aux is requested
+_VarlenAttn = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
+
+
 @lru_cache(maxsize=1)
-def _varlen_api() -> tuple[object, set[str]] | None:
+def _varlen_api() -> tuple[_VarlenAttn, set[str]] | None:
     """torch.nn.attention.varlen.varlen_attn and its keyword names, or None."""
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -313,7 +322,7 @@ class NovaCoreAttention(MegatronModule):
         # set for the duration of a generation call (nova_engine.generate.kv_cache): an
         # object whose attend(q, k, v, scale) appends k/v of the new positions to this
         # layer's cache and attends over the whole cache
-        self.decode_cache = None
+        self.decode_cache: LayerKVCache | None = None
         self.dropout_p = (
             config.attention_dropout if attention_dropout is None else attention_dropout
         )

@@ -149,7 +149,7 @@ class NovaGPTModel(GPTModel):
 
     return_hidden: bool = False
 
-    def _postprocess(self, hidden_states, *args, **kwargs):  # type: ignore[override]
+    def _postprocess(self, hidden_states, *args, **kwargs):
         if self.return_hidden and self.post_process:
             return hidden_states
         return super()._postprocess(hidden_states, *args, **kwargs)

@@ -39,8 +39,15 @@ Vp = V/tp the vocab shard.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, cast
+
 import torch
 from nova_kernels import linear_cross_entropy, linear_logprobs
+
+if TYPE_CHECKING:
+    from nova_engine.data.packing import PackedBatch
+    from nova_engine.model.build import NovaGPTModel
+    from nova_engine.parallel.state import ParallelState
 
 # megatron parameter name (on the last stage's chunk) -> HF tensor name
 SCORE_PARAM = "score.weight"
@@ -48,14 +55,14 @@ HF_NAMES = {SCORE_PARAM: "score.weight"}
 INIT_STD = 0.02
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The NovaGPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+def unwrap(model: torch.nn.Module) -> NovaGPTModel:
+    """The NovaGPTModel inside DDP / Float16Module wrappers (`.module` is untyped)."""
+    while isinstance(inner := getattr(model, "module", None), torch.nn.Module):
+        model = inner
+    return cast("NovaGPTModel", model)
 
 
-def _tp_args(ps) -> dict:
+def _tp_args(ps: ParallelState) -> dict[str, Any]:
     return {
         "tp_group": ps.tp_group if ps.tp > 1 else None,
         "sequence_parallel": bool(ps.sp and ps.tp > 1),
@@ -71,7 +78,7 @@ def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
 
 
 def token_logprobs(
-    model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, ps
+    model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, ps: ParallelState
 ) -> torch.Tensor:
     """Per-token log p(labels) [T] fp32 from the last stage's hidden [T(/tp), 1, H];
     labels [T] (ignore_index -100 gives 0). Differentiable."""
@@ -84,7 +91,7 @@ def token_cross_entropy(
     hidden: torch.Tensor,
     labels: torch.Tensor,
     token_weights: torch.Tensor,
-    ps,
+    ps: ParallelState,
 ) -> torch.Tensor:
     """-sum_t w_t log p(labels_t), a 0-dim fp32 loss through the fused 3-GEMM kernel (the
     gradients are formed in the forward pass; w_t are constants, e.g. mask / G for SFT)."""
@@ -123,10 +130,12 @@ class ScoreHead(torch.nn.Module):
         w_KH = torch.randn(num_outputs, hidden_size, generator=gen) * INIT_STD
         self.weight = torch.nn.Parameter(w_KH.to(device=device, dtype=dtype))
         # replicated over TP: megatron's optimizer / grad-norm code reads this attribute
-        self.weight.tensor_model_parallel = False
+        self.weight.tensor_model_parallel = False  # type: ignore[attr-defined]
         self.num_outputs = num_outputs
 
-    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, num_sequences: int, ps):
+    def forward(
+        self, hidden: torch.Tensor, cu_seqlens: torch.Tensor, num_sequences: int, ps: ParallelState
+    ) -> torch.Tensor:
         """hidden [T(/tp), 1, H] -> scores [S, K] fp32 (S = num_sequences)."""
         h_TH = hidden.reshape(-1, hidden.shape[-1])
         idx_S = last_token_index(cu_seqlens.to(h_TH.device), num_sequences)
@@ -172,7 +181,9 @@ def score_head(model: torch.nn.Module) -> ScoreHead:
     return head
 
 
-def sequence_scores(model: torch.nn.Module, hidden: torch.Tensor, mb, ps) -> torch.Tensor:
+def sequence_scores(
+    model: torch.nn.Module, hidden: torch.Tensor, mb: PackedBatch, ps: ParallelState
+) -> torch.Tensor:
     """[S, K] fp32 scores of a packed micro-batch's S real sequences (differentiable)."""
     return score_head(model)(hidden, mb.cu_seqlens, mb.num_samples, ps)
 

@@ -42,7 +42,7 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -111,7 +111,9 @@ def hf_layer_names(arch: ModelArch, i: int) -> dict[str, tuple[int, ...]]:
 
 
 def hf_expected_names(arch: ModelArch) -> dict[str, tuple[int, ...]]:
-    names = {"model.embed_tokens.weight": (arch.vocab_size, arch.hidden_size)}
+    names: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (arch.vocab_size, arch.hidden_size)
+    }
     for i in range(arch.num_layers):
         names.update(hf_layer_names(arch, i))
     names["model.norm.weight"] = (arch.hidden_size,)
@@ -125,6 +127,14 @@ _IGNORABLE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 # ------------------------------------------------------------------------- lazy reading
+
+
+class TensorReader(Protocol):
+    """What `_hf_value` reads from: HF tensors by name, optionally a slice of rows/cols."""
+
+    def read(
+        self, name: str, rows: slice | None = None, cols: slice | None = None
+    ) -> torch.Tensor: ...
 
 
 class HFCheckpoint:
@@ -231,7 +241,7 @@ _LAYER_PARAM = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 
 def _hf_value(
-    ckpt: HFCheckpoint, arch: ModelArch, mname: str, layer: int | None, tp: int, r: int
+    ckpt: TensorReader, arch: ModelArch, mname: str, layer: int | None, tp: int, r: int
 ) -> torch.Tensor:
     """The slice of the HF checkpoint that megatron parameter `mname` holds on TP rank r."""
     v = arch.vocab_size
