@@ -1,6 +1,7 @@
-"""nova_kernels: the fused kernels of Nova Engine (Triton), each with a plain-PyTorch
-reference, an autograd.Function where it has a backward, and a selector
-(`NOVA_KERNELS=triton|torch`). Depends only on torch and triton."""
+"""nova_kernels: the fused kernels of Nova Engine (Triton), each with an autograd.Function
+where it has a backward and a selector (`NOVA_KERNELS=triton|torch`). `nova_kernels.<op>` is
+the op, `nova_kernels.ops.<op>` its module, `nova_kernels.reference` the plain-PyTorch
+references of all of them. Depends only on torch and triton."""
 
 import sys as _sys
 
