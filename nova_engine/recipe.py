@@ -70,7 +70,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in args:
             return value
         raise bad
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

@@ -201,8 +201,8 @@ def scan_train_file(path, out_path, index, cfg, set_of_id, sets, hits) -> TrainS
     """Streams one training file through the index; writes the clean lines to out_path
     (atomically: a temporary file renamed at the end) unless it is None."""
     st = TrainStats(path, out_path)
-    tmp = None if out_path is None else f"{out_path}.tmp-{os.getpid()}"
-    out = None if tmp is None else open(tmp, "wb")
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    out = None if out_path is None else open(tmp, "wb")
     lines: list[bytes] = []  # this batch's lines to write, items included
     pos: list[int] = []  # position in `lines` of each item of the batch
     linenos: list[int] = []
@@ -229,7 +229,8 @@ def scan_train_file(path, out_path, index, cfg, set_of_id, sets, hits) -> TrainS
             out.writelines(ln for k, ln in enumerate(lines) if k not in removed)
         elif out is not None:
             out.writelines(lines)
-        lines.clear(), pos.clear(), linenos.clear(), texts.clear()
+        for buffered in (lines, pos, linenos, texts):
+            buffered.clear()
 
     try:
         for lineno, raw, obj in _records(path, cfg.on_bad_line, st.bad):

@@ -92,8 +92,10 @@ def meta_megatron() -> Iterator[None]:
         config.embedding_init_method = no_init
         return config
 
-    torch.cuda.current_device = lambda: torch.device("meta")
-    torch.Tensor.type = type_
+    # deliberate patches against the declared types: megatron allocates on current_device()
+    # (a device here, an int index in torch's stubs) and reads tensor.type() strings
+    torch.cuda.current_device = lambda: torch.device("meta")  # type: ignore[assignment,return-value]
+    torch.Tensor.type = type_  # type: ignore[method-assign]
     build.transformer_config = device_init_config
     try:
         yield
@@ -365,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name}: {total / 1e9:.2f}B params ({total:,}); per-rank counts add up and "
                 f"equal the planner's weights: {'OK' if ok else 'FAILED'}"
             )
-        for e in errors:
-            emit(f"FAIL {e}", err=True)
+        for err in errors:
+            emit(f"FAIL {err}", err=True)
         failed |= bool(errors)
     return 1 if failed else 0

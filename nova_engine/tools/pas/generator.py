@@ -22,10 +22,13 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nova_engine.logging import get_logger
 from nova_engine.tools.pas.records import PASError
+
+if TYPE_CHECKING:
+    from nova_engine.parallel.state import ParallelState
 
 log = get_logger(__name__)
 
@@ -178,10 +181,10 @@ class ModelSet:
     def __init__(self, precision: str = "fp32", tokenizer: str | None = None):
         self.precision, self.tokenizer = precision, tokenizer
         self.models: dict[str, LoadedModel] = {}
-        self.ps = None
+        self.ps: ParallelState | None = None
         self._owned = False
 
-    def _parallel(self):
+    def _parallel(self) -> ParallelState:
         if self.ps is None:
             import torch.distributed as dist
 
