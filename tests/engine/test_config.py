@@ -178,7 +178,7 @@ def test_recipe_file_errors(tmp_path):
     p.write_text("model: {hf_path: m}\nsfft:\n  train: {epochs: 1}\n")
     with pytest.raises(
         ConfigError,
-        match=r"r\.yaml: sfft: unknown top-level key; valid keys: checkpoint, data, loss, model, optim, parallel, train; stages: sft, dpo",
+        match=r"r\.yaml: sfft: unknown top-level key; valid keys: checkpoint, critic, data, loss, model, optim, parallel, rollout, train; stages: sft, dpo, rm, rlvr",
     ):
         load_recipe(p, "sft")
     p.write_text("model: {hf_path: m}\nsft:\n  train: {epochs: 1, batch: 8}\n")
@@ -241,7 +241,7 @@ def test_stage_registry_is_the_one_list():
     from nova_engine.train import __main__ as train_main
     from nova_engine.train.stages import STAGES
 
-    assert tuple(STAGES) == ("sft", "dpo", "rm")
+    assert tuple(STAGES) == ("sft", "dpo", "rm", "rlvr")
     assert cli._stages() == tuple(STAGES) == tuple(train_main.STAGES)
     assert STAGES["sft"].config_class is SFTRunConfig
     assert STAGES["dpo"].config_class is DPORunConfig
