@@ -51,8 +51,9 @@ def _worker(rank, world, model_dir, pairs, root):
         engine = ModelEngine.from_hf(model_dir, ps, optim=optim, total_steps=STEPS)
 
         def source(ps=ps, data=pairs, gbs=GBS, **kw):
-            return PackedDataSource(data, global_batch_size=gbs, micro_batch_tokens=MBT, ps=ps,
-                                    **kw)  # fmt: skip
+            return PackedDataSource(
+                data, global_batch_size=gbs, micro_batch_tokens=MBT, ps=ps, **kw
+            )
 
         cache_dir = os.path.join(root, f"cache{tp}x{pp}")
         cache = RefCache.open(cache_dir, key, expected=[p.index for p in pairs])
@@ -98,9 +99,16 @@ def results(tmp_path_factory):
     paths = write_task(root / "data", n_sft=4, n_pref=GBS, n_eval=4, seed=2)
     model_dir = str(root / "model")
     build_tiny_hf_model(
-        model_dir, "llama", seed=1, vocab_size=512, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
+        model_dir,
+        "llama",
+        seed=1,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     pairs, _, _ = load_samples(paths["pref"], tok, "pairs", max_length=64)
     hf = _hf_response_logps(model_dir, pairs)
     out = run_distributed(_worker, WORLD, model_dir, pairs, str(root))
