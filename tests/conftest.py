@@ -15,7 +15,6 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 # process groups or run whole stages: marked here until their files mark them (then drop the
 # entry). Everything else marks itself with @pytest.mark.slow / pytestmark.
 _SLOW_ELSEWHERE = (
-    "tests/engine/test_train_rlvr.py",
     "tests/engine/test_train_rm.py",
     "tests/engine/test_generate.py",
     "tests/engine/test_decode_attention.py::test_decoding_against_a_kv_cache_gives_the_full_forward",
@@ -30,3 +29,28 @@ def pytest_collection_modifyitems(config, items):
         test = item.nodeid.split("[")[0]
         if any(test == s or test.startswith(s + "::") for s in _SLOW_ELSEWHERE):
             item.add_marker(pytest.mark.slow)
+
+
+_PG_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _pg_env_fixture():
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def _restore_process_group_env():
+        """An in-process entry-point run sets torchrun's variables for a world of one
+        (nova_engine.train.runner.ensure_process_group_env); restore them after each test so
+        a later subprocess or spawned group never rendezvous on this process's port."""
+        saved = {k: os.environ.get(k) for k in _PG_ENV}
+        yield
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+    return _restore_process_group_env
+
+
+_restore_process_group_env = _pg_env_fixture()

@@ -180,7 +180,7 @@ def _load(path: str, rel: str) -> Any:
 
 def verify_for_rank(path: str, loop) -> str | None:
     """None if the files this rank would read from checkpoint `path` are intact (manifest,
-    sizes, checksums), else the reason. Call on every rank and agree (`checkpoint_ok`)."""
+    sizes, checksums), else the reason. Call on every rank and agree (runner.all_ok)."""
     try:
         checkpoint_io.read_manifest(path)
         ps = _any_ps(loop)

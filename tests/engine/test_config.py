@@ -232,6 +232,7 @@ def test_hash_and_dict_round_trip():
         "truncation",
         "on_bad_line",
         "margin_key",
+        "template",
         "precision",
     }
 

@@ -303,13 +303,22 @@ def test_config_diff_ignores_logging_and_checkpoint_policy():
     assert config_diff(a, b) == ["optim.lr: 0.001 -> 0.002"]
 
 
-def _wait_for(path, pred, timeout=600):
+def _wait_for(path, pred, proc, timeout=600):
     t0 = time.time()
-    while time.time() - t0 < timeout:
+    while time.time() - t0 < timeout and proc.poll() is None:
         if os.path.exists(path) and pred(open(path).read()):
             return True
         time.sleep(0.2)
     return False
+
+
+def _clean_env():
+    """This process's environment without the process-group variables an in-process run
+    left behind (a child must not rendezvous on this process's port)."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
 
 
 @pytest.mark.slow
@@ -317,7 +326,7 @@ def test_sigterm_saves_at_the_step_boundary_and_resumes(assets, tmp_path):
     """A real process, SIGTERM after step 2: a checkpoint of the step it stopped at, exit
     128+15 with one line and no traceback; the rerun resumes from that step."""
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": ROOT, "NOVA_LOG_LEVEL": "WARNING"}
+    env = {**_clean_env(), "NOVA_LOG_LEVEL": "WARNING"}
     log = tmp_path / "stderr.txt"
     with open(log, "w") as errf:  # a file, not a pipe: nobody reads while it runs
         proc = subprocess.Popen(
@@ -325,7 +334,7 @@ def test_sigterm_saves_at_the_step_boundary_and_resumes(assets, tmp_path):
              *sft_args(assets, out, "train.max_steps=400")],
             stdout=subprocess.DEVNULL, stderr=errf, text=True, env=env,
         )  # fmt: skip
-        ok = _wait_for(out / "metrics.jsonl", lambda s: s.count('"loss"') >= 2)
+        ok = _wait_for(out / "metrics.jsonl", lambda s: s.count('"loss"') >= 2, proc)
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=240)
     err = log.read_text()
@@ -347,8 +356,7 @@ def test_multi_rank_user_error_printed_once(assets, tmp_path):
     """Two gloo ranks, a bad key. `nova run` (torchrun's flags, Nova's exit codes): exit 2
     and the one line is all it prints. Plain torchrun: the line once (rank 0), the workers'
     exit code 2 in torchrun's own report."""
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    env = _clean_env()
     args = sft_args(assets, tmp_path / "run", "data.max_lenght=3")
     nova = subprocess.run(
         [sys.executable, "-m", "nova_engine.cli", "run", "--standalone", "--nproc-per-node", "2",
