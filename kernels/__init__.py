@@ -18,9 +18,10 @@ _sys.modules[__name__ + ".seq_reduce"] = _seq_reduce_module
 from .group_advantages import broadcast_advantages, group_advantages  # noqa: E402
 from .linear_pair_logprobs import linear_pair_logprobs  # noqa: E402
 from .ops.gae import discounted_returns, gae, gae_packed  # noqa: E402
+from .ops.kl import kl_divergence, kl_penalty  # noqa: E402
 from .ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
 from .ops.linear_logprobs import linear_logprobs  # noqa: E402
-from .ops.policy_loss import AGG_MODES, KL_TYPES, kl_divergence, kl_penalty, policy_loss  # noqa: E402
+from .ops.policy_loss import AGG_MODES, KL_TYPES, policy_loss  # noqa: E402
 from .ops.seq_reduce import seq_reduce  # noqa: E402
 from .ops.whiten import whiten  # noqa: E402
 from .reference import linear_logprobs_reference, seq_reduce_reference  # noqa: E402
