@@ -257,11 +257,13 @@ def new_parallel_state(
             g = _group(ranks)
             if me in ranks:
                 groups[kind] = g
+    embd: dist.ProcessGroup | None = None  # None on the ranks outside the group
+    pos_embd: dist.ProcessGroup | None = None
     for ranks in layout_ranks(world, tp, pp)["pp"]:  # first and last stage share embeddings
         g = _group([ranks[0], ranks[-1]])
         pos = _group([ranks[0]])
         if me in ranks:
-            groups["embd"], groups["pos_embd"] = (
+            embd, pos_embd = (
                 (g if me in (ranks[0], ranks[-1]) else None),
                 (pos if me == ranks[0] else None),
             )
@@ -290,7 +292,7 @@ def new_parallel_state(
         pp_group=groups["pp"],
         dp_group=groups["dp"],
         mp_group=groups["mp"],
-        embd_group=groups["embd"],
+        embd_group=embd,
         device=device,
         on_gloo=on_gloo,
         pg_collection=_collection(
@@ -298,8 +300,8 @@ def new_parallel_state(
             groups["pp"],
             groups["dp"],
             groups["mp"],
-            groups["embd"],
-            groups["pos_embd"],
+            embd,
+            pos_embd,
             groups["self"],
             groups["self"],
             world_group,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from nova_engine.data.balance import balanced_split, item_tokens
 from nova_engine.data.packing import PackedBatch, PackingPlan
 from nova_engine.data.sample import PairSample
 from nova_engine.logging import get_logger
+
+if TYPE_CHECKING:
+    from nova_engine.parallel.state import ParallelState
 
 logger = get_logger(__name__)
 
@@ -83,7 +86,7 @@ class PackedDataSource:
         *,
         global_batch_size: int,
         micro_batch_tokens: int,
-        ps: Any,
+        ps: ParallelState,
         seed: int = 1234,
         shuffle: bool = True,
         epochs: int = 1,

@@ -25,18 +25,33 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from nova_engine.logging import get_logger
-from nova_engine.model.heads import attach_score_head, unwrap
+from nova_engine.model.heads import ScoreHead, attach_score_head, unwrap
 from nova_engine.parallel.state import ParallelState
+
+if TYPE_CHECKING:
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+
+    from nova_engine.config import OptimConfig
+    from nova_engine.generate import Generation, Request, SamplingParams
+    from nova_engine.model.arch import ModelArch
+    from nova_engine.model.build import NovaGPTModel
+    from nova_engine.train.schedules import LRScheduler
 
 logger = get_logger(__name__)
 
-LossFn = Callable[[torch.nn.Module, torch.Tensor, Any], tuple[torch.Tensor, Any, dict]]
-CollectFn = Callable[[torch.nn.Module, torch.Tensor, Any], Any]
+# A micro-batch: a PackedBatch, or an object that reads as one (the RL micro-batches of
+# nova_engine.train.stages.rlvr_rollout carry their per-token tensors alongside).
+MicroBatch = Any
+LossFn = Callable[
+    [torch.nn.Module, torch.Tensor, MicroBatch], tuple[torch.Tensor, Any, dict[str, Any]]
+]
+CollectFn = Callable[[torch.nn.Module, torch.Tensor, MicroBatch], Any]
 
 
 class ModelEngine:
@@ -58,13 +73,13 @@ class ModelEngine:
 
     def __init__(
         self,
-        arch,
+        arch: ModelArch,
         ps: ParallelState,
         *,
         name: str = "policy",
         weights_dir: str | None = None,
         trainable: bool = True,
-        optim: Any = None,
+        optim: OptimConfig | None = None,
         total_steps: int = 1,
         precision: str = "fp32",
         recompute: str = "none",
@@ -84,11 +99,14 @@ class ModelEngine:
             attach_score_head(self.chunks[-1], score_outputs, init_seed=score_init_seed)
         if weights_dir is not None:
             self.load_hf(weights_dir)
-        self.optimizer = self.scheduler = None
+        self.optimizer: MegatronOptimizer | None = None
+        self.scheduler: LRScheduler | None = None
+        # what the schedules run: the chunks' megatron DDP wrappers, or the frozen chunks
+        self.models: list[DistributedDataParallel] | list[NovaGPTModel]
         if not trainable:
             for c in self.chunks:
                 c.requires_grad_(False)
-            self.models: list[torch.nn.Module] = list(self.chunks)
+            self.models = list(self.chunks)
             return
         dist_opt = distributed_optimizer and optim is not None
         self.models = wrap_ddp(self.chunks, ps, use_distributed_optimizer=dist_opt)
@@ -123,8 +141,8 @@ class ModelEngine:
 
     def _schedule(
         self,
-        microbatches: Sequence[Any],
-        step_fn: Callable,
+        microbatches: Sequence[MicroBatch],
+        step_fn: Callable[..., tuple[torch.Tensor, Callable[..., Any]]],
         *,
         forward_only: bool,
         collect: bool = False,
@@ -142,8 +160,8 @@ class ModelEngine:
         )
 
     def forward_backward(
-        self, microbatches: Sequence[Any], loss_fn: LossFn, *, forward_only: bool = False
-    ) -> list[dict]:
+        self, microbatches: Sequence[MicroBatch], loss_fn: LossFn, *, forward_only: bool = False
+    ) -> list[dict[str, Any]]:
         """Forward and backward over this rank's micro-batches (packed batches on
         `ps.device`); gradients (zeroed first, summed over DP, finalized) are ready for
         `step()`. Returns the last stage's metric dicts (one per micro-batch; [] on other
@@ -168,7 +186,7 @@ class ModelEngine:
             return self._schedule(microbatches, step, forward_only=forward_only)
 
     @torch.no_grad()
-    def forward_collect(self, microbatches: Sequence[Any], fn: CollectFn) -> list[Any]:
+    def forward_collect(self, microbatches: Sequence[MicroBatch], fn: CollectFn) -> list[Any]:
         """Forward only (eval mode); `fn(model, hidden, mb)` runs on the last stage for each
         micro-batch and what it returns (per-token or per-sequence outputs) is collected:
         a list in micro-batch order on last-stage ranks, [] on the others. No loss, no
@@ -195,7 +213,7 @@ class ModelEngine:
     def step(self) -> tuple[bool, float, float]:
         """One optimizer update from the gradients of the last forward_backward:
         (applied, grad norm, learning rate used); the LR schedule advances."""
-        if self.optimizer is None:
+        if self.optimizer is None or self.scheduler is None:
             raise RuntimeError(f"engine {self.name!r} has no optimizer")
         lr = self.scheduler.apply(self.optimizer)
         ok, grad_norm, _ = self.optimizer.step()
@@ -206,7 +224,7 @@ class ModelEngine:
         """Drop the gradients of the last forward_backward without updating (a non-finite
         step); the LR schedule still advances, so LR stays tied to the data step. Returns
         the learning rate the skipped step would have used."""
-        if self.optimizer is None:
+        if self.optimizer is None or self.scheduler is None:
             raise RuntimeError(f"engine {self.name!r} has no optimizer")
         lr = self.scheduler.apply(self.optimizer)
         for m in self.models:
@@ -232,7 +250,12 @@ class ModelEngine:
                 ok &= torch.isfinite(p).all()
         return ok
 
-    def generate(self, requests: Sequence[Any], params: Any, **kwargs: Any) -> list[list[Any]]:
+    def generate(
+        self,
+        requests: Sequence[Request | Sequence[int]],
+        params: SamplingParams,
+        **kwargs: Any,
+    ) -> list[list[Generation]]:
         """KV-cache decoding on this engine's own shards (nova_engine.generate.generate:
         requests = token-id lists or Requests, params = SamplingParams; every rank of the
         layout calls it). Returns per request its `params.n` Generations."""
@@ -243,10 +266,10 @@ class ModelEngine:
     # -- weights and state ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _without_heads(self) -> Iterator[dict[int, torch.nn.Module]]:
+    def _without_heads(self) -> Iterator[dict[int, ScoreHead]]:
         """Detach the score head while HF I/O walks the decoder's parameters (hf_io maps
         the decoder; the head has its own name map in nova_engine.model.heads)."""
-        heads = {}
+        heads: dict[int, ScoreHead] = {}
         for i, c in enumerate(self.chunks):
             m = unwrap(c)
             if hasattr(m, "score"):

@@ -28,16 +28,18 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
 
-from nova_engine.data.packing import PackedBatch
 from nova_engine.logging import get_logger
 from nova_engine.train.data_source import DataSource, PackedDataSource, StepBatcher
-from nova_engine.train.engine import LossFn, ModelEngine
+from nova_engine.train.engine import LossFn, MicroBatch, ModelEngine
 from nova_engine.train.safety import NonFiniteGuard, StopRequest
+
+if TYPE_CHECKING:
+    from nova_engine.train.metrics import MetricsLogger
 
 logger = get_logger(__name__)
 
@@ -47,12 +49,17 @@ __all__ = ["Loop", "Loss", "Stage", "StepResult", "PackedDataSource", "StepBatch
 class Loss(Protocol):
     """A loss over packed micro-batches (see the module docstring)."""
 
-    metric_names: tuple[str, ...]
-    """Metrics its loss_fn reports, as sums over the micro-batch."""
-    normalizer: str
-    """The count that divides the loss (a key of `counts`)."""
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Metrics its loss_fn reports, as sums over the micro-batch."""
+        ...
 
-    def counts(self, microbatches: Sequence[Any]) -> dict[str, float]:
+    @property
+    def normalizer(self) -> str:
+        """The count that divides the loss (a key of `counts`)."""
+        ...
+
+    def counts(self, microbatches: Sequence[MicroBatch]) -> dict[str, float]:
         """This rank's normalizers of the step (summed over DP by the loop)."""
         ...
 
@@ -60,7 +67,7 @@ class Loss(Protocol):
         """The engine callback: (model, hidden, mb) -> (loss / norm, count, {metric: sum})."""
         ...
 
-    def finalize_metrics(self, sums: dict[str, float], norms: dict[str, float]) -> dict:
+    def finalize_metrics(self, sums: dict[str, float], norms: dict[str, float]) -> dict[str, float]:
         """Metric sums over the whole step (and the global norms) -> the logged values."""
         ...
 
@@ -68,7 +75,8 @@ class Loss(Protocol):
 class Stage(Protocol):
     """What a stage gives the loop: its name and one data step."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def train_step(self, loop: Loop, batch: Any) -> dict[str, float]:
         """Train on one batch of the data source (any number of `loop.update` calls);
@@ -76,7 +84,7 @@ class Stage(Protocol):
         ...
 
 
-def real_tokens(microbatches: Sequence[PackedBatch]) -> int:
+def real_tokens(microbatches: Sequence[MicroBatch]) -> int:
     return int(sum(int((mb.seq_index >= 0).sum()) for mb in microbatches))
 
 
@@ -162,7 +170,7 @@ class Loop:
     # -- one optimizer step / one evaluation pass ----------------------------------------
 
     def update(
-        self, engine: ModelEngine | str, microbatches: Sequence[PackedBatch], loss: Loss
+        self, engine: ModelEngine | str, microbatches: Sequence[MicroBatch], loss: Loss
     ) -> dict[str, float]:
         """One optimizer step of `engine` on this rank's micro-batches; returns the loss's
         metrics with lr and grad_norm."""
@@ -193,7 +201,7 @@ class Loop:
 
     @torch.no_grad()
     def evaluate(
-        self, loss: Loss, steps: Sequence[Sequence[PackedBatch]], engine: str | None = None
+        self, loss: Loss, steps: Sequence[Sequence[MicroBatch]], engine: str | None = None
     ) -> dict[str, float]:
         """Forward-only over eval steps (each a list of this rank's micro-batches); metrics
         combine over all steps by summing the loss's sums and normalizers."""
@@ -207,8 +215,8 @@ class Loop:
             results = eng.forward_backward(mbs, loss.loss_fn(ones), forward_only=True)
             for k, v in self.reduce_metrics(eng, loss.metric_names, results).items():
                 total[k] = total.get(k, 0.0) + v
-            for k, v in norms.items():
-                counts[k] = counts.get(k, 0.0) + float(v)
+            for k, n in norms.items():
+                counts[k] = counts.get(k, 0.0) + float(n)
         if "loss" in total:  # losses came as sums: the mean over the whole eval set
             total["loss"] /= max(counts.get(loss.normalizer, 1.0), 1.0)
         return loss.finalize_metrics(total, counts)
@@ -227,7 +235,7 @@ class Loop:
         self,
         stage: Stage,
         *,
-        metrics_logger: Any = None,
+        metrics_logger: MetricsLogger | None = None,
         log_every: int = 1,
         eval_every: int = 0,
         eval_fn: Callable[[], dict[str, float]] | None = None,

@@ -217,6 +217,7 @@ class MetricsLogger:
         record["elapsed"] = now - self._t0
         if not self.enabled:
             return record
+        assert self._jsonl is not None, "MetricsLogger.log after close()"
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._tb is not None:

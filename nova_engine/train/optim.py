@@ -15,20 +15,25 @@ that restores the optimizer exactly on the same layout.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from nova_engine.config import OptimConfig
 
 
 def build_optimizer(
     chunks: Sequence[torch.nn.Module],
-    optim: Any,
+    optim: OptimConfig,
     *,
     precision: str = "fp32",
     distributed: bool = False,
-    pg_collection: Any = None,
-):
+    pg_collection: ProcessGroupCollection | None = None,
+) -> MegatronOptimizer:
     """megatron optimizer over DDP-wrapped chunks (`nova_engine.parallel.pipeline.wrap_ddp`,
     built with the same `distributed` flag). `optim` is a nova_engine.config.OptimConfig;
     pg_collection: the layout's groups (ParallelState.pg_collection; None = megatron's)."""
@@ -51,23 +56,23 @@ def build_optimizer(
     )
 
 
-def _leaves(opt) -> list:
+def _leaves(opt: MegatronOptimizer) -> list[MegatronOptimizer]:
     """The megatron optimizers under a (possibly chained) optimizer."""
     return list(getattr(opt, "chained_optimizers", [opt]))
 
 
-def dp_sharded(opt) -> bool:
+def dp_sharded(opt: MegatronOptimizer) -> bool:
     """True when the optimizer state is sharded over DP (megatron's distributed optimizer)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     return any(isinstance(leaf, DistributedOptimizer) for leaf in _leaves(opt))
 
 
-def _torch_opt(leaf) -> torch.optim.Optimizer:
+def _torch_opt(leaf: MegatronOptimizer) -> torch.optim.Optimizer:
     return leaf.optimizer
 
 
-def optimizer_state(opt) -> dict[str, Any]:
+def optimizer_state(opt: MegatronOptimizer) -> dict[str, Any]:
     """This rank's optimizer state: per leaf optimizer the torch optimizer's state_dict and
     the values of the parameters it updates (fp32 master weights / their DP shards)."""
     out = []
@@ -78,7 +83,7 @@ def optimizer_state(opt) -> dict[str, Any]:
     return {"leaves": out}
 
 
-def load_optimizer_state(opt, state: dict[str, Any]) -> None:
+def load_optimizer_state(opt: MegatronOptimizer, state: dict[str, Any]) -> None:
     """Inverse of `optimizer_state` (same layout, same model)."""
     leaves = _leaves(opt)
     if len(leaves) != len(state["leaves"]):

@@ -312,7 +312,10 @@ class RefCache:
                 f"sample {bad} is not in the reference cache {self.path} "
                 f"({int(self.present.sum())} entries): run the reference pass first"
             )
-        return tuple(getattr(self, f)[idx].copy() for f in _FIELDS)  # type: ignore[return-value]
+        chosen_logp, rejected_logp, chosen_tokens, rejected_tokens = (
+            getattr(self, f)[idx].copy() for f in _FIELDS
+        )
+        return chosen_logp, rejected_logp, chosen_tokens, rejected_tokens
 
     def check_token_counts(
         self, indices: Sequence[int], chosen: Sequence[int], rejected: Sequence[int]

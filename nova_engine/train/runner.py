@@ -8,11 +8,12 @@ periodic eval/save, final export.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch.distributed as dist
 
+from nova_engine.config import RunConfig
 from nova_engine.logging import get_logger
 from nova_engine.model.hf_export import complete_hf_export, replace_dir
 from nova_engine.parallel.spawn import free_port
@@ -21,9 +22,36 @@ from nova_engine.train import checkpoint_io, safety
 from nova_engine.train.checkpoint import load_checkpoint, save_checkpoint, verify_for_rank
 from nova_engine.train.data_source import PackedDataSource
 from nova_engine.train.engine import ModelEngine
-from nova_engine.train.loop import Loop
+from nova_engine.train.loop import Loop, Loss, Stage
+
+if TYPE_CHECKING:
+    from nova_engine.config import OptimConfig
+    from nova_engine.model.arch import ModelArch
 
 logger = get_logger(__name__)
+
+
+class RunStage(Stage, Protocol):
+    """A stage the runner trains: a loop Stage that names the engine it trains."""
+
+    @property
+    def engine(self) -> str: ...
+
+
+class EvalLoss(Loss, Protocol):
+    """A loss the runner evaluates with, on the engine it names."""
+
+    @property
+    def engine(self) -> str: ...
+
+
+@runtime_checkable
+class SampleSource(Protocol):
+    """A data source that lists its sequences (Samples, PairSamples or prompts): their
+    lengths give the effective sequence length of the MFU estimate."""
+
+    @property
+    def samples(self) -> Sequence[Any]: ...
 
 
 def ensure_process_group_env() -> None:
@@ -34,7 +62,7 @@ def ensure_process_group_env() -> None:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
 
 
-def setup_parallel(run) -> ParallelState:
+def setup_parallel(run: RunConfig) -> ParallelState:
     """Process group + megatron groups for `run.parallel`, after the whole layout has been
     validated against the world and the model's dimensions and the checks that need no
     model have passed (safety.preflight: paths, writable out_dir, free disk); then rank 0
@@ -87,7 +115,7 @@ def release_run_lock(out_dir: str) -> None:
         lock.release()
 
 
-def ensure_model(run, ps: ParallelState) -> None:
+def ensure_model(run: RunConfig, ps: ParallelState) -> None:
     """Build the recipe's tiny random model at model.hf_path when it is absent (rank 0)."""
     cfg = run.model
     if cfg.build is not None and ps.rank == 0:
@@ -105,7 +133,7 @@ def ensure_model(run, ps: ParallelState) -> None:
         dist.barrier()
 
 
-def engine_for_run(run, ps: ParallelState, total_steps: int) -> ModelEngine:
+def engine_for_run(run: RunConfig, ps: ParallelState, total_steps: int) -> ModelEngine:
     """The policy engine of a stage's run config: its model, optimizer, precision, layout."""
     t = run.train
     return ModelEngine.from_hf(
@@ -115,7 +143,9 @@ def engine_for_run(run, ps: ParallelState, total_steps: int) -> ModelEngine:
     )  # fmt: skip
 
 
-def data_source(run, ps: ParallelState, data, *, train: bool) -> PackedDataSource:
+def data_source(
+    run: RunConfig, ps: ParallelState, data: Sequence[Any], *, train: bool
+) -> PackedDataSource:
     """The run's packed data source over `data`: seeded, shuffled epochs for training; one
     ordered pass for evaluation and reference passes."""
     t = run.train
@@ -130,17 +160,17 @@ def data_source(run, ps: ParallelState, data, *, train: bool) -> PackedDataSourc
     )  # fmt: skip
 
 
-def loop_for_run(run, ps: ParallelState, data: PackedDataSource) -> Loop:
+def loop_for_run(run: RunConfig, ps: ParallelState, data: PackedDataSource) -> Loop:
     """A loop with the run's policy engine over `data`."""
     return Loop({"policy": engine_for_run(run, ps, data.total_steps)}, data)
 
 
 def make_trainer(
-    arch,
+    arch: ModelArch,
     ps: ParallelState,
     *,
     weights_dir: str | None = None,
-    optim: Any = None,
+    optim: OptimConfig | None = None,
     total_steps: int = 1,
     precision: str = "fp32",
     recompute: str = "none",
@@ -155,14 +185,16 @@ def make_trainer(
     return Loop(engine)
 
 
-def eval_over(loop: Loop, stage, source: PackedDataSource) -> Callable[[], dict[str, float]]:
+def eval_over(
+    loop: Loop, stage: EvalLoss, source: PackedDataSource
+) -> Callable[[], dict[str, float]]:
     """An eval_fn for Loop.fit: the stage's metrics over every step of `source`."""
     return lambda: loop.evaluate(
         stage, [source.rank_microbatches(s) for s in range(source.total_steps)], stage.engine
     )
 
 
-def resume_path(run) -> str | None:
+def resume_path(run: RunConfig) -> str | None:
     """The checkpoint to resume from per `checkpoint.resume` ("auto", "force", "none" or a
     path), without integrity checks (see `resume`)."""
     r = run.checkpoint.resume
@@ -173,13 +205,13 @@ def resume_path(run) -> str | None:
     return r
 
 
-def run_config_json(run) -> dict[str, Any]:
+def run_config_json(run: RunConfig) -> dict[str, Any]:
     import json
 
     return json.loads(json.dumps(run.to_dict(), default=str))
 
 
-def resume(run, loop: Loop) -> str | None:
+def resume(run: RunConfig, loop: Loop) -> str | None:
     """Restore `loop` per `checkpoint.resume`; returns the checkpoint loaded (or None).
 
     "auto"/"force": the newest checkpoint whose files (those each rank reads) pass the size
@@ -220,7 +252,7 @@ def resume(run, loop: Loop) -> str | None:
     return None
 
 
-def save_guarded(run, loop: Loop) -> str | None:
+def save_guarded(run: RunConfig, loop: Loop) -> str | None:
     """Checkpoint now unless any rank's weights are non-finite (then nothing is written:
     the previous checkpoints stay the newest); a full disk -> CheckpointIOError naming the
     path. Returns the checkpoint path, or None when not written."""
@@ -246,7 +278,7 @@ def save_guarded(run, loop: Loop) -> str | None:
         raise checkpoint_io.CheckpointIOError(str(err)) from None
 
 
-def export_final(run, engine: ModelEngine, out_dir: str) -> None:
+def export_final(run: RunConfig, engine: ModelEngine, out_dir: str) -> None:
     """The final HF export, atomic: written to a temp dir, completed with tokenizer files,
     template and generation config, then swapped in for any previous export."""
     import shutil
@@ -270,7 +302,9 @@ def export_final(run, engine: ModelEngine, out_dir: str) -> None:
         dist.barrier()
 
 
-def mfu_inputs(arch, ps: ParallelState, batcher: PackedDataSource):
+def mfu_inputs(
+    arch: ModelArch, ps: ParallelState, batcher: SampleSource
+) -> tuple[float, float] | tuple[None, None]:
     """(flops per token, summed peak FLOP/s of the world) on known GPUs, else (None, None)."""
     import torch
 
@@ -293,7 +327,10 @@ def mfu_inputs(arch, ps: ParallelState, batcher: PackedDataSource):
 
 
 def train_stage(
-    run, loop: Loop, stage, eval_fn: Callable[[], dict[str, float]] | None = None
+    run: RunConfig,
+    loop: Loop,
+    stage: RunStage,
+    eval_fn: Callable[[], dict[str, float]] | None = None,
 ) -> list[dict[str, float]]:
     """Resume if asked, train to the end with periodic eval/save, save, export the policy to
     <out_dir>/hf. Returns the per-step metrics of this process's run. SIGINT/SIGTERM: a
@@ -330,14 +367,26 @@ def train_stage(
     return out
 
 
-def _fit(run, loop: Loop, stage, policy: ModelEngine, eval_fn, save) -> list[dict[str, float]]:
+def _fit(
+    run: RunConfig,
+    loop: Loop,
+    stage: RunStage,
+    policy: ModelEngine,
+    eval_fn: Callable[[], dict[str, float]] | None,
+    save: Callable[[int], None],
+) -> list[dict[str, float]]:
     from nova_engine.train.metrics import MetricsLogger
 
     t = run.train
-    fpt, peak = mfu_inputs(policy.arch, policy.ps, loop.data)
+    data = loop.data
+    if data is None:
+        raise ValueError("train_stage needs a loop with a data source (Loop(engines, data=...))")
+    fpt, peak = (
+        mfu_inputs(policy.arch, policy.ps, data) if isinstance(data, SampleSource) else (None, None)
+    )
     with MetricsLogger(
         t.out_dir,
-        total_steps=loop.data.total_steps,
+        total_steps=data.total_steps,
         stage=stage.name,
         tensorboard=t.tensorboard,
         start_step=loop.step,

@@ -16,9 +16,12 @@ with T = total_steps and W = warmup_steps. With min_lr = 0 these equal HF's sche
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 from nova_engine.logging import get_logger
+
+if TYPE_CHECKING:
+    from nova_engine.config import OptimConfig
 
 logger = get_logger(__name__)
 
@@ -52,6 +55,23 @@ def lr_at(
     return min_lr + (lr - min_lr) * factor
 
 
+class ScheduleSettings(TypedDict):
+    """The keyword arguments of `lr_at` besides the step."""
+
+    lr: float
+    total_steps: int
+    warmup_steps: int
+    schedule: str
+    min_lr: float
+
+
+class HasParamGroups(Protocol):
+    """An optimizer (torch's or megatron's) whose param groups carry the learning rate."""
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]: ...
+
+
 class LRScheduler:
     """Holds the step count and sets the optimizer's learning rate.
 
@@ -70,7 +90,7 @@ class LRScheduler:
         schedule: str = "linear",
         min_lr: float = 0.0,
     ):
-        self.settings = dict(
+        self.settings = ScheduleSettings(
             lr=float(lr),
             total_steps=int(total_steps),
             warmup_steps=int(warmup_steps),
@@ -81,7 +101,7 @@ class LRScheduler:
         self.step_count = 0
 
     @classmethod
-    def from_config(cls, optim: Any, total_steps: int) -> LRScheduler:
+    def from_config(cls, optim: OptimConfig, total_steps: int) -> LRScheduler:
         """From a nova_engine.config.OptimConfig and the run's total steps."""
         return cls(
             lr=optim.lr,
@@ -96,13 +116,13 @@ class LRScheduler:
         """The learning rate of the next update."""
         return lr_at(self.step_count, **self.settings)
 
-    def apply(self, optimizer: Any) -> float:
+    def apply(self, optimizer: HasParamGroups) -> float:
         lr = self.lr
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         return lr
 
-    def step(self, optimizer: Any | None = None) -> float:
+    def step(self, optimizer: HasParamGroups | None = None) -> float:
         """Count one completed update; set (and return) the next update's learning rate."""
         self.step_count += 1
         return self.apply(optimizer) if optimizer is not None else self.lr

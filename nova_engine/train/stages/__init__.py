@@ -13,7 +13,10 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nova_engine.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -29,11 +32,11 @@ class StageSpec:
         return importlib.import_module(self.module)
 
     @property
-    def config_class(self) -> type:
+    def config_class(self) -> type[RunConfig]:
         """The stage's RunConfig subclass."""
         return self.load().CONFIG
 
-    def run(self, run_config: Any) -> list[dict[str, float]]:
+    def run(self, run_config: RunConfig) -> list[dict[str, float]]:
         return self.load().run(run_config)
 
 
@@ -43,6 +46,8 @@ STAGES: dict[str, StageSpec] = {
         StageSpec("sft", "nova_engine.train.stages.sft", "supervised fine-tuning"),
         StageSpec("dpo", "nova_engine.train.stages.dpo", "preference optimization (DPO family)"),
         StageSpec("rm", "nova_engine.train.stages.rm", "reward model (Bradley-Terry, regression)"),
-        StageSpec("rlvr", "nova_engine.train.stages.rlvr", "RL with verifiable rewards (GRPO, PPO)"),
+        StageSpec(
+            "rlvr", "nova_engine.train.stages.rlvr", "RL with verifiable rewards (GRPO, PPO)"
+        ),
     )
 }

@@ -19,7 +19,7 @@ import os
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -39,6 +39,12 @@ from nova_engine.losses.dpo import (
 from nova_engine.model.heads import _tp_args, lm_head_weight
 from nova_engine.parallel.state import ParallelState
 from nova_engine.train.ref_cache import RefCache
+
+if TYPE_CHECKING:
+    from nova_engine.data.sample import PairSample
+    from nova_engine.train.data_source import PackedDataSource
+    from nova_engine.train.engine import LossFn, ModelEngine
+    from nova_engine.train.loop import Loop
 
 logger = get_logger(__name__)
 
@@ -116,6 +122,13 @@ def pair_logps(model, hidden, mb: PackedBatch, ps: ParallelState):
     return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
 
 
+def _pair_ids(mb: PackedBatch) -> torch.Tensor:
+    """[P] PairSample.index of a pairs-mode micro-batch."""
+    if mb.pair_ids is None:
+        raise ValueError("DPO needs pairs-mode micro-batches (PackedBatch.pair_ids is None)")
+    return mb.pair_ids
+
+
 class DPOStage:
     """Loss and stage for the loop (nova_engine.train.loop.Loss / Stage)."""
 
@@ -128,24 +141,27 @@ class DPOStage:
         self.ps, self.cfg, self.ref = ps, loss_config, ref
 
     def counts(self, microbatches: Sequence[PackedBatch]) -> dict[str, float]:
-        return {"pairs": float(sum(len(mb.pair_ids) for mb in microbatches))}
+        return {"pairs": float(sum(len(_pair_ids(mb)) for mb in microbatches))}
 
-    def _ref(self, mb: PackedBatch):
+    def _ref(self, mb: PackedBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(chosen, rejected) [P] reference log-prob sums of the batch's pairs (None: no
+        reference, a reference-free loss)."""
         if self.ref is None:
-            return None, None
-        c, r, _, _ = self.ref.lookup(mb.pair_ids.cpu().numpy())
+            return None
+        c, r, _, _ = self.ref.lookup(_pair_ids(mb).cpu().numpy())
         dev = self.ps.device
         return torch.from_numpy(c).float().to(dev), torch.from_numpy(r).float().to(dev)
 
-    def loss_fn(self, norms: dict[str, torch.Tensor]):
+    def loss_fn(self, norms: dict[str, torch.Tensor]) -> LossFn:
         ps, cfg, global_count = self.ps, self.cfg, norms["pairs"]
 
         def loss_fn(model, hidden, mb: PackedBatch):
-            ref_c, ref_r = self._ref(mb)
+            ref = self._ref(mb)
+            ref_c, ref_r = (None, None) if ref is None else ref
 
             def pair_loss(lp, n, first):  # whole pairs first//2 ...: sum of their losses / P
                 a, b = first // 2, (first + len(lp)) // 2
-                refs = (None, None) if ref_c is None else (ref_c[a:b], ref_r[a:b])
+                refs = (None, None) if ref is None else (ref[0][a:b], ref[1][a:b])
                 p = PreferenceLogps(lp[0::2], lp[1::2], n[0::2], n[1::2], *refs)
                 return reduce_pairs(dpo_loss(p, cfg).losses, global_count)
 
@@ -182,18 +198,18 @@ class DPOStage:
             out[k] = sums[k] / n
         return out
 
-    def train_step(self, loop, batch) -> dict[str, float]:
+    def train_step(self, loop: Loop, batch: list[PackedBatch]) -> dict[str, float]:
         return loop.update(self.engine, batch, self)
 
 
-def reference_pass(engine, source, cache: RefCache) -> RefCache:
+def reference_pass(engine: ModelEngine, source: PackedDataSource, cache: RefCache) -> RefCache:
     """Fill `cache` with `engine`'s per-pair log-prob sums over every step of `source` (a
     PackedDataSource; forward only), save it (rank 0) and return it on every rank."""
     ps = engine.ps
 
     def rows(model, hidden, mb: PackedBatch):
         pc, pr, nc, nr = pair_logps(model, hidden, mb, ps)
-        return torch.stack([mb.pair_ids.to(pc).double(), pc.double(), pr.double(), nc, nr], 1)
+        return torch.stack([_pair_ids(mb).to(pc).double(), pc.double(), pr.double(), nc, nr], 1)
 
     mine_parts: list[np.ndarray] = []
     for s in range(source.total_steps):
@@ -220,7 +236,7 @@ def reference_pass(engine, source, cache: RefCache) -> RefCache:
     return cache
 
 
-def load_pairs(run, paths) -> list:
+def load_pairs(run: RunConfig, paths: Sequence[str]) -> list[PairSample]:
     from nova_engine.data.tokenize import load_samples
 
     d = run.data

@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import os
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -55,6 +55,12 @@ from nova_engine.losses.reward import (
 from nova_engine.model.heads import sequence_scores
 from nova_engine.parallel.state import ParallelState
 from nova_engine.train.engine import ModelEngine
+
+if TYPE_CHECKING:
+    from nova_engine.model.arch import ModelArch
+    from nova_engine.train.data_source import PackedDataSource
+    from nova_engine.train.engine import LossFn
+    from nova_engine.train.loop import Loop
 
 logger = get_logger(__name__)
 
@@ -120,7 +126,7 @@ class RMLossSection:
 
 @dataclass
 class RMRunConfig(RunConfig):
-    model: RMModelSection  # type: ignore[assignment]
+    model: RMModelSection
     loss: RMLossSection = field(default_factory=RMLossSection)
 
     stage: typing.ClassVar[str] = "rm"
@@ -152,8 +158,9 @@ class RewardEngine(ModelEngine):
     """A ModelEngine whose HF I/O is *ForSequenceClassification: loads pick `score_rows` of
     the checkpoint's head, exports write `score.weight` with the output names and pad id."""
 
-    def __init__(self, arch, ps, *, labels: Sequence[str], pad_token_id: int,
-                 score_rows: Sequence[int] | None = None, **kwargs: Any):  # fmt: skip
+    def __init__(self, arch: ModelArch, ps: ParallelState, *, labels: Sequence[str],
+                 pad_token_id: int, score_rows: Sequence[int] | None = None,
+                 **kwargs: Any):  # fmt: skip
         self.labels, self.pad_token_id, self.score_rows = tuple(labels), pad_token_id, score_rows
         super().__init__(arch, ps, score_outputs=len(self.labels), **kwargs)
 
@@ -222,7 +229,7 @@ class RMStage:
             return {"pairs": float(sum(mb.num_samples // 2 for mb in microbatches))}
         return {"scores": sum(float((~self._targets(mb).isnan()).sum()) for mb in microbatches)}
 
-    def loss_fn(self, norms: dict[str, torch.Tensor]):
+    def loss_fn(self, norms: dict[str, torch.Tensor]) -> LossFn:
         ps, cfg, g = self.ps, self.cfg, norms[self.normalizer]
 
         def pairwise(model, hidden, mb: PackedBatch):
@@ -264,14 +271,16 @@ class RMStage:
                 out[f"mse/{a}"] = sums[f"sq_err/{a}"] / sums[f"n/{a}"]
         return out
 
-    def train_step(self, loop, batch) -> dict[str, float]:
+    def train_step(self, loop: Loop, batch: list[PackedBatch]) -> dict[str, float]:
         return loop.update(self.engine, batch, self)
 
 
 # ------------------------------------------------------------------------------ evaluation
 
 
-def pair_rewards(engine: ModelEngine, source, weights: Sequence[float]) -> dict[int, tuple]:
+def pair_rewards(
+    engine: ModelEngine, source: PackedDataSource, weights: Sequence[float]
+) -> dict[int, tuple[float, float]]:
     """{pair index: (r_chosen, r_rejected)} over every step of `source` (pairs; forward
     only), gathered on every rank. The reward of a K-output head is sum_k weights[k] s_k."""
     ps = engine.ps
@@ -291,7 +300,12 @@ def pair_rewards(engine: ModelEngine, source, weights: Sequence[float]) -> dict[
     return {int(i): (c, r) for g in gathered if g is not None for i, c, r in g}
 
 
-def rewardbench_eval(engine: ModelEngine, source, subsets: dict[int, str], weights):
+def rewardbench_eval(
+    engine: ModelEngine,
+    source: PackedDataSource,
+    subsets: dict[int, str],
+    weights: Sequence[float],
+) -> Callable[[], dict[str, float]]:
     """An eval_fn: RewardBench metrics (nova_engine.eval.rewardbench) of the held-out pairs."""
     from nova_engine.eval.rewardbench import score_comparisons
 
@@ -376,7 +390,9 @@ def build_engine(run: RMRunConfig, ps: ParallelState, total_steps: int, data) ->
     )  # fmt: skip
 
 
-def prepare(run: RMRunConfig, ps: ParallelState):
+def prepare(
+    run: RMRunConfig, ps: ParallelState
+) -> tuple[Loop, RMStage, Callable[[], dict[str, float]] | None]:
     """(loop, stage, eval_fn or None) of `run` on the layout `ps`: data, the reward engine
     (initialized per model.init_from), the loss, the held-out RewardBench evaluation."""
     from nova_engine.train import runner

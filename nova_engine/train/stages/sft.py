@@ -18,6 +18,7 @@ import math
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +26,11 @@ from nova_engine.config import RunConfig
 from nova_engine.data.packing import PackedBatch
 from nova_engine.model.heads import token_logprobs, unwrap  # noqa: F401 (re-exported)
 from nova_engine.parallel.state import ParallelState
+
+if TYPE_CHECKING:
+    from nova_engine.data.sample import Sample
+    from nova_engine.train.engine import LossFn
+    from nova_engine.train.loop import Loop
 
 
 @dataclass
@@ -52,7 +58,7 @@ class SFTStage:
     def counts(self, microbatches: Sequence[PackedBatch]) -> dict[str, float]:
         return {"tokens": float(sum(float((mb.loss_mask != 0).sum()) for mb in microbatches))}
 
-    def loss_fn(self, norms: dict[str, torch.Tensor]):
+    def loss_fn(self, norms: dict[str, torch.Tensor]) -> LossFn:
         from nova_engine.losses.sft import sft_loss_fused
 
         ps, global_count = self.ps, norms["tokens"]
@@ -76,11 +82,11 @@ class SFTStage:
         loss = sums["loss"]
         return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "loss_tokens": sums["loss_tokens"]}
 
-    def train_step(self, loop, batch) -> dict[str, float]:
+    def train_step(self, loop: Loop, batch: list[PackedBatch]) -> dict[str, float]:
         return loop.update(self.engine, batch, self)
 
 
-def load_chat(run, paths) -> list:
+def load_chat(run: RunConfig, paths: Sequence[str]) -> list[Sample]:
     from nova_engine.data.tokenize import load_samples
 
     d = run.data
