@@ -41,9 +41,11 @@ demo-pas: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
+# ruff, then mypy on nova_engine and nova_kernels (kernels/) as [tool.mypy] in pyproject.toml says
 lint: $(STAMP)
 	$(VENV)/bin/ruff check nova_engine kernels tests benchmarks
 	$(VENV)/bin/ruff format --check nova_engine kernels tests benchmarks
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf build *.egg-info nova_engine/_C*.so
