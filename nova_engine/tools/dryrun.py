@@ -92,9 +92,11 @@ def meta_megatron() -> Iterator[None]:
         config.embedding_init_method = no_init
         return config
 
-    # deliberate patches against the declared types: megatron allocates on current_device()
-    # (a device here, an int index in torch's stubs) and reads tensor.type() strings
-    torch.cuda.current_device = lambda: torch.device("meta")  # type: ignore[assignment,return-value]
+    def meta_device() -> torch.device:  # megatron allocates on torch.cuda.current_device()
+        return torch.device("meta")
+
+    # deliberate patches against the declared types (current_device returns an int index)
+    torch.cuda.current_device = meta_device  # type: ignore[assignment]
     torch.Tensor.type = type_  # type: ignore[method-assign]
     build.transformer_config = device_init_config
     try:
