@@ -250,6 +250,7 @@ def group_advantages(
             if group_size is not None:
                 ids = torch.arange(G, device=scores.device).repeat_interleave(group_size)
             else:
+                assert group_ids is not None  # _layout requires one of the two
                 ids = group_ids.long()
             return _group_adv_torch(scores, ids, G, estimator, eps)
         adv = _empty(scores.shape, dtype=torch.float32, device=scores.device)

@@ -50,6 +50,7 @@ from collections.abc import Callable
 import torch
 
 from ._backend import resolve_backend
+from ._common import _acc_dtype
 from ._vocab_parallel import (
     _check,
     _local_targets,
@@ -58,7 +59,7 @@ from ._vocab_parallel import (
     _tp_combine,
     _tp_info,
 )
-from .linear_logprobs import _acc_dtype, _budget, _compute_dtype
+from .ops.linear_logprobs import _budget, _compute_dtype
 
 GroupLoss = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -160,13 +161,13 @@ class LinearPairLogprobsFunction(torch.autograd.Function):
                     ch = _Chunk(h_r, w_c, tgt_N[a:b], acc, tp_group, tp)
                 g_t = g_seq.to(acc)[seg_N[a - cu[0] : b - cu[0]] - s0] * wts_N[a:b]
                 dz = ch.dz(g_t, cdt)
-                if need_h:
+                if grad_h is not None:
                     grad_h[a:b] = (dz @ w_c).to(hidden.dtype)  # GEMM 2
-                if need_w:
+                if grad_w is not None:
                     grad_w.addmm_(dz.T, h_r)  # GEMM 3
-        if need_h:
+        if grad_h is not None:
             grad_h = _reduce_grad_hidden(grad_h, tp_group, tp, sp)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         ctx.mark_non_differentiable(sums, counts)
         return loss, sums, counts
 
@@ -227,8 +228,8 @@ def linear_pair_logprobs_reference(
 ):
     """The 4-GEMM path the fused head replaces: `linear_logprobs` -> `seq_reduce` (sum, with
     counts) -> group_loss over all sequences at once. Same returns (logps/counts detached)."""
-    from .linear_logprobs import linear_logprobs
-    from .seq_reduce import seq_reduce
+    from .ops.linear_logprobs import linear_logprobs
+    from .ops.seq_reduce import seq_reduce
 
     num_seq = len(cu_seqlens) - 1 if num_sequences is None else int(num_sequences)
     logp = linear_logprobs(hidden, weight, targets, **kw)

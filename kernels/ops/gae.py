@@ -335,6 +335,7 @@ def gae(
             block_t,
             n_splits,
         )
+        assert r is not None  # GAE mode writes the returns too
         return a.view(B, T), r.view(B, T)
 
 
@@ -368,7 +369,7 @@ def gae_packed(
         lens = cu_seqlens[1:] - cu_seqlens[:-1]
         S = lens.numel()
         max_len = int(lens.max()) if S else 0
-        return _launch_scan(
+        adv, ret = _launch_scan(
             rewards.contiguous(),
             values.contiguous(),
             mask.contiguous(),
@@ -382,6 +383,8 @@ def gae_packed(
             block_t,
             n_splits,
         )
+        assert ret is not None  # GAE mode writes the returns too
+        return adv, ret
 
 
 def discounted_returns(

@@ -77,13 +77,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 dz = e.mul_((wr * torch.exp(m - M) / S)[:, None])  # w * p
                 dz.scatter_add_(1, tcol, torch.where(hit, -wr, 0.0)[:, None].to(dz.dtype))
                 dz = dz.to(cdt)
-                if need_h:
+                if grad_h is not None:
                     grad_h[r] = dz @ w_c
-                if need_w:
+                if grad_w is not None:
                     grad_w.addmm_(dz.T, h_r)
-        if need_h:
+        if grad_h is not None:
             grad_h = _reduce_grad_hidden(grad_h, tp_group, tp, sp)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if need_w else None)
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         return loss
 
     @staticmethod

@@ -464,7 +464,7 @@ def _grads(h_NH, w_VpH, tgt_N, lse_N, mu_N, glp_N, gent_N, with_entropy, backend
                 with_entropy,
                 ws_view,
             )
-            if need_h:
+            if grad_h is not None:
                 if cdt == acc:
                     grad_h[r].addmm_(dz, w_cc)
                 else:
@@ -472,7 +472,8 @@ def _grads(h_NH, w_VpH, tgt_N, lse_N, mu_N, glp_N, gent_N, with_entropy, backend
             if need_w:
                 part = dz.T @ h_r.to(cdt)
                 gw = part.to(acc) if gw is None else gw.add_(part)
-        if need_w:
+        if grad_w is not None:
+            assert gw is not None  # N >= 1: every row chunk added its part
             grad_w[c0 : c0 + vc] = gw
     return grad_h, grad_w
 
