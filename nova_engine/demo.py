@@ -122,7 +122,7 @@ def exact_match_accuracy(model, ct, problems, model_dir: str, check: int = 20) -
 
 
 @torch.no_grad()
-def response_logps(model, ct, problems) -> torch.Tensor:
+def response_logps(model, ct, problems) -> tuple[torch.Tensor, torch.Tensor]:
     """[P, 2] summed log-probs of the right and the wrong answer (response tokens) and
     [P, 2] their token counts."""
     sums, counts = [], []
