@@ -1,5 +1,5 @@
 # Nova Engine — the two commands a newcomer needs:
-#   make demo   tiny Llama-architecture model: SFT then DPO on CPU, prints a results table
+#   make demo   tiny Llama-architecture model: SFT -> DPO -> reward model -> RLVR (+ ExPO) on CPU, a results table
 #   make test   lint, format check and the whole test suite (CPU; Triton kernels through
 #               TRITON_INTERPRET=1); `make test-fast` skips the tests marked slow (spawned
 #               process groups, whole training runs): under a minute on 2 cores
