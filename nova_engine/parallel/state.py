@@ -143,14 +143,34 @@ def initialize_parallel(
     device = (
         torch.device("cuda", torch.cuda.current_device()) if not on_gloo else torch.device("cpu")
     )
-    state = ParallelState(
+    state = _state_from_megatron(
+        tp, pp, dp, vpp, sp, device, on_gloo, pg_collection=_mpu_collection(mpu)
+    )
+    log.info("parallel layout: %s", state.describe())
+    return state
+
+
+def _state_from_megatron(
+    tp: int,
+    pp: int,
+    dp: int,
+    vpp: int | None,
+    sp: bool,
+    device: torch.device,
+    on_gloo: bool,
+    pg_collection: Any = None,
+) -> ParallelState:
+    """The ParallelState of megatron's just-initialized global groups (this rank's view)."""
+    from megatron.core import parallel_state as mpu
+
+    return ParallelState(
         tp=tp,
         pp=pp,
         dp=dp,
         vpp=vpp,
         sp=sp,
         rank=dist.get_rank(),
-        world_size=world_size,
+        world_size=dist.get_world_size(),
         tp_rank=mpu.get_tensor_model_parallel_rank(),
         pp_rank=mpu.get_pipeline_model_parallel_rank(),
         dp_rank=mpu.get_data_parallel_rank(),
@@ -161,10 +181,39 @@ def initialize_parallel(
         embd_group=mpu.get_embedding_group(check_initialized=False),
         device=device,
         on_gloo=on_gloo,
-        pg_collection=_mpu_collection(mpu),
+        pg_collection=pg_collection,
     )
-    log.info("parallel layout: %s", state.describe())
-    return state
+
+
+def initialize_fake_parallel(
+    rank: int, world_size: int, tp: int, pp: int, vpp: int | None, sp: bool
+) -> ParallelState:
+    """Rank `rank` of a `world_size` layout under torch's `fake` process-group backend
+    (FakeStore: collectives are no-ops), with megatron's groups on top and tensors on the
+    meta device — what `nova dryrun` builds every rank's shard on. Tear down with
+    `destroy_fake_parallel()`."""
+    from megatron.core import parallel_state as mpu
+    from megatron.core import tensor_parallel
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    vpp = vpp if vpp and vpp > 1 else None
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    mpu.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        create_gloo_process_groups=False,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)  # the CPU RNG tracker (cpu_support)
+    dp = world_size // (tp * pp)
+    return _state_from_megatron(tp, pp, dp, vpp, sp, torch.device("meta"), on_gloo=False)
+
+
+def destroy_fake_parallel() -> None:
+    """Tear down megatron's groups and the fake default process group."""
+    destroy_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _collection(

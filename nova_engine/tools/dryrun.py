@@ -106,55 +106,6 @@ def meta_megatron() -> Iterator[None]:
             setattr(owner, name, value)
 
 
-def _fake_rank_state(rank: int, world: int, tp: int, pp: int, vpp: int, sp: bool):
-    """Initialize the fake process group as `rank` and megatron's groups; -> ParallelState."""
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as mpu
-    from megatron.core import tensor_parallel
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from nova_engine.parallel.state import ParallelState
-
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
-    mpu.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
-        create_gloo_process_groups=False,
-    )
-    tensor_parallel.model_parallel_cuda_manual_seed(1234)  # the CPU RNG tracker (cpu_support)
-    return ParallelState(
-        tp=tp,
-        pp=pp,
-        dp=world // (tp * pp),
-        vpp=vpp if vpp > 1 else None,
-        sp=sp,
-        rank=rank,
-        world_size=world,
-        tp_rank=mpu.get_tensor_model_parallel_rank(),
-        pp_rank=mpu.get_pipeline_model_parallel_rank(),
-        dp_rank=mpu.get_data_parallel_rank(),
-        tp_group=mpu.get_tensor_model_parallel_group(),
-        pp_group=mpu.get_pipeline_model_parallel_group(),
-        dp_group=mpu.get_data_parallel_group(),
-        mp_group=mpu.get_model_parallel_group(),
-        embd_group=mpu.get_embedding_group(check_initialized=False),
-        device=torch.device("meta"),
-        on_gloo=False,
-    )
-
-
-def _teardown() -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as mpu
-
-    if mpu.model_parallel_is_initialized():
-        mpu.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _score_head(chunks, arch, num_labels: int = 1) -> None:
     """Replace the last stage's LM head by a [num_labels, h] score head (reward / value
     models; nova_engine.model.heads' parameter contract: `score.weight`, replicated)."""
@@ -201,10 +152,11 @@ def build_rank(run, arch, kinds: dict[str, bool], rank: int, world: int) -> Rank
     meta device; count what it holds."""
     from nova_engine.model.build import build_model
     from nova_engine.parallel.pipeline import wrap_ddp
+    from nova_engine.parallel.state import destroy_fake_parallel, initialize_fake_parallel
     from nova_engine.train.optim import build_optimizer
 
     par, tr = run.parallel, run.train
-    ps = _fake_rank_state(rank, world, par.tp, par.pp, par.vpp, par.sp)
+    ps = initialize_fake_parallel(rank, world, par.tp, par.pp, par.vpp, par.sp)
     try:
         rep = RankReport(rank, ps.tp_rank, ps.pp_rank, ps.dp_rank)
         for kind, trained in kinds.items():
@@ -229,7 +181,7 @@ def build_rank(run, arch, kinds: dict[str, bool], rank: int, world: int) -> Rank
             )
         return rep
     finally:
-        _teardown()
+        destroy_fake_parallel()
 
 
 def check(reports: list[RankReport], arch, run, stage: str) -> list[str]:
