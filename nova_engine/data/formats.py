@@ -32,7 +32,7 @@ import json
 import math
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -326,32 +326,52 @@ def _log_skips(path: str, stats: ReadStats) -> None:
         )
 
 
-def _read(path, kind, on_bad_line, start_index, margin_key):
+def read_jsonl(
+    path: str | os.PathLike,
+    parse: Callable[[dict, int, str], Any],
+    *,
+    on_bad_line: OnBadLine = "error",
+    start_index: int = 0,
+    stats: ReadStats | None = None,
+) -> tuple[list, ReadStats]:
+    """The one line loop of every data layout's reader: `parse(obj, index, source)` turns a
+    line's JSON object into a record (index = start_index + records so far, source =
+    "path:line"), raises _Bad for a bad line — DataError naming file:line, or skipped and
+    counted with on_bad_line="skip" — or returns None for a line dropped on purpose (the
+    parser counts it). `stats` (a ReadStats subclass) collects the counts."""
     if on_bad_line not in ("error", "skip"):
         raise ValueError(f'on_bad_line={on_bad_line!r}: expected "error" or "skip"')
     path = os.fspath(path)
-    stats = ReadStats()
+    stats = ReadStats() if stats is None else stats
     records: list = []
     for lineno, obj in _iter_objects(path):
         stats.n_lines += 1
         try:
             if isinstance(obj, _Bad):
                 raise obj
-            index, source = start_index + len(records), f"{path}:{lineno}"
-            if kind == "sft":
-                msgs, rid = parse_sft(obj)
-                records.append(ChatRecord(msgs, index, source, rid))
-            else:
-                prompt, c, r, rid, margin = parse_pair(obj, margin_key)
-                records.append(PairRecord(prompt, c, r, index, source, rid, margin))
+            rec = parse(obj, start_index + len(records), f"{path}:{lineno}")
         except _Bad as bad:
             err = DataError(path, lineno, bad.reason, bad.kind)
             if on_bad_line == "error":
                 raise err from None
             stats.add_skip(err)
+            continue
+        if rec is not None:
+            records.append(rec)
     stats.n_ok = len(records)
     _log_skips(path, stats)
     return records, stats
+
+
+def _read(path, kind, on_bad_line, start_index, margin_key):
+    def parse(obj: dict, index: int, source: str) -> ChatRecord | PairRecord:
+        if kind == "sft":
+            msgs, rid = parse_sft(obj)
+            return ChatRecord(msgs, index, source, rid)
+        prompt, c, r, rid, margin = parse_pair(obj, margin_key)
+        return PairRecord(prompt, c, r, index, source, rid, margin)
+
+    return read_jsonl(path, parse, on_bad_line=on_bad_line, start_index=start_index)
 
 
 def read_sft_jsonl(

@@ -48,19 +48,17 @@ from typing import Any
 import numpy as np
 
 from nova_engine.data.formats import (
-    DataError,
     Message,
     OnBadLine,
     PairRecord,
     ReadStats,
     _Bad,
     _get_id,
-    _iter_objects,
-    _log_skips,
     _prompt_turns,
     _require,
     _response_turns,
     parse_pair,
+    read_jsonl,
 )
 from nova_engine.data.sample import PairSample, Sample
 from nova_engine.data.tokenize import ChatTokenizer, TokenizeStats, Truncation, tokenize_pairs
@@ -197,31 +195,26 @@ Parse = Callable[[dict, int, str], Any]
 
 
 def _read(paths, parse: Parse, on_bad_line: OnBadLine) -> tuple[list, RewardReadStats]:
-    if on_bad_line not in ("error", "skip"):
-        raise ValueError(f'on_bad_line={on_bad_line!r}: expected "error" or "skip"')
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     records: list = []
     total = RewardReadStats()
     for p in paths:
-        path, stats = os.fspath(p), RewardReadStats()
-        for lineno, obj in _iter_objects(path):
-            stats.n_lines += 1
+        stats = RewardReadStats()
+
+        def keep_ties_out(obj: dict, index: int, source: str, stats=stats) -> Any:
             try:
-                if isinstance(obj, _Bad):
-                    raise obj
-                records.append(parse(obj, len(records), f"{path}:{lineno}"))
-                stats.n_ok += 1
+                return parse(obj, index, source)
             except _Tie:
                 stats.ties += 1
-            except _Bad as bad:
-                err = DataError(path, lineno, bad.reason, bad.kind)
-                if on_bad_line == "error":
-                    raise err from None
-                stats.add_skip(err)
-        _log_skips(path, stats)
+                return None
+
+        got, _ = read_jsonl(
+            p, keep_ties_out, on_bad_line=on_bad_line, start_index=len(records), stats=stats
+        )
+        records += got
         if stats.ties and is_rank0():
-            logger.info("%s: dropped %d ties (preference_strength 0)", path, stats.ties)
+            logger.info("%s: dropped %d ties (preference_strength 0)", os.fspath(p), stats.ties)
         total.merge(stats)
     return records, total
 

@@ -37,16 +37,14 @@ from typing import Any
 import numpy as np
 
 from nova_engine.data.formats import (
-    DataError,
     Message,
     OnBadLine,
     ReadStats,
     _Bad,
     _check_messages,
     _get_id,
-    _iter_objects,
-    _log_skips,
     _require,
+    read_jsonl,
 )
 from nova_engine.logging import get_logger
 
@@ -140,27 +138,12 @@ def read_rlvr_jsonl(
     path: str | os.PathLike, *, on_bad_line: OnBadLine = "error", start_index: int = 0
 ) -> tuple[list[RLVRRecord], ReadStats]:
     """Read one RLVR JSONL file; DataError on the first bad line unless on_bad_line="skip"."""
-    if on_bad_line not in ("error", "skip"):
-        raise ValueError(f'on_bad_line={on_bad_line!r}: expected "error" or "skip"')
-    path = os.fspath(path)
-    stats = ReadStats()
-    records: list[RLVRRecord] = []
-    for lineno, obj in _iter_objects(path):
-        stats.n_lines += 1
-        try:
-            if isinstance(obj, _Bad):
-                raise obj
-            msgs, gt, dataset, rid = parse_rlvr(obj)
-            index = start_index + len(records)
-            records.append(RLVRRecord(msgs, gt, dataset, index, f"{path}:{lineno}", rid))
-        except _Bad as bad:
-            err = DataError(path, lineno, bad.reason, bad.kind)
-            if on_bad_line == "error":
-                raise err from None
-            stats.add_skip(err)
-    stats.n_ok = len(records)
-    _log_skips(path, stats)
-    return records, stats
+
+    def parse(obj: dict, index: int, source: str) -> RLVRRecord:
+        msgs, gt, dataset, rid = parse_rlvr(obj)
+        return RLVRRecord(msgs, gt, dataset, index, source, rid)
+
+    return read_jsonl(path, parse, on_bad_line=on_bad_line, start_index=start_index)
 
 
 def read_rlvr(
