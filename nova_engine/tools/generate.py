@@ -201,19 +201,19 @@ def _output(line: PromptLine, gens, tok, n: int, entropy: bool) -> dict[str, Any
     return rec
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
+def load_arch_and_tokenizer(model: str, tokenizer: str | None) -> tuple[str, Any, Any]:
+    """(model directory, ModelArch, ChatTokenizer) of an HF directory or a checkpoint
+    (`resolve_model_dir`), the tokenizer from `tokenizer` or the model directory; a bad
+    directory, architecture or tokenizer -> UserError naming the option."""
     from nova_engine.data.tokenize import ChatTokenizer, TemplateError
-    from nova_engine.generate import Request, SamplingParams, generate
     from nova_engine.model.arch import ArchitectureError, load_arch
 
-    model_dir = resolve_model_dir(args.model)
+    model_dir = resolve_model_dir(model)
     try:
         arch = load_arch(model_dir)
     except ArchitectureError as e:
         raise UserError(f"--model: {e}") from None
-    tok_dir = args.tokenizer or model_dir
+    tok_dir = tokenizer or model_dir
     try:
         ct = ChatTokenizer(tok_dir)
     except TemplateError as e:
@@ -222,6 +222,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             f"--tokenizer {tok_dir}: no tokenizer there ({e}); pass --tokenizer"
         ) from None
+    return model_dir, arch, ct
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from nova_engine.generate import Request, SamplingParams, generate
+    from nova_engine.model.arch import ArchitectureError
+
+    model_dir, arch, ct = load_arch_and_tokenizer(args.model, args.tokenizer)
     lines = read_prompts(args.prompts, ct, arch.max_position_embeddings)
     if args.stop is not None:
         stops = [stop_token_id(ct.tokenizer, s, "--stop") for s in args.stop]

@@ -199,9 +199,7 @@ class ModelSet:
         return self.ps
 
     def load(self, model_dir: str, option: str) -> LoadedModel:
-        from nova_engine.data.tokenize import ChatTokenizer, TemplateError
-        from nova_engine.model.arch import ArchitectureError, load_arch
-        from nova_engine.tools.generate import UserError, resolve_model_dir
+        from nova_engine.tools.generate import UserError, load_arch_and_tokenizer, resolve_model_dir
 
         try:
             path = os.path.realpath(resolve_model_dir(model_dir))
@@ -210,18 +208,9 @@ class ModelSet:
         if path in self.models:
             return self.models[path]
         try:
-            arch = load_arch(path)
-        except ArchitectureError as e:
+            _, arch, ct = load_arch_and_tokenizer(path, self.tokenizer)
+        except UserError as e:
             raise PASError(f"{option} {model_dir}: {e}") from None
-        tok_dir = self.tokenizer or path
-        try:
-            ct = ChatTokenizer(tok_dir)
-        except TemplateError as e:
-            raise PASError(f"{option} {model_dir}: tokenizer {tok_dir}: {e}") from None
-        except (OSError, ValueError) as e:
-            raise PASError(
-                f"{option} {model_dir}: no tokenizer at {tok_dir} ({e}); pass --tokenizer"
-            ) from None
         from nova_engine.model.build import build_model
         from nova_engine.model.hf_io import load_hf_weights
 
