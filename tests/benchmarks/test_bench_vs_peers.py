@@ -31,7 +31,9 @@ def _run(tmp_path, *extra):
         writer.writerow(SFT_ROW)
     cmd = [sys.executable, "-m", "benchmarks.bench_vs_peers", "--only", "dpo", "--quick",
            "--steps", "2", "--out", str(out), *extra]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # one thread: tiny steps are all small ops, which a second busy core slows down ~10x
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with out.open(newline="") as f:
         return list(csv.DictReader(f))
