@@ -11,9 +11,11 @@ Every step is timed interleaved: TRL's `train()` drives the rounds and, from a c
 the end of each of its steps (its own step excluded from the timing), runs one step of the
 plain loop and one of Nova, each timed on its own (A B C A B C ...). Without TRL the plain
 loop and Nova alternate. All three see the same batch every step (the data set is one global
-batch, so order cannot differ). Peak memory: one step of each after the timings
-(`_common.peak_memory`, RSS high-water mark on CPU: weights and optimizer state excluded
-once allocated, activations and gradients included).
+batch, so order cannot differ). TRL runs with activation checkpointing off (its configs turn
+it on by default; neither other side recomputes). Peak memory: one more step of each once
+every timing of the run is done (`_common.peak_memory`, RSS high-water mark on CPU: weights
+and optimizer state excluded once allocated, activations and gradients included; its probe
+makes glibc mmap every block >= 128 KiB, which would slow the steps timed after it).
 
 DPO: sigmoid loss, beta 0.1 (TRL's defaults; Nova's own DPOConfig default is Tülu 3's
 dpo_norm with beta 5, so Nova is given sigmoid / 0.1 explicitly), seeded pairs of a shared
@@ -26,12 +28,12 @@ one step:
   + gather of the response tokens, summed per sequence; the reference sums computed once
   under torch.no_grad from the same initial weights.
 - trl: DPOTrainer with precompute_ref_log_probs=True (its reference pass runs once, in the
-  constructor: the like-for-like setting) and activation checkpointing off (TRL's default
-  is on; neither other side recomputes). The pairs go in as text that the tiny tokenizer
+  constructor: the like-for-like setting). The pairs go in as text that the tiny tokenizer
   encodes back to exactly the same ids (checked against TRL's tokenized data set).
 The reference pass is in no step time: it has rows of its own (op dpo_ref_pass; seconds for
-the whole data set and real tokens/s; nova and hf_loop timed interleaved, 3 passes each,
-TRL's one pass in its constructor). A run of E epochs over the data set pays it once; its
+the whole data set and real tokens/s; nova and hf_loop timed interleaved, 5 passes each,
+including Nova's cache file write; TRL's one pass in its constructor, including the data set
+column it writes). A run of E epochs over the data set pays it once; its
 share per step is seconds / (E x steps per epoch). Besides the loss, the three reference
 passes' per-pair log-prob sums (= the step-1 policy sums) are checked equal.
 
@@ -168,7 +170,8 @@ def trl_sft(model_dir, tok_dir, samples, out_dir, steps, on_step_end):
         output_dir=out_dir, per_device_train_batch_size=len(samples), max_steps=steps,
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-        max_length=len(samples[0]), packing=False, dataloader_num_workers=0, seed=0,
+        max_length=len(samples[0]), packing=False, activation_checkpointing=False,
+        dataloader_num_workers=0, seed=0,
         bf16=False, fp16=False, disable_tqdm=True,
     )  # fmt: skip
     times, losses = [], []
@@ -445,8 +448,7 @@ def _memory(rows, op, shape, steps: dict) -> None:
 
 
 def bench_sft(root, tok_dir, length, n, steps, rows, use_trl):
-    """Times one SFT setting; returns the memory pass to run once every timing is done (the
-    memory probe switches glibc to mmap every block >= 128 KiB, which would slow what follows)."""
+    """Times one SFT setting; returns its memory pass, to run once every timing is done."""
     model_dir = _tiny_model(root)
     samples = _samples(n, length, MODEL["vocab_size"])
     tokens = n * length
