@@ -68,7 +68,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             # target logit by a masked gather (no boolean indexing: no host sync per chunk)
             hit, tcol = tgt >= 0, tgt.clamp(min=0)[:, None]
             t = torch.where(hit, z.gather(1, tcol)[:, 0], 0.0)
-            m = z.max(1).values
+            m = z.amax(1)
             e = z.sub_(m[:, None]).exp_()  # exp(z - m), in place
             M, S, _, T = _tp_combine(m, e.sum(1), t, t, tp_group, tp, False)
             wr = wts[r]

@@ -377,7 +377,7 @@ def _merge(m_SN, s_SN, a_SN, t_SN):
     """Combine per-split statistics [S, N] (or already [N]) into [N]. See module docstring."""
     if m_SN.dim() == 1:
         return m_SN, s_SN, a_SN, t_SN
-    M = m_SN.max(0).values
+    M = m_SN.amax(0)
     scale = torch.exp(m_SN - M)
     s = (s_SN * scale).sum(0)
     a = (scale * (a_SN + (m_SN - M) * s_SN)).sum(0)
@@ -396,7 +396,7 @@ def _torch_stats(h_NH, w_VpH, tgt_N, with_entropy):
         for r0 in range(0, N, nc):
             r = slice(r0, r0 + nc)
             z = (h_NH[r].to(cdt) @ w_c.T).to(acc)  # [nc, vc]
-            m_new = torch.maximum(m[r], z.max(1).values)
+            m_new = torch.maximum(m[r], z.amax(1))
             alpha = torch.exp(m[r] - m_new)
             tl_ = tgt_N[r] - c0
             hit = (tl_ >= 0) & (tl_ < z.shape[1])

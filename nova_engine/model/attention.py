@@ -39,6 +39,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from nova_engine.model.rope import apply_packed_rope
+
 if TYPE_CHECKING:
     from nova_engine.generate.kv_cache import LayerKVCache
 
@@ -346,6 +348,9 @@ class NovaCoreAttention(MegatronModule):
             cu = packed_seq_params.cu_seqlens_q_padded
             if cu is None:
                 cu = packed_seq_params.cu_seqlens_q
+            rope = getattr(packed_seq_params, "rope", None)
+            if rope is not None:  # Nova's packed RoPE (megatron's was switched off)
+                query, key = (apply_packed_rope(t, *rope) for t in (query, key))
             out = packed_attention(
                 query, key, value, cu, packed_seq_params.max_seqlen_q, self.softmax_scale
             )

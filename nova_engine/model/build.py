@@ -27,6 +27,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from nova_engine.model.arch import ModelArch
 from nova_engine.model.attention import NovaCoreAttention
 from nova_engine.model.norm import NovaRMSNorm
+from nova_engine.model.packed import NovaPackedSeqParams
+from nova_engine.model.rope import packed_rope_table
 from nova_engine.parallel.state import ParallelState
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -148,6 +150,23 @@ class NovaGPTModel(GPTModel):
     """
 
     return_hidden: bool = False
+
+    def _preprocess(self, *args, packed_seq_params=None, **kwargs):
+        """megatron's preprocessing; for a Nova packed batch the RoPE table of its tokens is
+        built here once (positions restart in every segment) and megatron's per-segment RoPE
+        is switched off: Nova's core attention rotates q and k with the table."""
+        out = super()._preprocess(*args, packed_seq_params=packed_seq_params, **kwargs)
+        if not isinstance(packed_seq_params, NovaPackedSeqParams) or out[1] is None:
+            return out
+        position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
+        if position_ids is None:
+            raise ValueError("a packed batch needs its position_ids for RoPE")
+        rope = self.rotary_pos_emb
+        packed_seq_params.rope = packed_rope_table(
+            position_ids, rope.inv_freq, self.config.params_dtype,
+            getattr(rope, "seq_len_interpolation_factor", None),
+        )  # fmt: skip
+        return (out[0], None, *out[2:])
 
     def _postprocess(self, hidden_states, *args, **kwargs):
         if self.return_hidden and self.post_process:

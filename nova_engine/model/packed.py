@@ -13,15 +13,26 @@ set_input_tensor); the token ids are still passed and ignored.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from nova_engine.data.packing import PackedBatch
 
 
-def packed_seq_params(batch: PackedBatch) -> PackedSeqParams:
+@dataclass
+class NovaPackedSeqParams(PackedSeqParams):
+    """megatron's PackedSeqParams plus the RoPE table of the batch's tokens: the model fills
+    `rope` ((cos, sin) [T, 1, hn], `nova_engine.model.rope`) once per forward and Nova's core
+    attention rotates q and k with it, instead of megatron's per-segment RoPE."""
+
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def packed_seq_params(batch: PackedBatch) -> NovaPackedSeqParams:
     cu = batch.cu_seqlens.to(torch.int32)
-    return PackedSeqParams(
+    return NovaPackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,
         cu_seqlens_kv=cu,
