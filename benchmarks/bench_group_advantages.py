@@ -24,7 +24,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nova_kernels.group_advantages import (  # noqa: E402
+from nova_kernels.ops.group_advantages import (  # noqa: E402
     group_advantages,
     group_advantages_reference,
 )

@@ -20,7 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from nova_kernels import linear_logprobs_reference
-from nova_kernels.linear_pair_logprobs import linear_pair_logprobs, linear_pair_logprobs_reference
+from nova_kernels.ops.linear_pair_logprobs import (
+    linear_pair_logprobs,
+    linear_pair_logprobs_reference,
+)
 
 from benchmarks._common import finish, peak_memory, summary, time_interleaved
 

@@ -11,7 +11,7 @@ from nova_kernels import group_advantages
 from nova_kernels._testing import assert_verbose_allclose
 from nova_kernels.reference import group_advantages_reference as loop_group_adv
 
-ga_mod = importlib.import_module("nova_kernels.group_advantages")
+ga_mod = importlib.import_module("nova_kernels.ops.group_advantages")
 BACKENDS = ["triton", "torch"]
 ESTIMATORS = ["grpo", "dr_grpo", "rloo"]
 

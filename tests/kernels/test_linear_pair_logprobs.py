@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from nova_kernels import linear_logprobs_reference
 from nova_kernels._testing import assert_verbose_allclose, assert_within_torch_error
-from nova_kernels.linear_pair_logprobs import (
+from nova_kernels.ops.linear_pair_logprobs import (
     linear_pair_logprobs,
     linear_pair_logprobs_reference,
 )
@@ -23,8 +23,8 @@ from nova_kernels.linear_pair_logprobs import (
 from nova_engine.parallel.spawn import run_distributed
 
 IGNORE = -100
-ll = importlib.import_module("nova_kernels.linear_logprobs")  # owns the workspace budget
-lpl = importlib.import_module("nova_kernels.linear_pair_logprobs")
+ll = importlib.import_module("nova_kernels.ops.linear_logprobs")  # owns the workspace budget
+lpl = importlib.import_module("nova_kernels.ops.linear_pair_logprobs")
 
 
 def _batch(pairs: int, h: int, v: int, dtype, seed: int, pad: int = 5, tp: int = 1):

@@ -49,9 +49,9 @@ from collections.abc import Callable
 
 import torch
 
-from ._backend import resolve_backend
-from ._common import _acc_dtype
-from ._vocab_parallel import (
+from .._backend import resolve_backend
+from .._common import _acc_dtype
+from .._vocab_parallel import (
     _check,
     _local_targets,
     _reduce_grad_hidden,
@@ -59,7 +59,7 @@ from ._vocab_parallel import (
     _tp_combine,
     _tp_info,
 )
-from .ops.linear_logprobs import _budget, _compute_dtype
+from .linear_logprobs import _budget, _compute_dtype
 
 GroupLoss = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -228,8 +228,8 @@ def linear_pair_logprobs_reference(
 ):
     """The 4-GEMM path the fused head replaces: `linear_logprobs` -> `seq_reduce` (sum, with
     counts) -> group_loss over all sequences at once. Same returns (logps/counts detached)."""
-    from .ops.linear_logprobs import linear_logprobs
-    from .ops.seq_reduce import seq_reduce
+    from .linear_logprobs import linear_logprobs
+    from .seq_reduce import seq_reduce
 
     num_seq = len(cu_seqlens) - 1 if num_sequences is None else int(num_sequences)
     logp = linear_logprobs(hidden, weight, targets, **kw)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import interpreting, resolve_backend
+from .._backend import interpreting, resolve_backend
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 _MODE = {name: i for i, name in enumerate(ESTIMATORS)}
