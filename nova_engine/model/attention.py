@@ -88,13 +88,13 @@ class _Group:
     count: int
     view_start: int  # >= 0: the segments are adjacent, all `length` long: a view of q/k/v
     gather_nL: torch.Tensor | None  # [n*L] token ids (clamped to each segment's last token)
-    keep_rows: torch.Tensor | None  # [<= n*L] rows of the group's output that are real tokens
+    keep_rows: torch.Tensor | None  # [<= n*L] rows of the group's [n*L] that are real tokens
+    real_rows: torch.Tensor | None  # [len(keep_rows)] the token id of each of those rows
 
 
 @dataclass(frozen=True)
 class _Plan:
     groups: tuple[_Group, ...]
-    order_T: torch.Tensor | None  # [T] row of each token in cat(group outputs); None: identity
 
 
 def _partition(lengths_sorted: np.ndarray) -> list[int]:
@@ -125,35 +125,99 @@ def _plan(lengths: tuple[int, ...], device: torch.device) -> _Plan:
     live = np.flatnonzero(lens > 0)
     by_len = live[np.argsort(-lens[live], kind="stable")]
     bounds = _partition(lens[by_len])
-    groups, rows = [], []
+    groups = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         segs = np.sort(by_len[a:b])
         L = int(lens[segs].max())
         tok_nL = starts[segs][:, None] + np.arange(L)[None, :]
         keep_nL = np.arange(L)[None, :] < lens[segs][:, None]
-        rows.append(tok_nL[keep_nL])
         adjacent = bool(keep_nL.all()) and bool((np.diff(starts[segs]) == L).all())
         if adjacent:
-            groups.append(_Group(L, len(segs), int(starts[segs[0]]), None, None))
+            groups.append(_Group(L, len(segs), int(starts[segs[0]]), None, None, None))
             continue
         last = (starts[segs] + lens[segs] - 1)[:, None]
         gather = np.minimum(tok_nL, last).reshape(-1)
+        keep = np.flatnonzero(keep_nL.reshape(-1))
         groups.append(
             _Group(
                 L,
                 len(segs),
                 -1,
-                torch.from_numpy(gather).to(device),
-                torch.from_numpy(np.flatnonzero(keep_nL.reshape(-1))).to(device),
+                *(torch.from_numpy(x).to(device) for x in (gather, keep, gather[keep])),
             )
         )
-    cat_rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
-    order = None
-    if not np.array_equal(cat_rows, np.arange(len(cat_rows))):
-        inv = np.empty_like(cat_rows)
-        inv[cat_rows] = np.arange(len(cat_rows))
-        order = torch.from_numpy(inv).to(device)
-    return _Plan(tuple(groups), order)
+    return _Plan(tuple(groups))
+
+
+def _group_inputs(g: _Group, ts: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The group's rows of each [T, heads, hn] tensor as [n, heads, L, hn] (a view when the
+    group's segments are adjacent and equal, else gathered, padding clamped to real rows)."""
+    if g.view_start >= 0:
+        rows = slice(g.view_start, g.view_start + g.count * g.length)
+        ts = tuple(t[rows] for t in ts)
+    else:
+        assert g.gather_nL is not None
+        ts = tuple(t.index_select(0, g.gather_nL) for t in ts)
+    return tuple(t.unflatten(0, (g.count, g.length)).transpose(1, 2) for t in ts)
+
+
+def _scatter_rows(dst_TNH: torch.Tensor, g: _Group, src_nNLH: torch.Tensor) -> None:
+    """Write the real rows of a group's [n, heads, L, hn] result into dst [T, heads, hn]."""
+    src = src_nNLH.transpose(1, 2).flatten(0, 1)  # [n*L, heads, hn]
+    if g.view_start >= 0:
+        dst_TNH[g.view_start : g.view_start + g.count * g.length] = src
+    else:
+        assert g.keep_rows is not None and g.real_rows is not None
+        dst_TNH.index_copy_(0, g.real_rows, src.index_select(0, g.keep_rows))
+
+
+def _sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+class _GroupedCausalAttention(torch.autograd.Function):
+    """Per-group SDPA with the groups' results and gradients written straight into [T, ...]
+    outputs: every token belongs to exactly one group, so nothing is summed, no [T]-sized
+    zero tensor is made per group (what slicing / gathering under autograd would do) and
+    padding rows get no gradient (their output gradient is 0 and no real query sees them:
+    they sit after their segment's last token)."""
+
+    @staticmethod
+    def forward(ctx, q_TNH, k_TGH, v_TGH, plan, scale):
+        out = q_TNH.new_empty(q_TNH.shape)
+        graphs = []
+        for g in plan.groups:
+            leaves = tuple(
+                t.detach().requires_grad_() for t in _group_inputs(g, (q_TNH, k_TGH, v_TGH))
+            )
+            with torch.enable_grad():
+                o = _sdpa(*leaves, scale)
+            _scatter_rows(out, g, o.detach())
+            graphs.append((leaves, o))
+        ctx.plan, ctx.graphs = plan, graphs
+        return out
+
+    @staticmethod
+    def backward(ctx, go_TNH):
+        leaves0 = ctx.graphs[0][0] if ctx.graphs else None
+        T = go_TNH.shape[0]
+        if leaves0 is None:
+            return None, None, None, None, None
+        grads = [go_TNH.new_empty(T, t.shape[1], t.shape[3]) for t in leaves0]
+        go_TNH = go_TNH.contiguous()
+        for g, (leaves, o) in zip(ctx.plan.groups, ctx.graphs):
+            if g.view_start >= 0:
+                (go,) = _group_inputs(g, (go_TNH,))
+            else:  # padding rows of the group get a zero output gradient
+                flat = go_TNH.new_zeros(g.count * g.length, *go_TNH.shape[1:])
+                flat.index_copy_(0, g.keep_rows, go_TNH.index_select(0, g.real_rows))
+                go = flat.unflatten(0, (g.count, g.length)).transpose(1, 2)
+            for dst, d in zip(grads, torch.autograd.grad(o, leaves, go)):
+                _scatter_rows(dst, g, d)
+        ctx.graphs = None
+        return grads[0], grads[1], grads[2], None, None
 
 
 def _grouped_causal_attention(q_TNH, k_TGH, v_TGH, cu: torch.Tensor, scale: float):
@@ -168,21 +232,12 @@ def _grouped_causal_attention(q_TNH, k_TGH, v_TGH, cu: torch.Tensor, scale: floa
         cu_list.append(total)
     lengths = tuple(b - a for a, b in zip(cu_list[:-1], cu_list[1:]))
     plan = _plan(lengths, q_TNH.device)
-    gqa = q_TNH.shape[1] != k_TGH.shape[1]
-    pieces = []
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q_TNH, k_TGH, v_TGH)):
+        return _GroupedCausalAttention.apply(q_TNH, k_TGH, v_TGH, plan, scale)
+    out = q_TNH.new_empty(q_TNH.shape)
     for g in plan.groups:
-        if g.view_start >= 0:
-            rows = slice(g.view_start, g.view_start + g.count * g.length)
-            q, k, v = (t[rows] for t in (q_TNH, k_TGH, v_TGH))
-        else:
-            q, k, v = (t.index_select(0, g.gather_nL) for t in (q_TNH, k_TGH, v_TGH))
-        # [n*L, heads, hn] -> [n, heads, L, hn]
-        q, k, v = (t.unflatten(0, (g.count, g.length)).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        out = out.transpose(1, 2).flatten(0, 1)  # [n*L, heads, hn]
-        pieces.append(out if g.keep_rows is None else out.index_select(0, g.keep_rows))
-    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    return out if plan.order_T is None else out.index_select(0, plan.order_T)
+        _scatter_rows(out, g, _sdpa(*_group_inputs(g, (q_TNH, k_TGH, v_TGH)), scale))
+    return out
 
 
 def _varlen_torch(q, k, v, cu, max_len, scale):

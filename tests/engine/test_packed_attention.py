@@ -125,7 +125,7 @@ def test_plan_cost_is_sum_of_squares():
     assert padded <= 1.5 * exact + len(plan.groups) * attention._CALL_COST * 2
     assert padded < sum(lengths) ** 2 / 8
     same = attention._plan((512,) * 8, torch.device("cpu"))
-    assert len(same.groups) == 1 and same.groups[0].view_start == 0 and same.order_T is None
+    assert len(same.groups) == 1 and same.groups[0].view_start == 0
 
 
 def _fake_varlen(style):
