@@ -13,7 +13,10 @@ Backends, picked per call:
 - packed (thd), CPU (and fp32 on CUDA): segments grouped by length, one SDPA call with
   is_causal per group over [n, heads, L, hn] (shorter members right-padded, which never
   reaches their real tokens): cost and memory grow with the sum of the segments' squares,
-  never with T^2 (`_plan` picks the groups by a cost model; cached per length tuple).
+  never with T^2 (`_plan` picks the groups by a cost model; cached per length tuple). One
+  autograd function writes each group's output and q/k/v gradients straight into the
+  [T, ...] results (every token is in one group), so backward does no per-group [T]-sized
+  zero-fill and add, as autograd through slices / gathers would.
 - padded (sbhd): SDPA, causal with the mask aligned bottom-right, so the same call serves
   a full forward, a prefill and decoding against megatron's KV cache (`padded_attention`).
 
