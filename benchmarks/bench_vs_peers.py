@@ -552,9 +552,14 @@ def main(argv=None):
     ap.add_argument("--only", choices=("sft", "dpo"), help="one part (default: SFT, then DPO)")
     ap.add_argument("--quick", action="store_true", help="one tiny shape per part (smoke run)")
     ap.add_argument("--out", help="CSV to update (default: benchmarks/results/vs_peers_<dev>.csv)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own)")
     args = ap.parse_args(argv)
     if args.steps < 1:
         ap.error(f"--steps {args.steps}: expected >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads {args.threads}: expected >= 1")
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     try:
         import trl  # noqa: F401
