@@ -26,6 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nova_engine.model.arch import ModelArch
 from nova_engine.model.attention import NovaCoreAttention
+from nova_engine.model.fused import NovaSwiGLU
 from nova_engine.model.norm import NovaRMSNorm
 from nova_engine.model.packed import NovaPackedSeqParams
 from nova_engine.model.rope import packed_rope_table
@@ -47,11 +48,14 @@ def transformer_config(
     ps: ParallelState,
     precision: str = "fp32",
     recompute: str = "none",
+    fuse_elementwise: bool = False,
 ) -> TransformerConfig:
     """megatron TransformerConfig for `arch` on layout `ps`.
 
     precision: "fp32" | "bf16" | "fp16" — the dtype of the model's parameters and activations
     (the optimizer keeps fp32 master weights). recompute: "none" | "selective" | "full".
+    fuse_elementwise: the local spec's MLP takes its activation module from the spec
+    (`NovaSwiGLU`, compiled) — megatron's switch for that is `use_te_activation_func`.
     """
     if precision not in _DTYPES:
         raise ValueError(f"precision={precision!r}: expected one of {sorted(_DTYPES)}")
@@ -104,12 +108,15 @@ def transformer_config(
         # with gloo, batched isend/irecv gives silently wrong interleaved-PP gradients
         batch_p2p_comm=not ps.on_gloo,
         variable_seq_lengths=False,
+        use_te_activation_func=fuse_elementwise,
         **recompute_kwargs,
     )
 
 
-def layer_spec(use_te: bool = False) -> ModuleSpec:
-    """The decoder layer spec: local modules + Nova core attention, or TE's spec."""
+def layer_spec(use_te: bool = False, fuse_elementwise: bool = False) -> ModuleSpec:
+    """The decoder layer spec: local modules + Nova core attention, or TE's spec (which has
+    its own fused norms and activations). fuse_elementwise: RMSNorm and SwiGLU compiled
+    (`nova_engine.model.fused`)."""
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
@@ -120,7 +127,11 @@ def layer_spec(use_te: bool = False) -> ModuleSpec:
     attn = spec.submodules.self_attention
     new_attn_sub = dataclasses.replace(attn.submodules, core_attention=NovaCoreAttention)
     new_attn = dataclasses.replace(attn, submodules=new_attn_sub)
-    norm = ModuleSpec(module=NovaRMSNorm)
+    norm = ModuleSpec(module=NovaRMSNorm, params={"fused": fuse_elementwise})
+    mlp = spec.submodules.mlp
+    if fuse_elementwise:
+        mlp_sub = dataclasses.replace(mlp.submodules, activation_func=ModuleSpec(NovaSwiGLU))
+        mlp = dataclasses.replace(mlp, submodules=mlp_sub)
     return dataclasses.replace(
         spec,
         submodules=dataclasses.replace(
@@ -128,17 +139,20 @@ def layer_spec(use_te: bool = False) -> ModuleSpec:
             self_attention=new_attn,
             input_layernorm=norm,
             pre_mlp_layernorm=norm,
+            mlp=mlp,
         ),
     )
 
 
 def block_spec(config: TransformerConfig, use_te: bool, vp_stage: int | None, pp_rank: int):
     """Decoder block spec for one model chunk: its layers and the final norm."""
-    layer = layer_spec(use_te)
+    fuse = config.use_te_activation_func and not use_te
+    layer = layer_spec(use_te, fuse)
     if use_te:
         return layer
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=NovaRMSNorm)
+    final_norm = ModuleSpec(module=NovaRMSNorm, params={"fused": fuse})
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm)
 
 
 class NovaGPTModel(GPTModel):
@@ -185,11 +199,13 @@ def build_model(
     precision: str = "fp32",
     recompute: str = "none",
     use_te: bool | None = None,
+    fuse_elementwise: bool = False,
 ) -> list[NovaGPTModel]:
     """This rank's model chunks (len = vpp or 1), on `ps.device`, randomly initialized
-    (load weights with `nova_engine.model.hf_io.load_hf_weights`)."""
-    config = transformer_config(arch, ps, precision, recompute)
+    (load weights with `nova_engine.model.hf_io.load_hf_weights`). fuse_elementwise:
+    compiled RMSNorm + SwiGLU in the local spec (TE's spec fuses its own)."""
     use_te = te_available() if use_te is None else use_te
+    config = transformer_config(arch, ps, precision, recompute, fuse_elementwise and not use_te)
     chunks = []
     for vp in range(ps.num_chunks):
         vp_stage = vp if ps.vpp else None

@@ -1,7 +1,8 @@
 """RMSNorm for the local layer spec, numerically identical to Hugging Face's LlamaRMSNorm /
 Qwen2RMSNorm (normalize in fp32, cast back, then scale), and usable with sequence
 parallelism (torch's RMSNorm wrapper in megatron refuses SP): its weight is marked
-`sequence_parallel` so megatron's finalize_model_grads all-reduces its gradient over TP."""
+`sequence_parallel` so megatron's finalize_model_grads all-reduces its gradient over TP.
+`fused=True`: the same math through torch.compile (`nova_engine.model.fused`)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,24 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 class NovaRMSNorm(torch.nn.Module):
-    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, **_: object):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        hidden_size: int,
+        eps: float = 1e-6,
+        fused: bool = False,
+        **_: object,
+    ):
         super().__init__()
-        self.eps = eps
+        self.eps, self.fused = eps, fused
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
         self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:  # the same math, one compiled loop (nova_engine.model.fused)
+            from nova_engine.model.fused import compiled
+
+            return compiled("rms_norm")(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)

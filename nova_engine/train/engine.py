@@ -65,7 +65,7 @@ class ModelEngine:
         trainable: False = frozen (no DDP wrapper, no grad buffers, no optimizer).
         optim: nova_engine.config.OptimConfig (None: no optimizer, e.g. eval-only).
         total_steps: optimizer steps of the run (the LR schedule's length).
-        precision, recompute: as TrainConfig.
+        precision, recompute, fuse_elementwise: as TrainConfig.
         distributed_optimizer: shard the optimizer state over DP (ZeRO-1).
         score_outputs: K > 0 attaches a K-output score head (`nova_engine.model.heads`) to
             the last stage; score_init_seed seeds its init.
@@ -83,6 +83,7 @@ class ModelEngine:
         total_steps: int = 1,
         precision: str = "fp32",
         recompute: str = "none",
+        fuse_elementwise: bool = False,
         distributed_optimizer: bool = False,
         score_outputs: int = 0,
         score_init_seed: int = 0,
@@ -92,7 +93,9 @@ class ModelEngine:
 
         self.arch, self.ps, self.name = arch, ps, name
         self.trainable, self.precision = trainable, precision
-        self.chunks = build_model(arch, ps, precision=precision, recompute=recompute)
+        self.chunks = build_model(
+            arch, ps, precision=precision, recompute=recompute, fuse_elementwise=fuse_elementwise
+        )
         for c in self.chunks:
             c.return_hidden = True
         if score_outputs and ps.is_last_stage():

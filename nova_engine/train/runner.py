@@ -138,7 +138,7 @@ def engine_for_run(run: RunConfig, ps: ParallelState, total_steps: int) -> Model
     t = run.train
     return ModelEngine.from_hf(
         run.model.hf_path, ps, name="policy", optim=run.optim, total_steps=total_steps,
-        precision=t.precision, recompute=t.recompute,
+        precision=t.precision, recompute=t.recompute, fuse_elementwise=t.fuse_elementwise,
         distributed_optimizer=run.parallel.distributed_optimizer,
     )  # fmt: skip
 

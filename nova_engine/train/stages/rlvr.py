@@ -400,7 +400,7 @@ def build_engines(run: RLVRRunConfig, ps, total_updates: int, stop_ids) -> dict[
     if run.loss.needs_reference:
         engines["reference"] = ModelEngine.from_hf(
             run.model.reference_path or run.model.hf_path, ps, name="reference",
-            trainable=False, precision=t.precision,
+            trainable=False, precision=t.precision, fuse_elementwise=t.fuse_elementwise,
         )  # fmt: skip
     if run.loss.needs_critic:
         src = run.critic.init_from
@@ -417,6 +417,7 @@ def build_engines(run: RLVRRunConfig, ps, total_updates: int, stop_ids) -> dict[
             load_arch(src), ps, labels=("value",), pad_token_id=pad, score_rows=rows,
             name="critic", weights_dir=src, optim=run.critic.optim or run.optim,
             total_steps=total_updates, precision=t.precision, recompute=t.recompute,
+            fuse_elementwise=t.fuse_elementwise,
             distributed_optimizer=run.parallel.distributed_optimizer,
             score_init_seed=run.critic.init_seed,
         )  # fmt: skip

@@ -386,7 +386,7 @@ def build_engine(run: RMRunConfig, ps: ParallelState, total_steps: int, data) ->
         score_rows=head_rows(score_labels(src), run.loss), name="reward",
         weights_dir=src, optim=run.optim, total_steps=total_steps, precision=t.precision,
         recompute=t.recompute, distributed_optimizer=run.parallel.distributed_optimizer,
-        score_init_seed=t.seed,
+        fuse_elementwise=t.fuse_elementwise, score_init_seed=t.seed,
     )  # fmt: skip
 
 

@@ -1,0 +1,56 @@
+"""Fused elementwise chains of the local layer spec: RMSNorm and SwiGLU through torch.compile
+(inductor: C++/OpenMP loops on CPU, Triton on GPU), as megatron fuses its own bias-SwiGLU
+with `jit_fuser` (torch.compile) on GPU.
+
+Eager, an RMSNorm is ~5 passes over the activations forward and ~8 backward (pow, mean, add,
+rsqrt, mul, mul, and their gradients), a SwiGLU 2 forward and 4 backward plus the cat that
+joins the two halves' gradients; compiled, each is one read and one write per direction. On
+a 2-core CPU the two together are ~15% of an SFT step of the README's tiny Llama
+(`benchmarks/bench_vs_peers.py`, rows `nova` vs `nova_fused`).
+
+The math is the eager modules' (`nova_engine.model.norm.NovaRMSNorm`: HF's LlamaRMSNorm,
+normalize in fp32 and cast back, then scale; SwiGLU silu(x1) * x2 over the two halves of
+fc1's output). Compiled once per process and dtype (dynamic shapes: any token count): the
+first step pays the compile (~10 s with a warm inductor cache, ~30 s cold, on 2 CPU cores).
+Switched on by `train.fuse_elementwise` (off by default: short CPU runs and the tests would
+spend more time compiling than they save).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    gate, up = torch.chunk(x, 2, dim=-1)
+    return F.silu(gate) * up
+
+
+@cache
+def compiled(name: str):
+    """The torch.compile'd function `name` ("rms_norm" | "swiglu"), built once."""
+    fns = {"rms_norm": rms_norm, "swiglu": swiglu}
+    return torch.compile(fns[name], dynamic=True)
+
+
+class NovaSwiGLU(torch.nn.Module):
+    """The MLP activation module of the fused local spec (megatron builds it from the
+    layer spec's `activation_func` when `use_te_activation_func` is set): fc1's [.., 2f]
+    output -> silu(first half) * second half, compiled."""
+
+    def __init__(self, config: TransformerConfig, **_: object):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return compiled("swiglu")(x)
