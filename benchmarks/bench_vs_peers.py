@@ -9,8 +9,11 @@ the reference weights) before any timing counts.
 
 Every step is timed interleaved: TRL's `train()` drives the rounds and, from a callback at
 the end of each of its steps (its own step excluded from the timing), runs one step of the
-plain loop and one of Nova, each timed on its own (A B C A B C ...). Without TRL the plain
-loop and Nova alternate. All three see the same batch every step (the data set is one global
+plain loop and one of each Nova variant, each timed on its own (A B C D A B C D ...).
+Without TRL the plain loop and Nova alternate. Nova runs twice: `nova` (the default eager
+model) and `nova_fused` (train.fuse_elementwise=true: RMSNorm and SwiGLU through
+torch.compile, `nova_engine.model.fused`; its one-time compile falls in the first step,
+which no figure includes). All three see the same batch every step (the data set is one global
 batch, so order cannot differ). TRL runs with activation checkpointing off (its configs turn
 it on by default; neither other side recomputes). Peak memory: one more step of each once
 every timing of the run is done (`_common.peak_memory`, RSS high-water mark on CPU: weights
@@ -39,7 +42,7 @@ passes' per-pair log-prob sums (= the step-1 policy sums) are checked equal.
 
 Rows (benchmarks/results/vs_peers_cpu.csv; a run replaces the rows of the (op, impl, shape)
 keys it measures and keeps the others): op sft_step / dpo_step / dpo_ref_pass, impl nova |
-trl | hf_loop, shape (samples x tokens; DPO: pairs, prompt and response lengths, real
+nova_fused | trl | hf_loop (TRL's peers live in benchmarks/_peers.py), shape (samples x tokens; DPO: pairs, prompt and response lengths, real
 tokens per step = chosen + rejected sequences, prompt counted in both), metric
 real_tokens_per_s (p50/p20/p80 over steps), peak_mem_bytes, step1_loss, seconds.
 """
@@ -59,14 +62,13 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._common import peak_memory, results_path, write_rows
+from benchmarks._peers import BETA, LR, _hf_model, _trl_step, trl_dpo, trl_sft
 
 MODEL = dict(
     hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096,
     tie_word_embeddings=False,
 )  # fmt: skip
-LR = 1e-5
-BETA = 0.1  # TRL's default sigmoid-DPO beta
 SFT_SHAPES = ((512, 8), (128, 32))  # (tokens, samples): the same 4096 tokens per step
 # (pairs, prompt tokens, (shortest, longest) response incl. eos): ~6.7k and ~7.7k real tokens
 DPO_SHAPES = ((16, 64, (32, 256)), (64, 32, (8, 48)))
@@ -83,14 +85,6 @@ def _samples(n: int, length: int, vocab: int, seed: int = 0):
         mask[0] = 0  # the first token is never a target (HF: labels shift by one)
         out.append(Sample(rng.integers(4, vocab, length), mask, index=i))
     return out
-
-
-def _hf_model(model_dir: str):
-    from transformers import AutoModelForCausalLM
-
-    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    m.config.use_cache = False
-    return m.train()
 
 
 def _tiny_model(root: str) -> str:
@@ -137,7 +131,10 @@ def hf_loop_sft(model_dir, samples):
     return step
 
 
-def nova_sft(model_dir, samples, capacity):
+def nova_sft(model_dir, samples, capacity, fuse=False):
+    """Nova's SFT step (SFTStage through Loop.train_step on the samples packed once); `fuse`:
+    train.fuse_elementwise (compiled RMSNorm + SwiGLU; the compile lands in the first step,
+    which `_stats` leaves out)."""
     from nova_engine.config import OptimConfig
     from nova_engine.train.data_source import PackedDataSource
     from nova_engine.train.engine import ModelEngine
@@ -146,7 +143,8 @@ def nova_sft(model_dir, samples, capacity):
 
     ps = _parallel()
     optim = OptimConfig(lr=LR, schedule="constant", grad_clip=1.0)
-    engine = ModelEngine.from_hf(model_dir, ps, optim=optim, total_steps=10_000)
+    engine = ModelEngine.from_hf(model_dir, ps, optim=optim, total_steps=10_000,
+                                 fuse_elementwise=fuse)  # fmt: skip
     data = PackedDataSource(samples, global_batch_size=len(samples), micro_batch_tokens=capacity,
                             ps=ps, shuffle=False, max_steps=10_000)  # fmt: skip
     loop, stage = Loop(engine, data), SFTStage(ps)
@@ -156,45 +154,6 @@ def nova_sft(model_dir, samples, capacity):
         return float(loop.train_step(stage, batch).metrics["loss"])
 
     return step
-
-
-def trl_sft(model_dir, tok_dir, samples, out_dir, steps, on_step_end):
-    """TRL's SFTTrainer on the pre-tokenized samples; `on_step_end()` runs after each of its
-    steps (outside its timing). Returns (per-step seconds, step-1 loss)."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    ds = Dataset.from_dict({"input_ids": [s.tokens.tolist() for s in samples]})
-    cfg = SFTConfig(
-        output_dir=out_dir, per_device_train_batch_size=len(samples), max_steps=steps,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-        max_length=len(samples[0]), packing=False, activation_checkpointing=False,
-        dataloader_num_workers=0, seed=0,
-        bf16=False, fp16=False, disable_tqdm=True,
-    )  # fmt: skip
-    times, losses = [], []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-            on_step_end()
-
-    class Recording(SFTTrainer):
-        def compute_loss(self, *a, **k):
-            out = super().compute_loss(*a, **k)
-            losses.append(float((out[0] if isinstance(out, tuple) else out).detach()))
-            return out
-
-    trainer = Recording(model=_hf_model(model_dir), args=cfg, train_dataset=ds,
-                        processing_class=AutoTokenizer.from_pretrained(tok_dir),
-                        callbacks=[Timer()])  # fmt: skip
-    trainer.train()
-    return times, losses[0], trainer
 
 
 # ----------------------------------------------------------------------------- DPO
@@ -226,12 +185,6 @@ def _pairs(n: int, prompt_len: int, resp_lens: tuple[int, int], words, eos_id: i
             sides.append(Sample(tokens, mask, index=i))
         out.append(PairSample(sides[0], sides[1], index=i))
     return out
-
-
-def _split(s) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt, response) ids of a Sample whose loss mask is 1 on the response only."""
-    first = int(np.argmax(s.loss_mask))
-    return s.tokens[:first], s.tokens[first:]
 
 
 def hf_loop_dpo(model_dir, pairs):
@@ -278,10 +231,10 @@ def hf_loop_dpo(model_dir, pairs):
     return step, ref_pass
 
 
-def nova_dpo(model_dir, pairs, capacity, cache_dir):
+def nova_dpo(model_dir, pairs, capacity, cache_dir, fuse=False):
     """Nova's DPO step (DPOStage through Loop.train_step on the pairs packed once) and its
     reference pass (`reference_pass` into a fresh RefCache under `cache_dir`). Returns
-    (step, ref_pass) as hf_loop_dpo."""
+    (step, ref_pass) as hf_loop_dpo; `fuse` as nova_sft."""
     from nova_engine.config import OptimConfig
     from nova_engine.losses.dpo import DPOConfig
     from nova_engine.train.data_source import PackedDataSource
@@ -292,7 +245,8 @@ def nova_dpo(model_dir, pairs, capacity, cache_dir):
 
     ps = _parallel()
     optim = OptimConfig(lr=LR, schedule="constant", grad_clip=1.0)
-    engine = ModelEngine.from_hf(model_dir, ps, optim=optim, total_steps=10_000)
+    engine = ModelEngine.from_hf(model_dir, ps, optim=optim, total_steps=10_000,
+                                 fuse_elementwise=fuse)  # fmt: skip
 
     def source(**kw):
         return PackedDataSource(pairs, global_batch_size=len(pairs), micro_batch_tokens=capacity,
@@ -314,80 +268,6 @@ def nova_dpo(model_dir, pairs, capacity, cache_dir):
         return float(loop.train_step(stage, batch).metrics["loss"])
 
     return step, ref_pass
-
-
-def trl_dpo(model_dir, tok_dir, pairs, out_dir, steps, on_step_end):
-    """TRL's DPOTrainer (precomputed reference log-probs) on the pairs as text that encodes
-    back to the same ids (checked); `on_step_end()` runs after each of its steps (outside its
-    timing). Returns (per-step seconds, step-1 loss, reference-pass seconds, (chosen [P],
-    rejected [P]) reference sums, trainer)."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    parts = [(_split(p.chosen), _split(p.rejected)) for p in pairs]
-    ds = Dataset.from_dict({
-        "prompt": [tok.decode(c[0]) for c, _ in parts],
-        "chosen": [tok.decode(c[1]) for c, _ in parts],  # ends with eos: TRL adds none
-        "rejected": [tok.decode(r[1]) for _, r in parts],
-    })  # fmt: skip
-    cfg = DPOConfig(
-        output_dir=out_dir, per_device_train_batch_size=len(pairs), max_steps=steps,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-        max_length=max(len(s) for p in pairs for s in (p.chosen, p.rejected)),
-        beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=True,
-        activation_checkpointing=False, dataloader_num_workers=0, seed=0, bf16=False,
-        fp16=False, disable_tqdm=True,
-    )  # fmt: skip
-    times, losses, ref_secs = [], [], []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-            on_step_end()
-
-    class Recording(DPOTrainer):
-        def _precompute_ref_logps(self, *a, **k):
-            t0 = time.perf_counter()
-            out = super()._precompute_ref_logps(*a, **k)
-            ref_secs.append(time.perf_counter() - t0)
-            return out
-
-        def compute_loss(self, *a, **k):
-            out = super().compute_loss(*a, **k)
-            losses.append(float((out[0] if isinstance(out, tuple) else out).detach()))
-            return out
-
-    trainer = Recording(model=_hf_model(model_dir), args=cfg, train_dataset=ds,
-                        processing_class=tok, callbacks=[Timer()])  # fmt: skip
-    got = trainer.train_dataset
-    for i, ((prompt, chosen), (_, rejected)) in enumerate(parts):
-        row = got[i]
-        ours = (prompt.tolist(), chosen.tolist(), rejected.tolist())
-        if (row["prompt_ids"], row["chosen_ids"], row["rejected_ids"]) != ours:
-            raise AssertionError(f"pair {i}: TRL tokenized the text to other ids than ours")
-    ref = (np.asarray(got["ref_chosen_logps"], np.float64),
-           np.asarray(got["ref_rejected_logps"], np.float64))  # fmt: skip
-    trainer.train()
-    return times, losses[0], ref_secs[0], ref, trainer
-
-
-def _trl_step(trainer):
-    """One more TRL step outside `train()` (its training_step + optimizer step) on its first
-    batch: for peak memory."""
-    batch = next(iter(trainer.get_train_dataloader()))
-
-    def step():
-        trainer.training_step(trainer.model, batch)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 # ----------------------------------------------------------------------------- driver
@@ -434,6 +314,7 @@ def _step_rows(rows, op, shape, tokens, secs, first) -> None:
     tps = {name: _stats(tokens, s)[0] for name, s in secs.items()}
     print(f"{op} {shape}: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in tps.items())
           + f"; nova/hf_loop {tps['nova'] / tps['hf_loop']:.2f}x"
+          + (f" (fused {tps['nova_fused'] / tps['hf_loop']:.2f}x)" if "nova_fused" in tps else "")
           + (f", nova/trl {tps['nova'] / tps['trl']:.2f}x" if "trl" in tps else "")
           + f"; step-1 loss {first['hf_loop']:.5f}")  # fmt: skip
 
@@ -447,27 +328,30 @@ def _memory(rows, op, shape, steps: dict) -> None:
     print(f"{op} {shape}: peak MiB " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in mem.items()))
 
 
-def bench_sft(root, tok_dir, length, n, steps, rows, use_trl):
+def bench_sft(root, tok_dir, length, n, steps, rows, use_trl, use_fused=True):
     """Times one SFT setting; returns its memory pass, to run once every timing is done."""
     model_dir = _tiny_model(root)
     samples = _samples(n, length, MODEL["vocab_size"])
     tokens = n * length
     hf = hf_loop_sft(model_dir, samples)
     nova = nova_sft(model_dir, samples, capacity=tokens)
+    ours = {"hf_loop": hf, "nova": nova}
+    if use_fused:
+        ours["nova_fused"] = nova_sft(model_dir, samples, capacity=tokens, fuse=True)
 
     def trl(steps, on_step_end):
         times, loss, _ = trl_sft(model_dir, tok_dir, samples, os.path.join(root, "trl"), steps,
                                  on_step_end)  # fmt: skip
         return times, loss
 
-    secs, first = _interleaved({"hf_loop": hf, "nova": nova}, steps, trl if use_trl else None)
+    secs, first = _interleaved(ours, steps, trl if use_trl else None)
     _check_losses("SFT", first, first["hf_loop"])
     shape = f"{n}x{length} tokens,{MODEL['hidden_size']}h{MODEL['num_hidden_layers']}L"
     _step_rows(rows, "sft_step", shape, tokens, secs, first)
-    return lambda: _memory(rows, "sft_step", shape, {"hf_loop": hf, "nova": nova})
+    return lambda: _memory(rows, "sft_step", shape, ours)
 
 
-def bench_dpo(root, tok_dir, pairs_shape, steps, rows, use_trl, ref_reps=5):
+def bench_dpo(root, tok_dir, pairs_shape, steps, rows, use_trl, use_fused=True, ref_reps=5):
     """Times one DPO setting, (pairs, prompt tokens, (shortest, longest) response), and the
     reference passes; returns the memory pass as bench_sft."""
     from transformers import AutoTokenizer
@@ -482,10 +366,15 @@ def bench_dpo(root, tok_dir, pairs_shape, steps, rows, use_trl, ref_reps=5):
              f"{MODEL['hidden_size']}h{MODEL['num_hidden_layers']}L")  # fmt: skip
     hf, hf_ref = hf_loop_dpo(model_dir, pairs)
     nova, nova_ref = nova_dpo(model_dir, pairs, tokens, os.path.join(root, "ref_cache"))
-    ref_secs: dict[str, list[float]] = {"hf_loop": [], "nova": []}
+    ours, refs = {"hf_loop": hf, "nova": nova}, {"hf_loop": hf_ref, "nova": nova_ref}
+    if use_fused:
+        ours["nova_fused"], refs["nova_fused"] = nova_dpo(
+            model_dir, pairs, tokens, os.path.join(root, "ref_fused"), fuse=True
+        )
+    ref_secs: dict[str, list[float]] = {name: [] for name in refs}
     sums: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for _ in range(ref_reps):  # forward only: the weights stay the initial ones
-        for name, fn in (("hf_loop", hf_ref), ("nova", nova_ref)):
+        for name, fn in refs.items():
             t0 = time.perf_counter()
             sums[name] = fn()
             ref_secs[name].append(time.perf_counter() - t0)
@@ -498,7 +387,7 @@ def bench_dpo(root, tok_dir, pairs_shape, steps, rows, use_trl, ref_reps=5):
         trainer.append(t)
         return times, loss
 
-    secs, first = _interleaved({"hf_loop": hf, "nova": nova}, steps, trl if use_trl else None)
+    secs, first = _interleaved(ours, steps, trl if use_trl else None)
     _check_losses("DPO", first, math.log(2.0))  # policy = reference: -log sigmoid(0)
     c0, r0 = sums["hf_loop"]
     for name, (c, r) in sums.items():  # the reference sums = the step-1 policy sums
@@ -514,7 +403,7 @@ def bench_dpo(root, tok_dir, pairs_shape, steps, rows, use_trl, ref_reps=5):
                      "p20": tokens / q[2], "p80": tokens / q[1]})  # fmt: skip
     print(f"dpo_ref_pass {shape}: "
           + ", ".join(f"{k} {np.median(v):.3f} s" for k, v in ref_secs.items()))  # fmt: skip
-    steps_now = {"hf_loop": hf, "nova": nova}
+    steps_now = dict(ours)
     if trainer:
         steps_now["trl"] = _trl_step(trainer[0])
     return lambda: _memory(rows, "dpo_step", shape, steps_now)
@@ -549,6 +438,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--no-fused", action="store_true", help="skip the nova_fused variant")
     ap.add_argument("--only", choices=("sft", "dpo"), help="one part (default: SFT, then DPO)")
     ap.add_argument("--quick", action="store_true", help="one tiny shape per part (smoke run)")
     ap.add_argument("--out", help="CSV to update (default: benchmarks/results/vs_peers_<dev>.csv)")
@@ -576,10 +466,12 @@ def main(argv=None):
         memory = []  # measured after every timing (see bench_sft)
         if args.only in (None, "sft"):
             for length, n in QUICK_SFT if args.quick else SFT_SHAPES:
-                memory.append(bench_sft(root, tok_dir, length, n, args.steps, rows, use_trl))
+                memory.append(bench_sft(root, tok_dir, length, n, args.steps, rows, use_trl,
+                                        not args.no_fused))  # fmt: skip
         if args.only in (None, "dpo"):
             for shape in QUICK_DPO if args.quick else DPO_SHAPES:
-                memory.append(bench_dpo(root, tok_dir, shape, args.steps, rows, use_trl))
+                memory.append(bench_dpo(root, tok_dir, shape, args.steps, rows, use_trl,
+                                        not args.no_fused))  # fmt: skip
         for measure in memory:
             measure()
     path = args.out or results_path("vs_peers")
