@@ -44,7 +44,9 @@ Rows (benchmarks/results/vs_peers_cpu.csv; a run replaces the rows of the (op, i
 keys it measures and keeps the others): op sft_step / dpo_step / dpo_ref_pass, impl nova |
 nova_fused | trl | hf_loop (TRL's peers live in benchmarks/_peers.py), shape (samples x tokens; DPO: pairs, prompt and response lengths, real
 tokens per step = chosen + rejected sequences, prompt counted in both), metric
-real_tokens_per_s (p50/p20/p80 over steps), peak_mem_bytes, step1_loss, seconds.
+real_tokens_per_s (p50/p20/p80 over steps, the first left out), speedup_vs_hf_loop (the
+plain loop's step seconds / the impl's, per round, so both come from the same moment of a
+shared machine: p50/p20/p80), peak_mem_bytes, step1_loss, seconds.
 """
 
 from __future__ import annotations
@@ -279,13 +281,17 @@ def _stats(tokens: int, secs: list[float]) -> tuple[float, float, float]:
 
 
 def _interleaved(impls, steps, trl=None):
-    """(per-step seconds, step-1 loss) of each impl, one step of each per round; with `trl`
-    ((steps, on_step_end) -> (seconds, step-1 loss)) TRL's own loop drives the rounds."""
+    """(per-step seconds, step-1 loss) of each impl, one step of each per round, in an order
+    rotated by the round (as `_common.time_interleaved`); with `trl` ((steps, on_step_end) ->
+    (seconds, step-1 loss)) TRL's own loop drives the rounds."""
     secs: dict[str, list[float]] = {name: [] for name in impls}
     first: dict[str, float] = {}
+    names = list(impls)
 
     def others():
-        for name, fn in impls.items():
+        k = len(secs[names[0]]) % len(names)
+        for name in names[k:] + names[:k]:
+            fn = impls[name]
             t0 = time.perf_counter()
             loss = fn()
             secs[name].append(time.perf_counter() - t0)
@@ -311,12 +317,20 @@ def _step_rows(rows, op, shape, tokens, secs, first) -> None:
         base = dict(op=op, impl=name, shape=shape, mode="step")
         rows.append({**base, "metric": "real_tokens_per_s", "p50": p50, "p20": p20, "p80": p80})
         rows.append({**base, "metric": "step1_loss", "p50": first[name]})
+        if name != "hf_loop":  # per round: the plain loop's seconds / this impl's (paired)
+            r = np.asarray(secs["hf_loop"][1:]) / np.asarray(s[1:])
+            q = [float(np.quantile(r, x)) for x in (0.5, 0.2, 0.8)] if len(r) else [np.nan] * 3
+            rows.append({**base, "metric": "speedup_vs_hf_loop", "p50": q[0], "p20": q[1],
+                         "p80": q[2]})  # fmt: skip
     tps = {name: _stats(tokens, s)[0] for name, s in secs.items()}
+    paired = {n: np.median(np.asarray(secs["hf_loop"][1:]) / np.asarray(secs[n][1:]))
+              for n in secs if n != "hf_loop" and len(secs[n]) > 1}  # fmt: skip
     print(f"{op} {shape}: " + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in tps.items())
           + f"; nova/hf_loop {tps['nova'] / tps['hf_loop']:.2f}x"
           + (f" (fused {tps['nova_fused'] / tps['hf_loop']:.2f}x)" if "nova_fused" in tps else "")
           + (f", nova/trl {tps['nova'] / tps['trl']:.2f}x" if "trl" in tps else "")
-          + f"; step-1 loss {first['hf_loop']:.5f}")  # fmt: skip
+          + f"; step-1 loss {first['hf_loop']:.5f}; paired per-round speedup vs hf_loop: "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in paired.items()))  # fmt: skip
 
 
 def _memory(rows, op, shape, steps: dict) -> None:

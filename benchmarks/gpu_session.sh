@@ -7,7 +7,8 @@
 #   run(command="bash benchmarks/gpu_session.sh train_smoke tests linear_logprobs
 #       linear_cross_entropy", carry=[".whl"], timeout_s=600)
 #   run(command="bash benchmarks/gpu_session.sh seq_reduce gae group_advantages whiten
-#       policy_loss train_throughput", carry=[".whl"], timeout_s=600)
+#       policy_loss train_throughput packed_attention linear_pair_logprobs", carry=[".whl"],
+#       timeout_s=600)
 # and commit what comes back under benchmarks/results/ (rows carry the device name).
 # No arguments: everything (too long for one call).
 #
@@ -31,7 +32,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 ALL="train_smoke tests linear_logprobs linear_cross_entropy seq_reduce gae group_advantages whiten
-     policy_loss train_throughput"
+     policy_loss train_throughput packed_attention linear_pair_logprobs"
 for b in ${@:-$ALL}; do
     if [ "$b" = train_smoke ]; then
         timeout 300 python3 tests/engine/golden/run_golden.py --check --precision bf16 \
