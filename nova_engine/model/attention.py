@@ -192,11 +192,10 @@ class _GroupedCausalAttention(torch.autograd.Function):
         out = q_TNH.new_empty(q_TNH.shape)
         graphs = []
         for g in plan.groups:
-            leaves = tuple(
-                t.detach().requires_grad_() for t in _group_inputs(g, (q_TNH, k_TGH, v_TGH))
-            )
+            q, k, v = (t.detach().requires_grad_() for t in _group_inputs(g, (q_TNH, k_TGH, v_TGH)))
             with torch.enable_grad():
-                o = _sdpa(*leaves, scale)
+                o = _sdpa(q, k, v, scale)
+            leaves = (q, k, v)
             _scatter_rows(out, g, o.detach())
             graphs.append((leaves, o))
         ctx.plan, ctx.graphs = plan, graphs
@@ -239,7 +238,8 @@ def _grouped_causal_attention(q_TNH, k_TGH, v_TGH, cu: torch.Tensor, scale: floa
         return _GroupedCausalAttention.apply(q_TNH, k_TGH, v_TGH, plan, scale)
     out = q_TNH.new_empty(q_TNH.shape)
     for g in plan.groups:
-        _scatter_rows(out, g, _sdpa(*_group_inputs(g, (q_TNH, k_TGH, v_TGH)), scale))
+        q, k, v = _group_inputs(g, (q_TNH, k_TGH, v_TGH))
+        _scatter_rows(out, g, _sdpa(q, k, v, scale))
     return out
 
 

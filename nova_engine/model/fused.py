@@ -18,6 +18,7 @@ spend more time compiling than they save).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -37,11 +38,13 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"rms_norm": rms_norm, "swiglu": swiglu}
+
+
 @cache
-def compiled(name: str):
+def compiled(name: str) -> Callable[..., torch.Tensor]:
     """The torch.compile'd function `name` ("rms_norm" | "swiglu"), built once."""
-    fns = {"rms_norm": rms_norm, "swiglu": swiglu}
-    return torch.compile(fns[name], dynamic=True)
+    return torch.compile(_FUNCTIONS[name], dynamic=True)
 
 
 class NovaSwiGLU(torch.nn.Module):
