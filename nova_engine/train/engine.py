@@ -100,6 +100,12 @@ class ModelEngine:
             c.return_hidden = True
         if score_outputs and ps.is_last_stage():
             attach_score_head(self.chunks[-1], score_outputs, init_seed=score_init_seed)
+        if score_outputs and not arch.tie_word_embeddings:
+            # a score model never reads its (untied) LM head: no gradient buffer, no optimizer
+            # state (at 8B with a 128k vocab, ~6 GB of Adam state), no weight decay on it
+            for c in self.chunks:
+                if getattr(c, "output_layer", None) is not None:
+                    c.output_layer.weight.requires_grad_(False)
         if weights_dir is not None:
             self.load_hf(weights_dir)
         self.optimizer: MegatronOptimizer | None = None

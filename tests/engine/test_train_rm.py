@@ -66,8 +66,12 @@ def _worker(rank, world, model_dir, tok_dir, data, root):
             first = None
             if loss.pairwise:  # the step-1 rewards, to check the loss formula by hand
                 first = rm.pair_rewards(engine, _one_step(src, ps), [1.0])
+            lm = getattr(engine.chunks[-1], "output_layer", None)  # the untied LM head
+            lm0 = None if lm is None else lm.weight.detach().clone()
             hist = Loop({"reward": engine}, src).fit(rm.RMStage(ps, loss, targets))
             rec = {"hist": hist, "first": first}
+            if lm is not None:  # frozen: untouched by the steps (no grads, no weight decay)
+                rec["lm_head"] = (lm.weight.requires_grad, torch.equal(lm.weight, lm0))
             if loss_type in PARITY:
                 ev = PackedDataSource(data["eval"], global_batch_size=GBS,
                                       micro_batch_tokens=MBT, ps=ps, shuffle=False)  # fmt: skip
@@ -179,6 +183,16 @@ def _by_hand(loss_type, rc, rr, m):
     if loss_type == "margin_bt":
         return -np.log(sig(d - m))
     return -m * np.log(sig(d))
+
+
+def test_untied_lm_head_is_frozen(results):
+    """A reward model never reads its untied LM head: no gradient, no optimizer state, and
+    the weight stays as loaded through training (AdamW would otherwise decay it)."""
+    heads = [
+        rec["lm_head"] for key, rec in results[0].items() if key != "chain" and "lm_head" in rec
+    ]
+    assert heads  # rank 0 is a last stage in the PP1 layouts (the tiny model is untied)
+    assert all(h == (False, True) for h in heads), heads
 
 
 @pytest.mark.parametrize("loss_type", LOSSES[:3])
