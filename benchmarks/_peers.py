@@ -40,7 +40,7 @@ def trl_sft(model_dir, tok_dir, samples, out_dir, steps, on_step_end):
         output_dir=out_dir, per_device_train_batch_size=len(samples), max_steps=steps,
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-        max_length=len(samples[0]), packing=False, activation_checkpointing=False,
+        max_length=max(len(s.tokens) for s in samples), packing=False, activation_checkpointing=False,
         dataloader_num_workers=0, seed=0,
         bf16=False, fp16=False, disable_tqdm=True,
     )  # fmt: skip

@@ -71,18 +71,25 @@ MODEL = dict(
     num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096,
     tie_word_embeddings=False,
 )  # fmt: skip
-SFT_SHAPES = ((512, 8), (128, 32))  # (tokens, samples): the same 4096 tokens per step
+# (tokens, samples): the same 4096 tokens per step; then 16 log-normal lengths in 64..1024
+# (median ~256; the plain loop pads them to the longest, TRL's collator too)
+SFT_SHAPES = ((512, 8), (128, 32), ((64, 1024), 16))
 # (pairs, prompt tokens, (shortest, longest) response incl. eos): ~6.7k and ~7.7k real tokens
 DPO_SHAPES = ((16, 64, (32, 256)), (64, 32, (8, 48)))
-QUICK_SFT, QUICK_DPO = ((32, 4),), ((4, 8, (4, 12)),)
+QUICK_SFT, QUICK_DPO = ((32, 4), ((8, 40), 4)), ((4, 8, (4, 12)),)
 
 
-def _samples(n: int, length: int, vocab: int, seed: int = 0):
+def _samples(n: int, length, vocab: int, seed: int = 0):
+    """n samples of `length` tokens, or (length = (lo, hi)) of log-normal lengths (median
+    ~256) clipped to [lo, hi]; every token but the first is a target."""
     from nova_engine.data.sample import Sample
 
     rng = np.random.default_rng(seed)
+    lengths = [length] * n
+    if isinstance(length, tuple):
+        lengths = np.clip(rng.lognormal(np.log(256), 0.7, n), *length).astype(int).tolist()
     out = []
-    for i in range(n):
+    for i, length in enumerate(lengths):
         mask = np.ones(length, dtype=np.uint8)
         mask[0] = 0  # the first token is never a target (HF: labels shift by one)
         out.append(Sample(rng.integers(4, vocab, length), mask, index=i))
@@ -117,13 +124,20 @@ def _parallel():
 
 
 def hf_loop_sft(model_dir, samples):
-    """The plain loop: model(input_ids, labels=input_ids).loss, backward, AdamW."""
+    """The plain loop: model(input_ids, labels=input_ids).loss, backward, AdamW; samples of
+    unequal lengths are right-padded to the longest (attention mask, labels -100 there)."""
     model = _hf_model(model_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    ids = torch.tensor(np.stack([s.tokens for s in samples]))
+    longest = max(len(s.tokens) for s in samples)
+    ids = torch.zeros(len(samples), longest, dtype=torch.long)
+    attn = torch.zeros(len(samples), longest, dtype=torch.long)
+    for i, s in enumerate(samples):
+        ids[i, : len(s.tokens)], attn[i, : len(s.tokens)] = torch.from_numpy(s.tokens), 1
+    labels = ids.masked_fill(attn == 0, -100)
+    mask = None if bool(attn.all()) else attn  # equal lengths: no mask, as a user would
 
     def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -346,7 +360,7 @@ def bench_sft(root, tok_dir, length, n, steps, rows, use_trl, use_fused=True):
     """Times one SFT setting; returns its memory pass, to run once every timing is done."""
     model_dir = _tiny_model(root)
     samples = _samples(n, length, MODEL["vocab_size"])
-    tokens = n * length
+    tokens = sum(len(s.tokens) for s in samples)  # real tokens (the plain loop pads)
     hf = hf_loop_sft(model_dir, samples)
     nova = nova_sft(model_dir, samples, capacity=tokens)
     ours = {"hf_loop": hf, "nova": nova}
@@ -360,7 +374,10 @@ def bench_sft(root, tok_dir, length, n, steps, rows, use_trl, use_fused=True):
 
     secs, first = _interleaved(ours, steps, trl if use_trl else None)
     _check_losses("SFT", first, first["hf_loop"])
-    shape = f"{n}x{length} tokens,{MODEL['hidden_size']}h{MODEL['num_hidden_layers']}L"
+    size = f"{n}x{length}" if isinstance(length, int) else f"{n}x{length[0]}-{length[1]}"
+    shape = f"{size} tokens ({tokens} real),{MODEL['hidden_size']}h{MODEL['num_hidden_layers']}L"
+    if isinstance(length, int):  # the rows of earlier runs keep their key
+        shape = f"{size} tokens,{MODEL['hidden_size']}h{MODEL['num_hidden_layers']}L"
     _step_rows(rows, "sft_step", shape, tokens, secs, first)
     return lambda: _memory(rows, "sft_step", shape, ours)
 

@@ -23,13 +23,13 @@ SFT_ROW = {"op": "sft_step", "impl": "nova", "shape": "8x512 tokens,128h4L", "mo
            "device": "cpu (earlier run)", "torch": "", "triton": "", "commit": "abc1234"}  # fmt: skip
 
 
-def _run(tmp_path, *extra):
+def _run(tmp_path, *extra, only="dpo"):
     out = tmp_path / "vs_peers.csv"
     with out.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(SFT_ROW))
         writer.writeheader()
         writer.writerow(SFT_ROW)
-    cmd = [sys.executable, "-m", "benchmarks.bench_vs_peers", "--only", "dpo", "--quick",
+    cmd = [sys.executable, "-m", "benchmarks.bench_vs_peers", "--only", only, "--quick",
            "--steps", "2", "--out", str(out), *extra]  # fmt: skip
     # one thread: tiny steps are all small ops, which a second busy core slows down ~10x
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -60,3 +60,17 @@ def test_dpo_nova_and_plain_loop(tmp_path):
 def test_dpo_trl_step1_equals_nova(tmp_path):
     pytest.importorskip("trl")
     _check(_run(tmp_path), ["hf_loop", "nova", "nova_fused", "trl"])
+
+
+def test_sft_equal_and_ragged_lengths(tmp_path):
+    """SFT quick shapes, equal and ragged lengths (the plain loop pads the ragged ones): the
+    bench itself fails unless every step-1 loss equals the plain loop's; rows per shape."""
+    rows = _run(tmp_path, "--no-trl", "--no-fused", only="sft")
+    sft = [r for r in rows if r["op"] == "sft_step" and r != SFT_ROW]
+    shapes = {r["shape"] for r in sft}
+    assert len(shapes) == 2 and any("real" in sh for sh in shapes), shapes
+    for sh in shapes:
+        got = {(r["impl"], r["metric"]): float(r["p50"]) for r in sft if r["shape"] == sh}
+        assert math.isclose(got[("nova", "step1_loss")], got[("hf_loop", "step1_loss")],
+                            rel_tol=1e-4)  # fmt: skip
+        assert got[("nova", "real_tokens_per_s")] > 0 and got[("hf_loop", "peak_mem_bytes")] > 0
