@@ -199,15 +199,12 @@ class _GroupedCausalAttention(torch.autograd.Function):
             _scatter_rows(out, g, o.detach())
             graphs.append((leaves, o))
         ctx.plan, ctx.graphs = plan, graphs
+        ctx.shapes = (q_TNH.shape, k_TGH.shape, v_TGH.shape)
         return out
 
     @staticmethod
     def backward(ctx, go_TNH):
-        leaves0 = ctx.graphs[0][0] if ctx.graphs else None
-        T = go_TNH.shape[0]
-        if leaves0 is None:
-            return None, None, None, None, None
-        grads = [go_TNH.new_empty(T, t.shape[1], t.shape[3]) for t in leaves0]
+        grads = [go_TNH.new_empty(shape) for shape in ctx.shapes]  # every row written below
         go_TNH = go_TNH.contiguous()
         for g, (leaves, o) in zip(ctx.plan.groups, ctx.graphs):
             if g.view_start >= 0:

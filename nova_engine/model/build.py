@@ -164,13 +164,17 @@ class NovaGPTModel(GPTModel):
     """
 
     return_hidden: bool = False
+    # Nova's core attention applies RoPE to packed batches (False with TE's layer spec,
+    # whose attention relies on megatron's RoPE)
+    packed_rope: bool = True
 
     def _preprocess(self, *args, packed_seq_params=None, **kwargs):
         """megatron's preprocessing; for a Nova packed batch the RoPE table of its tokens is
         built here once (positions restart in every segment) and megatron's per-segment RoPE
         is switched off: Nova's core attention rotates q and k with the table."""
         out = super()._preprocess(*args, packed_seq_params=packed_seq_params, **kwargs)
-        if not isinstance(packed_seq_params, NovaPackedSeqParams) or out[1] is None:
+        nova_packed = isinstance(packed_seq_params, NovaPackedSeqParams)
+        if not (self.packed_rope and nova_packed) or out[1] is None:
             return out
         position_ids = kwargs.get("position_ids", args[1] if len(args) > 1 else None)
         if position_ids is None:
@@ -223,6 +227,7 @@ def build_model(
             vp_stage=vp_stage,
             pg_collection=ps.pg_collection,  # the layout's own groups (None: megatron's)
         )
+        model.packed_rope = not use_te
         # RoPE frequencies exactly as HF computes them (incl. llama3 scaling with the
         # checkpoint's own factors; megatron hard-codes some of them)
         model.rotary_pos_emb.inv_freq = arch.inv_freq().to(ps.device)

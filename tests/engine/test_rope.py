@@ -75,3 +75,40 @@ def test_packed_rope_rejects_mismatched_table():
     cos, sin = packed_rope_table(torch.arange(5), torch.ones(4), torch.float32)
     with pytest.raises(ValueError, match="expected"):
         apply_packed_rope(torch.randn(6, 2, 8), cos, sin)
+
+
+def _forward_both_ropes(rank, world, model_dir, lengths):
+    from nova_engine.data.packing import PackedBatch
+    from nova_engine.data.sample import Sample
+    from nova_engine.model.packed import packed_forward
+    from nova_engine.parallel.state import initialize_parallel
+    from nova_engine.train.engine import ModelEngine
+
+    ps = initialize_parallel()
+    model = ModelEngine.from_hf(model_dir, ps, trainable=False).chunks[0]
+    rng = np.random.default_rng(0)
+    samples = [Sample(rng.integers(4, 200, n), np.ones(n, np.uint8), index=i)
+               for i, n in enumerate(lengths)]  # fmt: skip
+    batch = PackedBatch.from_samples(samples, pad_to_multiple=8)  # a padding segment too
+    out = {}
+    with torch.no_grad():
+        for nova in (True, False):  # False: megatron's per-segment RoPE (the TE-spec path)
+            model.packed_rope = nova
+            out[nova] = packed_forward(model, batch).clone()
+    return out
+
+
+def test_model_packed_rope_equals_megatron_rope(tmp_path):
+    """The whole model on a packed batch: Nova's RoPE (model.packed_rope) and megatron's
+    per-segment RoPE (what the TE spec keeps) give the same hidden states: the switch neither
+    drops nor doubles the rotation."""
+    from nova_engine.model.tiny import build_tiny_hf_model
+    from nova_engine.parallel.spawn import run_distributed
+
+    model_dir = str(tmp_path / "m")
+    build_tiny_hf_model(model_dir, "llama", seed=0, vocab_size=256, hidden_size=64,
+                        intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2)  # fmt: skip
+    (out,) = run_distributed(_forward_both_ropes, 1, model_dir, [9, 1, 17, 5])
+    assert out[True].abs().max() > 0
+    torch.testing.assert_close(out[True], out[False], rtol=1e-5, atol=1e-5)
