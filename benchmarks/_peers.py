@@ -28,23 +28,10 @@ def _split(s) -> tuple[np.ndarray, np.ndarray]:
     return s.tokens[:first], s.tokens[first:]
 
 
-def trl_sft(model_dir, tok_dir, samples, out_dir, steps, on_step_end):
-    """TRL's SFTTrainer on the pre-tokenized samples; `on_step_end()` runs after each of its
-    steps (outside its timing). Returns (per-step seconds, step-1 loss)."""
-    from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
-
-    ds = Dataset.from_dict({"input_ids": [s.tokens.tolist() for s in samples]})
-    cfg = SFTConfig(
-        output_dir=out_dir, per_device_train_batch_size=len(samples), max_steps=steps,
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-        max_length=max(len(s.tokens) for s in samples), packing=False, activation_checkpointing=False,
-        dataloader_num_workers=0, seed=0,
-        bf16=False, fp16=False, disable_tqdm=True,
-    )  # fmt: skip
-    times, losses = [], []
+def _step_timer(times: list[float], on_step_end):
+    """A TrainerCallback that appends each step's seconds to `times`, then calls
+    `on_step_end()` (outside the timed span)."""
+    from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -54,15 +41,44 @@ def trl_sft(model_dir, tok_dir, samples, out_dir, steps, on_step_end):
             times.append(time.perf_counter() - self.t0)
             on_step_end()
 
-    class Recording(SFTTrainer):
+    return Timer()
+
+
+def _recording(trainer_cls, losses: list[float]):
+    """`trainer_cls` recording every loss it computes into `losses`."""
+
+    class Recording(trainer_cls):
         def compute_loss(self, *a, **k):
             out = super().compute_loss(*a, **k)
             losses.append(float((out[0] if isinstance(out, tuple) else out).detach()))
             return out
 
-    trainer = Recording(model=_hf_model(model_dir), args=cfg, train_dataset=ds,
-                        processing_class=AutoTokenizer.from_pretrained(tok_dir),
-                        callbacks=[Timer()])  # fmt: skip
+    return Recording
+
+
+def trl_sft(model_dir, tok_dir, samples, out_dir, steps, on_step_end):
+    """TRL's SFTTrainer on the pre-tokenized samples; `on_step_end()` runs after each of its
+    steps (outside its timing). Returns (per-step seconds, step-1 loss)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    ds = Dataset.from_dict({"input_ids": [s.tokens.tolist() for s in samples]})
+    cfg = SFTConfig(
+        output_dir=out_dir, per_device_train_batch_size=len(samples), max_steps=steps,
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+        max_length=max(len(s.tokens) for s in samples), packing=False,
+        activation_checkpointing=False, dataloader_num_workers=0, seed=0, bf16=False, fp16=False,
+        disable_tqdm=True,
+    )  # fmt: skip
+    times: list[float] = []
+    losses: list[float] = []
+    trainer = _recording(SFTTrainer, losses)(
+        model=_hf_model(model_dir), args=cfg, train_dataset=ds,
+        processing_class=AutoTokenizer.from_pretrained(tok_dir),
+        callbacks=[_step_timer(times, on_step_end)],
+    )  # fmt: skip
     trainer.train()
     return times, losses[0], trainer
 
@@ -73,7 +89,7 @@ def trl_dpo(model_dir, tok_dir, pairs, out_dir, steps, on_step_end):
     timing). Returns (per-step seconds, step-1 loss, reference-pass seconds, (chosen [P],
     rejected [P]) reference sums, trainer)."""
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
@@ -94,28 +110,15 @@ def trl_dpo(model_dir, tok_dir, pairs, out_dir, steps, on_step_end):
     )  # fmt: skip
     times, losses, ref_secs = [], [], []
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            times.append(time.perf_counter() - self.t0)
-            on_step_end()
-
-    class Recording(DPOTrainer):
+    class Recording(_recording(DPOTrainer, losses)):
         def _precompute_ref_logps(self, *a, **k):
             t0 = time.perf_counter()
             out = super()._precompute_ref_logps(*a, **k)
             ref_secs.append(time.perf_counter() - t0)
             return out
 
-        def compute_loss(self, *a, **k):
-            out = super().compute_loss(*a, **k)
-            losses.append(float((out[0] if isinstance(out, tuple) else out).detach()))
-            return out
-
     trainer = Recording(model=_hf_model(model_dir), args=cfg, train_dataset=ds,
-                        processing_class=tok, callbacks=[Timer()])  # fmt: skip
+                        processing_class=tok, callbacks=[_step_timer(times, on_step_end)])  # fmt: skip
     got = trainer.train_dataset
     for i, ((prompt, chosen), (_, rejected)) in enumerate(parts):
         row = got[i]

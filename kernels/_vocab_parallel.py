@@ -1,6 +1,7 @@
 """Vocab-parallel plumbing shared by `linear_logprobs` and `linear_cross_entropy`: the exact
 combination of per-rank softmax statistics over the TP group, the sequence-parallel gather /
-reduce-scatter of hidden states, targets made local to a vocab shard, and input checks.
+reduce-scatter of hidden states, targets made local to a vocab shard, input checks, and the
+backward of the losses whose gradients are formed in forward.
 Shapes as in `nova_kernels.linear_logprobs` (N rows, H hidden, Vp vocab shard)."""
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def _reduce_grad_hidden(g_NH: torch.Tensor, group, tp: int, sp: bool) -> torch.T
         return out
     dist.all_reduce(g_NH, group=group)
     return g_NH
+
+
+def _scale_saved_grads(ctx, g_loss: torch.Tensor) -> tuple:
+    """Backward of a loss whose (grad_hidden, grad_weight) were formed in forward and saved:
+    both scaled by the scalar upstream gradient (None where not needed)."""
+    return tuple(g * g_loss.to(g.dtype) if g is not None else None for g in ctx.saved_tensors)
 
 
 def _local_targets(targets_N, start: int, vp: int, ignore_index: int) -> torch.Tensor:

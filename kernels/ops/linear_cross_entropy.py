@@ -27,6 +27,7 @@ from .._vocab_parallel import (
     _check,
     _local_targets,
     _reduce_grad_hidden,
+    _scale_saved_grads,
     _sp_gather,
     _tp_combine,
     _tp_info,
@@ -88,9 +89,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * g_loss.to(grad_h.dtype) if grad_h is not None else None
-        gw = grad_w * g_loss.to(grad_w.dtype) if grad_w is not None else None
+        gh, gw = _scale_saved_grads(ctx, g_loss)
         return gh, gw, None, None, None, None, None
 
 

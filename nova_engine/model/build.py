@@ -144,9 +144,10 @@ def layer_spec(use_te: bool = False, fuse_elementwise: bool = False) -> ModuleSp
     )
 
 
-def block_spec(config: TransformerConfig, use_te: bool, vp_stage: int | None, pp_rank: int):
+def block_spec(
+    config: TransformerConfig, use_te: bool, vp_stage: int | None, pp_rank: int, fuse: bool
+):
     """Decoder block spec for one model chunk: its layers and the final norm."""
-    fuse = config.use_te_activation_func and not use_te
     layer = layer_spec(use_te, fuse)
     if use_te:
         return layer
@@ -209,13 +210,14 @@ def build_model(
     (load weights with `nova_engine.model.hf_io.load_hf_weights`). fuse_elementwise:
     compiled RMSNorm + SwiGLU in the local spec (TE's spec fuses its own)."""
     use_te = te_available() if use_te is None else use_te
-    config = transformer_config(arch, ps, precision, recompute, fuse_elementwise and not use_te)
+    fuse = fuse_elementwise and not use_te
+    config = transformer_config(arch, ps, precision, recompute, fuse)
     chunks = []
     for vp in range(ps.num_chunks):
         vp_stage = vp if ps.vpp else None
         model = NovaGPTModel(
             config=config,
-            transformer_layer_spec=block_spec(config, use_te, vp_stage, ps.pp_rank),
+            transformer_layer_spec=block_spec(config, use_te, vp_stage, ps.pp_rank, fuse),
             vocab_size=arch.vocab_size,
             max_sequence_length=arch.max_position_embeddings,
             pre_process=ps.is_first_stage(vp_stage),

@@ -10,6 +10,14 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's LlamaRMSNorm math: normalize in fp32, cast back to x's dtype, then scale."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
 class NovaRMSNorm(torch.nn.Module):
     def __init__(
         self,
@@ -29,7 +37,4 @@ class NovaRMSNorm(torch.nn.Module):
             from nova_engine.model.fused import compiled
 
             return compiled("rms_norm")(x, self.weight, self.eps)
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
