@@ -54,6 +54,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if token_weights is not None:
             wts = token_weights.to(acc)
         wts = torch.where(targets != ignore_index, wts, 0.0)
+        # rows without loss (prompt tokens, padding, ignore_index) add nothing to the loss or
+        # to either grad: the GEMMs run on the counted rows only (the same rows on every TP
+        # rank: targets and weights are replicated), their grad_hidden rows stay zero; one
+        # host sync per call (the count of counted rows), none per chunk
+        rows = (wts != 0).nonzero()[:, 0]
+        full_n = N
+        if rows.numel() < N:
+            h_NH, tgt_N, wts, N = h_NH.index_select(0, rows), tgt_N[rows], wts[rows], rows.numel()
         nc = max(1, min(N, _budget(h_NH.device) // max(vp, 1)))
         grad_h = torch.empty(N, H, device=h_NH.device, dtype=hidden.dtype) if need_h else None
         # grad_W accumulates over row chunks: in fp32 on CPU, in W's dtype on GPU (cuBLAS
@@ -83,6 +91,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 if grad_w is not None:
                     grad_w.addmm_(dz.T, h_r)
         if grad_h is not None:
+            if N < full_n:
+                grad_h = grad_h.new_zeros(full_n, H).index_copy_(0, rows, grad_h)
             grad_h = _reduce_grad_hidden(grad_h, tp_group, tp, sp)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         return loss
@@ -108,7 +118,10 @@ def linear_cross_entropy(
     Same layout contract as `linear_logprobs` (hidden [N, H] or its SP slice, weight [Vp, H],
     targets [N] global ids, ignore_index rows contribute 0). token_weights [N] (default 1) are
     constants (no gradient), e.g. loss_mask / global_token_count for SFT. Returns a 0-dim fp32
-    loss (replicated over the TP group). Torch ops + cuBLAS on every device; memory: one
+    loss (replicated over the TP group). Rows that count nothing (weight 0, e.g. a masked
+    prompt, or ignore_index) are dropped before the GEMMs: their grad_hidden is 0 and the
+    LM-head work scales with the loss tokens, not all tokens. Torch ops + cuBLAS on every
+    device; memory: one
     [Nc, Vp] fp32 logits chunk (Nc = workspace // Vp) plus the grads held from forward.
     """
     tp, _ = _tp_info(tp_group)

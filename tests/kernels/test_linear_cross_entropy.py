@@ -51,6 +51,27 @@ def test_fused_cross_entropy(dtype, tiny_workspace, monkeypatch):
     assert got[1].dtype == dtype and got[2].dtype == dtype
 
 
+@pytest.mark.parametrize("tiny_workspace", [False, True])
+def test_rows_without_loss_skipped(tiny_workspace, monkeypatch):
+    """Rows of weight 0 (a masked prompt) or ignore_index leave the GEMMs: loss and grads
+    still equal the reference, and those rows' grad_hidden is exactly 0."""
+    if tiny_workspace:
+        monkeypatch.setattr(ll, "_WORKSPACE_ELEMS", 5000)
+    hidden, weight, targets, g_lp, _ = _inputs(41, 72, 1000, torch.float32, seed=11)
+    wts = g_lp.abs()
+    wts[:17] = 0.0  # a prompt of 17 tokens
+    wts[30:33] = 0.0
+    dropped = (wts == 0) | (targets == IGNORE)
+    assert dropped.any() and (~dropped).any()
+    got = _ce_run(linear_cross_entropy, hidden, weight, targets, wts)
+    ref = _ce_run(_ce_ref, hidden, weight, targets, wts)
+    for name, a, e in zip(["loss", "grad_hidden", "grad_weight"], got, ref):
+        assert_verbose_allclose(a, e, rtol=1e-4, atol=2e-5, name=f"masked {name}")
+    assert bool((got[1][dropped] == 0).all())
+    none = _ce_run(linear_cross_entropy, hidden, weight, targets, torch.zeros_like(wts))
+    assert float(none[0]) == 0.0 and not none[1].any() and not none[2].any()
+
+
 def test_token_weights_shape_checked():
     h, w = torch.randn(4, 8), torch.randn(16, 8)
     with pytest.raises(ValueError, match="token_weights"):
@@ -58,6 +79,13 @@ def test_token_weights_shape_checked():
 
 
 N_TP, H_TP, V_TP = 38, 72, 1000  # N even: sequence parallel splits it 19 + 19
+
+
+def _tp_weights(g_lp):
+    """Per-token weights with a masked prompt (rows 0..9 weigh 0: they leave the GEMMs)."""
+    wts = g_lp.abs()
+    wts[:10] = 0.0
+    return wts
 
 
 def _tp_worker(rank, world):
@@ -69,7 +97,7 @@ def _tp_worker(rank, world):
         h = h.clone().requires_grad_()
         w = weight[rank * vp : (rank + 1) * vp].clone().requires_grad_()
         loss = linear_cross_entropy(
-            h, w, targets, g_lp.abs(), tp_group=dist.group.WORLD, sequence_parallel=sp
+            h, w, targets, _tp_weights(g_lp), tp_group=dist.group.WORLD, sequence_parallel=sp
         )
         loss.backward()
         out[sp] = (loss.detach(), h.grad, w.grad)
@@ -87,7 +115,7 @@ def test_tp2_equals_tp1(tp_results, sp):
     hidden, weight, targets, g_lp, _ = _inputs(N_TP, H_TP, V_TP, torch.float32, seed=7)
     valid = targets[targets != IGNORE]
     assert (valid < V_TP // 2).any() and (valid >= V_TP // 2).any(), "targets on both shards"
-    loss1, gh1, gw1 = _ce_run(linear_cross_entropy, hidden, weight, targets, g_lp.abs())
+    loss1, gh1, gw1 = _ce_run(linear_cross_entropy, hidden, weight, targets, _tp_weights(g_lp))
     gh1, gw1 = gh1 / 1.5, gw1 / 1.5  # _ce_run scales the upstream gradient
     vp, ns = V_TP // 2, N_TP // 2
     for rank, res in enumerate(tp_results):
