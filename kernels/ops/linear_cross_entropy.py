@@ -121,8 +121,8 @@ def linear_cross_entropy(
     loss (replicated over the TP group). Rows that count nothing (weight 0, e.g. a masked
     prompt, or ignore_index) are dropped before the GEMMs: their grad_hidden is 0 and the
     LM-head work scales with the loss tokens, not all tokens. Torch ops + cuBLAS on every
-    device; memory: one
-    [Nc, Vp] fp32 logits chunk (Nc = workspace // Vp) plus the grads held from forward.
+    device; memory: one [Nc, Vp] fp32 logits chunk (Nc = workspace // Vp) plus the grads held
+    from forward.
     """
     tp, _ = _tp_info(tp_group)
     _check(hidden, weight, targets, sequence_parallel and tp > 1, tp)
