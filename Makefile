@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 install: $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check nova_engine kernels tests benchmarks
-	$(VENV)/bin/ruff format --check nova_engine kernels tests benchmarks
+	$(VENV)/bin/ruff check nova_engine nova_kernels tests benchmarks
+	$(VENV)/bin/ruff format --check nova_engine nova_kernels tests benchmarks
 	$(VENV)/bin/pytest -p no:cacheprovider --import-mode=importlib -q tests
 
 test-fast: $(STAMP)
@@ -41,10 +41,10 @@ demo-pas: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
 
-# ruff, then mypy on nova_engine and nova_kernels (kernels/) as [tool.mypy] in pyproject.toml says
+# ruff, then mypy on nova_engine and nova_kernels as [tool.mypy] in pyproject.toml says
 lint: $(STAMP)
-	$(VENV)/bin/ruff check nova_engine kernels tests benchmarks
-	$(VENV)/bin/ruff format --check nova_engine kernels tests benchmarks
+	$(VENV)/bin/ruff check nova_engine nova_kernels tests benchmarks
+	$(VENV)/bin/ruff format --check nova_engine nova_kernels tests benchmarks
 	$(VENV)/bin/mypy
 
 clean:

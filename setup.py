@@ -1,14 +1,15 @@
 """Build: the Python packages (see pyproject.toml) plus the pybind11 extension in csrc/.
 
-`kernels/` is installed as the package `nova_kernels` (never as a top-level `kernels`,
-a PyPI name that transformers probes for).
+The Triton kernels live in `nova_kernels/`. The folder is named after the package on purpose:
+a folder named `kernels/` at the repository root would shadow the PyPI package `kernels`,
+which transformers imports, for every `python -m ...` run from the root.
 """
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["nova_engine", "nova_engine.*"])
-packages += ["nova_kernels", "nova_kernels.ops"]
+packages += find_packages(include=["nova_kernels", "nova_kernels.*"])
 
 ext_modules = [
     Pybind11Extension(
@@ -26,7 +27,6 @@ ext_modules = [
 
 setup(
     packages=packages,
-    package_dir={"nova_engine": "nova_engine", "nova_kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
 )

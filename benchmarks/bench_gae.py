@@ -23,10 +23,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from benchmarks._common import GPU_BT_SHAPES, bench_args, finish, measure_impls, summary, time_fn  # noqa: E402
 from nova_kernels import discounted_returns, gae  # noqa: E402
 from nova_kernels.reference import discounted_returns_reference, gae_reference  # noqa: E402
-
-from benchmarks._common import GPU_BT_SHAPES, bench_args, finish, measure_impls, summary, time_fn  # noqa: E402
 
 INTERPRETER_MAX_TOKENS = 2048
 

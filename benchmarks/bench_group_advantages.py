@@ -24,11 +24,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nova_kernels.ops.group_advantages import (  # noqa: E402
-    group_advantages,
-    group_advantages_reference,
-)
-
 from benchmarks._common import (  # noqa: E402
     CPU_BT_SHAPES,
     GPU_BT_SHAPES,
@@ -38,6 +33,10 @@ from benchmarks._common import (  # noqa: E402
     summary,
 )
 from nova_engine.rl.advantages import compute_advantages  # noqa: E402
+from nova_kernels.ops.group_advantages import (  # noqa: E402
+    group_advantages,
+    group_advantages_reference,
+)
 
 GROUP = 8
 

@@ -15,10 +15,10 @@ bench_linear_logprobs, whose driver this uses.
 from __future__ import annotations
 
 import torch
-from nova_kernels import linear_cross_entropy, linear_logprobs
-from nova_kernels.reference import linear_cross_entropy_reference
 
 from benchmarks.bench_linear_logprobs import _liger, main
+from nova_kernels import linear_cross_entropy, linear_logprobs
+from nova_kernels.reference import linear_cross_entropy_reference
 
 
 def naive_ce(h, w, t, wts):

@@ -30,10 +30,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from benchmarks._common import peak_memory, time_interleaved, write_rows  # noqa: E402
 from nova_kernels import linear_logprobs, seq_reduce  # noqa: E402
 from nova_kernels.reference import linear_logprobs_reference  # noqa: E402
-
-from benchmarks._common import peak_memory, time_interleaved, write_rows  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 DPO_SEQ = 1024  # tokens per sequence in the DPO comparison

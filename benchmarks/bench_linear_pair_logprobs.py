@@ -19,13 +19,13 @@ import argparse
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from benchmarks._common import finish, peak_memory, summary, time_interleaved
 from nova_kernels import linear_logprobs_reference
 from nova_kernels.ops.linear_pair_logprobs import (
     linear_pair_logprobs,
     linear_pair_logprobs_reference,
 )
-
-from benchmarks._common import finish, peak_memory, summary, time_interleaved
 
 GPU_SHAPES = [(16, 1024, 4096, 128256), (32, 1024, 8192, 128256)]  # pairs, median, H, V
 CPU_SHAPES = [(8, 128, 256, 32000), (8, 256, 256, 32000)]

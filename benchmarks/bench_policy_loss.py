@@ -22,8 +22,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nova_kernels import policy_loss  # noqa: E402
-
 from benchmarks._common import (  # noqa: E402
     CPU_BT_SHAPES,
     GPU_BT_SHAPES,
@@ -32,6 +30,7 @@ from benchmarks._common import (  # noqa: E402
     measure_impls,
     summary,
 )
+from nova_kernels import policy_loss  # noqa: E402
 
 INTERPRETER_MAX_TOKENS = 2048
 CFG = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, tis_cap=2.0, kl_coef=0.05, kl_type="k3")

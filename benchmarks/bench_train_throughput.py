@@ -65,10 +65,9 @@ def _samples(lengths: np.ndarray, vocab: int, seed: int = 0):
 
 def packed_vs_padded(model, ps, samples, capacity: int, reps: int) -> list[dict]:
     """Real tokens/s of fwd+bwd for the packed and the padded layout of `samples`."""
-    from nova_kernels import linear_cross_entropy
-
     from nova_engine.data.packing import PackedBatch, PackingPlan
     from nova_engine.model.packed import packed_forward
+    from nova_kernels import linear_cross_entropy
 
     dev = ps.device
     plan = PackingPlan.from_samples(samples, capacity=capacity)

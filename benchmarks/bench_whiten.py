@@ -19,9 +19,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from nova_kernels import whiten  # noqa: E402
-from nova_kernels.reference import whiten_reference  # noqa: E402
-
 from benchmarks._common import (  # noqa: E402
     CPU_BT_SHAPES,
     GPU_BT_SHAPES,
@@ -30,6 +27,8 @@ from benchmarks._common import (  # noqa: E402
     measure_impls,
     summary,
 )
+from nova_kernels import whiten  # noqa: E402
+from nova_kernels.reference import whiten_reference  # noqa: E402
 
 
 def bench_one(B, T, device, reps, rows):

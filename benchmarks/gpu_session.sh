@@ -25,7 +25,6 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-ln -sfn "$PWD/kernels" /tmp/site/nova_kernels        # the package name of kernels/
 export PYTHONPATH=/tmp/site:$PWD
 python3 setup.py -q build_ext --inplace 2>&1 | tail -3  # nova_engine._C (the packer)
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -29,9 +29,9 @@ import sys
 import time
 
 import torch
-from nova_kernels.reference import causal_lm_logps
 
 from nova_engine.train.metrics import emit
+from nova_kernels.reference import causal_lm_logps
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes",
                       "tiny_cpu.yaml")  # fmt: skip

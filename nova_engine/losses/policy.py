@@ -24,8 +24,9 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import nova_kernels as nk
 import torch
+
+import nova_kernels as nk
 from nova_kernels import AGG_MODES, KL_TYPES
 
 KL_PLACES = ("loss", "reward", "none")

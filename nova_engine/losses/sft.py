@@ -24,6 +24,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
+
 from nova_kernels import linear_cross_entropy
 
 

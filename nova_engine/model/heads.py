@@ -42,6 +42,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+
 from nova_kernels import linear_cross_entropy, linear_logprobs
 
 if TYPE_CHECKING:

@@ -22,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import nova_kernels as nk
 import torch
+
+import nova_kernels as nk
 
 
 @dataclass

@@ -38,12 +38,11 @@ def _training_logprobs(chunks, ps, prompts, gens):
     """Per-token (logp, entropy) of each generated sequence from the packed training
     forward: the pipeline schedule, packed THD batch, last-stage hidden states through
     nova_kernels.linear_logprobs."""
-    from nova_kernels import linear_logprobs
-
     from nova_engine.data.packing import PackedBatch
     from nova_engine.data.sample import Sample
     from nova_engine.model.packed import packed_forward
     from nova_engine.parallel.pipeline import forward_backward
+    from nova_kernels import linear_logprobs
 
     samples = [
         Sample(prompts[g.prompt] + g.tokens, [0] * len(prompts[g.prompt]) + [1] * len(g.tokens))

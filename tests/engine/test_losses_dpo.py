@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from nova_kernels import linear_logprobs
 
 from nova_engine.losses.dpo import (
     DPO_LOSSES,
@@ -18,6 +17,7 @@ from nova_engine.losses.dpo import (
     reduce_pairs,
     sequence_logps,
 )
+from nova_kernels import linear_logprobs
 
 # three pairs: policy/reference log-prob sums and loss-token counts
 PC, PR = [-12.0, -30.5, -7.25], [-15.0, -28.0, -9.0]

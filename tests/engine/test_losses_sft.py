@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from nova_kernels import linear_logprobs
 
 from nova_engine.losses.sft import all_reduce_count, global_loss_token_count, sft_loss_fused
 from nova_engine.parallel.spawn import run_distributed
+from nova_kernels import linear_logprobs
 
 H, V = 12, 40
 # (rank, micro-batch) -> token count: uneven on purpose

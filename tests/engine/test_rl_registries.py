@@ -4,17 +4,10 @@ interpreter on CPU)."""
 
 from __future__ import annotations
 
-import nova_kernels as nk
 import pytest
 import torch
-from nova_kernels._testing import assert_verbose_allclose
-from nova_kernels.reference import (
-    discounted_returns_reference,
-    gae_reference,
-    group_advantages_reference,
-    whiten_reference,
-)
 
+import nova_kernels as nk
 from nova_engine.losses.policy import (
     PolicyLossConfig,
     apply_kl_penalty,
@@ -22,6 +15,13 @@ from nova_engine.losses.policy import (
     policy_loss_names,
 )
 from nova_engine.rl.advantages import advantage_names, compute_advantages, group_index
+from nova_kernels._testing import assert_verbose_allclose
+from nova_kernels.reference import (
+    discounted_returns_reference,
+    gae_reference,
+    group_advantages_reference,
+    whiten_reference,
+)
 
 BACKENDS = ["triton", "torch"]
 

@@ -76,8 +76,9 @@ def _worker(rank, world, model_dir, pairs, root):
 
 
 def _hf_response_logps(model_dir, pairs):
-    from nova_kernels.reference import causal_lm_logps
     from transformers import AutoModelForCausalLM
+
+    from nova_kernels.reference import causal_lm_logps
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
     rows = [

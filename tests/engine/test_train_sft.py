@@ -304,8 +304,9 @@ def _worker8(rank, world, model_dir, samples):
 def _hf_step_loss(model_dir, batch):
     """Mean token NLL of `batch` (Samples) under transformers, formula from the Sample
     convention: loss_mask[i] = 1 means token i is predicted from tokens < i."""
-    from nova_kernels.reference import causal_lm_logps
     from transformers import AutoModelForCausalLM
+
+    from nova_kernels.reference import causal_lm_logps
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
     sums, counts = zip(*(causal_lm_logps(model, s.tokens, s.loss_mask) for s in batch))

@@ -3,6 +3,7 @@
 forgot to write shows in the comparison."""
 
 import pytest
+
 from nova_kernels._common import poisoned
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from nova_kernels import discounted_returns, gae, gae_packed
 from nova_kernels._testing import assert_verbose_allclose
 from nova_kernels.reference import discounted_returns_reference, gae_reference

@@ -7,6 +7,7 @@ import importlib
 
 import pytest
 import torch
+
 from nova_kernels import group_advantages
 from nova_kernels._testing import assert_verbose_allclose
 from nova_kernels.reference import group_advantages_reference as loop_group_adv

@@ -8,14 +8,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+
+from nova_engine.parallel.spawn import run_distributed
 from nova_kernels import linear_logprobs
 from nova_kernels._common import poisoned
 from nova_kernels._testing import assert_verbose_allclose, assert_within_torch_error
 from nova_kernels._testing import linear_inputs as _inputs
 from nova_kernels.ops import linear_logprobs as ll
 from nova_kernels.reference import linear_logprobs_reference
-
-from nova_engine.parallel.spawn import run_distributed
 
 BACKENDS = ["triton", "torch"]
 IGNORE = -100

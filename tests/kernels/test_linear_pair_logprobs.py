@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from nova_engine.parallel.spawn import run_distributed
 from nova_kernels import linear_logprobs_reference
 from nova_kernels._testing import assert_verbose_allclose, assert_within_torch_error
 from nova_kernels.ops.linear_pair_logprobs import (
     linear_pair_logprobs,
     linear_pair_logprobs_reference,
 )
-
-from nova_engine.parallel.spawn import run_distributed
 
 IGNORE = -100
 ll = importlib.import_module("nova_kernels.ops.linear_logprobs")  # owns the workspace budget

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+
 from nova_kernels import kl_divergence, kl_penalty, policy_loss
 from nova_kernels._testing import assert_verbose_allclose
 from nova_kernels.reference import kl_reference, policy_loss_reference

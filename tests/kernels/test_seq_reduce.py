@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from nova_kernels import seq_reduce
 from nova_kernels._testing import assert_verbose_allclose
 from nova_kernels.reference import seq_reduce_reference

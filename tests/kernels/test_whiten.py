@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from nova_kernels import whiten
 from nova_kernels._testing import assert_verbose_allclose
 from nova_kernels.reference import whiten_reference

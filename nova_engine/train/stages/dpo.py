@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from nova_kernels import linear_pair_logprobs
 
 from nova_engine.config import ConfigError, RunConfig, check
 from nova_engine.data.packing import PackedBatch
@@ -39,6 +38,7 @@ from nova_engine.losses.dpo import (
 from nova_engine.model.heads import _tp_args, lm_head_weight
 from nova_engine.parallel.state import ParallelState
 from nova_engine.train.ref_cache import RefCache
+from nova_kernels import linear_pair_logprobs
 
 if TYPE_CHECKING:
     from nova_engine.data.sample import PairSample

@@ -31,9 +31,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import nova_kernels as nk
 import torch
 
+import nova_kernels as nk
 from nova_engine.losses.policy import PolicyLossConfig, compute_policy_loss
 from nova_engine.model.heads import _tp_args, lm_head_weight, score_head, token_logprobs
 from nova_engine.rl.rollouts import gae_packed_advantages, ppo_token_rewards, whiten_dp
