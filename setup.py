@@ -19,9 +19,16 @@ ext_modules = [
             "csrc/packer.cpp",
             "csrc/decontam.cpp",
             "csrc/decontam_bindings.cpp",
+            "csrc/attention.cpp",
+            "csrc/attention_bindings.cpp",
         ],
         cxx_std=17,
-        extra_compile_args=["-O3"],
+        # -fopenmp: attention.cpp runs on torch's OpenMP team (libgomp.so.1, one per process);
+        # -ffp-contract=fast: a * b + c as one FMA (ISO -std=c++17 turns it off).
+        # attention.cpp compiles its kernels twice, for x86-64-v3 and the baseline, and picks
+        # one at run time.
+        extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"],
+        extra_link_args=["-fopenmp"],
     ),
 ]
 

@@ -6,8 +6,11 @@ and micro-batch size.
 
 A micro-batch of T tokens packs T/L samples of L tokens (and one ragged, log-normal mix).
 Impls, timed interleaved (`_common.time_interleaved`):
-- nova: `nova_engine.model.attention.packed_attention` (CPU / fp32: segments grouped by
-  length, one SDPA is_causal call per group; CUDA bf16: torch varlen / flash varlen);
+- nova: `nova_engine.model.attention.packed_attention` (CPU / fp32: Nova's C++ kernel,
+  csrc/attention.cpp; CUDA bf16: torch varlen / flash varlen);
+- nova_grouped_sdpa (CPU): the CPU fallback for other dtypes and head dims, and the CPU
+  fp32 path before the kernel: segments grouped by length, one ATen SDPA is_causal call
+  (CPU flash attention) per group;
 - dense_mask: SDPA over the whole micro-batch with the [T, T] block-causal mask (what
   Nova's CPU path did before; its cost is the square of T whatever the samples), only where
   T <= 4096 on CPU (the mask path holds [heads, T, T] scores);
@@ -24,7 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._common import bench_args, finish, measure_impls, summary
-from nova_engine.model.attention import block_causal_mask, packed_attention
+from nova_engine.model.attention import (
+    _grouped_causal_attention,
+    block_causal_mask,
+    packed_attention,
+)
 
 CPU_HEADS = (4, 2, 32)  # query heads, KV heads, head dim (bench_vs_peers' tiny Llama)
 GPU_HEADS = (32, 8, 128)
@@ -67,6 +74,13 @@ def bench_one(T, lengths, heads, device, dtype, reps, rows, label):
             torch.autograd.backward(o[0].transpose(0, 1), go[a:b])
 
     impls = {"per_sample": per_sample, "nova": nova}  # the baseline first
+    if device.type == "cpu":
+
+        def nova_grouped_sdpa():
+            out = _grouped_causal_attention(q, k, v, cu, scale)
+            torch.autograd.backward(out, go)
+
+        impls["nova_grouped_sdpa"] = nova_grouped_sdpa
     if device.type == "cuda" or T <= 4096:
         mask = block_causal_mask(cu, T)
 

@@ -1,5 +1,6 @@
-// pybind11 module nova_engine._C: the sequence packer (see packer.h). std::invalid_argument
-// becomes ValueError. The GIL is released while packing.
+// pybind11 module nova_engine._C: the sequence packer (see packer.h); the n-gram index and
+// the CPU packed attention bind themselves (decontam_bindings.cpp, attention_bindings.cpp).
+// std::invalid_argument becomes ValueError. The GIL is released while packing.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -13,7 +14,8 @@
 
 namespace py = pybind11;
 
-void bind_decontam(py::module_& m);  // decontam_bindings.cpp
+void bind_decontam(py::module_& m);   // decontam_bindings.cpp
+void bind_attention(py::module_& m);  // attention_bindings.cpp
 
 namespace {
 
@@ -49,11 +51,12 @@ py::tuple pack(const py::array& lengths, int64_t capacity, const std::string& al
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "Nova Engine C++ extension: sequence packing.";
+  m.doc() = "Nova Engine C++ extension: sequence packing, n-gram index, CPU packed attention.";
   m.def("pack", &pack, py::arg("lengths"), py::arg("capacity"), py::arg("algorithm"),
         py::arg("max_seqs_per_bin") = 0,
         "Packs lengths [n] int64 into bins of `capacity` tokens ('nextfit' | 'ffd' | 'bfd'; "
         "max_seqs_per_bin 0 = no cap). Returns (bin_offsets [num_bins+1], items [n]) int64: "
         "bin b holds items[bin_offsets[b]:bin_offsets[b+1]] in placement order.");
   bind_decontam(m);
+  bind_attention(m);
 }

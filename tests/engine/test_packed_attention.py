@@ -113,6 +113,128 @@ def test_packed_attention_trailing_tokens_are_own_segment():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
+# ------------------------------------------------------------- the C++ CPU kernel (fp32)
+
+# lengths, query heads, KV heads, head dim: segments shorter than, equal to and spanning
+# several query (32) and key (64) blocks; MHA, GQA 2/3/4 and MQA; every supported head dim
+KERNEL_CASES = {
+    "ragged_gqa3_d16": ([7, 1, 12, 4, 31, 2, 9, 9, 17], 6, 2, 16),
+    "blocks_mqa_d32": ([150, 65, 64, 1, 33, 32], 4, 1, 32),
+    "mha_d64": ([40, 97, 128], 4, 4, 64),
+    "gqa4_d128": ([130, 3, 64], 4, 1, 128),
+    "gqa3_d8": ([5, 70], 3, 1, 8),
+    "d96": ([33, 66], 2, 2, 96),
+    "d256_one": ([45], 2, 1, 256),
+}
+
+
+def _leaves(lengths, heads, groups, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    q, k, v = (
+        torch.randn(total, n, dim, generator=g, dtype=torch.float64)
+        for n in (heads, groups, groups)
+    )
+    return q, k, v, torch.randn(total, heads, dim, generator=g, dtype=torch.float64)
+
+
+def _fwd_bwd(fn, leaves, g_out):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out = fn(*leaves)
+    out.backward(g_out.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cpu_kernel_fwd_bwd_within_torch_error(case, seed):
+    """fp32 kernel vs the fp64 per-sample reference, out and dq/dk/dv, within 2x the error of
+    torch's own fp32 per-sample SDPA (STYLE.md's rule)."""
+    from nova_kernels._testing import assert_within_torch_error
+
+    lengths, heads, groups, dim = KERNEL_CASES[case]
+    cu, total = _segments(lengths)
+    bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+    *qkv, g_out = _leaves(lengths, heads, groups, dim, seed)
+    scale = dim**-0.5
+    assert attention._use_cpu_kernel(*(t.float() for t in qkv))
+    ref = _fwd_bwd(lambda *t: _per_segment_reference(*t, bounds, scale), qkv, g_out)
+    f32 = [t.float() for t in qkv]
+    torch32 = _fwd_bwd(lambda *t: _per_segment_reference(*t, bounds, scale), f32, g_out)
+    ours = _fwd_bwd(lambda *t: attention.packed_attention(*t, cu, max(lengths), scale), f32, g_out)
+    for name, o, t, r in zip(("out", "dq", "dk", "dv"), ours, torch32, ref):
+        assert o.dtype == torch.float32 and o.shape == r.shape, name
+        assert_within_torch_error(o, t, r, name=f"{case} {name}", floor=1e-7)
+
+
+def test_cpu_kernel_result_does_not_depend_on_threads():
+    """Every output element is written by one task in a fixed order: bitwise equal results
+    for 1, 2 and 3 threads, forward and backward."""
+    from nova_engine import _C
+
+    lengths, heads, groups, dim = [150, 3, 64, 40], 4, 2, 32
+    q, k, v, g_out = (t.float().contiguous() for t in _leaves(lengths, heads, groups, dim, 3))
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    results = []
+    for threads in (1, 2, 3):
+        out, lse = torch.empty_like(q), torch.empty(heads, q.shape[0])
+        _C.packed_attention_fwd(q.numpy(), k.numpy(), v.numpy(), cu, 0.2, out.numpy(),
+                                lse.numpy(), threads)  # fmt: skip
+        grads = [torch.empty_like(t) for t in (q, k, v)]
+        _C.packed_attention_bwd(*(t.numpy() for t in (q, k, v, out, lse, g_out)), cu, 0.2,
+                                *(t.numpy() for t in grads), threads)  # fmt: skip
+        results.append([out, lse, *grads])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_cpu_kernel_trailing_tokens_and_dispatch(monkeypatch):
+    """fp32 on CPU takes the kernel (rows outside cu_seqlens are segments of their own, as
+    on the grouped path); fp64 and unsupported head dims take the grouped SDPA path."""
+    calls = []
+    for name in ("_cpu_kernel_attention", "_grouped_causal_attention"):
+        fn = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
+    cu = torch.tensor([2, 5, 9], dtype=torch.int32)
+    q, k, v = (torch.randn(13, 2, 8, dtype=torch.float64) for _ in range(3))
+    ref = _per_segment_reference(q, k, v, [(0, 2), (2, 5), (5, 9), (9, 13)], 0.5)
+    out = attention.packed_attention(*(t.float() for t in (q, k, v)), cu, 5, scale=0.5)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-6)
+    attention.packed_attention(q, k, v, cu, 5, scale=0.5)
+    attention.packed_attention(*(t[..., :6].float() for t in (q, k, v)), cu, 5, scale=0.5)
+    kernel, grouped = "_cpu_kernel_attention", "_grouped_causal_attention"
+    assert calls == [kernel, grouped, grouped]
+
+
+def test_cpu_kernel_rejects_bad_inputs():
+    from nova_engine import _C
+
+    q, k = torch.randn(10, 4, 32), torch.randn(10, 2, 32)
+    out, lse = torch.empty_like(q), torch.empty(4, 10)
+    cu = np.array([0, 4, 10], dtype=np.int64)
+
+    def call(q=q, k=k, cu=cu, out=out):
+        _C.packed_attention_fwd(q.numpy(), k.numpy(), k.numpy(), cu, 1.0, out.numpy(),
+                                lse.numpy(), 1)  # fmt: skip
+
+    with pytest.raises(ValueError, match="q: wrong dtype"):
+        call(q=q.double())
+    with pytest.raises(ValueError, match="q: must be C-contiguous"):
+        call(q=q.transpose(0, 1).contiguous().transpose(0, 1))
+    with pytest.raises(ValueError, match="out: dim 0 is 9, expected 10"):
+        call(out=out[:9])
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0 and end at T = 10"):
+        call(cu=np.array([0, 4, 9], dtype=np.int64))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        call(cu=np.array([0, 6, 4, 10], dtype=np.int64))
+    with pytest.raises(ValueError, match="multiple of KV heads 3"):
+        call(k=torch.randn(10, 3, 32))
+    with pytest.raises(ValueError, match="head dim 24 is not one of"):
+        call(q=torch.randn(10, 4, 24), k=torch.randn(10, 2, 24), out=torch.empty(10, 4, 24))
+    assert not _C.attention_supports_dim(24) and _C.attention_supports_dim(128)
+
+
 def test_plan_cost_is_sum_of_squares():
     """The groups' padded work stays near the sum of the segments' squares (never T^2), and
     equal adjacent segments run as one call on a view."""

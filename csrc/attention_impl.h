@@ -1,0 +1,343 @@
+// Causal attention within the segments of a packed batch, fp32, on the CPU: the body of
+// csrc/attention.cpp, included there once per instruction set (x86-64-v3 and the baseline)
+// inside a namespace of its own. No #include here: the includer provides everything.
+//
+// One task = (segment s, KV head g, a range of query blocks). The query heads that share
+// KV head g (r = N / G of them, GQA) are stacked into one block of r * BQ rows, so every K/V
+// block loaded is used r times. Scores are kept in the log2 domain (q pre-scaled by
+// scale * log2(e)) and exponentiated with exp2_v8. Per (query block, key block):
+//   forward   S = Q K^T, online softmax (row max m, row sum l), O += P V;
+//             out = O / l, lse2 = m + log2(l)
+//   backward  P = exp2(S - lse2), dV += P^T dO, dP = dO V^T, dS = P (dP - Delta),
+//             dQ += scale dS K, dK += scale dS^T Q        (Delta = rowsum(dO * out))
+// Key blocks past the diagonal are skipped; on the diagonal block P is set to 0 where the
+// key comes after the query, so nothing outside a segment or in its future is ever read.
+
+constexpr int BQ = 32;  // query rows per block (per head)
+constexpr int BK = 64;  // keys per block
+constexpr float LOG2E = 1.4426950408889634f;
+
+// 8 floats, loaded from and stored to any float address (GCC vector extension: AVX on
+// x86-64-v3, two SSE / NEON registers on the baseline), and 8 int32 lanes.
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4)));
+#define LD(p) (*reinterpret_cast<const v8*>(p))
+#define ST(p) (*reinterpret_cast<v8*>(p))
+
+// 2^x lane by lane, for x <= 0 (scores minus their row max or log-sum-exp): 2^floor(x) by
+// the exponent bits times a degree-6 minimax polynomial of 2^f on [0, 1) (max relative
+// error 8.4e-8; c0 = 1, so 2^0 is exactly 1). x < -126 (masked keys are -inf) gives 0.
+static inline __attribute__((always_inline)) v8 exp2_v8(v8 x) {
+  const v8i zero = x < -126.0f;  // all ones where the result is 0
+  x = x < -126.0f ? -126.0f : x;
+  v8i n = __builtin_convertvector(x, v8i);  // truncates toward 0; x <= 0, so floor is n or n-1
+  n += __builtin_convertvector(n, v8) > x;  // + (-1) where truncation rounded up
+  const v8 f = x - __builtin_convertvector(n, v8);
+  v8 p = f * 2.1702255e-4f + 1.2439688e-3f;
+  p = p * f + 9.678841e-3f;
+  p = p * f + 5.548334e-2f;
+  p = p * f + 2.4022983e-1f;
+  p = p * f + 6.931470e-1f;
+  p = p * f + 1.0f;
+  const v8i bits = ((v8i)p + n * (1 << 23)) & ~zero;  // GCC vector casts keep the bits
+  return (v8)bits;
+}
+
+// mask lanes (all ones = keep) of x; the others become `fill`
+static inline __attribute__((always_inline)) v8 select(v8i keep, v8 x, float fill) {
+  const v8 f = v8{} + fill;
+  return keep ? x : f;
+}
+
+static inline __attribute__((always_inline)) float hmax(v8 x) {
+  float m = x[0];
+  for (int i = 1; i < 8; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+static inline __attribute__((always_inline)) float hsum(v8 x) {
+  const float a = (x[0] + x[4]) + (x[1] + x[5]), b = (x[2] + x[6]) + (x[3] + x[7]);
+  return a + b;
+}
+
+// lane j of block i: key index 8 * i + j within the key block
+static inline __attribute__((always_inline)) v8i lane_index(int i) {
+  const v8i base = {0, 1, 2, 3, 4, 5, 6, 7};
+  return base + 8 * i;
+}
+
+// The three block products below keep a 2 x 32 tile of accumulators in 8 vector registers
+// and add it to memory once (an accumulation over one block, then one add, so a long sum
+// over many blocks rounds like a blocked sum, not one long running total).
+
+// C[R][BK] = A[R][D] * Bt[D][ld] (columns col0 .. col0 + BK of Bt). R even.
+template <int D>
+static inline __attribute__((always_inline)) void gemm_abt(const float* __restrict A, int R,
+                                                           const float* __restrict Bt,
+                                                           int64_t ld, int64_t col0,
+                                                           float* __restrict C) {
+  for (int r = 0; r < R; r += 2) {
+    const float* a0 = A + static_cast<int64_t>(r) * D;
+    const float* a1 = a0 + D;
+    for (int c = 0; c < BK; c += 32) {
+      v8 x0 = {}, x1 = {}, x2 = {}, x3 = {}, y0 = {}, y1 = {}, y2 = {}, y3 = {};
+      for (int d = 0; d < D; ++d) {
+        const float* b = Bt + d * ld + col0 + c;
+        const v8 b0 = LD(b), b1 = LD(b + 8), b2 = LD(b + 16), b3 = LD(b + 24);
+        const float s0 = a0[d], s1 = a1[d];
+        x0 += s0 * b0, x1 += s0 * b1, x2 += s0 * b2, x3 += s0 * b3;
+        y0 += s1 * b0, y1 += s1 * b1, y2 += s1 * b2, y3 += s1 * b3;
+      }
+      float* c0 = C + static_cast<int64_t>(r) * BK + c;
+      ST(c0) = x0, ST(c0 + 8) = x1, ST(c0 + 16) = x2, ST(c0 + 24) = x3;
+      ST(c0 + BK) = y0, ST(c0 + BK + 8) = y1, ST(c0 + BK + 16) = y2, ST(c0 + BK + 24) = y3;
+    }
+  }
+}
+
+// 2 rows x CH (8..32) columns of accumulators: acc rows += s0 * b, s1 * b (b: CH floats).
+template <int CH>
+struct Tile {
+  v8 x[CH / 8] = {}, y[CH / 8] = {};
+  inline __attribute__((always_inline)) void fma(float s0, float s1, const float* b) {
+    for (int i = 0; i < CH / 8; ++i) {
+      const v8 bi = LD(b + 8 * i);
+      x[i] += s0 * bi;
+      y[i] += s1 * bi;
+    }
+  }
+  inline __attribute__((always_inline)) void add_to(float* o0, float* o1) const {
+    for (int i = 0; i < CH / 8; ++i) {
+      ST(o0 + 8 * i) = LD(o0 + 8 * i) + x[i];
+      ST(o1 + 8 * i) = LD(o1 + 8 * i) + y[i];
+    }
+  }
+};
+
+// Out[R][D] += P[R][BK] * B[BK rows starting at row0][D]. R even.
+template <int D>
+static inline __attribute__((always_inline)) void gemm_ab_acc(const float* __restrict P, int R,
+                                                              const float* __restrict B,
+                                                              int64_t row0, float* __restrict Out) {
+  constexpr int CH = D < 32 ? D : 32;
+  for (int r = 0; r < R; r += 2) {
+    const float* p0 = P + static_cast<int64_t>(r) * BK;
+    const float* p1 = p0 + BK;
+    for (int c = 0; c < D; c += CH) {
+      Tile<CH> t;
+      for (int j = 0; j < BK; ++j) t.fma(p0[j], p1[j], B + (row0 + j) * D + c);
+      t.add_to(Out + static_cast<int64_t>(r) * D + c, Out + static_cast<int64_t>(r + 1) * D + c);
+    }
+  }
+}
+
+// Out[BK rows starting at row0][D] += P[R][BK]^T * A[R][D].
+template <int D>
+static inline __attribute__((always_inline)) void gemm_atb_acc(const float* __restrict P, int R,
+                                                               const float* __restrict A,
+                                                               float* __restrict Out,
+                                                               int64_t row0) {
+  constexpr int CH = D < 32 ? D : 32;
+  for (int j = 0; j < BK; j += 2) {
+    for (int c = 0; c < D; c += CH) {
+      Tile<CH> t;
+      for (int r = 0; r < R; ++r) {
+        const float* pr = P + static_cast<int64_t>(r) * BK + j;
+        t.fma(pr[0], pr[1], A + static_cast<int64_t>(r) * D + c);
+      }
+      t.add_to(Out + (row0 + j) * D + c, Out + (row0 + j + 1) * D + c);
+    }
+  }
+}
+
+// Copies rows [s0, s0 + L) of head g of x [T][H][D] into dst: transposed [D][Lp] (trans) or
+// [Lp][D]; rows L .. Lp are zero.
+template <int D>
+static void load_rows(const float* x, int64_t H, int64_t g, int64_t s0, int64_t L, int64_t Lp,
+                      bool trans, float* dst) {
+  if (trans) {
+    for (int64_t j = 0; j < L; ++j) {
+      const float* src = x + ((s0 + j) * H + g) * D;
+      for (int d = 0; d < D; ++d) dst[d * Lp + j] = src[d];
+    }
+    for (int d = 0; d < D; ++d)
+      for (int64_t j = L; j < Lp; ++j) dst[d * Lp + j] = 0.f;
+  } else {
+    for (int64_t j = 0; j < L; ++j) {
+      const float* src = x + ((s0 + j) * H + g) * D;
+      for (int d = 0; d < D; ++d) dst[j * D + d] = src[d];
+    }
+    for (int64_t j = L * D; j < Lp * D; ++j) dst[j] = 0.f;
+  }
+}
+
+// Stacked rows of a query block: row hh * BQ + i is query s0 + i0 + i of head g * r + hh,
+// times `mul`; rows past the segment are zero.
+template <int D>
+static void load_query_block(const float* x, int64_t N, int64_t r, int64_t g, int64_t s0,
+                             int64_t i0, int64_t nq, float mul, float* dst) {
+  for (int64_t hh = 0; hh < r; ++hh)
+    for (int64_t i = 0; i < BQ; ++i) {
+      float* row = dst + (hh * BQ + i) * D;
+      if (i < nq) {
+        const float* src = x + ((s0 + i0 + i) * N + g * r + hh) * D;
+        for (int d = 0; d < D; ++d) row[d] = src[d] * mul;
+      } else {
+        for (int d = 0; d < D; ++d) row[d] = 0.f;
+      }
+    }
+}
+
+// Carves buffers of the given sizes (floats), each 64-byte aligned, out of a worker's
+// workspace (grown, never shrunk: no allocation and no page faults once a worker has seen
+// the largest task).
+struct Carve {
+  static constexpr int64_t kAlign = 16;  // floats
+  std::vector<float>& ws;
+  std::vector<int64_t> offsets;
+  Carve(std::vector<float>& w, std::initializer_list<int64_t> sizes) : ws(w) {
+    int64_t total = 0;
+    for (int64_t x : sizes) {
+      offsets.push_back(total);
+      total += (x + kAlign - 1) / kAlign * kAlign;
+    }
+    if (static_cast<int64_t>(ws.size()) < total + kAlign) ws.resize(total + kAlign);
+  }
+  float* take(size_t i) {
+    const uintptr_t base = reinterpret_cast<uintptr_t>(ws.data());
+    const uintptr_t aligned = (base + 4 * kAlign - 1) / (4 * kAlign) * (4 * kAlign);
+    return reinterpret_cast<float*>(aligned) + offsets[i];
+  }
+};
+
+template <int D>
+static void fwd_task(const AttnArgs& a, const Task& t, std::vector<float>& ws) {
+  // keys this task's queries can see: rows [0, q_end) of the segment
+  const int64_t r = a.N / a.G, L = t.len, Lk = t.q_end, Lp = (Lk + BK - 1) / BK * BK;
+  const int64_t R = r * BQ;
+  Carve c(ws, {D * Lp, Lp * D, R * D, R * D, R * BK, R, R});
+  float *kt = c.take(0), *vc = c.take(1), *qb = c.take(2), *ob = c.take(3), *s = c.take(4);
+  float *m = c.take(5), *l = c.take(6);
+  load_rows<D>(a.k, a.G, t.g, t.start, Lk, Lp, true, kt);
+  load_rows<D>(a.v, a.G, t.g, t.start, Lk, Lp, false, vc);
+  const float qmul = a.scale * LOG2E;
+  for (int64_t i0 = t.q_begin; i0 < t.q_end; i0 += BQ) {
+    const int64_t nq = std::min<int64_t>(BQ, L - i0);
+    load_query_block<D>(a.q, a.N, r, t.g, t.start, i0, nq, qmul, qb);
+    std::fill(m, m + R, -INFINITY);
+    std::fill(l, l + R, 0.f);
+    std::fill(ob, ob + R * D, 0.f);
+    for (int64_t j0 = 0; j0 < i0 + nq; j0 += BK) {
+      gemm_abt<D>(qb, static_cast<int>(R), kt, Lp, j0, s);
+      const bool diag = j0 + BK - 1 > i0;
+      for (int64_t row = 0; row < R; ++row) {
+        float* sr = s + row * BK;
+        const int32_t lim = static_cast<int32_t>(diag ? i0 + row % BQ - j0 : BK - 1);
+        v8 x[BK / 8];
+        v8 vmax = {};
+        vmax += m[row];  // -inf before the first block
+        for (int i = 0; i < BK / 8; ++i) {
+          x[i] = diag ? select(lane_index(i) <= lim, LD(sr + 8 * i), -INFINITY) : LD(sr + 8 * i);
+          vmax = x[i] > vmax ? x[i] : vmax;
+        }
+        const float mx = hmax(vmax);
+        if (mx == -INFINITY) continue;  // no visible key yet (rows past the segment's end)
+        v8 vsum = {};
+        for (int i = 0; i < BK / 8; ++i) {
+          const v8 p = exp2_v8(x[i] - mx);
+          ST(sr + 8 * i) = p;
+          vsum += p;
+        }
+        const float alpha = m[row] == -INFINITY ? 0.f : exp2_v8(v8{} + (m[row] - mx))[0];
+        m[row] = mx;
+        l[row] = l[row] * alpha + hsum(vsum);
+        if (alpha != 1.f) {
+          float* orow = ob + row * D;
+          for (int d = 0; d < D; d += 8) ST(orow + d) = LD(orow + d) * alpha;
+        }
+      }
+      gemm_ab_acc<D>(s, static_cast<int>(R), vc, j0, ob);
+    }
+    for (int64_t hh = 0; hh < r; ++hh)
+      for (int64_t i = 0; i < nq; ++i) {
+        const int64_t row = hh * BQ + i, tok = t.start + i0 + i, h = t.g * r + hh;
+        const float inv = 1.f / l[row];
+        float* dst = a.out + (tok * a.N + h) * D;
+        const float* src = ob + row * D;
+        for (int d = 0; d < D; ++d) dst[d] = src[d] * inv;
+        a.lse[h * a.T + tok] = m[row] + std::log2(l[row]);
+      }
+  }
+}
+
+template <int D>
+static void bwd_task(const AttnArgs& a, const Task& t, std::vector<float>& ws) {
+  const int64_t r = a.N / a.G, L = t.len, Lp = (L + BK - 1) / BK * BK, R = r * BQ;
+  Carve c(ws, {D * Lp, D * Lp, Lp * D, Lp * D, Lp * D, R * D, R * D, R * D, R * D, R * BK,
+               R * BK, R, R});
+  float *kt = c.take(0), *vt = c.take(1), *kc = c.take(2), *dk = c.take(3), *dv = c.take(4);
+  float *qs = c.take(5), *qr = c.take(6), *dob = c.take(7), *dqb = c.take(8), *p = c.take(9);
+  float *dp = c.take(10), *lse = c.take(11), *delta = c.take(12);
+  std::fill(dk, dk + Lp * D, 0.f);
+  std::fill(dv, dv + Lp * D, 0.f);
+  load_rows<D>(a.k, a.G, t.g, t.start, L, Lp, true, kt);
+  load_rows<D>(a.k, a.G, t.g, t.start, L, Lp, false, kc);
+  load_rows<D>(a.v, a.G, t.g, t.start, L, Lp, true, vt);
+  for (int64_t i0 = t.q_begin; i0 < t.q_end; i0 += BQ) {
+    const int64_t nq = std::min<int64_t>(BQ, L - i0);
+    load_query_block<D>(a.q, a.N, r, t.g, t.start, i0, nq, 1.f, qr);
+    load_query_block<D>(a.dout, a.N, r, t.g, t.start, i0, nq, 1.f, dob);
+    const float qmul = a.scale * LOG2E;
+    for (int64_t i = 0; i < R * D; ++i) qs[i] = qr[i] * qmul;
+    for (int64_t hh = 0; hh < r; ++hh)
+      for (int64_t i = 0; i < BQ; ++i) {
+        const int64_t row = hh * BQ + i, h = t.g * r + hh, tok = t.start + i0 + i;
+        if (i >= nq) {  // padding rows: P = 0 below (lse = +inf), dO = 0
+          lse[row] = INFINITY;
+          delta[row] = 0.f;
+          continue;
+        }
+        lse[row] = a.lse[h * a.T + tok];
+        const float* o = a.out + (tok * a.N + h) * D;
+        const float* g = dob + row * D;
+        float acc = 0.f;
+        for (int d = 0; d < D; ++d) acc += o[d] * g[d];
+        delta[row] = acc;
+      }
+    std::fill(dqb, dqb + R * D, 0.f);
+    for (int64_t j0 = 0; j0 < i0 + nq; j0 += BK) {
+      gemm_abt<D>(qs, static_cast<int>(R), kt, Lp, j0, p);
+      gemm_abt<D>(dob, static_cast<int>(R), vt, Lp, j0, dp);
+      const bool diag = j0 + BK - 1 > i0;
+      for (int64_t row = 0; row < R; ++row) {
+        float* pr = p + row * BK;
+        float* dpr = dp + row * BK;
+        const int32_t lim = static_cast<int32_t>(diag ? i0 + row % BQ - j0 : BK - 1);
+        const float lr = lse[row], dl = delta[row];  // lr = +inf: a padding row, P = 0
+        for (int i = 0; i < BK / 8; ++i) {
+          v8 pj = exp2_v8(LD(pr + 8 * i) - lr);
+          if (diag) pj = select(lane_index(i) <= lim, pj, 0.f);
+          ST(pr + 8 * i) = pj;
+          ST(dpr + 8 * i) = pj * (LD(dpr + 8 * i) - dl);  // dS
+        }
+      }
+      gemm_atb_acc<D>(p, static_cast<int>(R), dob, dv, j0);
+      gemm_atb_acc<D>(dp, static_cast<int>(R), qr, dk, j0);
+      gemm_ab_acc<D>(dp, static_cast<int>(R), kc, j0, dqb);
+    }
+    for (int64_t hh = 0; hh < r; ++hh)
+      for (int64_t i = 0; i < nq; ++i) {
+        float* dst = a.dq + ((t.start + i0 + i) * a.N + t.g * r + hh) * D;
+        const float* src = dqb + (hh * BQ + i) * D;
+        for (int d = 0; d < D; ++d) dst[d] = src[d] * a.scale;
+      }
+  }
+  for (int64_t j = 0; j < L; ++j) {
+    float* k_dst = a.dk + ((t.start + j) * a.G + t.g) * D;
+    float* v_dst = a.dv + ((t.start + j) * a.G + t.g) * D;
+    for (int d = 0; d < D; ++d) {
+      k_dst[d] = dk[j * D + d] * a.scale;
+      v_dst[d] = dv[j * D + d];
+    }
+  }
+}
