@@ -1,4 +1,5 @@
-"""Types of the C++ extension nova_engine._C (csrc/bindings.cpp, csrc/decontam_bindings.cpp).
+"""Types of the C++ extension nova_engine._C (csrc/bindings.cpp, csrc/decontam_bindings.cpp,
+csrc/attention_bindings.cpp).
 Keep in step with the pybind11 signatures there."""
 
 import numpy as np
@@ -33,3 +34,32 @@ class NgramIndex:
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Training texts [B] -> (offsets [B+1], eval_ids [M], counts [M]) int64."""
     def word_hashes(self, text: bytes) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]: ...
+
+def attention_supports_dim(head_dim: int) -> bool: ...
+def packed_attention_fwd(
+    q: npt.NDArray[np.float32],
+    k: npt.NDArray[np.float32],
+    v: npt.NDArray[np.float32],
+    cu_seqlens: npt.NDArray[np.int64],
+    scale: float,
+    out: npt.NDArray[np.float32],
+    lse: npt.NDArray[np.float32],
+    threads: int,
+) -> None:
+    """q [T,N,D], k, v [T,G,D], cu_seqlens [S+1] (0 .. T) -> writes out [T,N,D], lse [N,T]."""
+
+def packed_attention_bwd(
+    q: npt.NDArray[np.float32],
+    k: npt.NDArray[np.float32],
+    v: npt.NDArray[np.float32],
+    out: npt.NDArray[np.float32],
+    lse: npt.NDArray[np.float32],
+    dout: npt.NDArray[np.float32],
+    cu_seqlens: npt.NDArray[np.int64],
+    scale: float,
+    dq: npt.NDArray[np.float32],
+    dk: npt.NDArray[np.float32],
+    dv: npt.NDArray[np.float32],
+    threads: int,
+) -> None:
+    """Backward of packed_attention_fwd: writes dq [T,N,D], dk, dv [T,G,D]."""

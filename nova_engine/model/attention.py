@@ -14,9 +14,9 @@ Backends, picked per call:
   (`nova_engine._C.packed_attention_fwd/bwd`, csrc/attention.cpp): flash-style blocks per
   (segment, KV head) straight on the [T, heads, hn] layout, the query heads of a GQA group
   stacked so each K/V block serves all of them, nothing computed above the diagonal or
-  across segments, log-sum-exp saved and P recomputed in backward. On a 2-core CPU it runs
-  fwd+bwd of 8 x 512 tokens (4 heads x 32, GQA 2) 1.6x faster than ATen's CPU flash
-  attention (benchmarks/bench_packed_attention.py).
+  across segments, log-sum-exp saved and P recomputed in backward. On a 2-core CPU, fwd+bwd
+  of 4 query / 2 KV heads x 32: 1.5-1.7x ATen's CPU flash attention on the same segments for
+  256-512-token samples, 1.3x at 1k, on par at 2-4k (benchmarks/bench_packed_attention.py).
 - packed (thd), other CPU dtypes and head dims (and fp32 on CUDA): segments grouped by
   length, one SDPA call with
   is_causal per group over [n, heads, L, hn] (shorter members right-padded, which never
@@ -287,10 +287,10 @@ class _CpuPackedAttention(torch.autograd.Function):
         q, k, v, out, lse, cu = ctx.saved_tensors
         dout = dout.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        arrays = (t.numpy() for t in (q, k, v, out, lse, dout, cu))
         _C.packed_attention_bwd(
-            *arrays, ctx.scale, dq.numpy(), dk.numpy(), dv.numpy(), torch.get_num_threads()
-        )
+            q.numpy(), k.numpy(), v.numpy(), out.numpy(), lse.numpy(), dout.numpy(), cu.numpy(),
+            ctx.scale, dq.numpy(), dk.numpy(), dv.numpy(), torch.get_num_threads(),
+        )  # fmt: skip
         return dq, dk, dv, None, None
 
 

@@ -207,6 +207,20 @@ def test_cpu_kernel_trailing_tokens_and_dispatch(monkeypatch):
     assert calls == [kernel, grouped, grouped]
 
 
+def test_cpu_kernel_propagates_nan():
+    """A NaN query reaches its own output row (and the gradients), nothing else: the
+    training loop's NaN guard sees it, and other samples stay clean."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(100, n, 32, generator=g) for n in (4, 2, 2))
+    q[10, 1, 3] = float("nan")
+    q.requires_grad_()
+    out = attention.packed_attention(q, k, v, torch.tensor([0, 50, 100]), 50, 0.2)
+    bad = torch.isnan(out).any(-1).nonzero().tolist()
+    assert bad == [[10, 1]]
+    out.sum().backward()
+    assert torch.isnan(q.grad[:50]).any() and not torch.isnan(q.grad[50:]).any()
+
+
 def test_cpu_kernel_rejects_bad_inputs():
     from nova_engine import _C
 
