@@ -40,6 +40,7 @@ struct Task {
   double cost;
 };
 
+#define NOVA_VW 8
 namespace generic {
 #include "attention_impl.h"
 }  // namespace generic
@@ -51,53 +52,69 @@ namespace v3 {
 #include "attention_impl.h"
 }  // namespace v3
 #pragma GCC pop_options
+#undef NOVA_VW
+#define NOVA_VW 16
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+namespace v4 {
+#include "attention_impl.h"
+}  // namespace v4
+#pragma GCC pop_options
 #define NOVA_HAVE_V3 1
 #endif
 
 using TaskFn = void (*)(const AttnArgs&, const Task&, std::vector<float>&);
 
-template <template <int> class Pick>
-TaskFn by_dim(int64_t D) {
+// Instruction sets, each with its own build of attention_impl.h: 0 the baseline (SSE2 /
+// NEON), 1 x86-64-v3 (AVX2 + FMA, 8-float vectors), 2 x86-64-v4 (AVX-512, 16-float vectors
+// in the block products; head dims >= 16).
+const char* const kIsaNames[] = {"baseline", "x86-64-v3", "x86-64-v4"};
+
+int best_isa() {
+#ifdef NOVA_HAVE_V3
+  static const int isa = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+                             ? 2
+                             : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1 : 0);
+  return isa;
+#else
+  return 0;
+#endif
+}
+
+template <int D>
+TaskFn pick(bool backward, int isa) {
+#ifdef NOVA_HAVE_V3
+  if constexpr (D >= 16) {
+    if (isa >= 2) return backward ? &v4::bwd_task<D> : &v4::fwd_task<D>;
+  }
+  if (isa >= 1) return backward ? &v3::bwd_task<D> : &v3::fwd_task<D>;
+#endif
+  return backward ? &generic::bwd_task<D> : &generic::fwd_task<D>;
+}
+
+TaskFn by_dim(int64_t D, bool backward, int isa) {
   switch (D) {
-    case 8: return Pick<8>::fn();
-    case 16: return Pick<16>::fn();
-    case 32: return Pick<32>::fn();
-    case 64: return Pick<64>::fn();
-    case 96: return Pick<96>::fn();
-    case 128: return Pick<128>::fn();
-    case 256: return Pick<256>::fn();
+    case 8: return pick<8>(backward, isa);
+    case 16: return pick<16>(backward, isa);
+    case 32: return pick<32>(backward, isa);
+    case 64: return pick<64>(backward, isa);
+    case 96: return pick<96>(backward, isa);
+    case 128: return pick<128>(backward, isa);
+    case 256: return pick<256>(backward, isa);
     default: return nullptr;
   }
 }
 
-bool use_v3() {
-#ifdef NOVA_HAVE_V3
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
+// "" = the best this CPU runs; otherwise one of attention_isas()
+int resolve_isa(const std::string& name) {
+  if (name.empty()) return best_isa();
+  for (int i = 0; i <= best_isa(); ++i)
+    if (name == kIsaNames[i]) return i;
+  throw std::invalid_argument("packed attention: instruction set '" + name +
+                              "' is not available on this CPU (best: " + kIsaNames[best_isa()] +
+                              ")");
 }
-
-template <int D>
-struct PickFwd {
-  static TaskFn fn() {
-#ifdef NOVA_HAVE_V3
-    if (use_v3()) return &v3::fwd_task<D>;
-#endif
-    return &generic::fwd_task<D>;
-  }
-};
-
-template <int D>
-struct PickBwd {
-  static TaskFn fn() {
-#ifdef NOVA_HAVE_V3
-    if (use_v3()) return &v3::bwd_task<D>;
-#endif
-    return &generic::bwd_task<D>;
-  }
-};
 
 constexpr int64_t kBQ = generic::BQ;
 
@@ -170,25 +187,31 @@ void check_shapes(int64_t T, int64_t N, int64_t G, int64_t D, const int64_t* cu,
 
 }  // namespace
 
-bool attention_supports_dim(int64_t D) { return by_dim<PickFwd>(D) != nullptr; }
+bool attention_supports_dim(int64_t D) { return by_dim(D, false, 0) != nullptr; }
+
+std::vector<std::string> attention_isas() {
+  return std::vector<std::string>(kIsaNames, kIsaNames + best_isa() + 1);
+}
 
 void packed_attention_fwd(const float* q, const float* k, const float* v, const int64_t* cu,
                           int64_t S, int64_t T, int64_t N, int64_t G, int64_t D, float scale,
-                          float* out, float* lse, int threads) {
+                          float* out, float* lse, int threads, const std::string& isa) {
   check_shapes(T, N, G, D, cu, S);
+  const TaskFn fn = by_dim(D, false, resolve_isa(isa));
   AttnArgs args{q, k, v, nullptr, out, lse, nullptr, nullptr, nullptr, T, N, G, D, scale};
-  run_tasks(args, make_tasks(cu, S, G, true, threads), by_dim<PickFwd>(D), threads);
+  run_tasks(args, make_tasks(cu, S, G, true, threads), fn, threads);
 }
 
 void packed_attention_bwd(const float* q, const float* k, const float* v, const float* out,
                           const float* lse, const float* dout, const int64_t* cu, int64_t S,
                           int64_t T, int64_t N, int64_t G, int64_t D, float scale, float* dq,
-                          float* dk, float* dv, int threads) {
+                          float* dk, float* dv, int threads, const std::string& isa) {
   check_shapes(T, N, G, D, cu, S);
+  const TaskFn fn = by_dim(D, true, resolve_isa(isa));
   AttnArgs args{q,  k,  v,  dout, const_cast<float*>(out), const_cast<float*>(lse),
                 dq, dk, dv, T,    N,
                 G,  D,  scale};
-  run_tasks(args, make_tasks(cu, S, G, false, threads), by_dim<PickBwd>(D), threads);
+  run_tasks(args, make_tasks(cu, S, G, false, threads), fn, threads);
 }
 
 }  // namespace nova

@@ -12,18 +12,26 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace nova {
 
 bool attention_supports_dim(int64_t D);
 
+// The instruction-set builds this CPU can run, baseline first, best last. `isa` below: ""
+// for the best, or one of these (the tests run each).
+std::vector<std::string> attention_isas();
+
 void packed_attention_fwd(const float* q, const float* k, const float* v, const int64_t* cu,
                           int64_t S, int64_t T, int64_t N, int64_t G, int64_t D, float scale,
-                          float* out, float* lse, int threads);
+                          float* out, float* lse, int threads,
+                          const std::string& isa = "");
 
 void packed_attention_bwd(const float* q, const float* k, const float* v, const float* out,
                           const float* lse, const float* dout, const int64_t* cu, int64_t S,
                           int64_t T, int64_t N, int64_t G, int64_t D, float scale, float* dq,
-                          float* dk, float* dv, int threads);
+                          float* dk, float* dv, int threads,
+                          const std::string& isa = "");
 
 }  // namespace nova

@@ -3,6 +3,7 @@
 // with messages that name the argument. The GIL is released while computing.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
@@ -43,7 +44,8 @@ Dims dims(const py::array& q, const py::array& k, const py::array& cu) {
 
 // q [T,N,D], k, v [T,G,D], cu [S+1] int64 -> writes out [T,N,D], lse [N,T]
 void fwd(const py::array& q, const py::array& k, const py::array& v, const py::array& cu,
-         float scale, const py::array& out, const py::array& lse, int threads) {
+         float scale, const py::array& out, const py::array& lse, int threads,
+         const std::string& isa) {
   const Dims d = dims(q, k, cu);
   const float* qp = ptr<float>(q, "q", {d.T, d.N, d.D});
   const float* kp = ptr<float>(k, "k", {d.T, d.G, d.D});
@@ -52,13 +54,15 @@ void fwd(const py::array& q, const py::array& k, const py::array& v, const py::a
   float* op = ptr<float>(out, "out", {d.T, d.N, d.D});
   float* lp = ptr<float>(lse, "lse", {d.N, d.T});
   py::gil_scoped_release release;
-  nova::packed_attention_fwd(qp, kp, vp, cp, d.S, d.T, d.N, d.G, d.D, scale, op, lp, threads);
+  nova::packed_attention_fwd(qp, kp, vp, cp, d.S, d.T, d.N, d.G, d.D, scale, op, lp, threads,
+                             isa);
 }
 
 // ... + out, lse (the forward's), dout [T,N,D] -> writes dq [T,N,D], dk, dv [T,G,D]
 void bwd(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
          const py::array& lse, const py::array& dout, const py::array& cu, float scale,
-         const py::array& dq, const py::array& dk, const py::array& dv, int threads) {
+         const py::array& dq, const py::array& dk, const py::array& dv, int threads,
+         const std::string& isa) {
   const Dims d = dims(q, k, cu);
   const float* qp = ptr<float>(q, "q", {d.T, d.N, d.D});
   const float* kp = ptr<float>(k, "k", {d.T, d.G, d.D});
@@ -72,20 +76,22 @@ void bwd(const py::array& q, const py::array& k, const py::array& v, const py::a
   float* dvp = ptr<float>(dv, "dv", {d.T, d.G, d.D});
   py::gil_scoped_release release;
   nova::packed_attention_bwd(qp, kp, vp, op, lp, gp, cp, d.S, d.T, d.N, d.G, d.D, scale, dqp, dkp,
-                             dvp, threads);
+                             dvp, threads, isa);
 }
 
 }  // namespace
 
 void bind_attention(py::module_& m) {
   m.def("attention_supports_dim", &nova::attention_supports_dim, py::arg("head_dim"));
+  m.def("attention_isas", &nova::attention_isas,
+        "The instruction-set builds of the CPU attention this CPU runs, best last.");
   m.def("packed_attention_fwd", &fwd, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("cu_seqlens"), py::arg("scale"), py::arg("out"), py::arg("lse"),
-        py::arg("threads"),
+        py::arg("threads"), py::arg("isa") = "",
         "Causal attention per segment, fp32: q [T,N,D], k, v [T,G,D], cu_seqlens [S+1] int64 "
         "(0 .. T). Writes out [T,N,D] and lse [N,T] (log2 domain, for the backward).");
   m.def("packed_attention_bwd", &bwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("dout"), py::arg("cu_seqlens"), py::arg("scale"), py::arg("dq"),
-        py::arg("dk"), py::arg("dv"), py::arg("threads"),
+        py::arg("dk"), py::arg("dv"), py::arg("threads"), py::arg("isa") = "",
         "Backward of packed_attention_fwd: writes dq [T,N,D], dk, dv [T,G,D].");
 }

@@ -39,7 +39,7 @@ static inline __attribute__((always_inline)) v8 exp2_v8(v8 x) {
   p = p * f + 2.4022983e-1f;
   p = p * f + 6.931470e-1f;
   p = p * f + 1.0f;
-  const v8i bits = ((v8i)p + n * (1 << 23)) & ~zero;  // GCC vector casts keep the bits
+  const v8i bits = ((v8i)p + (n << 23)) & ~zero;  // GCC vector casts keep the bits
   return (v8)bits;
 }
 
@@ -66,69 +66,80 @@ static inline __attribute__((always_inline)) v8i lane_index(int i) {
   return base + 8 * i;
 }
 
-// The three block products below keep a 2 x 32 tile of accumulators in 8 vector registers
-// and add it to memory once (an accumulation over one block, then one add, so a long sum
-// over many blocks rounds like a blocked sum, not one long running total).
+// The block products below use vectors of VW floats (NOVA_VW, set by the includer: 8 for
+// AVX2 / the baseline, 16 for AVX-512) and keep a tile of RT rows x CH columns of
+// accumulators in registers (8 vectors), added to memory once per block (an accumulation
+// over one block, then one add: a long sum over many blocks rounds like a blocked sum, not
+// like one long running total).
+constexpr int VW = NOVA_VW;
+typedef float vw __attribute__((vector_size(4 * NOVA_VW), aligned(4)));
+#define LDW(p) (*reinterpret_cast<const vw*>(p))
+#define STW(p) (*reinterpret_cast<vw*>(p))
 
-// C[R][BK] = A[R][D] * Bt[D][ld] (columns col0 .. col0 + BK of Bt). R even.
+template <int CH, int RT>
+struct Tile {
+  static_assert(CH % VW == 0 && CH >= VW, "tile width must be a multiple of the vector width");
+  vw acc[RT][CH / VW] = {};
+  // acc[t] += s[t * s_stride] * b[0 .. CH)
+  inline __attribute__((always_inline)) void fma(const float* s, int64_t s_stride,
+                                                 const float* b) {
+    for (int i = 0; i < CH / VW; ++i) {
+      const vw bi = LDW(b + VW * i);
+      for (int t = 0; t < RT; ++t) acc[t][i] += s[t * s_stride] * bi;
+    }
+  }
+  inline __attribute__((always_inline)) void store(float* o, int64_t o_stride) const {
+    for (int t = 0; t < RT; ++t)
+      for (int i = 0; i < CH / VW; ++i) STW(o + t * o_stride + VW * i) = acc[t][i];
+  }
+  inline __attribute__((always_inline)) void add_to(float* o, int64_t o_stride) const {
+    for (int t = 0; t < RT; ++t)
+      for (int i = 0; i < CH / VW; ++i)
+        STW(o + t * o_stride + VW * i) = LDW(o + t * o_stride + VW * i) + acc[t][i];
+  }
+};
+
+// Columns per tile over a D-wide row: the widest multiple of VW, at most 4 * VW, that
+// divides D (D = 96: 32 with 8-float vectors, 48 with 16); rows per tile so that a tile
+// holds 8 to 12 vectors.
+template <int D>
+constexpr int tile_cols() {
+  for (int c = 4 * VW; c > VW; c -= VW)
+    if (D % c == 0) return c;
+  return VW;
+}
+template <int D>
+constexpr int tile_rows() {
+  return tile_cols<D>() / VW >= 4 ? 2 : (tile_cols<D>() / VW >= 2 ? 4 : 8);
+}
+
+// C[R][BK] = A[R][D] * Bt[D][ld] (columns col0 .. col0 + BK of Bt). R a multiple of 2.
 template <int D>
 static inline __attribute__((always_inline)) void gemm_abt(const float* __restrict A, int R,
                                                            const float* __restrict Bt,
                                                            int64_t ld, int64_t col0,
                                                            float* __restrict C) {
-  for (int r = 0; r < R; r += 2) {
-    const float* a0 = A + static_cast<int64_t>(r) * D;
-    const float* a1 = a0 + D;
-    for (int c = 0; c < BK; c += 32) {
-      v8 x0 = {}, x1 = {}, x2 = {}, x3 = {}, y0 = {}, y1 = {}, y2 = {}, y3 = {};
-      for (int d = 0; d < D; ++d) {
-        const float* b = Bt + d * ld + col0 + c;
-        const v8 b0 = LD(b), b1 = LD(b + 8), b2 = LD(b + 16), b3 = LD(b + 24);
-        const float s0 = a0[d], s1 = a1[d];
-        x0 += s0 * b0, x1 += s0 * b1, x2 += s0 * b2, x3 += s0 * b3;
-        y0 += s1 * b0, y1 += s1 * b1, y2 += s1 * b2, y3 += s1 * b3;
-      }
-      float* c0 = C + static_cast<int64_t>(r) * BK + c;
-      ST(c0) = x0, ST(c0 + 8) = x1, ST(c0 + 16) = x2, ST(c0 + 24) = x3;
-      ST(c0 + BK) = y0, ST(c0 + BK + 8) = y1, ST(c0 + BK + 16) = y2, ST(c0 + BK + 24) = y3;
+  for (int r = 0; r < R; r += 2)
+    for (int c = 0; c < BK; c += 4 * VW) {
+      Tile<4 * VW, 2> t;
+      for (int d = 0; d < D; ++d) t.fma(A + static_cast<int64_t>(r) * D + d, D, Bt + d * ld + col0 + c);
+      t.store(C + static_cast<int64_t>(r) * BK + c, BK);
     }
-  }
 }
 
-// 2 rows x CH (8..32) columns of accumulators: acc rows += s0 * b, s1 * b (b: CH floats).
-template <int CH>
-struct Tile {
-  v8 x[CH / 8] = {}, y[CH / 8] = {};
-  inline __attribute__((always_inline)) void fma(float s0, float s1, const float* b) {
-    for (int i = 0; i < CH / 8; ++i) {
-      const v8 bi = LD(b + 8 * i);
-      x[i] += s0 * bi;
-      y[i] += s1 * bi;
-    }
-  }
-  inline __attribute__((always_inline)) void add_to(float* o0, float* o1) const {
-    for (int i = 0; i < CH / 8; ++i) {
-      ST(o0 + 8 * i) = LD(o0 + 8 * i) + x[i];
-      ST(o1 + 8 * i) = LD(o1 + 8 * i) + y[i];
-    }
-  }
-};
-
-// Out[R][D] += P[R][BK] * B[BK rows starting at row0][D]. R even.
+// Out[R][D] += P[R][BK] * B[BK rows starting at row0][D]. R a multiple of 8.
 template <int D>
 static inline __attribute__((always_inline)) void gemm_ab_acc(const float* __restrict P, int R,
                                                               const float* __restrict B,
                                                               int64_t row0, float* __restrict Out) {
-  constexpr int CH = D < 32 ? D : 32;
-  for (int r = 0; r < R; r += 2) {
-    const float* p0 = P + static_cast<int64_t>(r) * BK;
-    const float* p1 = p0 + BK;
+  constexpr int CH = tile_cols<D>(), RT = tile_rows<D>();
+  static_assert(D % CH == 0, "tiles must cover the row exactly");
+  for (int r = 0; r < R; r += RT)
     for (int c = 0; c < D; c += CH) {
-      Tile<CH> t;
-      for (int j = 0; j < BK; ++j) t.fma(p0[j], p1[j], B + (row0 + j) * D + c);
-      t.add_to(Out + static_cast<int64_t>(r) * D + c, Out + static_cast<int64_t>(r + 1) * D + c);
+      Tile<CH, RT> t;
+      for (int j = 0; j < BK; ++j) t.fma(P + static_cast<int64_t>(r) * BK + j, BK, B + (row0 + j) * D + c);
+      t.add_to(Out + static_cast<int64_t>(r) * D + c, D);
     }
-  }
 }
 
 // Out[BK rows starting at row0][D] += P[R][BK]^T * A[R][D].
@@ -137,17 +148,14 @@ static inline __attribute__((always_inline)) void gemm_atb_acc(const float* __re
                                                                const float* __restrict A,
                                                                float* __restrict Out,
                                                                int64_t row0) {
-  constexpr int CH = D < 32 ? D : 32;
-  for (int j = 0; j < BK; j += 2) {
+  constexpr int CH = tile_cols<D>(), RT = tile_rows<D>();
+  static_assert(D % CH == 0, "tiles must cover the row exactly");
+  for (int j = 0; j < BK; j += RT)
     for (int c = 0; c < D; c += CH) {
-      Tile<CH> t;
-      for (int r = 0; r < R; ++r) {
-        const float* pr = P + static_cast<int64_t>(r) * BK + j;
-        t.fma(pr[0], pr[1], A + static_cast<int64_t>(r) * D + c);
-      }
-      t.add_to(Out + (row0 + j) * D + c, Out + (row0 + j + 1) * D + c);
+      Tile<CH, RT> t;
+      for (int r = 0; r < R; ++r) t.fma(P + static_cast<int64_t>(r) * BK + j, 1, A + static_cast<int64_t>(r) * D + c);
+      t.add_to(Out + (row0 + j) * D + c, D);
     }
-  }
 }
 
 // Copies rows [s0, s0 + L) of head g of x [T][H][D] into dst: transposed [D][Lp] (trans) or

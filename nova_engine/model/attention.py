@@ -10,11 +10,11 @@ Backends, picked per call:
   flag changed from `is_causal=True` (2.10/2.11) to `window_size=(-1, 0)` (2.12+), and
   `enable_gqa` appeared in 2.12 — both handled), else flash-attn's `flash_attn_varlen_func`
   when importable, else the SDPA path below.
-- packed (thd), CPU, fp32, head dim 8/16/32/64/96/128/256: Nova's C++ kernel
-  (`nova_engine._C.packed_attention_fwd/bwd`, csrc/attention.cpp): flash-style blocks per
-  (segment, KV head) straight on the [T, heads, hn] layout, the query heads of a GQA group
-  stacked so each K/V block serves all of them, nothing computed above the diagonal or
-  across segments, log-sum-exp saved and P recomputed in backward. On a 2-core CPU, fwd+bwd
+- packed (thd), CPU with AVX2 or AVX-512, fp32, head dim 8/16/32/64/96/128/256: Nova's C++
+  kernel (`nova_engine._C.packed_attention_fwd/bwd`, csrc/attention.cpp): flash-style
+  blocks per (segment, KV head) straight on the [T, heads, hn] layout, the query heads of a
+  GQA group stacked so each K/V block serves all of them, nothing computed above the
+  diagonal or across segments, log-sum-exp saved and P recomputed in backward. On a 2-core CPU, fwd+bwd
   of 4 query / 2 KV heads x 32: 1.5-1.7x ATen's CPU flash attention on the same segments for
   256-512-token samples, 1.3x at 1k, on par at 2-4k (benchmarks/bench_packed_attention.py).
 - packed (thd), other CPU dtypes and head dims (and fp32 on CUDA): segments grouped by
@@ -255,11 +255,24 @@ def _full_boundaries(cu: torch.Tensor, total: int) -> list[int]:
     return cu_list
 
 
+# The CPU kernel's instruction-set build: "" = the best this CPU runs (x86-64-v4 with
+# AVX-512, else x86-64-v3 with AVX2 + FMA). Without either (the portable "baseline" build,
+# ~12x slower than AVX2) the grouped SDPA path is faster and is used instead. Tests set
+# this to run each build.
+_CPU_KERNEL_ISA = ""
+
+
+@lru_cache(maxsize=1)
+def _cpu_kernel_vectorized() -> bool:
+    return _C.attention_isas()[-1] != "baseline"
+
+
 def _use_cpu_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return (
         q.device.type == "cpu"
         and q.dtype == k.dtype == v.dtype == torch.float32
         and _C.attention_supports_dim(q.shape[-1])
+        and (bool(_CPU_KERNEL_ISA) or _cpu_kernel_vectorized())
     )
 
 
@@ -275,8 +288,9 @@ class _CpuPackedAttention(torch.autograd.Function):
         lse = q.new_empty(q.shape[1], q.shape[0])
         threads = torch.get_num_threads()
         _C.packed_attention_fwd(
-            q.numpy(), k.numpy(), v.numpy(), cu.numpy(), scale, out.numpy(), lse.numpy(), threads
-        )
+            q.numpy(), k.numpy(), v.numpy(), cu.numpy(), scale, out.numpy(), lse.numpy(), threads,
+            _CPU_KERNEL_ISA,
+        )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse, cu)
         ctx.scale = scale
         return out
@@ -289,7 +303,7 @@ class _CpuPackedAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         _C.packed_attention_bwd(
             q.numpy(), k.numpy(), v.numpy(), out.numpy(), lse.numpy(), dout.numpy(), cu.numpy(),
-            ctx.scale, dq.numpy(), dk.numpy(), dv.numpy(), torch.get_num_threads(),
+            ctx.scale, dq.numpy(), dk.numpy(), dv.numpy(), torch.get_num_threads(), _CPU_KERNEL_ISA,
         )  # fmt: skip
         return dq, dk, dv, None, None
 
