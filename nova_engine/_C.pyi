@@ -36,6 +36,8 @@ class NgramIndex:
     def word_hashes(self, text: bytes) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64]]: ...
 
 def attention_supports_dim(head_dim: int) -> bool: ...
+def attention_isas() -> list[str]:
+    """The instruction-set builds of the CPU attention this CPU runs, best last."""
 def packed_attention_fwd(
     q: npt.NDArray[np.float32],
     k: npt.NDArray[np.float32],
@@ -45,6 +47,7 @@ def packed_attention_fwd(
     out: npt.NDArray[np.float32],
     lse: npt.NDArray[np.float32],
     threads: int,
+    isa: str = "",
 ) -> None:
     """q [T,N,D], k, v [T,G,D], cu_seqlens [S+1] (0 .. T) -> writes out [T,N,D], lse [N,T]."""
 
@@ -61,5 +64,6 @@ def packed_attention_bwd(
     dk: npt.NDArray[np.float32],
     dv: npt.NDArray[np.float32],
     threads: int,
+    isa: str = "",
 ) -> None:
     """Backward of packed_attention_fwd: writes dq [T,N,D], dk, dv [T,G,D]."""
