@@ -14,17 +14,18 @@ Backends, picked per call:
   kernel (`nova_engine._C.packed_attention_fwd/bwd`, csrc/attention.cpp): flash-style
   blocks per (segment, KV head) straight on the [T, heads, hn] layout, the query heads of a
   GQA group stacked so each K/V block serves all of them, nothing computed above the
-  diagonal or across segments, log-sum-exp saved and P recomputed in backward. On a 2-core CPU, fwd+bwd
-  of 4 query / 2 KV heads x 32: 1.5-1.7x ATen's CPU flash attention on the same segments for
-  256-512-token samples, 1.3x at 1k, on par at 2-4k (benchmarks/bench_packed_attention.py).
+  diagonal or across segments, log-sum-exp saved and P recomputed in backward. On a 2-core
+  CPU with AVX-512, fwd+bwd of 4 query / 2 KV heads x 32: 2.4x ATen's CPU flash attention on
+  the same segments for 256-token samples, 2.3x at 512, 1.5x at 4k
+  (benchmarks/bench_packed_attention.py).
 - packed (thd), other CPU dtypes and head dims (and fp32 on CUDA): segments grouped by
-  length, one SDPA call with
-  is_causal per group over [n, heads, L, hn] (shorter members right-padded, which never
-  reaches their real tokens): cost and memory grow with the sum of the segments' squares,
-  never with T^2 (`_plan` picks the groups by a cost model; cached per length tuple). One
-  autograd function writes each group's output and q/k/v gradients straight into the
-  [T, ...] results (every token is in one group), so backward does no per-group [T]-sized
-  zero-fill and add, as autograd through slices / gathers would.
+  length, one SDPA call with is_causal per group over [n, heads, L, hn] (shorter members
+  right-padded, which never reaches their real tokens): cost and memory grow with the sum
+  of the segments' squares, never with T^2 (`_plan` picks the groups by a cost model;
+  cached per length tuple). One autograd function writes each group's output and q/k/v
+  gradients straight into the [T, ...] results (every token is in one group), so backward
+  does no per-group [T]-sized zero-fill and add, as autograd through slices / gathers
+  would.
 - padded (sbhd): SDPA, causal with the mask aligned bottom-right, so the same call serves
   a full forward, a prefill and decoding against megatron's KV cache (`padded_attention`).
 
