@@ -198,11 +198,19 @@ static void load_query_block(const float* x, int64_t N, int64_t r, int64_t g, in
 
 // Carves buffers of the given sizes (floats), each 64-byte aligned, out of a worker's
 // workspace (grown, never shrunk: no allocation and no page faults once a worker has seen
-// the largest task).
+// the largest task). With NOVA_ATTN_SEPARATE_BUFFERS (the sanitizer test) every buffer is
+// an allocation of its own, so an access past one is caught.
 struct Carve {
   static constexpr int64_t kAlign = 16;  // floats
   std::vector<float>& ws;
   std::vector<int64_t> offsets;
+#ifdef NOVA_ATTN_SEPARATE_BUFFERS
+  std::vector<std::vector<float>> own;
+  Carve(std::vector<float>& w, std::initializer_list<int64_t> sizes) : ws(w) {
+    for (int64_t x : sizes) own.emplace_back(x);
+  }
+  float* take(size_t i) { return own[i].data(); }
+#else
   Carve(std::vector<float>& w, std::initializer_list<int64_t> sizes) : ws(w) {
     int64_t total = 0;
     for (int64_t x : sizes) {
@@ -216,6 +224,7 @@ struct Carve {
     const uintptr_t aligned = (base + 4 * kAlign - 1) / (4 * kAlign) * (4 * kAlign);
     return reinterpret_cast<float*>(aligned) + offsets[i];
   }
+#endif
 };
 
 template <int D>
