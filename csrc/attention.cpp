@@ -1,6 +1,7 @@
 // Packed causal attention on the CPU (fp32), forward and backward: see attention.h for the
 // contract and attention_impl.h for the algorithm. This file schedules the tasks over
-// threads (OpenMP) and picks the instruction set (x86-64-v3 = AVX2 + FMA where the CPU has it).
+// threads (OpenMP) and picks the instruction-set build: x86-64-v4 (AVX-512) or x86-64-v3
+// (AVX2 + FMA) where the CPU has it, else the portable baseline.
 #include "attention.h"
 
 #include <omp.h>
@@ -10,9 +11,9 @@
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <mutex>
 #include <stdexcept>
 #include <string>
-#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -60,7 +61,7 @@ namespace v4 {
 #include "attention_impl.h"
 }  // namespace v4
 #pragma GCC pop_options
-#define NOVA_HAVE_V3 1
+#define NOVA_HAVE_X86_BUILDS 1
 #endif
 
 using TaskFn = void (*)(const AttnArgs&, const Task&, std::vector<float>&);
@@ -71,7 +72,7 @@ using TaskFn = void (*)(const AttnArgs&, const Task&, std::vector<float>&);
 const char* const kIsaNames[] = {"baseline", "x86-64-v3", "x86-64-v4"};
 
 int best_isa() {
-#ifdef NOVA_HAVE_V3
+#ifdef NOVA_HAVE_X86_BUILDS
   static const int isa = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
                              ? 2
@@ -84,7 +85,7 @@ int best_isa() {
 
 template <int D>
 TaskFn pick(bool backward, int isa) {
-#ifdef NOVA_HAVE_V3
+#ifdef NOVA_HAVE_X86_BUILDS
   if constexpr (D >= 16) {
     if (isa >= 2) return backward ? &v4::bwd_task<D> : &v4::fwd_task<D>;
   }

@@ -38,6 +38,7 @@ class NgramIndex:
 def attention_supports_dim(head_dim: int) -> bool: ...
 def attention_isas() -> list[str]:
     """The instruction-set builds of the CPU attention this CPU runs, best last."""
+
 def packed_attention_fwd(
     q: npt.NDArray[np.float32],
     k: npt.NDArray[np.float32],
