@@ -25,8 +25,8 @@ ext_modules = [
         cxx_std=17,
         # -fopenmp: attention.cpp runs on torch's OpenMP team (libgomp.so.1, one per process);
         # -ffp-contract=fast: a * b + c as one FMA (ISO -std=c++17 turns it off).
-        # attention.cpp compiles its kernels twice, for x86-64-v3 and the baseline, and picks
-        # one at run time.
+        # attention.cpp compiles its kernels three times (x86-64-v4, x86-64-v3, the portable
+        # baseline) and picks one at run time; -Wno-psabi: the baseline's 32-byte vectors.
         extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=fast", "-Wno-psabi"],
         extra_link_args=["-fopenmp"],
     ),

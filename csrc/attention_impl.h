@@ -1,6 +1,7 @@
 // Causal attention within the segments of a packed batch, fp32, on the CPU: the body of
-// csrc/attention.cpp, included there once per instruction set (x86-64-v3 and the baseline)
-// inside a namespace of its own. No #include here: the includer provides everything.
+// csrc/attention.cpp, included there once per instruction set (x86-64-v4, x86-64-v3 and the
+// portable baseline) inside a namespace of its own, with NOVA_VW set. No #include here: the
+// includer provides everything.
 //
 // One task = (segment s, KV head g, a range of query blocks). The query heads that share
 // KV head g (r = N / G of them, GQA) are stacked into one block of r * BQ rows, so every K/V
