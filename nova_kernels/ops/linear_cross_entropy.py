@@ -41,7 +41,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     grad_hidden rows (GEMM 2) and grad_W accumulation (GEMM 3). Backward scales by the scalar."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, tp_group, ignore_index, sp):
+    def forward(ctx, hidden, weight, targets, token_weights, rows, tp_group, ignore_index, sp):
         tp, rank = _tp_info(tp_group)
         sp = bool(sp) and tp > 1
         h_NH = (_sp_gather(hidden, tp_group, tp) if sp else hidden).contiguous()
@@ -55,12 +55,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             wts = token_weights.to(acc)
         wts = torch.where(targets != ignore_index, wts, 0.0)
         # rows without loss (prompt tokens, padding, ignore_index) add nothing to the loss or
-        # to either grad: the GEMMs run on the counted rows only (the same rows on every TP
-        # rank: targets and weights are replicated), their grad_hidden rows stay zero; one
-        # host sync per call (the count of counted rows), none per chunk
-        rows = (wts != 0).nonzero()[:, 0]
+        # to either grad: with `rows` (the counted rows, found when the batch was packed, the
+        # same on every TP rank) the GEMMs run on those rows only and the other grad_hidden
+        # rows stay zero. No host sync: the row count is the index tensor's shape.
         full_n = N
-        if rows.numel() < N:
+        compact = rows is not None and rows.numel() < N
+        if compact:
+            rows = rows.to(device=h_NH.device, dtype=torch.long)
             h_NH, tgt_N, wts, N = h_NH.index_select(0, rows), tgt_N[rows], wts[rows], rows.numel()
         nc = max(1, min(N, _budget(h_NH.device) // max(vp, 1)))
         grad_h = torch.empty(N, H, device=h_NH.device, dtype=hidden.dtype) if need_h else None
@@ -91,7 +92,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 if grad_w is not None:
                     grad_w.addmm_(dz.T, h_r)
         if grad_h is not None:
-            if N < full_n:
+            if compact:
                 grad_h = grad_h.new_zeros(full_n, H).index_copy_(0, rows, grad_h)
             grad_h = _reduce_grad_hidden(grad_h, tp_group, tp, sp)
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
@@ -100,7 +101,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss):
         gh, gw = _scale_saved_grads(ctx, g_loss)
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -109,6 +110,7 @@ def linear_cross_entropy(
     targets: torch.Tensor,
     token_weights: torch.Tensor | None = None,
     *,
+    rows: torch.Tensor | None = None,
     tp_group=None,
     ignore_index: int = -100,
     sequence_parallel: bool = False,
@@ -118,19 +120,27 @@ def linear_cross_entropy(
     Same layout contract as `linear_logprobs` (hidden [N, H] or its SP slice, weight [Vp, H],
     targets [N] global ids, ignore_index rows contribute 0). token_weights [N] (default 1) are
     constants (no gradient), e.g. loss_mask / global_token_count for SFT. Returns a 0-dim fp32
-    loss (replicated over the TP group). Rows that count nothing (weight 0, e.g. a masked
-    prompt, or ignore_index) are dropped before the GEMMs: their grad_hidden is 0 and the
-    LM-head work scales with the loss tokens, not all tokens. Torch ops + cuBLAS on every
+    loss (replicated over the TP group). rows [n] int64 (optional): the increasing indices of
+    the rows that carry weight, found on the host when the batch is packed
+    (`PackedBatch.loss_rows`); every other row must weigh 0 (a masked prompt, padding,
+    ignore_index). They alone go through the GEMMs: the other rows' grad_hidden is 0 and the
+    LM-head work scales with the loss tokens, not all tokens. Without `rows` every row runs
+    through the GEMMs. Either way nothing is read back to the host (no sync). Torch ops + cuBLAS on every
     device; memory: one [Nc, Vp] fp32 logits chunk (Nc = workspace // Vp) plus the grads held
     from forward.
     """
     tp, _ = _tp_info(tp_group)
     _check(hidden, weight, targets, sequence_parallel and tp > 1, tp)
+    if rows is not None and (rows.dim() != 1 or rows.dtype.is_floating_point):
+        raise ValueError(
+            f"linear_cross_entropy: rows must be 1-D integer row indices, got {rows.dtype} "
+            f"{tuple(rows.shape)}"
+        )
     if token_weights is not None and token_weights.shape != targets.shape:
         raise ValueError(
             f"linear_cross_entropy: token_weights {tuple(token_weights.shape)} != targets "
             f"{tuple(targets.shape)}"
         )
     return LinearCrossEntropyFunction.apply(
-        hidden, weight, targets, token_weights, tp_group, ignore_index, sequence_parallel
+        hidden, weight, targets, token_weights, rows, tp_group, ignore_index, sequence_parallel
     )

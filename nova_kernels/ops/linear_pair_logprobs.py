@@ -45,7 +45,7 @@ row kernel for the elementwise part is not written yet, so "triton" runs the sam
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -107,8 +107,8 @@ class LinearPairLogprobsFunction(torch.autograd.Function):
     docstring. Only the loss is differentiable."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, cu_seqlens, loss_mask, group_loss, cfg):
-        num_seq, gsize, tp_group, ignore_index, sp = cfg
+    def forward(ctx, hidden, weight, targets, cu_seqlens, loss_mask, seq_index, group_loss, cfg):
+        num_seq, gsize, tp_group, ignore_index, sp, cu_host = cfg
         tp, rank = _tp_info(tp_group)
         sp = bool(sp) and tp > 1
         h_NH = (_sp_gather(hidden, tp_group, tp) if sp else hidden).contiguous()
@@ -118,13 +118,17 @@ class LinearPairLogprobsFunction(torch.autograd.Function):
         train = group_loss is not None
         need_h = train and ctx.needs_input_grad[0]
         need_w = train and ctx.needs_input_grad[1]
-        cu = [int(x) for x in cu_seqlens[: num_seq + 1].tolist()]
+        # the chunk schedule is host arithmetic on the boundaries the packer gave (no read-back)
+        cu = [int(x) for x in cu_host[: num_seq + 1]]
         tgt_N = _local_targets(targets, rank * vp, vp, ignore_index)
         # token weight: counted (loss mask) and a real target; seg: the sequence of each row
         counted = (loss_mask != 0) & (targets != ignore_index)
         wts_N = counted.to(acc)
-        lens = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], dtype=torch.long, device=dev)
-        seg_N = torch.repeat_interleave(torch.arange(num_seq, device=dev), lens)
+        if seq_index is not None:  # the packer's [N] sequence of each row: no host-to-device copy
+            seg_N = seq_index[cu[0] : cu[-1]].to(device=dev, dtype=torch.long)
+        else:
+            lens = torch.tensor([b - a for a, b in zip(cu[:-1], cu[1:])], dtype=torch.long)
+            seg_N = torch.repeat_interleave(torch.arange(num_seq), lens).to(dev)
         counts = torch.zeros(num_seq, device=dev, dtype=acc)
         counts.index_add_(0, seg_N, (loss_mask[cu[0] : cu[-1]] != 0).to(acc))
         sums = torch.zeros(num_seq, device=dev, dtype=acc)
@@ -175,7 +179,7 @@ class LinearPairLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_sums, _g_counts):
         gh, gw = _scale_saved_grads(ctx, g_loss)
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def linear_pair_logprobs(
@@ -188,6 +192,8 @@ def linear_pair_logprobs(
     *,
     num_sequences: int | None = None,
     group_size: int = 2,
+    cu_seqlens_host: Sequence[int] | None = None,
+    seq_index: torch.Tensor | None = None,
     tp_group=None,
     ignore_index: int = -100,
     sequence_parallel: bool = False,
@@ -201,10 +207,26 @@ def linear_pair_logprobs(
     0-dim loss of whole groups (a sum over groups); None scores only (loss 0, no gradients).
     Returns the summed loss (fp32, differentiable in hidden and weight) and the per-sequence
     log-prob sums over counted tokens and loss-token counts (fp32, detached).
+
+    No host sync when the packer's host-side facts are passed: cu_seqlens_host (the same
+    boundaries as a host sequence, `PackedBatch.cu_seqlens_host`; the chunk schedule is built
+    from it) and seq_index ([N] int64 sequence of each row, -1 past the scored ones,
+    `PackedBatch.seq_index`). Without them cu_seqlens is read back once per call.
     """
     resolve_backend(backend)  # validates; both backends run the torch path (module docstring)
     tp, _ = _tp_info(tp_group)
     _check(hidden, weight, targets, sequence_parallel and tp > 1, tp)
+    cu_host = cu_seqlens.tolist() if cu_seqlens_host is None else list(cu_seqlens_host)
+    if len(cu_host) != len(cu_seqlens):
+        raise ValueError(
+            f"linear_pair_logprobs: cu_seqlens_host has {len(cu_host)} entries, cu_seqlens "
+            f"{len(cu_seqlens)}"
+        )
+    if seq_index is not None and seq_index.shape != targets.shape:
+        raise ValueError(
+            f"linear_pair_logprobs: seq_index {tuple(seq_index.shape)} != targets "
+            f"{tuple(targets.shape)}"
+        )
     num_seq = len(cu_seqlens) - 1 if num_sequences is None else int(num_sequences)
     if num_seq < 0 or num_seq > len(cu_seqlens) - 1 or num_seq % group_size:
         raise ValueError(
@@ -216,9 +238,9 @@ def linear_pair_logprobs(
             f"linear_pair_logprobs: loss_mask {tuple(loss_mask.shape)} != targets "
             f"{tuple(targets.shape)}"
         )
-    cfg = (num_seq, group_size, tp_group, ignore_index, sequence_parallel)
+    cfg = (num_seq, group_size, tp_group, ignore_index, sequence_parallel, cu_host)
     return LinearPairLogprobsFunction.apply(
-        hidden, weight, targets, cu_seqlens, loss_mask, group_loss, cfg
+        hidden, weight, targets, cu_seqlens, loss_mask, seq_index, group_loss, cfg
     )
 
 

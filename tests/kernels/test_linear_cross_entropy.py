@@ -51,10 +51,12 @@ def test_fused_cross_entropy(dtype, tiny_workspace, monkeypatch):
     assert got[1].dtype == dtype and got[2].dtype == dtype
 
 
+@pytest.mark.parametrize("with_rows", [False, True])
 @pytest.mark.parametrize("tiny_workspace", [False, True])
-def test_rows_without_loss_skipped(tiny_workspace, monkeypatch):
-    """Rows of weight 0 (a masked prompt) or ignore_index leave the GEMMs: loss and grads
-    still equal the reference, and those rows' grad_hidden is exactly 0."""
+def test_rows_without_loss_skipped(tiny_workspace, with_rows, monkeypatch):
+    """Rows of weight 0 (a masked prompt) or ignore_index: with `rows` (the counted rows, as
+    the packer computes them) they leave the GEMMs; with or without, loss and grads equal the
+    reference and those rows' grad_hidden is exactly 0."""
     if tiny_workspace:
         monkeypatch.setattr(ll, "_WORKSPACE_ELEMS", 5000)
     hidden, weight, targets, g_lp, _ = _inputs(41, 72, 1000, torch.float32, seed=11)
@@ -63,19 +65,48 @@ def test_rows_without_loss_skipped(tiny_workspace, monkeypatch):
     wts[30:33] = 0.0
     dropped = (wts == 0) | (targets == IGNORE)
     assert dropped.any() and (~dropped).any()
-    got = _ce_run(linear_cross_entropy, hidden, weight, targets, wts)
+    rows = torch.arange(41)[~dropped] if with_rows else None
+    fused = lambda h, w, t, x: linear_cross_entropy(h, w, t, x, rows=rows)  # noqa: E731
+    got = _ce_run(fused, hidden, weight, targets, wts)
     ref = _ce_run(_ce_ref, hidden, weight, targets, wts)
     for name, a, e in zip(["loss", "grad_hidden", "grad_weight"], got, ref):
         assert_verbose_allclose(a, e, rtol=1e-4, atol=2e-5, name=f"masked {name}")
     assert bool((got[1][dropped] == 0).all())
-    none = _ce_run(linear_cross_entropy, hidden, weight, targets, torch.zeros_like(wts))
+    rows0 = torch.zeros(0, dtype=torch.long) if with_rows else None
+    none = _ce_run(
+        lambda h, w, t, x: linear_cross_entropy(h, w, t, x, rows=rows0),
+        hidden, weight, targets, torch.zeros_like(wts),
+    )  # fmt: skip
     assert float(none[0]) == 0.0 and not none[1].any() and not none[2].any()
 
 
-def test_token_weights_shape_checked():
+def test_no_host_sync_with_rows():
+    """With the packer's `rows` (or none) forward and backward read nothing back to the host;
+    the guard (nova_kernels._sync) catches a boolean-mask read."""
+    from nova_kernels._sync import HostSyncError, forbid_host_sync
+
+    hidden, weight, targets, g_lp, _ = _inputs(23, 40, 300, torch.float32, seed=3)
+    wts = g_lp.abs()
+    wts[:9] = 0.0
+    rows = torch.arange(23)[(wts != 0) & (targets != IGNORE)]
+    fused = lambda h, w, t, x: linear_cross_entropy(h, w, t, x, rows=rows)  # noqa: E731
+    with forbid_host_sync():
+        got = _ce_run(fused, hidden, weight, targets, wts)
+        plain = _ce_run(linear_cross_entropy, hidden, weight, targets, wts)
+    ref = _ce_run(_ce_ref, hidden, weight, targets, wts)
+    for name, a, b, e in zip(["loss", "grad_hidden", "grad_weight"], got, plain, ref):
+        assert_verbose_allclose(a, e, rtol=1e-4, atol=2e-5, name=f"rows {name}")
+        assert_verbose_allclose(b, e, rtol=1e-4, atol=2e-5, name=f"all rows {name}")
+    with pytest.raises(HostSyncError), forbid_host_sync():
+        hidden[wts != 0]
+
+
+def test_token_weights_and_rows_checked():
     h, w = torch.randn(4, 8), torch.randn(16, 8)
     with pytest.raises(ValueError, match="token_weights"):
         linear_cross_entropy(h, w, torch.zeros(4, dtype=torch.long), torch.ones(3))
+    with pytest.raises(ValueError, match="rows"):
+        linear_cross_entropy(h, w, torch.zeros(4, dtype=torch.long), rows=torch.ones(2))
 
 
 N_TP, H_TP, V_TP = 38, 72, 1000  # N even: sequence parallel splits it 19 + 19
@@ -96,8 +127,10 @@ def _tp_worker(rank, world):
         h = hidden[rank * ns : (rank + 1) * ns] if sp else hidden
         h = h.clone().requires_grad_()
         w = weight[rank * vp : (rank + 1) * vp].clone().requires_grad_()
+        wts = _tp_weights(g_lp)
+        rows = torch.arange(N_TP)[(wts != 0) & (targets != IGNORE)]  # the masked prompt leaves
         loss = linear_cross_entropy(
-            h, w, targets, _tp_weights(g_lp), tp_group=dist.group.WORLD, sequence_parallel=sp
+            h, w, targets, wts, rows=rows, tp_group=dist.group.WORLD, sequence_parallel=sp
         )
         loss.backward()
         out[sp] = (loss.detach(), h.grad, w.grad)

@@ -89,15 +89,25 @@ WORKSPACES = {  # (chunk budget, whole-group cap) in elements; V = 1000, pairs o
 }
 
 
+def _host_facts(cu: torch.Tensor, total: int, num_seq: int) -> dict:
+    """What the packer hands over on the host: cu_seqlens as a list, each row's sequence."""
+    seq = torch.full((total,), -1, dtype=torch.long)
+    for s in range(num_seq):
+        seq[int(cu[s]) : int(cu[s + 1])] = s
+    return {"cu_seqlens_host": cu.tolist(), "seq_index": seq}
+
+
+@pytest.mark.parametrize("host_facts", [False, True])
 @pytest.mark.parametrize("workspace", list(WORKSPACES))
-def test_fused_equals_4gemm_fp32(workspace, monkeypatch):
+def test_fused_equals_4gemm_fp32(workspace, host_facts, monkeypatch):
     hidden, weight, targets, cu, mask, refs = _batch(4, 72, 1000, torch.float32, seed=3)
+    kw = _host_facts(cu, hidden.shape[0], 8) if host_facts else {}
     if WORKSPACES[workspace] is not None:
         budget, group_cap = WORKSPACES[workspace]
         monkeypatch.setattr(ll, "_WORKSPACE_ELEMS", budget)
         monkeypatch.setattr(lpl, "_GROUP_WORKSPACE_ELEMS", group_cap)
     args = (hidden, weight, targets, cu, mask, refs, 8)
-    got = _run(linear_pair_logprobs, *args)
+    got = _run(linear_pair_logprobs, *args, **kw)
     four = _run(linear_pair_logprobs_reference, *args)
     ref = _run(_ref64, *args)
     for name, a, b, e in zip(NAMES, got, four, ref):
@@ -141,6 +151,28 @@ def test_score_only_and_checks():
         linear_pair_logprobs(hidden, weight, targets, cu, mask, None, num_sequences=3)
     with pytest.raises(ValueError, match="loss_mask"):
         linear_pair_logprobs(hidden, weight, targets, cu, mask[:-1], None, num_sequences=4)
+    with pytest.raises(ValueError, match="cu_seqlens_host"):
+        linear_pair_logprobs(hidden, weight, targets, cu, mask, None, num_sequences=4,
+                             cu_seqlens_host=cu.tolist()[:-1])  # fmt: skip
+    with pytest.raises(ValueError, match="seq_index"):
+        linear_pair_logprobs(hidden, weight, targets, cu, mask, None, num_sequences=4,
+                             seq_index=torch.zeros(3, dtype=torch.long))  # fmt: skip
+
+
+def test_no_host_sync_with_host_facts():
+    """Given the packer's host facts, forward and backward read nothing back to the host
+    (nova_kernels._sync raises on any read); without them the guard catches cu_seqlens."""
+    from nova_kernels._sync import HostSyncError, forbid_host_sync
+
+    hidden, weight, targets, cu, mask, refs = _batch(3, 24, 300, torch.float32, seed=8)
+    kw = _host_facts(cu, hidden.shape[0], 6)
+    with forbid_host_sync():
+        got = _run(linear_pair_logprobs, hidden, weight, targets, cu, mask, refs, 6, **kw)
+    want = _run(linear_pair_logprobs, hidden, weight, targets, cu, mask, refs, 6)
+    for name, a, b in zip(NAMES, got, want):
+        assert torch.equal(a, b), name
+    with pytest.raises(HostSyncError), forbid_host_sync():
+        _run(linear_pair_logprobs, hidden, weight, targets, cu, mask, refs, 6)
 
 
 # ------------------------------------------------------------------------- TP=2 (+SP), gloo
@@ -156,6 +188,7 @@ def _tp_worker(rank, world):
         h = hidden[rank * ns : (rank + 1) * ns] if sp else hidden
         w = weight[rank * vp : (rank + 1) * vp]
         kw = dict(tp_group=dist.group.WORLD, sequence_parallel=sp)
+        kw |= _host_facts(cu, hidden.shape[0], 2 * TP_PAIRS) if sp else {}
         out[sp] = _run(linear_pair_logprobs, h, w, targets, cu, mask, refs, 2 * TP_PAIRS, **kw)
     return out
 
