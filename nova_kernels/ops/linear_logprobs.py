@@ -11,7 +11,9 @@ the bounded workspace. z = hidden @ W.T are the logits (never materialized beyon
 Math. lse = log sum_j exp z_j; logp_t = z_t - lse; p_j = exp(z_j - lse); mu = E_p[z];
 entropy S = lse - mu. d logp_t / dz_j = 1[j=t] - p_j; dS/dz_j = -p_j (z_j - mu). With upstream
 grads g (log-probs) and e (entropy): dz_j = g (1[j=t] - p_j) - e p_j (z_j - mu);
-grad_hidden = dz @ W, grad_W = dz.T @ hidden.
+grad_hidden = dz @ W, grad_W = dz.T @ hidden. With a temperature T (`temperature=`, RL at the
+sampling temperature) z = hidden @ W.T / T throughout: the kernels scale the fp32 logit tile
+by 1/T, and dz w.r.t. the raw logits gets the extra factor 1/T (folded into dz).
 
 Forward. Each rank reduces its shard to per-row statistics with an online logsumexp over
 vocab tiles: running max m, s = sum exp(z - m), a = sum exp(z - m)(z - m) (for the entropy:
@@ -128,6 +130,7 @@ def _fwd_stats_kernel(
     Vp,
     stride_h,
     stride_w,
+    INV_T,  # fp32 1 / temperature: z = (h @ W.T) * INV_T
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -170,7 +173,7 @@ def _fwd_stats_kernel(
             CAST_FP32,
             DOT_PRECISION,
         )
-        z = tl.where(col_ok[None, :], acc, -1.0e30)  # finite: no 0 * inf below
+        z = tl.where(col_ok[None, :], acc * INV_T, -1.0e30)  # finite: no 0 * inf below
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
         d = z - m_new[:, None]
@@ -206,6 +209,7 @@ def _bwd_dlogits_kernel(
     stride_h,
     stride_w,
     stride_dz,
+    INV_T,  # fp32 1 / temperature
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -237,6 +241,7 @@ def _bwd_dlogits_kernel(
         CAST_FP32,
         DOT_PRECISION,
     )
+    acc = acc * INV_T  # the tempered logits
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     glp = tl.load(glp_ptr + rows, mask=row_ok, other=0.0)
     tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
@@ -246,6 +251,7 @@ def _bwd_dlogits_kernel(
         mu = tl.load(mu_ptr + rows, mask=row_ok, other=0.0)
         gent = tl.load(gent_ptr + rows, mask=row_ok, other=0.0)
         dz -= gent[:, None] * p * (acc - mu[:, None])
+    dz = dz * INV_T  # d/d(raw logits) = d/d(tempered logits) / T
     tl.store(
         dz_ptr + rows64[:, None] * stride_dz + cols64[None, :],
         dz.to(dz_ptr.dtype.element_ty),
@@ -290,8 +296,9 @@ def _dot_flags(x: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------- launchers
 
 
-def _triton_stats(h_NH, w_VpH, tgt_N, with_entropy):
-    """Per-row (m, s, a, t) over this shard: Triton vocab splits, merged here. -> 4 x [N] fp32"""
+def _triton_stats(h_NH, w_VpH, tgt_N, with_entropy, inv_t=1.0):
+    """Per-row (m, s, a, t) of the logits times inv_t over this shard: Triton vocab splits,
+    merged here. -> 4 x [N] fp32"""
     N, H = h_NH.shape
     Vp = w_VpH.shape[0]
     kernel, meta = _kernel("fwd")
@@ -315,6 +322,7 @@ def _triton_stats(h_NH, w_VpH, tgt_N, with_entropy):
         Vp,
         h_NH.stride(0),
         w_VpH.stride(0),
+        float(inv_t),
         WITH_ENTROPY=with_entropy,
         **_dot_flags(h_NH),
         **meta,
@@ -324,8 +332,11 @@ def _triton_stats(h_NH, w_VpH, tgt_N, with_entropy):
     return _merge(stats[0], stats[1], stats[2], stats[3])
 
 
-def _triton_dlogits(h_nH, w_vH, tgt_n, col0, lse_n, mu_n, glp_n, gent_n, with_entropy, ws):
-    """dz for one chunk, written into the workspace view ws [n, v] and returned."""
+def _triton_dlogits(
+    h_nH, w_vH, tgt_n, col0, lse_n, mu_n, glp_n, gent_n, with_entropy, ws, inv_t=1.0
+):
+    """dz (w.r.t. the raw logits) for one chunk, written into the workspace view ws [n, v]
+    and returned."""
     n_rows, H = h_nH.shape
     n_cols = w_vH.shape[0]
     kernel, meta = _kernel("bwd")
@@ -346,6 +357,7 @@ def _triton_dlogits(h_nH, w_vH, tgt_n, col0, lse_n, mu_n, glp_n, gent_n, with_en
         h_nH.stride(0),
         w_vH.stride(0),
         ws.stride(0),
+        float(inv_t),
         WITH_ENTROPY=with_entropy,
         **_dot_flags(h_nH),
         **meta,
@@ -384,8 +396,9 @@ def _merge(m_SN, s_SN, a_SN, t_SN):
     return M, s, a, t_SN.sum(0)
 
 
-def _torch_stats(h_NH, w_VpH, tgt_N, with_entropy):
-    """Chunked PyTorch statistics over this shard (online logsumexp). -> 4 x [N] fp32"""
+def _torch_stats(h_NH, w_VpH, tgt_N, with_entropy, inv_t=1.0):
+    """Chunked PyTorch statistics of the logits times inv_t over this shard (online
+    logsumexp). -> 4 x [N] fp32"""
     N, Vp = h_NH.shape[0], w_VpH.shape[0]
     nc, vc = _chunks(N, Vp, _budget(h_NH.device))
     cdt, acc = _compute_dtype(h_NH), _acc_dtype(h_NH)
@@ -396,6 +409,8 @@ def _torch_stats(h_NH, w_VpH, tgt_N, with_entropy):
         for r0 in range(0, N, nc):
             r = slice(r0, r0 + nc)
             z = (h_NH[r].to(cdt) @ w_c.T).to(acc)  # [nc, vc]
+            if inv_t != 1.0:
+                z.mul_(inv_t)
             m_new = torch.maximum(m[r], z.amax(1))
             alpha = torch.exp(m[r] - m_new)
             tl_ = tgt_N[r] - c0
@@ -410,10 +425,15 @@ def _torch_stats(h_NH, w_VpH, tgt_N, with_entropy):
     return m, s, a, t
 
 
-def _torch_dlogits(h_nH, w_vH, tgt_n, col0, lse_n, mu_n, glp_n, gent_n, with_entropy, ws):
-    """dz for one chunk with torch ops ([n, v] in the compute dtype; ws unused)."""
+def _torch_dlogits(
+    h_nH, w_vH, tgt_n, col0, lse_n, mu_n, glp_n, gent_n, with_entropy, ws, inv_t=1.0
+):
+    """dz (w.r.t. the raw logits) for one chunk with torch ops ([n, v] in the compute dtype;
+    ws unused)."""
     cdt = _compute_dtype(h_nH)
     z = (h_nH.to(cdt) @ w_vH.to(cdt).T).to(lse_n.dtype)
+    if inv_t != 1.0:
+        z.mul_(inv_t)
     p = torch.exp(z - lse_n[:, None])
     if with_entropy:
         dz = p * (z.sub_(mu_n[:, None])).mul_(gent_n[:, None])
@@ -424,6 +444,8 @@ def _torch_dlogits(h_nH, w_vH, tgt_n, col0, lse_n, mu_n, glp_n, gent_n, with_ent
     hit = (tl_ >= 0) & (tl_ < z.shape[1])  # masked scatter: no host sync per chunk
     tcol = tl_.clamp(0, z.shape[1] - 1)[:, None]
     dz.scatter_add_(1, tcol, torch.where(hit, glp_n, 0.0)[:, None].to(dz.dtype))
+    if inv_t != 1.0:
+        dz.mul_(inv_t)
     return dz.to(cdt)
 
 
@@ -431,8 +453,13 @@ _STATS = {"triton": _triton_stats, "torch": _torch_stats}
 _DLOGITS = {"triton": _triton_dlogits, "torch": _torch_dlogits}
 
 
-def _grads(h_NH, w_VpH, tgt_N, lse_N, mu_N, glp_N, gent_N, with_entropy, backend, need_h, need_w):
-    """grad_hidden [N, H] fp32 (or None), grad_W [Vp, H] in W's dtype (or None)."""
+def _grads(
+    h_NH, w_VpH, tgt_N, lse_N, mu_N, glp_N, gent_N, with_entropy, backend, need_h, need_w,
+    inv_t=1.0,
+):  # fmt: skip
+    """grad_hidden [N, H] fp32 (or None), grad_W [Vp, H] in W's dtype (or None); lse / mu
+    are those of the tempered logits z * inv_t, and the 1/T of the chain rule is folded into
+    dz (grad_hidden = (dz/T) @ W, grad_W = (dz/T).T @ hidden)."""
     N, H = h_NH.shape
     Vp = w_VpH.shape[0]
     nc, vc = _chunks(N, Vp, _budget(h_NH.device))
@@ -463,6 +490,7 @@ def _grads(h_NH, w_VpH, tgt_N, lse_N, mu_N, glp_N, gent_N, with_entropy, backend
                 gent_N[r],
                 with_entropy,
                 ws_view,
+                inv_t,
             )
             if grad_h is not None:
                 if cdt == acc:
@@ -485,14 +513,16 @@ class LinearLogprobsFunction(torch.autograd.Function):
     """(hidden, weight, targets) -> (logp [N] fp32, entropy [N] fp32 or an empty tensor)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, tp_group, ignore_index, with_entropy, sp, backend):
+    def forward(
+        ctx, hidden, weight, targets, tp_group, ignore_index, with_entropy, sp, backend, inv_t
+    ):
         tp, rank = _tp_info(tp_group)
         sp = bool(sp) and tp > 1
         h_NH = (_sp_gather(hidden, tp_group, tp) if sp else hidden).contiguous()
         w_VpH = weight.contiguous()
         vp = w_VpH.shape[0]
         tgt_N = _local_targets(targets, rank * vp, vp, ignore_index)
-        m, s, a, t = _STATS[backend](h_NH, w_VpH, tgt_N, with_entropy)
+        m, s, a, t = _STATS[backend](h_NH, w_VpH, tgt_N, with_entropy, inv_t)
         m, s, a, t = _tp_combine(m, s, a, t, tp_group, tp, with_entropy)
         lse = m + torch.log(s)
         valid = targets != ignore_index
@@ -507,16 +537,16 @@ class LinearLogprobsFunction(torch.autograd.Function):
             mu = ent = lse.new_empty(0)
             ctx.mark_non_differentiable(ent)
         ctx.save_for_backward(hidden if sp else h_NH, w_VpH, tgt_N, valid, lse, mu)
-        ctx.cfg = (tp_group, tp, sp, with_entropy, backend)
+        ctx.cfg = (tp_group, tp, sp, with_entropy, backend, inv_t)
         return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, w_VpH, tgt_N, valid, lse, mu = ctx.saved_tensors
-        tp_group, tp, sp, with_entropy, backend = ctx.cfg
+        tp_group, tp, sp, with_entropy, backend, inv_t = ctx.cfg
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_h or need_w):
-            return (None,) * 8
+            return (None,) * 9
         h_NH = _sp_gather(hidden, tp_group, tp) if sp else hidden
         zero = torch.zeros_like(lse)
         glp = torch.where(valid, g_logp.to(lse.dtype), 0.0) if g_logp is not None else zero
@@ -534,10 +564,11 @@ class LinearLogprobsFunction(torch.autograd.Function):
             backend,
             need_h,
             need_w,
+            inv_t,
         )
         if need_h:
             grad_h = _reduce_grad_hidden(grad_h.to(hidden.dtype), tp_group, tp, sp)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def linear_logprobs(
@@ -550,6 +581,7 @@ def linear_logprobs(
     return_entropy: bool = False,
     sequence_parallel: bool = False,
     backend: str | None = None,
+    temperature: float = 1.0,
 ):
     """log p(targets) per token from hidden states and this rank's LM-head vocab shard.
 
@@ -563,7 +595,12 @@ def linear_logprobs(
     path in fp64 and return fp64 (for gradchecks and high-precision references); asking for
     the Triton backend with fp64 inputs is an error, the default backend picks torch for them.
     backend: "triton" | "torch" | None (NOVA_KERNELS, else triton on CUDA / torch on CPU).
+    temperature: T > 0; log-probs, entropy and grads are those of log_softmax(z / T) (the
+        logits scaled inside the kernels, no second pass; the sampling distribution of an RL
+        policy at temperature T). T = 1 is bit-identical to the untempered op.
     """
+    if not (temperature > 0.0 and temperature < float("inf")):
+        raise ValueError(f"linear_logprobs: temperature={temperature}, expected a finite T > 0")
     if hidden.dtype == torch.float64:
         if backend == "triton":
             raise ValueError("linear_logprobs: fp64 inputs run on the torch backend only")
@@ -572,6 +609,7 @@ def linear_logprobs(
     tp, _ = _tp_info(tp_group)
     _check(hidden, weight, targets, sequence_parallel and tp > 1, tp)
     logp, ent = LinearLogprobsFunction.apply(
-        hidden, weight, targets, tp_group, ignore_index, return_entropy, sequence_parallel, backend
-    )
+        hidden, weight, targets, tp_group, ignore_index, return_entropy, sequence_parallel,
+        backend, 1.0 / float(temperature),
+    )  # fmt: skip
     return (logp, ent) if return_entropy else logp
