@@ -54,8 +54,9 @@ def linear_logprobs_reference(
     ignore_index: int = -100,
     return_entropy: bool = False,
     dtype: torch.dtype | None = None,
+    temperature: float = 1.0,
 ):
-    """Materialized logits -> log_softmax -> gather ([N, V] in memory).
+    """Materialized logits -> log_softmax(logits / temperature) -> gather ([N, V] in memory).
 
     hidden [N, H], weight_full [V, H] (the whole LM head), targets [N]. `dtype` casts the inputs
     first (e.g. float64 for a high-precision reference); the GEMM runs in that dtype and the
@@ -67,6 +68,8 @@ def linear_logprobs_reference(
     logits = hidden @ weight_full.T
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
     logsm = torch.log_softmax(logits, dim=-1)
     valid = targets != ignore_index
     logp = logsm.gather(1, torch.where(valid, targets, 0).long()[:, None])[:, 0]

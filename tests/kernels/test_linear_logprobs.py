@@ -34,14 +34,17 @@ def _run(fn, hidden, weight, targets, g_lp, g_ent, entropy=True):
     return lp.detach(), (ent.detach() if entropy else None), h.grad, w.grad
 
 
-def _nova(backend, entropy=True):
+def _nova(backend, entropy=True, temperature=1.0):
     return lambda h, w, t: linear_logprobs(
-        h, w, t, ignore_index=IGNORE, return_entropy=entropy, backend=backend
+        h, w, t, ignore_index=IGNORE, return_entropy=entropy, backend=backend,
+        temperature=temperature,
+    )  # fmt: skip
+
+
+def _ref(dtype=None, entropy=True, temperature=1.0):
+    return lambda h, w, t: linear_logprobs_reference(
+        h, w, t, IGNORE, entropy, dtype=dtype, temperature=temperature
     )
-
-
-def _ref(dtype=None, entropy=True):
-    return lambda h, w, t: linear_logprobs_reference(h, w, t, IGNORE, entropy, dtype=dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -57,6 +60,42 @@ def test_fp32_matches_float64_reference(backend, shape):
     ignored = args[2] == IGNORE
     assert (got[0][ignored] == 0).all() and (got[1][ignored] == 0).all()
     assert (got[2][ignored] == 0).all(), "ignored rows must get no gradient"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.5, 0.7, 1.3])
+def test_temperature_matches_float64_reference(backend, temperature, device):
+    """log_softmax(z / T): log-probs, entropy and both grads against the float64 reference
+    (odd shape), and against T = 1 to show the temperature is not a no-op."""
+    args = _inputs(37, 72, 301, torch.float32, seed=int(temperature * 10))
+    on_dev = [x.to(device) for x in args]
+    got = [x.cpu() for x in _run(_nova(backend, temperature=temperature), *on_dev)]
+    ref = _run(_ref(torch.float64, temperature=temperature), *args)
+    untempered = _run(_ref(torch.float64), *args)
+    names = ["logp", "entropy", "grad_hidden", "grad_weight"]
+    for name, a, e, u in zip(names, got, ref, untempered):
+        assert_verbose_allclose(
+            a, e, rtol=1e-4, atol=2e-5, name=f"{backend} T={temperature} {name}"
+        )
+        assert (e - u).abs().max() > 1e-2, f"{name}: T={temperature} changes nothing?"
+    # one row by hand: log of softmax(z / T) at the target
+    z = (args[0][0].double() @ args[1].double().T) / temperature
+    p = torch.softmax(z, -1)
+    if args[2][0] != IGNORE:
+        want = torch.log(p[args[2][0]])
+        assert abs(got[0][0].item() - want.item()) < 1e-4
+
+
+def test_temperature_one_is_the_untempered_op():
+    """T = 1 goes through the same arithmetic as before (x * 1.0 is exact): bit-identical."""
+    args = _inputs(19, 24, 130, torch.float32, seed=5)
+    for backend in BACKENDS:
+        a = _run(_nova(backend, temperature=1.0), *args)
+        b = _run(_nova(backend), *args)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="temperature=0"):
+        linear_logprobs(args[0], args[1], args[2], temperature=0.0)
 
 
 @pytest.mark.slow  # three float64 / bf16 / fp16 runs per case
@@ -158,7 +197,13 @@ def test_input_errors():
 N_TP, H_TP, V_TP = 38, 72, 1000  # N even: sequence parallel splits it 19 + 19
 # the TP combine and the SP gather / reduce-scatter are shared by both backends: Triton (slow
 # under the interpreter) runs with SP only
-TP_CONFIGS = [("torch", False), ("torch", True), ("triton", True)]
+# (and one tempered run: the TP combine of the statistics of z / T)
+TP_CONFIGS = [
+    ("torch", False, 1.0),
+    ("torch", True, 1.0),
+    ("triton", True, 1.0),
+    ("torch", False, 0.7),
+]
 
 
 def _tp_worker(rank, world):
@@ -172,7 +217,7 @@ def _tp_runs(rank, world):
     # targets on both shards (checked by the parent), a few ignored rows
     out = {"targets": targets}
     group = dist.group.WORLD
-    for backend, sp in TP_CONFIGS:
+    for backend, sp, temp in TP_CONFIGS:
         h = hidden.clone()
         if sp:
             h = h[rank * (N_TP // world) : (rank + 1) * (N_TP // world)]
@@ -186,9 +231,10 @@ def _tp_runs(rank, world):
             return_entropy=True,
             sequence_parallel=sp,
             backend=backend,
+            temperature=temp,
         )
         ((lp * g_lp).sum() + (ent * g_ent).sum()).backward()
-        out[(backend, sp)] = (lp.detach(), ent.detach(), h.grad, w.grad)
+        out[(backend, sp, temp)] = (lp.detach(), ent.detach(), h.grad, w.grad)
     return out
 
 
@@ -202,12 +248,13 @@ def test_tp2_equals_tp1(tp_results):
     hidden, weight, targets, g_lp, g_ent = _inputs(N_TP, H_TP, V_TP, torch.float32, seed=7)
     valid = targets[targets != IGNORE]
     assert (valid < V_TP // 2).any() and (valid >= V_TP // 2).any(), "targets on both shards"
-    lp1, ent1, gh1, gw1 = _run(_nova("torch"), hidden, weight, targets, g_lp, g_ent)
     vp, ns = V_TP // 2, N_TP // 2
-    for backend, sp in TP_CONFIGS:
+    for backend, sp, temp in TP_CONFIGS:
+        one = _nova("torch", temperature=temp)
+        lp1, ent1, gh1, gw1 = _run(one, hidden, weight, targets, g_lp, g_ent)
         for rank, res in enumerate(tp_results):
-            lp, ent, gh, gw = res[(backend, sp)]
-            tag = f"{backend} sp={sp} rank {rank}"
+            lp, ent, gh, gw = res[(backend, sp, temp)]
+            tag = f"{backend} sp={sp} T={temp} rank {rank}"
             assert_verbose_allclose(lp, lp1, rtol=1e-5, atol=1e-5, name=f"{tag} logp")
             assert_verbose_allclose(ent, ent1, rtol=1e-5, atol=1e-5, name=f"{tag} entropy")
             gh_want = gh1[rank * ns : (rank + 1) * ns] if sp else gh1
