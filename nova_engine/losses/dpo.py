@@ -193,7 +193,8 @@ def reduce_pairs(
     losses: torch.Tensor, global_num_pairs: torch.Tensor | float, *, dp_average_size: int = 1
 ):
     """This micro-batch's share of the step loss: sum(losses) / P * dp_average_size, P the pairs
-    of the step over all micro-batches and DP ranks (`sft.all_reduce_count`)."""
+    of the step over all micro-batches and DP ranks (reduced over DP on the engine's device, as
+    `sft.global_loss_token_count` does)."""
     g = torch.as_tensor(global_num_pairs, device=losses.device, dtype=losses.dtype)
     return losses.sum() / g.clamp_min(1.0) * dp_average_size
 

@@ -7,8 +7,9 @@ NLL over every loss token of the step, exactly as if the whole batch sat on one 
     G = sum_{dp ranks} sum_{micro-batches} sum_t mask_t           (global loss-token count)
 
 So before the step each rank counts its loss tokens over its micro-batches and the counts
-are summed over the DP group (`global_loss_token_count`, one all_reduce); then every
-micro-batch contributes `sft_loss_fused(hidden, W, labels, mask, G)` = -sum(mask * logp) / G.
+are summed over the DP group (`global_loss_token_count`, one all_reduce on the masks' device,
+the engine's: NCCL takes only CUDA tensors); then every micro-batch contributes
+`sft_loss_fused(hidden, W, labels, mask, G)` = -sum(mask * logp) / G.
 Summing these micro-batch losses (gradient accumulation, no division by M) and SUMMING
 gradients over DP gives grad(L) exactly. When the DP gradient reduction AVERAGES over the D
 ranks (torch DDP, megatron's DDP default), pass `dp_average_size=D` to undo that division.
@@ -28,25 +29,26 @@ import torch.distributed as dist
 from nova_kernels import linear_cross_entropy
 
 
-def all_reduce_count(local: torch.Tensor | int | float, dp_group=None) -> torch.Tensor:
-    """Sum a per-rank count over the data-parallel group (identity without a process group).
-
-    Returns a 0-dim float64 tensor (exact for integer counts below 2**53) on `local`'s device
-    (CPU for Python numbers).
-    """
-    t = torch.as_tensor(local, dtype=torch.float64).clone().reshape(())
-    if dp_group is not None and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, group=dp_group)
-    return t
-
-
-def global_loss_token_count(loss_masks: Iterable[torch.Tensor], dp_group=None) -> torch.Tensor:
+def global_loss_token_count(
+    loss_masks: Iterable[torch.Tensor], dp_group=None, *, device: torch.device | str | None = None
+) -> torch.Tensor:
     """G: loss tokens in this rank's micro-batches (masks [N_i], nonzero = loss token), summed
-    over the DP group. Call once per optimizer step, before the micro-batch loop."""
+    over the DP group in one all_reduce. Call once per optimizer step, before the micro-batch
+    loop. Returns a 0-dim float64 tensor (exact for counts below 2**53) on the masks' device,
+    or on `device` (the engine's: NCCL reduces only CUDA tensors) when given or when this
+    rank has no micro-batch; a rank without masks or device raises instead of reducing a CPU
+    tensor in a CUDA group."""
     masks = list(loss_masks)
-    device = masks[0].device if masks else torch.device("cpu")
-    local = sum(((m != 0).sum().to(torch.float64) for m in masks), torch.zeros((), device=device))
-    return all_reduce_count(local, dp_group)
+    if device is None:
+        if not masks:
+            raise ValueError("global_loss_token_count: no loss masks; pass device= (the engine's)")
+        device = masks[0].device
+    local = torch.zeros((), dtype=torch.float64, device=device)
+    for m in masks:
+        local += (m != 0).sum().to(device=device, dtype=torch.float64)
+    if dp_group is not None and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(local, group=dp_group)
+    return local
 
 
 def sft_loss_fused(

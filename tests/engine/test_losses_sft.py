@@ -4,13 +4,15 @@ full-batch mean and its gradient (float64, against a materialized log_softmax)."
 
 from __future__ import annotations
 
+import ast
 import math
+import os
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from nova_engine.losses.sft import all_reduce_count, global_loss_token_count, sft_loss_fused
+from nova_engine.losses.sft import global_loss_token_count, sft_loss_fused
 from nova_engine.parallel.spawn import run_distributed
 from nova_kernels import linear_logprobs
 
@@ -77,6 +79,18 @@ def test_simulated_ranks_equal_full_batch():
     assert abs(naive - want_loss.item()) > 1e-3
 
 
+def test_count_device_and_errors():
+    """The count lands on the masks' device (float64, exact), on `device=` for a rank with no
+    micro-batch; without either it raises instead of reducing a CPU tensor."""
+    masks = [torch.tensor([1, 0, 2]), torch.tensor([0.0, 0.5])]
+    got = global_loss_token_count(masks)
+    assert got.dtype == torch.float64 and got.shape == () and got.item() == 3
+    assert global_loss_token_count(masks, device="meta").device.type == "meta"
+    assert global_loss_token_count([], device="cpu").item() == 0
+    with pytest.raises(ValueError, match="no loss masks; pass device="):
+        global_loss_token_count([])
+
+
 def test_sft_loss_by_hand():
     """H = 1 and weight = the logits of a 2-token vocabulary: logp by hand, summed over the
     masked tokens, divided by G (times dp_average_size); G = 0 is taken as 1."""
@@ -103,7 +117,10 @@ def _dp_worker(rank, world):
     group = dist.group.WORLD
     masks = [_micro_batch(rank, mb)[2] for mb in range(2)]
     count = global_loss_token_count(masks, group)
-    out = {"count": count.item(), "pairs": all_reduce_count(rank + 1, group).item()}
+    # a rank with no micro-batch reduces a zero on the device it is given
+    mine = masks if rank == 0 else []
+    only0 = global_loss_token_count(mine, group, device="cpu")
+    out = {"count": count.item(), "only0": only0.item(), "dtype": only0.dtype}
     for avg in (False, True):
         w = _model().requires_grad_()
         loss = _rank_step(rank, w, count, dp_average_size=world if avg else 1)
@@ -126,8 +143,90 @@ def test_dp2_gloo_equals_full_batch(dp_results):
     want_loss, want_grad, n_tokens = _full_batch_mean_grad()
     for res in dp_results:
         assert res["count"] == n_tokens
-        assert res["pairs"] == 3
+        assert res["only0"] == sum(int(_micro_batch(0, mb)[2].sum()) for mb in range(2))
+        assert res["dtype"] == torch.float64
         for avg in (False, True):
             loss, grad = res[avg]
             assert loss == pytest.approx(want_loss.item(), rel=1e-12)
             torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------- collectives take device tensors (#34.7)
+
+COLLECTIVES = {
+    "all_reduce", "all_gather", "broadcast", "reduce", "reduce_scatter", "reduce_scatter_tensor",
+    "all_gather_into_tensor", "all_to_all_single", "send", "recv", "isend", "irecv",
+}  # fmt: skip
+FACTORIES = {"tensor", "as_tensor", "zeros", "ones", "empty", "full", "arange", "rand", "randn"}
+
+
+def _root_call(node):
+    """The first call of a method chain: torch.as_tensor(x).clone().reshape(()) -> as_tensor."""
+    while isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        inner = node.func.value
+        if not isinstance(inner, ast.Call):
+            break
+        node = inner
+    return node
+
+
+def _host_tensors_in_collectives(source: str, name: str) -> list[str]:
+    """`file:line name` for each tensor a torch.distributed collective reduces that its
+    function makes with a torch factory (tensor, zeros, as_tensor, ...) without device=:
+    such a tensor is on the CPU, and NCCL (the engine's backend on GPUs) rejects it."""
+    bad = []
+    for fn in ast.walk(ast.parse(source)):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        made: dict[str, list[ast.Call]] = {}
+        for node in ast.walk(fn):
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for t in targets:
+                    if isinstance(t, ast.Name):
+                        made.setdefault(t.id, []).append(_root_call(node.value))
+        for node in ast.walk(fn):
+            f = node.func if isinstance(node, ast.Call) else None
+            if not (isinstance(f, ast.Attribute) and f.attr in COLLECTIVES):
+                continue
+            if not (isinstance(f.value, ast.Name) and f.value.id == "dist"):
+                continue
+            args = [*node.args, *(k.value for k in node.keywords if k.arg == "tensor")]
+            for a in args:
+                for call in made.get(a.id, []) if isinstance(a, ast.Name) else []:
+                    g = call.func if isinstance(call, ast.Call) else None
+                    if not (isinstance(g, ast.Attribute) and g.attr in FACTORIES):
+                        continue
+                    if not (isinstance(g.value, ast.Name) and g.value.id == "torch"):
+                        continue
+                    if not any(k.arg == "device" for k in call.keywords):
+                        bad.append(f"{name}:{node.lineno} {a.id}")
+    return bad
+
+
+def test_collectives_get_device_tensors():
+    """No collective in nova_engine / nova_kernels reduces a tensor its function made on the
+    host (the bug of the removed sft.all_reduce_count: fine on gloo, a crash on NCCL). The
+    checker flags that function's code, and passes it once the tensor takes a device."""
+    old = (
+        "def all_reduce_count(local, dp_group=None):\n"
+        "    t = torch.as_tensor(local, dtype=torch.float64).clone().reshape(())\n"
+        "    dist.all_reduce(t, group=dp_group)\n"
+        "    return t\n"
+    )
+    assert _host_tensors_in_collectives(old, "old.py") == ["old.py:3 t"]
+    fixed = old.replace("dtype=torch.float64)", "dtype=torch.float64, device=dev)")
+    assert _host_tensors_in_collectives(fixed, "fixed.py") == []
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    bad, seen = [], 0
+    for pkg in ("nova_engine", "nova_kernels"):
+        for dirpath, _, files in os.walk(os.path.join(root, pkg)):
+            for f in sorted(files):
+                if f.endswith(".py"):
+                    path = os.path.join(dirpath, f)
+                    with open(path) as fh:
+                        src = fh.read()
+                    seen += "dist.all_reduce(" in src
+                    bad += _host_tensors_in_collectives(src, os.path.relpath(path, root))
+    assert seen >= 4  # the engine's reductions were read (loop, runner, rollouts, kernels)
+    assert bad == [], bad
