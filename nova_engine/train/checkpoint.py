@@ -17,6 +17,12 @@ Layout of `<root>/step_00000123/` (nothing is written twice across DP replicas):
                      (other trainable engines: hf_<engine>/)
     COMPLETE         the manifest (step, files + sizes, config hash, layouts)
 
+Saving copies every tensor of the state straight into host buffers kept per loop and reused
+by the next save (`HostBuffers`): device tensors into pinned memory with non-blocking copies
+and one synchronize before the files are written, host tensors into plain ones. Nothing is
+cloned on the device (the fp32 master weights alone are 4 bytes a parameter of the rank's
+shard), and the bytes on disk are those of a CPU clone.
+
 Same layouts -> exact resume: the per-step losses of a resumed run equal an uninterrupted
 run's. A different TP x PP layout -> `load_checkpoint(..., weights_only=True)` reads hf/
 into the new layout (the optimizer state does not carry over); `hf/` is also the HF export
@@ -27,6 +33,7 @@ their own HF directories).
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -40,6 +47,62 @@ from nova_engine.train.optim import dp_sharded, load_optimizer_state, optimizer_
 logger = get_logger(__name__)
 
 HF_SUBDIR = "hf"
+
+
+class HostBuffers:
+    """Host copies of a checkpoint's tensors, reused across saves (one set per loop).
+
+    `stage(obj, key)` returns `obj` (nested dicts / lists / tuples) with every tensor replaced
+    by its host buffer for the path `key + (dict key / index, ...)`: allocated on first use
+    (pinned when the tensor is on a CUDA device) or when shape / dtype change, then filled by
+    `copy_` (non_blocking from a device). `wait()` synchronizes once after the last copy;
+    call it before the buffers are read. The staged values stay valid until the next stage.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self._pending = False
+
+    def _host(self, key: tuple, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            pin = t.device.type == "cuda"
+            if t.is_contiguous():
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+            else:  # same strides as a clone would have
+                buf = torch.empty_like(t, device="cpu")
+            self.buffers[key] = buf
+        device = t.device.type != "cpu"
+        buf.copy_(t, non_blocking=device)
+        self._pending |= device
+        return buf
+
+    def stage(self, obj: Any, key: tuple = ()) -> Any:
+        if isinstance(obj, torch.Tensor):
+            return self._host(key, obj)
+        if isinstance(obj, dict):
+            return {k: self.stage(v, (*key, k)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+            return type(obj)(self.stage(v, (*key, i)) for i, v in enumerate(obj))
+        return obj
+
+    def wait(self) -> None:
+        """One synchronize for all the non-blocking device-to-host copies of `stage`."""
+        if self._pending:
+            torch.cuda.synchronize()
+            self._pending = False
+
+
+# the host buffers of each loop's checkpoints (dropped with the loop)
+_HOST_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def host_buffers(loop) -> HostBuffers:
+    """The loop's HostBuffers (created at its first save)."""
+    if loop not in _HOST_BUFFERS:
+        _HOST_BUFFERS[loop] = HostBuffers()
+    return _HOST_BUFFERS[loop]
 
 
 def _layout(ps) -> dict[str, Any]:
@@ -78,7 +141,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def rank_state(loop) -> dict[str, Any]:
-    """What this rank saves in its rank file (see the module docstring)."""
+    """What this rank saves in its rank file (see the module docstring); tensors are the live
+    ones (save_checkpoint copies them to host buffers)."""
     engines = {}
     for name, e in loop.trainable.items():
         opt = e.optimizer
@@ -96,7 +160,8 @@ def rank_state(loop) -> dict[str, Any]:
 
 
 def shard_state(engine) -> dict[str, Any]:
-    """What DP rank 0 of a (TP, PP) coordinate saves for all the engine's DP replicas."""
+    """What DP rank 0 of a (TP, PP) coordinate saves for all the engine's DP replicas; tensors
+    are the live ones (save_checkpoint copies them to host buffers)."""
     opt = engine.optimizer
     return {
         "model": engine.model_state(),
@@ -127,8 +192,14 @@ def save_checkpoint(
     generation config: nova_engine.model.hf_export.complete_hf_export)."""
     ps = _any_ps(loop)
     final = checkpoint_io.checkpoint_dir_for(root, loop.step)
-    state = rank_state(loop)
-    shards = {n: shard_state(e) for n, e in loop.trainable.items() if e.ps.dp_rank == 0}
+    host = host_buffers(loop)
+    state = host.stage(rank_state(loop), ("rank",))
+    shards = {
+        n: host.stage(shard_state(e), ("shard", n))
+        for n, e in loop.trainable.items()
+        if e.ps.dp_rank == 0
+    }
+    host.wait()  # one synchronize for every device-to-host copy, before anything is written
     layouts = {n: _layout(e.ps) for n, e in loop.trainable.items()}
 
     def write(tmp: str) -> list[str]:
@@ -168,10 +239,19 @@ def save_checkpoint(
 
 
 def _load(path: str, rel: str) -> Any:
-    """torch.load of one checkpoint file; an unreadable file -> CheckpointIOError naming it."""
+    """torch.load of one checkpoint file, never executing code: `weights_only=True` admits
+    tensors and plain values (dict, list, int, float, str, ...) only, whatever the file's
+    CRC says; a file that needs more -> CheckpointIOError naming it, as for an unreadable one."""
+    import pickle
+
     full = os.path.join(path, rel)
     try:
-        return torch.load(full, map_location="cpu", weights_only=False)
+        return torch.load(full, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointIOError(
+            f"{full}: refused: it holds objects other than tensors and plain values, and "
+            f"loading them could run code ({str(e).splitlines()[0][:200]})"
+        ) from None
     except FileNotFoundError:
         raise CheckpointIOError(f"{full}: missing (a checkpoint of another layout?)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
@@ -206,6 +286,10 @@ def load_checkpoint(path: str | os.PathLike, loop, *, weights_only: bool = False
             hf = os.path.join(path, _hf_dir(loop, name))
             if not os.path.isdir(hf):
                 raise CheckpointIOError(f"{path}: no {_hf_dir(loop, name)}/ export to load from")
+            prefix = _hf_dir(loop, name) + "/"
+            checkpoint_io.verify_checksums(
+                path, [r for r in manifest["files"] if r.startswith(prefix)]
+            )
             e.load_hf(hf)
         return int(manifest["step"])
     for name, e in loop.trainable.items():

@@ -74,11 +74,13 @@ def _torch_opt(leaf: MegatronOptimizer) -> torch.optim.Optimizer:
 
 def optimizer_state(opt: MegatronOptimizer) -> dict[str, Any]:
     """This rank's optimizer state: per leaf optimizer the torch optimizer's state_dict and
-    the values of the parameters it updates (fp32 master weights / their DP shards)."""
+    the values of the parameters it updates (fp32 master weights / their DP shards). The
+    tensors are the live ones, not copies: the caller copies them (checkpoint.HostBuffers
+    stages them into host memory, with no clone on the device)."""
     out = []
     for leaf in _leaves(opt):
         inner = _torch_opt(leaf)
-        params = [p.detach().clone() for g in inner.param_groups for p in g["params"]]
+        params = [p.detach() for g in inner.param_groups for p in g["params"]]
         out.append({"torch": inner.state_dict(), "main_params": params})
     return {"leaves": out}
 

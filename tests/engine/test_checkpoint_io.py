@@ -1,8 +1,11 @@
 """Atomic checkpoint directories: a write that raises, a writer killed mid-write, and a crash
 between the marker and the rename never yield a checkpoint `latest_complete` picks up;
 truncated files and broken markers are rejected; retention; several gloo ranks writing shards
-into one checkpoint."""
+into one checkpoint. Saving a training loop (DP3, plain and distributed optimizer) clones no
+floating-point tensor, copies into host buffers that the next save reuses, writes the values
+the live model had, and resumes to the uninterrupted run's losses bit for bit."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -195,15 +198,108 @@ def _dist_checks(rank, world, root):
     return out, seen, shards
 
 
+STEPS, SAVE_AT, GBS = 4, 2, 6
+
+
+def _setup(model_dir, samples, dopt):
+    from nova_engine.config import OptimConfig
+    from nova_engine.parallel.state import initialize_parallel
+    from nova_engine.train.data_source import PackedDataSource
+    from nova_engine.train.engine import ModelEngine
+    from nova_engine.train.loop import Loop
+    from nova_engine.train.stages.sft import SFTStage
+
+    ps = initialize_parallel(seed=7)
+    optim = OptimConfig(lr=2e-3, weight_decay=0.01, grad_clip=1.0, schedule="cosine")
+    engine = ModelEngine.from_hf(
+        model_dir, ps, optim=optim, total_steps=STEPS, distributed_optimizer=dopt
+    )
+    data = PackedDataSource(
+        samples, global_batch_size=GBS, micro_batch_tokens=64, ps=ps, seed=3, max_steps=STEPS
+    )
+    return Loop(engine, data), SFTStage(ps)
+
+
+def _losses(hist):
+    return [(h["loss"], h["grad_norm"]) for h in hist]
+
+
+def _save_checks(rank, root, model_dir, samples):
+    """Per optimizer kind: the uninterrupted losses, the saved-and-resumed ones, float clones
+    during the saves, host-buffer reuse, and the shard file against the live parameters."""
+    import torch
+
+    from nova_engine.parallel.state import destroy_parallel
+    from nova_engine.train import checkpoint
+
+    out = {}
+    for dopt in (False, True):
+        loop, stage = _setup(model_dir, samples, dopt)
+        full = _losses(loop.fit(stage))
+        destroy_parallel()
+        loop, stage = _setup(model_dir, samples, dopt)
+        hist = _losses(loop.fit(stage, stop_after=SAVE_AT))
+        clones, real_clone = [], torch.Tensor.clone
+
+        def counting_clone(t, *a, clones=clones, real_clone=real_clone, **k):
+            if t.is_floating_point():
+                clones.append(tuple(t.shape))
+            return real_clone(t, *a, **k)
+
+        ptrs, ckpts = [], []
+        for stop in (SAVE_AT + 1, None):
+            torch.Tensor.clone = counting_clone
+            try:
+                ckpts.append(checkpoint.save_checkpoint(os.path.join(root, f"d{dopt}"), loop))
+            finally:
+                torch.Tensor.clone = real_clone
+            bufs = checkpoint.host_buffers(loop).buffers
+            ptrs.append({k: v.data_ptr() for k, v in bufs.items()})
+            if rank == 0 and stop is None:  # the shard file holds the live parameters
+                shard = torch.load(os.path.join(ckpts[-1], checkpoint._shard_file(
+                    "policy", loop.engine().ps)), weights_only=False)  # fmt: skip
+                live = loop.engine().model_state()
+                out[("same", dopt)] = all(
+                    torch.equal(shard["model"][i][n], v) and shard["model"][i][n].is_contiguous()
+                    for i, c in enumerate(live) for n, v in c.items()
+                )  # fmt: skip
+            hist += _losses(loop.fit(stage, stop_after=stop))
+        destroy_parallel()
+        loop, stage = _setup(model_dir, samples, dopt)
+        step = checkpoint.load_checkpoint(ckpts[0], loop)
+        resumed = _losses(loop.fit(stage))
+        destroy_parallel()
+        out[dopt] = dict(full=full, hist=hist, resumed=resumed, step=step, clones=clones,
+                         reused=ptrs[0] == ptrs[1], nbufs=len(ptrs[0]))  # fmt: skip
+    return out
+
+
+def _worker(rank, world, root, model_dir, samples):
+    saves = _save_checks(rank, root + "-loop", model_dir, samples)
+    return _dist_checks(rank, world, root), saves
+
+
+def _golden_build():
+    path = os.path.join(os.path.dirname(__file__), "golden", "run_golden.py")
+    spec = importlib.util.spec_from_file_location("run_golden", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.build
+
+
 @pytest.fixture(scope="module")
 def dist_results(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("dist") / "ckpt")
-    return root, run_distributed(_dist_checks, 3, root)
+    base = tmp_path_factory.mktemp("dist")
+    cfg = dict(n_sft=30, data_seed=5, max_length=64, model_seed=0, num_hidden_layers=2)
+    model_dir, samples = _golden_build()(str(base / "assets"), cfg, "chat")
+    root = str(base / "ckpt")
+    res = run_distributed(_worker, 3, root, model_dir, samples)
+    return root, [r[0] for r in res], [r[1] for r in res]
 
 
 @pytest.mark.slow  # spawned process group
 def test_multi_rank_shards(dist_results):
-    root, results = dist_results
+    root, results, _ = dist_results
     final = checkpoint_dir_for(root, 3)
     for out, seen, shards in results:
         assert out == final and seen == final
@@ -211,3 +307,19 @@ def test_multi_rank_shards(dist_results):
     m = read_manifest(final)
     assert set(m["files"]) == {"shard_0.pt", "shard_1.pt", "shard_2.pt"} and m["step"] == 3
     assert sorted(os.listdir(root)) == ["step_00000003"]
+
+
+@pytest.mark.slow  # spawned process group
+@pytest.mark.parametrize("dopt", [False, True], ids=["plain", "distributed"])
+def test_save_stages_into_reused_host_buffers_and_resumes_exactly(dist_results, dopt):
+    _, _, saves = dist_results
+    for rank, out in enumerate(saves):
+        r = out[dopt]
+        assert r["clones"] == [], r["clones"]  # no parameter / optimizer tensor cloned
+        # the second save wrote into the first's buffers (rank 0: the model and optimizer;
+        # the others their RNG states, and with ZeRO-1 their optimizer shards too)
+        assert r["reused"] and r["nbufs"] >= (10 if rank == 0 or dopt else 3), r["nbufs"]
+        assert r["step"] == SAVE_AT and len(r["full"]) == STEPS
+        assert r["hist"] == r["full"]  # saving does not disturb training
+        assert r["resumed"] == r["full"][SAVE_AT:]  # bit-exact resume
+    assert saves[0][("same", dopt)]
