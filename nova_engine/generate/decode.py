@@ -75,7 +75,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 _PAD_ID = 0  # token fed at padded cache slots (masked out everywhere)
-_UPCAST_ELEMS = 1 << 26  # LM-head elements upcast to fp32 at a time (256 MB)
+_UPCAST_ELEMS = 1 << 26  # LM-head elements upcast to fp32 at a time (256 MB; CPU fallback)
+_MM_OUT_FP32: dict[str, bool] = {}  # device type -> torch.mm(bf16, bf16, out_dtype=fp32) works
 
 
 class GenerationError(ValueError):
@@ -232,6 +233,28 @@ def _validate(
 # ------------------------------------------------------------------------------ the loop
 
 
+def _mm_out_fp32_ok(h_BH: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch.mm(h, w.T, out_dtype=float32) runs for these low-precision operands on
+    their device (CUDA in torch >= 2.8; not on CPU in torch 2.13); probed once per device
+    type with a tiny product and checked against the upcast one."""
+    kind = h_BH.device.type
+    if kind not in _MM_OUT_FP32:
+        ok = False
+        if kind == "cuda":
+            try:
+                a, b = h_BH[:1, :8], w[:2, :8]
+                got = torch.mm(a, b.t(), out_dtype=torch.float32)
+                ok = got.dtype == torch.float32 and torch.allclose(
+                    got, a.float() @ b.float().t(), rtol=1e-5, atol=1e-5
+                )
+            except (RuntimeError, TypeError, NotImplementedError):
+                ok = False
+        if not ok:
+            log.debug("decode logits: no fp32-output low-precision GEMM on %s; upcasting", kind)
+        _MM_OUT_FP32[kind] = ok
+    return _MM_OUT_FP32[kind]
+
+
 class _Decoder:
     """One rank's side of the decode loop over its chunks (one batch at a time)."""
 
@@ -255,7 +278,7 @@ class _Decoder:
 
     def _forward(self, ids_BS: torch.Tensor) -> torch.Tensor | None:
         """Run the chunks in pipeline order; the last stage returns [B, H] hidden of the
-        newest position (fp32), other ranks None."""
+        newest position (the model's dtype), other ranks None."""
         lay, dev = self.layout, self.layout.device
         b, s = ids_BS.shape
         out = None
@@ -270,19 +293,23 @@ class _Decoder:
         if not self.models[-1].post_process:
             return None
         assert out is not None  # there is at least one chunk
-        return out[-1].float()
+        return out[-1]
 
     def _logits(self, h_BH: torch.Tensor) -> torch.Tensor:
-        """[B, Vp] fp32 logits of this rank's vocab shard; a bf16/fp16 head is upcast one
-        slice of rows at a time (no fp32 copy of the whole head is kept)."""
+        """[B, Vp] fp32 logits of this rank's vocab shard, accumulated and returned in fp32
+        (never rounded to bf16). A bf16/fp16 head on CUDA: one GEMM in the head's dtype with an
+        fp32 output (torch.mm(out_dtype=float32): cuBLAS accumulates in fp32), no fp32 copy of
+        the [Vp, H] shard per step; where that kernel is missing (CPU) the head is upcast one
+        slice of rows at a time (_UPCAST_ELEMS)."""
         w = self.w_VpH
         assert w is not None, "logits only on the last stage"
         if w.dtype == torch.float32:
-            return h_BH @ w.t()
+            return h_BH.float() @ w.t()
+        if h_BH.dtype == w.dtype and _mm_out_fp32_ok(h_BH, w):
+            return torch.mm(h_BH, w.t(), out_dtype=torch.float32)
+        h = h_BH.float()
         rows = max(1, _UPCAST_ELEMS // w.shape[1])
-        return torch.cat(
-            [h_BH @ w[i : i + rows].float().t() for i in range(0, w.shape[0], rows)], 1
-        )
+        return torch.cat([h @ w[i : i + rows].float().t() for i in range(0, w.shape[0], rows)], 1)
 
     def _pick(self, h_BH, rows: list[_Row], steps: list[int]) -> torch.Tensor:
         """Last stage: logits, choice, log-probs -> [3, B] float64 (token, logp, entropy),
@@ -301,7 +328,10 @@ class _Decoder:
             smp = torch.tensor([r.sample for r in rows], dtype=torch.int64)
             u_B = uniforms(self.params.seed, key, smp, torch.tensor(steps, dtype=torch.int64))
         tok_B = choose_tokens(logits_BV, self.params, u_B)
-        lp_B, ent_B = model_logprobs(logits_BV, tok_B, self.params.return_entropy)
+        # log-probs of the tempered, untruncated distribution (what RL trains on at T)
+        lp_B, ent_B = model_logprobs(
+            logits_BV, tok_B, self.params.return_entropy, self.params.temperature
+        )
         info = torch.stack(
             [tok_B.double(), lp_B.double(), ent_B.double() if ent_B is not None else lp_B.double()]
         )

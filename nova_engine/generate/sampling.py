@@ -10,9 +10,12 @@ the device), and takes the token at u of the inverse CDF of the (tempered, trunc
 distribution. Ties in the sort are broken by token id (stable sort), so equal logits give
 equal tokens everywhere.
 
-Log-probs and entropies are those of the model's own distribution (log_softmax of the
-logits, temperature 1, no truncation): what the training forward computes for the same
-tokens, in fp32.
+Log-probs and entropies are those of the distribution the tokens are drawn from, before
+top-k / top-p truncation: log_softmax(logits / T) at temperature T > 0, the plain
+log_softmax(logits) when greedy (T = 0). It is what the RL training forward computes for the
+same tokens at the same temperature (nova_kernels.linear_logprobs(..., temperature=T), TRL /
+open-instruct's convention), in fp32, so the rollout/training log-prob mismatch compares one
+distribution with itself.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ class SamplingParams:
     seed: int = 0
     """Root of the counter-based randomness (see the module docstring)."""
     return_entropy: bool = False
-    """Also return the full-vocabulary entropy of the model's distribution at each token."""
+    """Also return the full-vocabulary entropy of the tempered (untruncated) distribution at
+    each token (greedy: of the model's own distribution)."""
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0):
@@ -129,9 +133,15 @@ def uniforms(seed: int, prompt_B: torch.Tensor, sample_B: torch.Tensor, step_B: 
 # -------------------------------------------------------------------------------- sampling
 
 
-def model_logprobs(logits_BV: torch.Tensor, tokens_B: torch.Tensor, entropy: bool):
-    """fp32 log p(token) per row and (when asked) the full-vocabulary entropy."""
+def model_logprobs(
+    logits_BV: torch.Tensor, tokens_B: torch.Tensor, entropy: bool, temperature: float = 1.0
+):
+    """fp32 log p(token) per row and (when asked) the full-vocabulary entropy of
+    log_softmax(logits / temperature) (untruncated; temperature 0 = greedy: T = 1). The
+    logits are multiplied by 1 / T, as the training kernel does."""
     z_BV = logits_BV.float()
+    if temperature > 0.0 and temperature != 1.0:
+        z_BV = z_BV * (1.0 / temperature)
     lse_B = torch.logsumexp(z_BV, dim=-1)
     lp_B = z_BV.gather(1, tokens_B[:, None]).squeeze(1) - lse_B
     ent_B = None

@@ -23,7 +23,8 @@ Two kinds, both reading `hidden` as the last stage hands it back with `return_hi
 
   Init: normal(0, 0.02) from a CPU generator seeded with `init_seed` (identical on every
   TP/DP rank, as HF's `initializer_range`). Output: [S, K] fp32 for the S real sequences of
-  the micro-batch (the trailing padding segment is skipped).
+  the micro-batch (the trailing padding segment is skipped), accumulated in fp32 from bf16
+  hidden / weight (`matmul_fp32`), never rounded to bf16.
 
   Tensor parallelism: every TP rank holds the full weight and the same full hidden rows, so
   each computes identical scores and the full gradient (no TP reduction of its grad, as for
@@ -79,12 +80,30 @@ def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
 
 
 def token_logprobs(
-    model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, ps: ParallelState
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    ps: ParallelState,
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """Per-token log p(labels) [T] fp32 from the last stage's hidden [T(/tp), 1, H];
-    labels [T] (ignore_index -100 gives 0). Differentiable."""
+    labels [T] (ignore_index -100 gives 0). Differentiable. `temperature` T: the log-probs of
+    log_softmax(logits / T) (RL at the sampling temperature; the scaling is inside the kernel)."""
     h_NH = hidden.reshape(-1, hidden.shape[-1])
-    return linear_logprobs(h_NH, lm_head_weight(model), labels, **_tp_args(ps))
+    return linear_logprobs(
+        h_NH, lm_head_weight(model), labels, temperature=temperature, **_tp_args(ps)
+    )
+
+
+def matmul_fp32(x: torch.Tensor, w_KH: torch.Tensor) -> torch.Tensor:
+    """x [.., H] @ w_KH.T -> [.., K] fp32 for a SMALL output count K (score / value heads):
+    bf16/fp16 operands are upcast (the [K, H] weight costs nothing; x is read once) so the
+    product is accumulated AND returned in fp32: a value near 10 is not rounded to bf16's
+    0.06 grid. Differentiable (grads reach x and w_KH in their dtypes)."""
+    if x.dtype == torch.float32 and w_KH.dtype == torch.float32:
+        return x @ w_KH.t()
+    dt = torch.promote_types(torch.promote_types(x.dtype, w_KH.dtype), torch.float32)
+    return (x.to(dt) @ w_KH.to(dt).t()).float()
 
 
 def token_cross_entropy(
@@ -152,7 +171,7 @@ class ScoreHead(torch.nn.Module):
             h_SH = reduce_from_tensor_model_parallel_region(picked_SH, group=ps.tp_group)
         else:
             h_SH = h_TH[idx_S]
-        return (h_SH @ self.weight.t()).float()
+        return matmul_fp32(h_SH, self.weight)
 
 
 def attach_score_head(

@@ -66,7 +66,7 @@ def _training_logprobs(chunks, ps, prompts, gens):
             lp, ent = linear_logprobs(
                 hidden.reshape(-1, hidden.shape[-1]), model.lm_head_weight(), mb.labels,
                 tp_group=ps.tp_group if ps.tp > 1 else None, return_entropy=True,
-                sequence_parallel=ps.sp,
+                sequence_parallel=ps.sp, temperature=_params().temperature,  # the sampler's T
             )  # fmt: skip
             keep = mb.labels != -100
             return hidden.sum() * 0, torch.tensor(1), {"lp": lp[keep], "ent": ent[keep]}

@@ -29,6 +29,7 @@ packing), rlvr_losses (passes, advantages, losses).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import typing
@@ -87,7 +88,9 @@ class RolloutSection:
     max_new_tokens: int = 512
     """Response length limit (Tülu 3: 2048); reaching it without a stop token = truncated."""
     temperature: float = 1.0
-    """Sampling temperature (> 0)."""
+    """Sampling temperature T (> 0). The training forward uses it too: old / reference /
+    policy log-probs, entropy and KL are those of log_softmax(logits / T), the distribution
+    the responses are drawn from (TRL, open-instruct), and so are the sampler's log-probs."""
     top_p: float = 1.0
     """Nucleus sampling mass."""
     top_k: int = 0
@@ -109,10 +112,15 @@ class RolloutSection:
     """Reward of any other response."""
     truncated_reward: float | None = None
     """Reward of a response without a stop token, replacing the verified one (Tülu 3: -10)."""
+    eval_samples: int = 0
+    """Held-out evaluation (data.eval_paths): besides the greedy responses, sample this many
+    per prompt at the training temperature / top-k / top-p and report their mean verified
+    fraction, pass@1 at T (`verified_at_t`); 0 = greedy only."""
 
     def __post_init__(self) -> None:
         for k in ("samples_per_prompt", "max_new_tokens", "max_batch_size"):
             check(getattr(self, k) >= 1, k, f"expected >= 1, got {getattr(self, k)}")
+        check(self.eval_samples >= 0, "eval_samples", f"expected >= 0, got {self.eval_samples}")
         check(self.temperature > 0, "temperature", "expected > 0 (RL samples)")
         check(0 < self.top_p <= 1, "top_p", f"expected in (0, 1], got {self.top_p}")
         check(self.top_k >= 0, "top_k", "expected >= 0")
@@ -140,7 +148,17 @@ class RLVRLossSection:
     whiten_advantages: bool = True
     """gae: whiten the advantages over the step's tokens (all DP ranks)."""
     adv_eps: float = 1e-6
-    """grpo: eps of (r - mean) / (std + eps)."""
+    """Group-std epsilon: grpo's (r - mean) / (std + eps) with the DP-reduced group std (the
+    only group estimator dividing by a std: dr_grpo, rloo and reinforce_pp_baseline do not;
+    reinforce_pp* / gae whitening has its own 1e-8). Zero-variance groups get advantage 0."""
+    zero_variance_groups: str = "keep"
+    """Groups whose rewards are all equal (no signal, advantage 0): "keep" counts their
+    tokens in the policy loss's normalizer and KL term (TRL's "dapo" token mean), "drop"
+    leaves them out of the policy loss entirely, numerator and denominator (open-instruct).
+    Group estimators only (grpo, dr_grpo, rloo, reinforce_pp_baseline)."""
+    mask_truncated: bool = False
+    """Responses that hit rollout.max_new_tokens without a stop token get loss mask 0 in the
+    policy loss (not in the advantages' statistics; open-instruct's mask_truncated_completions)."""
     ppo_epochs: int = 1
     """Passes over the step's responses."""
     num_mini_batches: int = 1
@@ -181,6 +199,11 @@ class RLVRLossSection:
         check(a in ESTIMATORS, "advantage", f"expected one of {', '.join(ESTIMATORS)}, got {a!r}")
         check(a in advantage_names(), "advantage", f"{a!r} is not in the advantage registry")
         check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma, lam in [0, 1]")
+        check(self.adv_eps >= 0, "adv_eps", f"expected >= 0, got {self.adv_eps}")
+        check(self.zero_variance_groups in ("keep", "drop"), "zero_variance_groups",
+              f'expected "keep" or "drop", got {self.zero_variance_groups!r}')  # fmt: skip
+        check(self.zero_variance_groups == "keep" or a in GROUP_BASELINES, "zero_variance_groups",
+              f'"drop" needs a group estimator ({", ".join(GROUP_BASELINES)}), not {a}')  # fmt: skip
         check(self.ppo_epochs >= 1, "ppo_epochs", "expected >= 1")
         check(self.num_mini_batches >= 1, "num_mini_batches", "expected >= 1")
         names = policy_loss_names()
@@ -291,7 +314,8 @@ class RLVRStage:
         self.pcfg = loss.policy_config()
         self.reward = rollout.reward_config()
         scale = loss.loss_scale_length or rollout.max_new_tokens
-        self.policy_loss = PolicyLoss(self.pcfg, ps, tis=loss.tis, scale_len=float(scale))
+        self.policy_loss = PolicyLoss(self.pcfg, ps, tis=loss.tis, scale_len=float(scale),
+                                      temperature=rollout.temperature)  # fmt: skip
         self.value_loss = ValueLoss(ps, vf_coef=loss.vf_coef, value_clip=loss.value_clip)
 
     def train_step(self, loop: Loop, batch: StepPrompts) -> dict[str, float]:
@@ -307,9 +331,11 @@ class RLVRStage:
 
         t0 = time.perf_counter()
         mbs = minibatches(sr, ps, step=batch.step, num_mini_batches=cfg.num_mini_batches,
-                          capacity=self.mbt, seed=self.seed, pad_id=self.pad_id)  # fmt: skip
+                          capacity=self.mbt, seed=self.seed, pad_id=self.pad_id,
+                          mask_truncated=cfg.mask_truncated,
+                          drop_zero_var=cfg.zero_variance_groups == "drop")  # fmt: skip
         flat = [mb for part in mbs for mb in part]
-        pre = prepass(flat, policy, reference, critic, ps, self.pcfg)
+        pre = prepass(flat, policy, reference, critic, ps, self.pcfg, self.rollout.temperature)
         assign_advantages(flat, estimator=cfg.advantage, policy_cfg=self.pcfg, gamma=cfg.gamma,
                           lam=cfg.lam, whiten=cfg.whiten_advantages, ps=ps)  # fmt: skip
         sums = Loop.reduce_metrics(policy, PREPASS_METRICS, pre)
@@ -355,29 +381,38 @@ class RLVRStage:
 # ------------------------------------------------------------------------------ evaluation
 
 
-def eval_fn(producer: EngineRollouts, prompts: list, ps, reward: RewardConfig, params):
-    """An eval_fn for Loop.fit: greedy responses to held-out prompts, verified: verified
-    fraction (overall and per data source) and mean reward."""
+def eval_fn(producer: EngineRollouts, prompts: list, ps, reward: RewardConfig, params,
+            sampled=None):  # fmt: skip
+    """An eval_fn for Loop.fit: greedy responses to held-out prompts (`params`), verified:
+    verified fraction (overall and per data source) and mean reward; with `sampled`
+    (SamplingParams at the training temperature, n = k) also `verified_at_t` (and per data
+    source): the mean verified fraction of the k samples per prompt, pass@1 at T."""
     from nova_engine.rl.verifiers import shape_rewards
 
-    def evaluate() -> dict[str, float]:
+    def responses(p) -> list:
         ids = np.array_split(np.arange(len(prompts)), ps.dp)[ps.dp_rank]
-        mine = [(int(i), prompts[int(i)]) for i in ids]  # (greedy: the key draws nothing)
-        gens, results, _ = producer(-1, mine, params)
+        mine = [(int(i), prompts[int(i)]) for i in ids]  # key i: held-out prompt i
+        gens, results, _ = producer(-1, mine, p)
         flat = [(prompts[int(i)].dataset, r.score, g.finished, r)
                 for i, gs, rs in zip(ids, gens, results) for g, r in zip(gs, rs)]  # fmt: skip
         parts: list = [flat]
         if ps.dp > 1:
             parts = [None] * ps.dp
             dist.all_gather_object(parts, flat, group=ps.dp_group)
-        rows = [x for p in parts for x in p]
-        rew = shape_rewards([x[3] for x in rows], [x[2] for x in rows], reward)
-        out = {
-            "verified": float(np.mean([x[1] >= 1 for x in rows])),
-            "reward_mean": float(np.mean(rew)),
-        }
+        return [x for part in parts for x in part]
+
+    def verified(rows, suffix: str) -> dict[str, float]:
+        out = {f"verified{suffix}": float(np.mean([x[1] >= 1 for x in rows]))}
         for ds in sorted({x[0] for x in rows}):
-            out[f"verified/{ds}"] = float(np.mean([x[1] >= 1 for x in rows if x[0] == ds]))
+            out[f"verified{suffix}/{ds}"] = float(np.mean([x[1] >= 1 for x in rows if x[0] == ds]))
+        return out
+
+    def evaluate() -> dict[str, float]:
+        rows = responses(params)
+        rew = shape_rewards([x[3] for x in rows], [x[2] for x in rows], reward)
+        out = {**verified(rows, ""), "reward_mean": float(np.mean(rew))}
+        if sampled is not None:
+            out.update(verified(responses(sampled), "_at_t"))
         return out
 
     return evaluate
@@ -496,7 +531,11 @@ def run(run: RLVRRunConfig) -> list[dict[str, float]]:
             held_out = _load_prompts(run, ct, run.data.eval_paths)
             if run.data.eval_max_samples is not None:
                 held_out = held_out[: run.data.eval_max_samples]
-            evaluate = eval_fn(producer, held_out, ps, stage.reward, greedy)
+            at_t = None
+            if r.eval_samples:  # another seed than the training stream's (keys overlap)
+                at_t = dataclasses.replace(sampling_params(run, stops), n=r.eval_samples,
+                                           seed=(run.sampling_seed + 7919) % 2**63)  # fmt: skip
+            evaluate = eval_fn(producer, held_out, ps, stage.reward, greedy, at_t)
         out = runner.train_stage(run, loop, stage, evaluate)
         if "critic" in loop.engines and run.checkpoint.export_hf:
             loop.engine("critic").export_hf(os.path.join(run.train.out_dir, "hf_critic"))

@@ -11,6 +11,9 @@ positions; position j predicts token j+1, so the log-prob, value and advantage o
 token share its position, and `loss_mask` is 1 exactly on response tokens. These tensors exist
 on the last pipeline stage only (where the loss runs); other stages hold none.
 
+- Temperature: every log-prob here (old, reference, the policy loss's, the entropy and so the
+  KL) is of log_softmax(logits / T) at the rollout temperature T, as the sampler draws and
+  reports them (TRL / open-instruct), the 1/T inside the fused kernel; T = 1 is the plain op.
 - Old log-probs come from the policy's training forward before any update (not from the
   sampler): the sampler's log-probs are compared with them (`logp_mismatch`, mean |diff|) and,
   with `loss.tis`, enter the loss as the truncated importance weight min(e^(old - gen), cap).
@@ -35,7 +38,13 @@ import torch
 
 import nova_kernels as nk
 from nova_engine.losses.policy import PolicyLossConfig, compute_policy_loss
-from nova_engine.model.heads import _tp_args, lm_head_weight, score_head, token_logprobs
+from nova_engine.model.heads import (
+    _tp_args,
+    lm_head_weight,
+    matmul_fp32,
+    score_head,
+    token_logprobs,
+)
 from nova_engine.rl.rollouts import gae_packed_advantages, ppo_token_rewards, whiten_dp
 from nova_engine.train.stages.rlvr_rollout import GROUP_BASELINES, RLMicroBatch
 
@@ -43,8 +52,9 @@ WHITENED = ("gae", "reinforce_pp", "reinforce_pp_baseline")
 
 
 def token_values(model: torch.nn.Module, hidden: torch.Tensor, ps) -> torch.Tensor:
-    """[T] fp32 values: the score head (K = 1) at every position of hidden [T(/tp), 1, H].
-    Under sequence parallelism the rows are all-gathered over TP (backward: each rank keeps
+    """[T] fp32 values: the score head (K = 1) at every position of hidden [T(/tp), 1, H],
+    accumulated in fp32 (`matmul_fp32`: no bf16 rounding of values near 10). Under sequence
+    parallelism the rows are all-gathered over TP (backward: each rank keeps
     the gradient of its own rows; the loss is the same on every TP rank)."""
     h_TH = hidden.reshape(-1, hidden.shape[-1])
     if ps.sp and ps.tp > 1:
@@ -53,7 +63,7 @@ def token_values(model: torch.nn.Module, hidden: torch.Tensor, ps) -> torch.Tens
         h_TH = gather_from_sequence_parallel_region(
             h_TH, tensor_parallel_output_grad=False, group=ps.tp_group
         )
-    return (h_TH @ score_head(model).weight[:1].t())[:, 0].float()
+    return matmul_fp32(h_TH, score_head(model).weight[:1])[:, 0]
 
 
 # ------------------------------------------------------------------------------ pre-pass
@@ -67,24 +77,28 @@ def _kl(cfg: PolicyLossConfig, logp: torch.Tensor, ref: torch.Tensor) -> torch.T
 PREPASS_METRICS = ("tokens", "entropy", "kl", "mismatch", "values")
 
 
-def prepass(mbs: Sequence[RLMicroBatch], policy, reference, critic, ps, cfg: PolicyLossConfig):
+def prepass(mbs: Sequence[RLMicroBatch], policy, reference, critic, ps, cfg: PolicyLossConfig,
+            temperature: float = 1.0):  # fmt: skip
     """Forward-only passes over all of this rank's micro-batches of the step: the policy's
     log-probs and entropies (old_logprobs, entropy), the reference's log-probs (ref_logprobs,
     when `reference`), the critic's values (values, when `critic`), into each mb.data on the
-    last stage. Returns per-micro-batch metric sums (PREPASS_METRICS) for Loop.reduce_metrics."""
-    tp = _tp_args(ps)
+    last stage; log-probs and entropies at `temperature` (the rollouts'). Returns
+    per-micro-batch metric sums (PREPASS_METRICS) for Loop.reduce_metrics."""
+    tp, temp = _tp_args(ps), float(temperature)
 
     def logp_entropy(model, hidden, mb):
         h = hidden.reshape(-1, hidden.shape[-1])
         lp, ent = nk.linear_logprobs(h, lm_head_weight(model), mb.labels, return_entropy=True,
-                                     **tp)  # fmt: skip
+                                     temperature=temp, **tp)  # fmt: skip
         return torch.stack([lp, ent])
 
     outs = policy.forward_collect(mbs, logp_entropy)
     for mb, o in zip(mbs, outs):
         mb.data["old_logprobs"], mb.data["entropy"] = o[0], o[1]
     if reference is not None:
-        refs = reference.forward_collect(mbs, lambda m, h, b: token_logprobs(m, h, b.labels, ps))
+        refs = reference.forward_collect(
+            mbs, lambda m, h, b: token_logprobs(m, h, b.labels, ps, temperature=temp)
+        )
         for mb, o in zip(mbs, refs):
             mb.data["ref_logprobs"] = o
     if critic is not None:
@@ -152,7 +166,14 @@ def assign_advantages(
 # ------------------------------------------------------------------------------ losses
 
 
-def _counts(mbs: Sequence[RLMicroBatch]) -> dict[str, float]:
+def _counts(mbs: Sequence[RLMicroBatch], policy: bool = False) -> dict[str, float]:
+    """Normalizers of a mini-batch on this rank: response tokens and sequences (policy: only
+    those the policy loss trains on, RLMicroBatch.policy_mask)."""
+    if policy:
+        return {
+            "tokens": float(sum(float(mb.policy_mask.sum()) for mb in mbs)),
+            "seqs": float(sum(mb.policy_seqs for mb in mbs)),
+        }
     return {
         "tokens": float(sum(float(mb.loss_mask.sum()) for mb in mbs)),
         "seqs": float(sum(mb.num_samples for mb in mbs)),
@@ -167,6 +188,10 @@ class PolicyLoss:
         tis: pass the sampler's log-probs (truncated importance sampling, cfg.tis_cap).
         scale_len: seq-mean-token-sum-norm's constant length (Dr. GRPO: the max response
             length); the loss is sum / (scale_len * sequences of the mini-batch).
+        temperature: the rollout temperature T: the loss's log-probs are those of
+            log_softmax(logits / T) (the gradient carries the 1/T).
+    Tokens: the micro-batches' `policy_mask` (loss_mask without the responses dropped by
+    loss.mask_truncated / zero_variance_groups), in the loss and in its normalizers.
     """
 
     metric_names: tuple[str, ...] = (
@@ -174,19 +199,21 @@ class PolicyLoss:
     )  # fmt: skip
     normalizer = "tokens"
 
-    def __init__(self, cfg: PolicyLossConfig, ps, *, tis: bool = False, scale_len: float = 1.0):
+    def __init__(self, cfg: PolicyLossConfig, ps, *, tis: bool = False, scale_len: float = 1.0,
+                 temperature: float = 1.0):  # fmt: skip
         self.cfg, self.ps, self.tis, self.scale_len = cfg, ps, tis, scale_len
+        self.temperature = float(temperature)
 
     def counts(self, microbatches: Sequence[RLMicroBatch]) -> dict[str, float]:
-        return _counts(microbatches)
+        return _counts(microbatches, policy=True)
 
     def loss_fn(self, norms: dict[str, torch.Tensor]):
         ps, n_tok, n_seq = self.ps, float(norms["tokens"]), float(norms["seqs"])
         cfg = dataclasses.replace(self.cfg, loss_scale_factor=self.scale_len * max(n_seq, 1.0))
 
         def loss_fn(model, hidden, mb: RLMicroBatch):
-            d, mask = mb.data, mb.loss_mask
-            lp = token_logprobs(model, hidden, mb.labels, ps)
+            d, mask = mb.data, mb.policy_mask
+            lp = token_logprobs(model, hidden, mb.labels, ps, temperature=self.temperature)
             loss, m = compute_policy_loss(
                 cfg, lp, d["old_logprobs"], d["advantages"], mask,
                 rollout_logprobs=mb.rb.gen_logprobs if self.tis else None,

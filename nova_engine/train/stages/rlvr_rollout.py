@@ -226,6 +226,7 @@ class Response:
     dataset: str
     score: float  # verifier score in [0, 1]
     reason: str  # verifier result kind (correct, wrong, timeout, ...)
+    zero_var: bool = False  # its group's rewards are all equal (group estimators only)
 
 
 @dataclass
@@ -255,14 +256,16 @@ def gather_responses(
     gids = torch.tensor([first + j for j, _, _ in flat], dtype=torch.int64, device=ps.device)
     rew = torch.tensor(rewards, dtype=torch.float32, device=ps.device)
     adv, degenerate = torch.zeros_like(rew), 0
+    zero_var = [False] * len(flat)
     if estimator in GROUP_BASELINES:
         adv, deg = group_advantages_dp(rew, gids, num_groups, estimator=GROUP_BASELINES[estimator],
                                        eps=eps, group=ps.dp_group)  # fmt: skip
         degenerate = int(deg.sum())
+        zero_var = deg[gids].cpu().tolist()
     adv_list = adv.cpu().tolist()
     mine = [
         Response(prompts[j][1].tokens, g, rewards[i], adv_list[i], first + j,
-                 prompts[j][1].dataset, r.score, r.kind)
+                 prompts[j][1].dataset, r.score, r.kind, bool(zero_var[i]))
         for i, (j, g, r) in enumerate(flat)
     ]  # fmt: skip
     if ps.dp > 1:
@@ -302,16 +305,38 @@ def rollout_metrics(sr: StepResponses) -> dict[str, float]:
 class RLMicroBatch:
     """A packed micro-batch of rollouts (RolloutBatch) with its per-token RL tensors [T]
     (`data`: old_logprobs, ref_logprobs, values, advantages, returns on the last stage) and
-    its responses' rewards / outcome advantages [N_local rows]. Reads as its PackedBatch."""
+    its responses' rewards / outcome advantages [N_local rows]. Reads as its PackedBatch.
+    `keep_R` [N_local rows] (None: all kept) marks the responses the POLICY loss trains on
+    (loss.mask_truncated, loss.zero_variance_groups="drop"); `policy_mask` is its [T] mask."""
 
-    def __init__(self, rb: RolloutBatch, rewards_R: torch.Tensor, adv_R: torch.Tensor):
-        self.rb, self.rewards_R, self.adv_R = rb, rewards_R, adv_R
+    def __init__(
+        self,
+        rb: RolloutBatch,
+        rewards_R: torch.Tensor,
+        adv_R: torch.Tensor,
+        keep_R: torch.Tensor | None = None,
+    ):
+        self.rb, self.rewards_R, self.adv_R, self.keep_R = rb, rewards_R, adv_R, keep_R
         self.data: dict[str, torch.Tensor] = {}
 
     def __getattr__(self, name: str):
-        if name in ("rb", "rewards_R", "adv_R", "data"):
+        if name in ("rb", "rewards_R", "adv_R", "keep_R", "data"):
             raise AttributeError(name)
         return getattr(self.rb.batch, name)
+
+    @property
+    def policy_mask(self) -> torch.Tensor:
+        """[T] the policy loss's token mask: loss_mask, 0 on the responses keep_R drops."""
+        if self.keep_R is None:
+            return self.rb.batch.loss_mask
+        return self.rb.per_token(self.keep_R).to(self.rb.batch.loss_mask.dtype)
+
+    @property
+    def policy_seqs(self) -> int:
+        """Packed sequences the policy loss trains on (all when keep_R is None)."""
+        if self.keep_R is None or self.rb.rows.numel() == 0:
+            return self.rb.batch.num_samples
+        return int(self.keep_R.cpu()[self.rb.rows.cpu()].sum())
 
 
 def _pad_to(rb: RolloutBatch, length: int, pad_id: int) -> RolloutBatch:
@@ -347,8 +372,22 @@ def _padding_batch(length: int, pad_id: int) -> RolloutBatch:
     return RolloutBatch(batch, torch.zeros(0, dtype=torch.int64), torch.zeros(length))
 
 
-def pack_share(rs: list[Response], ps, *, capacity: int, pad_id: int = 0) -> list[RLMicroBatch]:
-    """This rank's responses `rs` -> micro-batches on the device (module docstring)."""
+def policy_keep(rs: list[Response], *, mask_truncated: bool = False,
+                drop_zero_var: bool = False) -> list[bool] | None:  # fmt: skip
+    """Which responses the policy loss trains on: not those that hit the length limit
+    without a stop token (mask_truncated) nor those of all-equal-reward groups
+    (drop_zero_var); None when neither option is on (everything is kept)."""
+    if not (mask_truncated or drop_zero_var):
+        return None
+    return [
+        not ((mask_truncated and not r.gen.finished) or (drop_zero_var and r.zero_var)) for r in rs
+    ]
+
+
+def pack_share(rs: list[Response], ps, *, capacity: int, pad_id: int = 0,
+               mask_truncated: bool = False, drop_zero_var: bool = False) -> list[RLMicroBatch]:  # fmt: skip
+    """This rank's responses `rs` -> micro-batches on the device (module docstring); the
+    options set each micro-batch's keep_R (`policy_keep`)."""
     fixed = ps.pp > 1
     empty_len = capacity if fixed else ps.tp * 8
     rbs: list[RolloutBatch] = []
@@ -362,7 +401,9 @@ def pack_share(rs: list[Response], ps, *, capacity: int, pad_id: int = 0) -> lis
         rbs = [_padding_batch(empty_len, pad_id)]
     rew = torch.tensor([r.reward for r in rs], dtype=torch.float32, device=ps.device)
     adv = torch.tensor([r.advantage for r in rs], dtype=torch.float32, device=ps.device)
-    return [RLMicroBatch(rb.to(ps.device), rew, adv) for rb in rbs]
+    keep = policy_keep(rs, mask_truncated=mask_truncated, drop_zero_var=drop_zero_var)
+    keep_R = None if keep is None else torch.tensor(keep, dtype=torch.float32, device=ps.device)
+    return [RLMicroBatch(rb.to(ps.device), rew, adv, keep_R) for rb in rbs]
 
 
 def minibatches(
@@ -374,9 +415,12 @@ def minibatches(
     capacity: int,
     seed: int,
     pad_id: int = 0,
+    mask_truncated: bool = False,
+    drop_zero_var: bool = False,
 ) -> list[list[RLMicroBatch]]:
     """The step's responses -> [M] mini-batches of this rank's micro-batches: a seeded
-    partition of all responses into M parts, each dealt over DP balanced by tokens."""
+    partition of all responses into M parts, each dealt over DP balanced by tokens (the
+    options: `pack_share`)."""
     rs = sr.responses
     perm = np.random.default_rng([seed, step, 7]).permutation(len(rs))
     out = []
@@ -386,5 +430,6 @@ def minibatches(
                         np.zeros(len(rs[r].prompt) + len(rs[r].gen), np.uint8), int(r))
                  for r in part]  # fmt: skip
         mine = deal(items, ps.dp, ps.dp_rank, seed=seed, step=step * num_mini_batches + k)
-        out.append(pack_share([rs[s.index] for s in mine], ps, capacity=capacity, pad_id=pad_id))
+        out.append(pack_share([rs[s.index] for s in mine], ps, capacity=capacity, pad_id=pad_id,
+                              mask_truncated=mask_truncated, drop_zero_var=drop_zero_var))  # fmt: skip
     return out
