@@ -227,6 +227,13 @@ class PackedBatch:
     Padding (T - real tokens, to reach `pad_to_multiple` / `pad_to_length`) forms its own
     segment in cu_seqlens, so no real token attends to it; its seq_index is -1.
     In pairs mode sequence 2k is the chosen and 2k+1 the rejected half of pair k.
+
+    Host facts: what the losses need to know on the host is computed here, when the batch is
+    built on the CPU, so the per-micro-batch forward/backward never reads a device tensor
+    back (a CUDA stream sync inside the pipeline schedule; `nova_kernels._sync`):
+    `cu_seqlens_host` (Python ints, unchanged by `.to(device)`), `loss_rows` (moved with the
+    batch), `pair_ids_host`, and the counts `num_loss_tokens` / `num_real_tokens`. Left out
+    of the constructor they are derived from the (CPU) tensors in `__post_init__`.
     """
 
     tokens: torch.Tensor  # [T] int64
@@ -240,6 +247,27 @@ class PackedBatch:
     max_seqlen: int  # longest segment, the padding segment included
     pair_ids: torch.Tensor | None = None  # [P] int64 PairSample.index (pairs mode)
     margins: torch.Tensor | None = None  # [P] float32 PairSample.margin (pairs mode)
+    # host facts (class docstring); derived from the CPU tensors when not given
+    cu_seqlens_host: tuple[int, ...] | None = None  # cu_seqlens as Python ints
+    loss_rows: torch.Tensor | None = None  # [n] int64 increasing rows with loss_mask != 0
+    pair_ids_host: np.ndarray | None = None  # [P] int64 pair_ids on the host (pairs mode)
+    ref_logps: torch.Tensor | None = None  # [P, 2] fp32 reference (chosen, rejected) log-prob
+    # sums of the pairs, attached per step by a loss that needs them (DPO's `prepare`)
+
+    def __post_init__(self) -> None:
+        # batches are built on the host: these reads happen once, at packing time
+        if self.cu_seqlens_host is None:
+            self.cu_seqlens_host = tuple(int(x) for x in self.cu_seqlens.tolist())
+        if self.loss_rows is None:
+            rows = torch.from_numpy(np.flatnonzero(self.loss_mask.cpu().numpy() != 0))
+            self.loss_rows = rows.to(device=self.loss_mask.device, dtype=torch.int64)
+        if self.pair_ids_host is None and self.pair_ids is not None:
+            self.pair_ids_host = self.pair_ids.cpu().numpy().astype(np.int64)
+        if len(self.cu_seqlens_host) != self.cu_seqlens.shape[0]:
+            raise ValueError(
+                f"PackedBatch: cu_seqlens_host has {len(self.cu_seqlens_host)} entries, "
+                f"cu_seqlens {self.cu_seqlens.shape[0]}"
+            )
 
     @property
     def num_tokens(self) -> int:
@@ -252,6 +280,24 @@ class PackedBatch:
     @property
     def is_pairs(self) -> bool:
         return self.pair_ids is not None
+
+    @property
+    def num_loss_tokens(self) -> int:
+        """Tokens with loss_mask != 0 (a host count: no device read)."""
+        assert self.loss_rows is not None  # set in __post_init__
+        return int(self.loss_rows.shape[0])
+
+    @property
+    def num_real_tokens(self) -> int:
+        """Tokens of the N samples, without the padding (seq_index >= 0; no device read)."""
+        cu = self.cu_seqlens_host
+        assert cu is not None  # set in __post_init__
+        return cu[self.num_samples] - cu[0]
+
+    @property
+    def num_pairs(self) -> int:
+        """P, pairs mode (0 otherwise)."""
+        return 0 if self.pair_ids_host is None else len(self.pair_ids_host)
 
     def to(self, device) -> PackedBatch:
         moved: dict[str, Any] = {
@@ -339,7 +385,8 @@ class PackedBatch:
         """Pairs → sequences [c0, r0, c1, r1, ...]; `lengths` [2P] interleaved the same way."""
         seqs = [half for p in pairs for half in (p.chosen, p.rejected)]
         batch = cls.from_samples(seqs, pad_to_multiple, pad_id, pad_to_length, lengths)
-        batch.pair_ids = torch.tensor([p.index for p in pairs], dtype=torch.int64)
+        ids = np.array([p.index for p in pairs], dtype=np.int64)
+        batch.pair_ids, batch.pair_ids_host = torch.from_numpy(ids.copy()), ids
         batch.margins = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
         return batch
 

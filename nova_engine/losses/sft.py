@@ -62,6 +62,7 @@ def sft_loss_fused(
     sequence_parallel: bool = False,
     dp_average_size: int = 1,
     ignore_index: int = -100,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """This micro-batch's share of the step loss, -sum(mask * logp) / G * dp_average_size,
     with logp = log p(labels) from the hidden states and the LM head (one fused call).
@@ -70,7 +71,8 @@ def sft_loss_fused(
     labels [N] global ids (ignore_index rows count nothing), loss_mask [N] (nonzero = loss
     token), global_num_tokens G from `global_loss_token_count` (clamped to >= 1). Returns a
     0-dim fp32 loss (fp64 for fp64 inputs); summed over micro-batches and DP ranks it is the
-    mean NLL.
+    mean NLL. rows [n] int64 (`PackedBatch.loss_rows`, found when the batch was packed): the
+    rows with loss_mask != 0; only they go through the LM-head GEMMs, with no host sync.
     """
     if loss_mask.shape != labels.shape:
         raise ValueError(
@@ -84,6 +86,7 @@ def sft_loss_fused(
         weight,
         labels,
         wts,
+        rows=rows,
         tp_group=tp_group,
         ignore_index=ignore_index,
         sequence_parallel=sequence_parallel,

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -53,6 +53,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from nova_engine import _C
 from nova_engine.model.rope import apply_packed_rope
+from nova_kernels._sync import host_sync_ok
 
 if TYPE_CHECKING:
     from nova_engine.generate.kv_cache import LayerKVCache
@@ -229,11 +230,14 @@ class _GroupedCausalAttention(torch.autograd.Function):
         return grads[0], grads[1], grads[2], None, None
 
 
-def _grouped_causal_attention(q_TNH, k_TGH, v_TGH, cu: torch.Tensor, scale: float):
+def _grouped_causal_attention(
+    q_TNH, k_TGH, v_TGH, cu: torch.Tensor, scale: float, cu_host: Sequence[int] | None = None
+):
     """Causal attention per segment at the cost of the sum of the segments' squares: segments
     grouped by length (`_plan`), each group one SDPA call over [n, heads, L, hn] with
-    is_causal (right padding of shorter members never reaches their real tokens)."""
-    cu_list = _full_boundaries(cu, q_TNH.shape[0])
+    is_causal (right padding of shorter members never reaches their real tokens). The plan is
+    host arithmetic on `cu_host` (the batch's host boundaries); without it cu is read back."""
+    cu_list = _full_boundaries(cu, q_TNH.shape[0], cu_host)
     lengths = tuple(b - a for a, b in zip(cu_list[:-1], cu_list[1:]))
     plan = _plan(lengths, q_TNH.device)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q_TNH, k_TGH, v_TGH)):
@@ -245,10 +249,13 @@ def _grouped_causal_attention(q_TNH, k_TGH, v_TGH, cu: torch.Tensor, scale: floa
     return out
 
 
-def _full_boundaries(cu: torch.Tensor, total: int) -> list[int]:
+def _full_boundaries(
+    cu: torch.Tensor, total: int, cu_host: Sequence[int] | None = None
+) -> list[int]:
     """cu_seqlens as a list from 0 to `total`: tokens before cu[0] or after cu[-1] (legal,
-    never in Nova's own batches) form segments of their own."""
-    cu_list = cu.tolist()
+    never in Nova's own batches) form segments of their own. `cu_host` (the same boundaries
+    on the host, `PackedBatch.cu_seqlens_host`) spares reading cu back (a sync on a GPU)."""
+    cu_list = [int(x) for x in cu_host] if cu_host is not None else cu.tolist()
     if not cu_list or cu_list[0] > 0:
         cu_list.insert(0, 0)
     if cu_list[-1] < total:
@@ -288,10 +295,11 @@ class _CpuPackedAttention(torch.autograd.Function):
         out = torch.empty_like(q)
         lse = q.new_empty(q.shape[1], q.shape[0])
         threads = torch.get_num_threads()
-        _C.packed_attention_fwd(
-            q.numpy(), k.numpy(), v.numpy(), cu.numpy(), scale, out.numpy(), lse.numpy(), threads,
-            _CPU_KERNEL_ISA,
-        )  # fmt: skip
+        with host_sync_ok("CPU attention kernel: takes host arrays by design"):
+            _C.packed_attention_fwd(
+                q.numpy(), k.numpy(), v.numpy(), cu.numpy(), scale, out.numpy(), lse.numpy(),
+                threads, _CPU_KERNEL_ISA,
+            )  # fmt: skip
         ctx.save_for_backward(q, k, v, out, lse, cu)
         ctx.scale = scale
         return out
@@ -302,15 +310,18 @@ class _CpuPackedAttention(torch.autograd.Function):
         q, k, v, out, lse, cu = ctx.saved_tensors
         dout = dout.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _C.packed_attention_bwd(
-            q.numpy(), k.numpy(), v.numpy(), out.numpy(), lse.numpy(), dout.numpy(), cu.numpy(),
-            ctx.scale, dq.numpy(), dk.numpy(), dv.numpy(), torch.get_num_threads(), _CPU_KERNEL_ISA,
-        )  # fmt: skip
+        with host_sync_ok("CPU attention kernel: takes host arrays by design"):
+            _C.packed_attention_bwd(
+                q.numpy(), k.numpy(), v.numpy(), out.numpy(), lse.numpy(), dout.numpy(),
+                cu.numpy(), ctx.scale, dq.numpy(), dk.numpy(), dv.numpy(), torch.get_num_threads(),
+                _CPU_KERNEL_ISA,
+            )  # fmt: skip
         return dq, dk, dv, None, None
 
 
-def _cpu_kernel_attention(q_TNH, k_TGH, v_TGH, cu: torch.Tensor, scale: float):
-    cu64 = torch.tensor(_full_boundaries(cu, q_TNH.shape[0]), dtype=torch.int64)
+def _cpu_kernel_attention(q_TNH, k_TGH, v_TGH, cu: torch.Tensor, scale: float, cu_host=None):
+    with host_sync_ok("CPU attention kernel: cu lives on the host (CPU-only path)"):
+        cu64 = torch.tensor(_full_boundaries(cu, q_TNH.shape[0], cu_host), dtype=torch.int64)
     return _CpuPackedAttention.apply(q_TNH, k_TGH, v_TGH, cu64, float(scale))
 
 
@@ -340,8 +351,11 @@ def packed_attention(
     cu_seqlens: torch.Tensor,
     max_seqlen: int,
     scale: float,
+    cu_seqlens_host: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Causal attention within each segment of a packed batch; returns [T, np, hn]."""
+    """Causal attention within each segment of a packed batch; returns [T, np, hn].
+    max_seqlen (a host int) and cu_seqlens_host (the boundaries as host ints, optional)
+    come with the batch: no path reads cu_seqlens back when they are given."""
     cu = cu_seqlens.to(device=q_TNH.device, dtype=torch.int32)
     if q_TNH.is_cuda and q_TNH.dtype in (torch.float16, torch.bfloat16):
         out = _varlen_torch(q_TNH, k_TGH, v_TGH, cu, int(max_seqlen), scale)
@@ -360,8 +374,8 @@ def packed_attention(
                 causal=True,
             )
     if _use_cpu_kernel(q_TNH, k_TGH, v_TGH):
-        return _cpu_kernel_attention(q_TNH, k_TGH, v_TGH, cu, scale)
-    return _grouped_causal_attention(q_TNH, k_TGH, v_TGH, cu, scale)
+        return _cpu_kernel_attention(q_TNH, k_TGH, v_TGH, cu, scale, cu_seqlens_host)
+    return _grouped_causal_attention(q_TNH, k_TGH, v_TGH, cu, scale, cu_seqlens_host)
 
 
 # mask types megatron may pass to a causal decoder layer: its own (causal / padding_causal),
@@ -477,13 +491,15 @@ class NovaCoreAttention(MegatronModule):
             raise ValueError("attention dropout is not supported (Llama/Qwen2 train without it)")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
             cu = packed_seq_params.cu_seqlens_q_padded
-            if cu is None:
+            cu_host = None
+            if cu is None:  # the batch's own boundaries: their host copy when it carries one
                 cu = packed_seq_params.cu_seqlens_q
+                cu_host = getattr(packed_seq_params, "cu_seqlens_host", None)
             rope = getattr(packed_seq_params, "rope", None)
             if rope is not None:  # Nova's packed RoPE (megatron's was switched off)
                 query, key = (apply_packed_rope(t, *rope) for t in (query, key))
             out = packed_attention(
-                query, key, value, cu, packed_seq_params.max_seqlen_q, self.softmax_scale
+                query, key, value, cu, packed_seq_params.max_seqlen_q, self.softmax_scale, cu_host
             )
             return out.reshape(out.shape[0], -1)
         if self.decode_cache is not None:

@@ -28,6 +28,9 @@ class NovaPackedSeqParams(PackedSeqParams):
     attention rotates q and k with it, instead of megatron's per-segment RoPE."""
 
     rope: tuple[torch.Tensor, torch.Tensor] | None = None
+    cu_seqlens_host: tuple[int, ...] | None = None
+    """cu_seqlens as host ints (`PackedBatch.cu_seqlens_host`): attention plans from them
+    instead of reading the device tensor back (no stream sync per layer)."""
 
 
 def packed_seq_params(batch: PackedBatch) -> NovaPackedSeqParams:
@@ -38,6 +41,7 @@ def packed_seq_params(batch: PackedBatch) -> NovaPackedSeqParams:
         cu_seqlens_kv=cu,
         max_seqlen_q=int(batch.max_seqlen),
         max_seqlen_kv=int(batch.max_seqlen),
+        cu_seqlens_host=batch.cu_seqlens_host,
     )
 
 

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 
 from nova_engine.data.balance import balanced_split, item_tokens
 from nova_engine.data.packing import PackedBatch, PackingPlan
@@ -162,11 +161,9 @@ class PackedDataSource:
             pad["pad_to_multiple"] = self.ps.tp
         if not samples:
             length = self.mbt if self.fixed_length else self.ps.tp * 8
-            empty = PackedBatch.from_samples([], pad_id=self.pad_id, pad_to_length=length)
-            if isinstance(self.samples[0], PairSample):
-                empty.pair_ids = torch.zeros(0, dtype=torch.int64)
-                empty.margins = torch.zeros(0)
-            return [empty]
+            pairs = isinstance(self.samples[0], PairSample)
+            make = PackedBatch.from_pairs if pairs else PackedBatch.from_samples
+            return [make([], pad_id=self.pad_id, pad_to_length=length)]
         plan = PackingPlan.from_samples(list(samples), self.mbt)
         return [plan.make_batch(list(samples), ids, **pad) for ids in plan.result.bins()]
 

@@ -85,7 +85,8 @@ class Stage(Protocol):
 
 
 def real_tokens(microbatches: Sequence[MicroBatch]) -> int:
-    return int(sum(int((mb.seq_index >= 0).sum()) for mb in microbatches))
+    """Tokens of the samples, padding left out (the packer's host count: no device read)."""
+    return sum(mb.num_real_tokens for mb in microbatches)
 
 
 @dataclass

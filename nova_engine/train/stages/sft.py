@@ -56,7 +56,7 @@ class SFTStage:
         self.ps = ps
 
     def counts(self, microbatches: Sequence[PackedBatch]) -> dict[str, float]:
-        return {"tokens": float(sum(float((mb.loss_mask != 0).sum()) for mb in microbatches))}
+        return {"tokens": float(sum(mb.num_loss_tokens for mb in microbatches))}  # host counts
 
     def loss_fn(self, norms: dict[str, torch.Tensor]) -> LossFn:
         from nova_engine.losses.sft import sft_loss_fused
@@ -72,8 +72,9 @@ class SFTStage:
                 global_count,
                 tp_group=ps.tp_group if ps.tp > 1 else None,
                 sequence_parallel=ps.sp and ps.tp > 1,
+                rows=mb.loss_rows,  # the packer's loss rows: no nonzero() on the device
             )
-            n = (mb.loss_mask != 0).sum()
+            n = mb.num_loss_tokens  # a host count: megatron adds it to its token total
             return loss, n, {"loss": loss.detach(), "loss_tokens": n}
 
         return loss_fn
