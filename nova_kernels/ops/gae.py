@@ -38,6 +38,14 @@ from .._common import _row_bounds, empty
 
 _MODE_GAE = 0
 _MODE_RETURNS = 1
+# time steps per chunk: the launcher picks min(_GPU_BLOCK_T, next pow2 of the longest row, >= 16)
+# on GPU, so any of _GPU_BLOCK_TS (nova_kernels._aot compiles each of them); the interpreter 64
+_GPU_BLOCK_T, _INTERP_BLOCK_T = 1024, 64
+_GPU_BLOCK_TS = (16, 32, 64, 128, 256, 512, 1024)
+
+
+def _num_warps(block_t: int) -> int:
+    return 4 if block_t <= 1024 else 8
 
 # ----------------------------------------------------------------------------- Triton
 
@@ -200,7 +208,7 @@ def _launch_scan(
     n_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if block_t is None:
-        block_t = 64 if interpreting() else 1024
+        block_t = _INTERP_BLOCK_T if interpreting() else _GPU_BLOCK_T
     block_t = min(block_t, max(16, triton.next_power_of_2(max(max_len, 1))))
     n_chunks = max(1, triton.cdiv(max_len, block_t))
     if n_splits is None:
@@ -217,7 +225,7 @@ def _launch_scan(
     agg = empty((rows, n_splits, 5), dtype=torch.float32, device=rewards.device)
     if rows == 0 or max_len == 0:
         return out1, (out2 if mode == _MODE_GAE else None)
-    num_warps = 4 if block_t <= 1024 else 8
+    num_warps = _num_warps(block_t)
     meta = dict(
         CHUNKS_PER_SPLIT=cps, BLOCK_T=block_t, MODE=mode, PACKED=packed, num_warps=num_warps
     )

@@ -37,6 +37,9 @@ ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 _MODE = {name: i for i, name in enumerate(ESTIMATORS)}
 
 _empty = torch.empty  # tests swap in a NaN-filling allocator
+# elements per program on GPU (nova_kernels._aot compiles these configs) / interpreter
+_GPU_BLOCK_GROUP, _INTERP_BLOCK_GROUP = 256, 32
+_GPU_BLOCK_BROADCAST, _INTERP_BLOCK_BROADCAST = 1024, 64
 
 
 @triton.jit
@@ -142,7 +145,7 @@ def broadcast_advantages(
         if B == 0 or T == 0:
             return out
         m = mask if mask.stride(-1) == 1 else mask.contiguous()
-        block = 64 if interpreting() else 1024
+        block = _INTERP_BLOCK_BROADCAST if interpreting() else _GPU_BLOCK_BROADCAST
         _broadcast_kernel[(B, triton.cdiv(T, block))](
             adv.contiguous(), m, out, T, m.stride(0), BLOCK=block
         )
@@ -258,7 +261,7 @@ def group_advantages(
         if G == 0:
             return adv, deg.bool()
         contiguous = group_size is not None
-        block = 32 if interpreting() else 256
+        block = _INTERP_BLOCK_GROUP if interpreting() else _GPU_BLOCK_GROUP
         dummy = counts
         _group_adv_kernel[(G,)](
             scores.contiguous(),

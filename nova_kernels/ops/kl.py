@@ -22,6 +22,9 @@ from .._common import empty
 from ..reference import kl_reference
 from .policy_loss import KL_TYPES, _flat, _kl_value_grad
 
+_GPU_BLOCK = 4096  # elements per program on GPU (nova_kernels._aot compiles this config)
+_INTERP_BLOCK = 1024  # under the interpreter
+
 # ----------------------------------------------------------------------------- Triton
 
 
@@ -73,7 +76,7 @@ class _KLFn(torch.autograd.Function):
     def forward(ctx, logprobs, ref, kl_type, lr_clamp, val_clamp):
         N = logprobs.numel()
         out = empty(logprobs.shape, dtype=torch.float32, device=logprobs.device)
-        block = 1024 if interpreting() else 4096
+        block = _INTERP_BLOCK if interpreting() else _GPU_BLOCK
         args = (N, lr_clamp, val_clamp)
         meta = dict(KL_TYPE=KL_TYPES.index(kl_type), BLOCK=block)
         if N:

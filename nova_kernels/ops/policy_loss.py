@@ -295,6 +295,10 @@ def _policy_loss_bwd_kernel(
 # ----------------------------------------------------------------------------- launch
 
 
+# tokens per program the launcher may pick on GPU (nova_kernels._aot compiles each of them)
+_GPU_BLOCK_TS = (16, 32, 64, 128, 256, 512, 1024)
+
+
 def _block_t(max_len: int, rows: int, device: torch.device) -> int:
     """Tokens per program: 1024 on GPU unless that leaves too few programs to fill it."""
     fit = max(16, triton.next_power_of_2(max(max_len, 1)))

@@ -25,6 +25,9 @@ from .._backend import interpreting, resolve_backend
 from .._common import _acc_dtype, empty
 
 _REDUCTIONS = ("sum", "mean")
+# tokens per program on GPU (nova_kernels._aot compiles these configs) / under the interpreter
+_GPU_BLOCK_FWD, _INTERP_BLOCK_FWD = 1024, 64
+_GPU_BLOCK_BWD, _INTERP_BLOCK_BWD = 1024, 256
 
 
 @triton.jit
@@ -109,7 +112,7 @@ def _fwd_triton(v_T, cu_B1, m_T, mean: bool):
             cnt,
             MEAN=mean,
             HAS_MASK=m_T is not None,
-            BLOCK=64 if interpreting() else 1024,
+            BLOCK=_INTERP_BLOCK_FWD if interpreting() else _GPU_BLOCK_FWD,
         )
     return out, cnt
 
@@ -118,7 +121,7 @@ def _bwd_triton(g_B, cnt_B, cu_B1, m_T, T, dtype, mean: bool):
     B = g_B.numel()
     seg = _segments(cu_B1, T)
     dv = empty(T, device=g_B.device, dtype=dtype)
-    block = 256 if interpreting() else 1024
+    block = _INTERP_BLOCK_BWD if interpreting() else _GPU_BLOCK_BWD
     if T > 0:
         _seq_reduce_bwd_kernel[(triton.cdiv(T, block),)](
             seg,

@@ -25,6 +25,9 @@ import triton.language as tl
 from .._backend import interpreting, resolve_backend
 from .._common import empty
 
+_GPU_BLOCK = 4096  # elements per program on GPU (nova_kernels._aot compiles this config)
+_INTERP_BLOCK = 1024  # under the interpreter
+
 
 @triton.jit
 def _partial_sums_kernel(
@@ -81,7 +84,7 @@ def _whiten_triton(x, m, shift_mean, eps):
     out = empty(x.shape, dtype=torch.float32, device=x.device)
     if N == 0:
         return out
-    block = 1024 if interpreting() else 4096
+    block = _INTERP_BLOCK if interpreting() else _GPU_BLOCK
     nb = triton.cdiv(N, block)
     part = torch.empty((nb, 2), dtype=torch.float32, device=x.device)
     stats = torch.zeros(2, dtype=torch.float32, device=x.device)

@@ -35,8 +35,14 @@ def make_inputs(B, T, seed, mask_dtype=torch.bool):
     return rewards, values, mask.to(mask_dtype)
 
 
+def on(device, *tensors):
+    """The inputs on the test device (references keep the CPU originals)."""
+    return tuple(t.to(device) for t in tensors)
+
+
 def check(actual, expected, name):
     assert actual.dtype == torch.float32
+    actual = actual.cpu()
     assert_verbose_allclose(actual, expected, rtol=2e-5, atol=2e-5, name=name)
 
 
@@ -47,9 +53,9 @@ def check(actual, expected, name):
 @pytest.mark.parametrize(
     "B,T,gamma,lam", [(7, 53, 0.99, 0.95), (4, 64, 1.0, 1.0), (3, 1, 0.9, 0.0), (2, 37, 0.5, 0.7)]
 )
-def test_gae_matches_loop(backend, B, T, gamma, lam):
+def test_gae_matches_loop(backend, B, T, gamma, lam, device):
     r, v, m = make_inputs(B, T, seed=B * 1000 + T)
-    adv, ret = gae(r, v, m, gamma, lam, backend=backend)
+    adv, ret = gae(*on(device, r, v, m), gamma, lam, backend=backend)
     ref_adv, ref_ret = loop_gae(r, v, m, gamma, lam)
     check(adv, ref_adv, "advantages")
     check(ret, ref_ret, "returns")
@@ -57,25 +63,26 @@ def test_gae_matches_loop(backend, B, T, gamma, lam):
 
 @pytest.mark.slow  # several programs per row: long interpreted scans
 @pytest.mark.parametrize("block_t,n_splits", [(16, 2), (16, 4), (32, 2)])
-def test_gae_triton_split_rows(block_t, n_splits):
+def test_gae_triton_split_rows(block_t, n_splits, device):
     """Rows split over several programs: per-split maps folded into the carry."""
     r, v, m = make_inputs(7, 53, seed=11, mask_dtype=torch.float32)
-    adv, ret = gae(r, v, m, 0.97, 0.9, backend="triton", block_t=block_t, n_splits=n_splits)
+    kw = dict(backend="triton", block_t=block_t, n_splits=n_splits)
+    adv, ret = gae(*on(device, r, v, m), 0.97, 0.9, **kw)
     ref_adv, ref_ret = loop_gae(r, v, m, 0.97, 0.9)
     check(adv, ref_adv, "advantages")
     check(ret, ref_ret, "returns")
 
 
-def test_gae_torch_long_rows():
+def test_gae_torch_long_rows(device):
     """Long rows: many doubling steps of the torch scan (T not a power of two)."""
     r, v, m = make_inputs(3, 300, seed=5, mask_dtype=torch.int64)
-    adv, ret = gae(r, v, m, 0.99, 0.95, backend="torch")
+    adv, ret = gae(*on(device, r, v, m), 0.99, 0.95, backend="torch")
     ref_adv, ref_ret = loop_gae(r, v, m, 0.99, 0.95)
     check(adv, ref_adv, "advantages")
     check(ret, ref_ret, "returns")
 
 
-def test_gae_formula_by_hand():
+def test_gae_formula_by_hand(device):
     """Two valid steps around an observation step: the observation carries nv and A."""
     r = torch.tensor([[1.0, 5.0, 2.0]])
     v = torch.tensor([[0.5, 9.0, 1.0]])
@@ -87,7 +94,7 @@ def test_gae_formula_by_hand():
     want_adv = torch.tensor([[a0, a1, a2]], dtype=torch.float64)
     want_ret = torch.tensor([[a0 + 0.5, a1 + 9.0, a2 + 1.0]], dtype=torch.float64)
     for backend in BACKENDS:
-        adv, ret = gae(r, v, m, g, lam, backend=backend)
+        adv, ret = gae(*on(device, r, v, m), g, lam, backend=backend)
         check(adv, want_adv, f"adv {backend}")
         check(ret, want_ret, f"ret {backend}")
     ref_adv, ref_ret = loop_gae(r, v, m, g, lam)  # the reference the other tests trust
@@ -96,7 +103,7 @@ def test_gae_formula_by_hand():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gae_packed(backend):
+def test_gae_packed(backend, device):
     g = torch.Generator().manual_seed(7)
     lens = [5, 0, 17, 31, 1]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
@@ -104,7 +111,8 @@ def test_gae_packed(backend):
     r, v = torch.randn(N, generator=g), torch.randn(N, generator=g)
     m = torch.rand(N, generator=g) > 0.3
     kw = dict(block_t=16, n_splits=2) if backend == "triton" else {}
-    adv, ret = gae_packed(r, v, m, cu, 0.95, 0.9, backend=backend, **kw)
+    adv, ret = gae_packed(*on(device, r, v, m, cu), 0.95, 0.9, backend=backend, **kw)
+    adv, ret = adv.cpu(), ret.cpu()
     for s in range(len(lens)):
         lo, hi = int(cu[s]), int(cu[s + 1])
         if hi == lo:
@@ -125,29 +133,31 @@ def test_gae_rejects_bad_shapes():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,T,gamma", [(7, 53, 0.99), (3, 16, 1.0)])
-def test_discounted_returns_matches_loop(backend, B, T, gamma):
+def test_discounted_returns_matches_loop(backend, B, T, gamma, device):
     r, _, m = make_inputs(B, T, seed=T)
-    out = discounted_returns(r, m, gamma, backend=backend)
+    out = discounted_returns(*on(device, r, m), gamma, backend=backend)
     check(out, loop_returns(r, m, gamma), "returns")
 
 
 @pytest.mark.slow  # several programs per row: long interpreted scans
-def test_discounted_returns_triton_split_rows():
+def test_discounted_returns_triton_split_rows(device):
     r, _, m = make_inputs(5, 53, seed=2)
-    out = discounted_returns(r, m, 0.9, backend="triton", block_t=16, n_splits=3)
+    out = discounted_returns(*on(device, r, m), 0.9, backend="triton", block_t=16, n_splits=3)
     check(out, loop_returns(r, m, 0.9), "returns")
 
 
-def test_discounted_returns_torch_long_rows():
+def test_discounted_returns_torch_long_rows(device):
     r, _, m = make_inputs(2, 290, seed=4)
-    check(discounted_returns(r, m, 0.995, backend="torch"), loop_returns(r, m, 0.995), "ret")
+    out = discounted_returns(*on(device, r, m), 0.995, backend="torch")
+    check(out, loop_returns(r, m, 0.995), "ret")
 
 
-def test_discounted_returns_by_hand():
+def test_discounted_returns_by_hand(device):
     """R_2 = 3; R_1 = 2 + 0.5 * 3; R_0 = 1 (step 1 is masked: the return restarts before it)."""
     r = torch.tensor([[1.0, 2.0, 3.0]])
     m = torch.tensor([[True, False, True]])
     want = torch.tensor([[1.0, 3.5, 3.0]], dtype=torch.float64)
     for backend in BACKENDS:
-        check(discounted_returns(r, m, 0.5, backend=backend), want, f"returns {backend}")
+        out = discounted_returns(*on(device, r, m), 0.5, backend=backend)
+        check(out, want, f"returns {backend}")
     assert torch.equal(loop_returns(r, m, 0.5), want)

@@ -43,9 +43,11 @@ def make_groups(seed):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_group_advantages_matches_loop(backend, estimator):
+def test_group_advantages_matches_loop(backend, estimator, device):
     scores, ids, G = make_groups(seed=3)
-    adv, deg = group_advantages(scores, ids, estimator=estimator, num_groups=G, backend=backend)
+    kw = dict(estimator=estimator, num_groups=G, backend=backend)
+    adv, deg = group_advantages(scores.to(device), ids.to(device), **kw)
+    adv, deg = adv.cpu(), deg.cpu()
     ref, equal = loop_group_adv(scores, ids, estimator)
     assert adv.dtype == torch.float32 and deg.dtype == torch.bool and deg.shape == (G,)
     assert_verbose_allclose(adv, ref, rtol=1e-5, atol=1e-5, name=f"{estimator} advantages")
@@ -58,21 +60,24 @@ def test_group_advantages_matches_loop(backend, estimator):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 @pytest.mark.parametrize("n", [1, 5, 16])
-def test_group_advantages_contiguous_layout(backend, estimator, n):
+def test_group_advantages_contiguous_layout(backend, estimator, n, device):
     g = torch.Generator().manual_seed(n)
     scores = torch.randn(7, n, generator=g)
     scores[2] = 0.5
-    adv, deg = group_advantages(scores.view(-1), group_size=n, estimator=estimator, backend=backend)
+    kw = dict(group_size=n, estimator=estimator, backend=backend)
+    adv, deg = group_advantages(scores.view(-1).to(device), **kw)
+    adv, deg = adv.cpu(), deg.cpu()
     ids = torch.arange(7).repeat_interleave(n)
     ref, equal = loop_group_adv(scores.view(-1), ids, estimator)
     assert_verbose_allclose(adv, ref, rtol=1e-5, atol=1e-5, name="advantages")
     assert deg.tolist() == [equal[i] for i in range(7)]
 
 
-def test_rloo_is_leave_one_out():
+def test_rloo_is_leave_one_out(device):
     """n/(n-1) (s - mean) == s - mean of the others, by hand."""
-    s = torch.tensor([1.0, 4.0, 10.0])
+    s = torch.tensor([1.0, 4.0, 10.0], device=device)
     adv, _ = group_advantages(s, group_size=3, estimator="rloo", backend="triton")
+    adv = adv.cpu()
     expected = torch.tensor([1 - 7.0, 4 - 5.5, 10 - 2.5])
     assert_verbose_allclose(adv, expected, rtol=1e-6, atol=1e-6)
 
@@ -89,20 +94,23 @@ def test_group_advantages_rejects_bad_input():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.uint8, torch.int64, torch.float32])
 @pytest.mark.parametrize("B, T", [(5, 37), (3, 130), (1, 1)])
-def test_broadcast_advantages(backend, mask_dtype, B, T):
+def test_broadcast_advantages(backend, mask_dtype, B, T, device):
     """out[b, t] = adv[b] where the 0/1 mask is set, 0 elsewhere; every element written."""
     g = torch.Generator().manual_seed(B * T)
     adv = torch.randn(B, generator=g)
     mask_BT = (torch.rand(B, T, generator=g) < 0.6).to(mask_dtype)
-    out = ga_mod.broadcast_advantages(adv, mask_BT, backend=backend)
+    out = ga_mod.broadcast_advantages(adv.to(device), mask_BT.to(device), backend=backend)
+    out = out.cpu()
     want = torch.where(mask_BT != 0, adv[:, None], torch.zeros(()))
     assert out.dtype == torch.float32
     assert_verbose_allclose(out, want, rtol=0, atol=0, name=f"broadcast {backend}")
     # a non-contiguous mask (a column slice) reads the same
     wide = torch.zeros(B, T + 3, dtype=mask_dtype)
     wide[:, 1 : T + 1] = mask_BT
-    out2 = ga_mod.broadcast_advantages(adv, wide[:, 1 : T + 1], backend=backend)
-    assert torch.equal(out2, out)
+    out2 = ga_mod.broadcast_advantages(
+        adv.to(device), wide.to(device)[:, 1 : T + 1], backend=backend
+    )
+    assert torch.equal(out2.cpu(), out)
 
 
 def test_broadcast_advantages_checks():

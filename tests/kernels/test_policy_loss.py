@@ -45,18 +45,22 @@ def padded_rows(B, T):
 FULL = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, tis_cap=2.0, kl_coef=0.1, kl_type="k3")
 
 
-def run_and_compare(backend, inputs, rows, cfg, cu=None, lp_dtype=torch.float32, tol=1e-5):
+def run_and_compare(
+    backend, inputs, rows, cfg, cu=None, lp_dtype=torch.float32, tol=1e-5, device="cpu"
+):
     lp64, old, adv, mask, rl, ref = inputs
     kw = dict(cfg)
-    kw["rollout_logprobs"] = rl.float() if rl is not None else None
-    kw["ref_logprobs"] = ref.float() if ref is not None else None
-    lp = lp64.to(lp_dtype).requires_grad_(True)
-    loss, metrics = policy_loss(
-        lp, old.float(), adv.float(), mask, cu_seqlens=cu, backend=backend, **kw
-    )
+    kw["rollout_logprobs"] = rl.float().to(device) if rl is not None else None
+    kw["ref_logprobs"] = ref.float().to(device) if ref is not None else None
+    lp = lp64.to(device=device, dtype=lp_dtype).requires_grad_(True)
+    dcu = cu.to(device) if cu is not None else None
+    args = (old.float().to(device), adv.float().to(device), mask.to(device))
+    loss, metrics = policy_loss(lp, *args, cu_seqlens=dcu, backend=backend, **kw)
     loss.backward()
+    loss, lp_grad = loss.detach().cpu(), lp.grad.cpu()
+    metrics = {k: v.cpu() if torch.is_tensor(v) else v for k, v in metrics.items()}
     # the reference sees the very values the kernel saw
-    lp_ref = lp.detach().double().requires_grad_(True)
+    lp_ref = lp.detach().cpu().double().requires_grad_(True)
     r_old, r_adv = old.float().double(), adv.float().double()
     r_rl = rl.float().double() if rl is not None else None
     r_ref = ref.float().double() if ref is not None else None
@@ -66,16 +70,16 @@ def run_and_compare(backend, inputs, rows, cfg, cu=None, lp_dtype=torch.float32,
     ref_loss.backward()
     assert loss.dtype == torch.float32 and loss.dim() == 0
     assert_verbose_allclose(loss, ref_loss, rtol=tol, atol=tol, name="loss")
-    assert lp.grad.dtype == lp_dtype
+    assert lp_grad.dtype == lp_dtype
     gtol = max(tol, 1e-2 if lp_dtype == torch.bfloat16 else tol)
-    assert_verbose_allclose(lp.grad, lp_ref.grad, rtol=gtol, atol=gtol, name="grad logprobs")
+    assert_verbose_allclose(lp_grad, lp_ref.grad, rtol=gtol, atol=gtol, name="grad logprobs")
     for k, v in ref_metrics.items():
         if k == "kl_loss" and ref is None:
             continue
         assert abs(float(metrics[k]) - v) <= 1e-5 * (1 + abs(v)), (k, float(metrics[k]), v)
     assert_verbose_allclose(
         metrics["pg_loss"],
-        loss.detach() - cfg.get("kl_coef", 0.0) * metrics.get("kl_loss", 0.0),
+        loss - cfg.get("kl_coef", 0.0) * metrics.get("kl_loss", 0.0),
         rtol=1e-6,
         atol=1e-6,
         name="pg_loss",
@@ -87,34 +91,35 @@ def run_and_compare(backend, inputs, rows, cfg, cu=None, lp_dtype=torch.float32,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("agg", AGGS)
-def test_policy_loss_full(backend, agg):
+def test_policy_loss_full(backend, agg, device):
     B, T = 7, 53
     inputs = make_inputs((B, T), seed=AGGS.index(agg))
     cfg = dict(FULL, agg=agg, loss_scale_factor=40.0 if agg.endswith("norm") else None)
-    run_and_compare(backend, inputs, padded_rows(B, T), cfg)
+    run_and_compare(backend, inputs, padded_rows(B, T), cfg, device=device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
-def test_policy_loss_kl_types_and_clamps(backend, kl_type):
+def test_policy_loss_kl_types_and_clamps(backend, kl_type, device):
     B, T = 4, 32
     lp, old, adv, mask, rl, ref = make_inputs((B, T), seed=10)
     ref = lp + 4.0 * torch.randn(B, T, dtype=torch.float64)  # k2/k3 values past 10
     cfg = dict(clip_low=0.2, kl_coef=0.5, kl_type=kl_type, agg="token-mean", tis_cap=None)
-    run_and_compare(backend, (lp, old, adv, mask, None, ref), padded_rows(B, T), cfg)
+    run_and_compare(backend, (lp, old, adv, mask, None, ref), padded_rows(B, T), cfg, device=device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_policy_loss_plain_ppo(backend):
+def test_policy_loss_plain_ppo(backend, device):
     """No dual clip, no IS weights, no KL; asymmetric clip (clip-higher)."""
     B, T = 5, 21
     lp, old, adv, mask, _, _ = make_inputs((B, T), seed=4)
     cfg = dict(clip_low=0.1, clip_high=0.3, dual_clip=None, agg="seq-mean-token-mean")
-    run_and_compare(backend, (lp, old, adv, mask, None, None), padded_rows(B, T), cfg)
+    inputs = (lp, old, adv, mask, None, None)
+    run_and_compare(backend, inputs, padded_rows(B, T), cfg, device=device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_policy_loss_global_normalizers(backend):
+def test_policy_loss_global_normalizers(backend, device):
     B, T = 3, 17
     inputs = make_inputs((B, T), seed=6)
     for agg, extra in (
@@ -122,25 +127,26 @@ def test_policy_loss_global_normalizers(backend):
         ("seq-mean-token-sum", {"num_seqs": 8.0}),
     ):
         cfg = dict(FULL, agg=agg, **extra)
-        run_and_compare(backend, inputs, padded_rows(B, T), cfg)
+        run_and_compare(backend, inputs, padded_rows(B, T), cfg, device=device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_policy_loss_packed(backend, agg):
+def test_policy_loss_packed(backend, agg, device):
     lens = [5, 0, 17, 70, 1]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     inputs = make_inputs((int(cu[-1]),), seed=8)
     rows = [list(range(int(cu[i]), int(cu[i + 1]))) for i in range(len(lens))]
     cfg = dict(FULL, agg=agg, loss_scale_factor=70.0 if agg.endswith("norm") else None)
-    run_and_compare(backend, inputs, rows, cfg, cu=cu)
+    run_and_compare(backend, inputs, rows, cfg, cu=cu, device=device)
 
 
-def test_policy_loss_bf16_logprobs_triton():
+def test_policy_loss_bf16_logprobs_triton(device):
     B, T = 3, 40
     inputs = make_inputs((B, T), seed=12)
+    cfg = dict(FULL, agg="token-mean")
     run_and_compare(
-        "triton", inputs, padded_rows(B, T), dict(FULL, agg="token-mean"), lp_dtype=torch.bfloat16
+        "triton", inputs, padded_rows(B, T), cfg, lp_dtype=torch.bfloat16, device=device
     )
 
 
@@ -165,7 +171,7 @@ def test_policy_loss_torch_gradcheck_float64():
     assert torch.autograd.gradcheck(f, (lp.clone().requires_grad_(True),))
 
 
-def test_policy_loss_formula_by_hand():
+def test_policy_loss_formula_by_hand(device):
     """Four tokens: clipped high, dual-clipped, unclipped negative, clipped low."""
     old = torch.zeros(1, 4)
     ratio = torch.tensor([[1.5, 5.0, 2.0, 0.5]])
@@ -173,12 +179,13 @@ def test_policy_loss_formula_by_hand():
     mask = torch.ones(1, 4, dtype=torch.bool)
     expected_loss = torch.tensor([-1.2, 3.0, 2.0, 2 * 0.8])  # -A*clip, -A*c, -A*r, -A*(1-eps)
     expected_grad = torch.tensor([0.0, 0.0, 2.0, 0.0]) / 4  # d(-A r)/dlp = -A r, token-mean
+    old, adv, mask = old.to(device), adv.to(device), mask.to(device)
     for backend in BACKENDS:
-        lp = ratio.log().requires_grad_(True)
+        lp = ratio.log().to(device).requires_grad_(True)
         loss, m = policy_loss(lp, old, adv, mask, clip_low=0.2, backend=backend)
         loss.backward()
         assert abs(float(loss.detach()) - float(expected_loss.mean())) < 1e-6
-        assert_verbose_allclose(lp.grad[0], expected_grad, rtol=1e-6, atol=1e-6)
+        assert_verbose_allclose(lp.grad[0].cpu(), expected_grad, rtol=1e-6, atol=1e-6)
         assert float(m["pg_clipfrac"]) == pytest.approx(0.5)  # tokens 0 and 3
         assert float(m["pg_clipfrac_lower"]) == pytest.approx(0.25)  # token 1
 
@@ -197,7 +204,7 @@ def test_policy_loss_rejects_bad_config():
 
 
 @pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
-def test_kl_divergence_fwd_bwd(kl_type):
+def test_kl_divergence_fwd_bwd(kl_type, device):
     g = torch.Generator().manual_seed(1)
     lp = -torch.rand(7, 53, generator=g) * 3
     ref = lp + 3.0 * torch.randn(7, 53, generator=g)
@@ -207,15 +214,16 @@ def test_kl_divergence_fwd_bwd(kl_type):
     expected = kl_reference(x, ref.double(), kl_type)
     (expected * gout.double()).sum().backward()
     for backend in BACKENDS:
-        y = lp.clone().requires_grad_(True)
-        kl = kl_divergence(y, ref, kl_type, backend=backend)
-        (kl * gout).sum().backward()
+        y = lp.clone().to(device).requires_grad_(True)
+        kl = kl_divergence(y, ref.to(device), kl_type, backend=backend)
+        (kl * gout.to(device)).sum().backward()
         assert kl.dtype == torch.float32
+        kl = kl.detach().cpu()
         assert_verbose_allclose(kl, expected, rtol=1e-5, atol=1e-5, name=f"kl {backend}")
-        assert_verbose_allclose(y.grad, x.grad, rtol=1e-5, atol=1e-5, name=f"dkl {backend}")
+        assert_verbose_allclose(y.grad.cpu(), x.grad, rtol=1e-5, atol=1e-5, name=f"dkl {backend}")
 
 
-def test_kl_estimators_by_hand():
+def test_kl_estimators_by_hand(device):
     """logr = ref - lp = -0.5, 0.5, 30 (clamped to 20, then the value to +-10): values and
     d/dlp of k1 = -logr, k2 = logr^2 / 2, k3 = e^logr - 1 - logr, for both backends and the
     reference the other tests compare against."""
@@ -231,23 +239,29 @@ def test_kl_estimators_by_hand():
     fns["reference"] = kl_reference
     for kl_type, (value, grad) in want.items():
         for name, fn in fns.items():
-            x = lp.clone().requires_grad_(True)
-            kl = fn(x, ref, kl_type)
+            dev = "cpu" if name == "reference" else device
+            x = lp.clone().to(dev).requires_grad_(True)
+            kl = fn(x, ref.to(dev), kl_type)
             kl.sum().backward()
             tag = f"{kl_type} {name}"
+            kl = kl.detach().cpu()
             assert_verbose_allclose(kl, torch.tensor(value), rtol=1e-6, atol=1e-6, name=tag)
-            assert_verbose_allclose(x.grad, torch.tensor(grad), rtol=1e-6, atol=1e-6, name=tag)
+            assert_verbose_allclose(
+                x.grad.cpu(), torch.tensor(grad), rtol=1e-6, atol=1e-6, name=tag
+            )
 
 
-def test_kl_penalty_is_masked_and_gradient_free():
+def test_kl_penalty_is_masked_and_gradient_free(device):
     g = torch.Generator().manual_seed(3)
     lp = -torch.rand(4, 9, generator=g).requires_grad_(True)
     ref = -torch.rand(4, 9, generator=g)
     rewards = torch.randn(4, 9, generator=g)
     mask = torch.rand(4, 9, generator=g) > 0.5
     for backend in BACKENDS:
-        out, kl = kl_penalty(rewards, lp, ref, mask, 0.05, "k1", backend=backend)
+        args = (t.to(device) for t in (rewards, lp, ref, mask))
+        out, kl = kl_penalty(*args, 0.05, "k1", backend=backend)
         expected_kl = (lp.detach() - ref) * mask
         assert not out.requires_grad
+        out, kl = out.cpu(), kl.cpu()
         assert_verbose_allclose(kl, expected_kl, rtol=1e-6, atol=1e-6)
         assert_verbose_allclose(out, rewards - 0.05 * expected_kl, rtol=1e-6, atol=1e-6)

@@ -33,47 +33,52 @@ CASES = [
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("use_mask", [True, False])
 @pytest.mark.parametrize("case", CASES)
-def test_forward_backward_vs_reference(backend, reduction, use_mask, case):
+def test_forward_backward_vs_reference(backend, reduction, use_mask, case, device):
     values, cu, mask = _case(*case)
     mask = mask if use_mask else None
     g_out = torch.randn(cu.numel() - 1, generator=torch.Generator().manual_seed(1))
-    v = values.clone().requires_grad_()
-    out = seq_reduce(v, cu, mask, reduction=reduction, backend=backend)
-    (out * g_out).sum().backward()
+    v = values.clone().to(device).requires_grad_()
+    dmask = mask.to(device) if mask is not None else None
+    out = seq_reduce(v, cu.to(device), dmask, reduction=reduction, backend=backend)
+    (out * g_out.to(device)).sum().backward()
+    out, v_grad = out.cpu(), v.grad.cpu()
     v64 = values.double().requires_grad_()
     ref = seq_reduce_reference(v64, cu, mask, reduction)
     (ref * g_out.double()).sum().backward()
     assert out.dtype == torch.float32
     assert_verbose_allclose(out, ref, rtol=1e-5, atol=1e-5, name=f"{backend} {reduction}")
-    assert_verbose_allclose(v.grad, v64.grad, rtol=1e-6, atol=1e-7, name=f"{backend} grad")
+    assert_verbose_allclose(v_grad, v64.grad, rtol=1e-6, atol=1e-7, name=f"{backend} grad")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_counts_int64_cu_bf16_values(backend):
+def test_counts_int64_cu_bf16_values(backend, device):
     values, cu, mask = _case([3, 0, 9, 40], tail=2, seed=2, dtype=torch.bfloat16)
     cu = cu.long()
-    v = values.clone().requires_grad_()
-    out, cnt = seq_reduce(v, cu, mask, reduction="mean", return_counts=True, backend=backend)
+    v = values.clone().to(device).requires_grad_()
+    kw = dict(reduction="mean", return_counts=True, backend=backend)
+    out, cnt = seq_reduce(v, cu.to(device), mask.to(device), **kw)
     out.sum().backward()
+    out, cnt, v_grad = out.cpu(), cnt.cpu(), v.grad.cpu()
     want_cnt = torch.tensor([float(mask[cu[b] : cu[b + 1]].sum()) for b in range(4)])
     assert_verbose_allclose(cnt, want_cnt, rtol=0, atol=0, name="counts")
     ref = seq_reduce_reference(values.double(), cu, mask, "mean")
     assert_verbose_allclose(out, ref, rtol=1e-5, atol=1e-5, name="bf16 mean")
-    assert v.grad.dtype == torch.bfloat16
+    assert v_grad.dtype == torch.bfloat16
     # by hand: grad of the mean is mask / count inside each sequence, 0 in the tail
     seg = torch.repeat_interleave(torch.arange(4), cu.diff())
     want = torch.zeros(values.numel(), dtype=torch.float64)
     want[: seg.numel()] = mask[: seg.numel()].double() / want_cnt[seg].clamp_min(1).double()
-    assert_verbose_allclose(v.grad, want, rtol=1e-2, atol=0, name="mean grad by hand")
+    assert_verbose_allclose(v_grad, want, rtol=1e-2, atol=0, name="mean grad by hand")
 
 
-def test_backends_agree_and_gradcheck():
+def test_backends_agree_and_gradcheck(device):
     values, cu, mask = _case([4, 7, 2], seed=3, dtype=torch.float64)
     for reduction in ("sum", "mean"):
         fn = lambda v, r=reduction: seq_reduce(v, cu, mask, reduction=r, backend="torch")
         assert torch.autograd.gradcheck(fn, (values.clone().requires_grad_(),))
-        a = seq_reduce(values.float(), cu, mask, reduction=reduction, backend="triton")
-        b = seq_reduce(values.float(), cu, mask, reduction=reduction, backend="torch")
+        args = (values.float().to(device), cu.to(device), mask.to(device))
+        a = seq_reduce(*args, reduction=reduction, backend="triton").cpu()
+        b = seq_reduce(*args, reduction=reduction, backend="torch").cpu()
         assert_verbose_allclose(a, b, rtol=1e-6, atol=1e-6, name=reduction)
 
 
