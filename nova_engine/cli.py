@@ -36,23 +36,50 @@ TOOLS: dict[str, tuple[str, str]] = {
 }
 
 
-def _export(ckpt: str, out: str) -> int:
-    from nova_engine.model.hf_export import replace_dir
+def _export(ckpt: str, out: str, overwrite: bool = False) -> int:
+    """Copy checkpoint `ckpt`'s hf/ export to `out`: only the files its manifest lists,
+    each checked against the manifest's checksum, refused when any weight is non-finite;
+    `out` must be new (or, with overwrite, a previous export: hf_export's one rule)."""
+    from nova_engine.model.hf_export import (
+        ExportError,
+        check_export_target,
+        nonfinite_tensors,
+        replace_dir,
+    )
     from nova_engine.train.checkpoint import HF_SUBDIR
-    from nova_engine.train.checkpoint_io import read_manifest
+    from nova_engine.train.checkpoint_io import CheckpointIOError, file_crc32, read_manifest
 
-    read_manifest(ckpt)  # a complete checkpoint, or CheckpointIOError naming what is wrong
-    src = os.path.join(ckpt, HF_SUBDIR)
-    if not os.path.isdir(src):
-        emit(f"{ckpt}: no {HF_SUBDIR}/ export in this checkpoint", err=True)
-        return 1
-    # copy next to `out`, then swap it in: an existing export is replaced, never merged
-    # (stale weight shards would otherwise load), and a failed copy leaves the old one
     tmp = f"{out.rstrip(os.sep)}.tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    replace_dir(tmp, out)
-    emit(f"exported {src} -> {out}")
+    try:
+        if not os.path.isdir(ckpt):
+            raise CheckpointIOError(f"{ckpt}: no such checkpoint directory")
+        manifest = read_manifest(ckpt)  # complete, every listed file at its recorded size
+        check_export_target(out, overwrite=overwrite, what="export destination")
+        prefix = HF_SUBDIR + "/"
+        files = sorted(r for r in manifest["files"] if r.startswith(prefix))
+        if not files:
+            raise CheckpointIOError(f"{ckpt}: no {HF_SUBDIR}/ export in this checkpoint")
+        sums = manifest.get("checksums") or {}
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for rel in files:  # copy, then check the copy: what ships is what was checksummed
+            dst = os.path.join(tmp, rel[len(prefix) :])
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy2(os.path.join(ckpt, rel), dst)
+            if rel in sums and file_crc32(dst) != sums[rel]:
+                raise CheckpointIOError(
+                    f"{os.path.join(ckpt, rel)}: checksum mismatch with the manifest: the "
+                    "file is damaged; nothing exported"
+                )
+        bad = nonfinite_tensors(tmp)
+        if bad:
+            raise ExportError(f"{ckpt}: non-finite weights ({', '.join(bad)}): nothing exported")
+        replace_dir(tmp, out)
+    except (CheckpointIOError, ExportError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        emit(f"nova export: {e}", err=True)
+        return 2
+    emit(f"exported {ckpt}/{HF_SUBDIR} -> {out}")
     return 0
 
 
@@ -77,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("overrides", nargs="*")
     e = sub.add_parser("export", help="copy a checkpoint's HF export to a directory")
     e.add_argument("checkpoint")
-    e.add_argument("out")
+    e.add_argument("out", help="a new directory (or a previous export, with --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace a previous export at OUT")
     d = sub.add_parser("demo", help="the make-demo run")
     d.add_argument("--out", default="demo_out")
     for name, (_, help_text) in TOOLS.items():
@@ -88,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main([args.cmd, "--recipe", args.recipe, *args.overrides, *rest])
     if args.cmd == "export":
-        return _export(args.checkpoint, args.out)
+        return _export(args.checkpoint, args.out, args.overwrite)
     from nova_engine.demo import main as demo_main
 
     return demo_main(["--out", args.out, *rest])

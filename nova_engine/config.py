@@ -185,6 +185,9 @@ class DataConfig:
         _check(bool(self.margin_key), "margin_key", "expected a non-empty key name")
 
 
+MAX_LR = 1.0  # above this no AdamW run trains: the weights turn to garbage within a step
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-5
@@ -207,7 +210,12 @@ class OptimConfig:
     """Warmup as a fraction of the total steps (floor), as open-instruct computes it."""
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "lr", f"expected > 0, got {self.lr}")
+        _check(
+            0 < self.lr <= MAX_LR,
+            "lr",
+            f"expected a learning rate in (0, {MAX_LR:g}] (AdamW rates are ~1e-7..1e-3), "
+            f"got {self.lr}",
+        )
         _check(0 <= self.min_lr <= self.lr, "min_lr", f"expected 0 <= min_lr <= lr={self.lr}")
         _check(self.weight_decay >= 0, "weight_decay", "expected >= 0")
         _check(all(0 <= b < 1 for b in self.betas), "betas", "expected two values in [0, 1)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -92,6 +93,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if num is None or (tp is int and not float(num).is_integer()):
             raise bad
+        if not math.isfinite(num):  # the one rule: no NaN/Inf hyperparameter anywhere
+            raise ConfigError(key, f"expected a finite number, got {value!r}")
         return tp(num)
     if tp is str:
         if isinstance(value, str):
@@ -187,11 +190,14 @@ def load_recipe(path: str | os.PathLike, stage: str, overrides: Sequence[str] = 
     """Load `stage` (a name of the stage registry: "sft", "dpo", ...) from a recipe YAML,
     then apply `key=value` overrides."""
     path = os.fspath(path)
-    with open(path) as f:
-        try:
+    try:
+        with open(path) as f:
             doc = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError("<yaml>", f"not valid YAML: {e}", path) from None
+    except yaml.YAMLError as e:
+        raise ConfigError("<yaml>", f"not valid YAML: {e}", path) from None
+    except (OSError, UnicodeDecodeError) as e:
+        why = "no such file" if isinstance(e, FileNotFoundError) else f"unreadable ({e})"
+        raise ConfigError("--recipe", f"{path}: {why} (expected a recipe YAML)") from None
     if not isinstance(doc, dict):
         raise ConfigError("<top>", "expected a mapping of sections", path)
     stages = {name: run_config_class(name) for name in stage_names()}

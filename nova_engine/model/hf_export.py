@@ -3,7 +3,13 @@ run trained with, generation_config.json and the special-token ids of config.jso
 atomic replacement of an existing export (never a merge with old weight files).
 
     complete_hf_export(out_dir, source_dir=model_dir, tokenizer_dir=tok_dir, template="tulu")
+    check_export_target(final_dir, overwrite=False, what="--out")   # ExportError or fine
     replace_dir(tmp_dir, final_dir)   # final_dir now holds tmp_dir's files, atomically
+
+The one rule every writer of an export directory follows (`check_export_target`): it
+writes a new directory, or replaces a previous export when asked to (`overwrite`), and
+never replaces a directory that holds anything but a previous export (a run directory, a
+checkpoint, someone's files) nor a file.
 
 `nova_engine.model.hf_io.export_hf` writes the weights, the index and config.json from the
 architecture; this module adds the rest from the model the run started from.
@@ -11,6 +17,7 @@ architecture; this module adds the rest from the model the run started from.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -32,6 +39,55 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# what a HF export directory may hold (weights, index, configs, tokenizer files)
+EXPORT_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "README.md",
+    *TOKENIZER_FILES,
+)
+
+
+class ExportError(ValueError):
+    """An export destination that must not be written (the message names it and why)."""
+
+
+def is_hf_export(path: str) -> bool:
+    """True when `path` is a directory holding only a HF export's files (no subdirectory,
+    nothing but weights, index, configs and tokenizer files)."""
+    if not os.path.isdir(path) or os.path.islink(path):
+        return False
+    names = os.listdir(path)
+    return all(
+        os.path.isfile(os.path.join(path, n))
+        and any(fnmatch.fnmatchcase(n, pat) for pat in EXPORT_PATTERNS)
+        for n in names
+    )
+
+
+def check_export_target(out: str, *, overwrite: bool, what: str = "--out") -> None:
+    """May an export be written to `out`? Yes when it does not exist or is an empty
+    directory, or (with `overwrite`) when it holds a previous export; ExportError
+    otherwise, naming `what` (the flag or key) and what is there."""
+    if not os.path.lexists(out):
+        return
+    if os.path.islink(out) or not os.path.isdir(out):
+        raise ExportError(f"{what} {out}: is a file, not a directory: refusing to replace it")
+    names = sorted(os.listdir(out))
+    if not names:
+        return
+    if not is_hf_export(out):
+        shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+        raise ExportError(
+            f"{what} {out}: holds files that are not a HF export ({shown}): refusing to "
+            "replace it; choose a new directory"
+        )
+    if not overwrite:
+        raise ExportError(
+            f"{what} {out}: exists (a previous export): pass --overwrite to replace it"
+        )
 
 
 def _read_json(path: str) -> dict:
@@ -127,3 +183,26 @@ def replace_dir(tmp_dir: str, final_dir: str) -> None:
     os.replace(tmp_dir, final_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def nonfinite_tensors(path: str, limit: int = 5) -> list[str]:
+    """Names of (up to `limit`) tensors of the export in `path` holding NaN/Inf, streamed
+    one tensor at a time; ExportError naming the file for an unreadable shard."""
+    import glob
+
+    import torch
+    from safetensors import safe_open
+
+    bad: list[str] = []
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        try:
+            with safe_open(f, "pt") as s:
+                for name in s.keys():
+                    t = s.get_tensor(name)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        bad.append(name)
+                        if len(bad) >= limit:
+                            return bad
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise ExportError(f"{f}: unreadable safetensors file ({e})") from None
+    return bad

@@ -85,6 +85,15 @@ def resolve_model_dir(path: str) -> str:
 
     sub = os.path.join(path, HF_SUBDIR)
     if os.path.isfile(os.path.join(sub, "config.json")):
+        from nova_engine.train import checkpoint_io
+
+        try:  # a checkpoint's reader checks what the manifest recorded (sizes, checksums)
+            files = checkpoint_io.read_manifest(path)["files"]
+            checkpoint_io.verify_checksums(
+                path, [r for r in files if r.startswith(HF_SUBDIR + "/")]
+            )
+        except checkpoint_io.CheckpointIOError as e:
+            raise UserError(f"--model {e}") from None
         return sub
     if os.path.isfile(os.path.join(path, "COMPLETE")):
         raise UserError(

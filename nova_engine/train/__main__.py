@@ -43,6 +43,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from nova_engine.data.formats import DataError
     from nova_engine.data.tokenize import TemplateError
     from nova_engine.model.arch import ArchitectureError
+    from nova_engine.model.hf_export import ExportError
     from nova_engine.model.hf_io import CheckpointError
     from nova_engine.parallel.state import LayoutError
     from nova_engine.train.checkpoint_io import CheckpointIOError
@@ -52,6 +53,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (
         ConfigError, DataError, TemplateError, ArchitectureError, CheckpointError,
         LayoutError, CheckpointIOError, RefCacheError, RunLockError, TrainingDiverged,
+        ExportError,
     )  # fmt: skip
 
 

@@ -239,10 +239,19 @@ def save_checkpoint(
 
 
 def _load(path: str, rel: str) -> Any:
-    """torch.load of one checkpoint file; an unreadable file -> CheckpointIOError naming it."""
+    """torch.load of one checkpoint file, never executing code: `weights_only=True` admits
+    tensors and plain values (dict, list, int, float, str, ...) only, whatever the file's
+    CRC says; a file that needs more -> CheckpointIOError naming it, as for an unreadable one."""
+    import pickle
+
     full = os.path.join(path, rel)
     try:
-        return torch.load(full, map_location="cpu", weights_only=False)
+        return torch.load(full, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointIOError(
+            f"{full}: refused: it holds objects other than tensors and plain values, and "
+            f"loading them could run code ({str(e).splitlines()[0][:200]})"
+        ) from None
     except FileNotFoundError:
         raise CheckpointIOError(f"{full}: missing (a checkpoint of another layout?)") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
@@ -277,6 +286,10 @@ def load_checkpoint(path: str | os.PathLike, loop, *, weights_only: bool = False
             hf = os.path.join(path, _hf_dir(loop, name))
             if not os.path.isdir(hf):
                 raise CheckpointIOError(f"{path}: no {_hf_dir(loop, name)}/ export to load from")
+            prefix = _hf_dir(loop, name) + "/"
+            checkpoint_io.verify_checksums(
+                path, [r for r in manifest["files"] if r.startswith(prefix)]
+            )
             e.load_hf(hf)
         return int(manifest["step"])
     for name, e in loop.trainable.items():

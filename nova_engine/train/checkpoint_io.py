@@ -220,7 +220,7 @@ def write_checkpoint_dir(
         os.replace(tmp_dir, final_dir)
         _fsync_path(os.path.dirname(final_dir), directory=True)
         if old is not None:
-            _remove_checkpoint(old)
+            remove_checkpoint(old)
         if os.path.exists(pending):
             os.remove(pending)
     sync()
@@ -290,7 +290,9 @@ def latest_complete(root: str | os.PathLike, *, verify: bool = True) -> str | No
     return found[-1][1] if found else None
 
 
-def _remove_checkpoint(path: str) -> None:
+def remove_checkpoint(path: str) -> None:
+    """Delete a checkpoint directory, its marker first (a crash mid-delete leaves an
+    incomplete, ignored directory)."""
     marker = os.path.join(path, MARKER)
     if os.path.exists(marker):
         os.remove(marker)  # first: a crash below leaves an incomplete, ignored directory
@@ -298,14 +300,20 @@ def _remove_checkpoint(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def prune(root: str | os.PathLike, keep_last: int) -> list[str]:
-    """Delete all but the newest `keep_last` complete checkpoints (0 = keep all); returns
-    the deleted paths. Call on rank 0 after a successful write."""
+def prune(root: str | os.PathLike, keep_last: int, protect: Iterable[str] = ()) -> list[str]:
+    """Delete all but the newest `keep_last` complete checkpoints (0 = keep all), never one
+    in `protect` (e.g. a diverged run's roll-back point); returns the deleted paths. Call
+    on rank 0 after a successful write."""
     if keep_last <= 0:
         return []
-    doomed = [p for _, p in list_complete(root, verify=False)[:-keep_last]]
+    kept = {os.path.abspath(p) for p in protect}
+    doomed = [
+        p
+        for _, p in list_complete(root, verify=False)[:-keep_last]
+        if os.path.abspath(p) not in kept
+    ]
     for p in doomed:
-        _remove_checkpoint(p)
+        remove_checkpoint(p)
         logger.info("removed old checkpoint %s", p)
     return doomed
 

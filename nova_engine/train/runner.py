@@ -76,6 +76,8 @@ def setup_parallel(run: RunConfig) -> ParallelState:
         tp=p.tp, pp=p.pp, vpp=p.vpp if p.vpp > 1 else None, sp=p.sp, seed=run.train.seed
     )
     acquire_run_lock(run.train.out_dir, ps)
+    if os.path.abspath(run.checkpoint_dir) != os.path.abspath(run.train.out_dir):
+        acquire_run_lock(run.checkpoint_dir, ps, key="checkpoint.dir")
     return ps
 
 
@@ -93,16 +95,17 @@ def all_ok(ps: ParallelState, ok: bool) -> bool:
     return flag.item() == 0.0
 
 
-def acquire_run_lock(out_dir: str, ps: ParallelState) -> None:
+def acquire_run_lock(out_dir: str, ps: ParallelState, key: str = "train.out_dir") -> None:
     """Rank 0 holds `<out_dir>/.nova.lock` until the process ends (or release_run_lock);
-    RunLockError on every rank when another run holds it."""
-    key = os.path.abspath(out_dir)
+    RunLockError on every rank when another run holds it. A run locks every directory it
+    writes: train.out_dir and checkpoint.dir (`key` names the setting in the message)."""
+    path = os.path.abspath(out_dir)
     err: Exception | None = None
-    if ps.rank == 0 and key not in _LOCKS:
-        lock = safety.RunLock(key)
+    if ps.rank == 0 and path not in _LOCKS:
+        lock = safety.RunLock(path, key)
         try:
             lock.acquire()
-            _LOCKS[key] = lock
+            _LOCKS[path] = lock
         except safety.RunLockError as e:
             err = e
     if not all_ok(ps, err is None):
@@ -257,16 +260,18 @@ def save_guarded(run: RunConfig, loop: Loop) -> str | None:
     the previous checkpoints stay the newest); a full disk -> CheckpointIOError naming the
     path. Returns the checkpoint path, or None when not written."""
     ps = loop.engine().ps
-    finite = all(bool(e.local_params_finite()) for e in loop.trainable.values())
-    if not all_ok(ps, finite):
+    if not loop.guard.healthy:  # right after a skipped update the weights are suspect
+        logger.error("step %d: the last update was skipped: checkpoint NOT written", loop.step)
+        return None
+    if not weights_finite(loop):
         logger.error("step %d: non-finite weights: checkpoint NOT written", loop.step)
         return None
     root = run.checkpoint_dir
     m = run.model
     try:
-        return save_checkpoint(
+        path = save_checkpoint(
             root, loop, config_hash=run.hash(), hf=run.checkpoint.hf_in_checkpoints,
-            keep_last=run.checkpoint.keep_last, extra={"config": run_config_json(run)},
+            extra={"config": run_config_json(run)},
             hf_extras=lambda d: complete_hf_export(
                 d, source_dir=m.hf_path, tokenizer_dir=m.tokenizer_dir, template=run.data.template
             ),
@@ -276,6 +281,43 @@ def save_guarded(run: RunConfig, loop: Loop) -> str | None:
         if err is None:
             raise
         raise checkpoint_io.CheckpointIOError(str(err)) from None
+    if ps.rank == 0 and run.checkpoint.keep_last:
+        keep = rollback_target(root, loop.guard.first_skip)
+        checkpoint_io.prune(root, run.checkpoint.keep_last, protect=[keep] if keep else [])
+    return path
+
+
+def weights_finite(loop: Loop) -> bool:
+    """Every trainable engine's weights finite on every rank (collective)."""
+    finite = all(bool(e.local_params_finite()) for e in loop.trainable.values())
+    return all_ok(loop.engine().ps, finite)
+
+
+def rollback_target(root: str, first_skip: int | None) -> str | None:
+    """The checkpoint a diverged run rolls back to: the newest one written before the
+    first skipped update (`first_skip`, a step number); None when nothing was skipped."""
+    if first_skip is None:
+        return None
+    before = [p for step, p in checkpoint_io.list_complete(root, verify=False) if step < first_skip]
+    return before[-1] if before else None
+
+
+def roll_back(run: RunConfig, loop: Loop, err: safety.TrainingDiverged) -> safety.TrainingDiverged:
+    """After divergence: delete the checkpoints written from the first skipped step on
+    (their weights followed a NaN/Inf update) on rank 0; the error names the one to resume
+    from."""
+    root, first = run.checkpoint_dir, loop.guard.first_skip
+    keep = rollback_target(root, first)
+    ps = loop.engine().ps
+    if ps.rank == 0 and first is not None:
+        for step, p in checkpoint_io.list_complete(root, verify=False):
+            if step >= first:
+                checkpoint_io.remove_checkpoint(p)
+                logger.warning("removed %s: written after the first skipped step %d", p, first)
+    if ps.world_size > 1:
+        dist.barrier()
+    where = f"rolled back to {keep}" if keep else "no checkpoint before it to roll back to"
+    return safety.TrainingDiverged(f"{err}; first skipped step {first}: {where}")
 
 
 def export_final(run: RunConfig, engine: ModelEngine, out_dir: str) -> None:
@@ -284,6 +326,11 @@ def export_final(run: RunConfig, engine: ModelEngine, out_dir: str) -> None:
     import shutil
 
     ps = engine.ps
+    if not all_ok(ps, bool(engine.local_params_finite())):
+        raise safety.TrainingDiverged(
+            f"non-finite weights after the last step: {out_dir} NOT written (the checkpoints "
+            "on disk hold the last finite weights; lower optim.lr)"
+        )
     tmp = f"{out_dir}.tmp-export"
     if ps.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -351,6 +398,8 @@ def train_stage(
     loop.stop = safety.StopRequest().install()
     try:
         out = _fit(run, loop, stage, policy, eval_fn, save)
+    except safety.TrainingDiverged as e:
+        raise roll_back(run, loop, e) from None
     finally:
         loop.stop.uninstall()
     if loop.stop.requested:

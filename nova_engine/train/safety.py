@@ -128,6 +128,15 @@ def preflight(run) -> None:
             if not os.access(p, os.R_OK):
                 raise ConfigError(key, f"{p}: not readable")
     _writable_dir("train.out_dir", run.train.out_dir)
+    if run.checkpoint.export_hf:  # out_dir/hf: a previous export or nothing (hf_export's rule)
+        from nova_engine.model.hf_export import ExportError, check_export_target
+
+        try:
+            check_export_target(
+                os.path.join(run.train.out_dir, "hf"), overwrite=True, what="export"
+            )
+        except ExportError as e:
+            raise ConfigError("train.out_dir", str(e)) from None
     ck = run.checkpoint_dir
     _writable_dir("checkpoint.dir", ck)
     need = checkpoint_bytes(run) if run.checkpoint.check_free_space else None
@@ -160,11 +169,13 @@ def disk_error(path: str, e: BaseException) -> Exception | None:
 
 
 class RunLock:
-    """Exclusive lock on a run directory (rank 0, for the run). `acquire()` raises
-    RunLockError naming the holder; released on `release()` or when the process dies."""
+    """Exclusive lock on a directory a run writes (rank 0, for the run): out_dir and
+    checkpoint.dir each. `acquire()` raises RunLockError naming the holder and `key`;
+    released on `release()` or when the process dies."""
 
-    def __init__(self, out_dir: str):
+    def __init__(self, out_dir: str, key: str = "train.out_dir"):
         self.path = os.path.join(out_dir, LOCK_NAME)
+        self.key = key
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -185,7 +196,7 @@ class RunLock:
             raise RunLockError(
                 f"{os.path.dirname(self.path)}: in use by another run (pid "
                 f"{holder.get('pid', '?')} on {holder.get('host', '?')} since {when}); wait "
-                "for it to finish or choose another train.out_dir"
+                f"for it to finish or choose another {self.key}"
             ) from None
         os.ftruncate(fd, 0)
         info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
@@ -246,6 +257,9 @@ class NonFiniteGuard:
         self.zero_grad_steps, self.ema = zero_grad_steps, ema
         self.bad_in_row = self.skipped = self.zero_in_row = 0
         self.mean: float | None = None
+        self.first_skip: int | None = None
+        """The step number of this run's first skipped update (checkpoints from it on
+        are suspect: a diverged run rolls back to the last one before it)."""
 
     @property
     def healthy(self) -> bool:
@@ -256,6 +270,8 @@ class NonFiniteGuard:
         """Record a skipped update; TrainingDiverged after max_bad_steps in a row."""
         self.bad_in_row += 1
         self.skipped += 1
+        if self.first_skip is None:
+            self.first_skip = step
         logger.warning(
             "step %d: %s: update skipped (%d in a row, %d in all)",
             step, why, self.bad_in_row, self.skipped,

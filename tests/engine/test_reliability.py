@@ -2,7 +2,7 @@
 (`nova_engine.train.__main__.main`, a world of one; `torchrun` for the multi-rank cases):
 the exit code, the one line the user sees, and that nothing good was lost.
 
-Covers: the NaN guard (lr 1e30: updates skipped, the run stops, no non-finite checkpoint),
+Covers: the NaN guard (injected non-finite gradients: updates skipped, the run stops, no non-finite checkpoint),
 the divergence warnings, the run lock, the config check on resume, checksummed checkpoints
 (a damaged newest checkpoint is skipped; an explicit one is refused naming the file), shape
 mismatches naming file and parameter, complete and atomic HF exports (the README's
@@ -75,23 +75,35 @@ def shards(ckpt):
 
 
 def test_nan_guard_skips_updates_and_stops_without_a_nonfinite_checkpoint(assets, tmp_path, capsys,
-                                                                          caplog):  # fmt: skip
-    """lr 1e30 with clipping off: step 1 blows the weights up, step 2's loss is NaN; the
-    updates are skipped (logged), two in a row stop the run with one line, exit 2; every
-    checkpoint on disk holds finite weights and no final export was written."""
+                                                                          caplog, monkeypatch):  # fmt: skip
+    """Non-finite gradients from update 2 on (injected: optim.lr is capped, so lr 1e30 no
+    longer reaches a run): the updates are skipped (logged), two in a row stop the run with
+    one line, exit 2; every checkpoint on disk holds finite weights and no final export was
+    written."""
+    from nova_engine.train.engine import ModelEngine
+
+    calls = {"n": 0}
+    real = ModelEngine.local_grads_finite
+
+    def grads_finite(self):
+        calls["n"] += 1
+        ok = real(self)
+        return ok if calls["n"] < 2 else torch.zeros_like(ok)
+
+    monkeypatch.setattr(ModelEngine, "local_grads_finite", grads_finite)
     out = tmp_path / "run"
     with caplog.at_level(logging.WARNING, logger="nova_engine"):
-        rc, err = run(sft_args(assets, out, "optim.lr=1e30", "optim.grad_clip=0",
+        rc, err = run(sft_args(assets, out, "optim.grad_clip=0",
                                "train.max_steps=8", "train.save_every=1",
                                "train.max_bad_steps=2"), capsys)  # fmt: skip
     assert rc == 2, err
     assert err.startswith("TrainingDiverged") and "consecutive" in err
     assert "update skipped" in caplog.text
     found = checkpoint_io.list_complete(out / "checkpoints")
-    assert found, "the finite checkpoints were kept"
+    assert [s for s, _ in found] == [1], "the finite checkpoint was kept, nothing after it"
     for _, ckpt in found:
         for f in shards(ckpt):
-            for chunk in torch.load(f, weights_only=False)["model"]:
+            for chunk in torch.load(f, weights_only=True)["model"]:
                 assert all(torch.isfinite(t).all() for t in chunk.values()), f
     assert not (out / "hf").exists()
 
@@ -213,18 +225,20 @@ def test_export_is_complete_and_the_readme_chain_runs_from_it(assets, tmp_path, 
 
 
 def test_nova_export_replaces_an_existing_directory(tmp_path):
+    from safetensors.torch import save_file
+
     from nova_engine import cli
 
     def write(tmp):
         os.makedirs(os.path.join(tmp, "hf"))
-        with open(os.path.join(tmp, "hf", "model.safetensors"), "w") as f:
-            f.write("new")
+        save_file({"w": torch.ones(3)}, os.path.join(tmp, "hf", "model.safetensors"))
 
     ckpt = checkpoint_io.write_checkpoint_dir(tmp_path / "c" / "step_00000001", write, step=1)
     dest = tmp_path / "export"
     dest.mkdir()
     (dest / "model-00001-of-00002.safetensors").write_text("old")
-    assert cli.main(["export", ckpt, str(dest)]) == 0
+    assert cli.main(["export", ckpt, str(dest)]) == 2  # a previous export: --overwrite
+    assert cli.main(["export", ckpt, str(dest), "--overwrite"]) == 0
     assert sorted(os.listdir(dest)) == ["model.safetensors"]
 
 
