@@ -66,6 +66,7 @@ from .._vocab_parallel import (
     _tp_combine,
     _tp_info,
 )
+from . import _linear_configs as _cfg
 
 _NEG = -1.0e30  # finite "-inf" for running maxima: keeps (-inf) * 0 NaNs out of the rescaling
 _WORKSPACE_ELEMS = 1 << 26  # bound on one chunk of logits / dlogits (elements), 128 MiB in bf16
@@ -259,38 +260,29 @@ def _bwd_dlogits_kernel(
     )
 
 
-_TUNED: dict[str, object] = {}
+_TUNED: dict[tuple[str, str], object] = {}  # NOVA_AUTOTUNE=1 wrappers per (kernel, dtype class)
 
 
-def _gpu_configs() -> list:
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_V": bv, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-        for bn, bv, bk, w, st in [
-            (128, 128, 64, 8, 3),
-            (128, 256, 64, 8, 3),
-            (64, 256, 64, 4, 4),
-            (128, 128, 32, 4, 4),
-            (256, 128, 64, 8, 3),
-        ]
-    ]
-
-
-def _kernel(name: str):
-    """The jitted kernel (interpreter: fixed meta-params) or its autotuned GPU wrapper."""
+def _kernel(name: str, dtype: torch.dtype, n_cols: int):
+    """(kernel, meta-params) of one launch over n_cols vocab columns: the interpreter's fixed
+    tiles; by default the deterministic selector's config (a pure function of the kernel, the
+    dtype class and the bucketed vocab width, never N: see ._linear_configs); with
+    NOVA_AUTOTUNE=1 Triton's timing autotuner over the same spill-free candidates, keyed on H
+    (not resume-exact)."""
     base = {"fwd": _fwd_stats_kernel, "bwd": _bwd_dlogits_kernel}[name]
     if interpreting():
-        return base, {"BLOCK_N": 32, "BLOCK_V": 64, "BLOCK_K": 32}
-    if name not in _TUNED:
-        key = ["H", "Vp"] if name == "fwd" else ["H", "n_cols"]
-        _TUNED[name] = triton.autotune(_gpu_configs(), key=key)(base)
-    return _TUNED[name], {}
+        return base, dict(_cfg.INTERP_META)
+    if _cfg.autotune_enabled():
+        key = (name, _cfg.dtype_class(dtype))
+        if key not in _TUNED:
+            _TUNED[key] = triton.autotune(_cfg.autotune_configs(name, dtype), key=["H"])(base)
+        return _TUNED[key], {}
+    cfg = _cfg.select(name, dtype, n_cols)
+    return base, {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
 def _dot_flags(x: torch.Tensor) -> dict:
-    return {
-        "CAST_FP32": interpreting() or x.dtype == torch.float32,
-        "DOT_PRECISION": "ieee" if x.dtype == torch.float32 else "tf32",
-    }
+    return _cfg.dot_flags(x.dtype, interpreting())
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -301,7 +293,7 @@ def _triton_stats(h_NH, w_VpH, tgt_N, with_entropy, inv_t=1.0):
     merged here. -> 4 x [N] fp32"""
     N, H = h_NH.shape
     Vp = w_VpH.shape[0]
-    kernel, meta = _kernel("fwd")
+    kernel, meta = _kernel("fwd", h_NH.dtype, Vp)
     if interpreting() or not h_NH.is_cuda:
         n_splits = min(2, triton.cdiv(Vp, 64))
     else:  # enough programs to fill the GPU when N is small
@@ -339,7 +331,7 @@ def _triton_dlogits(
     and returned."""
     n_rows, H = h_nH.shape
     n_cols = w_vH.shape[0]
-    kernel, meta = _kernel("bwd")
+    kernel, meta = _kernel("bwd", h_nH.dtype, n_cols)
     grid = lambda META: (triton.cdiv(n_rows, META["BLOCK_N"]), triton.cdiv(n_cols, META["BLOCK_V"]))
     kernel[grid](
         h_nH,
