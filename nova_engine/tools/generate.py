@@ -214,10 +214,16 @@ def load_arch_and_tokenizer(model: str, tokenizer: str | None) -> tuple[str, Any
     """(model directory, ModelArch, ChatTokenizer) of an HF directory or a checkpoint
     (`resolve_model_dir`), the tokenizer from `tokenizer` or the model directory; a bad
     directory, architecture or tokenizer -> UserError naming the option."""
+    from nova_engine.config import ConfigError
     from nova_engine.data.tokenize import ChatTokenizer, TemplateError
     from nova_engine.model.arch import ArchitectureError, load_arch
+    from nova_engine.train.safety import check_policy_dir
 
     model_dir = resolve_model_dir(model)
+    try:
+        check_policy_dir("--model", model_dir)  # sampling needs the LM head
+    except ConfigError as e:
+        raise UserError(str(e)) from None
     try:
         arch = load_arch(model_dir)
     except ArchitectureError as e:

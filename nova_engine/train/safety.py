@@ -1,8 +1,9 @@
 """Nothing lost, nothing silent: the checks around a training run.
 
 - `preflight(run)`: what can be checked before the model loads or any process group exists
-  (model and tokenizer directories, data files, a writable out_dir, free disk for one
-  checkpoint); a problem raises ConfigError naming the key and the path.
+  (model and tokenizer directories, the model class each stage needs there — a policy is
+  never built from an untied reward model —, data files, a writable out_dir, free disk for
+  one checkpoint); a problem raises ConfigError naming the key and the path.
 - `RunLock`: an exclusive lock on out_dir held by rank 0 for the run (`fcntl.lockf` on
   `<out_dir>/.nova.lock`: the kernel drops it when the process dies, so a crashed run never
   leaves a stale lock; the file says which pid/host holds it).
@@ -81,6 +82,67 @@ def _writable_dir(key: str, path: str) -> None:
         raise ConfigError(key, f"{path}: not writable ({e.strerror or e})") from None
 
 
+# the keys of each stage whose directory must hold a policy (a causal LM with its LM head)
+POLICY_KEYS = {
+    "sft": ("model.hf_path",),
+    "dpo": ("model.hf_path",),
+    "rlvr": ("model.hf_path", "model.reference_path"),
+}
+
+
+def _weight_names(path: str) -> set[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                return set(json.load(f).get("weight_map", {}))
+        except (OSError, ValueError):
+            return set()
+    names: set[str] = set()
+    for n in sorted(os.listdir(path)):
+        if n.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(os.path.join(path, n), "pt") as s:
+                    names |= set(s.keys())
+            except Exception:  # noqa: BLE001 - the loader names a damaged file later
+                return set()
+    return names
+
+
+def check_policy_dir(key: str, path: str) -> None:
+    """`path` must be a model whose LM head is there: a *ForCausalLM, or a score model
+    (*ForSequenceClassification: reward model, critic) with tied embeddings. An untied
+    score model has no lm_head, and a policy built from it would sample from a random
+    head: ConfigError naming the key."""
+    cfg_path = os.path.join(path, "config.json")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return  # the model loader reports a missing or bad config.json
+    archs = cfg.get("architectures") or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in archs):
+        return
+    if cfg.get("tie_word_embeddings") or "lm_head.weight" in _weight_names(path):
+        return
+    raise ConfigError(
+        key,
+        f"{path} is a reward/value model ({archs[0]}, no lm_head): a policy needs a causal "
+        "LM (*ForCausalLM); point it at the SFT/DPO export, not the reward model's",
+    )
+
+
+def check_model_classes(run) -> None:
+    """Every model directory of `run` against what its stage needs there (POLICY_KEYS)."""
+    for key in POLICY_KEYS.get(getattr(run, "stage", ""), ()):
+        section, name = key.split(".")
+        path = getattr(getattr(run, section, None), name, None)
+        if path and os.path.isdir(path):
+            check_policy_dir(key, path)
+
+
 def checkpoint_bytes(run) -> int | None:
     """Bytes one checkpoint of `run` takes (all ranks together), from config.json: weights
     in the run's precision, Adam state (fp32 master + two moments, 12 B/param) and the HF
@@ -118,6 +180,7 @@ def preflight(run) -> None:
                 "model.tokenizer_path" if m.tokenizer_path else "model.hf_path",
                 f"{tok}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json)",
             )
+    check_model_classes(run)
     d = run.data
     if not d.train_paths:
         raise ConfigError("data.train_paths", "empty: expected at least one JSONL file")

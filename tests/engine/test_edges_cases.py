@@ -344,3 +344,47 @@ def test_one_line_for_a_missing_recipe(assets, tmp_path, capsys):
     rc, line = train(argv, capsys)
     assert rc == 2 and "--recipe" in line and "nope.yaml: no such file" in line, line
     record("11", "sft --recipe MISSING.yaml", rc, line, "nothing written", tmp_path)
+
+
+# ------------------------------------------------------------------ (4) model class
+
+
+def _untied_reward_model(src, dst):
+    """A Llama*ForSequenceClassification copy of `src`: no lm_head, a score head."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(dst)
+    w = load_file(os.path.join(src, "model.safetensors"))
+    hidden = w.pop("lm_head.weight").shape[1]
+    w["score.weight"] = torch.randn(1, hidden)
+    save_file(w, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    cfg.update(architectures=["LlamaForSequenceClassification"], num_labels=1,
+               tie_word_embeddings=False)  # fmt: skip
+    json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
+
+
+def test_an_untied_reward_model_is_refused_as_a_policy(assets, tmp_path, capsys):
+    rm = str(tmp_path / "rm")
+    _untied_reward_model(assets["model"], rm)
+    out = tmp_path / "run"
+    rc, line = train(sft_args(assets, out, f"model.hf_path={rm}"), capsys)
+    assert rc == 2 and "model.hf_path" in line and "reward/value model" in line, line
+    assert not (out / "checkpoints").exists()
+    record("4", "sft ... model.hf_path=UNTIED_RM_DIR", rc, line, "nothing written", tmp_path)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    gen = tmp_path / "gen.jsonl"
+    rc, line = nova(["generate", "--model", rm, "--tokenizer", assets["tok"], "--prompts",
+                     str(prompts), "--out", str(gen)], capsys)  # fmt: skip
+    assert rc == 2 and "--model" in line and "reward/value model" in line, line
+    assert not gen.exists()
+    record("4", "nova generate --model UNTIED_RM_DIR ...", rc, line, "nothing written", tmp_path)
+    # the same directory with an lm_head (or tied embeddings) is a fine policy
+    from nova_engine.train.safety import check_policy_dir
+
+    cfg = json.load(open(os.path.join(rm, "config.json")))
+    cfg["tie_word_embeddings"] = True
+    json.dump(cfg, open(os.path.join(rm, "config.json"), "w"))
+    check_policy_dir("model.hf_path", rm)
