@@ -14,14 +14,18 @@ path for per-token log-probs with an arbitrary upstream gradient (DPO, RL).
 
 Legend and the TP / sequence-parallel contract are those of `nova_kernels.linear_logprobs`
 (hidden [N, H] or its [N/tp, H] SP slice, weight [Vp, H] this rank's vocab shard, targets [N]
-global ids). The elementwise part is torch ops over the fp32 chunk on every device (cuBLAS
-GEMMs on GPU); a fused Triton row kernel for it is the next step towards the GEMM floor.
+global ids). The row pass (statistics, dz) is `nova_kernels.ops.lm_head_rows`: a Triton row
+kernel (backend "triton", the default on CUDA; at tp = 1 statistics and dz in one launch) or
+torch ops (backend "torch", the CPU path and the reference); the GEMMs are cuBLAS on GPU, with
+the LM heads' one numerics contract (bf16 operands, fp32 logits and statistics, grad_W
+accumulated in fp32 across row chunks), see that module.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._backend import resolve_backend
 from .._common import _acc_dtype
 from .._vocab_parallel import (
     _check,
@@ -29,10 +33,9 @@ from .._vocab_parallel import (
     _reduce_grad_hidden,
     _scale_saved_grads,
     _sp_gather,
-    _tp_combine,
     _tp_info,
 )
-from .linear_logprobs import _budget, _compute_dtype
+from .lm_head_rows import GradWeight, LogitsChunk, gemm, operand_dtype, rows_per_chunk
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -41,13 +44,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     grad_hidden rows (GEMM 2) and grad_W accumulation (GEMM 3). Backward scales by the scalar."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_weights, rows, tp_group, ignore_index, sp):
+    def forward(ctx, hidden, weight, targets, token_weights, rows, cfg):
+        tp_group, ignore_index, sp, backend = cfg
         tp, rank = _tp_info(tp_group)
         sp = bool(sp) and tp > 1
         h_NH = (_sp_gather(hidden, tp_group, tp) if sp else hidden).contiguous()
         w_VpH = weight.contiguous()
         (N, H), vp = h_NH.shape, w_VpH.shape[0]
-        cdt, acc = _compute_dtype(h_NH), _acc_dtype(h_NH)
+        op, acc = operand_dtype(h_NH, backend), _acc_dtype(h_NH)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         tgt_N = _local_targets(targets, rank * vp, vp, ignore_index)
         wts = torch.ones(N, device=h_NH.device, dtype=acc)
@@ -63,45 +67,37 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if compact:
             rows = rows.to(device=h_NH.device, dtype=torch.long)
             h_NH, tgt_N, wts, N = h_NH.index_select(0, rows), tgt_N[rows], wts[rows], rows.numel()
-        nc = max(1, min(N, _budget(h_NH.device) // max(vp, 1)))
+        nc = min(max(N, 1), rows_per_chunk(h_NH.device, vp))
+        grads = need_h or need_w
         grad_h = torch.empty(N, H, device=h_NH.device, dtype=hidden.dtype) if need_h else None
-        # grad_W accumulates over row chunks: in fp32 on CPU, in W's dtype on GPU (cuBLAS
-        # accumulates each chunk's product in fp32 and rounds once per chunk)
-        grad_w = torch.zeros(vp, H, device=h_NH.device, dtype=cdt) if need_w else None
-        w_c = w_VpH.to(cdt)
+        # grad_W: fp32 accumulation across row chunks on every device, rounded once at the end
+        grad_w = GradWeight(vp, H, weight.dtype, h_NH.device, -(-N // nc), acc) if need_w else None
+        w_c = w_VpH.to(op)
         loss = torch.zeros((), device=h_NH.device, dtype=acc)
         for r0 in range(0, N, nc):
             r = slice(r0, r0 + nc)
-            h_r = h_NH[r].to(cdt)
-            z = (h_r @ w_c.T).to(acc)  # [nc, Vp]
-            tgt = tgt_N[r]
-            # target logit by a masked gather (no boolean indexing: no host sync per chunk)
-            hit, tcol = tgt >= 0, tgt.clamp(min=0)[:, None]
-            t = torch.where(hit, z.gather(1, tcol)[:, 0], 0.0)
-            m = z.amax(1)
-            e = z.sub_(m[:, None]).exp_()  # exp(z - m), in place
-            M, S, _, T = _tp_combine(m, e.sum(1), t, t, tp_group, tp, False)
+            h_r = h_NH[r].to(op)
             wr = wts[r]
-            loss -= (wr * (T - M - torch.log(S))).sum()
-            if need_h or need_w:
-                dz = e.mul_((wr * torch.exp(m - M) / S)[:, None])  # w * p
-                dz.scatter_add_(1, tcol, torch.where(hit, -wr, 0.0)[:, None].to(dz.dtype))
-                dz = dz.to(cdt)
+            # no TP: the Triton row kernel forms dz in the statistics' launch
+            ch = LogitsChunk(h_r, w_c, tgt_N[r], backend, tp_group, tp, wr if grads else None)
+            loss -= (wr * ch.logp).sum()
+            if grads:
+                dz = ch.dlogits(wr, op)
                 if grad_h is not None:
-                    grad_h[r] = dz @ w_c
+                    grad_h[r] = gemm(dz, w_c, hidden.dtype)  # GEMM 2
                 if grad_w is not None:
-                    grad_w.addmm_(dz.T, h_r)
+                    grad_w.add(dz, h_r)  # GEMM 3
         if grad_h is not None:
             if compact:
                 grad_h = grad_h.new_zeros(full_n, H).index_copy_(0, rows, grad_h)
             grad_h = _reduce_grad_hidden(grad_h, tp_group, tp, sp)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        ctx.save_for_backward(grad_h, grad_w.result(weight) if grad_w is not None else None)
         return loss
 
     @staticmethod
     def backward(ctx, g_loss):
         gh, gw = _scale_saved_grads(ctx, g_loss)
-        return gh, gw, None, None, None, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -114,6 +110,7 @@ def linear_cross_entropy(
     tp_group=None,
     ignore_index: int = -100,
     sequence_parallel: bool = False,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Weighted cross-entropy sum, -sum_n w_n log p(targets_n), in 3 GEMMs (grads in forward).
 
@@ -125,10 +122,16 @@ def linear_cross_entropy(
     (`PackedBatch.loss_rows`); every other row must weigh 0 (a masked prompt, padding,
     ignore_index). They alone go through the GEMMs: the other rows' grad_hidden is 0 and the
     LM-head work scales with the loss tokens, not all tokens. Without `rows` every row runs
-    through the GEMMs. Either way nothing is read back to the host (no sync). Torch ops + cuBLAS on every
-    device; memory: one [Nc, Vp] fp32 logits chunk (Nc = workspace // Vp) plus the grads held
-    from forward.
+    through the GEMMs. Either way nothing is read back to the host (no sync). Memory: one
+    [Nc, Vp] fp32 logits chunk (dz is formed over it), the grads held from forward and, with
+    several chunks, an fp32 grad_W accumulator. backend: "triton" | "torch" | None
+    (NOVA_KERNELS, else triton on CUDA / torch on CPU); fp64 inputs run the torch path.
     """
+    if hidden.dtype == torch.float64:
+        if backend == "triton":
+            raise ValueError("linear_cross_entropy: fp64 inputs run on the torch backend only")
+        backend = "torch"
+    backend = resolve_backend(backend)
     tp, _ = _tp_info(tp_group)
     _check(hidden, weight, targets, sequence_parallel and tp > 1, tp)
     if rows is not None and (rows.dim() != 1 or rows.dtype.is_floating_point):
@@ -141,6 +144,5 @@ def linear_cross_entropy(
             f"linear_cross_entropy: token_weights {tuple(token_weights.shape)} != targets "
             f"{tuple(targets.shape)}"
         )
-    return LinearCrossEntropyFunction.apply(
-        hidden, weight, targets, token_weights, rows, tp_group, ignore_index, sequence_parallel
-    )
+    cfg = (tp_group, ignore_index, sequence_parallel, backend)
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, token_weights, rows, cfg)

@@ -39,8 +39,11 @@ TP / SP contract as `linear_cross_entropy`: hidden [N, H] (SP: this rank's [N/tp
 all-gathered rank-major here, grad_hidden reduce-scattered), weight [Vp, H] this rank's
 shard, targets / cu_seqlens / loss_mask replicated over the TP group; every rank runs the same
 chunk schedule (it depends only on N, Vp and cu_seqlens). The loss and the returned sums are
-replicated over the TP group. Torch ops + cuBLAS on every device (backend "torch"); a Triton
-row kernel for the elementwise part is not written yet, so "triton" runs the same path.
+replicated over the TP group. The row pass (statistics, then dz once g_s is known) is
+`nova_kernels.ops.lm_head_rows`: Triton row kernels (backend "triton", the default on CUDA) or
+torch ops (backend "torch", the CPU path and the reference), GEMMs on cuBLAS, with the LM
+heads' one numerics contract (bf16 operands, fp32 logits and statistics, grad_W accumulated in
+fp32 across chunks).
 """
 
 from __future__ import annotations
@@ -57,10 +60,9 @@ from .._vocab_parallel import (
     _reduce_grad_hidden,
     _scale_saved_grads,
     _sp_gather,
-    _tp_combine,
     _tp_info,
 )
-from .linear_logprobs import _budget, _compute_dtype
+from .lm_head_rows import GradWeight, LogitsChunk, gemm, operand_dtype, rows_per_chunk
 
 GroupLoss = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -81,25 +83,14 @@ def _group_chunks(cu: list[int], num_seq: int, gsize: int, rows_max: int):
     return out
 
 
-class _Chunk:
-    """Per-row-range state of the forward: the logits workspace (exp(z - m)), statistics."""
-
-    def __init__(self, h_r, w_c, tgt, acc, tp_group, tp):
-        z = (h_r @ w_c.T).to(acc)  # GEMM 1: [rows, Vp]
-        self.hit, self.tcol = tgt >= 0, tgt.clamp(min=0)[:, None]
-        t = torch.where(self.hit, z.gather(1, self.tcol)[:, 0], 0.0)
-        m = z.amax(1)
-        self.e = z.sub_(m[:, None]).exp_()  # exp(z - m), in place
-        M, S, _, T = _tp_combine(m, self.e.sum(1), t, t, tp_group, tp, False)
-        self.scale = torch.exp(m - M) / S  # p = e * scale
-        self.logp = T - M - torch.log(S)  # valid rows only (masked by the caller)
-
-    def dz(self, g_t, cdt):
-        """dz = g_t (1_t - p) for this shard's columns, in place on the workspace."""
-        dz = self.e.mul_((-g_t * self.scale)[:, None])
-        dz.scatter_add_(1, self.tcol, torch.where(self.hit, g_t, 0.0)[:, None].to(dz.dtype))
-        self.e = None
-        return dz.to(cdt)
+def _sub_chunks(cu, chunks, rows_max: int, rows_group: int):
+    """Per group chunk its row ranges: whole, or rows_max sub-chunks for an oversize group."""
+    out = []
+    for s0, s1 in chunks:
+        r0, r1 = cu[s0], cu[s1]
+        step = r1 - r0 if r1 - r0 <= rows_group else rows_max
+        out.append([(a, min(a + step, r1)) for a in range(r0, r1, max(step, 1))])
+    return out
 
 
 class LinearPairLogprobsFunction(torch.autograd.Function):
@@ -108,13 +99,13 @@ class LinearPairLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, cu_seqlens, loss_mask, seq_index, group_loss, cfg):
-        num_seq, gsize, tp_group, ignore_index, sp, cu_host = cfg
+        num_seq, gsize, tp_group, ignore_index, sp, cu_host, backend = cfg
         tp, rank = _tp_info(tp_group)
         sp = bool(sp) and tp > 1
         h_NH = (_sp_gather(hidden, tp_group, tp) if sp else hidden).contiguous()
         w_VpH = weight.contiguous()
         (N, H), vp = h_NH.shape, w_VpH.shape[0]
-        dev, cdt, acc = h_NH.device, _compute_dtype(h_NH), _acc_dtype(h_NH)
+        dev, op, acc = h_NH.device, operand_dtype(h_NH, backend), _acc_dtype(h_NH)
         train = group_loss is not None
         need_h = train and ctx.needs_input_grad[0]
         need_w = train and ctx.needs_input_grad[1]
@@ -133,24 +124,23 @@ class LinearPairLogprobsFunction(torch.autograd.Function):
         counts.index_add_(0, seg_N, (loss_mask[cu[0] : cu[-1]] != 0).to(acc))
         sums = torch.zeros(num_seq, device=dev, dtype=acc)
         grad_h = torch.zeros(N, H, device=dev, dtype=hidden.dtype) if need_h else None
-        grad_w = torch.zeros(vp, H, device=dev, dtype=cdt) if need_w else None
-        w_c = w_VpH.to(cdt)
+        w_c = w_VpH.to(op)
         loss = torch.zeros((), device=dev, dtype=acc)
-        rows_max = max(1, _budget(dev) // max(vp, 1))
+        rows_max = rows_per_chunk(dev, vp)
         rows_group = max(rows_max, _GROUP_WORKSPACE_ELEMS // max(vp, 1))
-        for s0, s1 in _group_chunks(cu, num_seq, gsize, rows_max):
-            r0, r1 = cu[s0], cu[s1]
-            # one group longer than the chunk budget: whole up to the group workspace, else
-            # scored in sub-chunks and recomputed (4 GEMMs for that group)
-            step = r1 - r0 if r1 - r0 <= rows_group else rows_max
-            subs = [(a, min(a + step, r1)) for a in range(r0, r1, max(step, 1))]
+        groups = _group_chunks(cu, num_seq, gsize, rows_max)
+        # one group longer than the chunk budget: whole up to the group workspace, else scored
+        # in sub-chunks and recomputed (4 GEMMs for that group)
+        subs_all = _sub_chunks(cu, groups, rows_max, rows_group)
+        n_chunks = sum(len(x) for x in subs_all)
+        # grad_W: fp32 accumulation across chunks on every device, rounded once at the end
+        grad_w = GradWeight(vp, H, weight.dtype, dev, n_chunks, acc) if need_w else None
+        for (s0, s1), subs in zip(groups, subs_all):
             chunks = []
             for a, b in subs:
-                ch = _Chunk(h_NH[a:b].to(cdt), w_c, tgt_N[a:b], acc, tp_group, tp)
+                ch = LogitsChunk(h_NH[a:b].to(op), w_c, tgt_N[a:b], backend, tp_group, tp)
                 sums.index_add_(0, seg_N[a - cu[0] : b - cu[0]], ch.logp * wts_N[a:b])
-                if len(subs) > 1:
-                    ch.e = None  # an oversize group: recompute its logits for dz below
-                chunks.append(ch)
+                chunks.append(ch if len(subs) == 1 else None)  # oversize: recomputed below
             if not train:
                 continue
             with torch.enable_grad():
@@ -161,18 +151,18 @@ class LinearPairLogprobsFunction(torch.autograd.Function):
             if not (need_h or need_w) or g_seq is None:
                 continue
             for (a, b), ch in zip(subs, chunks):
-                h_r = h_NH[a:b].to(cdt)
-                if ch.e is None:  # oversize group: the same statistics, recomputed
-                    ch = _Chunk(h_r, w_c, tgt_N[a:b], acc, tp_group, tp)
+                h_r = h_NH[a:b].to(op)
+                if ch is None:  # oversize group: the same statistics, recomputed
+                    ch = LogitsChunk(h_r, w_c, tgt_N[a:b], backend, tp_group, tp)
                 g_t = g_seq.to(acc)[seg_N[a - cu[0] : b - cu[0]] - s0] * wts_N[a:b]
-                dz = ch.dz(g_t, cdt)
+                dz = ch.dlogits(-g_t, op)  # dz = g_t (1_t - p)
                 if grad_h is not None:
-                    grad_h[a:b] = (dz @ w_c).to(hidden.dtype)  # GEMM 2
+                    grad_h[a:b] = gemm(dz, w_c, hidden.dtype)  # GEMM 2
                 if grad_w is not None:
-                    grad_w.addmm_(dz.T, h_r)  # GEMM 3
+                    grad_w.add(dz, h_r)  # GEMM 3
         if grad_h is not None:
             grad_h = _reduce_grad_hidden(grad_h, tp_group, tp, sp)
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        ctx.save_for_backward(grad_h, grad_w.result(weight) if grad_w is not None else None)
         ctx.mark_non_differentiable(sums, counts)
         return loss, sums, counts
 
@@ -213,7 +203,11 @@ def linear_pair_logprobs(
     from it) and seq_index ([N] int64 sequence of each row, -1 past the scored ones,
     `PackedBatch.seq_index`). Without them cu_seqlens is read back once per call.
     """
-    resolve_backend(backend)  # validates; both backends run the torch path (module docstring)
+    if hidden.dtype == torch.float64:
+        if backend == "triton":
+            raise ValueError("linear_pair_logprobs: fp64 inputs run on the torch backend only")
+        backend = "torch"
+    backend = resolve_backend(backend)
     tp, _ = _tp_info(tp_group)
     _check(hidden, weight, targets, sequence_parallel and tp > 1, tp)
     cu_host = cu_seqlens.tolist() if cu_seqlens_host is None else list(cu_seqlens_host)
@@ -238,7 +232,7 @@ def linear_pair_logprobs(
             f"linear_pair_logprobs: loss_mask {tuple(loss_mask.shape)} != targets "
             f"{tuple(targets.shape)}"
         )
-    cfg = (num_seq, group_size, tp_group, ignore_index, sequence_parallel, cu_host)
+    cfg = (num_seq, group_size, tp_group, ignore_index, sequence_parallel, cu_host, backend)
     return LinearPairLogprobsFunction.apply(
         hidden, weight, targets, cu_seqlens, loss_mask, seq_index, group_loss, cfg
     )
