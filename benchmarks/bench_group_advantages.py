@@ -11,8 +11,8 @@ speedup_vs_loop.
 Then the whole GRPO outcome step on token rewards [B, T] (scores = row sums, group
 statistics, the broadcast over the 0/1 response mask): verl-style vectorized torch (index_add
 statistics, `scores.unsqueeze(-1) * response_mask`) vs Nova's `compute_advantages("grpo")`
-(one-pass broadcast), op grpo_outcome_BT, bool and float masks, timed interleaved. Without CUDA the Triton rows (impl triton_interpreter) only show that the
-path runs under the interpreter; they are not performance figures.
+(one-pass broadcast), op grpo_outcome_BT, bool and float masks, timed interleaved. Without CUDA there
+are no Triton rows: the interpreter's timings are no performance figures.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ def bench_one(S, est, device, reps, rows):
             scores, ids, estimator=est, num_groups=G, backend="triton"
         ),
     }
+    if not on_gpu:  # the interpreter is no timing
+        impls.pop(triton_name)
     shape = f"S={S},n={GROUP}"
     times = measure_impls(
         rows, op=f"group_advantages_{est}", shape=shape, mode="fwd", impls=impls, reps=reps,
