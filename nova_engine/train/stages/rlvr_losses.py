@@ -175,7 +175,7 @@ def _counts(mbs: Sequence[RLMicroBatch], policy: bool = False) -> dict[str, floa
             "seqs": float(sum(mb.policy_seqs for mb in mbs)),
         }
     return {
-        "tokens": float(sum(float(mb.loss_mask.sum()) for mb in mbs)),
+        "tokens": float(sum(mb.num_loss_tokens for mb in mbs)),  # host counts (the packer)
         "seqs": float(sum(mb.num_samples for mb in mbs)),
     }
 
