@@ -238,6 +238,36 @@ class OptimConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """GPU speed switches (`train.speed.<key>`). None = automatic: on when CUDA is available
+    and the kernel exists (TE/apex-dependent ones only when importable), off on CPU (CPU
+    numerics never change); true/false forces the switch."""
+
+    overlap_grad_reduce: bool | None = None
+    """megatron DDP: reduce gradient buckets during backward (auto: on with CUDA)."""
+    overlap_param_gather: bool | None = None
+    """Distributed optimizer: all-gather updated parameters during the next forward (auto: on
+    with CUDA and parallel.distributed_optimizer; true needs distributed_optimizer)."""
+    bias_swiglu_fusion: bool | None = None
+    """megatron's fused SwiGLU in the MLP (not with train.fuse_elementwise)."""
+    apply_rope_fusion: bool | None = None
+    """Transformer Engine's fused RoPE kernel (needs TE's layer spec)."""
+    masked_softmax_fusion: bool | None = None
+    """megatron's fused scale-mask-softmax (only read by megatron's local attention)."""
+    bias_dropout_fusion: bool | None = None
+    """megatron's fused bias-dropout-add after attention and MLP."""
+    gradient_accumulation_fusion: bool | None = None
+    """Weight gradients accumulated into the fp32 main_grad in the GEMM (TE or apex)."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            _check(
+                v is None or isinstance(v, bool), f.name, f"expected true, false or null, got {v!r}"
+            )
+
+
+@dataclass
 class TrainConfig:
     global_batch_size: int = 128
     """Sequences (SFT conversations / DPO pairs) per optimizer step, over all DP ranks."""
@@ -265,6 +295,8 @@ class TrainConfig:
     """RMSNorm and SwiGLU through torch.compile (nova_engine.model.fused): ~15% of a tiny
     model's CPU step; the first step pays a one-time compile (~10-30 s). Transformer
     Engine's layer spec, when used, fuses its own."""
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
+    """GPU speed switches (overlap of DP communication, megatron's fusions); automatic."""
     tensorboard: bool = True
     """Write TensorBoard events under out_dir/tensorboard (when tensorboard is importable)."""
     max_bad_steps: int = 3

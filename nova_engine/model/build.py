@@ -6,12 +6,25 @@ hidden states (after the final RMSNorm) instead of logits, so the loss can go th
 `nova_kernels.linear_logprobs` without ever materializing [tokens x vocab] logits.
 
 Layer spec: megatron's local spec with Nova's core attention (packed batches) everywhere;
-Transformer Engine's spec when TE is importable and `use_te=True`.
+Transformer Engine's spec (megatron's `get_gpt_layer_with_transformer_engine_spec`: fused
+norm+linear, TE's DotProductAttention, megatron's per-segment RoPE for packed batches) when TE
+is importable and `use_te` is not False. Generation swaps Nova's core attention in for the
+call (nova_engine.generate.kv_cache), so it is correct under either spec.
+
+GPU speed switches (`speed_switches`): with CUDA, megatron's fused SwiGLU, bias-dropout-add
+and RoPE (the latter only with TE's kernel), gradient-accumulation fusion (TE or apex's
+kernel) and the masked-softmax switch are on by default; on CPU all stay off (the numerics of
+CPU runs never change). Each can be forced by `train.speed.<key>` (nova_engine.config).
+Weights: `init_weights=False` (a model about to load a checkpoint) skips megatron's random
+init, and on GPU allocates the shards on the device directly instead of building full fp32
+master weights on the CPU of every TP rank.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +45,19 @@ from nova_engine.model.packed import NovaPackedSeqParams
 from nova_engine.model.rope import packed_rope_table
 from nova_engine.parallel.state import ParallelState
 
+if TYPE_CHECKING:
+    from nova_engine.config import SpeedConfig
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# train.speed key -> megatron TransformerConfig field
+FUSION_KEYS = {
+    "bias_swiglu_fusion": "bias_activation_fusion",
+    "apply_rope_fusion": "apply_rope_fusion",
+    "masked_softmax_fusion": "masked_softmax_fusion",
+    "bias_dropout_fusion": "bias_dropout_fusion",
+    "gradient_accumulation_fusion": "gradient_accumulation_fusion",
+}
 
 
 def te_available() -> bool:
@@ -43,12 +68,62 @@ def te_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _te_rope_available() -> bool:
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return rope_utils.fused_apply_rotary_pos_emb is not None
+
+
+def speed_switches(
+    cuda: bool, use_te: bool, fuse_elementwise: bool = False, speed: SpeedConfig | None = None
+) -> dict[str, bool]:
+    """megatron TransformerConfig fusion fields: on with CUDA where the kernel exists
+    (TE/apex-dependent ones only when importable), off without CUDA; a `speed` field that is
+    not None forces its switch (ValueError when its kernel is missing)."""
+    kernels = {  # key -> (kernel there, what it needs)
+        "bias_swiglu_fusion": (
+            not fuse_elementwise,
+            "train.fuse_elementwise off (megatron refuses both)",
+        ),  # fmt: skip
+        "apply_rope_fusion": (
+            cuda and use_te and _te_rope_available(),
+            "Transformer Engine's fused RoPE (CUDA)",
+        ),  # fmt: skip
+        "masked_softmax_fusion": (True, ""),
+        "bias_dropout_fusion": (True, ""),
+        "gradient_accumulation_fusion": (
+            cuda and (use_te or _importable("fused_weight_gradient_mlp_cuda")),
+            "Transformer Engine or apex's fused_weight_gradient_mlp_cuda (CUDA)",
+        ),
+    }
+    out = {}
+    for key, field in FUSION_KEYS.items():
+        there, needs = kernels[key]
+        forced = getattr(speed, key, None) if speed is not None else None
+        if forced and not there:
+            raise ValueError(f"train.speed.{key}=true needs {needs}")
+        out[field] = (cuda and there) if forced is None else bool(forced)
+    return out
+
+
 def transformer_config(
     arch: ModelArch,
     ps: ParallelState,
     precision: str = "fp32",
     recompute: str = "none",
     fuse_elementwise: bool = False,
+    *,
+    use_te: bool = False,
+    init_weights: bool = True,
+    cuda: bool | None = None,
+    speed: SpeedConfig | None = None,
 ) -> TransformerConfig:
     """megatron TransformerConfig for `arch` on layout `ps`.
 
@@ -56,6 +131,9 @@ def transformer_config(
     (the optimizer keeps fp32 master weights). recompute: "none" | "selective" | "full".
     fuse_elementwise: the local spec's MLP takes its activation module from the spec
     (`NovaSwiGLU`, compiled) — megatron's switch for that is `use_te_activation_func`.
+    init_weights: False skips megatron's random init (the weights come from a checkpoint).
+    cuda (None: torch.cuda.is_available() and ps.device is CUDA) picks the GPU speed
+    switches (`speed_switches`; `speed` overrides them) and, without init, device allocation.
     """
     if precision not in _DTYPES:
         raise ValueError(f"precision={precision!r}: expected one of {sorted(_DTYPES)}")
@@ -63,6 +141,9 @@ def transformer_config(
         raise ValueError(f"recompute={recompute!r}: expected 'none', 'selective' or 'full'")
     arch.check_layout(ps.tp, ps.pp, ps.vpp)
     dtype = _DTYPES[precision]
+    if cuda is None:
+        cuda = torch.cuda.is_available() and ps.device.type == "cuda"
+    fusions = speed_switches(cuda, use_te, fuse_elementwise, speed)
     recompute_kwargs: dict = {}
     if recompute == "selective":
         recompute_kwargs = {"recompute_granularity": "selective"}
@@ -96,15 +177,13 @@ def transformer_config(
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         attention_softmax_in_fp32=True,
-        use_cpu_initialization=True,
-        perform_initialization=True,
-        # fused paths that need apex/TE/CUDA-only kernels stay off on the local spec
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
+        # a random init builds each full weight on the CPU (the same init at every TP size);
+        # a model about to load a checkpoint skips the init and, on GPU, allocates its shards
+        # on the device directly
+        use_cpu_initialization=init_weights or not cuda,
+        perform_initialization=init_weights,
         persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusions,
         # with gloo, batched isend/irecv gives silently wrong interleaved-PP gradients
         batch_p2p_comm=not ps.on_gloo,
         variable_seq_lengths=False,
@@ -146,13 +225,18 @@ def layer_spec(use_te: bool = False, fuse_elementwise: bool = False) -> ModuleSp
 
 def block_spec(
     config: TransformerConfig, use_te: bool, vp_stage: int | None, pp_rank: int, fuse: bool
-):
-    """Decoder block spec for one model chunk: its layers and the final norm."""
+) -> TransformerBlockSubmodules:
+    """Decoder block spec for one model chunk: its layers and the final norm (Nova's RMSNorm,
+    or TE's norm with the TE spec, as megatron's own TE block would use)."""
     layer = layer_spec(use_te, fuse)
-    if use_te:
-        return layer
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    final_norm = ModuleSpec(module=NovaRMSNorm, params={"fused": fuse})
+    final_norm: Any
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        final_norm = ModuleSpec(module=NovaRMSNorm, params={"fused": fuse})
     return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=final_norm)
 
 
@@ -165,6 +249,8 @@ class NovaGPTModel(GPTModel):
     """
 
     return_hidden: bool = False
+    # False: built without megatron's random init (a checkpoint fills the weights)
+    weights_initialized: bool = True
     # Nova's core attention applies RoPE to packed batches (False with TE's layer spec,
     # whose attention relies on megatron's RoPE)
     packed_rope: bool = True
@@ -205,13 +291,22 @@ def build_model(
     recompute: str = "none",
     use_te: bool | None = None,
     fuse_elementwise: bool = False,
+    *,
+    init_weights: bool = True,
+    speed: SpeedConfig | None = None,
 ) -> list[NovaGPTModel]:
-    """This rank's model chunks (len = vpp or 1), on `ps.device`, randomly initialized
-    (load weights with `nova_engine.model.hf_io.load_hf_weights`). fuse_elementwise:
-    compiled RMSNorm + SwiGLU in the local spec (TE's spec fuses its own)."""
+    """This rank's model chunks (len = vpp or 1), on `ps.device`, randomly initialized, or
+    with `init_weights=False` left uninitialized for a checkpoint to fill (load weights with
+    `nova_engine.model.hf_io.load_hf_weights`, which initializes what the checkpoint lacks).
+    use_te: None = Transformer Engine's spec when TE is importable (with CUDA).
+    fuse_elementwise: compiled RMSNorm + SwiGLU in the local spec (TE's spec fuses its own).
+    speed: forced GPU speed switches (nova_engine.config.SpeedConfig; None = automatic)."""
     use_te = te_available() if use_te is None else use_te
     fuse = fuse_elementwise and not use_te
-    config = transformer_config(arch, ps, precision, recompute, fuse)
+    config = transformer_config(
+        arch, ps, precision, recompute, fuse, use_te=use_te, init_weights=init_weights,
+        speed=speed,
+    )  # fmt: skip
     chunks = []
     for vp in range(ps.num_chunks):
         vp_stage = vp if ps.vpp else None
@@ -229,7 +324,9 @@ def build_model(
             vp_stage=vp_stage,
             pg_collection=ps.pg_collection,  # the layout's own groups (None: megatron's)
         )
+        # TE's attention takes packed (thd) batches with megatron's per-segment RoPE
         model.packed_rope = not use_te
+        model.weights_initialized = init_weights
         # RoPE frequencies exactly as HF computes them (incl. llama3 scaling with the
         # checkpoint's own factors; megatron hard-codes some of them)
         model.rotary_pos_emb.inv_freq = arch.inv_freq().to(ps.device)

@@ -137,6 +137,15 @@ class TensorReader(Protocol):
     ) -> torch.Tensor: ...
 
 
+def _safe_open(path: str):
+    """safe_open, or CheckpointError naming the file when its header is damaged or the file
+    is shorter than the header says (a truncated shard)."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type (SafetensorError)
+        raise CheckpointError(f"{path}: damaged safetensors file ({e})") from None
+
+
 class HFCheckpoint:
     """A HF safetensors directory (one file, or sharded with model.safetensors.index.json),
     read lazily: `read(name, rows=..., cols=...)` loads only that slice from disk."""
@@ -149,7 +158,7 @@ class HFCheckpoint:
             with open(index) as fh:
                 self.weight_map: dict[str, str] = json.load(fh)["weight_map"]
         elif os.path.isfile(single):
-            with safe_open(single, framework="pt") as fh:
+            with _safe_open(single) as fh:
                 self.weight_map = {k: "model.safetensors" for k in fh.keys()}
         else:
             raise CheckpointError(
@@ -164,7 +173,7 @@ class HFCheckpoint:
             path = os.path.join(self.dir, fname)
             if not os.path.isfile(path):
                 raise CheckpointError(f"{path}: listed in the index for {name!r} but missing")
-            self._handles[fname] = safe_open(path, framework="pt")
+            self._handles[fname] = _safe_open(path)
         return self._handles[fname]
 
     def names(self) -> set[str]:
@@ -345,6 +354,8 @@ def load_hf_weights(
                     continue
                 if name == "output_layer.weight" and no_lm_head and not arch.tie_word_embeddings:
                     log.info("%s has no lm_head: the unused output layer keeps its init", model_dir)
+                    if not getattr(model, "weights_initialized", True):
+                        model.config.init_method(param)  # built without init: init it here
                     continue
                 value = _hf_value(ckpt, arch, name, layer, ps.tp, ps.tp_rank)
                 if tuple(value.shape) != tuple(param.shape):

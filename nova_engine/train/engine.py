@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import MegatronOptimizer
 
-    from nova_engine.config import OptimConfig
+    from nova_engine.config import OptimConfig, SpeedConfig
     from nova_engine.generate import Generation, Request, SamplingParams
     from nova_engine.model.arch import ModelArch
     from nova_engine.model.build import NovaGPTModel
@@ -67,6 +67,8 @@ class ModelEngine:
         total_steps: optimizer steps of the run (the LR schedule's length).
         precision, recompute, fuse_elementwise: as TrainConfig.
         distributed_optimizer: shard the optimizer state over DP (ZeRO-1).
+        speed: GPU speed switches (nova_engine.config.SpeedConfig; None = automatic: DP
+            communication overlap and megatron's fusions on with CUDA, off on CPU).
         score_outputs: K > 0 attaches a K-output score head (`nova_engine.model.heads`) to
             the last stage; score_init_seed seeds its init.
     """
@@ -87,15 +89,18 @@ class ModelEngine:
         distributed_optimizer: bool = False,
         score_outputs: int = 0,
         score_init_seed: int = 0,
+        speed: SpeedConfig | None = None,
     ):
         from nova_engine.model.build import build_model
         from nova_engine.parallel.pipeline import wrap_ddp
 
         self.arch, self.ps, self.name = arch, ps, name
         self.trainable, self.precision = trainable, precision
+        # a checkpoint fills the weights: no random init (nor, on GPU, CPU master weights)
         self.chunks = build_model(
-            arch, ps, precision=precision, recompute=recompute, fuse_elementwise=fuse_elementwise
-        )
+            arch, ps, precision=precision, recompute=recompute, fuse_elementwise=fuse_elementwise,
+            init_weights=weights_dir is None, speed=speed,
+        )  # fmt: skip
         for c in self.chunks:
             c.return_hidden = True
         if score_outputs and ps.is_last_stage():
@@ -118,7 +123,7 @@ class ModelEngine:
             self.models = list(self.chunks)
             return
         dist_opt = distributed_optimizer and optim is not None
-        self.models = wrap_ddp(self.chunks, ps, use_distributed_optimizer=dist_opt)
+        self.models = wrap_ddp(self.chunks, ps, use_distributed_optimizer=dist_opt, speed=speed)
         if optim is not None:
             from nova_engine.train.optim import build_optimizer
             from nova_engine.train.schedules import LRScheduler
@@ -251,8 +256,16 @@ class ModelEngine:
                 ok &= torch.isfinite(buf.grad_data).all()
         return ok
 
+    def sync_params(self) -> None:
+        """Finish an overlapped parameter all-gather (overlap_param_gather): every read of
+        the parameters outside a forward calls this first (collective over DP)."""
+        from nova_engine.parallel.pipeline import sync_params
+
+        sync_params(self.models)
+
     def local_params_finite(self) -> torch.Tensor:
         """0-dim bool tensor: every parameter of this rank's chunks is finite."""
+        self.sync_params()
         ok = torch.ones((), dtype=torch.bool, device=self.ps.device)
         for c in self.chunks:
             for p in c.parameters():
@@ -270,6 +283,7 @@ class ModelEngine:
         layout calls it). Returns per request its `params.n` Generations."""
         from nova_engine.generate import generate
 
+        self.sync_params()
         return generate(self.chunks, self.ps, self.arch, requests, params, **kwargs)
 
     # -- weights and state ---------------------------------------------------------------
@@ -305,6 +319,7 @@ class ModelEngine:
         """Write the decoder as a HF directory (collective; see hf_io.export_hf)."""
         from nova_engine.model.hf_io import export_hf
 
+        self.sync_params()
         with self._without_heads():
             export_hf(self.chunks, self.arch, self.ps, out_dir)
 
@@ -315,6 +330,7 @@ class ModelEngine:
     def model_state(self) -> list[dict[str, torch.Tensor]]:
         """This rank's parameters by name, per chunk: the live tensors, detached (the
         checkpoint copies them into its host buffers; nothing is cloned on the device)."""
+        self.sync_params()
         return [{n: p.detach() for n, p in c.named_parameters()} for c in self.chunks]
 
     def load_model_state(self, state: list[dict[str, torch.Tensor]], where: str = "") -> None:
