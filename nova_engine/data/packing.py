@@ -20,7 +20,7 @@ N sequences (samples) in a packed batch, P pairs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -232,7 +232,7 @@ class PackedBatch:
     built on the CPU, so the per-micro-batch forward/backward never reads a device tensor
     back (a CUDA stream sync inside the pipeline schedule; `nova_kernels._sync`):
     `cu_seqlens_host` (Python ints, unchanged by `.to(device)`), `loss_rows` (moved with the
-    batch), `pair_ids_host`, and the counts `num_loss_tokens` / `num_real_tokens`. Left out
+    batch), `pair_ids_host`, `sample_ids_host`, and the counts `num_loss_tokens` / `num_real_tokens`. Left out
     of the constructor they are derived from the (CPU) tensors in `__post_init__`.
     """
 
@@ -251,8 +251,10 @@ class PackedBatch:
     cu_seqlens_host: tuple[int, ...] | None = None  # cu_seqlens as Python ints
     loss_rows: torch.Tensor | None = None  # [n] int64 increasing rows with loss_mask != 0
     pair_ids_host: np.ndarray | None = None  # [P] int64 pair_ids on the host (pairs mode)
-    ref_logps: torch.Tensor | None = None  # [P, 2] fp32 reference (chosen, rejected) log-prob
-    # sums of the pairs, attached per step by a loss that needs them (DPO's `prepare`)
+    sample_ids_host: np.ndarray | None = None  # [N] int64 sample_ids on the host
+    # per-step device tensors a loss attaches before the schedule (its `prepare`: DPO's
+    # "ref_logps" [P, 2], the reward model's "targets" [N, K]); moved with the batch
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # batches are built on the host: these reads happen once, at packing time
@@ -263,6 +265,8 @@ class PackedBatch:
             self.loss_rows = rows.to(device=self.loss_mask.device, dtype=torch.int64)
         if self.pair_ids_host is None and self.pair_ids is not None:
             self.pair_ids_host = self.pair_ids.cpu().numpy().astype(np.int64)
+        if self.sample_ids_host is None:
+            self.sample_ids_host = self.sample_ids.cpu().numpy().astype(np.int64)
         if len(self.cu_seqlens_host) != self.cu_seqlens.shape[0]:
             raise ValueError(
                 f"PackedBatch: cu_seqlens_host has {len(self.cu_seqlens_host)} entries, "
@@ -304,6 +308,7 @@ class PackedBatch:
             f.name: v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
             for f in fields(self)
         }
+        moved["extra"] = {k: v.to(device) for k, v in self.extra.items()}
         return PackedBatch(**moved)
 
     def split_pairs(self, x_N: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,6 +394,23 @@ class PackedBatch:
         batch.pair_ids, batch.pair_ids_host = torch.from_numpy(ids.copy()), ids
         batch.margins = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
         return batch
+
+
+def attach_extra(
+    batches: Sequence[PackedBatch], name: str, parts: Sequence[np.ndarray], device
+) -> list[PackedBatch]:
+    """`batches` with `extra[name]` = parts[i] (host arrays, one per batch, equal trailing
+    shapes) on `device`: concatenated, copied in ONE host-to-device transfer (pinned, async
+    on CUDA), split back into views. For a loss's per-step `prepare`, before the schedule."""
+    if len(parts) != len(batches):
+        raise ValueError(f"attach_extra: {len(parts)} arrays for {len(batches)} batches")
+    if not batches:
+        return []
+    host = torch.from_numpy(np.ascontiguousarray(np.concatenate(parts)))
+    dev = torch.device(device)
+    on_dev = host.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else host.to(dev)
+    views = on_dev.split([len(p) for p in parts])
+    return [replace(b, extra={**b.extra, name: v}) for b, v in zip(batches, views)]
 
 
 # --------------------------------------------------------------------------------------------

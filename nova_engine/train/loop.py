@@ -16,6 +16,12 @@ critic — through `loop.update(engine, microbatches, loss)`, one optimizer step
     ok, grad_norm, lr = engine.step()                          # megatron: clip + Adam; LR
     metrics summed over micro-batches and the last stage's ranks (one collective)
 
+A `Loss` may also have `prepare(microbatches) -> microbatches`: host work of the whole step
+done before the schedule (DPO attaches its cached reference log-probs, one copy to the
+device), so the per-micro-batch forward/backward reads nothing back to the host. The line:
+inside `engine.forward_backward` (megatron's schedule, once per micro-batch) no host read;
+`counts`, `prepare` and the metric / stop-flag reductions run once per optimizer step.
+
 A `Loss` names its per-rank normalizers (`counts`: loss tokens for SFT, pairs for DPO;
 several at once for RL), returns megatron loss callbacks that divide by their global
 values, and turns metric sums into logged values. Every tensor handed to a collective
@@ -82,6 +88,12 @@ class Stage(Protocol):
         """Train on one batch of the data source (any number of `loop.update` calls);
         returns the step's metrics."""
         ...
+
+
+def _prepare(loss: Loss, microbatches: Sequence[MicroBatch]) -> Sequence[MicroBatch]:
+    """The loss's per-step host work before the schedule (`prepare`, when it has one)."""
+    prepare = getattr(loss, "prepare", None)
+    return microbatches if prepare is None else prepare(microbatches)
 
 
 def real_tokens(microbatches: Sequence[MicroBatch]) -> int:
@@ -177,6 +189,7 @@ class Loop:
         metrics with lr and grad_norm."""
         eng = self.engine(engine) if isinstance(engine, str) else engine
         eng.train()
+        microbatches = _prepare(loss, microbatches)
         norms = self.reduce_counts(
             eng, {**loss.counts(microbatches), "_tokens": real_tokens(microbatches)}
         )
@@ -211,6 +224,7 @@ class Loop:
         total: dict[str, float] = {}
         counts: dict[str, float] = {}
         for mbs in steps:
+            mbs = _prepare(loss, mbs)
             norms = self.reduce_counts(eng, loss.counts(mbs))
             ones = {k: torch.ones_like(v) for k, v in norms.items()}  # sums, not means
             results = eng.forward_backward(mbs, loss.loss_fn(ones), forward_only=True)

@@ -18,6 +18,7 @@ from nova_engine.data.packing import (
     IGNORE_INDEX,
     PackedBatch,
     PackingPlan,
+    attach_extra,
     pack_lengths,
     pack_padded,
     pack_pairs,
@@ -445,6 +446,82 @@ def test_packed_batch_pairs_layout():
     assert chosen.tolist() == [0, 2, 4] and rejected.tolist() == [1, 3, 5]
     moved = b.to("cpu")
     assert torch.equal(moved.tokens, b.tokens) and moved.num_samples == 6
+
+
+def _check_host_facts(b: PackedBatch) -> None:
+    """The host facts equal what reading the tensors back gives."""
+    assert b.cu_seqlens_host == tuple(b.cu_seqlens.tolist())
+    assert all(type(x) is int for x in b.cu_seqlens_host)
+    want_rows = (b.loss_mask != 0).nonzero()[:, 0]
+    assert b.loss_rows.dtype == torch.int64 and torch.equal(b.loss_rows, want_rows)
+    assert b.num_loss_tokens == int((b.loss_mask != 0).sum())
+    assert b.num_real_tokens == int((b.seq_index >= 0).sum())
+    assert b.sample_ids_host.tolist() == b.sample_ids.tolist()
+    if b.is_pairs:
+        assert b.pair_ids_host.tolist() == b.pair_ids.tolist()
+        assert b.num_pairs == len(b.pair_ids) == b.num_samples // 2
+    else:
+        assert b.pair_ids_host is None and b.num_pairs == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_host_facts_equal_the_tensors(seed):
+    """cu_seqlens_host, loss_rows and the counts are computed at packing: equal to the device
+    reads they replace (nonzero of the mask, seq_index >= 0, ...) for plain, pairs, plan,
+    truncated, padded and empty batches; `.to()` carries them unchanged."""
+    rng = np.random.default_rng(seed)
+    samples = _make_samples(rng, 13)
+    samples[3:3] = [Sample([5], [1], index=7), Sample([4, 4], [0, 0], index=8)]  # no loss
+    batches = [
+        PackedBatch.from_samples(samples, pad_to_multiple=int(rng.integers(1, 9)), pad_id=3),
+        PackedBatch.from_samples([], pad_to_length=16),
+        PackedBatch.from_samples([]),
+        PackedBatch.from_pairs([]),
+    ]
+    plan = PackingPlan.from_samples(samples, 37, overlong="truncate")
+    batches += [plan.make_batch(samples, ids, pad_to_multiple=4) for ids in plan.result.bins()]
+    s = _make_samples(rng, 8)
+    pairs = [PairSample(s[2 * k], s[2 * k + 1], index=50 + k, margin=1.0 + k) for k in range(4)]
+    pplan = PackingPlan.from_samples(pairs, 48)
+    batches += [pplan.make_batch(pairs, ids, pad_to_multiple=3) for ids in pplan.result.bins()]
+    for b in batches:
+        _check_host_facts(b)
+        moved = b.to("cpu")
+        assert moved.cu_seqlens_host is b.cu_seqlens_host
+        assert torch.equal(moved.loss_rows, b.loss_rows)
+        _check_host_facts(moved)
+    assert any(b.num_loss_tokens < b.num_tokens for b in batches)  # rows really drop out
+
+
+def test_host_facts_of_a_hand_built_batch():
+    """A PackedBatch built from tensors derives its host facts; given ones must fit."""
+    b = PackedBatch.from_samples([Sample([1, 2, 3], [0, 1, 1], index=4)], pad_to_length=6)
+    fields = dict(tokens=b.tokens, position_ids=b.position_ids, cu_seqlens=b.cu_seqlens,
+                  labels=b.labels, loss_mask=b.loss_mask, seq_index=b.seq_index,
+                  sample_ids=b.sample_ids, num_samples=1, max_seqlen=3)  # fmt: skip
+    built = PackedBatch(**fields)
+    _check_host_facts(built)
+    assert built.cu_seqlens_host == (0, 3, 6) and built.loss_rows.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="cu_seqlens_host has 2 entries"):
+        PackedBatch(**fields, cu_seqlens_host=(0, 6))
+
+
+def test_attach_extra_one_copy_split_per_batch():
+    rng = np.random.default_rng(3)
+    samples = _make_samples(rng, 3)
+    batches = [PackedBatch.from_samples(samples[:k]) for k in (1, 3, 0)]
+    parts = [rng.standard_normal((b.num_samples, 2)).astype(np.float32) for b in batches]
+    got = attach_extra(batches, "x", parts, "cpu")
+    assert len(got) == 3 and all(not b.extra for b in batches)  # new batches, inputs untouched
+    for b, g, p in zip(batches, got, parts):
+        assert g.extra["x"].shape == p.shape and np.array_equal(g.extra["x"].numpy(), p)
+        assert torch.equal(g.tokens, b.tokens) and g.cu_seqlens_host == b.cu_seqlens_host
+    # one buffer: every part is a view of the same storage
+    ptrs = {g.extra["x"].untyped_storage().data_ptr() for g in got}
+    assert len(ptrs) == 1
+    assert torch.equal(got[1].to("cpu").extra["x"], got[1].extra["x"])
+    with pytest.raises(ValueError, match="2 arrays for 3 batches"):
+        attach_extra(batches, "x", parts[:2], "cpu")
 
 
 # ---------------------------------------------------------------- pack / unpack

@@ -8,7 +8,9 @@ against reference log-probs computed once by the same engine and cached on disk.
    initial weights (model.hf_path), per-sequence log-prob sums over the response tokens,
    stored in the `RefCache` keyed by (model, data, config) fingerprints. A later run with the
    same key reuses it; any change of model, data or tokenization settings makes a new one.
-2. Training: no reference model in memory; each micro-batch looks its pairs up in the cache.
+2. Training: no reference model in memory; before the step's schedule `prepare` looks the
+   pairs of all its micro-batches up in the cache on the host and attaches them as device
+   tensors (one copy), so the per-micro-batch loss reads nothing back (no stream sync).
    Per-pair losses are reduced over the step's global pair count (`reduce_pairs`); metrics:
    loss, accuracy (r_c > r_r), chosen/rejected implicit rewards and their margin.
 """
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from nova_engine.config import ConfigError, RunConfig, check
-from nova_engine.data.packing import PackedBatch
+from nova_engine.data.packing import PackedBatch, attach_extra
 from nova_engine.logging import get_logger
 from nova_engine.losses.dpo import (
     DPO_LOSSES,
@@ -117,6 +119,8 @@ def pair_logps(model, hidden, mb: PackedBatch, ps: ParallelState):
         mb.loss_mask,
         None,
         num_sequences=mb.num_samples,
+        cu_seqlens_host=mb.cu_seqlens_host,
+        seq_index=mb.seq_index,
         **_tp_args(ps),
     )
     return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
@@ -141,16 +145,40 @@ class DPOStage:
         self.ps, self.cfg, self.ref = ps, loss_config, ref
 
     def counts(self, microbatches: Sequence[PackedBatch]) -> dict[str, float]:
-        return {"pairs": float(sum(len(_pair_ids(mb)) for mb in microbatches))}
+        for mb in microbatches:
+            _pair_ids(mb)  # pairs mode, or a clear error
+        return {"pairs": float(sum(mb.num_pairs for mb in microbatches))}  # host counts
+
+    def prepare(self, microbatches: Sequence[PackedBatch]) -> list[PackedBatch]:
+        """The step's micro-batches with their reference log-prob sums attached
+        (`extra["ref_logps"]` [P, 2] fp32 (chosen, rejected) on the device): one host lookup of all
+        pairs (`pair_ids_host`) and one host-to-device copy for the whole step, before the
+        schedule. Unchanged without a reference (a reference-free loss)."""
+        mbs = list(microbatches)
+        if self.ref is None:
+            return mbs
+        ids = []
+        for mb in mbs:
+            _pair_ids(mb)
+            assert mb.pair_ids_host is not None  # set with pair_ids (PackedBatch)
+            ids.append(mb.pair_ids_host)
+        c, r, _, _ = self.ref.lookup(np.concatenate(ids) if ids else np.zeros(0, np.int64))
+        both = np.stack([c, r], 1).astype(np.float32)  # [sum P, 2], as the loss reads them
+        parts = np.split(both, np.cumsum([len(i) for i in ids])[:-1])
+        return attach_extra(mbs, "ref_logps", parts, self.ps.device)
 
     def _ref(self, mb: PackedBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(chosen, rejected) [P] reference log-prob sums of the batch's pairs (None: no
-        reference, a reference-free loss)."""
+        """(chosen, rejected) [P] reference log-prob sums of the batch's pairs, attached by
+        `prepare` (None: no reference, a reference-free loss)."""
         if self.ref is None:
             return None
-        c, r, _, _ = self.ref.lookup(_pair_ids(mb).cpu().numpy())
-        dev = self.ps.device
-        return torch.from_numpy(c).float().to(dev), torch.from_numpy(r).float().to(dev)
+        ref = mb.extra.get("ref_logps")
+        if ref is None:
+            raise ValueError(
+                "DPO: micro-batch without reference log-probs: pass the step's micro-batches "
+                "through DPOStage.prepare before the schedule (Loop.update does)"
+            )
+        return ref[:, 0], ref[:, 1]
 
     def loss_fn(self, norms: dict[str, torch.Tensor]) -> LossFn:
         ps, cfg, global_count = self.ps, self.cfg, norms["pairs"]
@@ -174,11 +202,13 @@ class DPOStage:
                 mb.loss_mask,
                 pair_loss,
                 num_sequences=mb.num_samples,
+                cu_seqlens_host=mb.cu_seqlens_host,  # the packer's host facts: no read-back
+                seq_index=mb.seq_index,
                 **_tp_args(ps),
             )
             pc, pr, nc, nr = lp[0::2], lp[1::2], n[0::2], n[1::2]
             o = dpo_loss(PreferenceLogps(pc, pr, nc, nr, ref_c, ref_r), cfg)  # metrics
-            p = torch.tensor(len(pc), device=hidden.device)
+            p = mb.num_pairs  # a host count (no host-to-device copy)
             metrics = {
                 "loss": loss.detach(),
                 "pairs": p,

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from nova_engine.config import ConfigError, ModelConfig, RunConfig, check
-from nova_engine.data.packing import PackedBatch
+from nova_engine.data.packing import PackedBatch, attach_extra
 from nova_engine.data.reward import HELPSTEER2_ATTRIBUTES
 from nova_engine.logging import get_logger
 from nova_engine.losses.dpo import reduce_pairs
@@ -219,15 +219,25 @@ class RMStage:
             self.metric_names = ("loss", "sequences", "scores",
                                  *[f"sq_err/{a}" for a in attrs], *[f"n/{a}" for a in attrs])  # fmt: skip
 
-    def _targets(self, mb: PackedBatch) -> torch.Tensor:
-        assert self.targets is not None
-        ids = mb.sample_ids[: mb.num_samples].cpu().numpy()
-        return torch.from_numpy(self.targets[ids])
+    def _targets(self, mb: PackedBatch) -> np.ndarray:
+        """[N, K] attribute targets of the batch's samples (NaN = missing), on the host."""
+        assert self.targets is not None and mb.sample_ids_host is not None
+        return self.targets[mb.sample_ids_host[: mb.num_samples]]
 
     def counts(self, microbatches: Sequence[PackedBatch]) -> dict[str, float]:
         if self.loss.pairwise:
             return {"pairs": float(sum(mb.num_samples // 2 for mb in microbatches))}
-        return {"scores": sum(float((~self._targets(mb).isnan()).sum()) for mb in microbatches)}
+        return {"scores": float(sum(int((~np.isnan(self._targets(mb))).sum())
+                                    for mb in microbatches))}  # fmt: skip
+
+    def prepare(self, microbatches: Sequence[PackedBatch]) -> list[PackedBatch]:
+        """Regression: the step's micro-batches with their targets attached
+        (`extra["targets"]` [N, K] on the device), looked up on the host and copied in one
+        transfer before the schedule, so the loss reads nothing back."""
+        mbs = list(microbatches)
+        if self.loss.pairwise:
+            return mbs
+        return attach_extra(mbs, "targets", [self._targets(mb) for mb in mbs], self.ps.device)
 
     def loss_fn(self, norms: dict[str, torch.Tensor]) -> LossFn:
         ps, cfg, g = self.ps, self.cfg, norms[self.normalizer]
@@ -238,7 +248,7 @@ class RMStage:
             m = None if mb.margins is None else mb.margins.to(rc.device)
             o = pairwise_loss(rc, rr, m, cfg)
             loss = reduce_pairs(o.losses, g)
-            p = torch.tensor(len(rc), device=hidden.device)
+            p = mb.num_samples // 2  # a host count (no host-to-device copy)
             metrics = {
                 "loss": loss.detach(), "pairs": p, "accuracy": o.accuracy.sum(),
                 "margin": o.margin.sum(), "chosen_reward": rc.detach().sum(),
@@ -248,10 +258,15 @@ class RMStage:
 
         def regression(model, hidden, mb: PackedBatch):
             s_NK = sequence_scores(model, hidden, mb, ps)
-            o = regression_loss(s_NK, self._targets(mb).to(s_NK.device))
+            targets = mb.extra.get("targets")
+            if targets is None:
+                raise ValueError("RMStage: regression micro-batch without targets: pass the "
+                                 "step's micro-batches through RMStage.prepare (Loop.update "
+                                 "does)")  # fmt: skip
+            o = regression_loss(s_NK, targets)
             loss = reduce_pairs(o.losses, g)
             n = o.mask.sum().long()
-            metrics = {"loss": loss.detach(), "sequences": torch.tensor(len(s_NK)), "scores": n}
+            metrics = {"loss": loss.detach(), "sequences": mb.num_samples, "scores": n}
             for k, a in enumerate(self.loss.attributes):
                 metrics[f"sq_err/{a}"] = o.sq_err[:, k].sum()
                 metrics[f"n/{a}"] = o.mask[:, k].sum()
@@ -288,13 +303,13 @@ def pair_rewards(
     def rows(model, hidden, mb: PackedBatch):
         r = scalar_reward(sequence_scores(model, hidden, mb, ps), weights).double()
         assert mb.pair_ids is not None, "held-out data must be pairs"
-        return torch.stack([mb.pair_ids.to(r), r[0::2], r[1::2]], 1).cpu()
+        return torch.stack([mb.pair_ids.to(r), r[0::2], r[1::2]], 1)  # read back after the pass
 
     mine = []
     for s in range(source.total_steps):
         out = engine.forward_collect(source.rank_microbatches(s), rows)
         if ps.tp_rank == 0:
-            mine += [o.numpy() for o in out]
+            mine += [o.cpu().numpy() for o in out]
     gathered: list = [None] * ps.world_size
     dist.all_gather_object(gathered, np.concatenate(mine) if mine else np.zeros((0, 3)))
     return {int(i): (c, r) for g in gathered if g is not None for i, c, r in g}
