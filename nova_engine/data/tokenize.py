@@ -98,6 +98,12 @@ def resolve_chat_template(spec: str) -> str:
             text = f.read()
         if "messages" not in text:
             raise TemplateError(f"{spec}: not a chat template (it never reads `messages`)")
+        import jinja2
+
+        try:
+            jinja2.Environment().parse(text)
+        except jinja2.TemplateSyntaxError as e:
+            raise TemplateError(f"{spec}:{e.lineno}: Jinja syntax error: {e.message}") from None
         return text
     raise TemplateError(
         f"template={spec!r}: expected one of {sorted(CHAT_TEMPLATES)} or a path to a Jinja file"

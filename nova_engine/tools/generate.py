@@ -240,6 +240,16 @@ def load_arch_and_tokenizer(model: str, tokenizer: str | None) -> tuple[str, Any
     return model_dir, arch, ct
 
 
+def _check_writable(out: str) -> None:
+    """UserError unless `out` (its .tmp first) can be written."""
+    try:
+        with open(out + ".tmp", "w"):
+            pass
+        os.remove(out + ".tmp")
+    except OSError as e:
+        raise UserError(f"--out {out}: not writable ({e.strerror or e})") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
@@ -248,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
 
     model_dir, arch, ct = load_arch_and_tokenizer(args.model, args.tokenizer)
     lines = read_prompts(args.prompts, ct, arch.max_position_embeddings)
+    _check_writable(args.out)  # before generating everything, not after
     if args.stop is not None:
         stops = [stop_token_id(ct.tokenizer, s, "--stop") for s in args.stop]
     else:
@@ -262,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"sampling options: {e}") from None
 
     from nova_engine.model.build import build_model
-    from nova_engine.model.hf_io import load_hf_weights
+    from nova_engine.model.hf_io import CheckpointError, load_hf_weights
     from nova_engine.parallel.state import LayoutError, initialize_parallel
     from nova_engine.train.runner import ensure_process_group_env
 
@@ -273,7 +284,10 @@ def run(args: argparse.Namespace) -> int:
     except (ArchitectureError, LayoutError) as e:
         raise UserError(f"layout: {e}") from None
     chunks = build_model(arch, ps, precision=args.precision)
-    load_hf_weights(chunks, arch, ps, model_dir)
+    try:
+        load_hf_weights(chunks, arch, ps, model_dir)
+    except CheckpointError as e:  # a damaged or truncated shard, a missing tensor
+        raise UserError(f"--model {e}") from None
     mine = list(range(ps.dp_rank, len(lines), ps.dp))
     requests = [
         Request(lines[j].tokens, index=j, max_new_tokens=lines[j].max_new_tokens,

@@ -297,6 +297,19 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.efficiency <= 1:
         emit("nova plan: --efficiency must be in (0, 1]", err=True)
         return 2
+    for flag, value, ok in (
+        ("--gpu-mem", args.gpu_mem, lambda v: 0 < v < 1e6),
+        ("--world", args.world, lambda v: v >= 1),
+        ("--mean-len", args.mean_len, lambda v: v > 0),
+        ("--rollout-batch", args.rollout_batch, lambda v: v >= 1),
+        ("--rollout-len", args.rollout_len, lambda v: v >= 1),
+        ("--reserve", args.reserve, lambda v: 0 <= v < args.gpu_mem),
+        ("--top", args.top, lambda v: v >= 0),
+    ):
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            emit(f"nova plan: {flag} {value:g}: expected a positive, finite value"
+                 + (" below --gpu-mem" if flag == "--reserve" else ""), err=True)  # fmt: skip
+            return 2
     opt = Options(
         args.gpu_mem,
         args.mean_len,

@@ -276,7 +276,7 @@ def save_guarded(run: RunConfig, loop: Loop) -> str | None:
                 d, source_dir=m.hf_path, tokenizer_dir=m.tokenizer_dir, template=run.data.template
             ),
         )  # fmt: skip
-    except (OSError, RuntimeError) as e:
+    except Exception as e:  # torch.save: RuntimeError; safetensors: its own error type
         err = safety.disk_error(root, e)
         if err is None:
             raise
@@ -336,15 +336,23 @@ def export_final(run: RunConfig, engine: ModelEngine, out_dir: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     if ps.world_size > 1:
         dist.barrier()
-    engine.export_hf(tmp)
-    if ps.world_size > 1:
-        dist.barrier()
-    if ps.rank == 0:
-        m = run.model
-        complete_hf_export(
-            tmp, source_dir=m.hf_path, tokenizer_dir=m.tokenizer_dir, template=run.data.template
-        )
-        replace_dir(tmp, out_dir)
+    try:
+        engine.export_hf(tmp)
+        if ps.world_size > 1:
+            dist.barrier()
+        if ps.rank == 0:
+            m = run.model
+            complete_hf_export(
+                tmp, source_dir=m.hf_path, tokenizer_dir=m.tokenizer_dir, template=run.data.template
+            )
+            replace_dir(tmp, out_dir)
+    except Exception as e:  # a full disk: one line; the checkpoints and old export stay
+        err = safety.disk_error(out_dir, e)
+        if err is None:
+            raise
+        if ps.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise checkpoint_io.CheckpointIOError(f"{err} (final export)") from None
     if ps.world_size > 1:
         dist.barrier()
 

@@ -217,7 +217,9 @@ def disk_error(path: str, e: BaseException) -> Exception | None:
     """A clear error for a failed checkpoint write (disk full, permissions), or None."""
     text = str(e)
     code = getattr(e, "errno", None)
-    if code == errno.ENOSPC or "No space left" in text or "file write failed" in text:
+    if code == errno.ENOSPC or any(
+        m in text for m in ("No space left", "file write failed", "os error 28", "Disk quota")
+    ):
         free = shutil.disk_usage(os.path.dirname(path) or ".").free
         return OSError(
             errno.ENOSPC, f"{path}: disk full while writing a checkpoint ({free / 1e9:.2f} GB "

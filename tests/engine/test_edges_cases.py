@@ -388,3 +388,89 @@ def test_an_untied_reward_model_is_refused_as_a_policy(assets, tmp_path, capsys)
     cfg["tie_word_embeddings"] = True
     json.dump(cfg, open(os.path.join(rm, "config.json"), "w"))
     check_policy_dir("model.hf_path", rm)
+
+
+def _damaged_model(src, dst, how):
+    shutil.copytree(src, dst)
+    f = os.path.join(dst, "model.safetensors")
+    if how == "header":
+        with open(f, "r+b") as fh:
+            fh.write(b"\xff" * 8)  # the header length: absurd
+    else:
+        os.truncate(f, os.path.getsize(f) // 2)
+    return f
+
+
+@pytest.mark.parametrize("how", ["header", "truncated"])
+def test_one_line_for_a_damaged_or_truncated_safetensors_file(assets, tmp_path, capsys, how):
+    bad = str(tmp_path / "m")
+    f = _damaged_model(assets["model"], bad, how)
+    rc, line = train(sft_args(assets, tmp_path / "run", f"model.hf_path={bad}"), capsys)
+    assert rc == 2 and line.startswith("CheckpointError") and f in line, line
+    assert "damaged safetensors file" in line
+    record("11", f"sft ... model.hf_path=DIR_WITH_{how.upper()}_SHARD", rc, line,
+           "nothing written", tmp_path)  # fmt: skip
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    gen = tmp_path / "gen.jsonl"
+    rc, line = nova(["generate", "--model", bad, "--tokenizer", assets["tok"], "--prompts",
+                     str(prompts), "--out", str(gen)], capsys)  # fmt: skip
+    assert rc == 2 and f in line and "damaged safetensors file" in line, line
+    assert not gen.exists()
+    record("11", f"nova generate --model DIR_WITH_{how.upper()}_SHARD ...", rc, line,
+           "nothing written", tmp_path)  # fmt: skip
+
+
+def test_one_line_for_an_unwritable_generate_out_before_generating(assets, tmp_path, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    import nova_engine.generate as gen_mod
+
+    def never(*a, **k):
+        raise AssertionError("generated before checking --out")
+
+    monkeypatch.setattr(gen_mod, "generate", never)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    out = tmp_path / "no_such_dir" / "gen.jsonl"
+    rc, line = nova(["generate", "--model", assets["model"], "--tokenizer", assets["tok"],
+                     "--prompts", str(prompts), "--out", str(out)], capsys)  # fmt: skip
+    assert rc == 2 and "--out" in line and "not writable" in line, line
+    record("11", "nova generate ... --out UNWRITABLE", rc, line, "nothing generated", tmp_path)
+
+
+def test_one_line_for_a_jinja_syntax_error(assets, tmp_path, capsys):
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}\n{{ m.content }\n{% endfor %}")
+    rc, line = train(sft_args(assets, tmp_path / "run", f"data.template={bad}"), capsys)
+    assert rc == 2 and f"{bad}:2: Jinja syntax error" in line, line
+    record("11", "sft ... data.template=BAD.jinja", rc, line, "nothing written", tmp_path)
+
+
+@pytest.mark.parametrize("flag", [["--gpu-mem", "-5"], ["--gpu-mem", "nan"], ["--world", "0"]])
+def test_one_line_for_absurd_plan_flags(tmp_path, capsys, flag):
+    recipe = os.path.join(ROOT, "recipes", "llama3_8b.yaml")
+    rc, line = nova(["plan", "--recipe", recipe, "--world", "8", *flag], capsys)
+    assert rc == 2 and line.startswith(f"nova plan: {flag[0]}") and "expected" in line, line
+    record("11", f"nova plan --recipe recipes/llama3_8b.yaml {' '.join(flag)}", rc, line,
+           "-", tmp_path)  # fmt: skip
+
+
+def test_one_line_for_a_disk_that_fills_during_the_final_export(assets, tmp_path, capsys,
+                                                                monkeypatch):  # fmt: skip
+    import errno
+
+    from nova_engine.train.engine import ModelEngine
+
+    def full(self, out, *a, **k):
+        os.makedirs(out, exist_ok=True)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(ModelEngine, "export_hf", full)
+    rc, line = train(sft_args(assets, out, "train.max_steps=1",
+                              "checkpoint.hf_in_checkpoints=false"), capsys)  # fmt: skip
+    assert rc == 2 and "disk full" in line and "final export" in line, line
+    assert [s for s, _ in checkpoint_io.list_complete(out / "checkpoints")] == [1]
+    assert not (out / "hf").exists() and not (out / "hf.tmp-export").exists()
+    record("11", "sft ... (disk fills during the final export)", rc, line,
+           "the checkpoints; no partial hf/", tmp_path)  # fmt: skip
