@@ -354,6 +354,8 @@ def load_hf_weights(
                     continue
                 if name == "output_layer.weight" and no_lm_head and not arch.tie_word_embeddings:
                     log.info("%s has no lm_head: the unused output layer keeps its init", model_dir)
+                    if not getattr(model, "weights_initialized", True):
+                        model.config.init_method(param)  # built without init: init it here
                     continue
                 value = _hf_value(ckpt, arch, name, layer, ps.tp, ps.tp_rank)
                 if tuple(value.shape) != tuple(param.shape):
