@@ -51,7 +51,7 @@ _HALF = (torch.bfloat16, torch.float16)
 # its warps; narrower vocab shards use the next power of two >= Vp with the warps below.
 _GPU_BLOCK_V = 8192
 _GPU_WARPS = {8192: 16, 4096: 8, 2048: 8, 1024: 4}  # smaller tiles: 4 warps
-_INTERP_BLOCK_V = 256  # interpreter: several tiles per row at test shapes
+_INTERP_BLOCK_V = 512  # interpreter: several tiles per row at test shapes (V = 1000)
 # GPU row chunks: GEMM 3 reads and writes the fp32 grad_W once per chunk, so its K (the chunk's
 # rows) must be large for the GEMM to stay compute-bound; the fp32 logits chunk may take this
 # many times the `linear_logprobs` workspace budget (1 GiB at the default budget).
