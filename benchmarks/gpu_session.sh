@@ -1,48 +1,229 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (device tool `run`): set up, check the kernels on the GPU,
-# run every benchmark at full size, copy the result CSVs to $OUT.
+# One device call on a lent one-GPU machine (H100 / H200, no network): set up, run the kernel
+# tests compiled for the GPU, the bf16 golden-loss smoke of every stage on NCCL, short LM-head /
+# attention benches and the SFT MFU of a ~1B Llama; print ONE table (step, status, seconds,
+# key figure). Every step has its own `timeout` budget; the budgets sum to 470 s (< 8 min),
+# pip install and build_ext included (--dry checks the sum). A failing step does not stop the
+# others.
 #
-# Here, first:   bash ../shared/gpu/wheels.sh     (megatron-core, liger-kernel, ... into .whl/)
-# Then, in two calls (one call may run 10 minutes; each bench is capped at 150 s):
-#   run(command="bash benchmarks/gpu_session.sh train_smoke tests linear_logprobs
-#       linear_cross_entropy", carry=[".whl"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_session.sh seq_reduce gae group_advantages whiten
-#       policy_loss train_throughput packed_attention linear_pair_logprobs", carry=[".whl"],
-#       timeout_s=600)
-# and commit what comes back under benchmarks/results/ (rows carry the device name).
-# No arguments: everything (too long for one call).
+# Here, first (a machine with PyPI):  bash ../shared/gpu/wheels.sh   (wheels into .whl/)
+# Check the plumbing here (no GPU, < 60 s):   bash benchmarks/gpu_session.sh --dry
+# Then ONE call of the device tool:
+#   run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=560)
+# What comes back under $OUT (7 files): table.txt, session.log (every step's output, appended
+# as each step ends), and the benches' CSVs (*_cuda.csv, copied as each step ends). Commit
+# the CSVs under benchmarks/results/ (their rows name the device).
 #
-# train_smoke: the trainer end to end on one GPU (NCCL, world 1, bf16 with fp32 master
-# weights): 6 + 10 SFT steps and 10 DPO steps (with the reference pass) of the tiny model,
-# each step's loss compared with the CPU fp32 golden values (tests/engine/golden/*.json)
-# within 3% + 2e-3 (~1 min). It proves the NCCL collectives (every tensor on the device), the
-# kernels inside the loss and the optimizer on CUDA in one call; "golden check: passed".
-#
-# The GPU image has torch 2.11 + triton 3.6 (not this machine's 2.13 / 3.9); nothing here
-# has run on a GPU yet, so the first session reads the output for failures first.
+# Steps (budget s):  pip 15 | build_ext 45 (in the background, during the kernel tests) |
+#   kernel_tests 100 | golden_sft_dpo 70 | golden_rm 40 | golden_rlvr 40 | train_mfu 60 |
+#   lce 25 | logprobs 25 | pair_logprobs 25 | attention 25.
+# The GPU image has torch 2.11 + triton 3.6 (this machine: 2.13 / 3.9) and no megatron-core
+# (it comes from .whl/). Override one step's arguments with ARGS_<step>="..." (e.g.
+# ARGS_lce="--quick --reps 3 --no-compile").
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY=0
+[ "${1:-}" = "--dry" ] && DRY=1
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD
-python3 setup.py -q build_ext --inplace 2>&1 | tail -3  # nova_engine._C (the packer)
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+PY=${PY:-python3}
+LOGS=$(mktemp -d /tmp/gpu_session.XXXX)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD
+ROWS=()
+FAILED=0
+BUDGETS=0 # the steps' timeouts, summed (<= 480 s)
+BUILD_BUDGET=45
+T_START=$SECONDS
 
-ALL="train_smoke tests linear_logprobs linear_cross_entropy seq_reduce gae group_advantages whiten
-     policy_loss train_throughput packed_attention linear_pair_logprobs"
-for b in ${@:-$ALL}; do
-    if [ "$b" = train_smoke ]; then
-        timeout 300 python3 tests/engine/golden/run_golden.py --check --precision bf16 \
-            --rtol 3e-2 --atol 2e-3 2>&1 | grep -v -i warn | tail -40 | tee "$OUT/train_smoke.txt"
-    elif [ "$b" = tests ]; then
-        # kernels compiled for the GPU (no interpreter), against the references
-        timeout 240 python3 -m pytest -q -x -p no:cacheprovider --import-mode=importlib \
-            tests/kernels 2>&1 | tail -15
-    else
-        timeout 150 python3 -m benchmarks.bench_$b 2>&1 | tail -12
+say() { echo "$*" | tee -a "$OUT/session.log"; }
+
+# The key figure of a step, read from its log.
+key_figure() {
+    local name=$1 log=$2
+    case $name in
+        pip) echo "$(ls .whl/*.whl 2>/dev/null | wc -l) wheels" ;;
+        build_ext) grep -o "nova_engine._C ok" "$log" | tail -1 ;;
+        kernel_tests) grep -E "passed|failed|error" "$log" | tail -1 | tr -d '=' | cut -c1-70 ;;
+        golden_*)
+            awk '/ rel / {for (i = 1; i < NF; i++) if ($i == "rel" && $(i+1) + 0 > m) m = $(i+1) + 0}
+                 / (MISMATCH)$/ {bad++}
+                 /golden check:/ {res = $3}
+                 END {printf "%s, max rel %.2g, %d mismatches", res ? res : "no verdict", m, bad}' "$log"
+            ;;
+        train_mfu) grep "^SFT steps:" "$log" | tail -1 | cut -c12-90 ;;
+        lce | logprobs)
+            awk '$4 == "x_gemm3" {x[$1] = $5} END {for (k in x) printf "%s %.2fx ", k, x[k]}' "$log" |
+                cut -c1-90
+            ;;
+        pair_logprobs | attention) grep -E "^[^ ]+: " "$log" | tail -1 | cut -c1-90 ;;
+    esac
+}
+
+# The source file of a step's command (for --dry): a script path or `-m module`.
+source_of() {
+    local prev=""
+    for a in "$@"; do
+        if [ "$prev" = "-m" ]; then
+            [ "$a" = pytest ] && return 0
+            echo "${a//.//}.py"
+            return 0
+        fi
+        case $a in *.py) echo "$a"; return 0 ;; esac
+        prev=$a
+    done
+}
+
+# --dry: the command's files exist, compile, and define each --flag it passes.
+dry_check() {
+    local src files f a
+    src=$(source_of "$@")
+    if [ -n "$src" ]; then
+        [ -f "$src" ] || { echo "missing $src"; return 1; }
+        "$PY" -c "import ast, sys; ast.parse(open(sys.argv[1]).read())" "$src" ||
+            { echo "$src: not Python"; return 1; }
+        # the flags may live in the module it delegates main() to (from benchmarks.x import)
+        files="$src $(sed -n 's/^from \(benchmarks\.[a-z_]*\) import.*/\1/p' "$src" | tr . / |
+            sed 's/$/.py/')"
+        for a in "$@"; do
+            case $a in
+                --*)
+                    f=$(grep -l -- "\"${a%%=*}\"" $files 2>/dev/null | head -1)
+                    [ -n "$f" ] || { echo "$src: no flag ${a%%=*}"; return 1; }
+                    ;;
+            esac
+        done
+    else  # pytest: its paths exist
+        for a in "$@"; do
+            case $a in tests/*) [ -e "$a" ] || { echo "missing $a"; return 1; } ;; esac
+        done
     fi
-done
-cp benchmarks/results/*_cuda.csv "$OUT"/ 2>/dev/null
-ls -la "$OUT"
+    echo "ok: $*"
+}
+
+# run_step NAME BUDGET_S [CSV_OP] -- command ...: run it under its budget, log, copy, record.
+run_step() {
+    local name=$1 budget=$2 op="" log t0 rc status secs
+    shift 2
+    [ "$1" != "--" ] && { op=$1; shift; }
+    shift
+    log=$LOGS/$name.log
+    t0=$SECONDS
+    BUDGETS=$((BUDGETS + budget))
+    if [ $DRY = 1 ]; then
+        if dry_check "$@" > "$log" 2>&1; then status=dry-ok; else status=dry-FAIL; FAILED=$((FAILED + 1)); fi
+        ROWS+=("$name|$status|$budget|$(tail -1 "$log" | cut -c1-90)")
+        return 0
+    fi
+    [ -n "$op" ] && rm -f "benchmarks/results/${op}_cuda.csv"
+    timeout -k 5 "$budget" "$@" > "$log" 2>&1
+    rc=$?
+    secs=$((SECONDS - t0))
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status=TIMEOUT ;;
+        *) status="FAIL($rc)" ;;
+    esac
+    [ $rc = 0 ] || FAILED=$((FAILED + 1))
+    {
+        echo "===== $name: $status in $secs s (budget $budget s): $*"
+        grep -v -i -E "warn|^\s*$" "$log" | tail -80
+    } >> "$OUT/session.log"
+    [ -n "$op" ] && cp "benchmarks/results/${op}_cuda.csv" "$OUT/" 2>/dev/null
+    ROWS+=("$name|$status|$secs|$(key_figure "$name" "$log")")
+}
+
+table() {
+    {
+        printf "%-15s %-9s %5s  %s\n" step status secs "key figure"
+        for r in "${ROWS[@]}"; do
+            IFS='|' read -r n s t k <<< "$r"
+            printf "%-15s %-9s %5s  %s\n" "$n" "$s" "$t" "$k"
+        done
+        echo "total $((SECONDS - T_START)) s (budgets $BUDGETS s), $FAILED step(s) not ok$(
+            [ $DRY = 1 ] && echo ' (dry run)')"
+    } | tee "$OUT/table.txt"
+}
+
+# ------------------------------------------------------------------------------- set-up
+if [ $DRY = 1 ]; then
+    command -v timeout > /dev/null || { echo "no timeout(1)"; exit 1; }
+    ls .whl/megatron_core-*.whl > /dev/null 2>&1 ||
+        echo "note: no .whl/megatron_core-*.whl here: run bash ../shared/gpu/wheels.sh before the call"
+    for f in setup.py csrc/attention.cpp tests/engine/golden/sft.json tests/engine/golden/dpo.json \
+        tests/engine/golden/rm.json tests/engine/golden/rlvr.json; do
+        [ -f "$f" ] || { echo "missing $f"; FAILED=$((FAILED + 1)); }
+    done
+    ROWS+=("pip|dry-ok|15|.whl/*.whl into /tmp/site")
+    BUDGETS=$((BUDGETS + 15))
+else
+    : > "$OUT/session.log"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$OUT/session.log" 2>&1
+    run_step pip 15 -- "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target /tmp/site .whl/*.whl
+    # the C++ extension (packer, CPU attention) compiles on the CPUs while the kernel tests run
+    (
+        t0=$SECONDS
+        timeout -k 5 $BUILD_BUDGET "$PY" -c "
+from pybind11.setup_helpers import ParallelCompile; ParallelCompile(default=16).install()
+import runpy, sys; sys.argv = ['setup.py', '-q', 'build_ext', '--inplace']
+runpy.run_path('setup.py', run_name='__main__')" > "$LOGS/build_ext.log" 2>&1 &&
+            "$PY" -c "import nova_engine._C; print('nova_engine._C ok')" >> "$LOGS/build_ext.log" 2>&1
+        echo "$? $((SECONDS - t0))" > "$LOGS/build_ext.rc"
+    ) &
+    BUILD=$!
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" \
+        >> "$OUT/session.log" 2>&1
+fi
+BUDGETS=$((BUDGETS + BUILD_BUDGET))
+[ $DRY = 1 ] && ROWS+=("build_ext|dry-ok|$BUILD_BUDGET|setup.py build_ext --inplace (16 jobs)")
+
+# ------------------------------------------------------ a. kernel tests, compiled for the GPU
+XDIST=""
+[ $DRY = 0 ] && "$PY" -c "import xdist" 2> /dev/null && XDIST="-n 8"
+# shellcheck disable=SC2086
+run_step kernel_tests 100 -- "$PY" -m pytest -q -p no:cacheprovider --import-mode=importlib \
+    $XDIST ${ARGS_kernel_tests:-} tests/kernels
+if [ $DRY = 0 ]; then
+    wait $BUILD
+    read -r rc secs < "$LOGS/build_ext.rc"
+    { echo "===== build_ext: rc $rc in $secs s"; tail -20 "$LOGS/build_ext.log"; } >> "$OUT/session.log"
+    [ "$rc" = 0 ] && st=ok || { st="FAIL($rc)"; FAILED=$((FAILED + 1)); }
+    ROWS+=("build_ext|$st|$secs|$(key_figure build_ext "$LOGS/build_ext.log")")
+fi
+
+# ------------------------------------------- b. bf16 golden losses on NCCL (world 1), per stage
+G=tests/engine/golden
+# shellcheck disable=SC2086
+run_step golden_sft_dpo 70 -- "$PY" $G/run_golden.py --check --stages sft,dpo --precision bf16 \
+    --rtol 3e-2 --atol 2e-3 ${ARGS_golden_sft_dpo:-}
+# shellcheck disable=SC2086
+run_step golden_rm 40 -- "$PY" $G/run_golden.py --check --stages rm --precision bf16 \
+    --rtol 3e-2 --atol 2e-3 ${ARGS_golden_rm:-}
+# shellcheck disable=SC2086
+run_step golden_rlvr 40 -- "$PY" $G/run_golden_rlvr.py --check --precision bf16 \
+    --rtol 3e-2 --atol 5e-3 ${ARGS_golden_rlvr:-}
+
+# --------------------------------------- c. SFT MFU of a ~1B Llama, LM heads, varlen attention
+# shellcheck disable=SC2086
+run_step train_mfu 60 train_throughput -- "$PY" -m benchmarks.bench_train_throughput \
+    ${ARGS_train_mfu:---model 1b --steps 4 --no-padded}
+# shellcheck disable=SC2086
+run_step lce 25 linear_cross_entropy -- "$PY" -m benchmarks.bench_linear_cross_entropy \
+    ${ARGS_lce:---quick --reps 5 --no-compile}
+# shellcheck disable=SC2086
+run_step logprobs 25 linear_logprobs -- "$PY" -m benchmarks.bench_linear_logprobs \
+    ${ARGS_logprobs:---quick --reps 5 --no-compile}
+# shellcheck disable=SC2086
+run_step pair_logprobs 25 linear_pair_logprobs -- "$PY" -m benchmarks.bench_linear_pair_logprobs \
+    ${ARGS_pair_logprobs:---quick --reps 5}
+# shellcheck disable=SC2086
+run_step attention 25 packed_attention -- "$PY" -m benchmarks.bench_packed_attention \
+    ${ARGS_attention:---reps 5}
+
+if [ $BUDGETS -gt 480 ]; then
+    echo "the budgets sum to $BUDGETS s: more than 8 minutes"
+    FAILED=$((FAILED + 1))
+fi
+table
+rm -rf "$LOGS"
+[ $FAILED = 0 ]

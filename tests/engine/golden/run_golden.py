@@ -1,13 +1,16 @@
-"""Golden per-step losses of the tiny model: SFT and DPO, one process (world 1).
+"""Golden per-step losses of the tiny model: SFT, DPO and RM, one process (world 1).
 
-    .venv/bin/python tests/engine/golden/run_golden.py --write      # regenerate (CPU, fp32)
+    .venv/bin/python tests/engine/golden/run_golden.py --write --stages rm   # regenerate one
     python3 tests/engine/golden/run_golden.py --check --precision bf16 --rtol 3e-2 --atol 2e-3
 
---write stores sft.json / dpo.json next to this file: the settings of the runs and, per
-step, (loss, grad_norm). The spawned multi-rank tests (test_train_sft.py, test_train_dpo.py)
-build the same model and data, assert that their settings equal the stored ones, and compare
-every layout's losses with these, so a change that shifts every layout alike is caught.
-Regenerate only for an intended change of the numerics, and say why in the commit.
+--write stores sft.json / dpo.json / rm.json next to this file (--stages: which; default
+all): the settings of the runs and, per step, (loss, grad_norm). The spawned multi-rank
+tests (test_train_sft.py, test_train_dpo.py) build the same model and data, assert that
+their settings equal the stored ones, and compare every layout's losses with these, so a
+change that shifts every layout alike is caught; rm.json (Scaled BT on pairs and regression
+on attribute scores, the HelpSteer2 chain's two losses, with the settings of
+test_train_rm.py) is checked by test_golden_rm.py in this folder. Regenerate only for an
+intended change of the numerics, and say why in the commit.
 
 --check runs the same steps on this machine's device (CUDA + NCCL when present: the
 one-GPU end-to-end smoke run of benchmarks/gpu_session.sh) and compares with the stored
@@ -60,6 +63,23 @@ DPO = dict(
     beta=2.0,
     runs=[10],
 )
+RM = dict(
+    data_seed=3,
+    n_pref=80,
+    n_regression=80,
+    max_length=64,
+    model_seed=1,
+    num_hidden_layers=2,
+    global_batch_size=8,
+    micro_batch_tokens=128,
+    batch_seed=1,
+    lr=3e-3,
+    schedule="constant",
+    score_init_seed=5,
+    losses=["scaled_bt", "regression"],
+    runs=[10],
+)
+STAGES = ("sft", "dpo", "rm")
 MODEL = dict(
     vocab_size=512,
     hidden_size=64,
@@ -167,38 +187,115 @@ def run_dpo(model_dir, pairs, steps: int, ps, cache_dir: str, precision: str = "
     return [[h["loss"], h["grad_norm"]] for h in hist]
 
 
-def golden_runs(precision: str = "fp32") -> dict[str, dict]:
+def build_rm(root: str) -> tuple[str, dict]:
+    """(model_dir, data) of the RM runs: the pairs and the attribute records, tokenized."""
+    from nova_engine.data.reward import read_attribute_jsonl, read_reward_pairs, tokenize_attributes
+    from nova_engine.data.synthetic_reward import write_reward_task
+    from nova_engine.data.tiny import build_tiny_tokenizer
+    from nova_engine.data.tokenize import load_tokenizer, tokenize_pairs
+    from nova_engine.model.hf_io import choose_pad_token_id
+    from nova_engine.model.tiny import build_tiny_hf_model
+
+    c = RM
+    tok = build_tiny_tokenizer(os.path.join(root, "tok"))
+    paths = write_reward_task(
+        os.path.join(root, "data"),
+        n_regression=c["n_regression"],
+        n_pref=c["n_pref"],
+        n_eval=4,
+        seed=c["data_seed"],
+    )
+    model_dir = os.path.join(root, "model")
+    build_tiny_hf_model(
+        model_dir,
+        "llama",
+        seed=c["model_seed"],
+        num_hidden_layers=c["num_hidden_layers"],
+        **MODEL,
+    )
+    pairs, _ = tokenize_pairs(read_reward_pairs(paths["pref"])[0], tok, max_length=c["max_length"])
+    attrs, _ = tokenize_attributes(
+        read_attribute_jsonl(paths["regression"])[0], tok, max_length=c["max_length"]
+    )
+    pad = choose_pad_token_id(load_tokenizer(tok))
+    return model_dir, {"pairs": (pairs, None), "attributes": (attrs.samples, attrs.targets),
+                       "pad": pad}  # fmt: skip
+
+
+def run_rm(model_dir, data, loss_type: str, steps: int, ps, precision: str = "fp32"):
+    from nova_engine.config import OptimConfig
+    from nova_engine.model.arch import load_arch
+    from nova_engine.train.data_source import PackedDataSource
+    from nova_engine.train.loop import Loop
+    from nova_engine.train.stages import rm
+
+    c = RM
+    loss = rm.RMLossSection(loss_type=loss_type)
+    samples, targets = data["pairs"] if loss.pairwise else data["attributes"]
+    engine = rm.RewardEngine(
+        load_arch(model_dir), ps, labels=loss.labels, pad_token_id=data["pad"], name="reward",
+        weights_dir=model_dir, optim=OptimConfig(lr=c["lr"], schedule=c["schedule"]),
+        total_steps=steps, score_init_seed=c["score_init_seed"], precision=precision,
+    )  # fmt: skip
+    src = PackedDataSource(
+        samples,
+        global_batch_size=c["global_batch_size"],
+        micro_batch_tokens=c["micro_batch_tokens"],
+        ps=ps,
+        seed=c["batch_seed"],
+        max_steps=steps,
+    )
+    hist = Loop({"reward": engine}, src).fit(rm.RMStage(ps, loss, targets))
+    return [[h["loss"], h["grad_norm"]] for h in hist]
+
+
+def golden_runs(precision: str = "fp32", stages=STAGES) -> dict[str, dict]:
     from nova_engine.parallel.state import destroy_parallel, initialize_parallel
     from nova_engine.train.runner import ensure_process_group_env
 
     ensure_process_group_env()
-    out: dict[str, dict] = {"sft": {"config": SFT}, "dpo": {"config": DPO}}
+    out: dict[str, dict] = {s: {"config": {"sft": SFT, "dpo": DPO, "rm": RM}[s]} for s in stages}
     with tempfile.TemporaryDirectory() as root:
-        model_dir, samples = build(os.path.join(root, "sft"), SFT, "chat")
-        for steps in SFT["runs"]:
-            ps = initialize_parallel(seed=7)
-            out["sft"][f"steps{steps}"] = run_sft(model_dir, samples, steps, ps, precision)
-            destroy_parallel()
-        model_dir, pairs = build(os.path.join(root, "dpo"), DPO, "pairs")
-        for steps in DPO["runs"]:
-            ps = initialize_parallel(seed=3)
-            cache = os.path.join(root, f"cache{steps}")
-            out["dpo"][f"steps{steps}"] = run_dpo(model_dir, pairs, steps, ps, cache, precision)
-            destroy_parallel()
+        if "sft" in stages:
+            model_dir, samples = build(os.path.join(root, "sft"), SFT, "chat")
+            for steps in SFT["runs"]:
+                ps = initialize_parallel(seed=7)
+                out["sft"][f"steps{steps}"] = run_sft(model_dir, samples, steps, ps, precision)
+                destroy_parallel()
+        if "dpo" in stages:
+            model_dir, pairs = build(os.path.join(root, "dpo"), DPO, "pairs")
+            for steps in DPO["runs"]:
+                ps = initialize_parallel(seed=3)
+                cache = os.path.join(root, f"cache{steps}")
+                out["dpo"][f"steps{steps}"] = run_dpo(model_dir, pairs, steps, ps, cache, precision)
+                destroy_parallel()
+        if "rm" in stages:
+            model_dir, data = build_rm(os.path.join(root, "rm"))
+            for loss_type in RM["losses"]:
+                for steps in RM["runs"]:
+                    ps = initialize_parallel(seed=3)
+                    out["rm"][f"{loss_type}_steps{steps}"] = run_rm(
+                        model_dir, data, loss_type, steps, ps, precision
+                    )
+                    destroy_parallel()
     return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", action="store_true", help="regenerate sft.json / dpo.json")
+    ap.add_argument("--write", action="store_true", help="regenerate the stages' JSON files")
     ap.add_argument("--check", action="store_true", help="compare a fresh run with them")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--rtol", type=float, default=2e-5)
     ap.add_argument("--atol", type=float, default=0.0, help="absolute slack (small DPO losses)")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated: sft,dpo,rm")
     args = ap.parse_args(argv)
     if args.write == args.check:
         ap.error("pass exactly one of --write / --check")
-    runs = golden_runs(args.precision)
+    stages = tuple(s for s in args.stages.split(",") if s)
+    if not stages or set(stages) - set(STAGES):
+        ap.error(f"--stages {args.stages!r}: expected a comma-separated subset of sft,dpo,rm")
+    runs = golden_runs(args.precision, stages)
     import torch.distributed as dist
 
     if dist.is_initialized():
