@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 
-from nova_engine.model.attention import NovaCoreAttention
+from nova_engine.model.attention import NovaCoreAttention, gqa_sdpa
 
 if TYPE_CHECKING:
     from nova_engine.model.build import NovaGPTModel
@@ -165,14 +165,14 @@ class LayerKVCache:
         filled cache -> [S, B, np*hn]."""
         st = self.state
         s = q_SBNH.shape[0]
-        gqa = q_SBNH.shape[2] != self.k_BGKH.shape[1]
         if st.rows_R is not None:  # a prefill group: store, attend among the new positions
             k_BGSH, v_BGSH = k_SBGH.permute(1, 2, 0, 3), v_SBGH.permute(1, 2, 0, 3)
             self.k_BGKH[st.rows_R, :, st.start : st.start + s] = k_BGSH
             self.v_BGKH[st.rows_R, :, st.start : st.start + s] = v_BGSH
-            out = F.scaled_dot_product_attention(
-                q_SBNH.permute(1, 2, 0, 3), k_BGSH, v_BGSH, attn_mask=st.mask_B1SK,
-                is_causal=st.causal, scale=scale, enable_gqa=gqa,
+            # masked GQA: K/V expanded on GPU, never SDPA's fp32-score math fallback
+            out = gqa_sdpa(
+                q_SBNH.permute(1, 2, 0, 3), k_BGSH, v_BGSH, scale, attn_mask=st.mask_B1SK,
+                is_causal=st.causal,
             )  # fmt: skip
             return out.permute(2, 0, 1, 3).reshape(s, q_SBNH.shape[1], -1)
         o = st.filled
@@ -191,9 +191,9 @@ class LayerKVCache:
             )  # fmt: skip
             return out.reshape(1, b, -1)
         q = q_SBNH.permute(1, 2, 0, 3)
-        out = F.scaled_dot_product_attention(
-            q, self.k_BGKH[:, :, :k], self.v_BGKH[:, :, :k], attn_mask=st.mask_B1SK,
-            is_causal=st.causal, scale=scale, enable_gqa=gqa,
+        out = gqa_sdpa(
+            q, self.k_BGKH[:, :, :k], self.v_BGKH[:, :, :k], scale, attn_mask=st.mask_B1SK,
+            is_causal=st.causal,
         )  # fmt: skip
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 

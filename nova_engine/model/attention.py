@@ -8,8 +8,10 @@ positions restart at every sample) and returns the context in the shape megatron
 Backends, picked per call:
 - packed (thd), CUDA: `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10; its causal
   flag changed from `is_causal=True` (2.10/2.11) to `window_size=(-1, 0)` (2.12+), and
-  `enable_gqa` appeared in 2.12 — both handled), else flash-attn's `flash_attn_varlen_func`
-  when importable, else the SDPA path below.
+  `enable_gqa` appeared in 2.12 — both handled), else flash-attn's varlen function when
+  importable: flash-attn 3 (`flash_attn_interface`, Hopper) first, else 2.x (`flash_attn`),
+  called by the installed function's own signature (3.x has no dropout_p, and some 3.x
+  builds return (out, softmax_lse)), else the SDPA path below.
 - packed (thd), CPU with AVX2 or AVX-512, fp32, head dim 8/16/32/64/96/128/256: Nova's C++
   kernel (`nova_engine._C.packed_attention_fwd/bwd`, csrc/attention.cpp): flash-style
   blocks per (segment, KV head) straight on the [T, heads, hn] layout, the query heads of a
@@ -28,6 +30,10 @@ Backends, picked per call:
   would.
 - padded (sbhd): SDPA, causal with the mask aligned bottom-right, so the same call serves
   a full forward, a prefill and decoding against megatron's KV cache (`padded_attention`).
+  With an explicit mask (left-padded prompts) and GQA, K/V are expanded to the query heads
+  off the CPU (`gqa_sdpa`): CUDA's memory-efficient / cuDNN kernels take a mask but not
+  enable_gqa, and SDPA with both falls to the math backend, which materializes fp32
+  [B, heads, S, K] scores (8.6 GB per layer call at 64 rows x 8 heads x 2048^2).
 
 Shapes (np = query heads per TP rank, ng = KV groups per TP rank, hn = head dim):
   sbhd: q [S, B, np, hn], k/v [S, B, ng, hn] -> [S, B, np*hn]
@@ -36,6 +42,7 @@ Shapes (np = query heads per TP rank, ng = KV groups per TP rank, hn = head dim)
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -58,10 +65,44 @@ from nova_kernels._sync import host_sync_ok
 if TYPE_CHECKING:
     from nova_engine.generate.kv_cache import LayerKVCache
 
-try:  # optional accelerator
-    from flash_attn import flash_attn_varlen_func  # type: ignore[import-not-found]
-except Exception:  # noqa: BLE001
-    flash_attn_varlen_func = None
+
+@lru_cache(maxsize=1)
+def _flash_varlen_api() -> tuple[Callable[..., object], frozenset[str]] | None:
+    """flash-attn's varlen function and its parameter names: flash-attn 3
+    (`flash_attn_interface`) first, else 2.x (`flash_attn`); None when neither imports."""
+    for module in ("flash_attn_interface", "flash_attn"):
+        try:
+            fn = importlib.import_module(module).flash_attn_varlen_func
+        except Exception:  # noqa: BLE001 - optional accelerator
+            continue
+        params = inspect.signature(fn).parameters.values()
+        return fn, frozenset("**" if p.kind is p.VAR_KEYWORD else p.name for p in params)
+    return None
+
+
+def _flash_varlen_kwargs(params: frozenset[str], scale: float) -> dict[str, object]:
+    """Keyword arguments of a causal call for a flash-attn varlen signature (2.x: dropout_p,
+    softmax_scale, causal; 3.x: no dropout_p); RuntimeError when the signature lacks one."""
+    kwargs: dict[str, object] = {"softmax_scale": scale, "causal": True}
+    if "dropout_p" in params:
+        kwargs["dropout_p"] = 0.0
+    missing = [name for name in kwargs if name not in params]
+    if missing and "**" not in params:
+        raise RuntimeError(
+            f"flash-attn's flash_attn_varlen_func has no {missing} parameter: unsupported "
+            f"flash-attn version (parameters {sorted(params)})"
+        )
+    return kwargs
+
+
+def _flash_varlen(api, q, k, v, cu: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
+    """Causal varlen attention through flash-attn 2.x or 3.x: the seven leading positional
+    arguments (q, k, v, cu_seqlens_q/k, max_seqlen_q/k) are common to both, the rest go by
+    the installed signature (GQA is native in both); a (out, softmax_lse) return (some 3.x
+    builds) is unwrapped."""
+    fn, params = api
+    out = fn(q, k, v, cu, cu, max_len, max_len, **_flash_varlen_kwargs(params, scale))
+    return out[0] if isinstance(out, tuple) else out
 
 
 # torch.nn.attention.varlen.varlen_attn: out, or (out, aux) when aux is requested
@@ -361,18 +402,9 @@ def packed_attention(
         out = _varlen_torch(q_TNH, k_TGH, v_TGH, cu, int(max_seqlen), scale)
         if out is not None:
             return out
-        if flash_attn_varlen_func is not None:
-            return flash_attn_varlen_func(
-                q_TNH,
-                k_TGH,
-                v_TGH,
-                cu,
-                cu,
-                max_seqlen,
-                max_seqlen,
-                softmax_scale=scale,
-                causal=True,
-            )
+        flash = _flash_varlen_api()
+        if flash is not None:
+            return _flash_varlen(flash, q_TNH, k_TGH, v_TGH, cu, int(max_seqlen), scale)
     if _use_cpu_kernel(q_TNH, k_TGH, v_TGH):
         return _cpu_kernel_attention(q_TNH, k_TGH, v_TGH, cu, scale, cu_seqlens_host)
     return _grouped_causal_attention(q_TNH, k_TGH, v_TGH, cu, scale, cu_seqlens_host)
@@ -387,6 +419,33 @@ _CAUSAL_TYPES = (
     AttnMaskType.causal_bottom_right,
     AttnMaskType.no_mask,
 )
+
+
+def gqa_sdpa(
+    q_BNSH: torch.Tensor,
+    k_BGKH: torch.Tensor,
+    v_BGKH: torch.Tensor,
+    scale: float,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    expand: bool | None = None,
+) -> torch.Tensor:
+    """SDPA over q [B, np, S, hn], k/v [B, ng, K, hn] (query head h uses KV group h // (np/ng),
+    megatron's order). With a mask and GQA, `expand` (None: off the CPU) repeats K/V to the
+    query heads instead of passing enable_gqa: SDPA's fused CUDA kernels that take a mask do
+    not take enable_gqa, and the math fallback materializes the fp32 scores. On the CPU the
+    call is SDPA's enable_gqa as before (CPU numerics unchanged)."""
+    gqa = q_BNSH.shape[1] != k_BGKH.shape[1]
+    if expand is None:
+        expand = q_BNSH.device.type != "cpu"
+    if gqa and attn_mask is not None and expand:
+        rep = q_BNSH.shape[1] // k_BGKH.shape[1]
+        k_BGKH, v_BGKH = (t.repeat_interleave(rep, dim=1) for t in (k_BGKH, v_BGKH))
+        gqa = False
+    return F.scaled_dot_product_attention(
+        q_BNSH, k_BGKH, v_BGKH, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+        enable_gqa=gqa,
+    )  # fmt: skip
 
 
 def padded_attention(
@@ -442,7 +501,7 @@ def padded_attention(
                 )
             m = m[..., kl - s : kl, :]
         allowed = (allowed & ~m) | (kpos[None, :] == qpos[:, None])
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    out = gqa_sdpa(q, k, v, scale, attn_mask=allowed)
     return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 

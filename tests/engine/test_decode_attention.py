@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 from megatron.core.transformer.enums import AttnMaskType
 
 from nova_engine.model.attention import padded_attention
@@ -143,6 +144,84 @@ def test_generate_cache_attends_like_a_full_forward():
         )
         for t in range(total_new):
             torch.testing.assert_close(steps[t][0, row], full[n + t, 0], atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------- masked GQA without the math fallback
+
+
+@pytest.mark.parametrize("expand", [False, True])
+def test_gqa_sdpa_with_a_mask_matches_float64(expand):
+    from nova_engine.model.attention import gqa_sdpa
+
+    gen = torch.Generator().manual_seed(11)
+    b, np_, ng, s, k, h = 3, 6, 2, 5, 9, 12
+    mk = lambda *shape: torch.randn(*shape, generator=gen).requires_grad_()  # noqa: E731
+    q, kk, v = mk(s, b, np_, h), mk(k, b, ng, h), mk(k, b, ng, h)
+    keep = torch.rand(b, s, k, generator=gen) < 0.6
+    keep |= torch.arange(k)[None, None, :] == torch.arange(k - s, k)[None, :, None]
+    out = gqa_sdpa(
+        *(t.permute(1, 2, 0, 3) for t in (q, kk, v)), SCALE, keep[:, None], expand=expand
+    )
+    out = out.permute(2, 0, 1, 3).reshape(s, b, -1)
+    ref = _reference(q, kk, v, keep)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(out)
+    for a, r in zip(
+        torch.autograd.grad(out, (q, kk, v), g), torch.autograd.grad(ref, (q, kk, v), g.double())
+    ):
+        torch.testing.assert_close(a.double(), r.double(), rtol=1e-5, atol=1e-5)
+
+
+class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every floating tensor of at least `limit` elements an op creates."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit, self.big = limit, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() >= self.limit:
+                self.big.append((str(func), tuple(t.shape)))
+        return out
+
+
+def test_masked_gqa_prefill_takes_no_math_fallback(monkeypatch):
+    """A GPU-sized left-padded prefill (64 rows x 8 query / 2 KV heads x 2048 positions, bf16,
+    meta device): every SDPA call with a mask gets K/V at the query heads (no enable_gqa, so
+    CUDA's efficient/cuDNN kernels take it, not the math backend) and nothing outside SDPA
+    creates a [B, heads, L, L] score-sized tensor; through padded_attention and the generate
+    cache's prefill group."""
+    from nova_engine.generate.kv_cache import DecodeState, LayerKVCache
+    from nova_engine.model.attention import padded_attention
+
+    b, np_, ng, s, h = 64, 8, 2, 2048, 128
+    calls = []
+
+    def sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, **kw):
+        calls.append((attn_mask is not None, enable_gqa, k.shape[1] == q.shape[1]))
+        return q.new_empty(*q.shape[:-1], v.shape[-1])  # what a fused kernel returns
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    meta = torch.device("meta")
+    mk = lambda *shape: torch.empty(*shape, device=meta, dtype=torch.bfloat16)  # noqa: E731
+    pads = torch.randint(0, 300, (b,), generator=torch.Generator().manual_seed(0))
+    pads[0] = 0
+    padding_B1K = (torch.arange(s)[None, :] < pads[:, None])[:, None, None, :]
+    with _Largest(b * np_ * s * s // 8) as rec:
+        padded_attention(mk(s, b, np_, h), mk(s, b, ng, h), mk(s, b, ng, h), SCALE,
+                         attention_mask=padding_B1K.to(meta))  # fmt: skip
+    st = DecodeState(pads, s + 4, torch.rand(h // 2))
+    st.begin_prefill(torch.arange(b), 0, s)
+    assert st.mask_B1SK is not None  # the padded rows need a mask
+    st.device, st.rows_R, st.mask_B1SK = meta, st.rows_R.to(meta), st.mask_B1SK.to(meta)
+    cache = LayerKVCache.__new__(LayerKVCache)
+    cache.state, cache.k_BGKH, cache.v_BGKH = st, mk(b, ng, s + 4, h), mk(b, ng, s + 4, h)
+    with _Largest(b * np_ * s * s // 8) as rec2:
+        cache.attend(mk(s, b, np_, h), mk(s, b, ng, h), mk(s, b, ng, h), SCALE)
+    assert len(calls) == 2 and all(m and not gqa and same for m, gqa, same in calls), calls
+    assert rec.big == [] and rec2.big == [], (rec.big, rec2.big)
 
 
 # ------------------------------------------------------------------------ on the model

@@ -9,6 +9,8 @@ One spawned group of 4 gloo ranks.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
@@ -316,6 +318,91 @@ def test_varlen_signature_variants(monkeypatch, style):
         assert calls == {"is_causal": True, "heads_k": 6}
     else:
         assert calls == {"window_size": (-1, 0), "enable_gqa": True, "heads_k": 2}
+
+
+# flash-attn 2.x / 3.x varlen signatures: stand-ins with each installed signature, computing
+# real causal attention per segment (float64), so the adapter's output is checked, not just
+# its keywords
+
+
+def _segment_attention(q, k, v, cu, scale):
+    """float64 causal attention per segment of cu; GQA by repeating K/V heads."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = (t.repeat_interleave(rep, 1) for t in (k, v))
+    mask = attention.block_causal_mask(cu, q.shape[0])
+    scores = torch.einsum("ind,jnd->nij", q.double(), k.double()) * scale
+    p = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+    return torch.einsum("nij,jnd->ind", p, v.double()).to(q.dtype)
+
+
+def _fake_flash(major: int, calls: dict):
+    if major == 2:
+
+        def fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+               alibi_slopes=None, deterministic=False, return_attn_probs=False, block_table=None):  # fmt: skip
+            calls.update(major=2, dropout_p=dropout_p, causal=causal, max=max_seqlen_q)
+            return _segment_attention(q, k, v, cu_seqlens_q, softmax_scale)
+
+    else:  # flash_attn_interface (Hopper): no dropout_p; this build returns (out, lse)
+
+        def fn(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None,
+               seqused_k=None, softmax_scale=None, causal=False, qv=None, q_descale=None,
+               k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0,
+               softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0):  # fmt: skip
+            calls.update(major=3, causal=causal, max=max_seqlen_q)
+            out = _segment_attention(q, k, v, cu_seqlens_q, softmax_scale)
+            return out, torch.zeros(q.shape[1], q.shape[0])
+
+    return fn
+
+
+@pytest.mark.parametrize("major", [2, 3])
+def test_flash_attn_varlen_adapts_to_the_installed_signature(monkeypatch, major):
+    import sys
+    import types
+
+    calls: dict = {}
+    mod = types.ModuleType("flash_attn_interface" if major == 3 else "flash_attn")
+    mod.flash_attn_varlen_func = _fake_flash(major, calls)
+    for name in ("flash_attn_interface", "flash_attn"):
+        monkeypatch.setitem(sys.modules, name, mod if name == mod.__name__ else None)
+    attention._flash_varlen_api.cache_clear()
+    try:
+        api = attention._flash_varlen_api()
+    finally:
+        attention._flash_varlen_api.cache_clear()
+    assert api is not None and api[0] is mod.flash_attn_varlen_func
+    gen = torch.Generator().manual_seed(major)
+    cu = torch.tensor([0, 5, 6, 19, 26], dtype=torch.int32)
+    q, k, v = (torch.randn(26, h, 24, generator=gen) for h in (6, 2, 2))
+    out = attention._flash_varlen(api, q, k, v, cu, 13, 0.3)
+    ref = _segment_attention(q, k, v, cu, 0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    want = {"major": major, "causal": True, "max": 13} | ({"dropout_p": 0.0} if major == 2 else {})
+    assert calls == want
+
+
+def test_flash_attn_varlen_unknown_signature_is_one_clear_error():
+    def fn(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, is_causal=False):
+        return q
+
+    with pytest.raises(
+        RuntimeError, match=r"no \['softmax_scale', 'causal'\] parameter: unsupported"
+    ):
+        attention._flash_varlen((fn, frozenset(inspect.signature(fn).parameters)),
+                                *(torch.randn(4, 2, 8) for _ in range(3)),
+                                torch.tensor([0, 4]), 4, 0.3)  # fmt: skip
+
+
+def test_flash_attn_varlen_call_binds_to_the_installed_package():
+    """The adapter's call binds to the installed flash-attn's own signature (GPU images)."""
+    api = attention._flash_varlen_api()
+    if api is None:
+        pytest.skip("flash-attn not installed")
+    fn, params = api
+    t = torch.empty(0)
+    inspect.signature(fn).bind(t, t, t, t, t, 1, 1, **attention._flash_varlen_kwargs(params, 0.1))
 
 
 # ---------------------------------------------------------------------- the model-level proof
