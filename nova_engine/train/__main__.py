@@ -92,6 +92,25 @@ def report(line: str) -> None:
     emit(f"rank {_rank()}: {line}", err=True)
 
 
+def _barrier_after_interrupt(timeout_s: float = 5.0) -> None:
+    """All ranks meet once after the signal's checkpoint, then exit at once (torchrun
+    SIGKILLs the ranks still running 30 s after the first exit; preemption grace periods
+    are often shorter). Bounded: a rank that is gone costs at most `timeout_s`."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+        else:
+            dist.barrier()
+    except Exception:  # noqa: BLE001 - a missing rank: exit anyway
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 2 a user error (one line), 128 + signal number after SIGINT /
     SIGTERM (a checkpoint saved at the step boundary; rerun to resume)."""
@@ -107,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         kind = "config error" if type(e).__name__ == "ConfigError" else type(e).__name__
         report(f"{kind}: {e}")
         return 2
-    except Interrupted as e:
-        report(str(e))
+    except Interrupted as e:  # every rank saved together: no rank has its own line to wait for
+        if _rank() == 0:
+            emit(str(e), err=True)
+        _barrier_after_interrupt()  # rank 0's line is out before any rank exits
         return 128 + e.signum
     except KeyboardInterrupt:  # before or after the training loop (nothing to save)
         report("interrupted (SIGINT) before training started or after it ended")
@@ -122,4 +143,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code > 128:  # stopped by a signal after the checkpoint: everything is on disk
+        import logging
+
+        # skip the interpreter's teardown (seconds of library finalizers): a preempted rank
+        # exits right after its checkpoint, within any grace period
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
