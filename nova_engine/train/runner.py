@@ -209,9 +209,27 @@ def resume_path(run: RunConfig) -> str | None:
 
 
 def run_config_json(run: RunConfig) -> dict[str, Any]:
+    """The run config as JSON, plus `data_content`: a fingerprint of every training file's
+    bytes (sha256), so resume compares the data itself, not its line count."""
     import json
 
-    return json.loads(json.dumps(run.to_dict(), default=str))
+    return {
+        **json.loads(json.dumps(run.to_dict(), default=str)),
+        "data_content": {str(i): _file_sha256(p) for i, p in enumerate(run.data.train_paths)},
+    }
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return "unreadable"
+    return "sha256:" + h.hexdigest()[:16]
 
 
 def resume(run: RunConfig, loop: Loop) -> str | None:
@@ -239,8 +257,11 @@ def resume(run: RunConfig, loop: Loop) -> str | None:
             continue
         manifest = checkpoint_io.read_manifest(path)
         saved = manifest.get("extra", {}).get("config")
-        if saved is not None and manifest.get("config_hash") != run.hash():
-            diff = safety.config_diff(saved, run_config_json(run))
+        if saved is not None:  # the config and the data's content (run_config_json)
+            current = run_config_json(run)
+            if "data_content" not in saved:  # a checkpoint from before the fingerprint
+                current.pop("data_content")
+            diff = safety.config_diff(saved, current)
             if diff and r == "auto":
                 raise ConfigError(
                     "checkpoint.resume",

@@ -51,6 +51,7 @@ IGNORED_KEYS = (
     "data.eval_paths",
     "data.eval_max_samples",
     "checkpoint.",
+    "train.out_dir",  # a moved run directory is the same run
 )
 
 

@@ -474,3 +474,34 @@ def test_one_line_for_a_disk_that_fills_during_the_final_export(assets, tmp_path
     assert not (out / "hf").exists() and not (out / "hf.tmp-export").exists()
     record("11", "sft ... (disk fills during the final export)", rc, line,
            "the checkpoints; no partial hf/", tmp_path)  # fmt: skip
+
+
+# ------------------------------------------------------------------ (6) data content, (12) moves
+
+
+def test_resume_compares_the_data_content_and_ignores_a_moved_run_dir(assets, tmp_path, capsys):
+    data = tmp_path / "sft.jsonl"
+    shutil.copy(assets["sft"], data)
+    out = tmp_path / "run"
+    args = [a for a in sft_args(assets, out) if not a.startswith("data.train_paths=")]
+    rc, line = train([*args, f"data.train_paths=[{data}]", "train.max_steps=2"], capsys)
+    assert rc == 0, line
+    # the same number of lines, one answer edited: refused under resume=auto
+    lines = data.read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec["messages"][-1]["content"] += " (edited)"
+    data.write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+    rc, line = train([*args, f"data.train_paths=[{data}]", "train.max_steps=2"], capsys)
+    assert rc == 2 and "data_content.0" in line and "force" in line, line
+    record("6", "sft ... (same line count, one line edited; resume=auto)", rc, line,
+           "the checkpoints; nothing trained", tmp_path)  # fmt: skip
+    # the run directory moved elsewhere: the same run, it resumes
+    moved = tmp_path / "moved"
+    os.rename(out, moved)
+    shutil.copy(assets["sft"], data)
+    margs = [a for a in sft_args(assets, moved) if not a.startswith("data.train_paths=")]
+    rc, line = train([*margs, f"data.train_paths=[{data}]", "train.max_steps=2"], capsys)
+    assert rc == 0, line
+    steps = [json.loads(x)["step"] for x in open(moved / "metrics.jsonl") if '"loss"' in x]
+    assert steps == [1, 2]  # resumed at its last step: nothing redone
+    record("12", "sft ... train.out_dir=MOVED_RUN_DIR", rc, line, "resumed at step 2", tmp_path)
