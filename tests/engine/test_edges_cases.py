@@ -140,7 +140,8 @@ def test_export_never_replaces_what_is_not_a_previous_export(assets, tmp_path, c
     assert rc == 2 and "not a HF export" in line and "checkpoints" in line, line
     assert listing(assets["run"]) == before
     assert checkpoint_io.latest_complete(os.path.join(assets["run"], "checkpoints")) == ckpt
-    record("1", "nova export CKPT RUN_DIR --overwrite", rc, line, "the run directory", tmp_path)
+    record("1", "nova export CKPT RUN_DIR --overwrite", rc, line, "the run directory",
+           os.path.dirname(assets["run"]))  # fmt: skip
     # a file at DIR
     f = tmp_path / "file"
     f.write_text("x")
