@@ -232,8 +232,9 @@ class PackedBatch:
     built on the CPU, so the per-micro-batch forward/backward never reads a device tensor
     back (a CUDA stream sync inside the pipeline schedule; `nova_kernels._sync`):
     `cu_seqlens_host` (Python ints, unchanged by `.to(device)`), `loss_rows` (moved with the
-    batch), `pair_ids_host`, `sample_ids_host`, and the counts `num_loss_tokens` / `num_real_tokens`. Left out
-    of the constructor they are derived from the (CPU) tensors in `__post_init__`.
+    batch), `pair_ids_host`, `sample_ids_host`, and the counts `num_loss_tokens` /
+    `num_real_tokens`. Left out of the constructor they are derived from the (CPU) tensors in
+    `__post_init__`.
     """
 
     tokens: torch.Tensor  # [T] int64

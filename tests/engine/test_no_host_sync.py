@@ -115,7 +115,7 @@ def _sft(root: str) -> dict:
     model_dir, samples = g.build(os.path.join(root, "sft"), c, "chat")
     out: dict = {}
 
-    def step(**patches):
+    def step():
         ps = initialize_parallel(seed=7)
         eng = ModelEngine.from_hf(model_dir, ps, optim=g._optim(c), total_steps=6)
         data = PackedDataSource(samples, global_batch_size=c["global_batch_size"],
@@ -183,8 +183,10 @@ def _dpo(root: str) -> dict:
         eng = ModelEngine.from_hf(model_dir, ps, optim=g._optim(c), total_steps=10)
 
         def source(**kw):
-            return PackedDataSource(pairs, global_batch_size=c["global_batch_size"],
-                                    micro_batch_tokens=c["micro_batch_tokens"], ps=ps, **kw)  # fmt: skip
+            gbs, mbt = c["global_batch_size"], c["micro_batch_tokens"]
+            return PackedDataSource(
+                pairs, global_batch_size=gbs, micro_batch_tokens=mbt, ps=ps, **kw
+            )
 
         try:
             key = RefCacheKey(model="m", data="d", config="fp32")

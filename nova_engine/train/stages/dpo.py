@@ -151,9 +151,9 @@ class DPOStage:
 
     def prepare(self, microbatches: Sequence[PackedBatch]) -> list[PackedBatch]:
         """The step's micro-batches with their reference log-prob sums attached
-        (`extra["ref_logps"]` [P, 2] fp32 (chosen, rejected) on the device): one host lookup of all
-        pairs (`pair_ids_host`) and one host-to-device copy for the whole step, before the
-        schedule. Unchanged without a reference (a reference-free loss)."""
+        (`extra["ref_logps"]` [P, 2] fp32 (chosen, rejected) on the device): one host lookup
+        of all pairs (`pair_ids_host`) and one host-to-device copy for the whole step, before
+        the schedule. Unchanged without a reference (a reference-free loss)."""
         mbs = list(microbatches)
         if self.ref is None:
             return mbs
