@@ -1,15 +1,18 @@
 """linear_pair_logprobs (the fused 3-GEMM preference head): DPO's LM-head forward+backward time
-and peak memory against the naive path (logits -> log_softmax -> gather -> per-sequence sums
--> loss) and the 4-GEMM path it replaces (linear_logprobs -> seq_reduce -> loss).
+and peak memory of the head's Triton row kernels and torch row pass against the 3-GEMM floor
+(three bare GEMMs of the batch's shapes: z = h W^T, dh = z W, dW = z^T h), the naive path
+(logits -> log_softmax -> gather -> per-sequence sums -> loss) and the 4-GEMM path it replaces
+(linear_logprobs -> seq_reduce -> loss).
 
     python -m benchmarks.bench_linear_pair_logprobs            # GPU: bf16, Llama-3 vocab
-    python -m benchmarks.bench_linear_pair_logprobs --quick    # CPU: fp32, small shapes
+    python -m benchmarks.bench_linear_pair_logprobs --quick    # smaller (CPU: fp32, torch only)
 
 The loss is Tülu 3's length-normalized sigmoid DPO (beta 5) against fixed reference log-probs,
 over P pairs of ragged packed sequences (log-normal lengths). All impls are timed interleaved
 (A B C A B C ..., `_common.time_interleaved`), then their peak memory measured one by one.
 Rows (benchmarks/results/linear_pair_logprobs_<cuda|cpu>.csv): seconds (p50/p20/p80),
-peak_mem_bytes, and per impl `x_naive` (p50 time / naive p50) and `mem_vs_naive`.
+peak_mem_bytes, and per impl `x_naive` (p50 time / naive p50), `x_gemm3` (p50 / the floor's
+p50) and `mem_vs_naive`. The Triton impl runs on GPU only (the interpreter is no timing).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from nova_kernels.ops.linear_pair_logprobs import (
     linear_pair_logprobs_reference,
 )
 
-GPU_SHAPES = [(16, 1024, 4096, 128256), (32, 1024, 8192, 128256)]  # pairs, median, H, V
+# pairs, median length, H, V; 16 pairs of ~1024-token sequences: ~32k tokens (the goal shape)
+GPU_SHAPES = [(16, 1024, 4096, 128256), (32, 1024, 8192, 128256)]
+GPU_QUICK = [(4, 1024, 4096, 128256)]
 CPU_SHAPES = [(8, 128, 256, 32000), (8, 256, 256, 32000)]
 
 
@@ -62,18 +67,24 @@ def naive(h, w, t, cu, mask, group_loss):
     return group_loss(sums, counts, 0)
 
 
+def gemm3_floor(h, w):
+    """The head's three GEMMs at full shape, operands in h's dtype: z, dh, dW."""
+    z = h @ w.T
+    return z @ w, z.T @ h
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="CPU-sized shapes")
+    ap.add_argument("--quick", action="store_true", help="smaller shapes")
     ap.add_argument("--reps", type=int, default=None)
     args = ap.parse_args(argv)
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
-    quick = args.quick or not on_gpu
-    dtype = torch.float32 if quick else torch.bfloat16
-    reps = args.reps or (6 if quick else 20)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    reps = args.reps or (20 if on_gpu else 6)
+    shapes = (GPU_QUICK if args.quick else GPU_SHAPES) if on_gpu else CPU_SHAPES
     rows, memory_jobs = [], []
-    for pairs, median, H, V in CPU_SHAPES if quick else GPU_SHAPES:
+    for pairs, median, H, V in shapes:
         h, w, t, cu, mask, refs = _batch(pairs, median, H, V, device, dtype)
         shape = f"P={pairs},N={h.shape[0]},H={H},V={V},{str(dtype).removeprefix('torch.')}"
         loss_fn = dpo_norm(refs)
@@ -86,17 +97,20 @@ def main(argv=None):
 
             return fwd_bwd
 
-        impls = {
-            "naive": run(naive),
-            "nova_4gemm": run(linear_pair_logprobs_reference),
-            "nova_fused": run(linear_pair_logprobs),
-        }
+        hd, wd = h.detach(), w.detach()
+        impls = {"gemm3_floor": lambda hd=hd, wd=wd: gemm3_floor(hd, wd), "naive": run(naive)}
+        impls["nova_4gemm"] = run(linear_pair_logprobs_reference)
+        for b in ("triton", "torch") if on_gpu else ("torch",):
+            impls[f"nova_fused_{b}"] = run(
+                lambda *a, b=b, **kw: linear_pair_logprobs(*a, backend=b, **kw)
+            )
         times = time_interleaved(impls, warmup=1, reps=reps)
         print(f"{shape}: {summary(times)}")
         for impl, (p50, p20, p80) in times.items():
             base = dict(op="linear_pair_logprobs", impl=impl, shape=shape, mode="fwd_bwd")
             rows.append({**base, "metric": "seconds", "p50": p50, "p20": p20, "p80": p80})
             rows.append({**base, "metric": "x_naive", "p50": p50 / times["naive"][0]})
+            rows.append({**base, "metric": "x_gemm3", "p50": p50 / times["gemm3_floor"][0]})
         memory_jobs.append((shape, impls))
     # memory after every timing: peak_memory changes glibc's malloc settings for the process
     for shape, impls in memory_jobs:
