@@ -34,6 +34,7 @@ FAILED=0
 BUDGETS=0 # the steps' timeouts, summed (<= 480 s)
 BUILD_BUDGET=45
 T_START=$SECONDS
+DEVICE="none (dry run)"
 
 say() { echo "$*" | tee -a "$OUT/session.log"; }
 
@@ -50,12 +51,16 @@ key_figure() {
                  /golden check:/ {res = $3}
                  END {printf "%s, max rel %.2g, %d mismatches", res ? res : "no verdict", m, bad}' "$log"
             ;;
-        train_mfu) grep "^SFT steps:" "$log" | tail -1 | cut -c12-90 ;;
+        train_mfu) grep "^SFT steps:" "$log" | tail -1 | cut -c12-110 ;;
         lce | logprobs)
             awk '$4 == "x_gemm3" {x[$1] = $5} END {for (k in x) printf "%s %.2fx ", k, x[k]}' "$log" |
                 cut -c1-90
             ;;
-        pair_logprobs | attention) grep -E "^[^ ]+: " "$log" | tail -1 | cut -c1-90 ;;
+        pair_logprobs) grep -E "^P=[^ ]+: " "$log" | tail -1 | cut -d: -f2- | cut -c1-90 ;;
+        attention)  # nova's tokens/s of the last shapes: "T16384 L512 1,234,567"
+            sed -n 's/^T=\([0-9]*\),L=\([^,]*\),.*; nova \(.*\) tok\/s$/T\1 L\2 \3/p' "$log" |
+                tail -3 | paste -sd' ' | cut -c1-90
+            ;;
     esac
 }
 
@@ -114,7 +119,7 @@ run_step() {
         ROWS+=("$name|$status|$budget|$(tail -1 "$log" | cut -c1-90)")
         return 0
     fi
-    [ -n "$op" ] && rm -f "benchmarks/results/${op}_cuda.csv"
+    touch "$LOGS/$name.start"  # a CSV newer than this is the step's own (not a committed one)
     timeout -k 5 "$budget" "$@" > "$log" 2>&1
     rc=$?
     secs=$((SECONDS - t0))
@@ -128,12 +133,14 @@ run_step() {
         echo "===== $name: $status in $secs s (budget $budget s): $*"
         grep -v -i -E "warn|^\s*$" "$log" | tail -80
     } >> "$OUT/session.log"
-    [ -n "$op" ] && cp "benchmarks/results/${op}_cuda.csv" "$OUT/" 2>/dev/null
+    local csv=benchmarks/results/${op}_cuda.csv
+    if [ -n "$op" ] && [ "$csv" -nt "$LOGS/$name.start" ]; then cp "$csv" "$OUT/"; fi
     ROWS+=("$name|$status|$secs|$(key_figure "$name" "$log")")
 }
 
 table() {
     {
+        echo "device: $DEVICE"
         printf "%-15s %-9s %5s  %s\n" step status secs "key figure"
         for r in "${ROWS[@]}"; do
             IFS='|' read -r n s t k <<< "$r"
@@ -156,8 +163,9 @@ if [ $DRY = 1 ]; then
     ROWS+=("pip|dry-ok|15|.whl/*.whl into /tmp/site")
     BUDGETS=$((BUDGETS + 15))
 else
-    : > "$OUT/session.log"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >> "$OUT/session.log" 2>&1
+    DEVICE=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 |
+        head -1)
+    echo "device: $DEVICE" > "$OUT/session.log"
     run_step pip 15 -- "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --upgrade --target /tmp/site .whl/*.whl
     # the C++ extension (packer, CPU attention) compiles on the CPUs while the kernel tests run

@@ -79,13 +79,26 @@ class HostBuffers:
         return buf
 
     def stage(self, obj: Any, key: tuple = ()) -> Any:
+        return self._stage(obj, key, {})
+
+    def _stage(self, obj: Any, key: tuple, memo: dict[int, Any]) -> Any:
+        # memo: an object met twice is staged once, and a container without tensors is kept
+        # as is, so the pickle (its shared references) is the one of the live state
+        if id(obj) in memo:
+            return memo[id(obj)]
+        out = obj
         if isinstance(obj, torch.Tensor):
-            return self._host(key, obj)
-        if isinstance(obj, dict):
-            return {k: self.stage(v, (*key, k)) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-            return type(obj)(self.stage(v, (*key, i)) for i, v in enumerate(obj))
-        return obj
+            out = self._host(key, obj)
+        elif isinstance(obj, dict):
+            new = {k: self._stage(v, (*key, k), memo) for k, v in obj.items()}
+            if any(new[k] is not v for k, v in obj.items()):
+                out = new
+        elif isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+            items = [self._stage(v, (*key, i), memo) for i, v in enumerate(obj)]
+            if any(a is not b for a, b in zip(items, obj)):
+                out = type(obj)(items)
+        memo[id(obj)] = out
+        return out
 
     def wait(self) -> None:
         """One synchronize for all the non-blocking device-to-host copies of `stage`."""

@@ -32,7 +32,7 @@ def test_dry_run_checks_every_step(tmp_path):
                           text=True, timeout=120)  # fmt: skip
     table = (tmp_path / "table.txt").read_text()
     assert proc.stdout.endswith(table), proc.stdout + proc.stderr
-    rows = {ln.split()[0]: ln.split()[1] for ln in table.splitlines()[1:-1]}
+    rows = {ln.split()[0]: ln.split()[1] for ln in table.splitlines()[2:-1]}
     assert list(rows) == STEPS, table
     bad = {k: v for k, v in rows.items() if v != "dry-ok"}
     assert bad == {"pair_logprobs": "dry-FAIL"}, table

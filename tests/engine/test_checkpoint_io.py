@@ -3,7 +3,8 @@ between the marker and the rename never yield a checkpoint `latest_complete` pic
 truncated files and broken markers are rejected; retention; several gloo ranks writing shards
 into one checkpoint. Saving a training loop (DP3, plain and distributed optimizer) clones no
 floating-point tensor, copies into host buffers that the next save reuses, writes the values
-the live model had, and resumes to the uninterrupted run's losses bit for bit."""
+the live model had in the bytes the former clone-then-save code wrote, and resumes to the
+uninterrupted run's losses bit for bit."""
 
 import importlib.util
 import json
@@ -224,9 +225,41 @@ def _losses(hist):
     return [(h["loss"], h["grad_norm"]) for h in hist]
 
 
+def _old_format_bytes(loop, checkpoint) -> dict[str, bytes]:
+    """The files this rank's save wrote, as the code before host staging wrote them: the
+    parameters and master weights cloned, every other tensor saved by reference."""
+    import tempfile
+
+    import torch
+
+    def cloned(opt_state):
+        if opt_state is None:
+            return None
+        return {"leaves": [{"torch": leaf["torch"], "main_params": [p.clone() for p in
+                leaf["main_params"]]} for leaf in opt_state["leaves"]]}  # fmt: skip
+
+    e = loop.engine()
+    state = checkpoint.rank_state(loop)
+    state["engines"]["policy"]["optimizer"] = cloned(state["engines"]["policy"]["optimizer"])
+    files = {checkpoint._rank_file(e.ps.rank): state}
+    if e.ps.dp_rank == 0:
+        shard = checkpoint.shard_state(e)
+        shard["model"] = [{n: p.clone() for n, p in c.items()} for c in shard["model"]]
+        shard["optimizer"] = cloned(shard["optimizer"])
+        files[checkpoint._shard_file("policy", e.ps)] = shard
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, obj in files.items():
+            torch.save(obj, os.path.join(tmp, name))  # (the archive is named after the file)
+            with open(os.path.join(tmp, name), "rb") as f:
+                out[name] = f.read()
+    return out
+
+
 def _save_checks(rank, root, model_dir, samples):
     """Per optimizer kind: the uninterrupted losses, the saved-and-resumed ones, float clones
-    during the saves, host-buffer reuse, and the shard file against the live parameters."""
+    during the saves, host-buffer reuse, the files' bytes against the former format, and the
+    shard file against the live parameters."""
     import torch
 
     from nova_engine.parallel.state import destroy_parallel
@@ -246,7 +279,7 @@ def _save_checks(rank, root, model_dir, samples):
                 clones.append(tuple(t.shape))
             return real_clone(t, *a, **k)
 
-        ptrs, ckpts = [], []
+        ptrs, ckpts, same_bytes = [], [], []
         for stop in (SAVE_AT + 1, None):
             torch.Tensor.clone = counting_clone
             try:
@@ -255,6 +288,9 @@ def _save_checks(rank, root, model_dir, samples):
                 torch.Tensor.clone = real_clone
             bufs = checkpoint.host_buffers(loop).buffers
             ptrs.append({k: v.data_ptr() for k, v in bufs.items()})
+            for name, want in _old_format_bytes(loop, checkpoint).items():
+                with open(os.path.join(ckpts[-1], name), "rb") as f:
+                    same_bytes.append((name, f.read() == want))
             if rank == 0 and stop is None:  # the shard file holds the live parameters
                 shard = torch.load(os.path.join(ckpts[-1], checkpoint._shard_file(
                     "policy", loop.engine().ps)), weights_only=False)  # fmt: skip
@@ -270,7 +306,7 @@ def _save_checks(rank, root, model_dir, samples):
         resumed = _losses(loop.fit(stage))
         destroy_parallel()
         out[dopt] = dict(full=full, hist=hist, resumed=resumed, step=step, clones=clones,
-                         reused=ptrs[0] == ptrs[1], nbufs=len(ptrs[0]))  # fmt: skip
+                         reused=ptrs[0] == ptrs[1], nbufs=len(ptrs[0]), same_bytes=same_bytes)  # fmt: skip
     return out
 
 
@@ -319,6 +355,9 @@ def test_save_stages_into_reused_host_buffers_and_resumes_exactly(dist_results, 
         # the second save wrote into the first's buffers (rank 0: the model and optimizer;
         # the others their RNG states, and with ZeRO-1 their optimizer shards too)
         assert r["reused"] and r["nbufs"] >= (10 if rank == 0 or dopt else 3), r["nbufs"]
+        # the bytes on disk are the former format's (rank file; rank 0 also the shard file)
+        assert len(r["same_bytes"]) == (4 if rank == 0 else 2), r["same_bytes"]
+        assert all(ok for _, ok in r["same_bytes"]), r["same_bytes"]
         assert r["step"] == SAVE_AT and len(r["full"]) == STEPS
         assert r["hist"] == r["full"]  # saving does not disturb training
         assert r["resumed"] == r["full"][SAVE_AT:]  # bit-exact resume
