@@ -9,6 +9,7 @@ N = 4..4096 (the backward's chunk widths included) and is deterministic across p
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -54,6 +55,25 @@ def test_fast_subset_compiles_for_sm90_and_sm80():
     for r in rows:  # the numbers were read, not defaulted
         assert 0 < r["registers"] <= 255 and r["n_spills"] == 0
         assert 0 <= r["shared_bytes"] <= r["smem_limit"]
+
+
+def test_the_check_fails_on_a_spilling_config():
+    """The old autotune table's (128, 256, 64) bf16 tile with 8 warps spills on both targets
+    (255 registers): compile_one must report it, with the spill and the register count."""
+    code = (
+        "import json; from nova_kernels import _aot; "
+        "c = dict(BLOCK_N=128, BLOCK_V=256, BLOCK_K=64, WITH_ENTROPY=True, CAST_FP32=False, "
+        "DOT_PRECISION='tf32'); "
+        "x = _aot.Launch('linear_logprobs._fwd_stats_kernel', 'old', '-', 'bf16', c, 8, 3); "
+        "print(json.dumps(_aot.compile_one(x, 90)))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT, env=env
+    ).stdout
+    row = json.loads(out)
+    assert not row["ok"] and "spills" in row["error"], row
+    assert row["n_spills"] > 0 and row["registers"] == 255
 
 
 @pytest.mark.slow  # ~500 compiles: a few minutes on 2 cores
