@@ -19,7 +19,7 @@
 #   lce 25 | logprobs 25 | pair_logprobs 25 | attention 25.
 # The GPU image has torch 2.11 + triton 3.6 (this machine: 2.13 / 3.9) and no megatron-core
 # (it comes from .whl/). Override one step's arguments with ARGS_<step>="..." (e.g.
-# ARGS_lce="--quick --reps 3 --no-compile").
+# ARGS_lce="--reps 10": the full goal shape N=32768 H=4096 V=128256, if the budget allows).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -52,16 +52,33 @@ key_figure() {
                  END {printf "%s, max rel %.2g, %d mismatches", res ? res : "no verdict", m, bad}' "$log"
             ;;
         train_mfu) grep "^SFT steps:" "$log" | tail -1 | cut -c12-110 ;;
-        lce | logprobs)
-            awk '$4 == "x_gemm3" {x[$1] = $5} END {for (k in x) printf "%s %.2fx ", k, x[k]}' "$log" |
-                cut -c1-90
-            ;;
-        pair_logprobs) grep -E "^P=[^ ]+: " "$log" | tail -1 | cut -d: -f2- | cut -c1-90 ;;
+        lce) csv_key linear_cross_entropy x_gemm3 speedup_vs_liger_flce ;;
+        logprobs) csv_key linear_logprobs x_gemm3 ;;
+        pair_logprobs) csv_key linear_pair_logprobs x_gemm3 x_naive ;;
         attention)  # nova's tokens/s of the last shapes: "T16384 L512 1,234,567"
             sed -n 's/^T=\([0-9]*\),L=\([^,]*\),.*; nova \(.*\) tok\/s$/T\1 L\2 \3/p' "$log" |
                 tail -3 | paste -sd' ' | cut -c1-90
             ;;
     esac
+}
+
+# From a bench's fresh CSV, the last shape's METRICs per impl ("x_gemm3: triton 1.12, ...").
+csv_key() {
+    local csv=benchmarks/results/$1_cuda.csv
+    shift
+    [ "$csv" -nt "$LOGS/$STEP.start" ] || return 0 # none, or not this step's
+    "$PY" - "$csv" "$@" << 'EOF' 2>&1 | cut -c1-100
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+last = rows[-1]["shape"] if rows else ""
+out = []
+for metric in sys.argv[2:]:
+    vals = [f"{r['impl']} {float(r['p50']):.2f}" for r in rows
+            if r["metric"] == metric and r["shape"] == last]
+    if vals:
+        out.append(f"{metric}: " + ", ".join(vals))
+print("; ".join(out))
+EOF
 }
 
 # The source file of a step's command (for --dry): a script path or `-m module`.
@@ -119,6 +136,7 @@ run_step() {
         ROWS+=("$name|$status|$budget|$(tail -1 "$log" | cut -c1-90)")
         return 0
     fi
+    STEP=$name
     touch "$LOGS/$name.start"  # a CSV newer than this is the step's own (not a committed one)
     timeout -k 5 "$budget" "$@" > "$log" 2>&1
     rc=$?
@@ -217,7 +235,7 @@ run_step train_mfu 60 train_throughput -- "$PY" -m benchmarks.bench_train_throug
     ${ARGS_train_mfu:---model 1b --steps 4 --no-padded}
 # shellcheck disable=SC2086
 run_step lce 25 linear_cross_entropy -- "$PY" -m benchmarks.bench_linear_cross_entropy \
-    ${ARGS_lce:---quick --reps 5 --no-compile}
+    ${ARGS_lce:---quick --reps 5}
 # shellcheck disable=SC2086
 run_step logprobs 25 linear_logprobs -- "$PY" -m benchmarks.bench_linear_logprobs \
     ${ARGS_logprobs:---quick --reps 5 --no-compile}
