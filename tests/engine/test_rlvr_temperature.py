@@ -304,3 +304,23 @@ def test_score_and_value_heads_are_fp32_accurate_from_bf16():
     x = hidden[:, 0].clone().requires_grad_()
     matmul_fp32(x, head.weight).sum().backward()
     assert x.grad is not None and x.grad.dtype == torch.bfloat16
+
+
+def test_decode_logits_fp32_from_a_bf16_head(monkeypatch):
+    """The decode step's logits from a bf16 head and bf16 hidden: fp32 values (not rounded to
+    bf16), equal to the float64 product to fp32 accuracy, also when the head is upcast in
+    several row slices (the CPU path: no fp32-output bf16 GEMM on CPU)."""
+    from nova_engine.generate import decode
+
+    g = torch.Generator().manual_seed(2)
+    h = (torch.randn(5, 72, generator=g) * 2).bfloat16()
+    w = torch.randn(301, 72, generator=g).bfloat16()
+    want = h.double() @ w.double().t()
+    monkeypatch.setattr(decode, "_UPCAST_ELEMS", 72 * 50)  # 7 slices of <= 50 rows
+    got = decode._Decoder._logits(types.SimpleNamespace(w_VpH=w), h)
+    assert got.dtype == torch.float32 and got.shape == (5, 301)
+    err = (got.double() - want).abs().max().item()
+    assert err <= 1e-5 * want.abs().max().item(), err
+    bf16_err = ((h @ w.t()).double() - want).abs().max().item()
+    assert bf16_err > 100 * err
+    assert not decode._mm_out_fp32_ok(h, w)  # CPU tensors: the sliced upcast ran
