@@ -88,6 +88,23 @@ def test_logprobs_and_entropy_of_the_model_distribution():
     assert lp.dtype == torch.float32 and model_logprobs(logits, toks, False)[1] is None
 
 
+@pytest.mark.parametrize("temp", [0.5, 0.7, 1.3])
+def test_logprobs_and_entropy_of_the_tempered_distribution(temp):
+    """At T > 0: log_softmax(logits / T), untruncated (the RL training forward's); greedy
+    (T = 0): the model's own distribution."""
+    g = torch.Generator().manual_seed(int(temp * 10))
+    logits = torch.randn(5, 31, generator=g) * 3
+    toks = torch.tensor([0, 30, 5, 5, 17])
+    lp, ent = model_logprobs(logits, toks, True, temp)
+    ref = torch.log_softmax(logits.double() / temp, -1)
+    torch.testing.assert_close(lp.double(), ref[torch.arange(5), toks], atol=2e-6, rtol=0)
+    torch.testing.assert_close(ent.double(), -(ref.exp() * ref).sum(-1), atol=2e-6, rtol=0)
+    plain = torch.log_softmax(logits.double(), -1)[torch.arange(5), toks]
+    assert (lp.double() - plain).abs().max() > 1e-2
+    lp0, ent0 = model_logprobs(logits, toks, True, 0.0)
+    torch.testing.assert_close(lp0.double(), plain, atol=2e-6, rtol=0)
+
+
 def test_batch_plan_bounds_padding():
     g = torch.Generator().manual_seed(4)
     lengths = torch.randint(5, 300, (97,), generator=g).tolist()
