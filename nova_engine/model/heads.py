@@ -112,11 +112,15 @@ def token_cross_entropy(
     labels: torch.Tensor,
     token_weights: torch.Tensor,
     ps: ParallelState,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """-sum_t w_t log p(labels_t), a 0-dim fp32 loss through the fused 3-GEMM kernel (the
-    gradients are formed in the forward pass; w_t are constants, e.g. mask / G for SFT)."""
+    gradients are formed in the forward pass; w_t are constants, e.g. mask / G for SFT).
+    rows: the rows of nonzero weight found at packing (`PackedBatch.loss_rows`): only they
+    go through the GEMMs, with no host sync."""
     h_NH = hidden.reshape(-1, hidden.shape[-1])
-    return linear_cross_entropy(h_NH, lm_head_weight(model), labels, token_weights, **_tp_args(ps))
+    w_VpH = lm_head_weight(model)
+    return linear_cross_entropy(h_NH, w_VpH, labels, token_weights, rows=rows, **_tp_args(ps))
 
 
 # ------------------------------------------------------------------------------ score head
