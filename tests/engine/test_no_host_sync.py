@@ -18,8 +18,9 @@ removed) — the guard must fire, so the check cannot pass vacuously:
   SDPA attention path (fp32 on CUDA) with and without the batch's cu_seqlens_host;
 - DPO: golden step-1 loss (dpo.json, reference pass included); sabotage: the reference
   lookup per micro-batch (`pair_ids.cpu().numpy()`), as before `DPOStage.prepare`;
-- RM: Scaled BT and regression step 1 equal their formulas on the head's scores; sabotage:
-  the regression targets looked up per micro-batch (`sample_ids.cpu().numpy()`);
+- RM: Scaled BT and regression step 1 equal their formulas on the head's scores, and the
+  held-out evaluation pass (`pair_rewards`, guarded) gives the trained head's scores;
+  sabotage: the regression targets looked up per micro-batch (`sample_ids.cpu().numpy()`);
 - RLVR: PPO (critic, GAE, KL in the reward, TIS) and GRPO step 1 equal golden rlvr.json, the
   forward-only prepasses guarded too; sabotage: a `.item()` in the policy loss callback.
 """
@@ -261,11 +262,17 @@ def _rm(root: str) -> dict:
                 weights_dir=model_dir, optim=OptimConfig(lr=3e-3, schedule="constant"),
                 total_steps=1, score_init_seed=5,
             )  # fmt: skip
-            src = PackedDataSource(samples, global_batch_size=8, micro_batch_tokens=96, ps=ps,
-                                   seed=1, max_steps=1)  # fmt: skip
-            mbs = src.next_batch()
+
+            def src_at_step0():
+                return PackedDataSource(samples, global_batch_size=8, micro_batch_tokens=96,
+                                        ps=ps, seed=1, max_steps=1)  # fmt: skip
+
+            def score_fn(m, h, b):
+                return sequence_scores(m, h, b, ps)
+
+            mbs = src_at_step0().next_batch()
             # the seeded head's scores of the same micro-batches, unguarded (the formula's input)
-            scores = eng.forward_collect(mbs, lambda m, h, b: sequence_scores(m, h, b, ps))
+            scores = eng.forward_collect(mbs, score_fn)
             with guarded(eng) as calls:
                 res = Loop(eng).update(eng, mbs, rm.RMStage(ps, loss, targets))
             got = {"loss": res["loss"], "calls": calls["n"], "mbs": len(mbs)}
@@ -274,6 +281,14 @@ def _rm(root: str) -> dict:
                 m = np.concatenate([b.margins.numpy() for b in mbs]).astype(np.float64)
                 d = s[0::2, 0] - s[1::2, 0]
                 got["want"] = float(np.mean(-m * np.log(1 / (1 + np.exp(-d)))))
+                # the held-out evaluation pass reads nothing back inside its schedule either
+                # (after the update: compared with the trained head's scores of the same pairs)
+                with guarded(eng, collect=True):
+                    rewards = rm.pair_rewards(eng, src_at_step0(), [1.0])
+                after = torch.cat(eng.forward_collect(mbs, score_fn)).double().numpy()
+                ids = np.concatenate([b.pair_ids_host for b in mbs])
+                got["rewards"] = np.array([rewards[int(i)] for i in ids])
+                got["rewards_want"] = np.stack([after[0::2, 0], after[1::2, 0]], 1)
             else:
                 ids = np.concatenate([b.sample_ids_host for b in mbs])
                 t = targets[ids]
@@ -409,6 +424,8 @@ def test_rm_step_reads_nothing_back(results, loss_type):
     r = results["rm"][loss_type]
     assert r["calls"] == 1 and r["mbs"] > 1
     np.testing.assert_allclose(r["loss"], r["want"], rtol=1e-5)
+    if loss_type == "scaled_bt":  # the guarded evaluation pass (pair_rewards)
+        np.testing.assert_allclose(r["rewards"], r["rewards_want"], rtol=1e-6, atol=1e-7)
 
 
 def test_rm_sabotage_fires(results):
