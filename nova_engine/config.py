@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -267,6 +268,9 @@ class SpeedConfig:
             )
 
 
+REPORT_TO = ("tensorboard", "wandb", "mlflow")  # train.report_to: trackers (metrics.py)
+
+
 @dataclass
 class TrainConfig:
     global_batch_size: int = 128
@@ -299,6 +303,11 @@ class TrainConfig:
     """GPU speed switches (overlap of DP communication, megatron's fusions); automatic."""
     tensorboard: bool = True
     """Write TensorBoard events under out_dir/tensorboard (when tensorboard is importable)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that get every metric besides metrics.jsonl: any of "tensorboard"
+    (out_dir/tensorboard, required to import), "wandb" (project $WANDB_PROJECT or "nova";
+    WANDB_MODE=offline works without an account), "mlflow" ($MLFLOW_TRACKING_URI, default
+    out_dir/mlruns). Each package must be installed (checked when the config loads)."""
     max_bad_steps: int = 3
     """A NaN/Inf loss or gradient skips the update; this many in a row stop the run
     (0 = never stop)."""
@@ -317,6 +326,18 @@ class TrainConfig:
             _check(getattr(self, k) >= 0, k, f"expected >= 0, got {getattr(self, k)}")
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "expected >= 1")
         _check(self.divergence_factor >= 0, "divergence_factor", "expected >= 0 (0 = off)")
+        for name in self.report_to:
+            _check(
+                name in REPORT_TO,
+                "report_to",
+                f"unknown tracker {name!r}; expected any of {', '.join(REPORT_TO)}",
+            )
+            _check(
+                importlib.util.find_spec(name) is not None,
+                "report_to",
+                f"{name} is not installed (pip install {name}, or remove it from the list)",
+            )
+        _check(len(set(self.report_to)) == len(self.report_to), "report_to", "a tracker twice")
 
     def total_steps(self, num_samples: int) -> int:
         """Optimizer steps of the run for a data set of `num_samples` sequences (the last
@@ -353,6 +374,26 @@ class CheckpointConfig:
         _check(bool(self.resume), "resume", 'expected "auto", "force", "none" or a path')
 
 
+@dataclass
+class EvalConfig:
+    """An evaluation hook run on exports (`eval.<key>`)."""
+
+    command: str | None = None
+    """Shell command run on rank 0 after each HF export (the final out_dir/hf, and every
+    checkpoint's hf/ with on_checkpoints): "{export}" and $NOVA_EXPORT_DIR are the export's
+    directory, "{step}" and $NOVA_STEP its step. Exit code and output tail go to
+    metrics.jsonl; a failure is logged, it never stops the run."""
+    timeout_s: float = 3600.0
+    """Stop the command after this many seconds (logged as timed out)."""
+    on_checkpoints: bool = False
+    """Also run it on each checkpoint's hf/ export (the other ranks wait: keep timeout_s
+    under the process group's timeout)."""
+
+    def __post_init__(self) -> None:
+        _check(self.command is None or bool(self.command.strip()), "command", "empty command")
+        _check(self.timeout_s > 0, "timeout_s", f"expected > 0, got {self.timeout_s}")
+
+
 # ---------------------------------------------------------------------------- run configs
 
 
@@ -366,6 +407,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     stage: typing.ClassVar[str] = ""
     data_format: typing.ClassVar[str] = "chat"

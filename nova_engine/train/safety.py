@@ -44,6 +44,8 @@ IGNORED_KEYS = (
     "train.eval_every",
     "train.save_every",
     "train.tensorboard",
+    "train.report_to",
+    "eval.",
     "train.max_bad_steps",
     "train.divergence_factor",
     "train.zero_grad_steps",
