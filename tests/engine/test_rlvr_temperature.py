@@ -70,15 +70,16 @@ def _layout_run(model_dir, prompts, tp, pp):
         ents = pack_share(_responses(prompts, gens, entropies=True), ps, capacity=64)
         cfg = PolicyLossConfig()
         sums = prepass(mbs, eng, None, None, ps, cfg, temperature=temp)
-        if not sums:  # not the last stage
-            continue
         m = torch.cat([mb.loss_mask for mb in mbs]) != 0
+        if sums:  # the last stage
+            old = torch.cat([mb.data["old_logprobs"] for mb in mbs])[m]
+            ent = torch.cat([mb.data["entropy"] for mb in mbs])[m]
+        prepass(mbs, eng, None, None, ps, cfg)  # the untempered forward (T = 1), every rank
+        if not sums:
+            continue
         gen_lp = torch.cat([mb.rb.gen_logprobs for mb in mbs])[m]
         gen_ent = torch.cat([mb.rb.gen_logprobs for mb in ents])[m]
-        old = torch.cat([mb.data["old_logprobs"] for mb in mbs])[m]
-        ent = torch.cat([mb.data["entropy"] for mb in mbs])[m]
         mismatch = sum(float(s["mismatch"]) for s in sums) / float(m.sum())
-        prepass(mbs, eng, None, None, ps, cfg)  # the untempered forward (T = 1)
         plain = torch.cat([mb.data["old_logprobs"] for mb in mbs])[m]
         out[temp] = {
             "n": int(m.sum()),
@@ -324,3 +325,34 @@ def test_decode_logits_fp32_from_a_bf16_head(monkeypatch):
     bf16_err = ((h @ w.t()).double() - want).abs().max().item()
     assert bf16_err > 100 * err
     assert not decode._mm_out_fp32_ok(h, w)  # CPU tensors: the sliced upcast ran
+
+
+def test_eval_reports_sampled_accuracy_at_t_next_to_greedy():
+    """eval_fn: greedy verified fraction from the greedy params, verified_at_t = the mean
+    verified fraction of the k samples per prompt drawn with the sampled params."""
+    from nova_engine.data.rlvr import RLVRPrompt
+    from nova_engine.generate import SamplingParams
+    from nova_engine.rl.rollouts import Generation
+    from nova_engine.rl.verifiers import RewardConfig, VerifierResult
+    from nova_engine.train.stages.rlvr import eval_fn
+
+    prompts = [RLVRPrompt(np.arange(3), "x", "ds_a" if j < 2 else "ds_b", j, "s") for j in range(3)]
+    hits = {0.0: [[1], [0], [1]], 0.7: [[1, 0, 0, 0], [1, 1, 0, 1], [0, 0, 0, 0]]}
+    seen = []
+
+    def producer(step, mine, params):
+        seen.append((step, [k for k, _ in mine], params.temperature, params.n))
+        rows = [hits[params.temperature][k] for k, _ in mine]
+        gens = [[Generation(np.array([1]), None, True) for _ in r] for r in rows]
+        res = [[VerifierResult(float(x), "correct" if x else "wrong") for x in r] for r in rows]
+        return gens, res, {}
+
+    greedy = SamplingParams(temperature=0.0)
+    at_t = SamplingParams(temperature=0.7, n=4, seed=3)
+    out = eval_fn(producer, prompts, _ps1(), RewardConfig(10.0, 0.0), greedy, at_t)()
+    assert seen == [(-1, [0, 1, 2], 0.0, 1), (-1, [0, 1, 2], 0.7, 4)]
+    assert out["verified"] == pytest.approx(2 / 3) and out["reward_mean"] == pytest.approx(20 / 3)
+    assert out["verified_at_t"] == pytest.approx(4 / 12)
+    assert out["verified_at_t/ds_a"] == pytest.approx(4 / 8) and out["verified_at_t/ds_b"] == 0.0
+    only_greedy = eval_fn(producer, prompts, _ps1(), RewardConfig(10.0, 0.0), greedy)()
+    assert "verified_at_t" not in only_greedy
