@@ -472,6 +472,11 @@ class RunConfig:
         exists: `validate_world`, then TP/PP/VP against the model's heads, KV heads, vocab,
         FFN width and layers. Returns dp; ConfigError names the parallel key."""
         dp = self.validate_world(world_size)
+        tp, mbt = self.parallel.tp, self.train.micro_batch_tokens
+        if mbt % tp:  # packed micro-batches are split over the TP ranks (sequence dim)
+            raise ConfigError(
+                "train.micro_batch_tokens", f"{mbt} is not a multiple of parallel.tp={tp}"
+            )
         found = self.model_dims()
         if found is None:
             return dp

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import uuid
+from typing import Any
 
 from nova_engine.logging import get_logger
 
@@ -139,21 +140,65 @@ def complete_hf_export(
     cfg_path = os.path.join(out_dir, "config.json")
     cfg = _read_json(cfg_path)
     tok_cfg = _read_json(os.path.join(out_dir, "tokenizer_config.json"))
+    scorer = any(str(a).endswith("ForSequenceClassification") for a in cfg.get("architectures", []))
     for key in SPECIAL_IDS:
-        if src_cfg.get(key) is not None:
-            cfg[key] = src_cfg[key]
+        if src_cfg.get(key) is not None and not (scorer and key == "pad_token_id"):
+            cfg[key] = src_cfg[key]  # the score head's pad id was chosen for it (hf_io)
+    ids = special_ids_from_tokenizer(out_dir, src_cfg)
+    for key, value in ids.items():
+        if value is not None and not (scorer and key == "pad_token_id"):
+            cfg[key] = value
     if cfg.get("pad_token_id") is None:
         pad = _pad_id_from_tokenizer(out_dir, tok_cfg)
         if pad is not None:
             cfg["pad_token_id"] = pad
     _write_json(cfg_path, cfg)
     gen_src = os.path.join(source_dir, "generation_config.json") if source_dir else ""
-    gen_out = os.path.join(out_dir, "generation_config.json")
-    if gen_src and os.path.isfile(gen_src):
-        shutil.copy2(gen_src, gen_out)
-    else:
-        gen = {k: cfg[k] for k in SPECIAL_IDS if cfg.get(k) is not None}
-        _write_json(gen_out, {"_from_model_config": True, **gen})
+    gen = _read_json(gen_src) if gen_src and os.path.isfile(gen_src) else {}
+    gen.setdefault("_from_model_config", True)
+    gen.update({k: cfg[k] for k in SPECIAL_IDS if cfg.get(k) is not None})
+    _write_json(os.path.join(out_dir, "generation_config.json"), gen)
+
+
+# tokens that end a sequence or an assistant turn (Llama 3, Llama 3.1 tools, Qwen2 / ChatML)
+END_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end_of_text|>", "<|endoftext|>")
+
+
+def special_ids_from_tokenizer(tok_dir: str, src_cfg: dict | None = None) -> dict[str, Any]:
+    """bos / eos / pad ids from the tokenizer in `tok_dir` (empty when it has none):
+    eos is the list of end-of-sequence and end-of-turn ids (the tokenizer's eos token, the
+    END_TOKENS it has, and the source config's eos ids that are such tokens: a randomly
+    initialized model's config carries transformers' default ids, which may name any
+    token), so `transformers.generate` stops where the chat template ends a turn."""
+    if not any(os.path.isfile(os.path.join(tok_dir, n)) for n in TOKENIZER_FILES[:5]):
+        return {}
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - an unreadable tokenizer: keep the config's ids
+        logger.warning("%s: tokenizer not readable (%s): special ids left as they are", tok_dir, e)
+        return {}
+    unk = getattr(tok, "unk_token_id", None)
+
+    def end_id(i: Any) -> int | None:
+        if not isinstance(i, int) or i < 0 or i == unk:
+            return None
+        text = tok.convert_ids_to_tokens(i)
+        return i if text in END_TOKENS or i == tok.eos_token_id else None
+
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    for name in END_TOKENS:
+        eos.add(end_id(tok.convert_tokens_to_ids(name)))
+    src = (src_cfg or {}).get("eos_token_id")
+    for i in src if isinstance(src, list) else [src]:
+        eos.add(end_id(i))
+    eos.discard(None)
+    return {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": sorted(eos) if eos else None,
+        "pad_token_id": tok.pad_token_id,
+    }
 
 
 def _pad_id_from_tokenizer(out_dir: str, tok_cfg: dict) -> int | None:

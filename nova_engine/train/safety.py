@@ -137,11 +137,65 @@ def check_policy_dir(key: str, path: str) -> None:
     )
 
 
+# the other model directories a stage reads: (key, must have the policy's dimensions)
+MODEL_PATH_KEYS = {
+    "rm": (("model.init_from", True),),
+    "rlvr": (("model.reference_path", True), ("critic.init_from", False)),
+}
+MODEL_CLASS_SUFFIXES = ("ForCausalLM", "ForSequenceClassification")
+SAME_DIMS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def _run_value(run, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(run, section, None), name, None)
+
+
+def check_model_dir(key: str, path: str, like: str | None = None) -> None:
+    """`path` (set by `key`) must be a HF model directory of a class a stage can start
+    from: a *ForCausalLM or a *ForSequenceClassification (reward model, critic); with
+    `like` (the run's model.hf_path), of the same dimensions. ConfigError naming the key."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise ConfigError(key, f"{path!r}: no such directory")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        raise ConfigError(
+            key, f"{path}: no readable config.json (expected a HF model directory)"
+        ) from None
+    archs = [str(a) for a in cfg.get("architectures") or []]
+    if not any(a.endswith(MODEL_CLASS_SUFFIXES) for a in archs):
+        raise ConfigError(
+            key,
+            f"{path} holds {archs or 'no architectures'}: expected a *ForCausalLM or a "
+            "*ForSequenceClassification (a reward model's export)",
+        )
+    other = {}
+    if like:
+        try:
+            with open(os.path.join(like, "config.json")) as f:
+                other = json.load(f)
+        except (OSError, ValueError):
+            return  # model.hf_path's own check names the problem
+    diff = [k for k in SAME_DIMS if k in cfg and k in other and cfg[k] != other[k]]
+    if diff:
+        shown = ", ".join(f"{k} {cfg[k]} vs {other[k]}" for k in diff)
+        raise ConfigError(key, f"{path} is not a model of model.hf_path={like} ({shown})")
+
+
 def check_model_classes(run) -> None:
-    """Every model directory of `run` against what its stage needs there (POLICY_KEYS)."""
-    for key in POLICY_KEYS.get(getattr(run, "stage", ""), ()):
-        section, name = key.split(".")
-        path = getattr(getattr(run, section, None), name, None)
+    """Every model directory of `run` against what its stage needs there: POLICY_KEYS
+    (a policy's LM head), MODEL_PATH_KEYS (exists, a causal LM or a sequence classifier,
+    the policy's dimensions where the stage needs them)."""
+    stage = getattr(run, "stage", "")
+    for key, same in MODEL_PATH_KEYS.get(stage, ()):
+        path = _run_value(run, key)
+        if path:
+            check_model_dir(key, path, run.model.hf_path if same else None)
+    for key in POLICY_KEYS.get(stage, ()):
+        path = _run_value(run, key)
         if path and os.path.isdir(path):
             check_policy_dir(key, path)
 
