@@ -60,6 +60,14 @@ FUSION_KEYS = {
 }
 
 
+# TransformerConfig init methods replaced by `_no_init` when a checkpoint fills the weights
+_INIT_KEYS = ("init_method", "output_layer_init_method", "embedding_init_method")
+
+
+def _no_init(weight: torch.Tensor) -> None:
+    """Init method of a model whose weights come from a checkpoint: leaves them as allocated."""
+
+
 def te_available() -> bool:
     try:
         import transformer_engine  # noqa: F401
@@ -178,10 +186,13 @@ def transformer_config(
         fp16=precision == "fp16",
         attention_softmax_in_fp32=True,
         # a random init builds each full weight on the CPU (the same init at every TP size);
-        # a model about to load a checkpoint skips the init and, on GPU, allocates its shards
-        # on the device directly
+        # a model about to load a checkpoint gets no-op init methods (megatron's
+        # perform_initialization=False would also skip setting the weights' tensor-parallel
+        # attributes, which the grad norm and checkpoints read) and, on GPU, allocates its
+        # shards on the device directly
         use_cpu_initialization=init_weights or not cuda,
-        perform_initialization=init_weights,
+        perform_initialization=True,
+        **({} if init_weights else dict.fromkeys(_INIT_KEYS, _no_init)),
         persist_layer_norm=False,
         **fusions,
         # with gloo, batched isend/irecv gives silently wrong interleaved-PP gradients

@@ -46,6 +46,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from megatron.core.utils import init_method_normal
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -354,8 +355,8 @@ def load_hf_weights(
                     continue
                 if name == "output_layer.weight" and no_lm_head and not arch.tie_word_embeddings:
                     log.info("%s has no lm_head: the unused output layer keeps its init", model_dir)
-                    if not getattr(model, "weights_initialized", True):
-                        model.config.init_method(param)  # built without init: init it here
+                    if not getattr(model, "weights_initialized", True):  # built without init
+                        init_method_normal(model.config.init_method_std)(param)
                     continue
                 value = _hf_value(ckpt, arch, name, layer, ps.tp, ps.tp_rank)
                 if tuple(value.shape) != tuple(param.shape):

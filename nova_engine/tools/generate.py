@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
         ps = initialize_parallel(tp=args.tp, pp=args.pp, seed=args.seed)
     except (ArchitectureError, LayoutError) as e:
         raise UserError(f"layout: {e}") from None
-    chunks = build_model(arch, ps, precision=args.precision)
+    chunks = build_model(arch, ps, precision=args.precision, init_weights=False)
     try:
         load_hf_weights(chunks, arch, ps, model_dir)
     except CheckpointError as e:  # a damaged or truncated shard, a missing tensor

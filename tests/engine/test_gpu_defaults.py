@@ -39,10 +39,14 @@ def _config(cuda, **kw):
 
 
 def test_cpu_config_is_unchanged():
+    from nova_engine.model.build import _no_init
+
     for init in (True, False):
         c = _config(False, init_weights=init)
         assert [getattr(c, f) for f in FUSIONS] == [False] * 5
-        assert c.use_cpu_initialization and c.perform_initialization == init
+        assert c.use_cpu_initialization and c.perform_initialization
+        inits = (c.init_method, c.output_layer_init_method, c.embedding_init_method)
+        assert all((f is _no_init) != init for f in inits)
 
 
 def test_cuda_defaults_without_te_or_apex():
@@ -52,7 +56,7 @@ def test_cuda_defaults_without_te_or_apex():
     assert not c.apply_rope_fusion and not c.gradient_accumulation_fusion
     assert c.use_cpu_initialization and c.perform_initialization  # random init: CPU, TP-invariant
     c = _config(True, init_weights=False)  # a checkpoint follows: shards straight on the GPU
-    assert not c.use_cpu_initialization and not c.perform_initialization
+    assert not c.use_cpu_initialization and c.init_method is c.output_layer_init_method
     c = _config(True, fuse_elementwise=True)  # megatron refuses both activation paths
     assert not c.bias_activation_fusion and c.use_te_activation_func
 
@@ -140,8 +144,6 @@ def _train(engine, arch, ps):
 
 
 def _worker(rank, world, model_dir):
-    import megatron.core.tensor_parallel.layers as layers
-
     from nova_engine.config import OptimConfig
     from nova_engine.model.arch import load_arch
     from nova_engine.model.build import build_model
@@ -170,26 +172,31 @@ def _worker(rank, world, model_dir):
         for n, p in ModelEngine.from_hf(model_dir, ps, trainable=False).model_state()[0].items()
     )
 
-    # built for a checkpoint: no init method runs; weights and log-probs as with the init
-    counts = {"affine_cpu": 0, "normal": 0}
-    real_affine, real_normal = layers._initialize_affine_weight_cpu, torch.nn.init.normal_
-
-    def affine(*a, **k):
-        counts["affine_cpu"] += 1
-        return real_affine(*a, **k)
+    # built for a checkpoint: no random init runs (megatron's init methods draw through
+    # torch.nn.init.normal_); weights, their tensor-parallel attributes (grad norm, dist
+    # checkpoints read them) and hidden states as with the init
+    counts = {"normal": 0}
+    real_normal = torch.nn.init.normal_
 
     def normal(*a, **k):
         counts["normal"] += 1
         return real_normal(*a, **k)
 
-    layers._initialize_affine_weight_cpu, torch.nn.init.normal_ = affine, normal
+    torch.nn.init.normal_ = normal
     try:
         (bare,) = build_model(arch, ps, init_weights=False)
         out["init_calls_bare"] = dict(counts)
         (inited,) = build_model(arch, ps)
         out["init_calls_control"] = dict(counts)
     finally:
-        layers._initialize_affine_weight_cpu, torch.nn.init.normal_ = real_affine, real_normal
+        torch.nn.init.normal_ = real_normal
+    attrs = ("tensor_model_parallel", "partition_dim", "partition_stride", "allreduce",
+             "sequence_parallel")  # fmt: skip
+    out["same_attrs"] = all(
+        [getattr(p, a, None) for a in attrs] == [getattr(q, a, None) for a in attrs]
+        for p, q in zip(bare.parameters(), inited.parameters())
+    )
+    out["tp_attrs"] = sum(getattr(p, "tensor_model_parallel", False) for p in bare.parameters())
     hidden = []
     for m in (bare, inited):
         load_hf_weights([m], arch, ps, model_dir)
@@ -213,6 +220,7 @@ def test_overlap_training_and_init_free_build(tmp_path):
         assert res["overlap_hooks"] and not res["plain_hooks"], res
         assert res["moved"] > 1e-4, res  # training changed the weights
         assert res["loss_diff"] < 1e-5 and res["weight_diff"] < 1e-6, res
-        assert res["init_calls_bare"] == {"affine_cpu": 0, "normal": 0}, res
-        assert res["init_calls_control"]["affine_cpu"] > 0, res
+        assert res["init_calls_bare"] == {"normal": 0}, res
+        assert res["init_calls_control"]["normal"] > 0, res
+        assert res["same_attrs"] and res["tp_attrs"] > 0, res
         assert res["same_weights"] and res["same_hidden"], res

@@ -215,7 +215,7 @@ class ModelSet:
         from nova_engine.model.hf_io import load_hf_weights
 
         ps = self._parallel()
-        chunks = build_model(arch, ps, precision=self.precision)
+        chunks = build_model(arch, ps, precision=self.precision, init_weights=False)
         load_hf_weights(chunks, arch, ps, path)
         self.models[path] = LoadedModel(path, chunks, arch, ps, ct)
         log.info("loaded %s for %s", path, option)
