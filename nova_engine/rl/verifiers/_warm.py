@@ -1,7 +1,7 @@
 """Warm-up, run on import: one call per built-in verifier, so that lazy imports and first-call
-set-up (math-verify's LaTeX parser, langdetect's language profiles) are done. The verifier
-pool's fork server preloads this module, so every worker it forks starts warm; a worker
-started another way imports it before reporting ready."""
+set-up (math-verify's LaTeX parser, langdetect's language profiles) are done. A pool worker
+imports it BEFORE it reports ready, so no call's deadline pays for sympy's import (see
+pool.py: the pool also keeps warm spares for restarts)."""
 
 from nova_engine.rl.verifiers import answers as _answers  # noqa: F401 - registers verifiers
 from nova_engine.rl.verifiers import ifeval as _ifeval  # noqa: F401 - registers verifiers
