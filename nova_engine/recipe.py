@@ -231,3 +231,161 @@ def config_from_dict(d: dict) -> RunConfig:
     """Inverse of RunConfig.to_dict (e.g. the config saved in a checkpoint)."""
     d = dict(d)
     return build_run_config(d.pop("stage"), d)
+
+
+# ---------------------------------------------------------------------------- discoverability
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: the docstring written under it} of a dataclass, over its bases (a
+    subclass's docstring wins). Read from the source with `ast`; {} when there is none."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+    return docs
+
+
+def _section_class(tp: Any) -> type | None:
+    """The dataclass behind a field type (X or X | None), else None."""
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(arms) == 1 and isinstance(arms[0], type) and dataclasses.is_dataclass(arms[0]):
+            return arms[0]
+    return None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def config_keys(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every leaf key of a config dataclass, depth first: (dotted key, type, default as
+    YAML, the field's docstring). A section that defaults to null (e.g. `model.build`) lists
+    its keys too, with the defaults they take once the section is set."""
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    out: list[tuple[str, str, str, str]] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        section = _section_class(tp)
+        default = _default(f)
+        if section is not None:
+            if default is None:
+                out.append((key, section.__name__ + " or null", "null", docs.get(f.name, "")))
+            out += config_keys(section, key + ".")
+            continue
+        if default is dataclasses.MISSING:
+            shown = "(required)"
+        else:
+            shown = yaml.safe_dump(_plain(default), default_flow_style=True, width=1 << 16)
+            shown = shown.strip().removesuffix("...").strip()
+        out.append((key, _type_name(tp), shown, docs.get(f.name, "")))
+    return out
+
+
+def stage_help(stage: str, width: int = 100) -> str:
+    """The text `nova <stage> --help` ends with: every config key of the stage (as
+    `key=value` overrides or recipe keys) with its type, default and docstring."""
+    import textwrap
+
+    lines = [
+        f"config keys of the {stage} stage (recipe sections, or key=value overrides; "
+        "defaults shown):"
+    ]
+    for key, tp, default, doc in config_keys(run_config_class(stage)):
+        lines.append(f"  {key} = {default}    [{tp}]")
+        if doc:
+            lines += textwrap.wrap(doc, width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def _plain(v: Any) -> Any:
+    """A config value as plain YAML data (tuples as lists, dataclasses as mappings)."""
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        v = dataclasses.asdict(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
+
+
+_PATH_NAMES = ("dir", "init_from", "checkpoint_path")
+_PATH_SUFFIXES = ("_path", "_paths", "_dir")
+_KEYWORDS = ("auto", "force", "none")
+
+
+def _is_path_key(name: str) -> bool:
+    return name in _PATH_NAMES or name.endswith(_PATH_SUFFIXES)
+
+
+def _abs_paths(d: dict) -> dict:
+    """Path-valued keys (…_path(s), …_dir, dir, init_from) made absolute; `template` and
+    `checkpoint.resume` too when they name a file or directory (not a built-in name or
+    keyword)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _abs_paths(v)
+        elif _is_path_key(k) and isinstance(v, str) and v:
+            v = os.path.abspath(v)
+        elif _is_path_key(k) and isinstance(v, list):
+            v = [os.path.abspath(x) if isinstance(x, str) and x else x for x in v]
+        elif k in ("template", "resume") and isinstance(v, str) and v not in _KEYWORDS:
+            if os.sep in v or os.path.exists(v):
+                v = os.path.abspath(v)
+        out[k] = v
+    return out
+
+
+def resolved_config(run: RunConfig) -> dict[str, Any]:
+    """The run config as plain data, with every path absolute: what `--print-config` prints
+    and `<train.out_dir>/config.yaml` holds (`nova <stage> --recipe <that file>` reruns
+    it)."""
+    d = _abs_paths(_plain(run))
+    return {run.stage: d}
+
+
+def config_yaml(run: RunConfig) -> str:
+    return yaml.safe_dump(resolved_config(run), sort_keys=False, default_flow_style=False)
+
+
+def write_resolved_config(run: RunConfig, out_dir: str | None = None) -> str:
+    """Write `config_yaml(run)` to `<out_dir>/config.yaml` (default train.out_dir),
+    atomically (a temp file, then a rename). Returns the path."""
+    out_dir = out_dir or run.train.out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "config.yaml")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(f"# the resolved {run.stage} config of this run (absolute paths)\n")
+        f.write(config_yaml(run))
+    os.replace(tmp, path)
+    return path

@@ -16,6 +16,13 @@ same in a terminal and in a log file:
 Only global rank 0 writes anything. The JSONL file (`<out_dir>/metrics.jsonl`) gets one
 object per `log` call, flushed at once; when a resumed run passes `start_step=k`, entries
 of the crashed run after step k are dropped first so the file reads as one run.
+
+Trackers (`report_to`, the recipe's `train.report_to`) get the same numeric records:
+"tensorboard" (out_dir/tensorboard), "wandb" (`wandb.init(project=$WANDB_PROJECT or "nova",
+dir=out_dir)`, one run id per out_dir kept in `out_dir/wandb_run_id` so a resumed run
+continues it; WANDB_MODE=offline needs no account), "mlflow" (tracking URI
+$MLFLOW_TRACKING_URI or out_dir/mlruns, experiment $MLFLOW_EXPERIMENT_NAME or "nova"). Each
+is imported only when asked for.
 """
 
 from __future__ import annotations
@@ -121,6 +128,129 @@ def _to_float(v: Any) -> Any:
     return v
 
 
+def _numeric(record: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: v
+        for k, v in record.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+
+
+class _TensorBoard:
+    def __init__(self, out_dir: str, start_step: int, required: bool):
+        self.w = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception as e:  # tensorboard missing or broken
+            if required:
+                raise RuntimeError(f"train.report_to: tensorboard does not import ({e})") from e
+            logger.warning("TensorBoard disabled (%s)", e)
+            return
+        # purge_step: a resumed run drops the events the crashed run wrote after its last
+        # checkpoint, so TensorBoard shows each step once
+        self.w = SummaryWriter(
+            os.path.join(out_dir, "tensorboard"),
+            purge_step=start_step + 1 if start_step else None,
+        )
+
+    def log(self, step: int, record: dict[str, Any], prefix: str) -> None:
+        if self.w is None:
+            return
+        for k, v in _numeric(record).items():
+            self.w.add_scalar(k if prefix or "/" in k else f"train/{k}", v, step)
+        self.w.flush()
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()
+
+
+class _WandB:
+    def __init__(self, out_dir: str, stage: str, config: dict[str, Any] | None):
+        import uuid
+
+        import wandb
+
+        id_file = os.path.join(out_dir, "wandb_run_id")
+        if os.path.exists(id_file):
+            with open(id_file) as f:
+                run_id = f.read().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]
+            with open(id_file, "w") as f:
+                f.write(run_id + "\n")
+        name = f"{os.path.basename(os.path.abspath(out_dir))}-{stage}"
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "nova"), name=name, id=run_id,
+            dir=out_dir, config=config or {}, resume="allow", job_type=stage,
+        )  # fmt: skip
+
+    def log(self, step: int, record: dict[str, Any], prefix: str) -> None:
+        data = {k if prefix or "/" in k else f"train/{k}": v for k, v in _numeric(record).items()}
+        self.run.log(data, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    def __init__(self, out_dir: str, stage: str, config: dict[str, Any] | None):
+        import mlflow
+
+        self.mlflow = mlflow
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (
+            "file:" + os.path.join(os.path.abspath(out_dir), "mlruns")
+        )
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "nova"))
+        mlflow.start_run(run_name=f"{os.path.basename(os.path.abspath(out_dir))}-{stage}")
+        if config:
+            mlflow.log_params({k: str(v)[:250] for k, v in _flatten(config).items()})
+
+    def log(self, step: int, record: dict[str, Any], prefix: str) -> None:
+        self.mlflow.log_metrics(_numeric(record), step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def open_trackers(
+    report_to: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    stage: str = "train",
+    tensorboard: bool = False,
+    start_step: int = 0,
+    config: dict[str, Any] | None = None,
+) -> list[Any]:
+    """The trackers of `report_to` (plus TensorBoard when `tensorboard`, best effort): each
+    has log(step, record, prefix) and close(). A tracker named in report_to that does not
+    import raises (config validation already named the key)."""
+    out_dir = os.fspath(out_dir)
+    names = list(dict.fromkeys(report_to))
+    out: list[Any] = []
+    if tensorboard or "tensorboard" in names:
+        out.append(_TensorBoard(out_dir, start_step, required="tensorboard" in names))
+    for name in names:
+        if name == "wandb":
+            out.append(_WandB(out_dir, stage, config))
+        elif name == "mlflow":
+            out.append(_MLflow(out_dir, stage, config))
+        elif name != "tensorboard":
+            raise ValueError(f"report_to: unknown tracker {name!r}")
+    return out
+
+
 class MetricsLogger:
     """Progress line + metrics.jsonl + TensorBoard, on global rank 0 only.
 
@@ -129,6 +259,8 @@ class MetricsLogger:
         total_steps: for the progress fraction and ETA.
         stage: tag printed at the start of progress lines.
         tensorboard: write TensorBoard scalars when torch.utils.tensorboard imports.
+        report_to: trackers ("tensorboard", "wandb", "mlflow"; see the module docstring).
+        config: the run config (a nested dict) the wandb/mlflow run records.
         start_step: steps already done (resume): later entries of metrics.jsonl are dropped
             and the ETA counts from here.
         stream: write progress lines to this text stream instead of the logger.
@@ -142,6 +274,8 @@ class MetricsLogger:
         total_steps: int,
         stage: str = "train",
         tensorboard: bool = True,
+        report_to: Sequence[str] = (),
+        config: dict[str, Any] | None = None,
         start_step: int = 0,
         stream: TextIO | None = None,
         enabled: bool | None = None,
@@ -153,7 +287,7 @@ class MetricsLogger:
         self._t0 = clock()
         self._last_t, self._last_step = self._t0, start_step
         self._jsonl: TextIO | None = None
-        self._tb = None
+        self._trackers: list[Any] = []
         self.path = os.path.join(os.fspath(out_dir), "metrics.jsonl")
         if not self.enabled:
             return
@@ -161,18 +295,10 @@ class MetricsLogger:
         if os.path.exists(self.path):
             self._truncate_after(start_step)
         self._jsonl = open(self.path, "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except Exception as e:  # tensorboard missing or broken: keep going without it
-                logger.warning("TensorBoard disabled (%s)", e)
-            else:
-                # purge_step: a resumed run drops the events the crashed run wrote after
-                # its last checkpoint, so TensorBoard shows each step once
-                self._tb = SummaryWriter(
-                    os.path.join(os.fspath(out_dir), "tensorboard"),
-                    purge_step=start_step + 1 if start_step else None,
-                )
+        self._trackers = open_trackers(
+            report_to, out_dir, stage=stage, tensorboard=tensorboard, start_step=start_step,
+            config=config,
+        )  # fmt: skip
 
     def _truncate_after(self, step: int) -> None:
         with open(self.path) as f:
@@ -220,11 +346,8 @@ class MetricsLogger:
         assert self._jsonl is not None, "MetricsLogger.log after close()"
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k if prefix or "/" in k else f"train/{k}", v, step)
-            self._tb.flush()
+        for tracker in self._trackers:
+            tracker.log(step, record, prefix)
         self._emit(self.progress_line(record, prefix))
         return record
 
@@ -260,9 +383,9 @@ class MetricsLogger:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        trackers, self._trackers = self._trackers, []
+        for tracker in trackers:
+            tracker.close()
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -290,3 +413,59 @@ def emit(text: str, *, err: bool = False) -> None:
     if err or is_rank0():
         stream.write(text + "\n")
         stream.flush()
+
+
+def append_record(out_dir: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one record to `<out_dir>/metrics.jsonl` (rank 0; outside a MetricsLogger)."""
+    if not is_rank0():
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(os.fspath(out_dir), "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run_eval_command(
+    command: str,
+    export_dir: str,
+    step: int,
+    out_dir: str | os.PathLike,
+    timeout_s: float = 3600.0,
+    tail_chars: int = 4000,
+) -> dict[str, Any] | None:
+    """`eval.command` on an HF export, on rank 0 (None elsewhere): "{export}" / "{step}"
+    in the command and $NOVA_EXPORT_DIR / $NOVA_STEP name them. Its exit code, duration and
+    output tail (stdout + stderr) are logged and appended to metrics.jsonl as
+    {"step", "eval_command": {...}}; a failure or timeout is a warning, never an error."""
+    import subprocess
+
+    if not is_rank0():
+        return None
+    export_dir = os.path.abspath(export_dir)
+    cmd = command.replace("{export}", export_dir).replace("{step}", str(step))
+    env = {**os.environ, "NOVA_EXPORT_DIR": export_dir, "NOVA_STEP": str(step)}
+    t0 = time.perf_counter()
+    timed_out = False
+    try:
+        p = subprocess.run(
+            cmd, shell=True, env=env, timeout=timeout_s, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        code, out = p.returncode, p.stdout or b""
+    except subprocess.TimeoutExpired as e:
+        timed_out, code, out = True, None, e.stdout or b""
+    text = out.decode("utf-8", "replace")
+    info = {
+        "command": cmd,
+        "export": export_dir,
+        "returncode": code,
+        "timed_out": timed_out,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "output": text[-tail_chars:],
+    }
+    append_record(out_dir, {"step": int(step), "eval_command": info})
+    if code == 0:
+        logger.info("eval.command on %s: exit 0 (%.1fs)\n%s", export_dir, info["seconds"], text)
+    else:
+        why = f"timed out after {timeout_s:g}s" if timed_out else f"exit code {code}"
+        logger.warning("eval.command on %s: %s\n%s", export_dir, why, text[-tail_chars:])
+    return info

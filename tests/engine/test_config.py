@@ -92,8 +92,8 @@ def test_overrides_are_typed():
     "override,message",
     [
         ("optim.lrr=1", "optim.lrr: unknown key; valid keys here: lr, min_lr, weight_decay, betas, eps, grad_clip, schedule, warmup_steps, warmup_ratio"),
-        ("optimizer.lr=1", "optimizer: unknown key; valid keys here: model, parallel, data, optim, train, checkpoint"),
-        ("loss.beta=1", "loss: unknown key; valid keys here: model, parallel, data, optim, train, checkpoint"),
+        ("optimizer.lr=1", "optimizer: unknown key; valid keys here: model, parallel, data, optim, train, checkpoint, eval"),
+        ("loss.beta=1", "loss: unknown key; valid keys here: model, parallel, data, optim, train, checkpoint, eval"),
         ("train.epochs=two", "train.epochs: expected int, got 'two'"),
         ("train.epochs=1.5", "train.epochs: expected int, got 1.5"),
         ("train.recompute=partial", "train.recompute: expected one of 'none', 'selective', 'full', got 'partial'"),
@@ -178,7 +178,7 @@ def test_recipe_file_errors(tmp_path):
     p.write_text("model: {hf_path: m}\nsfft:\n  train: {epochs: 1}\n")
     with pytest.raises(
         ConfigError,
-        match=r"r\.yaml: sfft: unknown top-level key; valid keys: checkpoint, critic, data, loss, model, optim, parallel, rollout, train; stages: sft, dpo, rm, rlvr",
+        match=r"r\.yaml: sfft: unknown top-level key; valid keys: checkpoint, critic, data, eval, loss, model, optim, parallel, rollout, train; stages: sft, dpo, rm, rlvr",
     ):
         load_recipe(p, "sft")
     p.write_text("model: {hf_path: m}\nsft:\n  train: {epochs: 1, batch: 8}\n")
