@@ -78,6 +78,10 @@ def setup_parallel(run: RunConfig) -> ParallelState:
     acquire_run_lock(run.train.out_dir, ps)
     if os.path.abspath(run.checkpoint_dir) != os.path.abspath(run.train.out_dir):
         acquire_run_lock(run.checkpoint_dir, ps, key="checkpoint.dir")
+    if ps.rank == 0:  # the resolved config, absolute paths (`nova <stage> --recipe` reruns it)
+        from nova_engine.recipe import write_resolved_config
+
+        write_resolved_config(run)
     return ps
 
 
@@ -421,8 +425,11 @@ def train_stage(
     saved_at: list[int] = []
 
     def save(step: int) -> None:
-        if save_guarded(run, loop) is not None:
+        path = save_guarded(run, loop)
+        if path is not None:
             saved_at.append(step)
+            if run.eval.on_checkpoints and run.checkpoint.hf_in_checkpoints:
+                run_eval_hook(run, os.path.join(path, "hf"), step)
 
     loop.stop = safety.StopRequest().install()
     try:
@@ -442,7 +449,17 @@ def train_stage(
         save(loop.step)
     if run.checkpoint.export_hf:
         export_final(run, policy, os.path.join(t.out_dir, "hf"))
+        run_eval_hook(run, os.path.join(t.out_dir, "hf"), loop.step)
     return out
+
+
+def run_eval_hook(run: RunConfig, export_dir: str, step: int) -> None:
+    """`eval.command` on an export (rank 0; metrics.run_eval_command), when set."""
+    from nova_engine.train.metrics import run_eval_command
+
+    e = run.eval
+    if e.command:
+        run_eval_command(e.command, export_dir, step, run.train.out_dir, e.timeout_s)
 
 
 def _fit(
@@ -467,6 +484,8 @@ def _fit(
         total_steps=data.total_steps,
         stage=stage.name,
         tensorboard=t.tensorboard,
+        report_to=t.report_to,
+        config=run.to_dict() if t.report_to else None,
         start_step=loop.step,
     ) as m:
         out = loop.fit(
