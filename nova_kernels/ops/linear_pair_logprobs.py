@@ -30,10 +30,10 @@ loss gradient while its logits are still in the workspace:
 groups (sequences first ... first+len-1, len a multiple of G) and returns their loss as a
 0-dim tensor; the total loss is the sum over chunks, so it must be a SUM over groups (DPO's
 `reduce_pairs` is: sum of per-pair losses / global pair count). Backward only scales the
-stored gradients by the scalar upstream gradient. Chunks hold up to the `linear_logprobs`
-workspace budget of rows; one group longer than that still runs whole while its logits fit
-`_GROUP_WORKSPACE_ELEMS`, and beyond that it is scored in row sub-chunks and its logits
-recomputed once for dz (4 GEMMs for that group only).
+stored gradients by the scalar upstream gradient. Chunks hold up to `rows_per_chunk` rows (the
+`linear_logprobs` workspace budget; 4x on GPU); one group longer than that still runs whole
+while its logits fit `_GROUP_WORKSPACE_ELEMS`, and beyond that it is scored in row sub-chunks
+and its logits recomputed once for dz (4 GEMMs for that group only).
 
 TP / SP contract as `linear_cross_entropy`: hidden [N, H] (SP: this rank's [N/tp, H] slice,
 all-gathered rank-major here, grad_hidden reduce-scattered), weight [Vp, H] this rank's
@@ -66,8 +66,8 @@ from .lm_head_rows import GradWeight, LogitsChunk, gemm, operand_dtype, rows_per
 
 GroupLoss = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
-# A group (pair) longer than the chunk budget of `linear_logprobs` (16 Mi elements on CPU)
-# still runs in one chunk, i.e. 3 GEMMs, while its logits fit this many elements (fp32).
+# A group (pair) longer than the chunk budget (`lm_head_rows.rows_per_chunk`: 4 Mi elements on
+# CPU) still runs in one chunk, i.e. 3 GEMMs, while its logits fit this many elements (fp32).
 _GROUP_WORKSPACE_ELEMS = 1 << 25
 
 

@@ -36,6 +36,8 @@ The torch backend does the same with torch ops (exp(z - m) in place, scatter for
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
@@ -46,6 +48,7 @@ from .._vocab_parallel import _tp_combine
 from .linear_logprobs import _budget, _compute_dtype
 
 _HALF = (torch.bfloat16, torch.float16)
+_log = logging.getLogger(__name__)
 
 # GPU launch table of `_rows_kernel` (read by the AOT compile check): the widest vocab tile and
 # its warps; narrower vocab shards use the next power of two >= Vp with the warps below.
@@ -178,6 +181,11 @@ def _triton_rows(z_nV, tgt_n, c_n=None, comb=None, *, stats: bool, dz_dtype=None
 _NO_OUT_DTYPE: set[str] = set()  # torch ops without the out_dtype overload here (fallbacks)
 
 
+def _no_out_dtype(op: str, err: Exception) -> None:
+    _NO_OUT_DTYPE.add(op)
+    _log.warning("torch.%s(out_dtype=float32) unavailable (%s): slower fp32 fallback", op, err)
+
+
 def gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """a @ b accumulated in fp32 (fp64 for fp64), returned in out_dtype. CUDA half operands:
     cuBLAS with fp32 output where asked (`mm(out_dtype=float32)`); CPU half operands: an fp32
@@ -191,8 +199,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tens
     if "mm" not in _NO_OUT_DTYPE:
         try:
             return torch.mm(a, b, out_dtype=out_dtype)
-        except (TypeError, RuntimeError):
-            _NO_OUT_DTYPE.add("mm")
+        except (TypeError, RuntimeError) as e:
+            _no_out_dtype("mm", e)
     return (a.float() @ b.float()).to(out_dtype)  # exact fp32 logits without the overload
 
 
@@ -207,8 +215,8 @@ def gemm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
             try:
                 torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
                 return
-            except (TypeError, RuntimeError):
-                _NO_OUT_DTYPE.add("addmm")
+            except (TypeError, RuntimeError) as e:
+                _no_out_dtype("addmm", e)
         acc.add_(gemm(a, b, acc.dtype))
 
 

@@ -243,6 +243,7 @@ def tp_results():
     return run_distributed(_tp_worker, 2)
 
 
+@pytest.mark.slow  # spawned process group
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sp", [False, True])
 def test_tp2_equals_4gemm_tp1(tp_results, sp, backend):
