@@ -94,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in TOOLS:  # a tool parses its own arguments
         module, _ = TOOLS[argv[0]]
         return int(importlib.import_module(module).main(argv[1:]) or 0)
+    if argv and argv[0] in _stages():  # --help lists the stage's config keys; --print-config
+        from nova_engine.train.__main__ import main as train_main
+
+        return train_main(list(argv))
     p = argparse.ArgumentParser(prog="nova", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)

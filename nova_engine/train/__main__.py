@@ -20,12 +20,29 @@ from nova_engine.train.stages import STAGES  # the one stage registry (name -> S
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nova_engine.train", description=__doc__,
+    argv = sys.argv[1:] if argv is None else list(argv)
+    stage = next((a for a in argv if a in STAGES), None)
+    epilog = None
+    if stage is not None and ("-h" in argv or "--help" in argv):  # the stage's config keys
+        from nova_engine.recipe import stage_help
+
+        epilog = stage_help(stage)
+    prog = "nova" if os.path.basename(sys.argv[0]) == "nova" else "python -m nova_engine.train"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("stage", choices=tuple(STAGES))
     p.add_argument("--recipe", required=True, help="recipe YAML (recipes/*.yaml)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (YAML, absolute paths) and exit")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
     return p.parse_intermixed_args(argv)
+
+
+def print_config(stage: str, recipe: str, overrides: list[str]) -> None:
+    """`--print-config`: the config a run would use, as `<out_dir>/config.yaml` holds it."""
+    from nova_engine.recipe import config_yaml, load_recipe
+
+    emit(config_yaml(load_recipe(recipe, stage, overrides)).rstrip("\n"))
 
 
 def run_stage(stage: str, recipe: str, overrides: list[str]) -> list[dict[str, float]]:
@@ -121,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
     args = parse(argv)
     try:
-        run_stage(args.stage, args.recipe, args.overrides)
+        if args.print_config:
+            print_config(args.stage, args.recipe, args.overrides)
+        else:
+            run_stage(args.stage, args.recipe, args.overrides)
     except user_errors() as e:
         kind = "config error" if type(e).__name__ == "ConfigError" else type(e).__name__
         report(f"{kind}: {e}")

@@ -57,7 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     from nova_engine.train.stages import STAGES
 
     argv = sys.argv[1:] if argv is None else argv
+    stage_at = next((i for i, a in enumerate(argv) if a in STAGES), len(argv))
+    if "-h" in argv[:stage_at] or "--help" in argv[:stage_at]:
+        emit(__doc__.strip() + "\n\ntorchrun's flags: `torchrun --help`; a stage's config "
+             "keys: `nova <stage> --help`")  # fmt: skip
+        return 0
     flags, stage_argv = split_argv(argv, tuple(STAGES))
+    if "-h" in stage_argv or "--help" in stage_argv:  # the stage's help, without launching
+        from nova_engine.train.__main__ import main as train_main
+
+        return train_main(stage_argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun sets, minus its banner
     for name in ("torch.distributed.elastic", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
