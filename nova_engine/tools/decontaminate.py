@@ -276,6 +276,13 @@ def run(
     t0 = time.perf_counter()
     _check_paths(train, evals, out_dir)
     index, sets = load_eval_sets(evals, cfg)
+    for es in sets:  # an empty eval set would pass every training item unchecked
+        if not es.lines:
+            why = f"{es.bad.n_skipped} bad line(s) skipped" if es.bad.n_skipped else "no item"
+            raise _UserError(
+                f"--eval {es.path}: no eval items ({why}): nothing to check the training "
+                "data against; give a JSONL of eval items"
+            )
     set_of_id = np.repeat(np.arange(len(sets)), [len(s.lines) for s in sets]).tolist()
     gram_counts = index.gram_counts()
     hits = _Hits(gram_counts, cfg.max_hits)

@@ -334,3 +334,24 @@ def test_user_errors(tmp_path, capsys):
         == 2
     )
     assert "no such file" in capsys.readouterr().err
+
+
+def test_an_empty_eval_set_is_refused(tmp_path, capsys):
+    """An eval file without items would pass every training item unchecked: refused, one
+    line naming the file (empty, blank lines only, or every line skipped as bad)."""
+    tr = tmp_path / "t.jsonl"
+    _write_jsonl(tr, [{"prompt": "x y z"}])
+    rng = random.Random(3)
+    good, _ = _eval_file(tmp_path, rng, n_items=2)
+    for name, body, why in (
+        ("empty.jsonl", "", "no item"),
+        ("blank.jsonl", "\n\n  \n", "no item"),
+        ("bad.jsonl", "[1]\n{broken\n", "2 bad line(s) skipped"),
+    ):
+        ev = tmp_path / name
+        ev.write_text(body)
+        argv = ["--train", str(tr), "--eval", str(good), str(ev), "--report-only"]
+        assert main([*argv, "--on-bad-line", "skip"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"nova decontaminate: --eval {ev}: no eval items ({why}): nothing to "
+                       "check the training data against; give a JSONL of eval items"]  # fmt: skip

@@ -422,3 +422,71 @@ def test_sweep_picks_the_constructed_best_alpha(tmp_path, tok_dir, capsys):
     kept = _listing(tmp_path / "best.candidates")
     assert kept == ["alpha_0.1", "alpha_1", "alpha_2"]
     assert not [f for f in _listing(tmp_path) if f.startswith(".")]  # no work dir left
+
+
+def test_non_finite_merged_weights_are_refused(fam, tmp_path, capsys):
+    """A NaN in one input tensor (at an odd element, in a later chunk), and a finite merge
+    that overflows --dtype float16: one line naming the tensor, exit 2, nothing written (not
+    even over a previous output with --overwrite)."""
+    from safetensors.torch import save_file
+
+    init, aligned = fam["f32"][:2]
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(aligned, poisoned)
+    sd = load_file(poisoned / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    flat = sd[name].flatten()
+    flat[1001] = float("nan")
+    sd[name] = flat.view_as(sd[name])
+    save_file(sd, poisoned / "model.safetensors", {"format": "pt"})
+    outs = tmp_path / "outs"
+    outs.mkdir()
+    argv = ["expo", "--init", init, "--aligned", str(poisoned), "--alpha", "0.3",
+            "--out", str(outs / "o"), "--chunk-elems", str(CHUNK)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"merged tensor {name!r} has 1 non-finite value(s)" in err[0], err
+    n = flat.numel()
+    assert f"elements {CHUNK}..{min(n, 2 * CHUNK) - 1} of {n}" in err[0], err
+    assert "nothing written" in err[0]
+    assert _listing(outs) == []
+    # finite inputs, but alpha * (aligned - init) past float16's range (65504)
+    assert main(["expo", "--init", init, "--aligned", aligned, "--alpha", "1e7",
+                 "--dtype", "float16", "--out", str(outs / "o")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "non-finite value(s)" in err and "as F16" in err, err
+    assert _listing(outs) == []
+    # a previous output is kept as it was
+    assert main(["expo", "--init", init, "--aligned", aligned, "--alpha", "0.1",
+                 "--out", str(outs / "o")]) == 0  # fmt: skip
+    before = load_file(outs / "o" / "model.safetensors")
+    assert main([*argv, "--overwrite"]) == 2
+    after = load_file(outs / "o" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert _listing(outs) == ["o"]
+
+
+def test_every_method_prints_one_summary_line(fam, tmp_path, capsys):
+    """#32: each method (slerp and ties included) says what it wrote: one stdout line naming
+    the method, its parameters, the tensor count and the output directory, which holds the
+    merge of the inputs (checked against the hand computation for slerp)."""
+    base, a, b, _ = fam["f32"]
+    runs = {
+        "expo": ["--init", base, "--aligned", a, "--alpha", "0.3"],
+        "linear": ["--models", base, a, b, "--weights", "0.5", "0.3", "0.2"],
+        "task_arithmetic": ["--base", base, "--models", a, b, "--weights", "0.7", "0.5"],
+        "slerp": ["--models", a, b, "--t", "0.4"],
+        "ties": ["--base", base, "--models", a, b, "--density", "0.3"],
+    }
+    n_tensors = len(_tensors(base))
+    for method, args in runs.items():
+        out = tmp_path / method
+        assert main([method, *args, "--out", str(out)]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 1, (method, lines)
+        assert lines[0].startswith(method) and f"{n_tensors} tensors" in lines[0], lines
+        assert str(out) in lines[0] and (out / "model.safetensors").is_file(), lines
+    got, ta, tb = _tensors(tmp_path / "slerp"), _tensors(a), _tensors(b)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    ref = _ref_slerp(ta[name], tb[name], 0.4)
+    torch.testing.assert_close(got[name].double(), ref, rtol=1e-5, atol=1e-6)

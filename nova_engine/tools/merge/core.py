@@ -257,9 +257,16 @@ def _merge_tensor(
 
     state = method.prepare(numel, read, chunk)
     for s in range(0, numel, chunk):
-        writer.write(
-            method.combine(partial(_chunk, read, s, min(numel, s + chunk)), state).to(out_dtype)
-        )
+        out = method.combine(partial(_chunk, read, s, min(numel, s + chunk)), state).to(out_dtype)
+        finite = torch.isfinite(out)
+        if not bool(finite.all()):  # a NaN/Inf in an input, or a value past --dtype's range
+            bad = out.numel() - int(finite.sum())
+            raise MergeError(
+                f"{method.name}: merged tensor {name!r} has {bad} non-finite value(s) "
+                f"(elements {s}..{min(numel, s + chunk) - 1} of {numel}, as {out_code}): an "
+                "input holds NaN/Inf or the result overflows the output dtype; nothing written"
+            )
+        writer.write(out)
 
 
 def _chunk(read: Read, start: int, stop: int, i: int) -> torch.Tensor:
