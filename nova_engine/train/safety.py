@@ -192,8 +192,22 @@ def check_model_classes(run) -> None:
     stage = getattr(run, "stage", "")
     for key, same in MODEL_PATH_KEYS.get(stage, ()):
         path = _run_value(run, key)
+        loss = getattr(run, "loss", None)
+        if key == "critic.init_from" and not getattr(loss, "needs_critic", True):
+            continue  # no critic in this run (e.g. GRPO): the path is not read
         if path:
             check_model_dir(key, path, run.model.hf_path if same else None)
+    critic = getattr(run, "critic", None)
+    if stage == "rlvr" and critic is not None and critic.init_from and run.loss.needs_critic:
+        from nova_engine.model.hf_io import score_labels
+
+        labels = score_labels(critic.init_from)
+        if labels is not None and len(labels) > 1 and critic.output not in labels:
+            raise ConfigError(
+                "critic.output",
+                f"{critic.output!r}: critic.init_from={critic.init_from} has {len(labels)} "
+                f"outputs: name one of {labels}",
+            )
     for key in POLICY_KEYS.get(stage, ()):
         path = _run_value(run, key)
         if path and os.path.isdir(path):

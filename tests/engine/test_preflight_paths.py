@@ -41,9 +41,22 @@ def env(tmp_path_factory):
     notmodel = root / "notmodel"  # a config.json of another class
     notmodel.mkdir()
     (notmodel / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+    rm5 = root / "rm5"  # a 5-output regression reward model's config
+    rm5.mkdir()
+    names = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+    cfg = json.load(open(model / "config.json"))
+    cfg.update(architectures=["LlamaForSequenceClassification"], id2label=dict(enumerate(names)))
+    (rm5 / "config.json").write_text(json.dumps(cfg))
     data = root / "x.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    return {"root": root, "model": model, "wider": other, "notmodel": notmodel, "data": data}
+    return {
+        "root": root,
+        "model": model,
+        "wider": other,
+        "notmodel": notmodel,
+        "data": data,
+        "rm5": rm5,
+    }
 
 
 def _args(env, stage, *kv):
@@ -64,6 +77,8 @@ CASES = [
     ("rlvr", ["loss.advantage=gae", "critic.init_from={notmodel}"], 1,
      "critic.init_from", "BertModel"),
     ("rlvr", ["model.reference_path={wider}"], 1, "model.reference_path", "hidden_size 64 vs 32"),
+    ("rlvr", ["loss.advantage=gae", "critic.init_from={rm5}"], 1, "critic.output",
+     "helpfulness"),
     ("rm", ["model.init_from={root}/nowhere"], 1, "model.init_from", "no such directory"),
     ("rm", ["model.init_from={wider}"], 1, "model.init_from", "is not a model of"),
 ]  # fmt: skip
