@@ -22,6 +22,11 @@ number > 0, default 1.
 Every problem raises `DataError` ("path:line: what was wrong, what was expected") or, with
 `on_bad_line="skip"`, is counted in `ReadStats` and logged (rank 0) once per file.
 
+Parquet: a path ending in `.parquet` holds the same records, one per row (columns = the
+keys above; nested lists of {role, content} structs as pyarrow writes them, e.g. from
+`datasets.Dataset.to_parquet` or `pandas.DataFrame.to_parquet`); a null cell is an absent
+key. Errors name "path: row N" (N from 1). Needs pyarrow (`pip install pyarrow`).
+
 Records get a dense `index` (0, 1, 2, ... over the valid records of all files, in order);
 it becomes `Sample.index`, stable across epochs and resumes for the same files.
 """
@@ -51,7 +56,18 @@ class DataError(ValueError):
 
     def __init__(self, path: str, line: int, reason: str, kind: str = "invalid"):
         self.path, self.line, self.reason, self.kind = path, line, reason, kind
-        super().__init__(f"{path}:{line}: {reason}")
+        super().__init__(f"{where(path, line)}: {reason}")
+
+
+def is_parquet(path: str | os.PathLike) -> bool:
+    return os.fspath(path).lower().endswith(".parquet")
+
+
+def where(path: str, line: int) -> str:
+    """ "path:line" (JSONL) or "path: row N" (Parquet, N from 1); the path alone for 0."""
+    if line <= 0:
+        return path
+    return f"{path}: row {line}" if is_parquet(path) else f"{path}:{line}"
 
 
 class EmptyDataError(DataError):
@@ -286,8 +302,43 @@ def parse_pair(obj: dict, margin_key: str = "margin") -> tuple[list, list, list,
 # ---------------------------------------------------------------------------- readers
 
 
+def _drop_nulls(v: Any) -> Any:
+    """A Parquet row as JSON would have it: null struct fields / cells are absent keys."""
+    if isinstance(v, dict):
+        return {k: _drop_nulls(x) for k, x in v.items() if x is not None}
+    if isinstance(v, list):
+        return [_drop_nulls(x) for x in v]
+    return v
+
+
+def _iter_parquet(path: str) -> Iterable[tuple[int, Any]]:
+    """(row number from 1, the row as a dict) for every row of a Parquet file."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(
+            path, 0, "reading Parquet needs pyarrow (pip install pyarrow)", "no_pyarrow"
+        ) from None
+    try:
+        f = pq.ParquetFile(path)
+        batches = f.iter_batches(batch_size=4096)
+        row = 0
+        for batch in batches:
+            for obj in batch.to_pylist():
+                row += 1
+                yield row, _drop_nulls(obj)
+    except (OSError, ValueError) as e:  # pyarrow.ArrowException subclasses both
+        if isinstance(e, DataError):
+            raise
+        raise DataError(path, 0, f"not a readable Parquet file ({e})", "bad_parquet") from None
+
+
 def _iter_objects(path: str) -> Iterable[tuple[int, Any]]:
-    """(line number, parsed object or _Bad) for every non-blank line."""
+    """(line number, parsed object or _Bad) for every non-blank line (every row of a
+    .parquet file)."""
+    if is_parquet(path):
+        yield from _iter_parquet(path)
+        return
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -349,7 +400,7 @@ def read_jsonl(
         try:
             if isinstance(obj, _Bad):
                 raise obj
-            rec = parse(obj, start_index + len(records), f"{path}:{lineno}")
+            rec = parse(obj, start_index + len(records), where(path, lineno))
         except _Bad as bad:
             err = DataError(path, lineno, bad.reason, bad.kind)
             if on_bad_line == "error":

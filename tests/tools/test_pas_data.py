@@ -417,3 +417,52 @@ def test_shipped_seeds_and_categories():
     assert parse_categories(["qa,coding", "math", "qa"], seeds) == ("qa", "coding", "math", OTHER)
     with pytest.raises(PASError, match="--categories"):
         parse_categories(["Q A"], seeds)
+
+
+def test_build_data_cli_fails_when_nothing_passes(tmp_path, capsys, monkeypatch):
+    """#32: `nova pas build-data` whose every prompt is rejected writes no output, exits 2
+    with one line naming the counts and the first rejected example (prompt, complement,
+    reason), and leaves the report with the rejected examples; one that passes prints its
+    summary and writes the records."""
+    from nova_engine.cli import main as nova_main
+    from nova_engine.tools.pas import generator as gen_mod
+
+    verdict = {"reply": '{"verdict": "reject", "reason": "answers the prompt itself"}'}
+
+    class FakeModels:
+        def __init__(self, **kw):
+            pass
+
+        def generator(self, model_dir, config, option):
+            if option == "--judge":
+                return Scripted(lambda t: verdict["reply"])
+            return _teacher({"Please code a parser.": "Write the parser for them."})
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(gen_mod, "ModelSet", FakeModels)
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(
+        '{"prompt": "Please code a parser."}\n{"prompt": "What is the sum of 2 and 9?"}\n'
+    )
+    out = tmp_path / "o.jsonl"
+    args = ["pas", "build-data", "--prompts", str(pool), "--teacher", "t", "--judge", "j",
+            "--out", str(out), "--max-regen", "1"]  # fmt: skip
+    assert nova_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{out} NOT written" in err[0] and "dropped_rejected=2" in err[0], err
+    assert "first rejected: prompt 'Please code a parser.'" in err[0], err
+    assert "'Write the parser for them.': answers the prompt itself" in err[0], err
+    assert not out.exists()
+    report = json.loads((tmp_path / "o.jsonl.report.json").read_text())
+    assert [r["prompt"] for r in report["rejected_examples"]] == [
+        "Please code a parser.", "What is the sum of 2 and 9?"
+    ]  # fmt: skip
+    assert all(r["reason"] == "answers the prompt itself" for r in report["rejected_examples"])
+    verdict["reply"] = '{"verdict": "accept", "reason": "ok"}'
+    assert nova_main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"-> {out}" in printed and "written" in printed
+    assert len(read_sft_jsonl(str(out))[0]) == 2

@@ -157,6 +157,21 @@ def build_data_cmd(args: argparse.Namespace, models) -> int:
         classifier = _as_classifier(gen, categories)
     t0 = time.perf_counter()
     records, report = build_data(pool, seeds, teacher, judge, cfg, classifier=classifier)
+    if not records:  # nothing to train on: say why, with the first rejected example
+        report_path = args.report or args.out + ".report.json"
+        report.update(prompts=args.prompts, out=None, teacher=args.teacher, judge=args.judge)
+        _write_report(report_path, report)
+        counts = ", ".join(f"{k}={v}" for k, v in report["counts"].items() if v)
+        ex = report["rejected_examples"][:1]
+        first = (
+            f"; first rejected: prompt {_short(ex[0]['prompt'])}, complement "
+            f"{_short(ex[0]['complement'])}: {ex[0]['reason']}"
+            if ex
+            else ""
+        )
+        raise PASError(
+            f"no prompt passed, {args.out} NOT written ({counts}){first}; report: {report_path}"
+        )
     write_jsonl(args.out, records)
     report.update(prompts=args.prompts, out=args.out, teacher=args.teacher, judge=args.judge,
                   classifier=args.classifier, seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
@@ -170,6 +185,10 @@ def build_data_cmd(args: argparse.Namespace, models) -> int:
                       f"{format_duration(report['seconds'])})", rows))  # fmt: skip
     emit(f"[pas build-data] report: {report_path}")
     return 0
+
+
+def _short(text: str, n: int = 80) -> str:
+    return repr(text if len(text) <= n else text[: n - 3] + "...")
 
 
 def _as_classifier(gen, categories):

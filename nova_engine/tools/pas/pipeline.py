@@ -157,6 +157,7 @@ def build_data(
         per_cat[c] += 1
 
     accepted: list[_Item] = []
+    dropped: list[tuple[_Item, str]] = []  # (item, why) of the prompts that were not written
     active = items
     for round_ in range(cfg.max_regen + 1):
         if not active:
@@ -175,6 +176,7 @@ def build_data(
             it.attempts += 1
             if text is None:
                 counts["dropped_too_long"] += 1
+                dropped.append((it, "the teacher's complement exceeded max_new_tokens"))
                 continue
             it.complement = P.clean_complement(text)
             rule = "empty complement" if not it.complement else None
@@ -190,8 +192,10 @@ def build_data(
         for it, v in zip(to_judge, verdicts):
             if v == "too_long":
                 counts["dropped_too_long"] += 1
+                dropped.append((it, "the judge's prompt exceeded the model's length"))
             elif v is None:
                 counts["dropped_malformed"] += 1
+                dropped.append((it, "the judge's verdict could not be parsed"))
             else:
                 counts["judged"] += 1
                 if v.accept:
@@ -203,6 +207,7 @@ def build_data(
                     rejected.append(it)
         if round_ == cfg.max_regen:
             counts["dropped_rejected"] += len(rejected)
+            dropped += [(it, it.reason or "rejected") for it in rejected]
         active = rejected
 
     accepted.sort(key=lambda it: it.idx)
@@ -228,6 +233,11 @@ def build_data(
             {"category": it.category, "prompt": it.prompt.text, "complement": it.complement,
              "attempts": it.attempts}
             for it in accepted[: cfg.examples]
+        ],
+        "rejected_examples": [
+            {"category": it.category, "prompt": it.prompt.text, "complement": it.complement,
+             "attempts": it.attempts, "reason": why}
+            for it, why in sorted(dropped, key=lambda d: d[0].idx)[: cfg.examples]
         ],
     }  # fmt: skip
     return records, report
