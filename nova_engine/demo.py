@@ -112,7 +112,9 @@ def exact_match_accuracy(
         sp = SamplingParams(max_new_tokens=8, stop_token_ids=stops, seed=TASK_SEED + 1, **sampled)
         hits = [
             exact_match(tok.decode(g.tokens, skip_special_tokens=True), ans)
-            for o, (_, ans, _) in zip(generate(chunks, ps, arch, prompts, sp), problems)
+            for o, (_, ans, _) in zip(
+                generate(chunks, ps, arch, prompts, sp, max_batch_size=256), problems
+            )
             for g in o
         ]
         at_t = sum(hits) / len(hits)
