@@ -35,6 +35,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (YAML, absolute paths) and exit")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=1e-5")
+    p.add_argument("--verbose", action="store_true",
+                   help="show third-party warnings (Transformer Engine / apex notes, progress "
+                        "bars); also NOVA_VERBOSE=1")  # fmt: skip
     return p.parse_intermixed_args(argv)
 
 
@@ -74,19 +77,13 @@ def user_errors() -> tuple[type[Exception], ...]:
     )  # fmt: skip
 
 
-def quiet_library_warnings() -> None:
-    """megatron-core warns on import and per layer about optional accelerators and
-    deprecations (32 lines a run): say it once in the log instead."""
-    import warnings
+def quiet_library_warnings(argv: list[str] | None = None) -> None:
+    """Known third-party warnings and progress bars (megatron-core's notes on the absent
+    Transformer Engine / apex, deprecations, transformers' "Loading weights") filtered
+    unless `--verbose` or NOVA_VERBOSE=1 (nova_engine.logging.quiet_third_party)."""
+    from nova_engine.logging import quiet_third_party, verbose_requested
 
-    for msg in (
-        r".*Transformer Engine and Apex are not installed.*",
-        r".*Apex is not installed.*",
-        r".*flash.attn.*",
-        r".*is deprecated.*",
-        r".*tp_group is None.*",
-    ):
-        warnings.filterwarnings("ignore", message=msg)
+    quiet_third_party(verbose_requested(argv))
 
 
 def _rank() -> int:
@@ -135,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from nova_engine.train.safety import Interrupted
 
-    quiet_library_warnings()
+    argv = sys.argv[1:] if argv is None else argv
+    quiet_library_warnings(argv)
     args = parse(argv)
     try:
         if args.print_config:
