@@ -309,8 +309,8 @@ def load_checkpoint(path: str | os.PathLike, loop, *, weights_only: bool = False
         if saved.get(name) != _layout(e.ps):
             raise CheckpointIOError(
                 f"{path}: engine {name!r} saved with layout {saved.get(name)}, this run is "
-                f"{_layout(e.ps)}; resume needs the same layout (load the weights alone with "
-                "weights_only=True / checkpoint.resume on the hf/ export)"
+                f"{_layout(e.ps)}; resume needs the same layout (weights_only=True reads "
+                "hf/ into any layout; runner.layout_advice gives the command)"
             )
     ps = _any_ps(loop)
     mine_files = [_rank_file(ps.rank)] + [_shard_file(n, e.ps) for n, e in loop.trainable.items()]
