@@ -171,7 +171,7 @@ def _counts(mbs: Sequence[RLMicroBatch], policy: bool = False) -> dict[str, floa
     those the policy loss trains on, RLMicroBatch.policy_mask)."""
     if policy:
         return {
-            "tokens": float(sum(float(mb.policy_mask.sum()) for mb in mbs)),
+            "tokens": float(sum(mb.policy_tokens for mb in mbs)),  # host counts (packing)
             "seqs": float(sum(mb.policy_seqs for mb in mbs)),
         }
     return {

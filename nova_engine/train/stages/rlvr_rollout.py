@@ -307,7 +307,8 @@ class RLMicroBatch:
     (`data`: old_logprobs, ref_logprobs, values, advantages, returns on the last stage) and
     its responses' rewards / outcome advantages [N_local rows]. Reads as its PackedBatch.
     `keep_R` [N_local rows] (None: all kept) marks the responses the POLICY loss trains on
-    (loss.mask_truncated, loss.zero_variance_groups="drop"); `policy_mask` is its [T] mask."""
+    (loss.mask_truncated, loss.zero_variance_groups="drop"); `policy_mask` is its [T] mask,
+    `policy_tokens` / `policy_seqs` its host counts (read once here, never in the schedule)."""
 
     def __init__(
         self,
@@ -318,9 +319,15 @@ class RLMicroBatch:
     ):
         self.rb, self.rewards_R, self.adv_R, self.keep_R = rb, rewards_R, adv_R, keep_R
         self.data: dict[str, torch.Tensor] = {}
+        self.policy_tokens: float = float(rb.batch.num_loss_tokens)
+        self.policy_seqs: int = rb.batch.num_samples
+        if keep_R is not None and rb.rows.numel():
+            keep_N = keep_R.cpu()[rb.rows.cpu()]
+            self.policy_seqs = int(keep_N.sum())
+            self.policy_tokens = float(rb.per_token(keep_R).sum())
 
     def __getattr__(self, name: str):
-        if name in ("rb", "rewards_R", "adv_R", "keep_R", "data"):
+        if name in ("rb", "rewards_R", "adv_R", "keep_R", "data", "policy_tokens", "policy_seqs"):
             raise AttributeError(name)
         return getattr(self.rb.batch, name)
 
@@ -330,13 +337,6 @@ class RLMicroBatch:
         if self.keep_R is None:
             return self.rb.batch.loss_mask
         return self.rb.per_token(self.keep_R).to(self.rb.batch.loss_mask.dtype)
-
-    @property
-    def policy_seqs(self) -> int:
-        """Packed sequences the policy loss trains on (all when keep_R is None)."""
-        if self.keep_R is None or self.rb.rows.numel() == 0:
-            return self.rb.batch.num_samples
-        return int(self.keep_R.cpu()[self.rb.rows.cpu()].sum())
 
 
 def _pad_to(rb: RolloutBatch, length: int, pad_id: int) -> RolloutBatch:
