@@ -33,6 +33,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "dryrun": ("nova_engine.tools.dryrun", "build every rank of a layout on meta (fake backend)"),
     "pas": ("nova_engine.tools.pas", "prompt augmentation (PAS): build-data, augment"),
     "run": ("nova_engine.train.launch", "torchrun a stage with Nova's exit codes (2: user error)"),
+    "doctor": ("nova_engine.tools.doctor", "what this machine has; which paths the engine takes"),
 }
 
 
@@ -91,6 +92,9 @@ def _stages() -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from nova_engine.logging import quiet_third_party, verbose_requested
+
+    quiet_third_party(verbose_requested(argv))  # --verbose / NOVA_VERBOSE=1 show them
     if argv and argv[0] in TOOLS:  # a tool parses its own arguments
         module, _ = TOOLS[argv[0]]
         return int(importlib.import_module(module).main(argv[1:]) or 0)
