@@ -6,6 +6,12 @@ torch, triton, commit); extra keys in a row become extra columns after those.
 One vocabulary for every bench: mode is fwd | fwd_bwd | bwd | plan | step | generate (or the
 op's own verb); metric names in `METRICS` (seconds, peak_mem_bytes, GB/s, ...): a bench
 that needs a new one adds it there. A/B comparisons are timed by `time_interleaved`.
+
+Where rows go (`results_dir`): a results directory outside the repository, $NOVA_BENCH_OUT
+or /tmp/nova-bench, so that running a bench never overwrites the committed rows; with
+`--update-results` (any bench, or run_all.py; or NOVA_BENCH_UPDATE_RESULTS=1) they go to
+benchmarks/results/, the committed ones. This module takes `--update-results` out of
+sys.argv when it is imported, so every bench's own argument parser accepts it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import ctypes
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +48,29 @@ METRICS = (
     "token_agreement",  # fraction of rows whose generated tokens equal the baseline's
 )
 ENV_COLUMNS = ("device", "torch", "triton", "commit")
+
+COMMITTED_RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = "/tmp/nova-bench"
+UPDATE_FLAG, UPDATE_ENV = "--update-results", "NOVA_BENCH_UPDATE_RESULTS"
+
+if UPDATE_FLAG in sys.argv[1:]:  # any bench: the flag becomes the environment variable
+    sys.argv = [a for a in sys.argv if a != UPDATE_FLAG]
+    os.environ[UPDATE_ENV] = "1"
+
+
+def update_results() -> bool:
+    """True when this run updates the committed rows (--update-results)."""
+    return os.environ.get(UPDATE_ENV, "").lower() in ("1", "true", "yes")
+
+
+def results_dir() -> Path:
+    """benchmarks/results/ with --update-results, else $NOVA_BENCH_OUT or /tmp/nova-bench
+    (created)."""
+    if update_results():
+        return COMMITTED_RESULTS
+    d = Path(os.environ.get("NOVA_BENCH_OUT") or DEFAULT_OUT)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def sync() -> None:
@@ -236,9 +266,9 @@ def summary(times: dict[str, tuple[float, ...]]) -> str:
 
 
 def results_path(op: str) -> str:
-    """benchmarks/results/<op>_<cuda|cpu>.csv"""
+    """<results_dir()>/<op>_<cuda|cpu>.csv"""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return str(Path(__file__).resolve().parent / "results" / f"{op}_{device}.csv")
+    return str(results_dir() / f"{op}_{device}.csv")
 
 
 # the RL benches' [B, T] shapes: the issue's grid on a GPU, small ones on CPU

@@ -17,7 +17,7 @@ import argparse
 
 import numpy as np
 
-from benchmarks._common import time_interleaved, write_rows
+from benchmarks._common import results_dir, time_interleaved, write_rows
 from benchmarks.bench_packing import lognormal_lengths
 from nova_engine.data.balance import balanced_split, max_over_mean, round_robin_split
 
@@ -84,7 +84,7 @@ def main(argv=None):
                 f"{np.mean(res['balanced']):>12.4f}{np.max(res['balanced']):>9.4f}"
                 f"   split {times['balanced'][0] * 1e3:.2f} ms"
             )
-    path = "benchmarks/results/balance_cpu.csv"
+    path = str(results_dir() / "balance_cpu.csv")
     write_rows(path, rows)
     print(f"wrote {path}")
 

@@ -30,11 +30,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks._common import peak_memory, time_interleaved, write_rows  # noqa: E402
+from benchmarks._common import peak_memory, results_dir, time_interleaved, write_rows  # noqa: E402
 from nova_kernels import linear_logprobs, seq_reduce  # noqa: E402
 from nova_kernels.reference import linear_logprobs_reference  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+RESULTS = str(results_dir())
 DPO_SEQ = 1024  # tokens per sequence in the DPO comparison
 GPU_SHAPES = [
     (n, h, v) for n in (4096, 16384, 65536) for h in (4096, 8192) for v in (128256, 152064)

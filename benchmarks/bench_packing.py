@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks._common import env_info, time_interleaved, write_rows
+from benchmarks._common import env_info, results_dir, time_interleaved, write_rows
 from nova_engine import _C
 from nova_engine.data.packing import pack_lengths
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100k sequences, 5k for Python")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "packing_cpu.csv"))
+    parser.add_argument("--out", default=str(results_dir() / "packing_cpu.csv"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     n, ref_n, reps = (100_000, 5_000, 3) if args.quick else (1_000_000, 20_000, 5)

@@ -20,11 +20,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks._common import peak_memory, time_interleaved, write_rows  # noqa: E402
+from benchmarks._common import peak_memory, results_dir, time_interleaved, write_rows  # noqa: E402
 from nova_kernels import seq_reduce  # noqa: E402
 from nova_kernels.reference import seq_reduce_reference  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+RESULTS = str(results_dir())
 GPU_SHAPES = [(t, b) for t in (1 << 16, 1 << 20) for b in (64, 1024)]
 CPU_SHAPES = [(1 << 14, 16), (1 << 16, 256)]
 
