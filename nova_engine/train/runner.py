@@ -240,7 +240,10 @@ def resume(run: RunConfig, loop: Loop) -> str | None:
     """Restore `loop` per `checkpoint.resume`; returns the checkpoint loaded (or None).
 
     "auto"/"force": the newest checkpoint whose files (those each rank reads) pass the size
-    and checksum checks on every rank; a damaged one is skipped with the reason logged.
+    and checksum checks on every rank; a damaged one is skipped with the reason logged, and
+    when every one is damaged the run refuses (CheckpointIOError) instead of starting over at
+    step 0 (checkpoint.resume=none starts over). A checkpoint of another TP/PP/DP layout is
+    refused with the command that starts this layout from its weights (`layout_advice`).
     A checkpoint written under another model/data/training config: "auto" refuses with the
     changed keys (ConfigError), "force" and an explicit path resume with a warning."""
     from nova_engine.config import ConfigError
@@ -252,12 +255,17 @@ def resume(run: RunConfig, loop: Loop) -> str | None:
     explicit = r not in ("auto", "force")
     found = checkpoint_io.list_complete(run.checkpoint_dir)
     candidates = [r] if explicit else [p for _, p in reversed(found)]
+    damaged: list[str] = []
     for path in candidates:
+        advice = layout_advice(run, loop, path)
+        if advice is not None:
+            raise checkpoint_io.CheckpointIOError(advice)
         reason = verify_for_rank(path, loop)
         if not all_ok(ps, reason is None):
             if explicit:
                 raise checkpoint_io.CheckpointIOError(reason or f"{path}: damaged (see logs)")
             logger.warning("skipping damaged checkpoint %s: %s", path, reason or "(another rank)")
+            damaged.append(reason or f"{path}: damaged on another rank")
             continue
         manifest = checkpoint_io.read_manifest(path)
         saved = manifest.get("extra", {}).get("config")
@@ -277,7 +285,59 @@ def resume(run: RunConfig, loop: Loop) -> str | None:
                 logger.warning("resuming %s under a changed config: %s", path, "; ".join(diff))
         load_checkpoint(path, loop)
         return path
+    if damaged:
+        raise checkpoint_io.CheckpointIOError(
+            f"{run.checkpoint_dir}: every checkpoint is damaged ({len(damaged)}; the newest: "
+            f"{damaged[0]}): refusing to start over at step 0 over them; restore or move them, "
+            "or pass checkpoint.resume=none to train from step 0"
+        )
     return None
+
+
+def _layout_text(lay: dict[str, Any]) -> str:
+    n, vpp = lay.get("world_size", "?"), lay.get("vpp")
+    vp = f" vpp={vpp}" if vpp not in (None, 1) else ""
+    return f"tp={lay.get('tp')} pp={lay.get('pp')}{vp} ({n} rank{'s' * (n != 1)})"
+
+
+def layout_advice(run: RunConfig, loop: Loop, path: str) -> str | None:
+    """None when checkpoint `path` was saved at this run's layout (or its manifest cannot be
+    read: the integrity check says why); else one line with what works: rerun at the saved
+    layout to resume exactly, or the command that starts this layout from the checkpoint's
+    hf/ weights (this run's resolved config.yaml, a new out_dir; optimizer and schedule
+    start over)."""
+    from nova_engine.train.checkpoint import HF_SUBDIR, _layout
+
+    try:
+        saved = checkpoint_io.read_manifest(path).get("extra", {}).get("engines") or {}
+    except checkpoint_io.CheckpointIOError:
+        return None
+    mine = {name: _layout(e.ps) for name, e in loop.trainable.items()}
+    diff = [n for n in mine if n in saved and saved[n] != mine[n]]
+    if not diff:
+        return None
+    name = diff[0]
+    line = (
+        f"{path}: saved at layout {_layout_text(saved[name])}, this run is "
+        f"{_layout_text(mine[name])}: a checkpoint resumes only at its own layout; rerun at "
+        "that layout to resume exactly"
+    )
+    hf = os.path.join(path, HF_SUBDIR)
+    if not os.path.isdir(hf):
+        return line + " (it has no hf/ export to start another layout from)"
+    lay = mine[name]
+    run_dir = os.path.abspath(run.train.out_dir)
+    out = f"{run_dir}_tp{lay['tp']}pp{lay['pp']}"
+    launcher = "python -m nova_engine.train"
+    if lay["world_size"] > 1:
+        launcher = f"torchrun --nproc-per-node {lay['world_size']} -m nova_engine.train"
+    cmd = (  # the resolved config.yaml of this run (setup_parallel wrote it)
+        f"{launcher} {run.stage} --recipe {os.path.join(run_dir, 'config.yaml')} "
+        f"model.hf_path={os.path.abspath(hf)} checkpoint.resume=none train.out_dir={out}"
+    )
+    if run.checkpoint.dir is not None:
+        cmd += f" checkpoint.dir={out}/checkpoints"
+    return f"{line}, or start this layout from its weights (a new optimizer and schedule): {cmd}"
 
 
 def save_guarded(run: RunConfig, loop: Loop) -> str | None:

@@ -506,3 +506,47 @@ def test_resume_compares_the_data_content_and_ignores_a_moved_run_dir(assets, tm
     steps = [json.loads(x)["step"] for x in open(moved / "metrics.jsonl") if '"loss"' in x]
     assert steps == [1, 2]  # resumed at its last step: nothing redone
     record("12", "sft ... train.out_dir=MOVED_RUN_DIR", rc, line, "resumed at step 2", tmp_path)
+
+
+def test_a_layout_change_names_a_command_that_runs(assets, tmp_path, capsys):
+    """A checkpoint of another layout (its manifest says tp=2 on 2 ranks; this run is one
+    rank): refused before the config diff, with the command that starts this layout from
+    the checkpoint's hf/ weights; that command, run as printed, trains and exports."""
+    out = tmp_path / "run"
+    shutil.copytree(assets["run"], out)
+    ckpt = checkpoint_io.latest_complete(out / "checkpoints")
+    manifest_path = os.path.join(ckpt, checkpoint_io.MARKER)
+    manifest = json.load(open(manifest_path))
+    two = {"tp": 2, "pp": 1, "vpp": None, "dp": 1, "world_size": 2}
+    manifest["extra"]["engines"]["policy"] = manifest["extra"]["layout"] = two
+    json.dump(manifest, open(manifest_path, "w"))
+    rc, line = train(sft_args(assets, out), capsys)
+    assert rc == 2 and "saved at layout tp=2 pp=1 (2 ranks)" in line, line
+    assert "this run is tp=1 pp=1 (1 rank)" in line, line
+    record("12", "sft ... (the checkpoint is of another layout)", rc, line,
+           "the checkpoints; nothing trained", tmp_path)  # fmt: skip
+    cmd = line.split("(a new optimizer and schedule): ", 1)[1].split()
+    assert cmd[:3] == ["python", "-m", "nova_engine.train"], cmd
+    assert f"model.hf_path={ckpt}/hf" in cmd and "checkpoint.resume=none" in cmd
+    rc, line = train(cmd[3:], capsys)
+    assert rc == 0, line
+    new_out = next(a.split("=", 1)[1] for a in cmd if a.startswith("train.out_dir="))
+    assert os.path.isdir(os.path.join(new_out, "hf"))
+    assert checkpoint_io.latest_complete(out / "checkpoints") == ckpt  # the old run untouched
+
+
+def test_every_checkpoint_damaged_is_refused_not_restarted(assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(assets["run"], out)
+    found = checkpoint_io.list_complete(out / "checkpoints")
+    for _, ck in found:
+        flip_byte(os.path.join(ck, "rank_00000.pt"))
+    before = listing(out / "checkpoints")
+    rc, line = train(sft_args(assets, out), capsys)
+    assert rc == 2 and "every checkpoint is damaged" in line, line
+    assert "checkpoint.resume=none" in line and "checksum" in line, line
+    assert listing(out / "checkpoints") == before
+    steps = [json.loads(x)["step"] for x in open(out / "metrics.jsonl") if '"loss"' in x]
+    assert steps == [1, 2]  # the finished run's steps only: nothing trained from step 0
+    record("12", "sft ... (every checkpoint damaged; resume=auto)", rc, line,
+           "the damaged checkpoints; nothing trained", tmp_path)  # fmt: skip
