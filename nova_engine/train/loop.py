@@ -42,7 +42,7 @@ import torch.distributed as dist
 from nova_engine.logging import get_logger
 from nova_engine.train.data_source import DataSource, PackedDataSource, StepBatcher
 from nova_engine.train.engine import LossFn, MicroBatch, ModelEngine
-from nova_engine.train.safety import NonFiniteGuard, StopRequest
+from nova_engine.train.safety import NonFiniteGuard, StopRequest, nonfinite_sample_ids
 
 if TYPE_CHECKING:
     from nova_engine.train.metrics import MetricsLogger
@@ -203,7 +203,9 @@ class Loop:
         if bad_grads or bad_metrics:  # never apply a NaN/Inf update
             lr = eng.skip_step()
             why = "non-finite " + ("gradients" if bad_grads else ", ".join(bad_metrics))
-            self.guard.skip(self.step + 1, why)
+            self.guard.skip(
+                self.step + 1, why, nonfinite_sample_ids(loss.metric_names, microbatches, results)
+            )
             return dict(loss.finalize_metrics(sums, floats), lr=lr, grad_norm=float("nan"),
                         skipped=1.0)  # fmt: skip
         ok, grad_norm, lr = eng.step()

@@ -481,6 +481,7 @@ def train_stage(
         checkpoint_io.cleanup_stale(root)
     t = run.train
     loop.guard = safety.NonFiniteGuard(t.max_bad_steps, t.divergence_factor, t.zero_grad_steps)
+    loop.guard.describe = sample_describer(run)
     resume(run, loop)
     saved_at: list[int] = []
 
@@ -511,6 +512,28 @@ def train_stage(
         export_final(run, policy, os.path.join(t.out_dir, "hf"))
         run_eval_hook(run, os.path.join(t.out_dir, "hf"), loop.step)
     return out
+
+
+def sample_describer(run: RunConfig) -> Callable[[Sequence[int]], str]:
+    """sample ids -> "N sample(s): file:line, ..." for a skipped step's message. The data
+    files are read again on the first call only (never on the training path); chat (SFT)
+    and pair (DPO) data are named by file:line, other layouts by record index."""
+    from nova_engine.data.formats import read_records
+
+    sources: dict[int, str] = {}
+
+    def describe(ids: Sequence[int]) -> str:
+        uniq = sorted({int(i) for i in ids})
+        if not sources and run.stage in ("sft", "dpo"):
+            kind = "sft" if run.data_format == "chat" else "pref"
+            recs, _ = read_records(run.data.train_paths, kind, on_bad_line=run.data.on_bad_line,
+                                   margin_key=run.data.margin_key)  # fmt: skip
+            sources.update((r.index, r.source) for r in recs)
+        names = [sources.get(i, f"record {i}") for i in uniq]
+        more = f" and {len(names) - 8} more" if len(names) > 8 else ""
+        return f"{len(names)} sample(s): {', '.join(names[:8])}{more}"
+
+    return describe
 
 
 def run_eval_hook(run: RunConfig, export_dir: str, step: int) -> None:

@@ -29,6 +29,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from nova_engine.config import ConfigError
@@ -384,6 +385,31 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------- NaN guard
 
 
+def nonfinite_sample_ids(
+    names: Sequence[str], microbatches: Sequence[Any], results: Sequence[dict]
+) -> list[int] | None:
+    """The sample ids (Sample / PairSample index) of the micro-batches whose metrics in
+    `names` are non-finite, from this rank's per-micro-batch results (the last pipeline
+    stage has them); None when no micro-batch can be blamed (non-finite gradients with a
+    finite loss, or a rank without results). Reads values to the host: call it only for a
+    skipped step."""
+    import torch
+
+    if not results or len(results) != len(microbatches):
+        return None
+    ids: list[int] = []
+    for mb, r in zip(microbatches, results):
+        vals = [r[n] for n in names if n in r]
+        if all(bool(torch.isfinite(torch.as_tensor(v)).all()) for v in vals):
+            continue
+        for attr in ("pair_ids_host", "pair_ids", "sample_ids_host", "sample_ids"):
+            got = getattr(mb, attr, None)
+            if got is not None:
+                ids += [int(i) for i in torch.as_tensor(got).flatten().tolist() if int(i) >= 0]
+                break
+    return sorted(set(ids)) or None
+
+
 class NonFiniteGuard:
     """Counts non-finite steps and watches for divergence (see the module docstring)."""
 
@@ -396,14 +422,25 @@ class NonFiniteGuard:
         self.first_skip: int | None = None
         """The step number of this run's first skipped update (checkpoints from it on
         are suspect: a diverged run rolls back to the last one before it)."""
+        self.describe: Callable[[Sequence[int]], str] | None = None
+        """Set by the runner: sample ids -> "file:line, ..." of the data (called only when
+        a step is skipped, so reading the data files again costs nothing per step)."""
 
     @property
     def healthy(self) -> bool:
         """False while the last step was skipped (a checkpoint now would follow a NaN)."""
         return self.bad_in_row == 0
 
-    def skip(self, step: int, why: str) -> None:
-        """Record a skipped update; TrainingDiverged after max_bad_steps in a row."""
+    def skip(self, step: int, why: str, sample_ids: Sequence[int] | None = None) -> None:
+        """Record a skipped update; TrainingDiverged after max_bad_steps in a row.
+        `sample_ids`: the samples of the micro-batch(es) whose loss was non-finite, named
+        (file:line) in the warning and the error when `describe` is set."""
+        if sample_ids is not None and len(sample_ids) and self.describe is not None:
+            try:
+                where = self.describe(sample_ids)
+            except Exception as e:  # noqa: BLE001 - naming must not hide the skip itself
+                where = f"samples {sorted(set(sample_ids))[:8]} (not named: {e})"
+            why = f"{why} in the micro-batch of {where}"
         self.bad_in_row += 1
         self.skipped += 1
         if self.first_skip is None:

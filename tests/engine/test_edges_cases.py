@@ -550,3 +550,43 @@ def test_every_checkpoint_damaged_is_refused_not_restarted(assets, tmp_path, cap
     assert steps == [1, 2]  # the finished run's steps only: nothing trained from step 0
     record("12", "sft ... (every checkpoint damaged; resume=auto)", rc, line,
            "the damaged checkpoints; nothing trained", tmp_path)  # fmt: skip
+
+
+def test_a_skipped_step_names_the_data_lines_of_its_non_finite_micro_batch(
+    assets, tmp_path, capsys, monkeypatch
+):
+    """The loss of the micro-batch holding the sample of data line 5 is made infinite: the
+    step is skipped and the line names that micro-batch's samples by file:line (line 5
+    among them), not the other micro-batch's (train.micro_batch_tokens=128: two per step)."""
+    import torch
+
+    from nova_engine.train.engine import ModelEngine
+
+    target = 4  # the sample of line 5 (every line of the synthetic file is valid)
+    real = ModelEngine.forward_backward
+    seen: dict[str, list] = {"bad": [], "all": []}
+
+    def poisoned(self, microbatches, loss_fn, **kw):
+        results = real(self, microbatches, loss_fn, **kw)
+        for mb, r in zip(microbatches, results):
+            ids = [int(i) for i in mb.sample_ids.tolist()]
+            seen["all"].append(ids)
+            if target in ids and not kw.get("forward_only"):
+                r["loss"] = torch.tensor(float("inf"))
+                seen["bad"] = ids
+        return results
+
+    monkeypatch.setattr(ModelEngine, "forward_backward", poisoned)
+    out = tmp_path / "run"
+    rc, line = train(sft_args(assets, out, "train.micro_batch_tokens=128",
+                              "train.max_bad_steps=1"), capsys)  # fmt: skip
+    assert rc == 2 and line.startswith("TrainingDiverged") and "non-finite loss" in line, line
+    sft = assets["sft"]
+    bad = sorted(seen["bad"])
+    assert f"in the micro-batch of {len(bad)} sample(s): " in line, line
+    named = re.findall(re.escape(sft) + r":(\d+)", line)
+    assert f"{sft}:{target + 1}" in line and len(named) == min(len(bad), 8), line
+    assert sorted(int(n) - 1 for n in named) == bad[:8], (named, bad)
+    assert len(seen["all"]) > 1 and any(set(ids) - set(bad) for ids in seen["all"])
+    record("12", "sft ... (one data line's loss infinite; max_bad_steps=1)", rc, line,
+           "the checkpoints before it; no hf/", tmp_path)  # fmt: skip
