@@ -11,7 +11,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test test-fast demo demo-pas bench lint clean
+.PHONY: install install-gpu test test-fast demo demo-pas bench lint clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,45 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	touch $@
 
 install: $(STAMP)
+
+# An H100/H200 node (Linux x86-64, Python 3.10-3.12, NVIDIA driver >= 580 for CUDA 13):
+# its own venv ($(GPU_VENV)), versions pinned, binary wheels only (--only-binary=:all:):
+# nothing is compiled by default. torch 2.13.0's Linux wheel on PyPI is its CUDA 13 build
+# (NCCL, cuDNN, cuBLAS come as nvidia-*-cu13 wheels, Triton 3.7 with it); liger-kernel is a
+# pure-Python wheel. What PyPI has no wheel for (checked for CPython 3.11, manylinux x86-64):
+#   Transformer Engine: its core library has wheels (transformer-engine-cu12/-cu13), its
+#     PyTorch extension (transformer-engine-torch) is source only, and the core alone would
+#     make `import transformer_engine` succeed without the PyTorch layers;
+#   flash-attn: source only on PyPI;
+#   apex: not on PyPI at all (build NVIDIA/apex from its repository if wanted).
+# `make install-gpu GPU_BUILD_FROM_SOURCE=1` builds TE's PyTorch extension (+ its core wheel)
+# and flash-attn against the installed torch (needs the CUDA toolkit with nvcc; long).
+# Nova runs without them (torch's varlen attention, megatron's local spec); `nova doctor` at
+# the end says what was found and which paths the engine takes. For a CUDA 12 driver,
+# install a CUDA 12 build of torch from PyTorch's own wheel index first, TE_CORE=core_cu12.
+GPU_VENV   ?= .venv-gpu
+GPU_PIP    := $(GPU_VENV)/bin/python -m pip
+TORCH_GPU  ?= torch==2.13.0
+TE_VERSION ?= 2.20.2
+TE_CORE    ?= core_cu13
+FLASH_ATTN ?= flash-attn==2.8.3.post2
+GPU_BUILD_FROM_SOURCE ?= 0
+
+install-gpu:
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_PIP) install --isolated -q --upgrade pip setuptools wheel pybind11
+	$(GPU_PIP) install --isolated --only-binary=:all: $(TORCH_GPU) liger-kernel==0.8.5
+	# the project and its dependencies (langdetect is pure Python, published as source only)
+	$(GPU_PIP) install --isolated --only-binary=:all: --no-binary=langdetect \
+	    --no-build-isolation -e '.[test]' $(TORCH_GPU)
+	if [ "$(GPU_BUILD_FROM_SOURCE)" = 1 ]; then \
+	    $(GPU_PIP) install --isolated --no-build-isolation \
+	        'transformer-engine[pytorch,$(TE_CORE)]==$(TE_VERSION)' $(FLASH_ATTN); \
+	else \
+	    echo "install-gpu: Transformer Engine's PyTorch extension and flash-attn have no" \
+	         "wheel on PyPI: skipped (GPU_BUILD_FROM_SOURCE=1 builds them); apex: not on PyPI"; \
+	fi
+	$(GPU_VENV)/bin/python -m nova_engine.cli doctor
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check nova_engine nova_kernels tests benchmarks

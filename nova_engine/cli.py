@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party(verbose_requested(argv))  # --verbose / NOVA_VERBOSE=1 show them
     if argv and argv[0] in TOOLS:  # a tool parses its own arguments
         module, _ = TOOLS[argv[0]]
-        return int(importlib.import_module(module).main(argv[1:]) or 0)
+        return int(
+            importlib.import_module(module).main([a for a in argv[1:] if a != "--verbose"]) or 0
+        )
     if argv and argv[0] in _stages():  # --help lists the stage's config keys; --print-config
         from nova_engine.train.__main__ import main as train_main
 
