@@ -3,6 +3,7 @@ counts and reports, good lines of each layout parse to the right records."""
 
 import json
 import logging
+import sys
 
 import pytest
 
@@ -170,3 +171,84 @@ def test_read_records_dense_indices_across_files(tmp_path):
         read_records([p1, p2], "sft")
     with pytest.raises(ValueError, match="on_bad_line='warn'"):
         read_records(p1, "sft", on_bad_line="warn")
+
+
+# ------------------------------------------------------------------ Parquet (#32 item 7)
+
+
+def _to_parquet(jsonl_path, out_path):
+    """The JSONL file's records as a Parquet file (pyarrow infers the nested schema, as
+    datasets.Dataset.to_parquet does)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(jsonl_path) as f:
+        rows = [json.loads(x) for x in f if x.strip()]
+    pq.write_table(pa.Table.from_pylist(rows), str(out_path), row_group_size=7)  # several groups
+    return str(out_path)
+
+
+def _same(a, b):
+    """Records equal in everything but `source` (file:line vs file: row N)."""
+    import dataclasses
+
+    def strip(r):
+        d = dataclasses.asdict(r)
+        d.pop("source", None)
+        if "pair" in d:
+            d["pair"].pop("source", None)
+        return d
+
+    assert len(a) == len(b) > 0
+    assert [strip(x) for x in a] == [strip(x) for x in b]
+
+
+def test_parquet_gives_the_same_records_for_every_stage(tmp_path):
+    """SFT chats, preference pairs, HelpSteer2 attributes and preferences, RewardBench and
+    RLVR prompts: the Parquet file of a JSONL file reads as the same records, in order."""
+    pytest.importorskip("pyarrow")
+    from nova_engine.data.reward import read_attribute_jsonl, read_reward_pairs, read_rewardbench
+    from nova_engine.data.rlvr import read_rlvr
+    from nova_engine.data.synthetic import write_task
+    from nova_engine.data.synthetic_reward import write_reward_task
+
+    task = write_task(tmp_path / "t", n_sft=23, n_pref=19, n_eval=5, seed=3)
+    rw = write_reward_task(tmp_path / "r", n_regression=17, n_pref=13, n_eval=11, seed=4)
+    pq = lambda p: _to_parquet(p, str(p) + ".parquet")  # noqa: E731
+    _same(read_records(task["sft"], "sft")[0], read_records(pq(task["sft"]), "sft")[0])
+    _same(read_records(task["pref"], "pref")[0], read_records(pq(task["pref"]), "pref")[0])
+    _same(
+        read_attribute_jsonl([rw["regression"]])[0], read_attribute_jsonl([pq(rw["regression"])])[0]
+    )
+    _same(read_reward_pairs([rw["pref"]])[0], read_reward_pairs([pq(rw["pref"])])[0])
+    _same(read_rewardbench([rw["eval"]])[0], read_rewardbench([pq(rw["eval"])])[0])
+    rl = _write(tmp_path, [
+        json.dumps({"id": i, "messages": [{"role": "user", "content": f"What is {i} + 30?"}],
+                    "ground_truth": str(i + 30), "dataset": "gsm8k"})
+        for i in range(9)
+    ], "rlvr.jsonl")  # fmt: skip
+    _same(read_rlvr(rl)[0], read_rlvr(pq(rl))[0])
+    # mixed: a JSONL file then a Parquet file, indices dense across both
+    both, _ = read_records([task["sft"], str(task["sft"]) + ".parquet"], "sft")
+    assert [r.index for r in both] == list(range(46))
+    assert both[23].source == f"{task['sft']}.parquet: row 1"
+
+
+def test_parquet_errors_name_file_and_row(tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow")
+    good = json.loads(GOOD_SFT)
+    bad = {"id": 8, "messages": [S, U]}  # no assistant turn
+    src = _write(tmp_path, [GOOD_SFT, GOOD_SFT, json.dumps(bad)], "x.jsonl")
+    path = _to_parquet(src, tmp_path / "x.parquet")
+    with pytest.raises(DataError) as e:
+        read_sft_jsonl(path)
+    assert str(e.value).startswith(f"{path}: row 3: ") and e.value.line == 3
+    recs, stats = read_sft_jsonl(path, on_bad_line="skip")
+    assert len(recs) == 2 and stats.n_skipped == 1 and recs[0].messages == good["messages"]
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match=rf"^{junk}: not a readable Parquet file"):
+        read_sft_jsonl(junk)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # pyarrow not installed
+    with pytest.raises(DataError, match=r"x\.parquet: reading Parquet needs pyarrow"):
+        read_sft_jsonl(path)
