@@ -187,3 +187,73 @@ def test_eval_command_logs_exit_code_and_output(tmp_path):
     recs = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in recs] == [7, 8]
     assert recs[0]["eval_command"] == info and recs[1]["eval_command"]["timed_out"]
+
+
+@pytest.mark.slow  # two tiny SFT runs through the entry point
+def test_sft_from_parquet_with_trackers_eval_hook_and_resolved_config(tmp_path, stubs):
+    """`sft` through the entry point twice on the same data, once as JSONL and once as
+    Parquet: the same per-step losses. The Parquet run reports to tensorboard, wandb and
+    mlflow (stubs: their records equal metrics.jsonl's), runs eval.command on the final
+    export (its output and exit code in metrics.jsonl) and leaves out_dir/config.yaml with
+    absolute paths, which reloads as the run's config."""
+    import yaml
+
+    from nova_engine.data.synthetic import write_task
+    from nova_engine.data.tiny import build_tiny_tokenizer
+    from nova_engine.data.tokenize import load_tokenizer
+    from nova_engine.model.tiny import build_tiny_hf_model
+    from nova_engine.train import __main__ as train_main
+
+    wb, ml = stubs
+    tok = build_tiny_tokenizer(tmp_path / "tok")
+    sft = write_task(tmp_path / "data", n_sft=24, n_pref=2, n_eval=2, seed=5)["sft"]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open(sft) as f:
+        pq.write_table(pa.Table.from_pylist([json.loads(x) for x in f]), tmp_path / "sft.parquet")
+    model = tmp_path / "model"
+    build_tiny_hf_model(str(model), "llama", vocab_size=len(load_tokenizer(tok)), hidden_size=32,
+                        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2)  # fmt: skip
+    common = [f"model.hf_path={model}", f"model.tokenizer_path={tok}", "data.eval_paths=[]",
+              "train.global_batch_size=8", "train.max_steps=2", "train.log_every=1",
+              "train.tensorboard=false", "checkpoint.resume=none", "train.save_every=0",
+              "checkpoint.hf_in_checkpoints=false", "train.precision=fp32"]  # fmt: skip
+    rc = train_main.main(["sft", "--recipe", RECIPE, *common, f"data.train_paths=[{sft}]",
+                          f"train.out_dir={tmp_path / 'a'}"])  # fmt: skip
+    assert rc == 0
+    hook = (
+        f'{sys.executable} -c "import os, sys; print(sorted(os.listdir(sys.argv[1])))" {{export}}'
+    )
+    rc = train_main.main([
+        "sft", "--recipe", RECIPE, *common, f"data.train_paths=[{tmp_path / 'sft.parquet'}]",
+        f"train.out_dir={tmp_path / 'b'}", "train.report_to=[tensorboard, wandb, mlflow]",
+        f"eval.command={hook}",
+    ])  # fmt: skip
+    assert rc == 0
+    loss = lambda d: [
+        r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if "loss" in r
+    ]  # noqa: E731
+    assert len(loss("a")) == 2 and loss("a") == loss("b")
+    recs = read_metrics(tmp_path / "b" / "metrics.jsonl")
+    train_recs = [r for r in recs if "loss" in r]
+    assert [(r["step"], r["loss"]) for r in train_recs] == [
+        (s, m["loss"]) for s, m in ml.metrics
+    ]  # fmt: skip
+    assert [m["train/loss"] for _, m in wb.logs] == loss("b") and wb.finished == 1
+    assert wb.inits[0]["config"]["train"]["report_to"] == ["tensorboard", "wandb", "mlflow"]
+    assert os.listdir(tmp_path / "b" / "tensorboard")
+    (hook_rec,) = [r["eval_command"] for r in recs if "eval_command" in r]
+    assert hook_rec["returncode"] == 0 and hook_rec["export"] == str(tmp_path / "b" / "hf")
+    assert "config.json" in hook_rec["output"] and "model.safetensors" in hook_rec["output"]
+    cfg_path = tmp_path / "b" / "config.yaml"
+    d = yaml.safe_load(cfg_path.read_text())["sft"]
+    assert d["data"]["train_paths"] == [str(tmp_path / "sft.parquet")]
+    assert d["train"]["out_dir"] == str(tmp_path / "b") and d["eval"]["command"] == hook
+    again = load_recipe(cfg_path, "sft")
+    assert again.to_dict() == load_recipe(RECIPE, "sft", [
+        *common, f"data.train_paths=[{tmp_path / 'sft.parquet'}]",
+        f"train.out_dir={tmp_path / 'b'}", "train.report_to=[tensorboard, wandb, mlflow]",
+        f"eval.command={hook}",
+    ]).to_dict()  # fmt: skip
