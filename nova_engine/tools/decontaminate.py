@@ -466,6 +466,12 @@ def main(argv: list[str] | None = None) -> int:
         emit(f"nova decontaminate: {e}", err=True)
         return 2
     emit(format_table(report))
+    if args.out is not None:  # the one line saying what was written where
+        files = report["train_files"]
+        kept = sum(t["kept"] for t in files.values())
+        removed = sum(t["removed"] for t in files.values())
+        emit(f"decontaminate: wrote {kept:,} items ({removed:,} removed) in {len(files)} "
+             f"file(s) -> {args.out}")  # fmt: skip
     if args.report:
         emit(f"report: {args.report}")
     return 0

@@ -162,3 +162,23 @@ def test_nova_run_help_exits_0(capsys):
     with pytest.raises(SystemExit) as e:  # a stage's help through nova run: no launch
         cli.main(["run", "--nproc-per-node", "2", "sft", "--help"])
     assert e.value.code == 0 and "optim.lr = " in capsys.readouterr().out
+
+
+def test_decontaminate_says_what_it_wrote(tmp_path, capsys):
+    import json
+
+    words = "the quick brown fox jumps over the lazy dog while seven wise owls count stars".split()
+    item = " ".join(words)
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text(json.dumps({"prompt": item}) + "\n")
+    tr = tmp_path / "train.jsonl"
+    rows = [{"messages": [{"role": "user", "content": t}, {"role": "assistant", "content": "ok"}]}
+            for t in (item, "a different prompt entirely " * 5, "yet another clean one " * 5)]  # fmt: skip
+    tr.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "clean"
+    assert (
+        cli.main(["decontaminate", "--train", str(tr), "--eval", str(ev), "--out", str(out)]) == 0
+    )
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == f"decontaminate: wrote 2 items (1 removed) in 1 file(s) -> {out}"
+    assert len((out / "train.jsonl").read_text().splitlines()) == 2
