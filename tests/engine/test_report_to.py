@@ -226,15 +226,17 @@ def test_sft_from_parquet_with_trackers_eval_hook_and_resolved_config(tmp_path, 
     hook = (
         f'{sys.executable} -c "import os, sys; print(sorted(os.listdir(sys.argv[1])))" {{export}}'
     )
-    rc = train_main.main([
-        "sft", "--recipe", RECIPE, *common, f"data.train_paths=[{tmp_path / 'sft.parquet'}]",
+    b_args = [
+        *common, f"data.train_paths=[{tmp_path / 'sft.parquet'}]",
         f"train.out_dir={tmp_path / 'b'}", "train.report_to=[tensorboard, wandb, mlflow]",
-        f"eval.command={hook}",
-    ])  # fmt: skip
-    assert rc == 0
-    loss = lambda d: [
-        r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if "loss" in r
-    ]  # noqa: E731
+        f"eval.command={hook}", "eval.on_checkpoints=true", "train.save_every=1",
+        "checkpoint.hf_in_checkpoints=true",  # (the last one wins over common's)
+    ]  # fmt: skip
+    assert train_main.main(["sft", "--recipe", RECIPE, *b_args]) == 0
+
+    def loss(d):
+        return [r["loss"] for r in read_metrics(tmp_path / d / "metrics.jsonl") if "loss" in r]
+
     assert len(loss("a")) == 2 and loss("a") == loss("b")
     recs = read_metrics(tmp_path / "b" / "metrics.jsonl")
     train_recs = [r for r in recs if "loss" in r]
@@ -244,16 +246,19 @@ def test_sft_from_parquet_with_trackers_eval_hook_and_resolved_config(tmp_path, 
     assert [m["train/loss"] for _, m in wb.logs] == loss("b") and wb.finished == 1
     assert wb.inits[0]["config"]["train"]["report_to"] == ["tensorboard", "wandb", "mlflow"]
     assert os.listdir(tmp_path / "b" / "tensorboard")
-    (hook_rec,) = [r["eval_command"] for r in recs if "eval_command" in r]
-    assert hook_rec["returncode"] == 0 and hook_rec["export"] == str(tmp_path / "b" / "hf")
-    assert "config.json" in hook_rec["output"] and "model.safetensors" in hook_rec["output"]
+    hooks = [(r["step"], r["eval_command"]) for r in recs if "eval_command" in r]
+    ckpts = tmp_path / "b" / "checkpoints"
+    assert [(s, h["export"]) for s, h in hooks] == [
+        (1, str(ckpts / "step_00000001" / "hf")),
+        (2, str(ckpts / "step_00000002" / "hf")),
+        (2, str(tmp_path / "b" / "hf")),
+    ]  # fmt: skip: each checkpoint's export (eval.on_checkpoints), then the final one
+    for _, h in hooks:
+        assert h["returncode"] == 0 and "config.json" in h["output"], h
+        assert "model.safetensors" in h["output"], h
     cfg_path = tmp_path / "b" / "config.yaml"
     d = yaml.safe_load(cfg_path.read_text())["sft"]
     assert d["data"]["train_paths"] == [str(tmp_path / "sft.parquet")]
     assert d["train"]["out_dir"] == str(tmp_path / "b") and d["eval"]["command"] == hook
     again = load_recipe(cfg_path, "sft")
-    assert again.to_dict() == load_recipe(RECIPE, "sft", [
-        *common, f"data.train_paths=[{tmp_path / 'sft.parquet'}]",
-        f"train.out_dir={tmp_path / 'b'}", "train.report_to=[tensorboard, wandb, mlflow]",
-        f"eval.command={hook}",
-    ]).to_dict()  # fmt: skip
+    assert again.to_dict() == load_recipe(RECIPE, "sft", b_args).to_dict()
