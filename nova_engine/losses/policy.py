@@ -21,7 +21,7 @@ no gradient; PPO / Tülu 3 style); "none" ignores it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -177,6 +177,7 @@ def compute_policy_loss(
     rollout_logprobs: torch.Tensor | None = None,
     ref_logprobs: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_host: Sequence[int] | None = None,
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     backend: str | None = None,
@@ -192,6 +193,7 @@ def compute_policy_loss(
         ref_logprobs=ref_logprobs,
         rollout_logprobs=rollout_logprobs,
         cu_seqlens=cu_seqlens,
+        cu_seqlens_host=cu_seqlens_host,
         num_tokens=num_tokens,
         num_seqs=num_seqs,
         backend=backend,

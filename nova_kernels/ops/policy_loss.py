@@ -35,6 +35,7 @@ Metrics (masked means over tokens): pg_clipfrac, pg_clipfrac_lower (dual clip), 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,7 @@ class _LossConfig:
     rows: int  # R: B rows, or S packed sequences
     T: int  # padded row length (0 when packed)
     max_len: int  # longest row
+    total: int | None = None  # packed: cu_seqlens[-1] from the host (None: read it back)
 
     @property
     def lr_clamp(self) -> float:
@@ -396,7 +398,11 @@ def _row_weights(row_tokens: torch.Tensor, cfg: _LossConfig) -> torch.Tensor:
 
 
 def _nonzero(x, like):
-    x = torch.as_tensor(x, dtype=like.dtype, device=like.device)
+    """x, or 1 where x is 0. A host number stays a host number: a tensor made from it on the
+    device would be a synchronous host-to-device copy per call."""
+    if not isinstance(x, torch.Tensor):
+        return float(x) if x != 0 else 1.0
+    x = x.to(dtype=like.dtype, device=like.device)
     return torch.where(x != 0, x, torch.ones_like(x))
 
 
@@ -431,8 +437,10 @@ def _policy_loss_torch(lp, old, adv, mask, rollout, ref, cu, cfg: _LossConfig):
         per_row = [t.sum(-1) for t in terms]
     else:
         lens = (cu[1:] - cu[:-1]).long()
-        seg = torch.repeat_interleave(torch.arange(lens.numel(), device=lp.device), lens)
-        n = int(cu[-1])
+        n = cfg.total if cfg.total is not None else int(cu[-1])  # host fact, or one read
+        seg = torch.repeat_interleave(
+            torch.arange(lens.numel(), device=lp.device), lens, output_size=n
+        )
         per_row = [t.new_zeros(lens.numel()).index_add(0, seg, t[:n]) for t in terms]
     row_w = _row_weights(per_row[2], cfg)
     loss = (row_w * per_row[0]).sum()
@@ -464,6 +472,7 @@ def policy_loss(
     num_tokens: float | None = None,
     num_seqs: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_host: Sequence[int] | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped policy loss with dual clip, truncated IS and a KL term (module docstring).
@@ -474,6 +483,9 @@ def policy_loss(
     dual_clip=None turns the dual clip off (verl always uses 3.0); the TIS weight is used when
     rollout_logprobs is given (tis_cap=None: no truncation); the KL term when ref_logprobs is
     given. Returns (loss 0-d fp32, metrics dict of detached 0-d tensors).
+    cu_seqlens_host: the same boundaries as host ints (`PackedBatch.cu_seqlens_host`): the
+    longest row (the Triton grid, the default loss_scale_factor) and the token count come from
+    it, so nothing is read back to the host; without it cu_seqlens is read once per call.
     """
     if agg not in AGG_MODES:
         raise ValueError(f"policy_loss: agg={agg!r}, expected one of {AGG_MODES}")
@@ -494,12 +506,22 @@ def policy_loss(
         if logprobs.dim() != 2:
             raise ValueError("policy_loss: expected [B, T] inputs (or [N] with cu_seqlens)")
         rows, T = logprobs.shape
-        max_len = T
+        max_len, total = T, None
     else:
         if logprobs.dim() != 1:
             raise ValueError("policy_loss: packed inputs must be [N]")
         rows, T = cu_seqlens.numel() - 1, 0
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if rows > 0 else 0
+        if cu_seqlens_host is not None:
+            cu_h = [int(c) for c in cu_seqlens_host]
+            if len(cu_h) != rows + 1:
+                raise ValueError(
+                    f"policy_loss: cu_seqlens_host has {len(cu_h)} entries, cu_seqlens {rows + 1}"
+                )
+            max_len = max((b - a for a, b in zip(cu_h[:-1], cu_h[1:])), default=0)
+            total = cu_h[-1]
+        else:
+            max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if rows > 0 else 0
+            total = None
     cfg = _LossConfig(
         clip_low=float(clip_low),
         clip_high=float(clip_low if clip_high is None else clip_high),
@@ -516,6 +538,7 @@ def policy_loss(
         rows=rows,
         T=T,
         max_len=max_len,
+        total=total,
     )
     args = (logprobs, old_logprobs, advantages, mask, rollout_logprobs, ref_logprobs, cu_seqlens)
     if resolve_backend(backend) == "torch":

@@ -322,26 +322,6 @@ def _rm(root: str) -> dict:
 # ------------------------------------------------------------------------------ RLVR
 
 
-class _PolicyKernelAllowed:
-    """nova_kernels seen through `nova_engine.losses.policy`, with `policy_loss` marked
-    host_sync_ok: it reads cu_seqlens back (its Triton grid needs the longest row, its torch
-    path the token count) and takes no host facts yet (nova_kernels is owned elsewhere; see
-    test_policy_loss_kernel_reads_cu_seqlens). Everything else of the RL step stays guarded."""
-
-    def __getattr__(self, name):
-        import nova_kernels
-
-        return getattr(nova_kernels, name)
-
-    @staticmethod
-    def policy_loss(*a, **k):
-        import nova_kernels
-        from nova_kernels._sync import host_sync_ok
-
-        with host_sync_ok("test: nova_kernels.policy_loss takes no host facts yet"):
-            return nova_kernels.policy_loss(*a, **k)
-
-
 def _rlvr(root: str) -> dict:
     from nova_engine.losses import policy
     from nova_engine.model import heads
@@ -352,13 +332,11 @@ def _rlvr(root: str) -> dict:
     assets = t.build_assets(os.path.join(root, "rlvr"))
     out: dict = {}
 
-    def step(algo, allow_policy_kernel=True):
+    def step(algo):
         ps = initialize_parallel(seed=7)
         try:
             loop, stage = t.fixed_loop(assets, algo, ps, 1, 1)
             with contextlib.ExitStack() as stack:
-                if allow_policy_kernel:  # its known read, tracked by test_policy_loss_kernel_...
-                    stack.enter_context(patched(policy, "nk", _PolicyKernelAllowed()))
                 calls = stack.enter_context(guarded(*loop.engines.values(), collect=True))
                 hist = loop.fit(stage, stop_after=1)
             return {"row": t._rows(hist)[0], "calls": calls["n"]}
@@ -367,7 +345,13 @@ def _rlvr(root: str) -> dict:
 
     for algo in ("ppo", "grpo"):
         out[algo] = step(algo)
-    out["policy_kernel"] = _fires(lambda: step("grpo", allow_policy_kernel=False))
+
+    def compute_without_host_facts(*a, cu_seqlens_host=None, **k):
+        return real_policy_loss(*a, **k)  # the kernel reads cu_seqlens back
+
+    real_policy_loss = policy.compute_policy_loss
+    with patched(rlvr_losses, "compute_policy_loss", compute_without_host_facts):
+        out["policy_kernel"] = _fires(lambda: step("grpo"))
 
     real = heads.token_logprobs
 
@@ -445,13 +429,7 @@ def test_rlvr_sabotage_fires(results):
     assert "item" in results["rlvr"]["sabotage"], results["rlvr"]["sabotage"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nova_kernels.policy_loss reads cu_seqlens back per micro-batch (the longest row "
-    "for its Triton grid, int(cu[-1]) and repeat_interleave in the torch path): it needs the "
-    "packer's host facts (cu_seqlens_host / seq_index, as linear_pair_logprobs takes them)",
-)
-def test_policy_loss_kernel_reads_nothing_back(results):
-    """Without the allowance of _PolicyKernelAllowed the GRPO step must read nothing back;
-    XPASS (strict) once the kernel takes host facts: then drop the allowance."""
-    assert results["rlvr"]["policy_kernel"] == "", results["rlvr"]["policy_kernel"]
+def test_policy_loss_without_host_facts_fires(results):
+    """The packer's cu_seqlens_host is what keeps the policy-loss kernel from reading
+    cu_seqlens back (the longest row for its grid, the token count): without it, it reads."""
+    assert results["rlvr"]["policy_kernel"], "the guard must fire without cu_seqlens_host"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from nova_kernels import kl_divergence, kl_penalty, policy_loss
+from nova_kernels._sync import HostSyncError, forbid_host_sync
 from nova_kernels._testing import assert_verbose_allclose
 from nova_kernels.reference import kl_reference, policy_loss_reference
 
@@ -46,7 +47,15 @@ FULL = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, tis_cap=2.0, kl_coef=0.
 
 
 def run_and_compare(
-    backend, inputs, rows, cfg, cu=None, lp_dtype=torch.float32, tol=1e-5, device="cpu"
+    backend,
+    inputs,
+    rows,
+    cfg,
+    cu=None,
+    lp_dtype=torch.float32,
+    tol=1e-5,
+    device="cpu",
+    host_facts=False,
 ):
     lp64, old, adv, mask, rl, ref = inputs
     kw = dict(cfg)
@@ -55,8 +64,14 @@ def run_and_compare(
     lp = lp64.to(device=device, dtype=lp_dtype).requires_grad_(True)
     dcu = cu.to(device) if cu is not None else None
     args = (old.float().to(device), adv.float().to(device), mask.to(device))
-    loss, metrics = policy_loss(lp, *args, cu_seqlens=dcu, backend=backend, **kw)
-    loss.backward()
+    if host_facts:  # the packer's cu_seqlens_host: fwd + bwd read nothing back to the host
+        kw["cu_seqlens_host"] = cu.tolist()
+        with forbid_host_sync():
+            loss, metrics = policy_loss(lp, *args, cu_seqlens=dcu, backend=backend, **kw)
+            loss.backward()
+    else:
+        loss, metrics = policy_loss(lp, *args, cu_seqlens=dcu, backend=backend, **kw)
+        loss.backward()
     loss, lp_grad = loss.detach().cpu(), lp.grad.cpu()
     metrics = {k: v.cpu() if torch.is_tensor(v) else v for k, v in metrics.items()}
     # the reference sees the very values the kernel saw
@@ -130,15 +145,27 @@ def test_policy_loss_global_normalizers(backend, device):
         run_and_compare(backend, inputs, padded_rows(B, T), cfg, device=device)
 
 
+@pytest.mark.parametrize("host_facts", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_policy_loss_packed(backend, agg, device):
+def test_policy_loss_packed(backend, agg, host_facts, device):
     lens = [5, 0, 17, 70, 1]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
     inputs = make_inputs((int(cu[-1]),), seed=8)
     rows = [list(range(int(cu[i]), int(cu[i + 1]))) for i in range(len(lens))]
     cfg = dict(FULL, agg=agg, loss_scale_factor=70.0 if agg.endswith("norm") else None)
-    run_and_compare(backend, inputs, rows, cfg, cu=cu, device=device)
+    run_and_compare(backend, inputs, rows, cfg, cu=cu, device=device, host_facts=host_facts)
+
+
+def test_policy_loss_packed_reads_back_without_host_facts(device):
+    """Without cu_seqlens_host the packed loss reads cu_seqlens back (the guard sees it)."""
+    cu = torch.tensor([0, 5, 9], dtype=torch.int32, device=device)
+    lp, old, adv, mask, _, _ = (t.float().to(device) for t in make_inputs((9,), seed=2))
+    for backend in BACKENDS:
+        with pytest.raises(HostSyncError), forbid_host_sync():
+            policy_loss(lp, old, adv, mask, cu_seqlens=cu, backend=backend)
+    with pytest.raises(ValueError, match="cu_seqlens_host"):
+        policy_loss(lp, old, adv, mask, cu_seqlens=cu, cu_seqlens_host=[0, 9])
 
 
 def test_policy_loss_bf16_logprobs_triton(device):

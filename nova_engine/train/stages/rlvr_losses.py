@@ -218,7 +218,7 @@ class PolicyLoss:
                 cfg, lp, d["old_logprobs"], d["advantages"], mask,
                 rollout_logprobs=mb.rb.gen_logprobs if self.tis else None,
                 ref_logprobs=d.get("ref_logprobs"), cu_seqlens=mb.cu_seqlens,
-                num_tokens=n_tok, num_seqs=n_seq,
+                cu_seqlens_host=mb.cu_seqlens_host, num_tokens=n_tok, num_seqs=n_seq,
             )  # fmt: skip
             n = mask.sum()
             zero = torch.zeros((), device=lp.device)
