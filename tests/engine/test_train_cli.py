@@ -9,7 +9,7 @@ import pytest
 
 from nova_engine import cli
 from nova_engine.train import __main__ as train_main
-from nova_engine.train.checkpoint_io import CheckpointIOError, write_checkpoint_dir
+from nova_engine.train.checkpoint_io import write_checkpoint_dir
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "tiny_cpu.yaml")
 
@@ -44,11 +44,14 @@ def test_export_copies_the_checkpoint_hf_dir(tmp_path):
     assert open(tmp_path / "out" / "config.json").read() == "{}"
 
 
-def test_export_refuses_an_incomplete_checkpoint(tmp_path):
+def test_export_refuses_an_incomplete_checkpoint(tmp_path, capsys):
+    """One line naming the missing COMPLETE marker, exit 2 (a user error), nothing written."""
     half = tmp_path / "step_00000003"
     (half / "hf").mkdir(parents=True)
-    with pytest.raises(CheckpointIOError, match="COMPLETE"):
-        cli.main(["export", str(half), str(tmp_path / "out")])
+    assert cli.main(["export", str(half), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"nova export: {half}: no COMPLETE marker"), err
+    assert not (tmp_path / "out").exists()
 
 
 def test_bad_data_line_stops_the_run_naming_file_and_line(tmp_path, capsys):
