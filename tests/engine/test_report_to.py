@@ -246,13 +246,14 @@ def test_sft_from_parquet_with_trackers_eval_hook_and_resolved_config(tmp_path, 
     assert [m["train/loss"] for _, m in wb.logs] == loss("b") and wb.finished == 1
     assert wb.inits[0]["config"]["train"]["report_to"] == ["tensorboard", "wandb", "mlflow"]
     assert os.listdir(tmp_path / "b" / "tensorboard")
+    # each checkpoint's export (eval.on_checkpoints), then the final one
     hooks = [(r["step"], r["eval_command"]) for r in recs if "eval_command" in r]
     ckpts = tmp_path / "b" / "checkpoints"
     assert [(s, h["export"]) for s, h in hooks] == [
         (1, str(ckpts / "step_00000001" / "hf")),
         (2, str(ckpts / "step_00000002" / "hf")),
         (2, str(tmp_path / "b" / "hf")),
-    ]  # fmt: skip: each checkpoint's export (eval.on_checkpoints), then the final one
+    ]  # fmt: skip
     for _, h in hooks:
         assert h["returncode"] == 0 and "config.json" in h["output"], h
         assert "model.safetensors" in h["output"], h
