@@ -173,16 +173,18 @@ def sft_steps(
     """The trainer's SFT steps; tokens/s, MFU (with a known peak) and peak memory over
     steps 2..N+1 (step 1 warms up)."""
     from nova_engine.config import OptimConfig
-    from nova_engine.train.loop import StepBatcher
-    from nova_engine.train.runner import make_trainer
-    from nova_engine.train.sft import SFTStage
+    from nova_engine.train.data_source import PackedDataSource
+    from nova_engine.train.engine import ModelEngine
+    from nova_engine.train.loop import Loop
+    from nova_engine.train.stages.sft import SFTStage
 
     gbs = max(1, len(samples) // (steps + 1))
-    batcher = StepBatcher(
+    batcher = PackedDataSource(
         samples, global_batch_size=gbs, micro_batch_tokens=capacity, ps=ps, max_steps=steps + 1
     )
     optim = OptimConfig(lr=1e-5, schedule="constant")
-    trainer = make_trainer(arch, ps, optim=optim, total_steps=steps + 1, precision=precision)
+    engine = ModelEngine(arch, ps, optim=optim, total_steps=steps + 1, precision=precision)
+    trainer = Loop(engine)  # what runner.loop_for_run builds, without a RunConfig
     stage = SFTStage(ps)
     _peak_mem_reset()
     trainer.train_step(stage, batcher.rank_microbatches(0))  # warmup (allocations, autotune)

@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 
-from nova_engine.train.metrics import emit
+from nova_engine.progress import emit
 
 # command -> (module with main(argv) -> int, one-line help)
 TOOLS: dict[str, tuple[str, str]] = {

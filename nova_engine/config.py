@@ -4,7 +4,7 @@
 This module holds the sections every stage shares (model, parallel, data, optim, train,
 checkpoint) and `RunConfig`; each stage's RunConfig subclass (with its own sections, e.g.
 DPO's `loss`) lives next to the stage in nova_engine.train.stages, whose registry names the
-stages (`run_config_class`).
+stages (`nova_engine.recipe.run_config_class`); this module never imports a stage.
 
 A recipe is one YAML file per model: sections shared by every stage at the top (any
 RunConfig section of any stage), then one section per stage (`sft:`, `dpo:`) that overrides
@@ -296,8 +296,8 @@ class TrainConfig:
     precision: Literal["bf16", "fp32"] = "bf16"
     """bf16 weights/activations with fp32 master weights and grads, or fp32 throughout."""
     fuse_elementwise: bool = False
-    """RMSNorm and SwiGLU through torch.compile (nova_engine.model.fused): ~15% of a tiny
-    model's CPU step; the first step pays a one-time compile (~10-30 s). Transformer
+    """RMSNorm and SwiGLU through torch.compile (nova_engine.model.fused; the saving per
+    step: benchmarks/bench_vs_peers.py); the first step pays a one-time compile. Transformer
     Engine's layer spec, when used, fuses its own."""
     speed: SpeedConfig = field(default_factory=SpeedConfig)
     """GPU speed switches (overlap of DP communication, megatron's fusions); automatic."""
@@ -509,22 +509,6 @@ class RunConfig:
 
     def hash(self) -> str:
         return config_hash(self)
-
-
-def run_config_class(stage: str) -> type[RunConfig]:
-    """The RunConfig subclass of `stage`, from the stage registry (nova_engine.train.stages;
-    each stage's config lives next to its stage). ConfigError for an unknown stage."""
-    from nova_engine.train.stages import STAGES
-
-    if stage not in STAGES:
-        raise ConfigError("stage", f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-    return STAGES[stage].config_class
-
-
-def stage_names() -> tuple[str, ...]:
-    from nova_engine.train.stages import STAGES
-
-    return tuple(STAGES)
 
 
 def config_hash(obj: Any, length: int = 16) -> str:

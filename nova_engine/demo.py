@@ -31,7 +31,7 @@ import time
 
 import torch
 
-from nova_engine.train.metrics import emit
+from nova_engine.progress import emit
 from nova_kernels.reference import causal_lm_logps
 
 RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes",

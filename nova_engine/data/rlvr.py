@@ -12,9 +12,12 @@ are kept out):
   arithmetic, or any registered one; case-insensitive); an unknown name is an error that lists
   the known ones;
 - `ground_truth` is what that verifier checks against (GSM8K: the number; MATH: the LaTeX
-  answer; IFEval: the JSON constraint string); the verifier's own check runs at read time, so
-  e.g. a GSM8K ground truth that is not a number, or an IFEval constraint naming an unknown
-  check, fails here with file:line rather than as reward 0 for the whole run.
+  answer; IFEval: the JSON constraint string).
+The readers here check the layout; the verifier's own check (`dataset` names a registered
+verifier, `ground_truth` passes its check) comes in as `check`: nova_engine.rl.prompts passes
+it (the stages read through it), so e.g. a GSM8K ground truth that is not a number, or an
+IFEval constraint naming an unknown check, fails at read time with file:line rather than as
+reward 0 for the whole run. data/ sits below rl/ and never imports the verifiers.
 Bad lines raise `DataError` ("path:line: reason") or, with on_bad_line="skip", are counted in
 `ReadStats` and logged once per file (as for SFT and preference data).
 
@@ -30,7 +33,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,10 +102,15 @@ def _check_ground_truth_shape(gt: Any) -> None:
             raise _Bad('"ground_truth" is empty', "bad_ground_truth")
 
 
-def parse_rlvr(obj: dict) -> tuple[list[Message], Any, str, str | None]:
-    """-> (messages, ground_truth, dataset, id); raises _Bad (see the module docstring)."""
-    from nova_engine.rl.verifiers import check_ground_truth, get_verifier, verifier_names
+DatasetCheck = Callable[[str, Any], None]
+"""check(dataset, ground_truth): raises `_Bad` (kind "unknown_dataset" / "bad_ground_truth")
+when no verifier of that name exists or it rejects the ground truth (nova_engine.rl.prompts)."""
 
+
+def parse_rlvr(
+    obj: dict, check: DatasetCheck | None = None
+) -> tuple[list[Message], Any, str, str | None]:
+    """-> (messages, ground_truth, dataset, id); raises _Bad (see the module docstring)."""
     msgs = _check_messages(
         _require(obj, "messages", "a list of {role, content} messages ending with a user turn"),
         "messages",
@@ -119,35 +127,32 @@ def parse_rlvr(obj: dict) -> tuple[list[Message], Any, str, str | None]:
     dataset = _require(obj, "dataset", "the data source naming the verifier")
     if not isinstance(dataset, str) or not dataset.strip():
         raise _Bad(f'"dataset" must be a non-empty string, got {dataset!r}', "bad_dataset")
-    try:
-        get_verifier(dataset)
-    except ValueError:
-        raise _Bad(
-            f'unknown "dataset" {dataset!r}: no verifier of that name; known: '
-            f"{', '.join(verifier_names())}",
-            "unknown_dataset",
-        ) from None
-    try:
-        check_ground_truth(dataset, gt)
-    except ValueError as e:
-        raise _Bad(f'"ground_truth" for dataset {dataset!r}: {e}', "bad_ground_truth") from None
+    if check is not None:
+        check(dataset, gt)
     return msgs, gt, dataset, _get_id(obj)
 
 
 def read_rlvr_jsonl(
-    path: str | os.PathLike, *, on_bad_line: OnBadLine = "error", start_index: int = 0
+    path: str | os.PathLike,
+    *,
+    on_bad_line: OnBadLine = "error",
+    start_index: int = 0,
+    check: DatasetCheck | None = None,
 ) -> tuple[list[RLVRRecord], ReadStats]:
     """Read one RLVR JSONL file; DataError on the first bad line unless on_bad_line="skip"."""
 
     def parse(obj: dict, index: int, source: str) -> RLVRRecord:
-        msgs, gt, dataset, rid = parse_rlvr(obj)
+        msgs, gt, dataset, rid = parse_rlvr(obj, check)
         return RLVRRecord(msgs, gt, dataset, index, source, rid)
 
     return read_jsonl(path, parse, on_bad_line=on_bad_line, start_index=start_index)
 
 
 def read_rlvr(
-    paths: str | os.PathLike | Sequence[str | os.PathLike], *, on_bad_line: OnBadLine = "error"
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    on_bad_line: OnBadLine = "error",
+    check: DatasetCheck | None = None,
 ) -> tuple[list[RLVRRecord], ReadStats]:
     """Read several RLVR files, indices dense across files in the given order."""
     if isinstance(paths, (str, os.PathLike)):
@@ -155,7 +160,9 @@ def read_rlvr(
     records: list[RLVRRecord] = []
     total = ReadStats()
     for p in paths:
-        recs, stats = read_rlvr_jsonl(p, on_bad_line=on_bad_line, start_index=len(records))
+        recs, stats = read_rlvr_jsonl(
+            p, on_bad_line=on_bad_line, start_index=len(records), check=check
+        )
         records += recs
         total.merge(stats)
     return records, total
@@ -199,9 +206,10 @@ def load_rlvr_prompts(
     *,
     max_prompt_length: int | None = None,
     on_bad_line: OnBadLine = "error",
+    check: DatasetCheck | None = None,
 ) -> tuple[list[RLVRPrompt], ReadStats, RLVRTokenizeStats]:
     """Read + validate + tokenize: (prompts, ReadStats, RLVRTokenizeStats)."""
-    records, read_stats = read_rlvr(paths, on_bad_line=on_bad_line)
+    records, read_stats = read_rlvr(paths, on_bad_line=on_bad_line, check=check)
     prompts, tok_stats = tokenize_rlvr(records, tokenizer, max_prompt_length=max_prompt_length)
     return prompts, read_stats, tok_stats
 

@@ -3,7 +3,7 @@ engine, no process group): the held-out check `make demo` runs, and the referenc
 export parity test.
 
     scores = evaluate_hf_reward_model("runs/rm/hf", ["rm_eval.jsonl"], "tokenizer_dir")
-    emit(format_table(scores))                # nova_engine.eval.rewardbench, metrics.emit
+    emit(format_table(scores))                # nova_engine.eval.rewardbench, progress.emit
 
 Pairs are tokenized exactly as the rm stage tokenizes them (chat template, prompt + response),
 right-padded with the model's pad_token_id: transformers reads the score at the last token

@@ -63,7 +63,7 @@ from nova_engine.model.rope import apply_packed_rope
 from nova_kernels._sync import host_sync_ok
 
 if TYPE_CHECKING:
-    from nova_engine.generate.kv_cache import LayerKVCache
+    from nova_engine.model.kv_cache import LayerKVCache
 
 
 @lru_cache(maxsize=1)
@@ -525,7 +525,7 @@ class NovaCoreAttention(MegatronModule):
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"NovaCoreAttention is causal-only, got {attn_mask_type}")
         self.attn_mask_type = attn_mask_type
-        # set for the duration of a generation call (nova_engine.generate.kv_cache): an
+        # set for the duration of a generation call (nova_engine.model.kv_cache): an
         # object whose attend(q, k, v, scale) appends k/v of the new positions to this
         # layer's cache and attends over the whole cache
         self.decode_cache: LayerKVCache | None = None

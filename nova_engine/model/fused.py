@@ -4,14 +4,13 @@ with `jit_fuser` (torch.compile) on GPU.
 
 Eager, an RMSNorm is ~5 passes over the activations forward and ~8 backward (pow, mean, add,
 rsqrt, mul, mul, and their gradients), a SwiGLU 2 forward and 4 backward plus the cat that
-joins the two halves' gradients; compiled, each is one read and one write per direction. On
-a 2-core CPU the two together are ~15% of an SFT step of the README's tiny Llama
-(`benchmarks/bench_vs_peers.py`, rows `nova` vs `nova_fused`).
+joins the two halves' gradients; compiled, each is one read and one write per direction
+(what that saves per step: `benchmarks/bench_vs_peers.py`, rows `nova` vs `nova_fused`).
 
 The math is the eager modules' (`nova_engine.model.norm.NovaRMSNorm`: HF's LlamaRMSNorm,
 normalize in fp32 and cast back, then scale; SwiGLU silu(x1) * x2 over the two halves of
 fc1's output). Compiled once per process and dtype (dynamic shapes: any token count): the
-first step pays the compile (~10 s with a warm inductor cache, ~30 s cold, on 2 CPU cores).
+first step pays the compile (seconds with a warm inductor cache, longer cold).
 Switched on by `train.fuse_elementwise` (off by default: short CPU runs and the tests would
 spend more time compiling than they save).
 """
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from nova_engine.model.norm import rms_norm
+from nova_engine.model.norm import compiled_rms_norm
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
@@ -33,13 +32,20 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {"rms_norm": rms_norm, "swiglu": swiglu}
-
-
 @cache
+def _compiled_swiglu() -> Callable[..., torch.Tensor]:
+    return torch.compile(swiglu, dynamic=True)
+
+
+_COMPILED: dict[str, Callable[[], Callable[..., torch.Tensor]]] = {
+    "rms_norm": compiled_rms_norm,  # NovaRMSNorm(fused=True) calls the same one
+    "swiglu": _compiled_swiglu,
+}
+
+
 def compiled(name: str) -> Callable[..., torch.Tensor]:
     """The torch.compile'd function `name` ("rms_norm" | "swiglu"), built once."""
-    return torch.compile(_FUNCTIONS[name], dynamic=True)
+    return _COMPILED[name]()
 
 
 class NovaSwiGLU(torch.nn.Module):

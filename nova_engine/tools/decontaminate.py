@@ -33,7 +33,7 @@ from nova_engine.data.decontam import LayoutError, build_index, eval_segments, p
 from nova_engine.data.decontam import train_segments as _train_segments
 from nova_engine.data.formats import DataError, ReadStats
 from nova_engine.logging import get_logger
-from nova_engine.train.metrics import emit
+from nova_engine.progress import emit
 
 logger = get_logger(__name__)
 

@@ -23,7 +23,7 @@ import platform
 from typing import Any
 
 from nova_engine.logging import quiet_third_party, verbose_requested
-from nova_engine.train.metrics import emit
+from nova_engine.progress import emit
 
 # optional packages: (import name, distribution names to read the version from)
 OPTIONAL = {

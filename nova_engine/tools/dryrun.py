@@ -39,7 +39,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from nova_engine.train.metrics import emit
+from nova_engine.progress import emit
 
 STAGES = ("sft", "dpo", "rm", "rlvr")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nova_engine.logging import get_logger
-from nova_engine.train.metrics import emit, format_duration
+from nova_engine.progress import emit, format_duration
 
 log = get_logger(__name__)
 

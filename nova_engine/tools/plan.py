@@ -27,8 +27,8 @@ import math
 import os
 import re
 
+from nova_engine.progress import emit
 from nova_engine.tools import plan_terms as P
-from nova_engine.train.metrics import emit
 
 _TORCHRUN = re.compile(
     r"torchrun\s+--nnodes\s+(\d+)\s+--nproc_per_node\s+(\d+)\s.*?\b(\w+)\s+--recipe"

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from nova_engine.train.metrics import emit
+from nova_engine.progress import emit
 from nova_engine.train.stages import STAGES  # the one stage registry (name -> StageSpec)
 
 

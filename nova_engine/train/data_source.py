@@ -173,4 +173,3 @@ class PackedDataSource:
         return [mb.to(self.ps.device) for mb in self.pack(mine)]
 
 
-StepBatcher = PackedDataSource  # the name benchmarks and older callers use

@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 
-from nova_engine.train.metrics import emit
+from nova_engine.progress import emit
 
 
 def split_argv(argv: list[str], stages) -> tuple[list[str], list[str]]:

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from nova_engine.logging import get_logger
-from nova_engine.train.data_source import DataSource, PackedDataSource, StepBatcher
+from nova_engine.train.data_source import DataSource, PackedDataSource
 from nova_engine.train.engine import LossFn, MicroBatch, ModelEngine
 from nova_engine.train.safety import NonFiniteGuard, StopRequest, nonfinite_sample_ids
 
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-__all__ = ["Loop", "Loss", "Stage", "StepResult", "PackedDataSource", "StepBatcher"]
+__all__ = ["Loop", "Loss", "Stage", "StepResult", "PackedDataSource"]
 
 
 class Loss(Protocol):

@@ -28,14 +28,13 @@ is imported only when asked for.
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from nova_engine.logging import get_logger, is_rank0
+from nova_engine.progress import format_duration  # noqa: F401  (metrics API: eta lines)
 
 logger = get_logger(__name__)
 
@@ -93,18 +92,6 @@ def peak_flops_for(device_name: str) -> float | None:
         if all(part in name for part in key.upper().split()):
             return PEAK_BF16_FLOPS[key]
     return None
-
-
-def format_duration(seconds: float) -> str:
-    """3725 -> "1h02m", 125 -> "2m05s", 7 -> "7s"."""
-    if not math.isfinite(seconds) or seconds < 0:
-        return "?"
-    s = int(round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
 
 
 def _fmt_value(key: str, v: Any) -> str:
@@ -404,15 +391,6 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return out
-
-
-def emit(text: str, *, err: bool = False) -> None:
-    """User-facing output of the entry points and the demo (a results table, a one-line user
-    error): stdout on rank 0, or stderr (every rank) for errors."""
-    stream = sys.stderr if err else sys.stdout
-    if err or is_rank0():
-        stream.write(text + "\n")
-        stream.flush()
 
 
 def append_record(out_dir: str | os.PathLike, record: dict[str, Any]) -> None:

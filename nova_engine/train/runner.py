@@ -25,7 +25,6 @@ from nova_engine.train.engine import ModelEngine
 from nova_engine.train.loop import Loop, Loss, Stage
 
 if TYPE_CHECKING:
-    from nova_engine.config import OptimConfig
     from nova_engine.model.arch import ModelArch
 
 logger = get_logger(__name__)
@@ -79,7 +78,7 @@ def setup_parallel(run: RunConfig) -> ParallelState:
     if os.path.abspath(run.checkpoint_dir) != os.path.abspath(run.train.out_dir):
         acquire_run_lock(run.checkpoint_dir, ps, key="checkpoint.dir")
     if ps.rank == 0:  # the resolved config, absolute paths (`nova <stage> --recipe` reruns it)
-        from nova_engine.recipe import write_resolved_config
+        from nova_engine.config_files import write_resolved_config
 
         write_resolved_config(run)
     return ps
@@ -170,26 +169,6 @@ def data_source(
 def loop_for_run(run: RunConfig, ps: ParallelState, data: PackedDataSource) -> Loop:
     """A loop with the run's policy engine over `data`."""
     return Loop({"policy": engine_for_run(run, ps, data.total_steps)}, data)
-
-
-def make_trainer(
-    arch: ModelArch,
-    ps: ParallelState,
-    *,
-    weights_dir: str | None = None,
-    optim: OptimConfig | None = None,
-    total_steps: int = 1,
-    precision: str = "fp32",
-    recompute: str = "none",
-    distributed_optimizer: bool = False,
-) -> Loop:
-    """A one-engine loop without a data source (benchmarks: `loop.train_step(stage, mbs)`);
-    weights from the HF directory `weights_dir`, or megatron's random init when None."""
-    engine = ModelEngine(
-        arch, ps, weights_dir=weights_dir, optim=optim, total_steps=total_steps,
-        precision=precision, recompute=recompute, distributed_optimizer=distributed_optimizer,
-    )  # fmt: skip
-    return Loop(engine)
 
 
 def eval_over(

@@ -11,15 +11,10 @@ import numpy as np
 import pytest
 
 from nova_engine.data.formats import DataError
-from nova_engine.data.rlvr import (
-    load_rlvr_prompts,
-    read_rlvr,
-    read_rlvr_jsonl,
-    tokenize_rlvr,
-    write_arithmetic_rlvr,
-)
+from nova_engine.data.rlvr import tokenize_rlvr, write_arithmetic_rlvr
 from nova_engine.data.synthetic import write_task
 from nova_engine.data.tiny import build_tiny_tokenizer
+from nova_engine.rl.prompts import load_rlvr_prompts, read_rlvr, read_rlvr_jsonl
 from nova_engine.rl.verifiers import VerifyItem, verify_one
 
 USER = {"role": "user", "content": "What is two plus two?"}

@@ -21,7 +21,7 @@ import argparse
 
 import torch
 
-from nova_engine.train.metrics import emit
+from nova_engine.progress import emit
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

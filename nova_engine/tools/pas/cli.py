@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 from nova_engine.logging import get_logger
-from nova_engine.train.metrics import emit, format_duration
+from nova_engine.progress import emit, format_duration
 
 log = get_logger(__name__)
 

@@ -31,7 +31,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from nova_engine.train.metrics import emit
+from nova_engine.progress import emit
 
 RECIPE = "recipes/pas_tiny_cpu.yaml"
 TUTOR = dict(hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -252,7 +252,7 @@ def _augment_inputs() -> dict[str, list[dict]]:
 
 def _read_back(name: str, path: str) -> int:
     from nova_engine.data.formats import read_pref_jsonl, read_sft_jsonl
-    from nova_engine.data.rlvr import read_rlvr_jsonl
+    from nova_engine.rl.prompts import read_rlvr_jsonl
 
     readers: dict[str, Callable[[str], tuple[list, object]]] = {
         "sft": read_sft_jsonl, "pref": read_pref_jsonl, "rlvr": read_rlvr_jsonl,

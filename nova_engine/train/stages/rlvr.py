@@ -427,8 +427,7 @@ def build_engines(run: RLVRRunConfig, ps, total_updates: int, stop_ids) -> dict[
     from nova_engine.model.arch import load_arch
     from nova_engine.model.hf_io import choose_pad_token_id, score_labels
     from nova_engine.train import runner
-    from nova_engine.train.engine import ModelEngine
-    from nova_engine.train.stages.rm import RewardEngine
+    from nova_engine.train.engine import ModelEngine, RewardEngine
 
     t = run.train
     engines: dict[str, Any] = {"policy": runner.engine_for_run(run, ps, total_updates)}
@@ -471,7 +470,7 @@ def _verifier(run: RLVRRunConfig):
 
 
 def _load_prompts(run: RLVRRunConfig, ct, paths):
-    from nova_engine.data.rlvr import load_rlvr_prompts
+    from nova_engine.rl.prompts import load_rlvr_prompts
 
     prompts, _, _ = load_rlvr_prompts(paths, ct, max_prompt_length=run.data.max_length,
                                       on_bad_line=run.data.on_bad_line)  # fmt: skip

@@ -54,10 +54,9 @@ from nova_engine.losses.reward import (
 )
 from nova_engine.model.heads import sequence_scores
 from nova_engine.parallel.state import ParallelState
-from nova_engine.train.engine import ModelEngine
+from nova_engine.train.engine import ModelEngine, RewardEngine
 
 if TYPE_CHECKING:
-    from nova_engine.model.arch import ModelArch
     from nova_engine.train.data_source import PackedDataSource
     from nova_engine.train.engine import LossFn
     from nova_engine.train.loop import Loop
@@ -152,28 +151,6 @@ CONFIG = RMRunConfig
 
 
 # ------------------------------------------------------------------------------ the engine
-
-
-class RewardEngine(ModelEngine):
-    """A ModelEngine whose HF I/O is *ForSequenceClassification: loads pick `score_rows` of
-    the checkpoint's head, exports write `score.weight` with the output names and pad id."""
-
-    def __init__(self, arch: ModelArch, ps: ParallelState, *, labels: Sequence[str],
-                 pad_token_id: int, score_rows: Sequence[int] | None = None,
-                 **kwargs: Any):  # fmt: skip
-        self.labels, self.pad_token_id, self.score_rows = tuple(labels), pad_token_id, score_rows
-        super().__init__(arch, ps, score_outputs=len(self.labels), **kwargs)
-
-    def load_hf(self, model_dir: str) -> None:
-        from nova_engine.model.hf_io import load_hf_weights
-
-        load_hf_weights(self.chunks, self.arch, self.ps, model_dir, score_rows=self.score_rows)
-
-    def export_hf(self, out_dir: str) -> None:
-        from nova_engine.model.hf_io import ScoreExport, export_hf
-
-        seq = ScoreExport(self.pad_token_id, self.labels)
-        export_hf(self.chunks, self.arch, self.ps, out_dir, sequence_classifier=seq)
 
 
 def head_rows(init_labels: Sequence[str] | None, loss: RMLossSection) -> list[int] | None:
