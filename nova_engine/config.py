@@ -49,9 +49,6 @@ def check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(key, msg)
 
 
-_check = check
-
-
 # ---------------------------------------------------------------------------- sections
 
 
@@ -85,10 +82,10 @@ class TinyModelConfig:
     def __post_init__(self) -> None:
         dims = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for k in (*dims, "num_key_value_heads"):
-            _check(getattr(self, k) >= 1, k, f"expected >= 1, got {getattr(self, k)}")
+            check(getattr(self, k) >= 1, k, f"expected >= 1, got {getattr(self, k)}")
         h, nh, nkv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
-        _check(h % nh == 0, "hidden_size", f"{h} does not divide by num_attention_heads={nh}")
-        _check(
+        check(h % nh == 0, "hidden_size", f"{h} does not divide by num_attention_heads={nh}")
+        check(
             nh % nkv == 0,
             "num_attention_heads",
             f"{nh} does not divide by num_key_value_heads={nkv}",
@@ -111,7 +108,7 @@ class ModelConfig:
     there first (the CPU demo); vocab size comes from the tokenizer."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.hf_path), "hf_path", "expected a local HF model directory")
+        check(bool(self.hf_path), "hf_path", "expected a local HF model directory")
 
     @property
     def tokenizer_dir(self) -> str:
@@ -133,9 +130,9 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         for k in ("tp", "pp", "vpp"):
-            _check(getattr(self, k) >= 1, k, f"expected an integer >= 1, got {getattr(self, k)}")
-        _check(not self.sp or self.tp > 1, "sp", "sequence parallelism needs tp > 1")
-        _check(self.vpp == 1 or self.pp > 1, "vpp", "virtual stages need pp > 1")
+            check(getattr(self, k) >= 1, k, f"expected an integer >= 1, got {getattr(self, k)}")
+        check(not self.sp or self.tp > 1, "sp", "sequence parallelism needs tp > 1")
+        check(self.vpp == 1 or self.pp > 1, "vpp", "virtual stages need pp > 1")
 
     @property
     def model_parallel_size(self) -> int:
@@ -145,14 +142,14 @@ class ParallelConfig:
         """Data-parallel size for `world_size` ranks (ConfigError unless tp*pp divides it)."""
         mp, tp, pp = self.model_parallel_size, self.tp, self.pp
         msg = f"world size {world_size} is not a multiple of tp*pp = {tp}*{pp} = {mp}"
-        _check(world_size >= 1 and world_size % mp == 0, "parallel", msg)
+        check(world_size >= 1 and world_size % mp == 0, "parallel", msg)
         return world_size // mp
 
     def validate_layers(self, num_layers: int) -> None:
         """The model's layers must split evenly over pp*vpp chunks."""
         chunks = self.pp * self.vpp
         msg = f"{num_layers} layers do not split over pp*vpp = {chunks} chunks"
-        _check(num_layers % chunks == 0, "parallel", msg)
+        check(num_layers % chunks == 0, "parallel", msg)
 
 
 @dataclass
@@ -182,8 +179,8 @@ class DataConfig:
     Jinja file (for a base model without one, e.g. Tülu 3's format on Llama-3.1-8B)."""
 
     def __post_init__(self) -> None:
-        _check(self.max_length >= 2, "max_length", f"expected >= 2, got {self.max_length}")
-        _check(bool(self.margin_key), "margin_key", "expected a non-empty key name")
+        check(self.max_length >= 2, "max_length", f"expected >= 2, got {self.max_length}")
+        check(bool(self.margin_key), "margin_key", "expected a non-empty key name")
 
 
 MAX_LR = 1.0  # above this no AdamW run trains: the weights turn to garbage within a step
@@ -211,25 +208,25 @@ class OptimConfig:
     """Warmup as a fraction of the total steps (floor), as open-instruct computes it."""
 
     def __post_init__(self) -> None:
-        _check(
+        check(
             0 < self.lr <= MAX_LR,
             "lr",
             f"expected a learning rate in (0, {MAX_LR:g}] (AdamW rates are ~1e-7..1e-3), "
             f"got {self.lr}",
         )
-        _check(0 <= self.min_lr <= self.lr, "min_lr", f"expected 0 <= min_lr <= lr={self.lr}")
-        _check(self.weight_decay >= 0, "weight_decay", "expected >= 0")
-        _check(all(0 <= b < 1 for b in self.betas), "betas", "expected two values in [0, 1)")
-        _check(self.eps > 0, "eps", "expected > 0")
-        _check(self.grad_clip >= 0, "grad_clip", "expected >= 0 (0 = off)")
-        _check(
+        check(0 <= self.min_lr <= self.lr, "min_lr", f"expected 0 <= min_lr <= lr={self.lr}")
+        check(self.weight_decay >= 0, "weight_decay", "expected >= 0")
+        check(all(0 <= b < 1 for b in self.betas), "betas", "expected two values in [0, 1)")
+        check(self.eps > 0, "eps", "expected > 0")
+        check(self.grad_clip >= 0, "grad_clip", "expected >= 0 (0 = off)")
+        check(
             self.warmup_steps is None or self.warmup_ratio is None,
             "warmup_steps",
             "set warmup_steps or warmup_ratio, not both",
         )
-        _check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "expected >= 0")
+        check(self.warmup_steps is None or self.warmup_steps >= 0, "warmup_steps", "expected >= 0")
         r = self.warmup_ratio
-        _check(r is None or 0 <= r < 1, "warmup_ratio", f"expected in [0, 1), got {r}")
+        check(r is None or 0 <= r < 1, "warmup_ratio", f"expected in [0, 1), got {r}")
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps for a run of `total_steps`."""
@@ -263,7 +260,7 @@ class SpeedConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            _check(
+            check(
                 v is None or isinstance(v, bool), f.name, f"expected true, false or null, got {v!r}"
             )
 
@@ -321,23 +318,23 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for k in ("global_batch_size", "micro_batch_tokens", "epochs", "log_every"):
-            _check(getattr(self, k) >= 1, k, f"expected >= 1, got {getattr(self, k)}")
+            check(getattr(self, k) >= 1, k, f"expected >= 1, got {getattr(self, k)}")
         for k in ("eval_every", "save_every", "max_bad_steps", "zero_grad_steps"):
-            _check(getattr(self, k) >= 0, k, f"expected >= 0, got {getattr(self, k)}")
-        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "expected >= 1")
-        _check(self.divergence_factor >= 0, "divergence_factor", "expected >= 0 (0 = off)")
+            check(getattr(self, k) >= 0, k, f"expected >= 0, got {getattr(self, k)}")
+        check(self.max_steps is None or self.max_steps >= 1, "max_steps", "expected >= 1")
+        check(self.divergence_factor >= 0, "divergence_factor", "expected >= 0 (0 = off)")
         for name in self.report_to:
-            _check(
+            check(
                 name in REPORT_TO,
                 "report_to",
                 f"unknown tracker {name!r}; expected any of {', '.join(REPORT_TO)}",
             )
-            _check(
+            check(
                 importlib.util.find_spec(name) is not None,
                 "report_to",
                 f"{name} is not installed (pip install {name}, or remove it from the list)",
             )
-        _check(len(set(self.report_to)) == len(self.report_to), "report_to", "a tracker twice")
+        check(len(set(self.report_to)) == len(self.report_to), "report_to", "a tracker twice")
 
     def total_steps(self, num_samples: int) -> int:
         """Optimizer steps of the run for a data set of `num_samples` sequences (the last
@@ -370,8 +367,8 @@ class CheckpointConfig:
     each node writes to its own disk: the estimate is for the whole checkpoint)."""
 
     def __post_init__(self) -> None:
-        _check(self.keep_last >= 0, "keep_last", "expected >= 0 (0 = keep all)")
-        _check(bool(self.resume), "resume", 'expected "auto", "force", "none" or a path')
+        check(self.keep_last >= 0, "keep_last", "expected >= 0 (0 = keep all)")
+        check(bool(self.resume), "resume", 'expected "auto", "force", "none" or a path')
 
 
 @dataclass
@@ -390,8 +387,8 @@ class EvalConfig:
     under the process group's timeout)."""
 
     def __post_init__(self) -> None:
-        _check(self.command is None or bool(self.command.strip()), "command", "empty command")
-        _check(self.timeout_s > 0, "timeout_s", f"expected > 0, got {self.timeout_s}")
+        check(self.command is None or bool(self.command.strip()), "command", "empty command")
+        check(self.timeout_s > 0, "timeout_s", f"expected > 0, got {self.timeout_s}")
 
 
 # ---------------------------------------------------------------------------- run configs
@@ -414,13 +411,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         fmt = self.data.format
-        _check(
+        check(
             fmt in ("auto", self.data_format),
             "data.format",
             f'the {self.stage} stage reads "{self.data_format}" data, got "{fmt}"',
         )
         need = self.data.max_length * (2 if self.data_format == "pairs" else 1)
-        _check(
+        check(
             self.train.micro_batch_tokens >= need,
             "train.micro_batch_tokens",
             f"{self.train.micro_batch_tokens} cannot hold one {self.stage} sample of up to "

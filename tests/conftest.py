@@ -11,26 +11,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-# Tests in files other sessions were still editing when the `slow` marker came in, that spawn
-# process groups or run whole stages: marked here until their files mark them (then drop the
-# entry). Everything else marks itself with @pytest.mark.slow / pytestmark.
-_SLOW_ELSEWHERE = (
-    "tests/engine/test_train_rm.py",
-    "tests/engine/test_generate.py",
-    "tests/engine/test_decode_attention.py::test_decoding_against_a_kv_cache_gives_the_full_forward",
-    "tests/kernels/test_linear_pair_logprobs.py::test_tp2_equals_4gemm_tp1",
-)
-
-
-def pytest_collection_modifyitems(config, items):
-    import pytest
-
-    for item in items:
-        test = item.nodeid.split("[")[0]
-        if any(test == s or test.startswith(s + "::") for s in _SLOW_ELSEWHERE):
-            item.add_marker(pytest.mark.slow)
-
-
 _PG_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -1,9 +1,9 @@
 """The DPO family, by name: sigmoid DPO, length-normalized DPO (Tülu 3's dpo_norm), IPO, SimPO,
 hinge, conservative DPO (label smoothing) and robust DPO (rDPO, unbiased under label noise).
 
-Inputs are per-sequence quantities (B pairs), computed from per-token log-probs
-(`nova_kernels.linear_logprobs`) with `sequence_logps` (a `nova_kernels.seq_reduce` over the
-packed batch's cu_seqlens and loss mask):
+Inputs are per-sequence quantities (B pairs), computed from the hidden states of a packed
+batch by the DPO stage (nova_engine.train.stages.dpo.pair_logps: `nova_kernels`' fused
+pair log-probs, summed over each sequence's loss tokens):
 
     pi_c, pi_r    policy log-prob SUMS over the loss tokens of chosen / rejected  [B]
     ref_c, ref_r  the same under the reference model (cached from disk by the trainer) [B]
@@ -27,8 +27,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from nova_kernels import seq_reduce
 
 
 @dataclass
@@ -189,25 +187,9 @@ def dpo_loss(p: PreferenceLogps, cfg: DPOConfig) -> DPOOutput:
     return DPOOutput(losses, r_c, r_r, (r_c > r_r).float(), r_c - r_r)
 
 
-def reduce_pairs(
-    losses: torch.Tensor, global_num_pairs: torch.Tensor | float, *, dp_average_size: int = 1
-):
-    """This micro-batch's share of the step loss: sum(losses) / P * dp_average_size, P the pairs
+def reduce_pairs(losses: torch.Tensor, global_num_pairs: torch.Tensor | float) -> torch.Tensor:
+    """This micro-batch's share of the step loss: sum(losses) / P, P the pairs
     of the step over all micro-batches and DP ranks (reduced over DP on the engine's device, as
     `sft.global_loss_token_count` does)."""
     g = torch.as_tensor(global_num_pairs, device=losses.device, dtype=losses.dtype)
-    return losses.sum() / g.clamp_min(1.0) * dp_average_size
-
-
-def sequence_logps(
-    logprobs: torch.Tensor,
-    loss_mask: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    *,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence (sum of log-probs over loss tokens [S], loss-token count [S]) of a packed
-    batch: logprobs [T], loss_mask [T], cu_seqlens [S+1]. Differentiable in logprobs."""
-    return seq_reduce(
-        logprobs, cu_seqlens, loss_mask, reduction="sum", return_counts=True, backend=backend
-    )
+    return losses.sum() / g.clamp_min(1.0)

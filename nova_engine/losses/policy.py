@@ -14,8 +14,9 @@ correction), ref_logprobs from the frozen reference. Names:
 
 The KL to the reference is used in one place only (`kl_in`): "loss" adds
 kl_coef * KL(k1|k2|k3) to every token's loss (differentiable; GRPO style); "reward"
-subtracts kl_coef * KL from the token rewards before the advantages (`apply_kl_penalty`,
-no gradient; PPO / Tülu 3 style); "none" ignores it.
+subtracts kl_coef * KL from the token rewards before the advantages (the RLVR stage's
+advantages, nova_engine.train.stages.rlvr_losses; no gradient; PPO / Tülu 3 style); "none"
+ignores it.
 """
 
 from __future__ import annotations
@@ -197,31 +198,4 @@ def compute_policy_loss(
         num_tokens=num_tokens,
         num_seqs=num_seqs,
         backend=backend,
-    )
-
-
-def apply_kl_penalty(
-    cfg: PolicyLossConfig,
-    token_rewards: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """KL in the reward (cfg.kl_in == "reward"): token_rewards - kl_coef * KL * mask, with the
-    rollout policy's log-probs as `logprobs`. Returns (rewards fp32, per-token KL fp32); other
-    kl_in values return the rewards unchanged and a zero KL."""
-    if cfg.kl_in != "reward":
-        return token_rewards.float(), torch.zeros_like(token_rewards, dtype=torch.float32)
-    return nk.kl_penalty(
-        token_rewards,
-        logprobs,
-        ref_logprobs,
-        mask,
-        cfg.kl_coef,
-        cfg.kl_type,
-        backend=backend,
-        log_ratio_clamp=cfg.kl_log_ratio_clamp,
-        value_clamp=cfg.kl_value_clamp,
     )

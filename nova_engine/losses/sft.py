@@ -11,8 +11,7 @@ are summed over the DP group (`global_loss_token_count`, one all_reduce on the m
 the engine's: NCCL takes only CUDA tensors); then every micro-batch contributes
 `sft_loss_fused(hidden, W, labels, mask, G)` = -sum(mask * logp) / G.
 Summing these micro-batch losses (gradient accumulation, no division by M) and SUMMING
-gradients over DP gives grad(L) exactly. When the DP gradient reduction AVERAGES over the D
-ranks (torch DDP, megatron's DDP default), pass `dp_average_size=D` to undo that division.
+gradients over DP gives grad(L) exactly (the engine's DDP sums: ModelEngine).
 
 The loss comes from the hidden states directly through `nova_kernels.linear_cross_entropy`
 (vocab-parallel, no [N, V] logits, 3 GEMMs: the gradients are formed in the forward pass,
@@ -60,11 +59,10 @@ def sft_loss_fused(
     *,
     tp_group=None,
     sequence_parallel: bool = False,
-    dp_average_size: int = 1,
     ignore_index: int = -100,
     rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """This micro-batch's share of the step loss, -sum(mask * logp) / G * dp_average_size,
+    """This micro-batch's share of the step loss, -sum(mask * logp) / G,
     with logp = log p(labels) from the hidden states and the LM head (one fused call).
 
     hidden [N, H] (or its sequence-parallel slice), weight [Vp, H] this rank's LM-head shard,
@@ -80,7 +78,7 @@ def sft_loss_fused(
         )
     dtype = torch.promote_types(hidden.dtype, torch.float32)  # fp32 (fp64 stays fp64)
     g = torch.as_tensor(global_num_tokens, device=hidden.device, dtype=dtype)
-    wts = (loss_mask != 0).to(dtype) * (dp_average_size / g.clamp_min(1.0))
+    wts = (loss_mask != 0).to(dtype) / g.clamp_min(1.0)
     return linear_cross_entropy(
         hidden,
         weight,

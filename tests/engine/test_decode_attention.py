@@ -288,6 +288,7 @@ def _model_checks(rank, world, model_dir):
     return out
 
 
+@pytest.mark.slow  # a spawned process group
 def test_decoding_against_a_kv_cache_gives_the_full_forward(tmp_path):
     from nova_engine.model.tiny import build_tiny_hf_model
 

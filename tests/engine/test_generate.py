@@ -17,6 +17,8 @@ import torch
 
 from nova_engine.parallel.spawn import run_distributed
 
+pytestmark = pytest.mark.slow  # one spawned group of generation runs per layout
+
 PROMPT_LENS = [7, 3, 12, 5, 9]
 NEW = 10
 # (tp, pp, vpp, sp); the first three for both families, the rest for llama

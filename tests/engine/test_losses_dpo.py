@@ -1,6 +1,6 @@
 """The DPO family: every variant against its formula computed by hand with Python floats,
-metrics, gradients (float64 gradcheck), config validation, and sequence_logps on a packed
-batch."""
+metrics, gradients (float64 gradcheck), config validation and the global-pair reduction
+(the packed-batch pair log-probs are the DPO stage's: tests/engine/test_train_dpo.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ from nova_engine.losses.dpo import (
     PreferenceLogps,
     dpo_loss,
     reduce_pairs,
-    sequence_logps,
 )
-from nova_kernels import linear_logprobs
 
 # three pairs: policy/reference log-prob sums and loss-token counts
 PC, PR = [-12.0, -30.5, -7.25], [-15.0, -28.0, -9.0]
@@ -147,35 +145,3 @@ def test_reduce_pairs_is_global_mean():
     losses = torch.tensor([0.5, 1.5, 2.0, 4.0])
     parts = [reduce_pairs(losses[:1], 4), reduce_pairs(losses[1:], 4)]
     assert sum(parts).item() == pytest.approx(losses.mean().item())
-    assert reduce_pairs(losses[1:], 4, dp_average_size=2).item() == pytest.approx(3.75)
-
-
-def test_sequence_logps_from_packed_batch():
-    """Packed chosen/rejected of two pairs through linear_logprobs + sequence_logps equals
-    per-sequence sums of the reference log-probs over the loss mask; grads flow to hidden."""
-    g = torch.Generator().manual_seed(0)
-    lengths = [5, 7, 3, 9]  # chosen0, rejected0, chosen1, rejected1
-    T, H, V = sum(lengths), 16, 50
-    hidden = torch.randn(T, H, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(V, H, generator=g, dtype=torch.float64)
-    labels = torch.randint(0, V, (T,), generator=g)
-    mask = torch.rand(T, generator=g) > 0.4
-    cu = torch.tensor([0, 5, 12, 15, 24], dtype=torch.int32)
-    lp = linear_logprobs(hidden, weight, labels, backend="torch")
-    sums, counts = sequence_logps(lp, mask, cu, backend="torch")
-    logsm = torch.log_softmax(hidden.detach() @ weight.T, -1).gather(1, labels[:, None])[:, 0]
-    for s in range(4):
-        a, b = cu[s].item(), cu[s + 1].item()
-        assert sums[s].item() == pytest.approx((logsm[a:b] * mask[a:b]).sum().item(), rel=1e-10)
-        assert counts[s].item() == mask[a:b].sum().item()
-    p = PreferenceLogps(
-        sums[0::2],
-        sums[1::2],
-        counts[0::2],
-        counts[1::2],
-        sums[0::2].detach() + 1,
-        sums[1::2].detach(),
-    )
-    dpo_loss(p, DPOConfig(loss_type="dpo_norm")).losses.sum().backward()
-    assert hidden.grad is not None and hidden.grad[~mask].abs().max() == 0
-    assert hidden.grad[mask].abs().max() > 0

@@ -47,13 +47,11 @@ def _full_batch_mean_grad():
     return loss.detach(), w.grad, int(mask.sum())
 
 
-def _rank_step(rank, w, global_count, dp_average_size=1):
+def _rank_step(rank, w, global_count):
     total = 0.0
     for mb in range(2):
         hidden, labels, mask = _micro_batch(rank, mb)
-        loss = sft_loss_fused(
-            hidden, w, labels, mask, global_count, dp_average_size=dp_average_size
-        )
+        loss = sft_loss_fused(hidden, w, labels, mask, global_count)
         assert loss.dtype == torch.float64
         loss.backward()  # gradient accumulation: grads add up over micro-batches
         total += loss.item()
@@ -93,7 +91,7 @@ def test_count_device_and_errors():
 
 def test_sft_loss_by_hand():
     """H = 1 and weight = the logits of a 2-token vocabulary: logp by hand, summed over the
-    masked tokens, divided by G (times dp_average_size); G = 0 is taken as 1."""
+    masked tokens, divided by G; G = 0 is taken as 1."""
     hidden = torch.tensor([[1.0], [1.0], [1.0], [1.0]])
     weight = torch.tensor([[0.0], [math.log(3.0)]])  # p = (1/4, 3/4) on every row
     labels = torch.tensor([0, 1, 1, 0])
@@ -101,9 +99,6 @@ def test_sft_loss_by_hand():
     nll = -(2 * math.log(0.25) + math.log(0.75))  # rows 0, 2, 3
     loss = sft_loss_fused(hidden, weight, labels, mask, 10)
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(nll / 10, rel=1e-6)
-    assert sft_loss_fused(hidden, weight, labels, mask, 10, dp_average_size=4).item() == (
-        pytest.approx(4 * nll / 10, rel=1e-6)
-    )
     assert sft_loss_fused(hidden, weight, labels, torch.zeros(4), 0).item() == 0.0
     # an ignored label inside the mask contributes nothing
     ignored = torch.tensor([0, -100, 1, 0])
@@ -121,15 +116,12 @@ def _dp_worker(rank, world):
     mine = masks if rank == 0 else []
     only0 = global_loss_token_count(mine, group, device="cpu")
     out = {"count": count.item(), "only0": only0.item(), "dtype": only0.dtype}
-    for avg in (False, True):
-        w = _model().requires_grad_()
-        loss = _rank_step(rank, w, count, dp_average_size=world if avg else 1)
-        dist.all_reduce(w.grad, group=group)  # DP gradient reduction: SUM ...
-        if avg:
-            w.grad /= world  # ... or AVERAGE (torch DDP / megatron default)
-        loss_t = torch.tensor(loss, dtype=torch.float64)
-        dist.all_reduce(loss_t, group=group)
-        out[avg] = (loss_t.item() / (world if avg else 1), w.grad)
+    w = _model().requires_grad_()
+    loss = _rank_step(rank, w, count)
+    dist.all_reduce(w.grad, group=group)  # DP gradient reduction: SUM (the engine's DDP)
+    loss_t = torch.tensor(loss, dtype=torch.float64)
+    dist.all_reduce(loss_t, group=group)
+    out["step"] = (loss_t.item(), w.grad)
     return out
 
 
@@ -145,10 +137,9 @@ def test_dp2_gloo_equals_full_batch(dp_results):
         assert res["count"] == n_tokens
         assert res["only0"] == sum(int(_micro_batch(0, mb)[2].sum()) for mb in range(2))
         assert res["dtype"] == torch.float64
-        for avg in (False, True):
-            loss, grad = res[avg]
-            assert loss == pytest.approx(want_loss.item(), rel=1e-12)
-            torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
+        loss, grad = res["step"]
+        assert loss == pytest.approx(want_loss.item(), rel=1e-12)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
 
 
 # ------------------------------------------------- collectives take device tensors (#34.7)

@@ -22,6 +22,8 @@ import torch
 
 from nova_engine.parallel.spawn import run_distributed
 
+pytestmark = pytest.mark.slow  # one spawned group of training runs per layout
+
 WORLD = 4
 STEPS = 3
 GBS, MBT, MAXLEN = 8, 128, 64
