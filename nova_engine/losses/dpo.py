@@ -190,6 +190,6 @@ def dpo_loss(p: PreferenceLogps, cfg: DPOConfig) -> DPOOutput:
 def reduce_pairs(losses: torch.Tensor, global_num_pairs: torch.Tensor | float) -> torch.Tensor:
     """This micro-batch's share of the step loss: sum(losses) / P, P the pairs
     of the step over all micro-batches and DP ranks (reduced over DP on the engine's device, as
-    `sft.global_loss_token_count` does)."""
+    the loop's Loop.reduce_counts does for every normalizer)."""
     g = torch.as_tensor(global_num_pairs, device=losses.device, dtype=losses.dtype)
     return losses.sum() / g.clamp_min(1.0)

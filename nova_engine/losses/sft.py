@@ -6,9 +6,9 @@ NLL over every loss token of the step, exactly as if the whole batch sat on one 
     L = -(1 / G) * sum_{dp ranks} sum_{micro-batches} sum_{tokens} mask_t * logp_t,
     G = sum_{dp ranks} sum_{micro-batches} sum_t mask_t           (global loss-token count)
 
-So before the step each rank counts its loss tokens over its micro-batches and the counts
-are summed over the DP group (`global_loss_token_count`, one all_reduce on the masks' device,
-the engine's: NCCL takes only CUDA tensors); then every micro-batch contributes
+So before the step each rank counts its loss tokens over its micro-batches and the loop sums
+the counts over the DP group (`nova_engine.train.loop.Loop.reduce_counts`, one all_reduce on
+the engine's device: NCCL takes only CUDA tensors); then every micro-batch contributes
 `sft_loss_fused(hidden, W, labels, mask, G)` = -sum(mask * logp) / G.
 Summing these micro-batch losses (gradient accumulation, no division by M) and SUMMING
 gradients over DP gives grad(L) exactly (the engine's DDP sums: ModelEngine).
@@ -20,34 +20,9 @@ possible because SFT's upstream gradient is known there).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
-import torch.distributed as dist
 
 from nova_kernels import linear_cross_entropy
-
-
-def global_loss_token_count(
-    loss_masks: Iterable[torch.Tensor], dp_group=None, *, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """G: loss tokens in this rank's micro-batches (masks [N_i], nonzero = loss token), summed
-    over the DP group in one all_reduce. Call once per optimizer step, before the micro-batch
-    loop. Returns a 0-dim float64 tensor (exact for counts below 2**53) on the masks' device,
-    or on `device` (the engine's: NCCL reduces only CUDA tensors) when given or when this
-    rank has no micro-batch; a rank without masks or device raises instead of reducing a CPU
-    tensor in a CUDA group."""
-    masks = list(loss_masks)
-    if device is None:
-        if not masks:
-            raise ValueError("global_loss_token_count: no loss masks; pass device= (the engine's)")
-        device = masks[0].device
-    local = torch.zeros((), dtype=torch.float64, device=device)
-    for m in masks:
-        local += (m != 0).sum().to(device=device, dtype=torch.float64)
-    if dp_group is not None and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(local, group=dp_group)
-    return local
 
 
 def sft_loss_fused(
@@ -67,7 +42,7 @@ def sft_loss_fused(
 
     hidden [N, H] (or its sequence-parallel slice), weight [Vp, H] this rank's LM-head shard,
     labels [N] global ids (ignore_index rows count nothing), loss_mask [N] (nonzero = loss
-    token), global_num_tokens G from `global_loss_token_count` (clamped to >= 1). Returns a
+    token), global_num_tokens G (the step's loss tokens over DP; clamped to >= 1). Returns a
     0-dim fp32 loss (fp64 for fp64 inputs); summed over micro-batches and DP ranks it is the
     mean NLL. rows [n] int64 (`PackedBatch.loss_rows`, found when the batch was packed): the
     rows with loss_mask != 0; only they go through the LM-head GEMMs, with no host sync.

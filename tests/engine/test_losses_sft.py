@@ -7,13 +7,15 @@ from __future__ import annotations
 import ast
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from nova_engine.losses.sft import global_loss_token_count, sft_loss_fused
+from nova_engine.losses.sft import sft_loss_fused
 from nova_engine.parallel.spawn import run_distributed
+from nova_engine.train.loop import Loop
 from nova_kernels import linear_logprobs
 
 H, V = 12, 40
@@ -60,8 +62,6 @@ def _rank_step(rank, w, global_count):
 
 def test_simulated_ranks_equal_full_batch():
     want_loss, want_grad, n_tokens = _full_batch_mean_grad()
-    masks = [_micro_batch(r, m)[2] for r in range(2) for m in range(2)]
-    assert global_loss_token_count(masks).item() == n_tokens
     grads, losses = [], []
     for rank in range(2):
         w = _model().requires_grad_()
@@ -75,18 +75,6 @@ def test_simulated_ranks_equal_full_batch():
         for h, y, m in (_micro_batch(r, mb) for r in range(2) for mb in range(2))
     )
     assert abs(naive - want_loss.item()) > 1e-3
-
-
-def test_count_device_and_errors():
-    """The count lands on the masks' device (float64, exact), on `device=` for a rank with no
-    micro-batch; without either it raises instead of reducing a CPU tensor."""
-    masks = [torch.tensor([1, 0, 2]), torch.tensor([0.0, 0.5])]
-    got = global_loss_token_count(masks)
-    assert got.dtype == torch.float64 and got.shape == () and got.item() == 3
-    assert global_loss_token_count(masks, device="meta").device.type == "meta"
-    assert global_loss_token_count([], device="cpu").item() == 0
-    with pytest.raises(ValueError, match="no loss masks; pass device="):
-        global_loss_token_count([])
 
 
 def test_sft_loss_by_hand():
@@ -111,11 +99,12 @@ def test_sft_loss_by_hand():
 def _dp_worker(rank, world):
     group = dist.group.WORLD
     masks = [_micro_batch(rank, mb)[2] for mb in range(2)]
-    count = global_loss_token_count(masks, group)
-    # a rank with no micro-batch reduces a zero on the device it is given
-    mine = masks if rank == 0 else []
-    only0 = global_loss_token_count(mine, group, device="cpu")
-    out = {"count": count.item(), "only0": only0.item(), "dtype": only0.dtype}
+    # the loop's one reduction of a step's normalizers (a rank without micro-batches adds 0)
+    engine = SimpleNamespace(ps=SimpleNamespace(dp=world, dp_group=group, device="cpu"))
+    local = {"tokens": sum(int(m.sum()) for m in masks), "only0": 0 if rank else len(masks[0])}
+    norms = Loop.reduce_counts(engine, local)
+    count = norms["tokens"]
+    out = {"count": count.item(), "only0": norms["only0"].item(), "dtype": count.dtype}
     w = _model().requires_grad_()
     loss = _rank_step(rank, w, count)
     dist.all_reduce(w.grad, group=group)  # DP gradient reduction: SUM (the engine's DDP)
@@ -135,7 +124,7 @@ def test_dp2_gloo_equals_full_batch(dp_results):
     want_loss, want_grad, n_tokens = _full_batch_mean_grad()
     for res in dp_results:
         assert res["count"] == n_tokens
-        assert res["only0"] == sum(int(_micro_batch(0, mb)[2].sum()) for mb in range(2))
+        assert res["only0"] == SIZES[(0, 0)]
         assert res["dtype"] == torch.float64
         loss, grad = res["step"]
         assert loss == pytest.approx(want_loss.item(), rel=1e-12)
