@@ -54,9 +54,9 @@ def test_nova_kernels_imports_only_torch_triton_and_stdlib():
 #
 # Floors, lowest first; a module may import its own floor or a lower one, never a higher one.
 # Where the design card's list is silent:
-# - `nova_engine.logging` (stdlib only: logging and the user-facing `emit`) is the ground
+# - `nova_engine.logging` and `nova_engine.progress` (stdlib only: logging, `emit`) are the ground
 #   floor with nova_kernels and the bare package (its __init__ holds the version; `_C` is the
-#   C++ extension): every floor logs and prints progress through it;
+#   C++ extension): every floor logs and prints progress through them;
 # - `config` (the sections every stage shares) and `config_files` (the resolved config.yaml)
 #   sit on the model floor: they read data's tokenizer settings and are read by train/;
 # - `recipe` (YAML + overrides -> a stage's RunConfig, by stage name through the registry in
@@ -67,7 +67,7 @@ def test_nova_kernels_imports_only_torch_triton_and_stdlib():
 # - `demo` (the end-to-end tiny run that chains the stages and the merge tool) sits on the
 #   tools floor, below cli which launches it.
 FLOORS = (
-    ("nova_kernels", "nova_engine", "nova_engine.logging"),
+    ("nova_kernels", "nova_engine", "nova_engine.logging", "nova_engine.progress"),
     ("nova_engine.parallel", "nova_engine.data", "nova_engine.losses"),
     ("nova_engine.model", "nova_engine.config", "nova_engine.config_files"),
     ("nova_engine.generate", "nova_engine.rl", "nova_engine.eval"),

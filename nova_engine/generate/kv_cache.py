@@ -4,8 +4,8 @@ call, and the per-row RoPE positions that go with it.
 Why not megatron's `StaticInferenceContext` cache: its attention stores keys before RoPE
 and re-applies RoPE to every cached key at every step (`_adjust_key_value_for_inference`
 returns the whole cache and `apply_rotary_pos_emb` runs on it; only the CUDA flash-decode
-kernel path avoids that), an O(K) elementwise pass per layer and step that took 63% of a
-decode step's time on CPU at K ~ 100 (profiled, batch 32). Here megatron's attention runs
+kernel path avoids that), an O(K) elementwise pass per layer and step that dominated a
+decode step on CPU when profiled (benchmarks/bench_generate.py times decoding). Here megatron's attention runs
 as in a plain forward over the step's new positions only (QKV, RoPE of the new q/k), and
 the core attention (`NovaCoreAttention.decode_cache`) appends the new k/v to this cache and
 attends over it. megatron's static-context path stays correct with Nova's core attention

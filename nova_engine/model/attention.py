@@ -306,7 +306,7 @@ def _full_boundaries(
 
 # The CPU kernel's instruction-set build: "" = the best this CPU runs (x86-64-v4 with
 # AVX-512, else x86-64-v3 with AVX2 + FMA). Without either (the portable "baseline" build,
-# ~12x slower than AVX2) the grouped SDPA path is faster and is used instead. Tests set
+# far slower than AVX2) the grouped SDPA path is faster and is used instead. Tests set
 # this to run each build.
 _CPU_KERNEL_ISA = ""
 

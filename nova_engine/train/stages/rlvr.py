@@ -2,7 +2,7 @@
 generates itself — GRPO, Dr. GRPO, RLOO, REINFORCE++ or PPO with a critic — with a KL to the
 frozen starting policy.
 
-    torchrun --nproc_per_node 8 -m nova_engine.train rlvr --recipe recipes/tulu3_8b_ppo.yaml
+    torchrun --nproc_per_node 8 -m nova_engine.train rlvr --recipe recipes/llama3_8b.yaml
     python -m nova_engine.train rlvr --recipe recipes/tiny_cpu.yaml train.max_steps=5
 
 One step (`RLVRStage.train_step`), P = train.global_batch_size prompts:
