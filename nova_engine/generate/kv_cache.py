@@ -5,8 +5,9 @@ Why not megatron's `StaticInferenceContext` cache: its attention stores keys bef
 and re-applies RoPE to every cached key at every step (`_adjust_key_value_for_inference`
 returns the whole cache and `apply_rotary_pos_emb` runs on it; only the CUDA flash-decode
 kernel path avoids that), an O(K) elementwise pass per layer and step that dominated a
-decode step on CPU when profiled (benchmarks/bench_generate.py times decoding). Here megatron's attention runs
-as in a plain forward over the step's new positions only (QKV, RoPE of the new q/k), and
+decode step on CPU when profiled (benchmarks/bench_generate.py times decoding). Here
+megatron's attention runs as in a plain forward over the step's new positions only (QKV,
+RoPE of the new q/k), and
 the core attention (`NovaCoreAttention.decode_cache`) appends the new k/v to this cache and
 attends over it. megatron's static-context path stays correct with Nova's core attention
 (tests/engine/test_decode_attention.py); the generate loop uses this one.
