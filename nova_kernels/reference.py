@@ -16,6 +16,8 @@ use. Floats are computed in the promoted dtype (fp32, or fp64 for fp64 inputs: c
 | group_advantages                     | group_advantages_reference (loop over groups, Python floats) |
 | kl_divergence, kl_penalty            | kl_reference (also the torch backend's per-token KL) |
 | policy_loss                          | policy_loss_reference (one token at a time, autograd gradients) |
+| GSPO (nova_engine policy loss gspo)  | gspo_loss_reference (one sequence at a time, the paper's formula) |
+| CISPO (nova_engine policy loss cispo)| cispo_loss_reference (one token at a time, MiniMax-M1's formula) |
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch
 
 __all__ = [
     "causal_lm_logps",
+    "cispo_loss_reference",
+    "gspo_loss_reference",
     "discounted_returns_reference",
     "gae_reference",
     "group_advantages_reference",
@@ -321,3 +325,97 @@ def policy_loss_reference(
         "kl_loss": float(aggregate(row_kl)),
     }
     return aggregate(row_loss), metrics
+
+
+def gspo_loss_reference(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    rows: Sequence[Sequence[int]],
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    token_level: bool = False,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_type: str = "k3",
+    num_seqs: float | None = None,
+) -> torch.Tensor:
+    """GSPO (Zheng et al. 2025) one sequence (a list of flat indices in `rows`) at a time:
+    s_i = (pi(y_i|x) / pi_old(y_i|x))^(1/|y_i|) = exp(mean_t (logp_t - old_t)) over the masked
+    tokens, with the gradient through the mean, and
+        loss = -1/G sum_i min(s_i A_i, clip(s_i, 1 - clip_low, 1 + clip_high) A_i)
+    with A_i the response's advantage (its first masked token's). token_level: the GSPO-token
+    variant s_i,t = sg(s_i) * exp(logp_t - sg(logp_t)) with the per-token advantages, averaged
+    over each sequence's tokens. The KL term (ref_logprobs) is kl_coef * 1/G sum_i mean_t kl_t.
+    G = num_seqs or the non-empty rows. Differentiable w.r.t. logprobs."""
+    clip_high = clip_low if clip_high is None else clip_high
+    lp, old, adv = logprobs.reshape(-1), old_logprobs.reshape(-1), advantages.reshape(-1)
+    m = mask.reshape(-1)
+    ref = ref_logprobs.reshape(-1) if ref_logprobs is not None else None
+    total, G = torch.zeros((), dtype=lp.dtype), 0
+    for idx in rows:
+        toks = [i for i in idx if m[i]]
+        if not toks:
+            continue
+        G += 1
+        log_s = sum(lp[i] - old[i] for i in toks) / len(toks)
+        s = torch.exp(log_s)
+        if token_level:
+            terms = []
+            for i in toks:
+                s_t = s.detach() * torch.exp(lp[i] - lp[i].detach())
+                a = adv[i]
+                terms.append(
+                    -torch.minimum(s_t * a, torch.clamp(s_t, 1 - clip_low, 1 + clip_high) * a)
+                )
+            obj = sum(terms) / len(toks)
+        else:
+            a = adv[toks[0]]
+            obj = -torch.minimum(s * a, torch.clamp(s, 1 - clip_low, 1 + clip_high) * a)
+        if ref is not None:
+            kl = sum(kl_reference(lp[i], ref[i], kl_type) for i in toks) / len(toks)
+            obj = obj + kl_coef * kl
+        total = total + obj
+    return total / (num_seqs or max(G, 1))
+
+
+def cispo_loss_reference(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+    tis_cap: float | None = 2.0,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_type: str = "k3",
+    num_tokens: float | None = None,
+) -> torch.Tensor:
+    """CISPO (MiniMax-M1, 2025) one token at a time:
+        loss = -sum_t sg(clip(r_t, 1 - clip_low, 1 + clip_high)) A_t logp_t / total tokens,
+    r_t = exp(logp_t - old_t); the IS weight is a constant (Python float), so the gradient is
+    -w_t A_t d logp_t; times min(exp(old - rollout), tis_cap) with rollout_logprobs; plus
+    kl_coef * kl_t with ref_logprobs. Differentiable w.r.t. logprobs."""
+    clip_high = clip_low if clip_high is None else clip_high
+    lp, old, adv = logprobs.reshape(-1), old_logprobs.reshape(-1), advantages.reshape(-1)
+    m = mask.reshape(-1)
+    total, n = torch.zeros((), dtype=lp.dtype), 0
+    for i in range(lp.numel()):
+        if not m[i]:
+            continue
+        n += 1
+        r = math.exp(float(lp[i] - old[i]))
+        w = min(max(r, 1 - clip_low), 1 + clip_high)
+        if rollout_logprobs is not None:
+            tis = math.exp(float(old[i] - rollout_logprobs.reshape(-1)[i]))
+            w *= tis if tis_cap is None else min(tis, tis_cap)
+        term = -w * adv[i] * lp[i]
+        if ref_logprobs is not None:
+            term = term + kl_coef * kl_reference(lp[i], ref_logprobs.reshape(-1)[i], kl_type)
+        total = total + term
+    return total / (num_tokens or max(n, 1))

@@ -11,6 +11,16 @@ correction), ref_logprobs from the frozen reference. Names:
 
   ppo        PPO clipped ratio with clip_low / clip_high and dual clip (verl's "vanilla")
   reinforce  importance-weighted policy gradient without clipping: -A * ratio
+  gspo       GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization"): the clipped
+             objective on the sequence-level ratio s_i = exp(mean_t (logp - old)) over the
+             response's tokens, GSPO-token form s_i,t = sg(s_i) * exp(logp_t - sg(logp_t))
+             (equal to GSPO when the advantage is constant over a response, as for the group
+             estimators), seq-mean-token-mean aggregation, no dual clip:
+                 loss = -1/G sum_i 1/|y_i| sum_t min(s_i,t A_i,t, clip(s_i,t, 1-lo, 1+hi) A_i,t)
+  cispo      CISPO (MiniMax-M1, 2025): REINFORCE with clipped, stop-gradient IS weights:
+                 loss = -sum_t sg(clip(r_t, 1-lo, 1+hi)) A_t logp_t / total tokens,
+             r_t = exp(logp_t - old_t); no token is left without gradient (MiniMax-M1 sets
+             no lower bound: clip_low close to 1), token-mean aggregation only
 
 The KL to the reference is used in one place only (`kl_in`): "loss" adds
 kl_coef * KL(k1|k2|k3) to every token's loss (differentiable; GRPO style); "reward"
@@ -38,9 +48,10 @@ class PolicyLossConfig:
     """Hyperparameters of the policy loss."""
 
     name: str = "ppo"
-    """A registered policy loss: ppo or reinforce."""
+    """A registered policy loss: ppo, reinforce, gspo or cispo."""
     clip_low: float = 0.2
-    """Lower clip: the ratio is kept >= 1 - clip_low (ppo)."""
+    """Lower clip: the ratio is kept >= 1 - clip_low (ppo; gspo: the sequence ratio; cispo:
+    the IS weight's epsilon_low^IS)."""
     clip_high: float | None = None
     """Upper clip: ratio <= 1 + clip_high (None: clip_low; DAPO's clip-higher uses 0.28)."""
     dual_clip: float | None = 3.0
@@ -90,6 +101,16 @@ class PolicyLossConfig:
                 raise ValueError(f"PolicyLossConfig.{key}={v}: expected > 0 or None (off)")
         if self.kl_coef < 0:
             raise ValueError(f"PolicyLossConfig.kl_coef={self.kl_coef}: expected >= 0")
+        if self.name == "gspo" and self.agg != "seq-mean-token-mean":
+            raise ValueError(
+                f"PolicyLossConfig.agg={self.agg!r}: gspo averages the sequence objective over "
+                "sequences: expected seq-mean-token-mean"
+            )
+        if self.name == "cispo" and self.agg != "token-mean":
+            raise ValueError(
+                f"PolicyLossConfig.agg={self.agg!r}: cispo divides by the total token count "
+                "(MiniMax-M1): expected token-mean"
+            )
         if self.loss_scale_factor is not None and not self.loss_scale_factor > 0:
             raise ValueError(
                 f"PolicyLossConfig.loss_scale_factor={self.loss_scale_factor}: expected > 0"
@@ -166,6 +187,99 @@ def _reinforce(cfg, logprobs, old_logprobs, advantages, mask, *, ref_logprobs=No
         **_kernel_kwargs(cfg, ref_logprobs),
         **kw,
     )
+
+
+def seq_mean_per_token(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor | None = None,
+    cu_seqlens_host: Sequence[int] | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Every token's sequence mean of x over the masked tokens, shaped like x: rows of [B, T],
+    or the packed sequences of [N] (nova_kernels.seq_reduce, then a broadcast whose size comes
+    from cu_seqlens_host: no host read; without it cu_seqlens[-1] is read once). Tokens after
+    cu_seqlens[-1] get 0. Differentiable w.r.t. x."""
+    m = (mask != 0).to(x.dtype)
+    if cu_seqlens is None:
+        return ((x * m).sum(-1, keepdim=True) / m.sum(-1, keepdim=True).clamp_min(1)).expand_as(x)
+    mean_S = nk.seq_reduce(x, cu_seqlens, mask, reduction="mean", backend=backend).to(x.dtype)
+    total = int(cu_seqlens_host[-1]) if cu_seqlens_host is not None else int(cu_seqlens[-1])
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    per = torch.repeat_interleave(mean_S, lens, output_size=total)
+    if total < x.numel():
+        per = torch.cat([per, per.new_zeros(x.numel() - total)])
+    return per
+
+
+@register_policy_loss("gspo")
+def _gspo(cfg, logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None,
+          rollout_logprobs=None, cu_seqlens=None, cu_seqlens_host=None, backend=None, **kw):  # fmt: skip
+    # GSPO-token through the PPO kernel: with old' = sg(logp) - sg(mean_seq(logp - old)) the
+    # kernel's ratio exp(logp - old') has the value s_i and the gradient s_i d logp_t
+    if rollout_logprobs is not None:
+        raise ValueError("policy loss gspo: the truncated IS weight (rollout_logprobs) is "
+                         "per token, GSPO's ratio per sequence: not supported")  # fmt: skip
+    with torch.no_grad():
+        dt = torch.promote_types(logprobs.dtype, torch.float32)
+        lp = logprobs.detach().to(dt)
+        s_log = seq_mean_per_token(lp - old_logprobs.to(dt), mask, cu_seqlens=cu_seqlens,
+                                   cu_seqlens_host=cu_seqlens_host, backend=backend)  # fmt: skip
+        old_eff = lp - s_log
+    return nk.policy_loss(
+        logprobs,
+        old_eff,
+        advantages,
+        mask,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        dual_clip=None,
+        cu_seqlens=cu_seqlens,
+        cu_seqlens_host=cu_seqlens_host,
+        backend=backend,
+        **_kernel_kwargs(cfg, ref_logprobs),
+        **kw,
+    )
+
+
+@register_policy_loss("cispo")
+def _cispo(cfg, logprobs, old_logprobs, advantages, mask, *, ref_logprobs=None,
+           rollout_logprobs=None, num_tokens=None, backend=None, **_):  # fmt: skip
+    # plain torch ops, elementwise + one sum: the token-mean needs no row structure
+    dt = torch.promote_types(logprobs.dtype, torch.float32)
+    lp, adv = logprobs.to(dt), advantages.to(dt)
+    m = (mask != 0).to(dt)
+    hi = cfg.clip_low if cfg.clip_high is None else cfg.clip_high
+    with torch.no_grad():
+        log_r = torch.clamp(lp - old_logprobs.to(dt), -20.0, 20.0)
+        ratio = torch.exp(log_r)
+        w = ratio.clamp(1 - cfg.clip_low, 1 + hi)
+        if rollout_logprobs is not None:  # the truncated IS correction on top (loss.tis)
+            tis = torch.exp(torch.clamp(old_logprobs.to(dt) - rollout_logprobs.to(dt), -20, 20))
+            w = w * (tis if cfg.tis_cap is None else tis.clamp(max=cfg.tis_cap))
+    per_tok = -w * adv * lp
+    use_kl = cfg.kl_in == "loss" and ref_logprobs is not None and cfg.kl_coef > 0
+    kl = torch.zeros_like(per_tok)
+    if use_kl:
+        kl = nk.kl_divergence(lp, ref_logprobs, cfg.kl_type, log_ratio_clamp=cfg.kl_log_ratio_clamp,
+                              value_clamp=cfg.kl_value_clamp, backend=backend).to(dt)  # fmt: skip
+    n = m.sum()
+    denom = num_tokens if num_tokens is not None else n.clamp_min(1.0)
+    if not isinstance(denom, torch.Tensor):
+        denom = float(denom) if denom != 0 else 1.0
+    loss = ((per_tok + cfg.kl_coef * kl) * m).sum() / denom
+    kl_loss = ((kl * m).sum() / denom).detach()
+    nd = n + 1e-8
+    metrics = {
+        "pg_clipfrac": (((ratio > 1 + hi) | (ratio < 1 - cfg.clip_low)).to(dt) * m).sum() / nd,
+        "pg_clipfrac_lower": ((ratio < 1 - cfg.clip_low).to(dt) * m).sum() / nd,
+        "ppo_kl": (-log_r * m).sum() / nd,
+        "pg_loss": loss.detach() - cfg.kl_coef * kl_loss,
+    }
+    if use_kl:
+        metrics["kl_loss"] = kl_loss
+    return loss, metrics
 
 
 def compute_policy_loss(

@@ -1,0 +1,208 @@
+"""The RL methods of issue #26 item 2 against float64 references of their papers' formulas:
+
+- GSPO (Zheng et al. 2025; policy loss "gspo"): the sequence-level ratio
+  s_i = exp(mean_t (logp - old)), loss = -1/G sum_i min(s_i A_i, clip(s_i) A_i), forward and
+  gradient w.r.t. the log-probs, packed [N] and padded [B, T], both backends, with the
+  GSPO-token variant for per-token advantages; under forbid_host_sync with the host facts;
+- CISPO (MiniMax-M1; policy loss "cispo"): -sum_t sg(clip(r_t)) A_t logp_t / tokens (+ TIS, KL);
+- DAPO overlong reward shaping (`overlong_penalty`) against the paper's piecewise formula;
+- DAPO dynamic sampling (RLVRStage with rollout.dynamic_sampling): all-equal groups dropped,
+  the batch refilled from extra prompt draws, deterministic per seed, counted in metrics;
+- their config errors name the recipe key.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from nova_kernels.reference import cispo_loss_reference, gspo_loss_reference
+
+BACKENDS = ("torch", "triton")
+
+
+def _packed(seed: int, lens=(7, 1, 12, 5), prompt=(3, 1, 4, 2), pad: int = 3):
+    """Packed [N] log-probs / old / advantages / mask of len(lens) sequences (prompt tokens
+    masked out, a padding segment at the end), float64; A constant per sequence."""
+    g = torch.Generator().manual_seed(seed)
+    cu, mask, adv = [0], [], []
+    for n, p in zip(lens, prompt):
+        cu.append(cu[-1] + n)
+        mask += [0.0] * min(p, n - 1) + [1.0] * (n - min(p, n - 1))
+        adv += [float(torch.randn((), generator=g))] * n
+    cu.append(cu[-1] + pad)
+    mask += [0.0] * pad
+    adv += [0.0] * pad
+    N = cu[-1]
+    lp = -torch.rand(N, generator=g, dtype=torch.float64) * 4 - 0.5
+    old = lp + 0.15 * torch.randn(N, generator=g, dtype=torch.float64)
+    rows = [list(range(a, b)) for a, b in zip(cu[:-1], cu[1:])]
+    m = torch.tensor(mask, dtype=torch.float64)
+    return lp, old, torch.tensor(adv, dtype=torch.float64), m, cu, rows
+
+
+def _cfg(name, **kw):
+    from nova_engine.losses.policy import PolicyLossConfig
+
+    agg = {"gspo": "seq-mean-token-mean", "cispo": "token-mean"}[name]
+    return PolicyLossConfig(name=name, agg=agg, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gspo_equals_sequence_ratio_formula_float64(backend, seed):
+    from nova_engine.losses.policy import compute_policy_loss
+
+    lp, old, adv, m, cu, rows = _packed(seed)
+    cfg = _cfg("gspo", clip_low=0.05, clip_high=0.08, dual_clip=None)
+    dt = torch.float64 if backend == "torch" else torch.float32
+    x = lp.detach().clone().to(dt).requires_grad_()
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    loss, met = compute_policy_loss(cfg, x, old.to(dt), adv.to(dt), m.to(dt), cu_seqlens=cu_t,
+                                    cu_seqlens_host=cu, backend=backend)  # fmt: skip
+    loss.backward()
+    x64 = lp.clone().requires_grad_()
+    ref = gspo_loss_reference(x64, old, adv, m, rows, clip_low=0.05, clip_high=0.08)
+    ref.backward()
+    tol = 1e-8 if backend == "torch" else 2e-6  # torch: verl's 1 / (len + 1e-8) per row
+    assert abs(loss.item() - ref.item()) <= tol * max(1.0, abs(ref.item())), (loss, ref)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol * 10, atol=tol)
+    # some sequence ratios are clipped, some not: both branches of the min are exercised
+    s = torch.stack(
+        [torch.exp(sum(lp[i] - old[i] for i in r if m[i]) / sum(m[r])) for r in rows[:-1]]
+    )
+    outside = ((s < 0.95) | (s > 1.08)).sum().item()
+    assert 0 < outside < len(s), s
+    assert met["pg_clipfrac"].item() >= 0
+    # the token ratio (ppo) is another loss: the test can tell them apart
+    lpp = lp.clone().requires_grad_()
+    ppo, _ = compute_policy_loss(_cfg_ppo(), lpp, old, adv, m, cu_seqlens=cu_t, backend="torch")
+    assert abs(ppo.item() - ref.item()) > 1e-4
+
+
+def _cfg_ppo():
+    from nova_engine.losses.policy import PolicyLossConfig
+
+    return PolicyLossConfig(
+        clip_low=0.03, clip_high=0.04, dual_clip=None, agg="seq-mean-token-mean"
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gspo_token_variant_with_per_token_advantages_and_kl(backend):
+    from nova_engine.losses.policy import compute_policy_loss
+
+    lp, old, _, m, cu, rows = _packed(5, lens=(9, 6, 13), prompt=(2, 5, 3), pad=0)
+    g = torch.Generator().manual_seed(9)
+    adv = torch.randn(lp.numel(), generator=g, dtype=torch.float64)
+    ref_lp = lp + 0.1 * torch.randn(lp.numel(), generator=g, dtype=torch.float64)
+    cfg = _cfg("gspo", clip_low=0.05, clip_high=0.1, kl_coef=0.1, kl_type="k3",
+               kl_value_clamp=None)  # fmt: skip
+    dt = torch.float64 if backend == "torch" else torch.float32
+    x = lp.detach().clone().to(dt).requires_grad_()
+    loss, met = compute_policy_loss(cfg, x, old.to(dt), adv.to(dt), m.to(dt), ref_logprobs=ref_lp.to(dt),
+                                    cu_seqlens=torch.tensor(cu), backend=backend)  # fmt: skip
+    loss.backward()
+    x64 = lp.clone().requires_grad_()
+    ref = gspo_loss_reference(x64, old, adv, m, rows, clip_low=0.05, clip_high=0.1,
+                              token_level=True, ref_logprobs=ref_lp, kl_coef=0.1)  # fmt: skip
+    ref.backward()
+    tol = 1e-8 if backend == "torch" else 2e-6  # torch: verl's 1 / (len + 1e-8) per row
+    assert abs(loss.item() - ref.item()) <= tol * max(1.0, abs(ref.item()))
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol * 10, atol=tol)
+    assert "kl_loss" in met
+
+
+def test_gspo_padded_rows_and_sequence_equals_token_form():
+    """[B, T] rows: same as the packed layout; with A constant per response the GSPO-token
+    reference equals the sequence-level one (value and gradient)."""
+    from nova_engine.losses.policy import compute_policy_loss
+
+    lp, old, adv, m, cu, rows = _packed(3, lens=(6, 6, 6), prompt=(1, 3, 2), pad=0)
+    cfg = _cfg("gspo", clip_low=0.05, clip_high=0.05)
+    x = lp.view(3, 6).clone().requires_grad_()
+    loss, _ = compute_policy_loss(cfg, x, old.view(3, 6), adv.view(3, 6), m.view(3, 6),
+                                  backend="torch")  # fmt: skip
+    loss.backward()
+    a64, b64 = lp.clone().requires_grad_(), lp.clone().requires_grad_()
+    seq = gspo_loss_reference(a64, old, adv, m, rows, clip_low=0.05)
+    tok = gspo_loss_reference(b64, old, adv, m, rows, clip_low=0.05, token_level=True)
+    seq.backward()
+    tok.backward()
+    assert abs(seq.item() - tok.item()) < 1e-12 and abs(loss.item() - seq.item()) < 1e-8
+    torch.testing.assert_close(a64.grad, b64.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad.reshape(-1), a64.grad, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tis_kl", [False, True])
+def test_cispo_equals_minimax_formula_float64(backend, tis_kl):
+    from nova_engine.losses.policy import compute_policy_loss
+
+    lp, old, _, m, cu, _ = _packed(7, lens=(11, 4, 8, 3), prompt=(2, 1, 3, 1), pad=2)
+    g = torch.Generator().manual_seed(11)
+    N = lp.numel()
+    adv = torch.randn(N, generator=g, dtype=torch.float64)
+    old = lp + 0.4 * torch.randn(N, generator=g, dtype=torch.float64)  # many weights clipped
+    extra = {}
+    if tis_kl:
+        extra = dict(rollout_logprobs=old + 0.3 * torch.randn(N, generator=g, dtype=torch.float64),
+                     ref_logprobs=lp + 0.2 * torch.randn(N, generator=g, dtype=torch.float64))  # fmt: skip
+    kl = dict(kl_coef=0.05, kl_value_clamp=None) if tis_kl else {}
+    cfg = _cfg("cispo", clip_low=0.9, clip_high=0.25, tis_cap=1.5, **kl)
+    dt = torch.float64 if backend == "torch" else torch.float32
+    x = lp.detach().clone().to(dt).requires_grad_()
+    loss, met = compute_policy_loss(cfg, x, old.to(dt), adv.to(dt), m.to(dt),
+                                    **{k: v.to(dt) for k, v in extra.items()},
+                                    cu_seqlens=torch.tensor(cu), cu_seqlens_host=cu,
+                                    num_tokens=float(m.sum()), backend=backend)  # fmt: skip
+    loss.backward()
+    x64 = lp.clone().requires_grad_()
+    ref = cispo_loss_reference(x64, old, adv, m, clip_low=0.9, clip_high=0.25, tis_cap=1.5,
+                               kl_coef=0.05 if tis_kl else 0.0, **extra)  # fmt: skip
+    ref.backward()
+    tol = 1e-10 if backend == "torch" else 2e-6
+    assert abs(loss.item() - ref.item()) <= tol * max(1.0, abs(ref.item()))
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=tol * 10, atol=tol)
+    r = torch.exp(lp - old)[m != 0]
+    frac = ((r > 1.25) | (r < 0.1)).double().mean().item()
+    assert 0 < frac < 1 and abs(met["pg_clipfrac"].item() - frac) < 1e-6
+    # clipped tokens keep their gradient (CISPO's point): no masked-token gradient is zero
+    assert (x.grad[m != 0] != 0).all() and (x.grad[m == 0] == 0).all()
+
+
+def test_gspo_and_cispo_read_nothing_on_the_host():
+    from nova_engine.losses.policy import compute_policy_loss
+    from nova_kernels._sync import HostSyncError, forbid_host_sync
+
+    lp, old, adv, m, cu, _ = _packed(2)
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    f = [t.float() for t in (lp, old, adv, m)]
+    n_tok = float(m.sum())
+    for name in ("gspo", "cispo"):
+        x = f[0].clone().requires_grad_()
+        with forbid_host_sync():
+            loss, _ = compute_policy_loss(_cfg(name), x, *f[1:], cu_seqlens=cu_t,
+                                          cu_seqlens_host=cu, num_tokens=n_tok,
+                                          num_seqs=4.0, backend="triton")  # fmt: skip
+            loss.backward()
+        assert torch.isfinite(x.grad).all()
+    with pytest.raises(HostSyncError), forbid_host_sync():  # without the host facts: caught
+        compute_policy_loss(_cfg("gspo"), f[0], *f[1:], cu_seqlens=cu_t, backend="triton")
+
+
+def test_policy_loss_config_errors_name_the_key():
+    from nova_engine.config import ConfigError
+    from nova_engine.train.stages.rlvr import RLVRLossSection
+
+    with pytest.raises(ConfigError, match="agg.*seq-mean-token-mean"):
+        RLVRLossSection(policy_loss="gspo")
+    with pytest.raises(ConfigError, match="agg.*token-mean"):
+        RLVRLossSection(policy_loss="cispo", agg="seq-mean-token-sum")
+    with pytest.raises(ConfigError, match="tis"):
+        RLVRLossSection(policy_loss="gspo", agg="seq-mean-token-mean", tis=True)
+    RLVRLossSection(policy_loss="gspo", agg="seq-mean-token-mean")
+    RLVRLossSection(policy_loss="cispo", tis=True)
