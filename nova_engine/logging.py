@@ -64,6 +64,7 @@ THIRD_PARTY_WARNINGS = (
     r".*will be removed in.*megatron-core.*",
     r".*tp_group is None.*",
     r".*MLP requires ffn_hidden_size.*",
+    r".*the core_attn is from transformer_engine.*",  # megatron, for any selective recompute
 )
 
 
