@@ -3,14 +3,14 @@ prompts of a JSONL file, on the engine's own KV-cache decoding at any TP x PP la
 
     nova generate --model runs/sft/hf --prompts in.jsonl --out out.jsonl --temperature 0
     nova generate --model runs/sft/checkpoints/step_00000200 --tokenizer tok/ \\
-        --prompts in.jsonl --out out.jsonl --temperature 1.0 --top-p 0.9 --n 4 --seed 7
+        --prompts in.jsonl --out out.jsonl --temperature 1.0 --top-p 0.9 --num-samples 4 --seed 7
     torchrun --nproc_per_node 4 -m nova_engine.cli generate --tp 2 --pp 2 --model ... ...
 
 Input lines (JSON objects; blank lines are skipped): `messages` (a chat; the template is
 applied with the generation prompt) or `prompt` (a string: one user turn). Optional per
 line: `max_new_tokens` (int) and `stop` (token strings that end generation, instead of
 --stop). Output lines keep every input field and add `response` (text without special
-tokens; a list when --n > 1), `tokens`, `logprobs` (fp32 log-probs of the model's own
+tokens; a list when --num-samples > 1), `tokens`, `logprobs` (fp32 log-probs of the model's own
 distribution), `finish_reason` ("stop" | "length") and with --entropy `entropies`.
 
 Stop tokens default to the chat template's end of turn and EOS. --temperature 0 is greedy.
@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    # not `--n`: torchrun's parser takes `--n` for an ambiguous abbreviation of its own flags
+    # (--nnodes, --nproc-per-node, ...) even after the module name, and exits
+    p.add_argument("--num-samples", dest="n", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=None,
                    help="stop token (string in the vocabulary, or an id); repeatable; "

@@ -213,7 +213,7 @@ def runs(tmp_path_factory):
              {"id": "c", "prompt": "hello", "stop": ["<|eot_id|>"]}]  # fmt: skip
     (root / "in.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     cli = ["--model", str(cli_dir), "--prompts", str(root / "in.jsonl"), "--out",
-           str(root / "out.jsonl"), "--temperature", "0.8", "--n", "2", "--seed", "3",
+           str(root / "out.jsonl"), "--temperature", "0.8", "--num-samples", "2", "--seed", "3",
            "--max-new-tokens", "6", "--entropy"]  # fmt: skip
     results = run_distributed(_worker, 2, dirs, prompts, eos, cli, str(root / "llama_b"))
     return prompts, refs, results, root, lines
