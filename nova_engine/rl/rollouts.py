@@ -383,3 +383,33 @@ def whiten_dp(
     var = ss[0] / (n + 1e-8) * bessel
     out = (x - mean) * torch.rsqrt(var + eps)
     return out if shift_mean else out + mean
+
+
+# ------------------------------------------------------------------------------ DAPO
+
+
+def overlong_penalty(length: int, max_len: int, buffer: int, factor: float = 1.0) -> float:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to a response's reward:
+
+        R_length(y) = 0                                   |y| <= L_max - L_cache
+                      ((L_max - L_cache) - |y|) / L_cache  L_max - L_cache < |y| <= L_max
+                      -1                                  L_max < |y|
+
+    times `factor`, with L_max = max_len (the response limit), L_cache = buffer (1..max_len)."""
+    if not 1 <= buffer <= max_len:
+        raise ValueError(f"overlong_penalty: buffer={buffer}: expected 1..max_len={max_len}")
+    start = max_len - buffer
+    if length <= start:
+        return 0.0
+    if length <= max_len:
+        return factor * (start - length) / buffer
+    return -factor
+
+
+def informative_groups(rewards: Sequence[float], group_ids: Sequence[int]) -> list[int]:
+    """DAPO's dynamic-sampling filter: the ids (in first-seen order) of the groups whose
+    rewards are not all equal (a group of one response is never informative)."""
+    seen: dict[int, list[float]] = {}
+    for r, g in zip(rewards, group_ids):
+        seen.setdefault(int(g), []).append(float(r))
+    return [g for g, rs in seen.items() if len(rs) > 1 and max(rs) != min(rs)]

@@ -146,10 +146,12 @@ def make_policy_inputs(seed, B=5, T=19):
 
 
 def test_policy_loss_registry():
-    assert policy_loss_names() == ["ppo", "reinforce"]
+    assert policy_loss_names() == ["cispo", "gspo", "ppo", "reinforce"]
     with pytest.raises(ValueError, match="name='a2c'"):
         PolicyLossConfig(name="a2c")
-    for bad in (dict(dual_clip=1.0), dict(agg="mean"), dict(kl_in="both"), dict(clip_low=1.5)):
+    bads = (dict(dual_clip=1.0), dict(agg="mean"), dict(kl_in="both"), dict(clip_low=1.5),
+            dict(name="gspo"), dict(name="cispo", agg="seq-mean-token-sum"))  # fmt: skip
+    for bad in bads:
         with pytest.raises(ValueError, match="PolicyLossConfig"):
             PolicyLossConfig(**bad)
 

@@ -79,7 +79,7 @@ def _layout_run(model_dir, prompts, tp, pp):
             continue
         gen_lp = torch.cat([mb.rb.gen_logprobs for mb in mbs])[m]
         gen_ent = torch.cat([mb.rb.gen_logprobs for mb in ents])[m]
-        mismatch = sum(float(s["mismatch"]) for s in sums) / float(m.sum())
+        mismatch = sum(float(s["logprob_abs_diff"]) for s in sums) / float(m.sum())
         plain = torch.cat([mb.data["old_logprobs"] for mb in mbs])[m]
         out[temp] = {
             "n": int(m.sum()),

@@ -20,7 +20,8 @@ One step (`RLVRStage.train_step`), P = train.global_batch_size prompts:
 4. train: loss.ppo_epochs x num_mini_batches optimizer steps of the policy (clipped ratio,
    dual clip, KL in the loss or the reward, optional truncated IS) and of the critic.
 Metrics (progress line, metrics.jsonl): reward_mean, verified (per data source), KL, entropy,
-clip fraction, response length, truncated fraction, the time split time/{generate, verify,
+the sampler / trainer invariants (train_rollout_logprob_abs_diff, token_mult_prob_error,
+ppo_kl_first_update: 0 up to fp32 rounding for colocated generation), clip fraction, response length, truncated fraction, the time split time/{generate, verify,
 ref_value, train}, gen_tokens_per_s and train_tokens_per_s. Checkpoints hold the policy, the
 critic, both optimizers and the prompt stream's position and seeds: a resumed run repeats the
 uninterrupted run's rewards and losses exactly. Modules: rlvr_rollout (prompts, rollouts,
@@ -58,6 +59,7 @@ from nova_engine.train.stages.rlvr_rollout import (
     Producer,
     PromptSource,
     StepPrompts,
+    dynamic_sampling,
     gather_responses,
     minibatches,
     rollout_metrics,
@@ -112,6 +114,17 @@ class RolloutSection:
     """Reward of any other response."""
     truncated_reward: float | None = None
     """Reward of a response without a stop token, replacing the verified one (Tülu 3: -10)."""
+    overlong_buffer: int | None = None
+    """DAPO's overlong reward shaping: L_cache, the last tokens before max_new_tokens over
+    which the reward falls linearly by up to overlong_penalty (None: off; DAPO: 4096 of 20480)."""
+    overlong_penalty: float = 1.0
+    """The shaping's largest penalty (reward units)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop the groups whose rewards are all equal and refill the step
+    with informative groups of extra seeded prompt draws (group estimators, samples >= 2)."""
+    max_sampling_rounds: int = 3
+    """Generation rounds per step under dynamic_sampling (the first included; verl's
+    max_num_gen_batches); a step short of informative groups trains on those it has."""
     eval_samples: int = 0
     """Held-out evaluation (data.eval_paths): besides the greedy responses, sample this many
     per prompt at the training temperature / top-k / top-p and report their mean verified
@@ -126,6 +139,13 @@ class RolloutSection:
         check(self.top_k >= 0, "top_k", "expected >= 0")
         check(self.verifier_workers >= 0, "verifier_workers", "expected >= 0")
         check(self.verifier_timeout_s > 0, "verifier_timeout_s", "expected > 0")
+        b = self.overlong_buffer
+        check(b is None or 1 <= b <= self.max_new_tokens, "overlong_buffer",
+              f"expected 1..max_new_tokens={self.max_new_tokens} or null, got {b}")  # fmt: skip
+        check(self.overlong_penalty >= 0, "overlong_penalty", "expected >= 0")
+        check(self.max_sampling_rounds >= 1, "max_sampling_rounds", "expected >= 1")
+        check(not self.dynamic_sampling or self.samples_per_prompt >= 2, "dynamic_sampling",
+              "needs rollout.samples_per_prompt >= 2 (a group of one never varies)")  # fmt: skip
         try:
             self.reward_config()
         except ValueError as e:
@@ -133,6 +153,11 @@ class RolloutSection:
 
     def reward_config(self) -> RewardConfig:
         return RewardConfig(self.verified_reward, self.unverified_reward, self.truncated_reward)
+
+    @property
+    def overlong(self) -> tuple[int, int, float] | None:
+        b = self.overlong_buffer
+        return None if b is None else (self.max_new_tokens, b, self.overlong_penalty)
 
 
 @dataclass
@@ -164,7 +189,8 @@ class RLVRLossSection:
     num_mini_batches: int = 1
     """Optimizer steps per pass (the responses split into this many mini-batches)."""
     policy_loss: str = "ppo"
-    """ppo (clipped ratio) or reinforce (no clipping)."""
+    """ppo (clipped ratio), reinforce (no clipping), gspo (sequence-level ratio; agg
+    seq-mean-token-mean) or cispo (clipped stop-gradient IS weights; agg token-mean)."""
     clip_low: float = 0.2
     """The ratio is clipped to >= 1 - clip_low."""
     clip_high: float | None = None
@@ -209,6 +235,8 @@ class RLVRLossSection:
         names = policy_loss_names()
         check(self.policy_loss in names, "policy_loss", f"expected one of {names}")
         check(self.kl_in in KL_PLACES, "kl_in", f"expected one of {KL_PLACES}")
+        check(not (self.tis and self.policy_loss == "gspo"), "tis",
+              "gspo's ratio is per sequence: the per-token truncated IS weight does not apply")  # fmt: skip
         check(
             not (self.kl_in == "reward" and a in GROUP_BASELINES),
             "kl_in", f'"reward" needs per-token rewards (gae, reinforce_pp), not {a}',
@@ -284,6 +312,8 @@ class RLVRRunConfig(RunConfig):
         n = self.train.global_batch_size * self.rollout.samples_per_prompt
         check(self.loss.num_mini_batches <= n, "loss.num_mini_batches",
               f"more mini-batches than the {n} responses of a step")  # fmt: skip
+        check(not self.rollout.dynamic_sampling or self.loss.advantage in GROUP_BASELINES,
+              "rollout.dynamic_sampling", f"needs a group estimator ({', '.join(GROUP_BASELINES)})")  # fmt: skip
 
     @property
     def sampling_seed(self) -> int:
@@ -318,16 +348,32 @@ class RLVRStage:
                                       temperature=rollout.temperature)  # fmt: skip
         self.value_loss = ValueLoss(ps, vf_coef=loss.vf_coef, value_clip=loss.value_clip)
 
+    def responses(self, batch: StepPrompts):
+        """Generate, verify, shape and gather the responses to the prompts of `batch`."""
+        first, mine = batch.share(self.ps)
+        gens, results, times = self.producer(batch.step, mine)
+        sr = gather_responses(first, mine, gens, results, num_groups=len(batch.items),
+                              reward=self.reward, estimator=self.loss.advantage, ps=self.ps,
+                              eps=self.loss.adv_eps, overlong=self.rollout.overlong)  # fmt: skip
+        sr.times = times
+        return sr
+
     def train_step(self, loop: Loop, batch: StepPrompts) -> dict[str, float]:
         ps, cfg = self.ps, self.loss
         policy = loop.engine("policy")
         reference, critic = loop.engines.get("reference"), loop.engines.get("critic")
-        first, mine = batch.share(ps)
-        gens, results, times = self.producer(batch.step, mine)
-        sr = gather_responses(first, mine, gens, results, num_groups=len(batch.items),
-                              reward=self.reward, estimator=cfg.advantage, ps=ps, eps=cfg.adv_eps)  # fmt: skip
-        metrics = rollout_metrics(sr)
-        gen_tokens = sum(len(r.gen) for r in sr.responses)
+        sr = self.responses(batch)
+        metrics, every = {}, sr.responses
+        if self.rollout.dynamic_sampling:
+            refill = getattr(loop.data, "refill_prompts", None)
+            if refill is None:
+                raise ValueError("rollout.dynamic_sampling needs the loop's PromptSource")
+            sr, every, metrics = dynamic_sampling(
+                sr, lambda r: self.responses(refill(batch.step, r)), target=len(batch.items),
+                max_rounds=self.rollout.max_sampling_rounds,
+            )  # fmt: skip
+        metrics.update(rollout_metrics(dataclasses.replace(sr, responses=every)))
+        times, gen_tokens = sr.times, sum(len(r.gen) for r in every)
 
         t0 = time.perf_counter()
         mbs = minibatches(sr, ps, step=batch.step, num_mini_batches=cfg.num_mini_batches,
@@ -343,7 +389,8 @@ class RLVRStage:
         metrics["entropy"] = sums["entropy"] / n
         if reference is not None:
             metrics["kl"] = sums["kl"] / n
-        metrics["logp_mismatch"] = sums["mismatch"] / n
+        metrics["train_rollout_logprob_abs_diff"] = sums["logprob_abs_diff"] / n
+        metrics["token_mult_prob_error"] = sums["mult_prob"] / n if sums["tokens"] else 1.0
         if critic is not None:
             metrics["value_mean"] = sums["values"] / n
         t1 = time.perf_counter()
@@ -363,6 +410,7 @@ class RLVRStage:
         for key in ("policy_loss", "pg_loss", "kl_loss", "clip_frac", "clip_frac_lower",
                     "approx_kl", "grad_norm"):  # fmt: skip
             metrics[key] = _mean(pol, key)
+        metrics["ppo_kl_first_update"] = pol[0]["approx_kl"]  # old == current: 0 to rounding
         metrics["lr"] = pol[-1]["lr"]
         if val:
             metrics["value_loss"] = _mean(val, "value_loss")

@@ -15,8 +15,11 @@ on the last pipeline stage only (where the loss runs); other stages hold none.
   KL) is of log_softmax(logits / T) at the rollout temperature T, as the sampler draws and
   reports them (TRL / open-instruct), the 1/T inside the fused kernel; T = 1 is the plain op.
 - Old log-probs come from the policy's training forward before any update (not from the
-  sampler): the sampler's log-probs are compared with them (`logp_mismatch`, mean |diff|) and,
-  with `loss.tis`, enter the loss as the truncated importance weight min(e^(old - gen), cap).
+  sampler): the sampler's log-probs are compared with them every step, the invariants the
+  peers check in CI (equal to fp32 rounding for colocated generation):
+  `train_rollout_logprob_abs_diff` = mean |gen - old| and NeMo-RL's `token_mult_prob_error`
+  = mean exp(|gen - old|) (1 when equal) over the response tokens; with `loss.tis` they enter
+  the loss as the truncated importance weight min(e^(old - gen), cap).
 - Values: the critic's score head read at EVERY position (`token_values`), not only at the
   last token as a reward model reads it.
 - Advantages: group estimators broadcast their per-response outcome advantage (computed with
@@ -74,7 +77,7 @@ def _kl(cfg: PolicyLossConfig, logp: torch.Tensor, ref: torch.Tensor) -> torch.T
                             value_clamp=cfg.kl_value_clamp)  # fmt: skip
 
 
-PREPASS_METRICS = ("tokens", "entropy", "kl", "mismatch", "values")
+PREPASS_METRICS = ("tokens", "entropy", "kl", "logprob_abs_diff", "mult_prob", "values")
 
 
 def prepass(mbs: Sequence[RLMicroBatch], policy, reference, critic, ps, cfg: PolicyLossConfig,
@@ -111,9 +114,10 @@ def prepass(mbs: Sequence[RLMicroBatch], policy, reference, critic, ps, cfg: Pol
         r = {"tokens": mask.sum(), "entropy": (d["entropy"] * mask).sum()}
         r["kl"] = (_kl(cfg, d["old_logprobs"], d["ref_logprobs"]) * mask).sum() \
             if "ref_logprobs" in d else torch.zeros(())  # fmt: skip
-        gen = mb.rb.gen_logprobs
-        r["mismatch"] = ((gen - d["old_logprobs"]).abs() * mask).sum() \
-            if gen is not None else torch.zeros(())  # fmt: skip
+        gen, zero = mb.rb.gen_logprobs, torch.zeros(())
+        diff = (gen - d["old_logprobs"]).abs() * mask if gen is not None else None
+        r["logprob_abs_diff"] = diff.sum() if diff is not None else zero
+        r["mult_prob"] = (torch.exp(diff) * mask).sum() if diff is not None else zero
         r["values"] = (d["values"] * mask).sum() if "values" in d else torch.zeros(())
         results.append(r)
     return results

@@ -25,6 +25,12 @@ DP balanced by tokens (`data_source.deal`), packed into micro-batches of at most
 `capacity` tokens (exactly `capacity` when PP > 1, as the pipeline schedules need). A rank dealt
 nothing gets one all-padding micro-batch (zero loss, zero counts, zero gradient).
 
+DAPO (Yu et al. 2025), both off by default: overlong reward shaping adds
+`overlong_penalty(|y|)` to the shaped reward of every response; dynamic sampling
+(`dynamic_sampling`) drops the groups whose rewards are all equal and refills the step with
+the informative groups of extra rounds of `PromptSource.refill_prompts` (seeded draws with
+their own sampling keys) until the step holds P informative groups or max rounds are spent.
+
 Empty generations (a prompt that fills the model's context gets none) keep their reward and
 group membership but are not packed. A response that hit max_new_tokens without a stop token
 is `finished=False`: RewardConfig.truncated_reward replaces its reward when set (Tülu 3: -10).
@@ -32,6 +38,7 @@ is `finished=False`: RewardConfig.truncated_reward replaces its reward when set 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +52,14 @@ from nova_engine.data.packing import IGNORE_INDEX, PackedBatch
 from nova_engine.data.rlvr import RLVRPrompt
 from nova_engine.data.sample import Sample
 from nova_engine.logging import get_logger
-from nova_engine.rl.rollouts import Generation, RolloutBatch, Rollouts, group_advantages_dp
+from nova_engine.rl.rollouts import (
+    Generation,
+    RolloutBatch,
+    Rollouts,
+    group_advantages_dp,
+    informative_groups,
+    overlong_penalty,
+)
 from nova_engine.rl.verifiers import RewardConfig, VerifierResult, VerifyItem, shape_rewards
 from nova_engine.train.data_source import deal
 
@@ -123,6 +137,20 @@ class PromptSource:
         out = self.step_prompts(self.position)
         self.position += 1
         return out
+
+    def refill_prompts(self, step: int, round: int) -> StepPrompts:
+        """Dynamic sampling's extra round `round` >= 1 of `step`: P prompts drawn with the
+        seeded generator (seed, step, round) (without replacement when the set allows), keyed
+        (round << 40) + step * P + j: sampling keys no stream position uses, so the extra
+        samples are fresh draws, a pure function of (seed, step, round): repeatable, resumable.
+        The stream position does not move (the loop's step count stays the data step count)."""
+        if round < 1:
+            raise ValueError(f"refill_prompts: round={round}: expected >= 1")
+        n = len(self.samples)
+        rng = np.random.default_rng([self.seed, step, round, 17])
+        pick = rng.choice(n, self.P, replace=n < self.P)
+        base = (round << 40) + step * self.P
+        return StepPrompts(step, [(base + j, self.samples[int(i)]) for j, i in enumerate(pick)])
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -248,11 +276,15 @@ def gather_responses(
     estimator: str,
     ps,
     eps: float = 1e-6,
+    overlong: tuple[int, int, float] | None = None,
 ) -> StepResponses:
-    """Shape rewards, compute group advantages (statistics over DP) and gather every rank's
-    responses in step order (see the module docstring)."""
+    """Shape rewards (+ DAPO's overlong_penalty with overlong = (L_max, L_cache, factor)),
+    compute group advantages (statistics over DP) and gather every rank's responses in step
+    order (see the module docstring)."""
     flat = [(j, g, r) for j, (gs, rs) in enumerate(zip(gens, results)) for g, r in zip(gs, rs)]
     rewards = shape_rewards([r for _, _, r in flat], [g.finished for _, g, _ in flat], reward)
+    if overlong is not None:
+        rewards = [x + overlong_penalty(len(g), *overlong) for x, (_, g, _) in zip(rewards, flat)]
     gids = torch.tensor([first + j for j, _, _ in flat], dtype=torch.int64, device=ps.device)
     rew = torch.tensor(rewards, dtype=torch.float32, device=ps.device)
     adv, degenerate = torch.zeros_like(rew), 0
@@ -273,6 +305,50 @@ def gather_responses(
         dist.all_gather_object(parts, mine, group=ps.dp_group)
         mine = [x for part in parts for x in part]
     return StepResponses(mine, degenerate, num_groups)
+
+
+def dynamic_sampling(
+    first: StepResponses, more: Callable[[int], StepResponses], *, target: int, max_rounds: int
+) -> tuple[StepResponses, list[Response], dict[str, float]]:
+    """DAPO's dynamic sampling: keep the informative groups (rewards not all equal) of `first`
+    and of the extra rounds `more(1)`, `more(2)`, ... (each a StepResponses with group ids
+    in [0, P)) until `target` groups are kept or `max_rounds` rounds (the first included) ran;
+    the first `target` informative groups in (round, group) order are kept. Returns (the kept
+    responses, group ids renumbered round * P + group, as a StepResponses; every generated
+    response, for the rollout metrics; the counts as metrics)."""
+    rounds = [first]
+    found = len(informative_groups([r.reward for r in first.responses],
+                                   [r.group for r in first.responses]))  # fmt: skip
+    while found < target and len(rounds) < max_rounds:
+        sr = more(len(rounds))
+        rounds.append(sr)
+        found += len(informative_groups([r.reward for r in sr.responses],
+                                        [r.group for r in sr.responses]))  # fmt: skip
+    kept: list[Response] = []
+    every: list[Response] = []
+    n_kept = generated = 0
+    for k, sr in enumerate(rounds):
+        rs = sr.responses
+        every += rs
+        generated += sr.num_groups
+        ok = informative_groups([r.reward for r in rs], [r.group for r in rs])
+        take = set(ok[: max(target - n_kept, 0)])
+        n_kept += len(take)
+        off = k * first.num_groups
+        kept += [dataclasses.replace(r, group=r.group + off) for r in rs if r.group in take]
+    times: dict[str, float] = {}
+    for sr in rounds:
+        for key, v in sr.times.items():
+            times[key] = times.get(key, 0.0) + v
+    metrics = {
+        "dynamic_sampling/rounds": float(len(rounds)),
+        "dynamic_sampling/groups_kept": float(n_kept),
+        "dynamic_sampling/groups_dropped": float(generated - n_kept),
+        "dynamic_sampling/groups_short": float(max(target - n_kept, 0)),
+    }
+    degenerate = sum(sr.degenerate_groups for sr in rounds)
+    out = StepResponses(kept, degenerate, max(generated, 1), times)
+    return out, every, metrics
 
 
 def rollout_metrics(sr: StepResponses) -> dict[str, float]:
