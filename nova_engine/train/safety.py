@@ -138,13 +138,15 @@ def check_policy_dir(key: str, path: str) -> None:
     )
 
 
-# the other model directories a stage reads: (key, must have the policy's dimensions)
-MODEL_PATH_KEYS = {
-    "rm": (("model.init_from", True),),
-    "rlvr": (("model.reference_path", True), ("critic.init_from", False)),
+# the other model directories a stage reads: (key, the config.json fields it must share
+# with model.hf_path: an RM init is loaded into hf_path's architecture; a KL reference
+# scores the policy's tokens)
+SAME_DIMS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+MODEL_PATH_KEYS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "rm": (("model.init_from", SAME_DIMS),),
+    "rlvr": (("model.reference_path", ("vocab_size",)), ("critic.init_from", ())),
 }
 MODEL_CLASS_SUFFIXES = ("ForCausalLM", "ForSequenceClassification")
-SAME_DIMS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
 def _run_value(run, key: str):
@@ -152,10 +154,13 @@ def _run_value(run, key: str):
     return getattr(getattr(run, section, None), name, None)
 
 
-def check_model_dir(key: str, path: str, like: str | None = None) -> None:
+def check_model_dir(
+    key: str, path: str, like: str | None = None, same: tuple[str, ...] = SAME_DIMS
+) -> None:
     """`path` (set by `key`) must be a HF model directory of a class a stage can start
     from: a *ForCausalLM or a *ForSequenceClassification (reward model, critic); with
-    `like` (the run's model.hf_path), of the same dimensions. ConfigError naming the key."""
+    `like` (the run's model.hf_path), equal to it in the config fields `same`. ConfigError
+    naming the key."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isdir(path):
         raise ConfigError(key, f"{path!r}: no such directory")
@@ -180,7 +185,7 @@ def check_model_dir(key: str, path: str, like: str | None = None) -> None:
                 other = json.load(f)
         except (OSError, ValueError):
             return  # model.hf_path's own check names the problem
-    diff = [k for k in SAME_DIMS if k in cfg and k in other and cfg[k] != other[k]]
+    diff = [k for k in same if k in cfg and k in other and cfg[k] != other[k]]
     if diff:
         shown = ", ".join(f"{k} {cfg[k]} vs {other[k]}" for k in diff)
         raise ConfigError(key, f"{path} is not a model of model.hf_path={like} ({shown})")
@@ -191,13 +196,13 @@ def check_model_classes(run) -> None:
     (a policy's LM head), MODEL_PATH_KEYS (exists, a causal LM or a sequence classifier,
     the policy's dimensions where the stage needs them)."""
     stage = getattr(run, "stage", "")
-    for key, same in MODEL_PATH_KEYS.get(stage, ()):
+    for key, dims in MODEL_PATH_KEYS.get(stage, ()):
         path = _run_value(run, key)
         loss = getattr(run, "loss", None)
         if key == "critic.init_from" and not getattr(loss, "needs_critic", True):
             continue  # no critic in this run (e.g. GRPO): the path is not read
         if path:
-            check_model_dir(key, path, run.model.hf_path if same else None)
+            check_model_dir(key, path, run.model.hf_path if dims else None, dims)
     critic = getattr(run, "critic", None)
     if stage == "rlvr" and critic is not None and critic.init_from and run.loss.needs_critic:
         from nova_engine.model.hf_io import score_labels
