@@ -38,6 +38,8 @@ def env(tmp_path_factory):
         os.link(os.path.join(tok, f), model / f)
     other = root / "wider"  # another model: hidden 64
     build_tiny_hf_model(str(other), "llama", vocab_size=vocab, **{**SMALL, "hidden_size": 64})
+    othervocab = root / "othervocab"  # a reference must score the policy's tokens
+    build_tiny_hf_model(str(othervocab), "llama", vocab_size=vocab + 8, **SMALL)
     notmodel = root / "notmodel"  # a config.json of another class
     notmodel.mkdir()
     (notmodel / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
@@ -76,7 +78,7 @@ CASES = [
      "critic.init_from", "no such directory"),
     ("rlvr", ["loss.advantage=gae", "critic.init_from={notmodel}"], 1,
      "critic.init_from", "BertModel"),
-    ("rlvr", ["model.reference_path={wider}"], 1, "model.reference_path", "hidden_size 64 vs 32"),
+    ("rlvr", ["model.reference_path={othervocab}"], 1, "model.reference_path", "vocab_size"),
     ("rlvr", ["loss.advantage=gae", "critic.init_from={rm5}"], 1, "critic.output",
      "helpfulness"),
     ("rm", ["model.init_from={root}/nowhere"], 1, "model.init_from", "no such directory"),
