@@ -14,8 +14,9 @@ when it has fewer than n words; G(E) is their set. For a training item T,
 
     coverage(E, T) = |{g in G(E) : the words of g appear contiguously in a segment of T}| / |G(E)|
 
-(open-instruct's score: the fraction of the eval item's n-grams found in that one training
-item), and T hits E when coverage >= threshold (the float division, exactly as written).
+(the fraction of the eval item's n-grams found in that one training item; open-instruct
+scores the fraction of the eval item's words those n-grams cover instead: `nova decontaminate
+--score token`), and T hits E when coverage >= threshold (the float division, as written).
 The compiled index (`csrc/decontam.h`) hashes words and grams to 64 bits; `ref_scan` does the
 same with Python tuples and sets.
 

@@ -7,13 +7,19 @@
 
 Every eval item's grams go into a compiled index (nova_engine/data/decontam.py has the
 normalization, the layouts and the exact rule); the training files are streamed in batches
-through it. A training item whose coverage of any eval item (the fraction of that item's
-distinct n-grams it contains) reaches the threshold is removed: `--out DIR` gets one file per
+through it. A training item whose score against any eval item reaches the threshold is
+removed. Two scores (`--score`), both per (training item, eval item):
+  ngram  (default) the fraction of the eval item's distinct n-grams the training item
+         contains (data/decontam.py's coverage);
+  token  open-instruct's: the fraction of the eval item's words covered by its n-grams found
+         in the training item (0 for an eval item of fewer than n words). A 12-word item
+         whose first 7 words appear: ngram 4/9 at n = 4, token 7/12.
+Removed items: `--out DIR` gets one file per
 training file, same name, holding every other line byte for byte and in order (blank lines
 included; bad lines skipped with `--on-bad-line skip` are left out). `--report-only` writes
 nothing but the report. The report (JSON) lists, per eval set, the contaminated eval items
-(index, line, excerpt) and the training items that hit them (file:line, coverage); per
-training file the items kept and removed. A short table goes to the terminal.
+(index, line, excerpt) and the training items that hit them (file:line, coverage: the
+score named in settings.score); per training file the items kept and removed. A short table goes to the terminal.
 
 Exit status: 0 (contaminated or not), 2 for a user error (a bad line names file:line).
 """
@@ -29,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from nova_engine.data.decontam import LayoutError, build_index, eval_segments, prepare
+from nova_engine.data.decontam import LayoutError, build_index, eval_segments, prepare, words
 from nova_engine.data.decontam import train_segments as _train_segments
 from nova_engine.data.formats import DataError, ReadStats
 from nova_engine.logging import get_logger
@@ -38,6 +44,7 @@ from nova_engine.progress import emit
 logger = get_logger(__name__)
 
 EXCERPT_CHARS = 160
+SCORES = ("ngram", "token")
 
 
 @dataclass
@@ -47,8 +54,11 @@ class DecontamConfig:
     ngram: int = 8
     """n: words per gram (segments shorter than n are one gram)."""
     threshold: float = 0.5
-    """a training item is contaminated when it contains >= this fraction of an eval item's
-    distinct grams; in (0, 1]."""
+    """a training item is contaminated when its score against an eval item is >= this; in
+    (0, 1]."""
+    score: str = "ngram"
+    """"ngram": the fraction of the eval item's distinct grams in the training item; "token"
+    (open-instruct's): the fraction of the eval item's words covered by those grams."""
     all_turns: bool = False
     """chat messages: every turn, not just the user turns (training and eval items)."""
     eval_field: str | None = None
@@ -65,6 +75,8 @@ class DecontamConfig:
             raise ValueError(f"ngram={self.ngram}: expected >= 1")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold={self.threshold}: expected a fraction in (0, 1]")
+        if self.score not in SCORES:
+            raise ValueError(f"score={self.score!r}: expected one of {', '.join(SCORES)}")
         if self.on_bad_line not in ("error", "skip"):
             raise ValueError(f'on_bad_line={self.on_bad_line!r}: expected "error" or "skip"')
         if self.max_hits < 0 or self.batch_size < 1:
@@ -79,6 +91,7 @@ class EvalSet:
     first_id: int
     lines: list[int] = field(default_factory=list)
     excerpts: list[str] = field(default_factory=list)
+    segments: list[list[str]] = field(default_factory=list)  # kept for --score token
     bad: ReadStats = field(default_factory=ReadStats)
 
 
@@ -174,8 +187,44 @@ def load_eval_sets(paths: list[str], cfg: DecontamConfig):
             texts.append(segs)
             es.lines.append(lineno)
             es.excerpts.append(_excerpt(segs))
+            if cfg.score == "token":
+                es.segments.append(segs)
         sets.append(es)
-    return build_index(texts, cfg.ngram, cfg.threshold), sets
+    # token: the index finds every pair sharing a gram, the token score then decides
+    threshold = cfg.threshold if cfg.score == "ngram" else _ANY_GRAM
+    return build_index(texts, cfg.ngram, threshold), sets
+
+
+_ANY_GRAM = 1e-12  # an index threshold every pair with one shared gram reaches
+
+
+def _contains(seq: list[str], sub: tuple[str, ...]) -> bool:
+    k = len(sub)
+    return any(tuple(seq[i : i + k]) == sub for i in range(len(seq) - k + 1))
+
+
+def token_coverage(eval_segs: list[str], train_segs: list[str], n: int) -> float:
+    """open-instruct's score of one pair: the fraction of the eval item's words that lie in
+    one of its grams (data/decontam.py: n-grams per segment, a shorter segment whole) whose
+    words appear contiguously in a segment of the training item; 0 when the eval item has
+    fewer than n words."""
+    ev = [w for w in (words(s) for s in eval_segs) if w]
+    total = sum(len(w) for w in ev)
+    if total < n:
+        return 0.0
+    tr = [w for w in (words(s) for s in train_segs) if w]
+    train_grams = {tuple(w[i : i + n]) for w in tr for i in range(len(w) - n + 1)}
+    covered = 0
+    for w in ev:
+        if len(w) < n:  # one gram: the whole segment
+            covered += len(w) if any(_contains(t, tuple(w)) for t in tr) else 0
+            continue
+        hit = [False] * len(w)
+        for i in range(len(w) - n + 1):
+            if tuple(w[i : i + n]) in train_grams:
+                hit[i : i + n] = [True] * n
+        covered += sum(hit)
+    return covered / total
 
 
 # ---------------------------------------------------------------------------- scanning
@@ -189,11 +238,11 @@ class _Hits:
         self.listed: dict[int, list[dict[str, Any]]] = {}
         self.total: dict[int, int] = {}
 
-    def add(self, eval_id: int, source: str, count: int) -> None:
+    def add(self, eval_id: int, source: str, count: int, score: float | None = None) -> None:
         self.total[eval_id] = self.total.get(eval_id, 0) + 1
         listed = self.listed.setdefault(eval_id, [])
         if len(listed) < self.max_hits:
-            coverage = count / int(self.gram_counts[eval_id])
+            coverage = count / int(self.gram_counts[eval_id]) if score is None else score
             listed.append({"source": source, "coverage": round(coverage, 6), "count": count})
 
 
@@ -207,19 +256,26 @@ def scan_train_file(path, out_path, index, cfg, set_of_id, sets, hits) -> TrainS
     pos: list[int] = []  # position in `lines` of each item of the batch
     linenos: list[int] = []
     texts: list[str | bytes] = []  # prepared item texts
+    segments: list[list[str]] = []  # the items' segments (--score token)
 
     def flush() -> None:
         removed = set()
         if texts:
             offsets, ids, counts = index.scan(texts)
             for i in np.flatnonzero(np.diff(offsets)).tolist():
-                removed.add(pos[i])
                 source = f"{path}:{linenos[i]}"
                 hit_sets = set()
                 for j in range(int(offsets[i]), int(offsets[i + 1])):
-                    e = int(ids[j])
-                    hits.add(e, source, int(counts[j]))
+                    e, score = int(ids[j]), None
+                    if cfg.score == "token":
+                        es = sets[set_of_id[e]]
+                        score = token_coverage(es.segments[e - es.first_id], segments[i], cfg.ngram)
+                        if score < cfg.threshold:
+                            continue
+                    hits.add(e, source, int(counts[j]), score)
                     hit_sets.add(set_of_id[e])
+                if hit_sets:
+                    removed.add(pos[i])
                 for s in hit_sets:
                     name = sets[s].path
                     st.removed_by_eval_set[name] = st.removed_by_eval_set.get(name, 0) + 1
@@ -229,7 +285,7 @@ def scan_train_file(path, out_path, index, cfg, set_of_id, sets, hits) -> TrainS
             out.writelines(ln for k, ln in enumerate(lines) if k not in removed)
         elif out is not None:
             out.writelines(lines)
-        for buffered in (lines, pos, linenos, texts):
+        for buffered in (lines, pos, linenos, texts, segments):
             buffered.clear()
 
     try:
@@ -247,6 +303,8 @@ def scan_train_file(path, out_path, index, cfg, set_of_id, sets, hits) -> TrainS
             lines.append(raw)
             linenos.append(lineno)
             texts.append(prepare(segs))
+            if cfg.score == "token":
+                segments.append(segs)
             if len(texts) == cfg.batch_size:
                 flush()
         flush()
@@ -395,7 +453,7 @@ def format_table(report: dict[str, Any]) -> str:
     s = report["settings"]
     verb = "would remove" if s["report_only"] else "removed"
     rows = [
-        f"decontaminate: {s['ngram']}-grams, threshold {s['threshold']}, "
+        f"decontaminate: {s['ngram']}-grams, {s['score']} score >= {s['threshold']}, "
         f"{report['seconds']:.1f} s" + (" (report only)" if s["report_only"] else "")
     ]
     w = max([len(p) for p in [*report["train_files"], *report["eval_sets"]]] + [13])
@@ -425,7 +483,14 @@ def _parser() -> argparse.ArgumentParser:
         "--threshold",
         type=float,
         default=0.5,
-        help="coverage of an eval item that marks a training item (default 0.5)",
+        help="score against an eval item that marks a training item (default 0.5)",
+    )
+    p.add_argument(
+        "--score",
+        choices=SCORES,
+        default="ngram",
+        help="ngram: fraction of the eval item's n-grams found (default); token: fraction of "
+        "its words covered by found n-grams (open-instruct's)",
     )
     p.add_argument("--out", help="directory for the cleaned files (one per training file)")
     p.add_argument("--report", help="JSON report path")
@@ -456,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = DecontamConfig(
             ngram=args.ngram,
             threshold=args.threshold,
+            score=args.score,
             all_turns=args.all_turns,
             eval_field=args.eval_field,
             on_bad_line=args.on_bad_line,
