@@ -55,6 +55,7 @@ def env(tmp_path_factory):
         "root": root,
         "model": model,
         "wider": other,
+        "othervocab": othervocab,
         "notmodel": notmodel,
         "data": data,
         "rm5": rm5,
