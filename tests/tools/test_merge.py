@@ -101,7 +101,8 @@ def _ref_ties(base, models, density, weights, lam):
         k = max(1, int(density * tau.numel() + 0.5))
         thr = torch.topk(tau.abs().flatten(), k).values[-1]
         taus.append(w * (tau * (tau.abs() >= thr)).double())
-    sign = torch.stack(taus).sum(0).sign()
+    total = torch.stack(taus).sum(0)
+    sign = torch.where(total >= 0, 1.0, -1.0).double()  # a tie elects + (mergekit)
     num = sum(t * (t.sign() == sign) for t in taus)
     den = sum(w * (t.sign() == sign).double() for t, w in zip(taus, weights))
     den[den == 0] = 1

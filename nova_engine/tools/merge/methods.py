@@ -217,6 +217,8 @@ class Ties(MergeMethod):
     1. trim: keep the k = round(density * numel) (at least 1) largest |tau_i|, zero the
        rest (entries tied with the k-th largest are all kept);
     2. elect: the sign of sum_i w_i tau_i (the sign with the larger total weighted mass);
+       a sum of exactly 0 (task vectors that cancel) elects + as mergekit does
+       (`sign_weight >= 0`), so the positive side's mean is applied, not nothing;
     3. disjoint mean: tau = sum over agreeing i of w_i tau_i / sum over agreeing i of w_i,
        agreeing = sign(w_i tau_i) equals the elected sign (0 where none agree);
     theta = base + lam * tau. Weights default to 1 (the paper's plain disjoint mean).
@@ -275,10 +277,10 @@ class Ties(MergeMethod):
             deltas.append((tau.mul_(w), w))
         if not deltas:
             return base
-        sign = torch.zeros_like(base)
+        total = torch.zeros_like(base)
         for tau, _ in deltas:
-            sign.add_(tau)
-        sign.sign_()
+            total.add_(tau)
+        sign = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)  # sgn(0) elects + (mergekit)
         num, den = torch.zeros_like(base), torch.zeros_like(base)
         for tau, w in deltas:
             agree = tau.sign() == sign
