@@ -151,6 +151,7 @@ def test_tensorboard_tracker_matches_jsonl(tmp_path):
     assert [e.value for e in acc.Scalars("eval/accuracy")] == [0.75]
 
 
+@pytest.mark.slow  # wandb starts its service process
 def test_wandb_offline_for_real(tmp_path, monkeypatch):
     """The real wandb package in offline mode (no account, no network): the run directory
     under out_dir/wandb is the run id Nova kept, and its log holds the metric names and
