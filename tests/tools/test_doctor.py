@@ -99,3 +99,29 @@ def test_make_install_gpu_is_pinned_and_binary_only():
     src = subprocess.run(["make", "-n", "install-gpu", "GPU_BUILD_FROM_SOURCE=1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60).stdout  # fmt: skip
     assert "transformer-engine[pytorch,core_cu13]==2.20.2" in src and "flash-attn==" in src
+
+
+def test_doctor_gpu_branch_with_a_faked_cuda(monkeypatch):
+    """No GPU here: the CUDA branch of doctor's report with torch.cuda faked (an H100, NCCL
+    2.27.3): it names the GPU and NCCL, and the engine's GPU choices come from the same
+    selectors a GPU run uses (torch's varlen attention, Triton LM head, fusions and DP
+    overlap on where their kernels exist, no TE spec without Transformer Engine)."""
+    from types import SimpleNamespace
+
+    from nova_engine.tools import doctor
+
+    props = SimpleNamespace(name="NVIDIA H100 80GB HBM3", total_memory=80 * 2**30, major=9,
+                            minor=0)  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(torch.cuda.nccl, "version", lambda: (2, 27, 3))
+    monkeypatch.delenv("NOVA_KERNELS", raising=False)
+    f, c = doctor.found(), doctor.chosen()
+    assert f["gpu"] == "8 x NVIDIA H100 80GB HBM3 (80 GiB, sm_90)" and f["nccl"] == "2.27.3"
+    assert "varlen_attn" in c["attention (training)"]
+    assert c["lm-head kernels"].startswith("triton")
+    assert c["transformer-engine spec"].startswith("off")  # not installed here
+    assert "masked_softmax_fusion=on" in c["fusions"] and "apply_rope_fusion=off" in c["fusions"]
+    assert c["dp overlap"].startswith("overlap_grad_reduce=on, overlap_param_gather=on")
