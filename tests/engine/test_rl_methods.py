@@ -206,3 +206,132 @@ def test_policy_loss_config_errors_name_the_key():
         RLVRLossSection(policy_loss="gspo", agg="seq-mean-token-mean", tis=True)
     RLVRLossSection(policy_loss="gspo", agg="seq-mean-token-mean")
     RLVRLossSection(policy_loss="cispo", tis=True)
+
+
+# ------------------------------------------------------------------------------ DAPO
+
+
+def _dapo_length_reward(n: int, l_max: int, l_cache: int) -> float:
+    """DAPO eq. 13 written out."""
+    if n <= l_max - l_cache:
+        return 0.0
+    if n <= l_max:
+        return ((l_max - l_cache) - n) / l_cache
+    return -1.0
+
+
+def test_overlong_penalty_equals_dapo_formula():
+    from nova_engine.rl.rollouts import overlong_penalty
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        l_max = int(rng.integers(1, 60))
+        l_cache = int(rng.integers(1, l_max + 1))
+        n = int(rng.integers(0, l_max + 5))
+        f = float(rng.uniform(0.1, 3))
+        want = f * _dapo_length_reward(n, l_max, l_cache)
+        assert overlong_penalty(n, l_max, l_cache, f) == pytest.approx(want, abs=1e-12)
+    assert overlong_penalty(16, 20, 4) == 0.0 and overlong_penalty(20, 20, 4) == -1.0
+    assert overlong_penalty(18, 20, 4) == -0.5 and overlong_penalty(21, 20, 4) == -1.0
+    with pytest.raises(ValueError, match="buffer"):
+        overlong_penalty(3, 10, 11)
+
+
+def _ps1():
+    return types.SimpleNamespace(tp=1, pp=1, dp=1, sp=False, tp_group=None, dp_group=None,
+                                 dp_rank=0, device=torch.device("cpu"))  # fmt: skip
+
+
+def _gather(first_key, rewards_by_group, lens=None, overlong=None):
+    """gather_responses on groups with the given verifier scores (reward 10 * score)."""
+    from nova_engine.data.rlvr import RLVRPrompt
+    from nova_engine.rl.rollouts import Generation
+    from nova_engine.rl.verifiers import RewardConfig, VerifierResult
+    from nova_engine.train.stages.rlvr_rollout import gather_responses
+
+    P = len(rewards_by_group)
+    prompts = [
+        (first_key + j, RLVRPrompt(np.arange(3) + j, "x", "arith", j, "ds")) for j in range(P)
+    ]
+    lens = lens or [[2] * len(s) for s in rewards_by_group]
+    gens = [[Generation(np.arange(n) + 6, None, True) for n in ls] for ls in lens]
+    res = [
+        [VerifierResult(float(x), "correct" if x else "wrong") for x in s] for s in rewards_by_group
+    ]
+    return gather_responses(0, prompts, gens, res, num_groups=P, reward=RewardConfig(10.0, 0.0),
+                            estimator="grpo", ps=_ps1(), overlong=overlong)  # fmt: skip
+
+
+def test_overlong_shaping_is_added_to_the_shaped_reward():
+    sr = _gather(0, [[1, 0, 1]], lens=[[3, 9, 10]], overlong=(10, 4, 2.0))
+    want = [10.0 + 0.0, 0.0 + 2.0 * (6 - 9) / 4, 10.0 - 2.0]
+    assert [r.reward for r in sr.responses] == pytest.approx(want)
+
+
+def test_dynamic_sampling_drops_equal_groups_and_refills_in_order():
+    from nova_engine.train.stages.rlvr_rollout import dynamic_sampling
+
+    first = _gather(0, [[1, 1], [1, 0], [0, 0], [0, 1]])  # groups 1, 3 informative
+    rounds = {
+        1: _gather(100, [[0, 0], [1, 1], [1, 0], [0, 0]]),  # group 2
+        2: _gather(200, [[1, 0], [0, 1], [1, 1], [0, 1]]),
+    }  # 0, 1, 3: only one needed
+    calls = []
+
+    def more(r):
+        calls.append(r)
+        return rounds[r]
+
+    sr, every, met = dynamic_sampling(first, more, target=4, max_rounds=5)
+    assert calls == [1, 2] and len(every) == 24
+    assert sorted({r.group for r in sr.responses}) == [1, 3, 4 + 2, 8 + 0]
+    assert all(not r.zero_var for r in sr.responses) and len(sr.responses) == 8
+    assert met == {"dynamic_sampling/rounds": 3.0, "dynamic_sampling/groups_kept": 4.0,
+                   "dynamic_sampling/groups_dropped": 8.0, "dynamic_sampling/groups_short": 0.0}  # fmt: skip
+    # advantages unchanged by the selection (group-local statistics)
+    keep = [r for r in first.responses if r.group in (1, 3)]
+    assert [r.advantage for r in sr.responses[:4]] == [r.advantage for r in keep]
+    # max_rounds bounds the refill: a short step trains on what it has, counted
+    calls.clear()
+    sr, _, met = dynamic_sampling(first, more, target=4, max_rounds=2)
+    assert calls == [1] and met["dynamic_sampling/groups_short"] == 1.0
+    assert met["dynamic_sampling/groups_kept"] == 3.0 and len(sr.responses) == 6
+    sr, _, met = dynamic_sampling(first, more, target=2, max_rounds=3)  # enough: no refill
+    assert met["dynamic_sampling/rounds"] == 1.0 and len(sr.responses) == 4
+
+
+def test_refill_prompts_are_seeded_fresh_keys():
+    from nova_engine.data.rlvr import RLVRPrompt
+    from nova_engine.train.stages.rlvr_rollout import PromptSource
+
+    prompts = [RLVRPrompt(np.arange(3) + j, "x", "arith", j, "ds") for j in range(10)]
+
+    def src(seed):
+        return PromptSource(prompts, prompts_per_step=4, total_steps=5, seed=seed)
+
+    a, b = src(1), src(1)
+    ra, rb = a.refill_prompts(2, 1), b.refill_prompts(2, 1)
+    assert [k for k, _ in ra.items] == [k for k, _ in rb.items]
+    assert [p.index for _, p in ra.items] == [p.index for _, p in rb.items]
+    assert len({p.index for _, p in ra.items}) == 4  # without replacement
+    main = {k for s in range(5) for k, _ in a.step_prompts(s).items}
+    keys = {k for r in (1, 2) for s in range(5) for k, _ in a.refill_prompts(s, r).items}
+    assert not main & keys and len(keys) == 2 * 5 * 4
+    assert [p.index for _, p in a.refill_prompts(2, 2).items] != [p.index for _, p in ra.items] \
+        or [p.index for _, p in a.refill_prompts(3, 1).items] != [p.index for _, p in ra.items]  # fmt: skip
+    assert a.position == 0  # the stream does not move
+
+
+def test_dapo_config_errors_name_the_key():
+    from nova_engine.config import ConfigError
+    from nova_engine.train.stages.rlvr import RolloutSection
+
+    with pytest.raises(ConfigError, match="overlong_buffer"):
+        RolloutSection(max_new_tokens=8, overlong_buffer=9)
+    with pytest.raises(ConfigError, match="overlong_penalty"):
+        RolloutSection(overlong_buffer=4, overlong_penalty=-1.0)
+    with pytest.raises(ConfigError, match="dynamic_sampling"):
+        RolloutSection(samples_per_prompt=1, dynamic_sampling=True)
+    with pytest.raises(ConfigError, match="max_sampling_rounds"):
+        RolloutSection(max_sampling_rounds=0)
+    assert RolloutSection(max_new_tokens=8, overlong_buffer=8).overlong == (8, 8, 1.0)
