@@ -21,8 +21,8 @@ Trackers (`report_to`, the recipe's `train.report_to`) get the same numeric reco
 "tensorboard" (out_dir/tensorboard), "wandb" (`wandb.init(project=$WANDB_PROJECT or "nova",
 dir=out_dir)`, one run id per out_dir kept in `out_dir/wandb_run_id` so a resumed run
 continues it; WANDB_MODE=offline needs no account), "mlflow" (tracking URI
-$MLFLOW_TRACKING_URI or out_dir/mlruns, experiment $MLFLOW_EXPERIMENT_NAME or "nova"). Each
-is imported only when asked for.
+$MLFLOW_TRACKING_URI or out_dir/mlruns, experiment $MLFLOW_EXPERIMENT_NAME or "nova"; the run
+id in `out_dir/mlflow_run_id`, continued on resume). Each is imported only when asked for.
 """
 
 from __future__ import annotations
@@ -190,7 +190,14 @@ class _MLflow:
         )
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "nova"))
-        mlflow.start_run(run_name=f"{os.path.basename(os.path.abspath(out_dir))}-{stage}")
+        id_file = os.path.join(out_dir, "mlflow_run_id")
+        if os.path.exists(id_file):  # a resumed run continues its MLflow run
+            with open(id_file) as f:
+                mlflow.start_run(run_id=f.read().strip())
+            return  # (params are immutable in MLflow: the first run's stay)
+        run = mlflow.start_run(run_name=f"{os.path.basename(os.path.abspath(out_dir))}-{stage}")
+        with open(id_file, "w") as f:
+            f.write(run.info.run_id + "\n")
         if config:
             mlflow.log_params({k: str(v)[:250] for k, v in _flatten(config).items()})
 

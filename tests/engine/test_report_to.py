@@ -56,9 +56,13 @@ class FakeMlflow:
         self.calls, self.metrics = [], []
 
     def __getattr__(self, name):
-        if name in ("set_tracking_uri", "set_experiment", "start_run", "log_params", "end_run"):
+        if name in ("set_tracking_uri", "set_experiment", "log_params", "end_run"):
             return lambda *a, **kw: self.calls.append((name, a, kw))
         raise AttributeError(name)
+
+    def start_run(self, **kw):
+        self.calls.append(("start_run", (), kw))
+        return types.SimpleNamespace(info=types.SimpleNamespace(run_id=kw.get("run_id", "r123")))
 
     def log_metrics(self, metrics, step):
         self.metrics.append((step, dict(metrics)))
@@ -127,11 +131,18 @@ def test_stub_trackers_get_the_metrics_jsonl_records(tmp_path, stubs):
     assert names == ["set_tracking_uri", "set_experiment", "start_run", "log_params", "end_run"]
     assert ml.calls[0][1][0] == "file:" + str(tmp_path / "mlruns")
     assert ml.calls[3][1][0] == {"optim.lr": "0.001", "train.seed": "1"}
-    # a resumed run continues the same wandb run
+    assert ml.calls[2][2]["run_name"] == f"{tmp_path.name}-sft"
+    # a resumed run continues the same wandb and MLflow runs (no new MLflow params)
     with MetricsLogger(tmp_path, total_steps=6, stage="sft", stream=io.StringIO(), enabled=True,
-                       tensorboard=False, report_to=["wandb"], start_step=3) as m:  # fmt: skip
+                       tensorboard=False, report_to=["wandb", "mlflow"], start_step=3,
+                       config=cfg) as m:  # fmt: skip
         _log_some(m, start=3)
     assert wb.inits[1]["id"] == run_id and wb.finished == 2
+    assert [c[0] for c in ml.calls[5:]] == [
+        "set_tracking_uri", "set_experiment", "start_run", "end_run"
+    ]  # fmt: skip
+    assert ml.calls[7][2] == {"run_id": "r123"}
+    assert [s for s, _ in ml.metrics] == [1, 2, 3, 3, 4, 5, 6, 6]
 
 
 def test_tensorboard_tracker_matches_jsonl(tmp_path):
