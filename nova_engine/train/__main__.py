@@ -15,8 +15,13 @@ import argparse
 import os
 import sys
 
-from nova_engine.progress import emit
-from nova_engine.train.stages import STAGES  # the one stage registry (name -> StageSpec)
+from nova_engine.train.safety import exit_on_interrupt
+
+if __name__ == "__main__":  # from here on a Ctrl-C is one line and exit 130, never a crash
+    exit_on_interrupt()
+
+from nova_engine.progress import emit  # noqa: E402
+from nova_engine.train.stages import STAGES  # noqa: E402 - the one stage registry
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from nova_engine.train.safety import Interrupted
 
+    restore_sigint = exit_on_interrupt()  # a Ctrl-C inside an import: one line, exit 130
     argv = sys.argv[1:] if argv is None else argv
     quiet_library_warnings(argv)
     args = parse(argv)
@@ -153,10 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         report("interrupted (SIGINT) before training started or after it ended")
         return 128 + signal.SIGINT
     finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
+        dist = sys.modules.get("torch.distributed")  # never a first import of torch here
+        if dist is not None and dist.is_initialized():
             dist.destroy_process_group()
+        restore_sigint()
     return 0
 
 

@@ -493,6 +493,40 @@ class NonFiniteGuard:
 # ---------------------------------------------------------------------------- signals
 
 
+INTERRUPTED_LINE = (
+    "interrupted (SIGINT) outside a training step: stopped at once; checkpoints and exports "
+    "are only renamed into place when complete, rerun to resume"
+)
+
+
+def _exit_now(signum: int, frame: Any) -> None:
+    import sys
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            sys.stdout.flush()
+            sys.stderr.write(INTERRUPTED_LINE + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    os._exit(128 + signum)
+
+
+def exit_on_interrupt() -> Callable[[], None]:
+    """SIGINT -> one line (rank 0) and exit 130 at once, skipping the interpreter's teardown.
+    Installed by the training entry point before anything heavy is imported: a
+    KeyboardInterrupt raised inside `import torch` / megatron / a C extension or a gloo
+    init leaves half-initialized modules whose later re-import or teardown segfaulted
+    (exit -11). The training loop's StopRequest takes over during training (a checkpoint at
+    the step boundary) and hands back to this handler after. Returns the restore function
+    (in-process callers, tests, get their previous handler back)."""
+    try:
+        old = signal.signal(signal.SIGINT, _exit_now)
+    except ValueError:  # not the main thread: leave signals alone
+        return lambda: None
+    return lambda: signal.signal(signal.SIGINT, old)
+
+
 class StopRequest:
     """SIGINT/SIGTERM -> `requested` (checked at step boundaries); a second signal restores
     the default handler and re-raises it (stop now)."""

@@ -590,3 +590,44 @@ def test_a_skipped_step_names_the_data_lines_of_its_non_finite_micro_batch(
     assert len(seen["all"]) > 1 and any(set(ids) - set(bad) for ids in seen["all"])
     record("12", "sft ... (one data line's loss infinite; max_bad_steps=1)", rc, line,
            "the checkpoints before it; no hf/", tmp_path)  # fmt: skip
+
+
+def _wait_for_mapping(pid: int, needle: str, timeout: float = 120.0) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                if needle in f.read():
+                    return True
+        except OSError:
+            return False
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.slow  # three start-ups of the entry point in subprocesses
+@pytest.mark.parametrize("after_s", [0.0, 0.3, 1.0])
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(assets, tmp_path, after_s):
+    """SIGINT while torch's C library is loading (and shortly after: megatron, the gloo
+    init): it used to leave half-imported C extensions whose re-import or teardown
+    segfaulted (exit -11). Now: exit 130, one line, no traceback."""
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
+    argv = [sys.executable, "-m", "nova_engine.train", *sft_args(assets, tmp_path / "run")]
+    p = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert _wait_for_mapping(p.pid, "libtorch"), "torch never loaded"
+    time.sleep(after_s)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert p.returncode == 130 and "Traceback" not in err, (p.returncode, err[-2000:])
+    assert lines[-1].startswith(("interrupted (SIGINT)", "SIGINT: stopped after step")), err
+    if after_s == 0.0:
+        record("12", "sft ... (Ctrl-C while torch loads)", p.returncode, lines[-1],
+               "nothing written", tmp_path)  # fmt: skip
