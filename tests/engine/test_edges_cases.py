@@ -631,3 +631,38 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(assets, tmp_path, after
     if after_s == 0.0:
         record("12", "sft ... (Ctrl-C while torch loads)", p.returncode, lines[-1],
                "nothing written", tmp_path)  # fmt: skip
+
+
+# ------------------------------------------------------------------ (12) tools
+
+
+def test_decontaminate_refuses_an_empty_eval_set(assets, tmp_path, capsys):
+    empty = tmp_path / "eval.jsonl"
+    empty.write_text("\n")
+    argv = ["decontaminate", "--train", assets["sft"], "--eval", str(empty), "--out",
+            str(tmp_path / "clean")]  # fmt: skip
+    rc, line = nova(argv, capsys)
+    assert rc == 2 and f"--eval {empty}: no eval items" in line, line
+    assert not (tmp_path / "clean").exists()
+    record("12", "nova decontaminate --train T --eval EMPTY.jsonl --out DIR", rc, line,
+           "nothing written", tmp_path)  # fmt: skip
+
+
+def test_merge_refuses_non_finite_merged_weights(assets, tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    nan = tmp_path / "aligned"
+    shutil.copytree(assets["model"], nan)
+    w = load_file(str(nan / "model.safetensors"))
+    name = sorted(k for k in w if k.endswith("mlp.up_proj.weight"))[0]
+    w[name] = w[name].clone()
+    w[name].view(-1)[7] = float("nan")
+    save_file(w, str(nan / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "merged"
+    rc, line = nova(["merge", "expo", "--init", assets["model"], "--aligned", str(nan),
+                     "--alpha", "0.5", "--out", str(out)], capsys)  # fmt: skip
+    assert rc == 2 and f"merged tensor {name!r} has 1 non-finite value(s)" in line, line
+    assert listing(tmp_path) == ["aligned"] and torch.isnan(w[name]).sum() == 1
+    record("12", "nova merge expo --init M --aligned M_WITH_A_NAN --out DIR", rc, line,
+           "nothing written", tmp_path)  # fmt: skip
