@@ -228,20 +228,33 @@ def open_trackers(
     config: dict[str, Any] | None = None,
 ) -> list[Any]:
     """The trackers of `report_to` (plus TensorBoard when `tensorboard`, best effort): each
-    has log(step, record, prefix) and close(). A tracker named in report_to that does not
-    import raises (config validation already named the key)."""
+    has log(step, record, prefix) and close(). A tracker of report_to that does not start
+    (not importable, wandb without a login, an unreachable MLflow server) is a ConfigError
+    naming train.report_to: one line, not a traceback."""
+    from nova_engine.config import ConfigError
+
     out_dir = os.fspath(out_dir)
     names = list(dict.fromkeys(report_to))
     out: list[Any] = []
-    if tensorboard or "tensorboard" in names:
-        out.append(_TensorBoard(out_dir, start_step, required="tensorboard" in names))
+    if tensorboard and "tensorboard" not in names:
+        out.append(_TensorBoard(out_dir, start_step, required=False))
+    makers = {
+        "tensorboard": lambda: _TensorBoard(out_dir, start_step, required=True),
+        "wandb": lambda: _WandB(out_dir, stage, config),
+        "mlflow": lambda: _MLflow(out_dir, stage, config),
+    }
     for name in names:
-        if name == "wandb":
-            out.append(_WandB(out_dir, stage, config))
-        elif name == "mlflow":
-            out.append(_MLflow(out_dir, stage, config))
-        elif name != "tensorboard":
-            raise ValueError(f"report_to: unknown tracker {name!r}")
+        if name not in makers:
+            raise ConfigError("train.report_to", f"unknown tracker {name!r}")
+        try:
+            out.append(makers[name]())
+        except Exception as e:  # noqa: BLE001 - any failure to start: the user's setup
+            for t in out:
+                t.close()
+            hint = " (without an account: WANDB_MODE=offline)" if name == "wandb" else ""
+            raise ConfigError(
+                "train.report_to", f"{name} did not start: {type(e).__name__}: {e}{hint}"
+            ) from None
     return out
 
 

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import sys
+import time
 import types
 
 import pytest
@@ -175,7 +176,12 @@ def test_wandb_offline_for_real(tmp_path, monkeypatch):
         _log_some(m)
     run_id = open(tmp_path / "wandb_run_id").read().strip()
     (log,) = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run_id}" / f"run-{run_id}.wandb"))
-    blob = open(log, "rb").read()
+    import wandb
+
+    wandb.teardown()  # the service writes the run's log asynchronously: wait for it
+    deadline = time.monotonic() + 60
+    while b"eval/accuracy" not in (blob := open(log, "rb").read()) and time.monotonic() < deadline:
+        time.sleep(0.5)
     recs = read_metrics(tmp_path / "metrics.jsonl")
     for key in (b"train/loss", b"train/grad_norm", b"eval/accuracy"):
         assert key in blob, key
@@ -275,3 +281,25 @@ def test_sft_from_parquet_with_trackers_eval_hook_and_resolved_config(tmp_path, 
     assert d["train"]["out_dir"] == str(tmp_path / "b") and d["eval"]["command"] == hook
     again = load_recipe(cfg_path, "sft")
     assert again.to_dict() == load_recipe(RECIPE, "sft", b_args).to_dict()
+
+
+def test_a_tracker_that_does_not_start_is_one_config_error(tmp_path, monkeypatch):
+    """wandb.init failing (no login, no network) stops the run with one line naming
+    train.report_to and the cause, after closing the trackers already started."""
+    closed = []
+
+    def init(**kw):
+        raise RuntimeError("api_key not configured (no-tty)")
+
+    monkeypatch.setitem(sys.modules, "wandb", _module("wandb", init=init))
+    import nova_engine.train.metrics as metrics
+
+    monkeypatch.setattr(metrics._TensorBoard, "close", lambda self: closed.append("tb"))
+    with pytest.raises(ConfigError) as e:
+        MetricsLogger(tmp_path, total_steps=2, stream=io.StringIO(), enabled=True,
+                      tensorboard=False, report_to=["tensorboard", "wandb"])  # fmt: skip
+    assert str(e.value) == (
+        "train.report_to: wandb did not start: RuntimeError: api_key not configured (no-tty) "
+        "(without an account: WANDB_MODE=offline)"
+    )
+    assert closed == ["tb"]
