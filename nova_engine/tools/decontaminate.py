@@ -336,7 +336,7 @@ def run(
     index, sets = load_eval_sets(evals, cfg)
     for es in sets:  # an empty eval set would pass every training item unchecked
         if not es.lines:
-            why = f"{es.bad.n_skipped} bad line(s) skipped" if es.bad.n_skipped else "no item"
+            why = f"{es.bad.n_skipped} bad line(s) skipped" if es.bad.n_skipped else "no JSON line"
             raise _UserError(
                 f"--eval {es.path}: no eval items ({why}): nothing to check the training "
                 "data against; give a JSONL of eval items"

@@ -589,7 +589,7 @@ def test_a_skipped_step_names_the_data_lines_of_its_non_finite_micro_batch(
     assert sorted(int(n) - 1 for n in named) == bad[:8], (named, bad)
     assert len(seen["all"]) > 1 and any(set(ids) - set(bad) for ids in seen["all"])
     record("12", "sft ... (one data line's loss infinite; max_bad_steps=1)", rc, line,
-           "the checkpoints before it; no hf/", tmp_path)  # fmt: skip
+           "no checkpoint after the skip; no hf/", assets["root"])  # fmt: skip
 
 
 def _wait_for_mapping(pid: int, needle: str, timeout: float = 120.0) -> bool:

@@ -344,8 +344,8 @@ def test_an_empty_eval_set_is_refused(tmp_path, capsys):
     rng = random.Random(3)
     good, _ = _eval_file(tmp_path, rng, n_items=2)
     for name, body, why in (
-        ("empty.jsonl", "", "no item"),
-        ("blank.jsonl", "\n\n  \n", "no item"),
+        ("empty.jsonl", "", "no JSON line"),
+        ("blank.jsonl", "\n\n  \n", "no JSON line"),
         ("bad.jsonl", "[1]\n{broken\n", "2 bad line(s) skipped"),
     ):
         ev = tmp_path / name
