@@ -67,8 +67,9 @@ def readme_commands(path: str = os.path.join(ROOT, "README.md")) -> list[list[st
 def test_readme_has_the_chain():
     """The parser sees the whole chain (a README edit that hides a command fails here)."""
     cmds = readme_commands()
-    stages = [c[c.index("nova_engine.train") + 1] for c in cmds if "nova_engine.train" in c]
-    assert stages == ["sft", "dpo", "rm", "rm", "rlvr", "sft"], stages
+    stages = [c[i] for c in cmds if (i := _stage_index(c)) is not None]
+    it = iter(stages)  # the chain, in this order (other stage lines may come between)
+    assert all(s in it for s in ["sft", "dpo", "rm", "rm", "rlvr", "sft"]), stages
     tools = [c[1] for c in cmds if c[0] == "nova"]
     assert tools[:1] == ["export"] and {"generate", "merge", "decontaminate", "pas", "plan",
                                         "dryrun"} <= set(tools)  # fmt: skip
@@ -137,22 +138,48 @@ DATA_KINDS = {"tulu3_sft": "sft", "tulu3_prefs": "pref", "helpsteer2": "regressi
 STAGE_KINDS = {"sft": "sft", "dpo": "pref", "rm": "regression", "rlvr": "rlvr"}
 
 
+def _stage_index(argv: list[str]) -> int | None:
+    """Where the stage name is in a stage command (`torchrun ... -m nova_engine.train
+    <stage>`, `python -m nova_engine.train <stage>`, `nova <stage>`, `nova run <flags>
+    <stage>`), or None for a tool."""
+    if "nova_engine.train" in argv:
+        return argv.index("nova_engine.train") + 1
+    if argv[0] == "nova" and argv[1] in SIZES:
+        return 1
+    if argv[0] == "nova" and argv[1] == "run":
+        return next((i for i, a in enumerate(argv) if a in SIZES), None)
+    return None
+
+
+def _launch_flags(flags: list[str]) -> list[str]:
+    """torchrun's / nova run's own flags with one process per node on one node."""
+    out = list(flags)
+    for i, a in enumerate(out):
+        if a in ("--nproc_per_node", "--nproc-per-node", "--nnodes") and i + 1 < len(out):
+            out[i + 1] = "1"
+    return out
+
+
 def _stage_argv(world: World, argv: list[str]) -> list[str]:
-    """torchrun ... -m nova_engine.train <stage> ... -> the train entry point's argv, with
-    the recipe's own relative data/model defaults created in the working directory."""
+    """A stage command -> the stage's argv (`<stage> --recipe R key=value ...`), with the
+    recipe's relative data default created in the working directory when the command sets
+    no data.train_paths."""
     from nova_engine.recipe import load_recipe
 
-    args = [world.swap(a) for a in argv[argv.index("nova_engine.train") + 1 :]]
+    args = [world.swap(a) for a in argv[_stage_index(argv) :]]
     stage = args[0]
     args += LAYOUT + SIZES[stage]
     for a in args:  # the README's data and model paths
         for m in re.finditer(r"(/[^\[\],=\s]+?/data/([\w\-]+)\.jsonl)", a):
-            world.data(m.group(1), DATA_KINDS[m.group(2)])
+            world.data(m.group(1), DATA_KINDS.get(m.group(2), STAGE_KINDS[stage]))
         m = re.match(r"model\.hf_path=(.*/models/.*)$", a)
         if m and not os.path.exists(m.group(1)):
             world.model(m.group(1))
-    if not any(a.startswith("data.train_paths=") for a in args):  # the 70B line: the
-        run = load_recipe(args[2], stage, args[3:])  # recipe's relative data path stands
+    has_recipe = "--recipe" in args and "--help" not in args
+    if has_recipe and not any(a.startswith("data.train_paths=") for a in args):  # 70B line:
+        r = args.index("--recipe")  # the recipe's relative data path stands
+        kv = [a for a in args[1:] if "=" in a and not a.startswith("-")]
+        run = load_recipe(args[r + 1], stage, kv)
         for p in run.data.train_paths:  # for the cluster's, under the working directory
             world.data(p, STAGE_KINDS[stage])
     return args  # (nothing else of a recipe's defaults is created: a README line that
@@ -178,6 +205,14 @@ def _tool_inputs(world: World) -> None:
         world.data(name, kind)
 
 
+def _call(main, args) -> int:
+    """A main's exit code, also when it exits through SystemExit (argparse's --help)."""
+    try:
+        return int(main(args) or 0)
+    except SystemExit as e:
+        return int(e.code or 0)
+
+
 def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     from megatron.core import parallel_state
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -192,9 +227,16 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     for argv in cmds:
         # each command is its own process for a user: no megatron groups left from the last
         parallel_state.destroy_model_parallel()
-        if argv[0] == "torchrun":
+        i = _stage_index(argv)
+        if i is not None:
             args = _stage_argv(world, argv)
-            rc = train_main(args)
+            if argv[0] == "nova" and argv[1] == "run":  # a torchrun of one process
+                args = ["run", *_launch_flags(argv[2:i]), *args]
+                rc = _call(cli.main, args)
+            elif argv[0] == "nova":
+                rc = _call(cli.main, args)
+            else:  # torchrun -m / python -m nova_engine.train: the same main, one rank
+                rc = _call(train_main, args)
         else:
             assert argv[0] == "nova", argv
             if argv[1] != "export" and not tools_done:
@@ -204,7 +246,7 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
             if args[0] == "export" and not os.path.exists(args[1]):  # the run's own step
                 ckpts = os.path.dirname(args[1])
                 args[1] = os.path.join(ckpts, sorted(os.listdir(ckpts))[-1])
-            rc = cli.main(args)
+            rc = _call(cli.main, args)
         if rc != 0 and args[:2] == ["pas", "build-data"]:
             # random tiny teacher and judge: no verdict parses, nothing is accepted (the
             # command ran; `make demo-pas` trains a tutor for a non-empty run)
