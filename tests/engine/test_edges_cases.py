@@ -9,7 +9,11 @@ Covers: exports that never destroy (a new directory, or a previous export with
 manifest checksums checked by `nova export` and `nova generate --model CKPT`, non-finite and
 absurd hyperparameters refused, divergence rolling back to the checkpoint before the first
 skipped step (keep_last never prunes it) with no final export, the lock on checkpoint.dir,
-and one line instead of a traceback for the listed user errors.
+one line instead of a traceback for the listed user errors, and (item 12) a layout change
+whose advice is a command that runs (the test runs it), every checkpoint damaged refused, a
+skipped step naming its data lines, Ctrl-C during start-up (130, not a segfault), an empty
+eval set for `nova decontaminate`, non-finite merged weights refused by `nova merge`.
+The verifier pool's time bound (item 9) is tested in tests/engine/test_verifiers_pool.py.
 """
 
 from __future__ import annotations
