@@ -6,9 +6,12 @@
   GSPO-token variant for per-token advantages; under forbid_host_sync with the host facts;
 - CISPO (MiniMax-M1; policy loss "cispo"): -sum_t sg(clip(r_t)) A_t logp_t / tokens (+ TIS, KL);
 - DAPO overlong reward shaping (`overlong_penalty`) against the paper's piecewise formula;
-- DAPO dynamic sampling (RLVRStage with rollout.dynamic_sampling): all-equal groups dropped,
-  the batch refilled from extra prompt draws, deterministic per seed, counted in metrics;
+- DAPO dynamic sampling (`dynamic_sampling`, `PromptSource.refill_prompts`): all-equal groups
+  dropped, the batch refilled in (round, group) order from seeded extra prompt draws with
+  fresh sampling keys, bounded by max rounds, counted in metrics;
 - their config errors name the recipe key.
+Through the RLVR stage at TP1xDP2, TP2 and PP2 against the single-rank run (the spawned
+group): tests/engine/test_rl_invariants.py.
 """
 
 from __future__ import annotations
