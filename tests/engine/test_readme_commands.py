@@ -256,9 +256,11 @@ def test_readme_commands_run_as_written(tmp_path, monkeypatch):
     runs = world.cluster / "runs" / "llama3-8b"
     for d in ("sft", "dpo", "rlvr"):
         AutoModelForCausalLM.from_pretrained(runs / d / "hf")
-    for d in ("rm_regression", "rm_scaled_bt"):
-        m = AutoModelForSequenceClassification.from_pretrained(runs / d / "hf")
+    for d in ("rm_regression", "rm_scaled_bt", "rlvr/hf_critic"):
+        path = runs / d / "hf" if not d.endswith("hf_critic") else runs / d
+        m = AutoModelForSequenceClassification.from_pretrained(path)
         assert m.config.num_labels == (5 if d == "rm_regression" else 1)
+        assert os.path.isfile(path / "tokenizer.json"), f"{d}: the export holds the tokenizer"
     assert os.path.isfile(world.cluster / "models" / "my-sft" / "config.json")
     assert os.path.isdir(world.cwd / "runs" / "llama3_70b" / "sft" / "hf")
     out = [json.loads(line) for line in open(world.cwd / "out.jsonl")]

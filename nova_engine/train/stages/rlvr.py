@@ -43,6 +43,7 @@ import torch.distributed as dist
 from nova_engine.config import ConfigError, ModelConfig, OptimConfig, RunConfig, check
 from nova_engine.logging import get_logger
 from nova_engine.losses.policy import KL_PLACES, PolicyLossConfig, policy_loss_names
+from nova_engine.model.hf_export import complete_hf_export
 from nova_engine.rl.advantages import advantage_names
 from nova_engine.rl.verifiers import RewardConfig
 from nova_engine.train.loop import Loop
@@ -585,7 +586,14 @@ def run(run: RLVRRunConfig) -> list[dict[str, float]]:
             evaluate = eval_fn(producer, held_out, ps, stage.reward, greedy, at_t)
         out = runner.train_stage(run, loop, stage, evaluate)
         if "critic" in loop.engines and run.checkpoint.export_hf:
-            loop.engine("critic").export_hf(os.path.join(run.train.out_dir, "hf_critic"))
+            critic_dir = os.path.join(run.train.out_dir, "hf_critic")
+            loop.engine("critic").export_hf(critic_dir)
+            if ps.world_size > 1:
+                dist.barrier()
+            if ps.rank == 0:  # the tokenizer and special-token ids, as every export carries
+                complete_hf_export(critic_dir, source_dir=run.critic.init_from,
+                                   tokenizer_dir=run.model.tokenizer_dir,
+                                   template=run.data.template)  # fmt: skip
         return out
     finally:
         if pool is not None:
