@@ -13,6 +13,10 @@ are kept out):
   the known ones;
 - `ground_truth` is what that verifier checks against (GSM8K: the number; MATH: the LaTeX
   answer; IFEval: the JSON constraint string).
+An OPEN-ENDED prompt has no "ground_truth" (and needs no "dataset": it names the data source
+in the metrics, default "open"): it is scored by a reward model alone, so the readers accept it
+only with allow_open=True (the rlvr stage passes it when `reward_model.path` is set); without,
+the line is bad ("no ground_truth ... set reward_model.path"). Its ground_truth is None.
 The readers here check the layout; the verifier's own check (`dataset` names a registered
 verifier, `ground_truth` passes its check) comes in as `check`: nova_engine.rl.prompts passes
 it (the stages read through it), so e.g. a GSM8K ground truth that is not a number, or an
@@ -53,6 +57,9 @@ from nova_engine.logging import get_logger
 
 logger = get_logger(__name__)
 
+OPEN_DATASET = "open"
+"""The data source name of an open-ended prompt that names none."""
+
 
 @dataclass
 class RLVRRecord:
@@ -75,6 +82,7 @@ class RLVRPrompt:
     dataset: str
     index: int
     source: str
+    messages: list[Message] | None = None  # the conversation (a reward model re-renders it)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -108,9 +116,10 @@ when no verifier of that name exists or it rejects the ground truth (nova_engine
 
 
 def parse_rlvr(
-    obj: dict, check: DatasetCheck | None = None
+    obj: dict, check: DatasetCheck | None = None, allow_open: bool = False
 ) -> tuple[list[Message], Any, str, str | None]:
-    """-> (messages, ground_truth, dataset, id); raises _Bad (see the module docstring)."""
+    """-> (messages, ground_truth, dataset, id); raises _Bad (see the module docstring).
+    allow_open: a line without "ground_truth" is an open-ended prompt (ground_truth None)."""
     msgs = _check_messages(
         _require(obj, "messages", "a list of {role, content} messages ending with a user turn"),
         "messages",
@@ -122,7 +131,19 @@ def parse_rlvr(
             "writes the reply)",
             "last_not_user",
         )
-    gt = _require(obj, "ground_truth", "the answer or constraint the verifier checks")
+    if obj.get("ground_truth") is None:
+        if not allow_open:
+            raise _Bad(
+                'missing key "ground_truth" (the answer or constraint the verifier checks; '
+                "an open-ended prompt without one needs a reward model: set "
+                "reward_model.path)",
+                "missing_key",
+            )
+        dataset = obj.get("dataset", OPEN_DATASET)
+        if not isinstance(dataset, str) or not dataset.strip():
+            raise _Bad(f'"dataset" must be a non-empty string, got {dataset!r}', "bad_dataset")
+        return msgs, None, dataset, _get_id(obj)
+    gt = obj["ground_truth"]
     _check_ground_truth_shape(gt)
     dataset = _require(obj, "dataset", "the data source naming the verifier")
     if not isinstance(dataset, str) or not dataset.strip():
@@ -138,11 +159,12 @@ def read_rlvr_jsonl(
     on_bad_line: OnBadLine = "error",
     start_index: int = 0,
     check: DatasetCheck | None = None,
+    allow_open: bool = False,
 ) -> tuple[list[RLVRRecord], ReadStats]:
     """Read one RLVR JSONL file; DataError on the first bad line unless on_bad_line="skip"."""
 
     def parse(obj: dict, index: int, source: str) -> RLVRRecord:
-        msgs, gt, dataset, rid = parse_rlvr(obj, check)
+        msgs, gt, dataset, rid = parse_rlvr(obj, check, allow_open)
         return RLVRRecord(msgs, gt, dataset, index, source, rid)
 
     return read_jsonl(path, parse, on_bad_line=on_bad_line, start_index=start_index)
@@ -153,6 +175,7 @@ def read_rlvr(
     *,
     on_bad_line: OnBadLine = "error",
     check: DatasetCheck | None = None,
+    allow_open: bool = False,
 ) -> tuple[list[RLVRRecord], ReadStats]:
     """Read several RLVR files, indices dense across files in the given order."""
     if isinstance(paths, (str, os.PathLike)):
@@ -161,8 +184,9 @@ def read_rlvr(
     total = ReadStats()
     for p in paths:
         recs, stats = read_rlvr_jsonl(
-            p, on_bad_line=on_bad_line, start_index=len(records), check=check
-        )
+            p, on_bad_line=on_bad_line, start_index=len(records), check=check,
+            allow_open=allow_open,
+        )  # fmt: skip
         records += recs
         total.merge(stats)
     return records, total
@@ -187,7 +211,8 @@ def tokenize_rlvr(
             stats.dropped_too_long += 1
             continue
         tokens = np.asarray(ids, dtype=np.int64)
-        out.append(RLVRPrompt(tokens, rec.ground_truth, rec.dataset, rec.index, rec.source))
+        out.append(RLVRPrompt(tokens, rec.ground_truth, rec.dataset, rec.index, rec.source,
+                              rec.messages))  # fmt: skip
     stats.n_out = len(out)
     if stats.dropped_too_long:
         logger.info(
@@ -207,9 +232,11 @@ def load_rlvr_prompts(
     max_prompt_length: int | None = None,
     on_bad_line: OnBadLine = "error",
     check: DatasetCheck | None = None,
+    allow_open: bool = False,
 ) -> tuple[list[RLVRPrompt], ReadStats, RLVRTokenizeStats]:
     """Read + validate + tokenize: (prompts, ReadStats, RLVRTokenizeStats)."""
-    records, read_stats = read_rlvr(paths, on_bad_line=on_bad_line, check=check)
+    records, read_stats = read_rlvr(paths, on_bad_line=on_bad_line, check=check,
+                                    allow_open=allow_open)  # fmt: skip
     prompts, tok_stats = tokenize_rlvr(records, tokenizer, max_prompt_length=max_prompt_length)
     return prompts, read_stats, tok_stats
 

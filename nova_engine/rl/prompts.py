@@ -61,9 +61,11 @@ def load_rlvr_prompts(
     *,
     max_prompt_length: int | None = None,
     on_bad_line: OnBadLine = "error",
+    allow_open: bool = False,
 ) -> tuple[list[RLVRPrompt], ReadStats, RLVRTokenizeStats]:
-    """Read + verifier-check + tokenize: (prompts, ReadStats, RLVRTokenizeStats)."""
+    """Read + verifier-check + tokenize: (prompts, ReadStats, RLVRTokenizeStats);
+    allow_open: lines without ground_truth are open-ended prompts (a reward model scores them)."""
     return rlvr.load_rlvr_prompts(
         paths, tokenizer, max_prompt_length=max_prompt_length, on_bad_line=on_bad_line,
-        check=verifier_check,
+        check=verifier_check, allow_open=allow_open,
     )  # fmt: skip

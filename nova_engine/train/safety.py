@@ -144,7 +144,11 @@ def check_policy_dir(key: str, path: str) -> None:
 SAME_DIMS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 MODEL_PATH_KEYS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "rm": (("model.init_from", SAME_DIMS),),
-    "rlvr": (("model.reference_path", ("vocab_size",)), ("critic.init_from", ())),
+    "rlvr": (
+        ("model.reference_path", ("vocab_size",)),
+        ("critic.init_from", ()),
+        ("reward_model.path", ()),
+    ),
 }
 MODEL_CLASS_SUFFIXES = ("ForCausalLM", "ForSequenceClassification")
 
@@ -213,6 +217,22 @@ def check_model_classes(run) -> None:
                 "critic.output",
                 f"{critic.output!r}: critic.init_from={critic.init_from} has {len(labels)} "
                 f"outputs: name one of {labels}",
+            )
+    rm = getattr(run, "reward_model", None)
+    if stage == "rlvr" and rm is not None and rm.path:  # a reward model as the RL reward
+        from nova_engine.model.hf_io import score_labels
+
+        labels = score_labels(rm.path)
+        if labels is None:
+            raise ConfigError(
+                "reward_model.path",
+                f"{rm.path} is not a *ForSequenceClassification (expected the rm stage's export)",
+            )
+        if (len(labels) > 1 or rm.output is not None) and rm.output not in labels:
+            raise ConfigError(
+                "reward_model.output",
+                f"{rm.output!r}: reward_model.path={rm.path} has {len(labels)} output(s): "
+                f"name one of {labels}",
             )
     for key in POLICY_KEYS.get(stage, ()):
         path = _run_value(run, key)

@@ -24,8 +24,10 @@ the sampler / trainer invariants (train_rollout_logprob_abs_diff, token_mult_pro
 ppo_kl_first_update: 0 up to fp32 rounding for colocated generation), clip fraction, response length, truncated fraction, the time split time/{generate, verify,
 ref_value, train}, gen_tokens_per_s and train_tokens_per_s. Checkpoints hold the policy, the
 critic, both optimizers and the prompt stream's position and seeds: a resumed run repeats the
-uninterrupted run's rewards and losses exactly. Modules: rlvr_rollout (prompts, rollouts,
-packing), rlvr_losses (passes, advantages, losses).
+uninterrupted run's rewards and losses exactly. A reward model (`reward_model.path`, the rm
+stage's export) scores the responses too: reward = w_v * verifier + w_rm * RM score, open-ended
+prompts (no ground_truth) by the RM alone (rlvr_rm). Modules: rlvr_rollout (prompts,
+rollouts, packing), rlvr_losses (passes, advantages, losses), rlvr_rm, rlvr_eval.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from nova_engine.model.hf_export import complete_hf_export
 from nova_engine.rl.advantages import advantage_names
 from nova_engine.rl.verifiers import RewardConfig
 from nova_engine.train.loop import Loop
+from nova_engine.train.stages.rlvr_eval import eval_fn
 from nova_engine.train.stages.rlvr_losses import (
     PREPASS_METRICS,
     PolicyLoss,
@@ -54,6 +57,8 @@ from nova_engine.train.stages.rlvr_losses import (
     assign_advantages,
     prepass,
 )
+from nova_engine.train.stages.rlvr_rm import RewardModelSection, RMScorer
+from nova_engine.train.stages.rlvr_rm import combine as rm_combine
 from nova_engine.train.stages.rlvr_rollout import (
     GROUP_BASELINES,
     EngineRollouts,
@@ -294,6 +299,7 @@ class RLVRRunConfig(RunConfig):
     rollout: RolloutSection = field(default_factory=RolloutSection)
     loss: RLVRLossSection = field(default_factory=RLVRLossSection)
     critic: CriticSection = field(default_factory=CriticSection)
+    reward_model: RewardModelSection = field(default_factory=RewardModelSection)
 
     stage: typing.ClassVar[str] = "rlvr"
     data_format: typing.ClassVar[str] = "rlvr"
@@ -339,8 +345,9 @@ class RLVRStage:
     engine = "policy"
 
     def __init__(self, ps, rollout: RolloutSection, loss: RLVRLossSection, producer: Producer,
-                 *, micro_batch_tokens: int, seed: int, pad_id: int = 0):  # fmt: skip
-        self.ps, self.rollout, self.loss, self.producer = ps, rollout, loss, producer
+                 *, micro_batch_tokens: int, seed: int, pad_id: int = 0,
+                 rm: RMScorer | None = None):  # fmt: skip
+        self.ps, self.rollout, self.loss, self.producer, self.rm = ps, rollout, loss, producer, rm
         self.mbt, self.seed, self.pad_id = micro_batch_tokens, seed, pad_id
         self.pcfg = loss.policy_config()
         self.reward = rollout.reward_config()
@@ -353,9 +360,18 @@ class RLVRStage:
         """Generate, verify, shape and gather the responses to the prompts of `batch`."""
         first, mine = batch.share(self.ps)
         gens, results, times = self.producer(batch.step, mine)
+        rm, combine = None, None
+        if self.rm is not None:  # rlvr_rm: w_v * verifier + w_rm * RM score
+            t0 = time.perf_counter()
+            rm, cfg = self.rm(mine, gens, self.producer.text), self.rm.cfg
+            combine, times["reward_model"] = (
+                (lambda v, x: rm_combine(v, x, cfg)),
+                time.perf_counter() - t0,
+            )
         sr = gather_responses(first, mine, gens, results, num_groups=len(batch.items),
                               reward=self.reward, estimator=self.loss.advantage, ps=self.ps,
-                              eps=self.loss.adv_eps, overlong=self.rollout.overlong)  # fmt: skip
+                              eps=self.loss.adv_eps, overlong=self.rollout.overlong,
+                              rm_scores=rm, combine=combine)  # fmt: skip
         sr.times = times
         return sr
 
@@ -427,46 +443,6 @@ class RLVRStage:
         return metrics
 
 
-# ------------------------------------------------------------------------------ evaluation
-
-
-def eval_fn(producer: EngineRollouts, prompts: list, ps, reward: RewardConfig, params,
-            sampled=None):  # fmt: skip
-    """An eval_fn for Loop.fit: greedy responses to held-out prompts (`params`), verified:
-    verified fraction (overall and per data source) and mean reward; with `sampled`
-    (SamplingParams at the training temperature, n = k) also `verified_at_t` (and per data
-    source): the mean verified fraction of the k samples per prompt, pass@1 at T."""
-    from nova_engine.rl.verifiers import shape_rewards
-
-    def responses(p) -> list:
-        ids = np.array_split(np.arange(len(prompts)), ps.dp)[ps.dp_rank]
-        mine = [(int(i), prompts[int(i)]) for i in ids]  # key i: held-out prompt i
-        gens, results, _ = producer(-1, mine, p)
-        flat = [(prompts[int(i)].dataset, r.score, g.finished, r)
-                for i, gs, rs in zip(ids, gens, results) for g, r in zip(gs, rs)]  # fmt: skip
-        parts: list = [flat]
-        if ps.dp > 1:
-            parts = [None] * ps.dp
-            dist.all_gather_object(parts, flat, group=ps.dp_group)
-        return [x for part in parts for x in part]
-
-    def verified(rows, suffix: str) -> dict[str, float]:
-        out = {f"verified{suffix}": float(np.mean([x[1] >= 1 for x in rows]))}
-        for ds in sorted({x[0] for x in rows}):
-            out[f"verified{suffix}/{ds}"] = float(np.mean([x[1] >= 1 for x in rows if x[0] == ds]))
-        return out
-
-    def evaluate() -> dict[str, float]:
-        rows = responses(params)
-        rew = shape_rewards([x[3] for x in rows], [x[2] for x in rows], reward)
-        out = {**verified(rows, ""), "reward_mean": float(np.mean(rew))}
-        if sampled is not None:
-            out.update(verified(responses(sampled), "_at_t"))
-        return out
-
-    return evaluate
-
-
 # ------------------------------------------------------------------------------ the run
 
 
@@ -522,7 +498,8 @@ def _load_prompts(run: RLVRRunConfig, ct, paths):
     from nova_engine.rl.prompts import load_rlvr_prompts
 
     prompts, _, _ = load_rlvr_prompts(paths, ct, max_prompt_length=run.data.max_length,
-                                      on_bad_line=run.data.on_bad_line)  # fmt: skip
+                                      on_bad_line=run.data.on_bad_line,
+                                      allow_open=run.reward_model.enabled)  # fmt: skip
     return prompts
 
 
@@ -546,9 +523,10 @@ def build_loop(run: RLVRRunConfig, ps, prompts, stops) -> Loop:
     return Loop(build_engines(run, ps, updates, stops), source)
 
 
-def build_stage(run: RLVRRunConfig, ps, producer: Producer, pad_id: int = 0) -> RLVRStage:
+def build_stage(run: RLVRRunConfig, ps, producer: Producer, pad_id: int = 0,
+                rm: RMScorer | None = None) -> RLVRStage:  # fmt: skip
     return RLVRStage(ps, run.rollout, run.loss, producer, seed=run.data.seed, pad_id=pad_id,
-                     micro_batch_tokens=run.train.micro_batch_tokens)  # fmt: skip
+                     micro_batch_tokens=run.train.micro_batch_tokens, rm=rm)  # fmt: skip
 
 
 def run(run: RLVRRunConfig) -> list[dict[str, float]]:
@@ -571,7 +549,8 @@ def run(run: RLVRRunConfig) -> list[dict[str, float]]:
     try:
         producer = EngineRollouts(loop.engine("policy"), ct.tokenizer, sampling_params(run, stops),
                                   verify, max_batch_size=r.max_batch_size)  # fmt: skip
-        stage = build_stage(run, ps, producer, pad_id=ct.tokenizer.pad_token_id or 0)
+        stage = build_stage(run, ps, producer, pad_id=ct.tokenizer.pad_token_id or 0,
+                            rm=RMScorer.build(run, ps))  # fmt: skip
         evaluate = None
         if run.data.eval_paths:
             greedy = SamplingParams(temperature=0.0, max_new_tokens=r.max_new_tokens,

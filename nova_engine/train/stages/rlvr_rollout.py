@@ -65,6 +65,9 @@ from nova_engine.train.data_source import deal
 
 logger = get_logger(__name__)
 
+OPEN_RESULT = VerifierResult(0.0, "no_answer: open-ended prompt (no verifier; reward model only)")
+"""The verifier result of a response to an open-ended prompt (no ground_truth)."""
+
 GROUP_BASELINES = {"grpo": "grpo", "dr_grpo": "dr_grpo", "rloo": "rloo",
                    "reinforce_pp_baseline": "dr_grpo"}  # fmt: skip
 """Advantage estimators with an outcome baseline from group statistics (-> the estimator of
@@ -233,7 +236,10 @@ class EngineRollouts:
         t1 = time.perf_counter()
         items = [VerifyItem(p.dataset, self.text(g), p.ground_truth)
                  for (_, p), group in zip(prompts, gens) for g in group]  # fmt: skip
-        flat = verify_split(items, self.verify, self.engine.ps)
+        ask = [i for i, it in enumerate(items) if it.ground_truth is not None]  # not open-ended
+        flat: list = [OPEN_RESULT] * len(items)
+        for i, r in zip(ask, verify_split([items[i] for i in ask], self.verify, self.engine.ps)):
+            flat[i] = r
         n = params.n
         results = [flat[j * n : (j + 1) * n] for j in range(len(prompts))]
         return gens, results, {"generate": t1 - t0, "verify": time.perf_counter() - t1}
@@ -255,6 +261,8 @@ class Response:
     score: float  # verifier score in [0, 1]
     reason: str  # verifier result kind (correct, wrong, timeout, ...)
     zero_var: bool = False  # its group's rewards are all equal (group estimators only)
+    verifier_reward: float | None = None  # shaped verifier reward (None: open-ended prompt)
+    rm_score: float | None = None  # reward-model score (None: no reward model)
 
 
 @dataclass
@@ -277,12 +285,22 @@ def gather_responses(
     ps,
     eps: float = 1e-6,
     overlong: tuple[int, int, float] | None = None,
+    rm_scores: list[list[float]] | None = None,
+    combine: Callable[[float | None, float], float] | None = None,
 ) -> StepResponses:
     """Shape rewards (+ DAPO's overlong_penalty with overlong = (L_max, L_cache, factor)),
     compute group advantages (statistics over DP) and gather every rank's responses in step
-    order (see the module docstring)."""
+    order (see the module docstring). With `rm_scores` [p][i] (a reward model's), the reward
+    is combine(shaped verifier reward or None for an open-ended prompt, rm score)."""
     flat = [(j, g, r) for j, (gs, rs) in enumerate(zip(gens, results)) for g, r in zip(gs, rs)]
     rewards = shape_rewards([r for _, _, r in flat], [g.finished for _, g, _ in flat], reward)
+    ver: list = [None if prompts[j][1].ground_truth is None else x
+                 for x, (j, _, _) in zip(rewards, flat)]  # fmt: skip
+    rms: list = [None] * len(flat)
+    if rm_scores is not None:
+        assert combine is not None, "rm_scores need combine"
+        rms = [s for ss in rm_scores for s in ss]
+        rewards = [combine(v, s) for v, s in zip(ver, rms)]
     if overlong is not None:
         rewards = [x + overlong_penalty(len(g), *overlong) for x, (_, g, _) in zip(rewards, flat)]
     gids = torch.tensor([first + j for j, _, _ in flat], dtype=torch.int64, device=ps.device)
@@ -297,7 +315,7 @@ def gather_responses(
     adv_list = adv.cpu().tolist()
     mine = [
         Response(prompts[j][1].tokens, g, rewards[i], adv_list[i], first + j,
-                 prompts[j][1].dataset, r.score, r.kind, bool(zero_var[i]))
+                 prompts[j][1].dataset, r.score, r.kind, bool(zero_var[i]), ver[i], rms[i])
         for i, (j, g, r) in enumerate(flat)
     ]  # fmt: skip
     if ps.dp > 1:
@@ -372,6 +390,17 @@ def rollout_metrics(sr: StepResponses) -> dict[str, float]:
         c = sum(r.reason == kind for r in rs)
         if c:
             out[f"verifier_{kind}"] = float(c)
+    if any(r.rm_score is not None for r in rs):  # per-source rewards (reward model runs)
+        ver = [r.verifier_reward for r in rs if r.verifier_reward is not None]
+        rm = [r.rm_score for r in rs if r.rm_score is not None]
+        out["reward/verifier_mean"] = float(np.mean(ver)) if ver else 0.0
+        out["reward/rm_mean"] = float(np.mean(rm))
+        out["reward/total_mean"] = out["reward_mean"]
+        out["open_ended"] = float(sum(r.verifier_reward is None for r in rs) / n)
+        verifiable = [r for r in rs if r.verifier_reward is not None]  # open ones: no verdict
+        out["verified"] = float(sum(r.score >= 1.0 for r in verifiable) / max(len(verifiable), 1))
+        for ds in sorted({r.dataset for r in rs} - {r.dataset for r in verifiable}):
+            del out[f"verified/{ds}"]
     return out
 
 
