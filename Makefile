@@ -63,8 +63,8 @@ install-gpu:
 	$(GPU_VENV)/bin/python -m nova_engine.cli doctor
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check nova_engine nova_kernels tests benchmarks
-	$(VENV)/bin/ruff format --check nova_engine nova_kernels tests benchmarks
+	$(VENV)/bin/ruff check nova_engine kernels tests benchmarks
+	$(VENV)/bin/ruff format --check nova_engine kernels tests benchmarks
 	$(VENV)/bin/pytest -p no:cacheprovider --import-mode=importlib -q tests
 
 test-fast: $(STAMP)
@@ -82,8 +82,8 @@ bench: $(STAMP)
 
 # ruff, then mypy on nova_engine and nova_kernels as [tool.mypy] in pyproject.toml says
 lint: $(STAMP)
-	$(VENV)/bin/ruff check nova_engine nova_kernels tests benchmarks
-	$(VENV)/bin/ruff format --check nova_engine nova_kernels tests benchmarks
+	$(VENV)/bin/ruff check nova_engine kernels tests benchmarks
+	$(VENV)/bin/ruff format --check nova_engine kernels tests benchmarks
 	$(VENV)/bin/mypy
 
 clean:

@@ -1,15 +1,16 @@
 """Build: the Python packages (see pyproject.toml) plus the pybind11 extension in csrc/.
 
-The Triton kernels live in `nova_kernels/`. The folder is named after the package on purpose:
-a folder named `kernels/` at the repository root would shadow the PyPI package `kernels`,
-which transformers imports, for every `python -m ...` run from the root.
+The Triton kernels live in `kernels/nova_kernels/` and install as the package `nova_kernels`.
+`kernels/` itself is a plain folder, never an importable package of ours: the PyPI package
+`kernels` (which transformers imports) keeps its name for every `python -m ...` run from the
+repository root (a folder without __init__.py loses to an installed regular package).
 """
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
 packages = find_packages(include=["nova_engine", "nova_engine.*"])
-packages += find_packages(include=["nova_kernels", "nova_kernels.*"])
+packages += find_packages(where="kernels", include=["nova_kernels", "nova_kernels.*"])
 
 ext_modules = [
     Pybind11Extension(
@@ -34,6 +35,7 @@ ext_modules = [
 
 setup(
     packages=packages,
+    package_dir={"nova_kernels": "kernels/nova_kernels"},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
 )

@@ -11,27 +11,43 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# where each package's source lives: the kernels in the plain folder kernels/ (DESIGN.md)
+PACKAGE_DIRS = {
+    "nova_engine": "nova_engine",
+    "nova_kernels": os.path.join("kernels", "nova_kernels"),
+}
+
+
 def test_repo_root_does_not_shadow_pypi_packages():
-    """transformers imports the PyPI package `kernels`; a folder of that name at the root
-    (the working directory is on sys.path under `python -m`) broke every run started there."""
+    """From the repository root (on sys.path under `python -m` / `torchrun -m`) `kernels` is the
+    PyPI package transformers imports, not our folder kernels/ (it has no __init__.py: an
+    installed regular package wins over a namespace portion), and `nova_kernels` is ours."""
+    assert not os.path.exists(os.path.join(ROOT, "kernels", "__init__.py"))
+    assert not os.path.exists(os.path.join(ROOT, "nova_kernels")), "one home for the kernels"
     code = (
-        "import importlib.util\n"
+        "import importlib.util, sys\n"
+        "sys.path.insert(0, '')  # what python -m does\n"
         "spec = importlib.util.find_spec('kernels')\n"
         "print(spec.origin if spec else '')\n"
+        "import nova_kernels\n"
+        "print(nova_kernels.__file__)\n"
         "from transformers import LlamaForCausalLM  # imports transformers' hub_kernels\n"
     )
     r = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    origin = r.stdout.strip()
-    assert not origin.startswith(os.path.join(ROOT, "kernels")), origin
+    kernels_origin, ours = r.stdout.split()[-2:]
+    assert "site-packages" in kernels_origin, kernels_origin
+    assert not kernels_origin.startswith(os.path.join(ROOT, "kernels")), kernels_origin
+    want = os.path.join(ROOT, "kernels", "nova_kernels", "__init__.py")
+    assert os.path.realpath(ours) == os.path.realpath(want), ours
 
 
 def test_nova_kernels_imports_only_torch_triton_and_stdlib():
     allowed = {"torch", "triton"} | set(sys.stdlib_module_names)
     bad, seen = [], 0
-    pkg = os.path.join(ROOT, "nova_kernels")
+    pkg = os.path.join(ROOT, PACKAGE_DIRS["nova_kernels"])
     for dirpath, _, files in os.walk(pkg):
         for f in files:
             if not f.endswith(".py"):
@@ -88,12 +104,16 @@ def _modules(root=ROOT, packages=("nova_engine", "nova_kernels")):
     """{dotted module name: file path} for every .py file of the packages."""
     mods = {}
     for pkg in packages:
-        for dirpath, _, files in os.walk(os.path.join(root, pkg)):
+        pkg_dir = os.path.join(root, pkg)
+        if not os.path.isdir(pkg_dir):  # the kernels' home: kernels/nova_kernels
+            pkg_dir = os.path.join(root, PACKAGE_DIRS.get(pkg, pkg))
+        for dirpath, _, files in os.walk(pkg_dir):
             for f in sorted(files):
                 if f.endswith(".py"):
                     path = os.path.join(dirpath, f)
-                    name = os.path.relpath(path, root)[:-3].replace(os.sep, ".")
-                    mods[name.removesuffix(".__init__")] = path
+                    rel = os.path.relpath(path, pkg_dir)[:-3].replace(os.sep, ".")
+                    name = f"{pkg}.{rel}".removesuffix(".__init__").removesuffix(".__init__")
+                    mods[pkg if rel == "__init__" else name] = path
     return mods
 
 
