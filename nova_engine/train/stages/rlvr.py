@@ -67,6 +67,8 @@ from nova_engine.train.stages.rlvr_rollout import (
     StepPrompts,
     dynamic_sampling,
     gather_responses,
+    load_prompts,
+    make_verifier,
     minibatches,
     rollout_metrics,
 )
@@ -483,26 +485,6 @@ def build_engines(run: RLVRRunConfig, ps, total_updates: int, stop_ids) -> dict[
     return engines
 
 
-def _verifier(run: RLVRRunConfig):
-    """(verify(items) -> results, pool or None)."""
-    from nova_engine.rl.verifiers import VerifierPool, verify_one
-
-    r = run.rollout
-    if r.verifier_workers == 0:
-        return (lambda items: [verify_one(it) for it in items]), None
-    pool = VerifierPool(r.verifier_workers, r.verifier_timeout_s)
-    return pool.verify_batch, pool
-
-
-def _load_prompts(run: RLVRRunConfig, ct, paths):
-    from nova_engine.rl.prompts import load_rlvr_prompts
-
-    prompts, _, _ = load_rlvr_prompts(paths, ct, max_prompt_length=run.data.max_length,
-                                      on_bad_line=run.data.on_bad_line,
-                                      allow_open=run.reward_model.enabled)  # fmt: skip
-    return prompts
-
-
 def sampling_params(run: RLVRRunConfig, stops) -> Any:
     from nova_engine.generate import SamplingParams
 
@@ -538,14 +520,14 @@ def run(run: RLVRRunConfig) -> list[dict[str, float]]:
     ps = runner.setup_parallel(run)
     runner.ensure_model(run, ps)
     ct = ChatTokenizer(run.model.tokenizer_dir)
-    prompts = _load_prompts(run, ct, run.data.train_paths)
+    prompts = load_prompts(run, ct, run.data.train_paths)
     if not prompts:
         raise ConfigError("data.train_paths", f"no prompt of at most data.max_length="
                           f"{run.data.max_length} tokens in {run.data.train_paths}")  # fmt: skip
     r = run.rollout
     stops = tuple(r.stop_token_ids or ct.eos_token_ids)
     loop = build_loop(run, ps, prompts, stops)
-    verify, pool = _verifier(run)
+    verify, pool = make_verifier(run)
     try:
         producer = EngineRollouts(loop.engine("policy"), ct.tokenizer, sampling_params(run, stops),
                                   verify, max_batch_size=r.max_batch_size)  # fmt: skip
@@ -555,7 +537,7 @@ def run(run: RLVRRunConfig) -> list[dict[str, float]]:
         if run.data.eval_paths:
             greedy = SamplingParams(temperature=0.0, max_new_tokens=r.max_new_tokens,
                                     stop_token_ids=stops)  # fmt: skip
-            held_out = _load_prompts(run, ct, run.data.eval_paths)
+            held_out = load_prompts(run, ct, run.data.eval_paths)
             if run.data.eval_max_samples is not None:
                 held_out = held_out[: run.data.eval_max_samples]
             at_t = None

@@ -31,6 +31,10 @@ DAPO (Yu et al. 2025), both off by default: overlong reward shaping adds
 the informative groups of extra rounds of `PromptSource.refill_prompts` (seeded draws with
 their own sampling keys) until the step holds P informative groups or max rounds are spent.
 
+Reward models (rlvr_rm): with `rm_scores`, gather_responses combines each response's shaped
+verifier reward (None for an open-ended prompt, whose verification is skipped: OPEN_RESULT)
+with its RM score; both parts are kept on the Response for the per-source metrics.
+
 Empty generations (a prompt that fills the model's context gets none) keep their reward and
 group membership but are not packed. A response that hit max_new_tokens without a stop token
 is `finished=False`: RewardConfig.truncated_reward replaces its reward when set (Tülu 3: -10).
@@ -243,6 +247,29 @@ class EngineRollouts:
         n = params.n
         results = [flat[j * n : (j + 1) * n] for j in range(len(prompts))]
         return gens, results, {"generate": t1 - t0, "verify": time.perf_counter() - t1}
+
+
+def make_verifier(run) -> tuple[Callable, Any]:
+    """(verify(items) -> results, the VerifierPool or None) of an RLVRRunConfig's rollout
+    section (verifier_workers 0: in-process calls)."""
+    from nova_engine.rl.verifiers import VerifierPool, verify_one
+
+    r = run.rollout
+    if r.verifier_workers == 0:
+        return (lambda items: [verify_one(it) for it in items]), None
+    pool = VerifierPool(r.verifier_workers, r.verifier_timeout_s)
+    return pool.verify_batch, pool
+
+
+def load_prompts(run, ct, paths) -> list[RLVRPrompt]:
+    """The tokenized prompts of `paths` for an RLVRRunConfig (open-ended lines allowed when a
+    reward model is configured)."""
+    from nova_engine.rl.prompts import load_rlvr_prompts
+
+    prompts, _, _ = load_rlvr_prompts(paths, ct, max_prompt_length=run.data.max_length,
+                                      on_bad_line=run.data.on_bad_line,
+                                      allow_open=run.reward_model.enabled)  # fmt: skip
+    return prompts
 
 
 # ------------------------------------------------------------------------------ responses
