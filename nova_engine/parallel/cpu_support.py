@@ -19,6 +19,9 @@ a time and checks that the thing it makes work then fails.
 |                    | CPU the tensor stays where it is                                        |
 | multi_tensor_l2norm| the local (no apex/TE) multi-tensor L2 norm in megatron.core.utils,     |
 |                    | used for the optimizer's grad norm, allocates its result on "cuda"      |
+| dist_ckpt_preload  | dist_checkpointing's torch_dist save stages tensors to host with        |
+|                    | non-blocking copies, then `torch.cuda.synchronize()` (checkpoint format |
+|                    | `dist`): on CPU the copies are blocking and nothing is synchronized     |
 
 The two tensor-method patches are scoped: `torch.Tensor.type` / `torch.Tensor.cuda` answer
 as on CUDA only while the megatron functions listed in `_TYPE_CALLS` / `_CUDA_CALLS` run
@@ -239,6 +242,22 @@ def _patch_multi_tensor_l2norm() -> list[tuple[object, str, object]]:
     return [_set(utils, "torch", _TorchOnCpu())]
 
 
+# ------------------------------------------------------------------------ dist_ckpt_preload
+
+
+def _patch_dist_ckpt_preload() -> list[tuple[object, str, object]]:
+    """`FileSystemWriterAsync.preload_tensors(buckets, non_blocking=True)` (every torch_dist
+    save, sync or async) ends with `torch.cuda.synchronize()`; on CPU: blocking copies."""
+    fs = importlib.import_module("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    writer = fs.FileSystemWriterAsync
+    original = writer.__dict__["preload_tensors"].__func__
+
+    def preload_tensors(write_buckets, non_blocking=True):
+        return original(write_buckets, False)
+
+    return [_set(writer, "preload_tensors", staticmethod(preload_tensors))]
+
+
 PATCHES: dict[str, _Patch] = {
     p.name: p
     for p in (
@@ -248,6 +267,7 @@ PATCHES: dict[str, _Patch] = {
         _Patch("float_tensor_type", _patch_float_tensor_type),
         _Patch("tensor_cuda", _patch_tensor_cuda),
         _Patch("multi_tensor_l2norm", _patch_multi_tensor_l2norm),
+        _Patch("dist_ckpt_preload", _patch_dist_ckpt_preload),
     )
 }
 
