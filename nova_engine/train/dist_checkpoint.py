@@ -258,13 +258,18 @@ _ALLOWED = {
     ("torch", "bool"), ("torch", "strided"), ("torch", "contiguous_format"),
     ("torch", "preserve_format"), ("torch", "channels_last"),
     ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id
 }  # fmt: skip
+
+
+class _Refused(pickle.UnpicklingError):
+    """A class outside the allow-list."""
 
 
 class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+            raise _Refused(f"{module}.{name} is not allowed")
         return super().find_class(module, name)
 
 
@@ -278,7 +283,7 @@ def check_dcp_metadata(path: str) -> None:
         raise CheckpointIOError(f"{path}: unreadable ({e})") from None
     try:
         _AllowListUnpickler(io.BytesIO(data)).load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise CheckpointIOError(
             f"{path}: refused: it names objects other than checkpoint metadata, and loading "
             f"them could run code ({str(e).splitlines()[0][:200]})"

@@ -1,0 +1,161 @@
+"""Checkpoint format `dist` (nova_engine.train.dist_checkpoint, issue #28): saved at TP2 x PP2
+on 4 gloo ranks, resumed at TP1 x DP4 and at PP4, the next steps give the uninterrupted
+run's losses to fp32 rounding (model, Adam moments, LR schedule, data position, step carry
+over); every file is in the manifest with its CRC (a flipped byte is found); a crafted DCP
+`.metadata` pickle is refused in one line and nothing runs; the distributed optimizer is
+refused with one line (not supported yet)."""
+
+import importlib.util
+import os
+import pickle
+
+import pytest
+import torch
+
+from nova_engine.parallel.spawn import run_distributed
+from nova_engine.train import checkpoint_io as cio
+from nova_engine.train.checkpoint_io import CheckpointIOError
+
+STEPS, SAVE_AT, GBS = 4, 2, 8
+
+
+def _setup(model_dir, samples, tp, pp, dopt=False):
+    from nova_engine.config import OptimConfig
+    from nova_engine.parallel.state import initialize_parallel
+    from nova_engine.train.data_source import PackedDataSource
+    from nova_engine.train.engine import ModelEngine
+    from nova_engine.train.loop import Loop
+    from nova_engine.train.stages.sft import SFTStage
+
+    ps = initialize_parallel(tp=tp, pp=pp, seed=7)
+    optim = OptimConfig(lr=2e-3, weight_decay=0.01, grad_clip=1.0, schedule="cosine")
+    e = ModelEngine.from_hf(
+        model_dir, ps, optim=optim, total_steps=STEPS, distributed_optimizer=dopt
+    )
+    data = PackedDataSource(
+        samples, global_batch_size=GBS, micro_batch_tokens=64, ps=ps, seed=3, max_steps=STEPS
+    )
+    return Loop(e, data), SFTStage(ps)
+
+
+def _losses(hist):
+    return [(h["loss"], h["grad_norm"]) for h in hist]
+
+
+def _worker(rank, world, root, model_dir, samples):
+    from nova_engine.parallel.state import destroy_parallel
+    from nova_engine.train import dist_checkpoint as dcp
+
+    loop, stage = _setup(model_dir, samples, 2, 2)
+    hist = _losses(loop.fit(stage, stop_after=SAVE_AT))
+    path = dcp.save_dist_checkpoint(root, loop, config_hash="h")
+    lr_at_save = loop.engine().optimizer.param_groups[0]["lr"]
+    hist += _losses(loop.fit(stage))  # saving does not disturb training
+    destroy_parallel()
+    out = {"full": hist, "path": path, "lr_at_save": lr_at_save}
+    for tp, pp in ((1, 1), (1, 4)):
+        loop, stage = _setup(model_dir, samples, tp, pp)
+        reason = dcp.verify_for_rank(path, loop)
+        step = dcp.load_dist_checkpoint(path, loop)
+        lr = loop.engine().optimizer.param_groups[0]["lr"]
+        out[(tp, pp)] = dict(reason=reason, step=step, lr=lr, losses=_losses(loop.fit(stage)))
+        destroy_parallel()
+    loop, stage = _setup(model_dir, samples, 1, 1, dopt=True)
+    try:
+        dcp.load_dist_checkpoint(path, loop)
+        out["dopt"] = "loaded"
+    except CheckpointIOError as e:
+        out["dopt"] = str(e)
+    destroy_parallel()
+    return out
+
+
+def _golden_build():
+    path = os.path.join(os.path.dirname(__file__), "golden", "run_golden.py")
+    spec = importlib.util.spec_from_file_location("run_golden", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.build
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    base = tmp_path_factory.mktemp("distckpt")
+    cfg = dict(n_sft=30, data_seed=5, max_length=64, model_seed=0, num_hidden_layers=4)
+    model_dir, samples = _golden_build()(str(base / "assets"), cfg, "chat")
+    return run_distributed(_worker, 4, str(base / "ckpt"), model_dir, samples)
+
+
+@pytest.mark.slow  # the spawned 4-rank group
+@pytest.mark.parametrize("layout", [(1, 1), (1, 4)], ids=["tp1_dp4", "pp4"])
+def test_resume_into_another_layout(results, layout):
+    for out in results:
+        full, r = out["full"], out[layout]
+        assert len(full) == STEPS and r["reason"] is None and r["step"] == SAVE_AT
+        assert len(r["losses"]) == STEPS - SAVE_AT
+        # fp32 rounding (reduction orders change with the layout), not bitwise
+        for (loss, gn), (want_loss, want_gn) in zip(r["losses"], full[SAVE_AT:]):
+            assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+            assert gn == pytest.approx(want_gn, rel=1e-4, abs=1e-6)
+        assert r["lr"] == out["lr_at_save"]  # the LR schedule carried over
+
+
+@pytest.mark.slow  # the spawned 4-rank group
+def test_manifest_lists_every_file_with_crc(results):
+    path = results[0]["path"]
+    m = cio.read_manifest(path)
+    assert m["extra"]["format"] == "dist" and m["step"] == SAVE_AT
+    files = set(m["files"])
+    shards = {f for f in files if f.startswith("dist_policy/__")}
+    assert {f.split("/")[1].split("_")[2] for f in shards} == {"0", "1", "2", "3"}
+    for f in ("dist_policy/.metadata", "dist_policy/common.pt", "dist_policy/metadata.json"):
+        assert f in files
+    assert {"loop.json"} | {f"rng_{r:05d}.pt" for r in range(4)} <= files
+    assert set(m["checksums"]) == files  # every rank's files carry their CRC
+    cio.verify_checksums(path, sorted(files))
+    victim = os.path.join(path, sorted(shards)[-1])
+    with open(victim, "r+b") as f:  # flip one byte, same size
+        f.seek(os.path.getsize(victim) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(CheckpointIOError, match="checksum mismatch"):
+        cio.verify_checksums(path, sorted(files))
+
+
+@pytest.mark.slow  # the spawned 4-rank group
+def test_distributed_optimizer_refused_in_one_line(results):
+    msg = results[0]["dopt"]
+    assert "distributed optimizer" in msg and "checkpoint.format=torch" in msg
+    assert "\n" not in msg
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch " + _Boom.marker,))
+
+
+def test_crafted_metadata_refused_and_nothing_runs(tmp_path):
+    from nova_engine.train.dist_checkpoint import check_dcp_metadata
+
+    _Boom.marker = str(tmp_path / "ran")
+    bad = tmp_path / ".metadata"
+    bad.write_bytes(pickle.dumps({"state_dict_metadata": _Boom()}))
+    with pytest.raises(CheckpointIOError, match="refused") as e:
+        check_dcp_metadata(str(bad))
+    assert "\n" not in str(e.value) and "os" in str(e.value)
+    assert not os.path.exists(_Boom.marker)
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x80\x05not a pickle")
+    with pytest.raises(CheckpointIOError, match="unreadable"):
+        check_dcp_metadata(str(garbage))
+
+
+def test_real_dcp_metadata_accepted(tmp_path):
+    import torch.distributed.checkpoint as tdc
+
+    from nova_engine.train.dist_checkpoint import check_dcp_metadata
+
+    state = {"w": torch.randn(5, 3), "b": torch.randn(7, dtype=torch.bfloat16), "n": 3}
+    tdc.save(state, checkpoint_id=str(tmp_path), no_dist=True)
+    check_dcp_metadata(str(tmp_path / ".metadata"))
