@@ -365,9 +365,19 @@ class CheckpointConfig:
     check_free_space: bool = True
     """Before the model loads, check that dir has room for one checkpoint (turn off where
     each node writes to its own disk: the estimate is for the whole checkpoint)."""
+    format: Literal["torch", "dist"] = "torch"
+    """"torch": per-rank files, resume at the same layout only; "dist": megatron-core
+    dist_checkpointing (nova_engine.train.dist_checkpoint), resumes into another TP/PP/DP
+    layout with the optimizer state (not with the distributed optimizer yet). Resuming
+    reads a checkpoint in the format it was written in, whatever this key says."""
 
     def __post_init__(self) -> None:
         check(self.keep_last >= 0, "keep_last", "expected >= 0 (0 = keep all)")
+        check(
+            self.format in ("torch", "dist"),
+            "format",
+            f'expected "torch" or "dist", got {self.format!r}',
+        )
         check(bool(self.resume), "resume", 'expected "auto", "force", "none" or a path')
 
 
