@@ -199,11 +199,24 @@ def save_checkpoint(
     keep_last: int = 0,
     extra: dict[str, Any] | None = None,
     hf_extras: Any = None,
+    format: str = "torch",
 ) -> str:
     """Write `<root>/step_<loop.step>` on all ranks (collective); returns its path.
     hf_extras(dir): called on rank 0 after each HF export is written (tokenizer files,
-    generation config: nova_engine.model.hf_export.complete_hf_export)."""
+    generation config: nova_engine.model.hf_export.complete_hf_export). format: "torch"
+    (this module's layout) or "dist" (nova_engine.train.dist_checkpoint)."""
     ps = _any_ps(loop)
+    if format == "dist":
+        from nova_engine.train.dist_checkpoint import save_dist_checkpoint
+
+        path = save_dist_checkpoint(
+            root, loop, config_hash=config_hash, hf=hf, extra=extra, hf_extras=hf_extras
+        )
+        if ps.rank == 0 and keep_last:
+            checkpoint_io.prune(root, keep_last)
+        if ps.world_size > 1:
+            dist.barrier()
+        return path
     final = checkpoint_io.checkpoint_dir_for(root, loop.step)
     host = host_buffers(loop)
     state = host.stage(rank_state(loop), ("rank",))
@@ -275,7 +288,11 @@ def verify_for_rank(path: str, loop) -> str | None:
     """None if the files this rank would read from checkpoint `path` are intact (manifest,
     sizes, checksums), else the reason. Call on every rank and agree (runner.all_ok)."""
     try:
-        checkpoint_io.read_manifest(path)
+        manifest = checkpoint_io.read_manifest(path)
+        if (manifest.get("extra") or {}).get("format") == "dist":
+            from nova_engine.train import dist_checkpoint
+
+            return dist_checkpoint.verify_for_rank(path, loop)
         ps = _any_ps(loop)
         files = [_rank_file(ps.rank)] + [_shard_file(n, e.ps) for n, e in loop.trainable.items()]
         checkpoint_io.verify_checksums(path, files)
@@ -293,7 +310,17 @@ def load_checkpoint(path: str | os.PathLike, loop, *, weights_only: bool = False
     """
     path = os.fspath(path)
     manifest = checkpoint_io.read_manifest(path)
+    version = manifest.get("format_version")
+    if version != checkpoint_io.FORMAT_VERSION:
+        raise CheckpointIOError(
+            f"{path}: checkpoint format version {version}, this Nova reads version "
+            f"{checkpoint_io.FORMAT_VERSION} only (weights: its hf/ export, if any)"
+        )
     saved = manifest.get("extra", {}).get("engines") or {}
+    if not weights_only and manifest.get("extra", {}).get("format") == "dist":
+        from nova_engine.train.dist_checkpoint import load_dist_checkpoint
+
+        return load_dist_checkpoint(path, loop)  # any layout
     if weights_only:
         for name, e in loop.trainable.items():
             hf = os.path.join(path, _hf_dir(loop, name))

@@ -288,9 +288,12 @@ def layout_advice(run: RunConfig, loop: Loop, path: str) -> str | None:
     from nova_engine.train.checkpoint import HF_SUBDIR, _layout
 
     try:
-        saved = checkpoint_io.read_manifest(path).get("extra", {}).get("engines") or {}
+        extra = checkpoint_io.read_manifest(path).get("extra", {})
     except checkpoint_io.CheckpointIOError:
         return None
+    if extra.get("format") == "dist":  # resumes into any layout (dist_checkpoint)
+        return None
+    saved = extra.get("engines") or {}
     mine = {name: _layout(e.ps) for name, e in loop.trainable.items()}
     diff = [n for n in mine if n in saved and saved[n] != mine[n]]
     if not diff:
@@ -335,7 +338,7 @@ def save_guarded(run: RunConfig, loop: Loop) -> str | None:
     try:
         path = save_checkpoint(
             root, loop, config_hash=run.hash(), hf=run.checkpoint.hf_in_checkpoints,
-            extra={"config": run_config_json(run)},
+            extra={"config": run_config_json(run)}, format=run.checkpoint.format,
             hf_extras=lambda d: complete_hf_export(
                 d, source_dir=m.hf_path, tokenizer_dir=m.tokenizer_dir, template=run.data.template
             ),

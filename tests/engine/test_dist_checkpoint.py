@@ -44,19 +44,26 @@ def _losses(hist):
 
 def _worker(rank, world, root, model_dir, samples):
     from nova_engine.parallel.state import destroy_parallel
+    from nova_engine.train import checkpoint, runner
     from nova_engine.train import dist_checkpoint as dcp
 
     loop, stage = _setup(model_dir, samples, 2, 2)
-    hist = _losses(loop.fit(stage, stop_after=SAVE_AT))
-    path = dcp.save_dist_checkpoint(root, loop, config_hash="h")
+    hist = _losses(loop.fit(stage, stop_after=1))
+    checkpoint.save_checkpoint(root, loop, config_hash="h", format="dist", keep_last=1)
+    hist += _losses(loop.fit(stage, stop_after=SAVE_AT))
+    # through the engine's entry point (format "dist"); keep_last=1 prunes step 1's
+    path = checkpoint.save_checkpoint(root, loop, config_hash="h", format="dist", keep_last=1)
     lr_at_save = loop.engine().optimizer.param_groups[0]["lr"]
     hist += _losses(loop.fit(stage))  # saving does not disturb training
     destroy_parallel()
     out = {"full": hist, "path": path, "lr_at_save": lr_at_save}
+    out["kept"] = sorted(os.listdir(root))
     for tp, pp in ((1, 1), (1, 4)):
         loop, stage = _setup(model_dir, samples, tp, pp)
-        reason = dcp.verify_for_rank(path, loop)
-        step = dcp.load_dist_checkpoint(path, loop)
+        reason = checkpoint.verify_for_rank(path, loop)
+        if runner.layout_advice(None, loop, path) is not None:  # dist: any layout resumes
+            reason = "layout advice given"
+        step = checkpoint.load_checkpoint(path, loop)
         lr = loop.engine().optimizer.param_groups[0]["lr"]
         out[(tp, pp)] = dict(reason=reason, step=step, lr=lr, losses=_losses(loop.fit(stage)))
         destroy_parallel()
@@ -112,6 +119,7 @@ def test_manifest_lists_every_file_with_crc(results):
         assert f in files
     assert {"loop.json"} | {f"rng_{r:05d}.pt" for r in range(4)} <= files
     assert set(m["checksums"]) == files  # every rank's files carry their CRC
+    assert results[0]["kept"] == [os.path.basename(path)]  # keep_last=1 pruned step 1
     cio.verify_checksums(path, sorted(files))
     victim = os.path.join(path, sorted(shards)[-1])
     with open(victim, "r+b") as f:  # flip one byte, same size
@@ -159,3 +167,24 @@ def test_real_dcp_metadata_accepted(tmp_path):
     state = {"w": torch.randn(5, 3), "b": torch.randn(7, dtype=torch.bfloat16), "n": 3}
     tdc.save(state, checkpoint_id=str(tmp_path), no_dist=True)
     check_dcp_metadata(str(tmp_path / ".metadata"))
+
+
+def test_other_format_version_refused_in_one_line(tmp_path):
+    import json
+
+    from nova_engine.train.checkpoint import load_checkpoint
+
+    def write(tmp):
+        with open(os.path.join(tmp, "rank_00000.pt"), "wb") as f:
+            f.write(b"x")
+
+    path = cio.write_checkpoint_dir(cio.checkpoint_dir_for(tmp_path, 3), write, step=3)
+    marker = os.path.join(path, cio.MARKER)
+    with open(marker) as f:
+        manifest = json.load(f)
+    manifest["format_version"] = 0
+    with open(marker, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(CheckpointIOError, match="format version 0") as e:
+        load_checkpoint(path, loop=None)
+    assert "\n" not in str(e.value) and f"version {cio.FORMAT_VERSION} only" in str(e.value)
