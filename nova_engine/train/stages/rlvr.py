@@ -442,6 +442,8 @@ class RLVRStage:
             "gen_tokens_per_s": gen_tokens / gen_s if gen_s > 0 else 0.0,
             "train_tokens_per_s": trained / (t2 - t1) if t2 > t1 else 0.0,
         })  # fmt: skip
+        if "reward_model" in times:  # the RM scoring pass (rlvr_rm)
+            metrics["time/reward_model"] = times["reward_model"]
         return metrics
 
 
