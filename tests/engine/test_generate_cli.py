@@ -87,15 +87,24 @@ def test_not_a_model(tmp_path, capsys):
 
 
 def test_checkpoint_dir_resolves_to_its_hf_export(model_dir, tmp_path):
+    import os
     import shutil
 
     from nova_engine.tools.generate import UserError, resolve_model_dir
+    from nova_engine.train.checkpoint_io import write_checkpoint_dir
 
-    ckpt = tmp_path / "step_00000010"
-    ckpt.mkdir()
-    (ckpt / "COMPLETE").write_text("{}")
+    def rank_file_only(tmp):  # a checkpoint the way the trainer writes one, without hf/
+        with open(os.path.join(tmp, "mp_rank_00.pt"), "wb") as f:
+            f.write(b"shard")
+
+    bare = write_checkpoint_dir(tmp_path / "step_00000010", rank_file_only, step=10)
     with pytest.raises(UserError, match="checkpoint without an hf/ export"):
-        resolve_model_dir(str(ckpt))
-    shutil.copytree(model_dir, ckpt / "hf")
-    assert resolve_model_dir(str(ckpt)) == str(ckpt / "hf")
+        resolve_model_dir(bare)
+
+    def with_export(tmp):
+        rank_file_only(tmp)
+        shutil.copytree(model_dir, os.path.join(tmp, "hf"))
+
+    ckpt = write_checkpoint_dir(tmp_path / "step_00000020", with_export, step=20)
+    assert resolve_model_dir(ckpt) == os.path.join(ckpt, "hf")
     assert resolve_model_dir(str(model_dir)) == str(model_dir)
