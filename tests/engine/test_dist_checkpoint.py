@@ -188,3 +188,84 @@ def test_other_format_version_refused_in_one_line(tmp_path):
     with pytest.raises(CheckpointIOError, match="format version 0") as e:
         load_checkpoint(path, loop=None)
     assert "\n" not in str(e.value) and f"version {cio.FORMAT_VERSION} only" in str(e.value)
+
+
+_ASYNC_CHILD = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[4])
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+import torch
+from test_dist_checkpoint import _setup, _losses, _golden_build, STEPS
+from nova_engine.parallel.state import destroy_parallel
+from nova_engine.train import checkpoint as ck, checkpoint_io as cio
+from nova_engine.train.dist_checkpoint import AsyncSaver
+cfg = dict(n_sft=30, data_seed=5, max_length=64, model_seed=0, num_hidden_layers=2)
+root = sys.argv[1]
+model_dir, samples = _golden_build()(sys.argv[2], cfg, "chat")
+out = {}
+loop, stage = _setup(model_dir, samples, 1, 1)
+full = _losses(loop.fit(stage))
+destroy_parallel()
+loop, stage = _setup(model_dir, samples, 1, 1)
+hist = _losses(loop.fit(stage, stop_after=1))
+t = time.perf_counter(); ck.save_checkpoint(root, loop); out["sync_s"] = time.perf_counter() - t
+saver = AsyncSaver()
+hist += _losses(loop.fit(stage, stop_after=2))
+t = time.perf_counter(); saver.save(root, loop, keep_last=5); out["async_s"] = time.perf_counter() - t
+hist += _losses(loop.fit(stage))  # trains on while the writer writes step 2
+out["path"] = saver.wait()
+out["hist"], out["full"] = hist, full
+destroy_parallel()
+loop, stage = _setup(model_dir, samples, 1, 1)
+out["step"] = ck.load_checkpoint(out["path"], loop)
+out["resumed"] = _losses(loop.fit(stage))
+with open(os.path.join(root, "result.json"), "w") as f:
+    json.dump(out, f)
+real = ck._save_rank_file
+def slow(state, path):
+    real(state, path)
+    print("WRITING", flush=True)
+    time.sleep(60)
+ck._save_rank_file = slow
+saver.save(root, loop, keep_last=5)  # step 4: killed (-9) while writing
+time.sleep(60)
+"""
+
+
+@pytest.mark.slow  # a child process (one rank), killed with SIGKILL
+def test_async_save_resumes_exactly_and_kill_during_it_keeps_previous(tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from nova_engine.parallel.spawn import free_port
+
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    args = [str(root), str(tmp_path / "assets"), str(free_port()), os.path.dirname(__file__)]
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ASYNC_CHILD, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in child.stdout:
+        lines.append(line)
+        if line.startswith("WRITING"):
+            child.send_signal(signal.SIGKILL)
+            break
+    child.wait(timeout=60)
+    assert child.returncode == -signal.SIGKILL, "".join(lines[-30:])
+    with open(root / "result.json") as f:
+        out = json.load(f)
+    assert out["step"] == 2 and out["hist"] == out["full"]  # training went on undisturbed
+    assert out["resumed"] == out["full"][2:]  # the async checkpoint holds step 2's state
+    # killed while writing step 4: the newest complete checkpoint is still step 2's
+    assert cio.latest_complete(root) == out["path"]
+    assert [s for s, _ in cio.list_complete(root)] == [1, 2]
+    assert cio.cleanup_stale(root)  # the killed writer's temp (and .pending) removed
+    print(f"save at step boundary (tiny model, 2-core CPU): sync {out['sync_s']:.3f}s, "
+          f"async (staging only) {out['async_s']:.3f}s")  # fmt: skip
