@@ -54,10 +54,18 @@ def _worker(rank, world, root, model_dir, samples):
     # through the engine's entry point (format "dist"); keep_last=1 prunes step 1's
     path = checkpoint.save_checkpoint(root, loop, config_hash="h", format="dist", keep_last=1)
     lr_at_save = loop.engine().optimizer.param_groups[0]["lr"]
+    saver = dcp.AsyncSaver()  # format torch, written while the next steps train
+    saver.save(root + "-async", loop)
     hist += _losses(loop.fit(stage))  # saving does not disturb training
+    async_path = saver.wait()
+    destroy_parallel()
+    loop, stage = _setup(model_dir, samples, 2, 2)
+    async_step = checkpoint.load_checkpoint(async_path, loop)
+    async_resumed = _losses(loop.fit(stage))
     destroy_parallel()
     out = {"full": hist, "path": path, "lr_at_save": lr_at_save}
     out["kept"] = sorted(os.listdir(root))
+    out["async"] = (async_step, async_resumed)
     for tp, pp in ((1, 1), (1, 4)):
         loop, stage = _setup(model_dir, samples, tp, pp)
         reason = checkpoint.verify_for_rank(path, loop)
@@ -129,6 +137,12 @@ def test_manifest_lists_every_file_with_crc(results):
         f.write(bytes([b[0] ^ 0xFF]))
     with pytest.raises(CheckpointIOError, match="checksum mismatch"):
         cio.verify_checksums(path, sorted(files))
+
+
+@pytest.mark.slow  # the spawned 4-rank group
+def test_async_save_on_four_ranks_resumes_exactly(results):
+    for out in results:  # same layout (TP2 x PP2), format torch: bit-exact
+        assert out["async"] == (SAVE_AT, out["full"][SAVE_AT:])
 
 
 @pytest.mark.slow  # the spawned 4-rank group
