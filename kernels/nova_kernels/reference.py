@@ -360,7 +360,7 @@ def gspo_loss_reference(
         if not toks:
             continue
         G += 1
-        log_s = sum(lp[i] - old[i] for i in toks) / len(toks)
+        log_s = torch.stack([lp[i] - old[i] for i in toks]).sum() / len(toks)
         s = torch.exp(log_s)
         if token_level:
             terms = []

@@ -28,7 +28,7 @@ of different layouts can share one world.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from megatron.core.distributed import (
@@ -137,7 +137,8 @@ def sync_params(models: Sequence[torch.nn.Module]) -> None:
     checkpoint, finiteness checks). Collective over the DP group."""
     for m in models:
         if getattr(m, "use_forward_hook", False):
-            m.start_param_sync(force_sync=True)
+            start = cast(Callable[..., None], m.start_param_sync)  # megatron DDP's method
+            start(force_sync=True)
 
 
 def forward_backward(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch.distributed as dist
 
@@ -507,7 +507,7 @@ def sample_describer(run: RunConfig) -> Callable[[Sequence[int]], str]:
     def describe(ids: Sequence[int]) -> str:
         uniq = sorted({int(i) for i in ids})
         if not sources and run.stage in ("sft", "dpo"):
-            kind = "sft" if run.data_format == "chat" else "pref"
+            kind: Literal["sft", "pref"] = "sft" if run.data_format == "chat" else "pref"
             recs, _ = read_records(run.data.train_paths, kind, on_bad_line=run.data.on_bad_line,
                                    margin_key=run.data.margin_key)  # fmt: skip
             sources.update((r.index, r.source) for r in recs)

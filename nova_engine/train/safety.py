@@ -544,7 +544,11 @@ def exit_on_interrupt() -> Callable[[], None]:
         old = signal.signal(signal.SIGINT, _exit_now)
     except ValueError:  # not the main thread: leave signals alone
         return lambda: None
-    return lambda: signal.signal(signal.SIGINT, old)
+
+    def restore() -> None:
+        signal.signal(signal.SIGINT, old)
+
+    return restore
 
 
 class StopRequest:

@@ -136,7 +136,7 @@ class LinearPairLogprobsFunction(torch.autograd.Function):
         # grad_W: fp32 accumulation across chunks on every device, rounded once at the end
         grad_w = GradWeight(vp, H, weight.dtype, dev, n_chunks, acc) if need_w else None
         for (s0, s1), subs in zip(groups, subs_all):
-            chunks = []
+            chunks: list[LogitsChunk | None] = []
             for a, b in subs:
                 ch = LogitsChunk(h_NH[a:b].to(op), w_c, tgt_N[a:b], backend, tp_group, tp)
                 sums.index_add_(0, seg_N[a - cu[0] : b - cu[0]], ch.logp * wts_N[a:b])
@@ -150,10 +150,10 @@ class LinearPairLogprobsFunction(torch.autograd.Function):
             loss += term.detach().to(acc)
             if not (need_h or need_w) or g_seq is None:
                 continue
-            for (a, b), ch in zip(subs, chunks):
+            for (a, b), kept in zip(subs, chunks):
                 h_r = h_NH[a:b].to(op)
-                if ch is None:  # oversize group: the same statistics, recomputed
-                    ch = LogitsChunk(h_r, w_c, tgt_N[a:b], backend, tp_group, tp)
+                # oversize group: the same statistics, recomputed
+                ch = kept or LogitsChunk(h_r, w_c, tgt_N[a:b], backend, tp_group, tp)
                 g_t = g_seq.to(acc)[seg_N[a - cu[0] : b - cu[0]] - s0] * wts_N[a:b]
                 dz = ch.dlogits(-g_t, op)  # dz = g_t (1_t - p)
                 if grad_h is not None:

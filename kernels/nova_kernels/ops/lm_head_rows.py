@@ -226,22 +226,27 @@ class GradWeight:
 
     def __init__(self, vp: int, h: int, dtype, device, n_chunks: int, acc):
         self.dtype, self.single = dtype, n_chunks <= 1
-        self.buf = None if self.single else torch.zeros(vp, h, device=device, dtype=acc)
-        self.out = None
+        self.buf: torch.Tensor | None = (
+            None if self.single else torch.zeros(vp, h, device=device, dtype=acc)
+        )
+        self.out: torch.Tensor | None = None
 
     def add(self, dz_nV: torch.Tensor, h_nH: torch.Tensor) -> None:
         if self.single and self.out is None:
             self.out = gemm(dz_nV.T, h_nH, self.dtype)
         elif self.single:  # a second chunk after all (the caller's count was low)
+            assert self.out is not None
             self.buf, self.single = self.out.to(_acc_dtype(self.out)), False
             gemm_acc_(self.buf, dz_nV.T, h_nH)
         else:
+            assert self.buf is not None
             gemm_acc_(self.buf, dz_nV.T, h_nH)
 
     def result(self, like: torch.Tensor) -> torch.Tensor:
-        if self.out is None and self.buf is None:
-            return torch.zeros_like(like)
-        return self.out if self.single else self.buf.to(self.dtype)
+        if self.single:
+            return self.out if self.out is not None else torch.zeros_like(like)
+        assert self.buf is not None
+        return self.buf.to(self.dtype)
 
 
 def operand_dtype(x: torch.Tensor, backend: str) -> torch.dtype:
@@ -270,7 +275,10 @@ class LogitsChunk:
     def __init__(self, h_nH, w_VpH, tgt_n, backend, tp_group, tp, coef=None):
         acc = _acc_dtype(h_nH)
         z = gemm(h_nH, w_VpH.T, acc)  # GEMM 1: [n, Vp] fp32 (fp64 for fp64)
-        self.backend, self.tgt, self.z, self.e, self.dz = backend, tgt_n, z, None, None
+        self.backend, self.tgt = backend, tgt_n
+        self.z: torch.Tensor | None = z  # the logits chunk, until dz is formed over it
+        self.e: torch.Tensor | None = None  # torch path: exp(z - m), in place on z
+        self.dz: torch.Tensor | None = None  # dz formed with the statistics (one launch)
         if backend == "triton":
             dz_dtype = h_nH.dtype if coef is not None and tp == 1 else None
             c = coef.to(torch.float32).contiguous() if dz_dtype is not None else None
@@ -295,9 +303,11 @@ class LogitsChunk:
         if self.backend == "triton":
             comb = torch.stack([self.M, self.S]).to(torch.float32)
             c = coef.to(torch.float32).contiguous()
+            assert self.z is not None, "dlogits is formed once per chunk"
             _, dz = _triton_rows(self.z, self.tgt, c, comb, stats=False, dz_dtype=dtype)
             self.z = None
             return dz
+        assert self.e is not None, "dlogits is formed once per chunk"
         acc = self.e.dtype
         dz = self.e.mul_((coef.to(acc) * torch.exp(self.m - self.M) / self.S)[:, None])
         dz.scatter_add_(1, self.tcol, torch.where(self.hit, -coef.to(acc), 0.0)[:, None])

@@ -382,7 +382,8 @@ class RLVRStage:
         policy = loop.engine("policy")
         reference, critic = loop.engines.get("reference"), loop.engines.get("critic")
         sr = self.responses(batch)
-        metrics, every = {}, sr.responses
+        metrics: dict[str, float] = {}
+        every = sr.responses
         if self.rollout.dynamic_sampling:
             refill = getattr(loop.data, "refill_prompts", None)
             if refill is None:

@@ -144,7 +144,9 @@ class RMScorer:
         return np.asarray(ids[: self.limit], np.int64)
 
     def _pack(self, seqs: list[np.ndarray]) -> list[PackedBatch]:
-        rps, out, cur, used = self.engine.ps, [], [], 0
+        rps, used = self.engine.ps, 0
+        out: list[list[Sample]] = []
+        cur: list[Sample] = []
         fixed = self.capacity if rps.pp > 1 else None
         for i, s in enumerate(seqs):
             if cur and used + len(s) > self.capacity:
