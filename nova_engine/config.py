@@ -98,6 +98,36 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA adapters on the decoder's linears (nova_engine.model.lora): the base weights are
+    frozen (no gradient buffers, no optimizer state), only A and B (and a score head) train."""
+
+    rank: int = 16
+    """Adapter rank r."""
+    alpha: float = 32.0
+    """Scaling numerator: the adapter adds (alpha / rank) * B A x."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (exact under TP only at 0)."""
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    """Module kinds that get adapters: qkv, proj (attention output), fc1 (gate+up), fc2."""
+    seed: int = 0
+    """Seed of A's init (B starts at 0, so step 0 is the base model)."""
+
+    def __post_init__(self) -> None:
+        kinds = ("qkv", "proj", "fc1", "fc2")
+        check(self.rank >= 1, "rank", f"expected an integer >= 1, got {self.rank}")
+        check(self.alpha > 0, "alpha", f"expected a number > 0, got {self.alpha}")
+        check(0 <= self.dropout < 1, "dropout", f"expected 0 <= dropout < 1, got {self.dropout}")
+        bad = [t for t in self.targets if t not in kinds]
+        check(
+            bool(self.targets) and not bad, "targets",
+            f"expected a non-empty list of {list(kinds)} (the LM head is not supported yet), "
+            f"got {self.targets}",
+        )  # fmt: skip
+        check(len(set(self.targets)) == len(self.targets), "targets", "expected no repeats")
+
+
+@dataclass
 class ModelConfig:
     hf_path: str = ""
     """Local Hugging Face model directory (config.json, safetensors, tokenizer files)."""
@@ -106,6 +136,8 @@ class ModelConfig:
     build: TinyModelConfig | None = None
     """If set and hf_path holds no model yet, a random model of these dimensions is built
     there first (the CPU demo); vocab size comes from the tokenizer."""
+    lora: LoRAConfig | None = None
+    """LoRA adapters ({rank, alpha, dropout, targets}); None = full training (all weights)."""
 
     def __post_init__(self) -> None:
         check(bool(self.hf_path), "hf_path", "expected a local HF model directory")

@@ -248,6 +248,8 @@ def _qkv_slices(arch: ModelArch, tp: int, r: int) -> list[tuple[str, slice]]:
 
 
 _LAYER_PARAM = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# LoRA adapter parameters (`<linear>.lora.A`, nova_engine.model.lora): no HF tensor of their own
+_LORA_MARK = ".lora."
 
 
 def _hf_value(
@@ -347,6 +349,8 @@ def load_hf_weights(
         for model in chunks:
             for mname, param in model.named_parameters():
                 name, layer = _split_name(mname, model)
+                if _LORA_MARK in name:  # LoRA adapters keep their init (model.lora)
+                    continue
                 if name == SCORE_PARAM:
                     if ckpt.is_sequence_classifier:
                         param.copy_(_score_value(ckpt, param, score_rows).to(param.dtype))
@@ -501,6 +505,8 @@ def export_hf(
     for model in chunks:
         for mname, param in model.named_parameters():
             name, layer = _split_name(mname, model)
+            if _LORA_MARK in name:  # merged into the weights first (model.lora.lora_merged)
+                continue
             if name == SCORE_PARAM:  # replicated over TP: no gather
                 if seq is not None and ps.tp_rank == 0 and ps.dp_rank == 0:
                     score_shape = list(param.shape)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from megatron.core.distributed import DistributedDataParallel
     from megatron.core.optimizer import MegatronOptimizer
 
-    from nova_engine.config import OptimConfig, SpeedConfig
+    from nova_engine.config import LoRAConfig, OptimConfig, SpeedConfig
     from nova_engine.generate import Generation, Request, SamplingParams
     from nova_engine.model.arch import ModelArch
     from nova_engine.model.build import NovaGPTModel
@@ -71,6 +71,8 @@ class ModelEngine:
             communication overlap and megatron's fusions on with CUDA, off on CPU).
         score_outputs: K > 0 attaches a K-output score head (`nova_engine.model.heads`) to
             the last stage; score_init_seed seeds its init.
+        lora: nova_engine.config.LoRAConfig: LoRA adapters on the decoder linears, base
+            weights frozen (a score head still trains in full); None = all weights train.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class ModelEngine:
         score_outputs: int = 0,
         score_init_seed: int = 0,
         speed: SpeedConfig | None = None,
+        lora: LoRAConfig | None = None,
     ):
         from nova_engine.model.build import build_model
         from nova_engine.parallel.pipeline import wrap_ddp
@@ -100,6 +103,7 @@ class ModelEngine:
         self.chunks = build_model(
             arch, ps, precision=precision, recompute=recompute, fuse_elementwise=fuse_elementwise,
             init_weights=weights_dir is None, speed=speed,
+            use_te=False if lora is not None else None,  # LoRA hooks megatron's local linears
         )  # fmt: skip
         for c in self.chunks:
             c.return_hidden = True
@@ -111,6 +115,12 @@ class ModelEngine:
             for c in self.chunks:
                 if getattr(c, "output_layer", None) is not None:
                     c.output_layer.weight.requires_grad_(False)
+        self.lora = lora
+        if lora is not None:  # before DDP: frozen base weights get no grad buffers
+            from nova_engine.model.heads import SCORE_PARAM
+            from nova_engine.model.lora import apply_lora
+
+            apply_lora(self.chunks, lora, keep_trainable=(SCORE_PARAM,) if score_outputs else ())
         if weights_dir is not None:
             self.load_hf(weights_dir)
         self.optimizer: MegatronOptimizer | None = None
@@ -315,13 +325,35 @@ class ModelEngine:
         for h in heads.values():
             load_score_weight(h, model_dir)
 
+    def _merged(self) -> contextlib.AbstractContextManager:
+        """LoRA merged into the weights for an export (nothing without LoRA)."""
+        from nova_engine.model.lora import lora_merged
+
+        return lora_merged(self.chunks) if self.lora is not None else contextlib.nullcontext()
+
+    def adapters_disabled(self) -> contextlib.AbstractContextManager:
+        """The base model (LoRA adapters off): the reference policy on the same shards."""
+        from nova_engine.model.lora import lora_disabled
+
+        return lora_disabled(self.chunks)
+
     def export_hf(self, out_dir: str) -> None:
-        """Write the decoder as a HF directory (collective; see hf_io.export_hf)."""
+        """Write the decoder as a HF directory (collective; see hf_io.export_hf); with LoRA
+        the merged weights W + (alpha/r) B A."""
         from nova_engine.model.hf_io import export_hf
 
         self.sync_params()
-        with self._without_heads():
+        with self._without_heads(), self._merged():
             export_hf(self.chunks, self.arch, self.ps, out_dir)
+
+    def export_peft(self, out_dir: str, base_model: str = "") -> None:
+        """Write the LoRA adapters alone in PEFT's layout (collective)."""
+        from nova_engine.model.lora import export_peft_adapter
+
+        if self.lora is None:
+            raise RuntimeError(f"engine {self.name!r} has no LoRA adapters to export")
+        self.sync_params()
+        export_peft_adapter(self.chunks, self.arch, self.ps, self.lora, out_dir, base_model)
 
     def layout(self) -> dict[str, Any]:
         ps = self.ps
@@ -373,4 +405,5 @@ class RewardEngine(ModelEngine):
         from nova_engine.model.hf_io import ScoreExport, export_hf
 
         seq = ScoreExport(self.pad_token_id, self.labels)
-        export_hf(self.chunks, self.arch, self.ps, out_dir, sequence_classifier=seq)
+        with self._merged():
+            export_hf(self.chunks, self.arch, self.ps, out_dir, sequence_classifier=seq)

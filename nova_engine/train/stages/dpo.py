@@ -243,7 +243,8 @@ def reference_pass(engine: ModelEngine, source: PackedDataSource, cache: RefCach
 
     mine_parts: list[np.ndarray] = []
     for s in range(source.total_steps):
-        out = engine.forward_collect(source.rank_microbatches(s), rows)
+        with engine.adapters_disabled():  # LoRA (model.lora): the reference is the base model
+            out = engine.forward_collect(source.rank_microbatches(s), rows)
         if ps.tp_rank == 0:
             mine_parts += [r.cpu().numpy() for r in out]
     mine = np.concatenate(mine_parts) if mine_parts else np.zeros((0, 5))

@@ -1,0 +1,290 @@
+"""LoRA on the megatron shards (nova_engine.model.lora, `model.lora`).
+
+One spawned group of 2 gloo ranks runs four layouts of a tiny Llama: TP1 (DP2), TP2, TP2+SP,
+PP2 (adapters live on the stage that owns the layer).
+At every layout: a LoRA engine with B = 0 gives the base model's log-probs exactly; with
+random B (TP-invariant, set in HF layout) its log-probs and the adapters' gradients (PEFT
+layout, gathered) are compared across layouts; adapters-off equals a frozen base copy
+exactly. At TP1: each target linear equals W x + (alpha/r) B A x against a float64
+reference, forward and backward (input, A, B); only adapter params get grad buffers and
+optimizer state, and a step moves only them. At TP2+SP: the merged HF export and the PEFT
+adapter are written; transformers (merged) and peft (base + adapter) reproduce Nova's
+log-probs, and merged == base + (alpha/r) B A per tensor.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+from nova_engine.config import ConfigError, LoRAConfig
+from nova_engine.model.tiny import build_tiny_hf_model
+from nova_engine.parallel.spawn import run_distributed
+
+V, L_SEQ = 1000, 13
+LAYOUTS = [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False)]  # (tp, pp, sp)
+TP1 = LAYOUTS[0]
+CFG = LoRAConfig(rank=4, alpha=8.0, targets=["qkv", "proj", "fc1", "fc2"])
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="targets: expected a non-empty list"):
+        LoRAConfig(targets=["lm_head"])
+    with pytest.raises(ConfigError, match="rank: expected an integer >= 1"):
+        LoRAConfig(rank=0)
+    with pytest.raises(ConfigError, match="dropout"):
+        LoRAConfig(dropout=1.0)
+
+
+def _set_random_b(chunks, arch, ps):
+    """B from a generator per (layer, module) in HF layout, sliced to this rank's shard."""
+    from nova_engine.model.lora import _targets
+
+    tp, t = ps.tp, ps.tp_rank
+    with torch.no_grad():
+        for c in chunks:
+            for i, name, mod in _targets(c, CFG.targets):
+                ad = mod.lora
+                g = torch.Generator().manual_seed(zlib.crc32(f"{i}.{name}".encode()))
+                out_local, r = ad.B.shape
+                if ad.row:
+                    full = torch.randn(out_local, r, generator=g) * 0.1
+                    ad.B.copy_(full)
+                elif name == "linear_fc1":
+                    f = arch.intermediate_size
+                    gate, up = (torch.randn(f, r, generator=g) * 0.1 for _ in range(2))
+                    rows = slice(t * f // tp, (t + 1) * f // tp)
+                    ad.B.copy_(torch.cat([gate[rows], up[rows]]))
+                else:  # qkv: megatron's grouped layout is contiguous per TP rank
+                    full = torch.randn(out_local * tp, r, generator=g) * 0.1
+                    ad.B.copy_(full[t * out_local : (t + 1) * out_local])
+
+
+def _layer_reference(chunk):
+    """Each target linear of layer 0 vs W x + s B A x in float64, fwd + bwd (TP1)."""
+    from nova_engine.model.lora import _targets
+
+    errs = {}
+    g = torch.Generator().manual_seed(3)
+    for _, name, mod in _targets(chunk, CFG.targets):
+        if name in errs:
+            continue
+        ad = mod.lora
+        ad.A.requires_grad_(True)
+        ad.B.requires_grad_(True)
+        x = torch.randn(7, 3, mod.weight.shape[1], generator=g, requires_grad=True)
+        out, _ = mod(x)
+        up = torch.randn(out.shape, generator=g)
+        (out * up).sum().backward()
+        w = mod.weight.detach().double()
+        xr = x.detach().double().requires_grad_(True)
+        a = ad.A.detach().double().requires_grad_(True)
+        b = ad.B.detach().double().requires_grad_(True)
+        ref = xr @ w.t() + (CFG.alpha / CFG.rank) * (xr @ a.t()) @ b.t()
+        (ref * up.double()).sum().backward()
+        errs[name] = max(
+            (out.double() - ref).abs().max().item(),
+            (x.grad.double() - xr.grad).abs().max().item(),
+            (ad.A.grad.double() - a.grad).abs().max().item(),
+            (ad.B.grad.double() - b.grad).abs().max().item(),
+        )
+        ad.A.grad = ad.B.grad = None
+        ad.A.requires_grad_(False)
+        ad.B.requires_grad_(False)
+    return errs
+
+
+def _worker(rank, world, model_dir, seqs, out_root):
+    from nova_engine.config import OptimConfig
+    from nova_engine.data.packing import PackedBatch
+    from nova_engine.data.sample import Sample
+    from nova_engine.model.heads import token_logprobs
+    from nova_engine.model.lora import adapters_of, is_lora_param, peft_state_dict
+    from nova_engine.parallel.state import destroy_parallel, initialize_parallel
+    from nova_engine.train.engine import ModelEngine
+
+    out = {}
+    for tp, pp, sp in LAYOUTS:
+        ps = initialize_parallel(tp=tp, pp=pp, sp=sp, seed=1)
+        res = out[(tp, pp, sp)] = {}
+        # DP rank d's sequences (every sequence once over DP), one per micro-batch
+        mine = list(range(ps.dp_rank, len(seqs), ps.dp))
+        mbs = [
+            PackedBatch.from_samples([Sample(seqs[i], [1] * len(seqs[i]))], pad_to_length=16)
+            for i in mine
+        ]
+        total = sum(len(s) - 1 for s in seqs)
+
+        def logps(eng, mbs=mbs, ps=ps):
+            got = eng.forward_collect(
+                mbs, lambda mdl, hs, pb: token_logprobs(mdl, hs, pb.labels, ps)
+            )
+            return [g.detach().clone() for g in got]
+
+        base = ModelEngine.from_hf(model_dir, ps, trainable=False, name="reference")
+        optim = OptimConfig(lr=1e-2, schedule="constant", grad_clip=0.0)
+        eng = ModelEngine.from_hf(model_dir, ps, lora=CFG, optim=optim, total_steps=2)
+        ref = logps(base)
+        res["b0_diff"] = max(
+            ((a - b).abs().max().item() for a, b in zip(logps(eng), ref)), default=0.0
+        )
+        _set_random_b(eng.chunks, eng.arch, ps)
+        lora_lp = logps(eng)
+        with eng.adapters_disabled():
+            off = logps(eng)
+        res["off_diff"] = max(((a - b).abs().max().item() for a, b in zip(off, ref)), default=0.0)
+        moves = ((a - b).abs().max().item() for a, b in zip(lora_lp, ref))
+        res["lora_moves"] = max(moves, default=1.0)  # (no log-probs off the last stage)
+        res["logps"] = {i: lp for i, lp in zip(mine, lora_lp)} if ps.tp_rank == 0 else {}
+
+        def loss_fn(c, h, mb, ps=ps, total=total):
+            lp = token_logprobs(c, h, mb.labels, ps)
+            return -(lp * mb.loss_mask).sum() / total, (mb.loss_mask != 0).sum(), {}
+
+        eng.forward_backward(mbs, loss_fn)
+        ads = adapters_of(eng.chunks)
+        saved = [(p, p.data) for a in ads for p in (a.A, a.B)]
+        for p, _ in saved:
+            p.data = p.main_grad.detach().clone()
+        grads = peft_state_dict(eng.chunks, eng.arch, ps)
+        res["grads"] = grads if ps.tp_rank == 0 and ps.dp_rank == 0 else {}
+        for p, d in saved:
+            p.data = d
+        if (tp, pp, sp) == TP1:
+            trainable = {n for c in eng.chunks for n, p in c.named_parameters() if p.requires_grad}
+            names = {n for c in eng.chunks for n, _ in c.named_parameters()}
+            res["trainable_ok"] = trainable == {n for n in names if is_lora_param(n)}
+            in_buffers = {id(p) for m in eng.models for b in m.buffers for p in b.params}
+            res["buffers_ok"] = in_buffers == {id(p) for p, _ in saved}
+            res["no_base_main_grad"] = not any(
+                hasattr(p, "main_grad") for c in eng.chunks for n, p in c.named_parameters()
+                if not is_lora_param(n)
+            )  # fmt: skip
+            opt_params = {id(p) for grp in eng.optimizer.param_groups for p in grp["params"]}
+            before = {n: p.detach().clone() for c in eng.chunks for n, p in c.named_parameters()}
+            ok, _, _ = eng.step()
+            res["opt_params"] = len(opt_params), len(saved)
+            after = {n: p.detach() for c in eng.chunks for n, p in c.named_parameters()}
+            res["moved"] = sorted(n for n in before if not torch.equal(before[n], after[n]))
+            res["n_lora"] = sum(is_lora_param(n) for n in names)
+            res["layer_errs"] = _layer_reference(base_probe(model_dir, ps))
+        if sp:
+            _set_random_b(eng.chunks, eng.arch, ps)  # the logps above were taken with these
+            eng.export_hf(os.path.join(out_root, "merged"))
+            eng.export_peft(os.path.join(out_root, "peft"), base_model=model_dir)
+        del base, eng
+        destroy_parallel()
+    return out
+
+
+def base_probe(model_dir, ps):
+    from nova_engine.train.engine import ModelEngine
+
+    probe = ModelEngine.from_hf(model_dir, ps, trainable=False, lora=CFG)
+    _set_random_b(probe.chunks, probe.arch, ps)
+    return probe.chunks[0]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    model_dir = str(root / "base")
+    model = build_tiny_hf_model(model_dir, "llama", num_hidden_layers=2)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, V, (n,), generator=g).tolist() for n in (L_SEQ, 9)]
+    results = run_distributed(_worker, 2, model_dir, seqs, str(root))
+    return model, model_dir, seqs, results, root
+
+
+def _merge(results, layout, key):
+    got = {}
+    for r in results:
+        got.update(r[layout][key])
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_b0_and_adapters_off_equal_base_exactly(lora_run, layout):
+    for r in lora_run[3]:
+        res = r[layout]
+        assert res["b0_diff"] == 0.0, "B = 0 must give the base model's log-probs exactly"
+        assert res["off_diff"] == 0.0, "adapters off must equal the frozen copy exactly"
+        assert res["lora_moves"] > 1e-4, "random B must change the log-probs"
+
+
+@pytest.mark.slow
+def test_layer_forward_backward_vs_float64(lora_run):
+    errs = lora_run[3][0][TP1]["layer_errs"]
+    assert set(errs) == {"linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"}
+    for name, e in errs.items():
+        assert e < 1e-4, f"{name}: max err {e:.3g} vs float64 W x + s B A x"
+
+
+@pytest.mark.slow
+def test_only_adapters_train(lora_run):
+    res = lora_run[3][0][TP1]
+    assert res["trainable_ok"] and res["buffers_ok"] and res["no_base_main_grad"]
+    n_opt, n_ad = res["opt_params"]
+    assert n_opt == n_ad == res["n_lora"] == 2 * 4 * 2  # A, B x 4 kinds x 2 layers
+    assert res["moved"] and all(".lora." in n for n in res["moved"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS[1:], ids=str)
+def test_tp_sp_pp_equal_tp1(lora_run, layout):
+    results = lora_run[3]
+    ref_lp, got_lp = _merge(results, TP1, "logps"), _merge(results, layout, "logps")
+    assert sorted(ref_lp) == sorted(got_lp) == [0, 1]
+    for i in ref_lp:
+        n = min(len(ref_lp[i]), len(got_lp[i]))  # SP pads to a multiple of tp
+        torch.testing.assert_close(got_lp[i][:n], ref_lp[i][:n], rtol=1e-5, atol=1e-5)
+    ref_g, got_g = _merge(results, TP1, "grads"), _merge(results, layout, "grads")
+    assert set(ref_g) == set(got_g) and len(ref_g) == 2 * 2 * 7
+    for k in ref_g:
+        scale = ref_g[k].abs().max().item()
+        err = (got_g[k] - ref_g[k]).abs().max().item()
+        assert scale > 0 and err <= 1e-6 + 1e-4 * scale, f"{layout} grad {k}: err {err:.3g}"
+
+
+def _hf_logps(model, seq):
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+
+
+@pytest.mark.slow
+def test_merged_export_and_peft_adapter(lora_run):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from nova_engine.model.hf_io import HFCheckpoint
+
+    base_model, model_dir, seqs, results, root = lora_run
+    nova = _merge(results, (2, 1, True), "logps")
+    merged = AutoModelForCausalLM.from_pretrained(str(root / "merged")).float().eval()
+    adapter = load_file(str(root / "peft" / "adapter_model.safetensors"))
+    base_ck, merged_ck = HFCheckpoint(model_dir), HFCheckpoint(str(root / "merged"))
+    s = CFG.alpha / CFG.rank
+    n_checked = 0
+    for name in base_ck.names():
+        key = "base_model.model." + name.removesuffix(".weight")
+        if key + ".lora_A.weight" in adapter:
+            delta = s * adapter[key + ".lora_B.weight"] @ adapter[key + ".lora_A.weight"]
+            expect = base_ck.read(name) + delta
+            n_checked += 1
+        else:
+            expect = base_ck.read(name)
+        torch.testing.assert_close(merged_ck.read(name), expect, rtol=1e-6, atol=1e-6)
+    assert n_checked == 2 * 7
+    hf_base = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
+    peft_model = peft.PeftModel.from_pretrained(hf_base, str(root / "peft")).eval()
+    for i, seq in enumerate(seqs):
+        got = nova[i][: len(seq)][:-1]  # labels of the last token are ignored
+        torch.testing.assert_close(_hf_logps(merged, seq), got, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(_hf_logps(peft_model, seq), got, rtol=1e-4, atol=1e-4)
