@@ -295,3 +295,67 @@ def export_peft_adapter(
         with open(os.path.join(out_dir, "adapter_config.json"), "w") as fh:
             json.dump(peft_config_dict(cfg, base_model), fh, indent=2)
     dist.barrier()
+
+
+class _AdapterReader:
+    """A TensorReader (nova_engine.model.hf_io) over one PEFT matrix (lora_A or lora_B) of
+    every target: HF weight name -> that module's adapter matrix, sliced on request."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], which: str, where: str):
+        self.tensors, self.which, self.where = tensors, which, where
+
+    def read(self, name: str, rows: slice | None = None, cols: slice | None = None):
+        key = "base_model.model." + name.removesuffix(".weight") + f".{self.which}.weight"
+        if key not in self.tensors:
+            raise ValueError(f"{self.where}: no tensor {key!r} (a target of model.lora)")
+        t = self.tensors[key]
+        return t[rows or slice(None), cols or slice(None)]
+
+
+def load_peft_adapter(
+    chunks: Iterable[nn.Module], arch: ModelArch, ps: ParallelState, adapter_dir: str
+) -> None:
+    """Fill this rank's adapters from a PEFT directory (adapter_config.json +
+    adapter_model.safetensors), e.g. to continue training. The directory's r must be the
+    adapters' rank; lora_alpha is the caller's (model.lora.alpha) to match. q/k/v (gate/up)
+    must share lora_A, as export_peft_adapter writes them (fused linears have one A)."""
+    from safetensors.torch import load_file
+
+    from nova_engine.model.hf_io import _hf_value
+
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    tensors = load_file(path)
+    readers = {w: _AdapterReader(tensors, w, path) for w in ("lora_A", "lora_B")}
+    with torch.no_grad():
+        for chunk in chunks:
+            for i, name, mod in _targets(chunk, TARGETS):
+                ad = getattr(mod, "lora", None)
+                if not isinstance(ad, LoRAAdapter):
+                    continue
+                sub = "mlp" if "fc" in name else "self_attention"
+                mname = f"decoder.layers.{i}.{sub}.{name}.weight"
+                hf = PEFT_MODULES[name]
+                if ad.row:
+                    a = _hf_value(readers["lora_A"], arch, mname, i, ps.tp, ps.tp_rank)
+                    b = readers["lora_B"].read(_hf_name(i, name, hf[0]))
+                else:
+                    a_all = [readers["lora_A"].read(_hf_name(i, name, h)) for h in hf]
+                    if any(not torch.equal(a_all[0], x) for x in a_all[1:]):
+                        raise ValueError(
+                            f"{path}: layer {i} {'/'.join(hf)} have different lora_A; the fused "
+                            f"megatron {name} has one A (train them as one adapter)"
+                        )
+                    a = a_all[0]
+                    b = _hf_value(readers["lora_B"], arch, mname, i, ps.tp, ps.tp_rank)
+                for p, v, what in ((ad.A, a, "lora_A"), (ad.B, b, "lora_B")):
+                    if tuple(v.shape) != tuple(p.shape):
+                        raise ValueError(
+                            f"{path}: layer {i} {name} {what} slice has shape {list(v.shape)}, "
+                            f"the adapter expects {list(p.shape)} (model.lora.rank?)"
+                        )
+                    p.copy_(v.to(p.dtype))
+
+
+def _hf_name(i: int, name: str, hf_module: str) -> str:
+    sub = "mlp" if "fc" in name else "self_attn"
+    return f"model.layers.{i}.{sub}.{hf_module}.weight"

@@ -346,6 +346,14 @@ class ModelEngine:
         with self._without_heads(), self._merged():
             export_hf(self.chunks, self.arch, self.ps, out_dir)
 
+    def load_peft(self, adapter_dir: str) -> None:
+        """Fill the LoRA adapters from a PEFT adapter directory (continue training)."""
+        from nova_engine.model.lora import load_peft_adapter
+
+        if self.lora is None:
+            raise RuntimeError(f"engine {self.name!r} has no LoRA adapters to load into")
+        load_peft_adapter(self.chunks, self.arch, self.ps, adapter_dir)
+
     def export_peft(self, out_dir: str, base_model: str = "") -> None:
         """Write the LoRA adapters alone in PEFT's layout (collective)."""
         from nova_engine.model.lora import export_peft_adapter

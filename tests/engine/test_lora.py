@@ -9,7 +9,9 @@ exactly. At TP1: each target linear equals W x + (alpha/r) B A x against a float
 reference, forward and backward (input, A, B); only adapter params get grad buffers and
 optimizer state, and a step moves only them. At TP2+SP: the merged HF export and the PEFT
 adapter are written; transformers (merged) and peft (base + adapter) reproduce Nova's
-log-probs, and merged == base + (alpha/r) B A per tensor.
+log-probs, merged == base + (alpha/r) B A per tensor, and the adapter re-imported at TP2+SP
+gives the same log-probs exactly; the PP2 layout runs on that imported adapter (so its
+TP1 comparison checks the import too). A reward model's score head trains in full.
 """
 
 from __future__ import annotations
@@ -131,7 +133,10 @@ def _worker(rank, world, model_dir, seqs, out_root):
         res["b0_diff"] = max(
             ((a - b).abs().max().item() for a, b in zip(logps(eng), ref)), default=0.0
         )
-        _set_random_b(eng.chunks, eng.arch, ps)
+        if pp == 1:
+            _set_random_b(eng.chunks, eng.arch, ps)
+        else:  # the PEFT adapter written at TP2+SP (same B, same A): import to continue
+            eng.load_peft(os.path.join(out_root, "peft"))
         lora_lp = logps(eng)
         with eng.adapters_disabled():
             off = logps(eng)
@@ -171,10 +176,18 @@ def _worker(rank, world, model_dir, seqs, out_root):
             res["moved"] = sorted(n for n in before if not torch.equal(before[n], after[n]))
             res["n_lora"] = sum(is_lora_param(n) for n in names)
             res["layer_errs"] = _layer_reference(base_probe(model_dir, ps))
+            rm = ModelEngine.from_hf(model_dir, ps, lora=CFG, optim=optim, score_outputs=1)
+            res["rm_trainable"] = sorted(
+                n for c in rm.chunks for n, p in c.named_parameters() if p.requires_grad
+            )
         if sp:
             _set_random_b(eng.chunks, eng.arch, ps)  # the logps above were taken with these
             eng.export_hf(os.path.join(out_root, "merged"))
             eng.export_peft(os.path.join(out_root, "peft"), base_model=model_dir)
+            again = ModelEngine.from_hf(model_dir, ps, trainable=False, lora=CFG)
+            again.load_peft(os.path.join(out_root, "peft"))
+            diffs = ((a - b).abs().max().item() for a, b in zip(logps(again), lora_lp))
+            res["peft_reload_diff"] = max(diffs, default=0.0)
         del base, eng
         destroy_parallel()
     return out
@@ -231,6 +244,14 @@ def test_only_adapters_train(lora_run):
     n_opt, n_ad = res["opt_params"]
     assert n_opt == n_ad == res["n_lora"] == 2 * 4 * 2  # A, B x 4 kinds x 2 layers
     assert res["moved"] and all(".lora." in n for n in res["moved"])
+    rm = res["rm_trainable"]  # a reward model: adapters + its score head in full
+    assert "score.weight" in rm and len(rm) == res["n_lora"] + 1
+
+
+@pytest.mark.slow
+def test_peft_adapter_reloads_exactly(lora_run):
+    for r in lora_run[3]:
+        assert r[(2, 1, True)]["peft_reload_diff"] == 0.0
 
 
 @pytest.mark.slow
