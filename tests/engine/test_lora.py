@@ -180,6 +180,21 @@ def _worker(rank, world, model_dir, seqs, out_root):
             res["rm_trainable"] = sorted(
                 n for c in rm.chunks for n, p in c.named_parameters() if p.requires_grad
             )
+        if (tp, pp, sp) == (2, 1, False):  # colocated generation runs the adapters
+            from nova_engine.generate import SamplingParams
+
+            prompt = seqs[0][:6]
+            gen = eng.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=4))[0][0]
+            with eng.adapters_disabled():
+                base_gen = eng.generate([prompt], SamplingParams(temperature=0.0, max_new_tokens=4))
+            full = Sample(prompt + gen.tokens, [0] * len(prompt) + [1] * len(gen.tokens))
+            mb = PackedBatch.from_samples([full], pad_to_length=16)
+            got = eng.forward_collect(
+                [mb],
+                lambda mdl, hs, pb, ps=ps: token_logprobs(mdl, hs, pb.labels, ps) * pb.loss_mask,
+            )
+            res["gen"] = (sum(gen.logprobs), float(got[0].sum()), len(gen.tokens))
+            res["gen_base_logp"] = sum(base_gen[0][0].logprobs)
         if sp:
             _set_random_b(eng.chunks, eng.arch, ps)  # the logps above were taken with these
             eng.export_hf(os.path.join(out_root, "merged"))
@@ -246,6 +261,14 @@ def test_only_adapters_train(lora_run):
     assert res["moved"] and all(".lora." in n for n in res["moved"])
     rm = res["rm_trainable"]  # a reward model: adapters + its score head in full
     assert "score.weight" in rm and len(rm) == res["n_lora"] + 1
+
+
+@pytest.mark.slow
+def test_generation_runs_the_adapters(lora_run):
+    res = lora_run[3][0][(2, 1, False)]
+    gen_logp, fwd_logp, n = res["gen"]
+    assert n == 4 and abs(gen_logp - fwd_logp) < 1e-4, "generated log-probs != LoRA forward"
+    assert abs(gen_logp - res["gen_base_logp"]) > 1e-4, "adapters must change generation"
 
 
 @pytest.mark.slow
