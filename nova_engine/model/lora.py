@@ -44,6 +44,7 @@ import contextlib
 import json
 import math
 import os
+import types
 import zlib
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -145,6 +146,19 @@ def _lora_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
     return out + adapter(x).to(out.dtype), bias
 
 
+def _sharded_state_dict(module: nn.Module, prefix="", sharded_offsets=(), metadata=None):
+    """megatron's Column/RowParallelLinear.sharded_state_dict with the adapter's split matrix
+    (column: lora.B on axis 0; row: lora.A on axis 1) sharded over TP like W; the other
+    adapter matrix is replicated (dist checkpoints, nova_engine.train.dist_checkpoint)."""
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    axes = {"weight": 1, "lora.A": 1} if module.lora.row else {"weight": 0, "bias": 0, "lora.B": 0}
+    return make_sharded_tensors_for_checkpoint(
+        module.state_dict(prefix="", keep_vars=True), prefix, axes, sharded_offsets,
+        tp_group=module.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
+    )  # fmt: skip
+
+
 def _targets(chunk: nn.Module, kinds: Iterable[str]) -> Iterator[tuple[int, str, nn.Module]]:
     """(global layer index, megatron module name, module) of the target linears of a chunk."""
     names = {TARGETS[k] for k in kinds}
@@ -172,6 +186,7 @@ def apply_lora(
             seed = cfg.seed * 1_000_003 + zlib.crc32(f"{i}.{name}".encode())
             mod.lora = LoRAAdapter(mod, cfg.rank, cfg.alpha, cfg.dropout, seed)
             mod.register_forward_hook(_lora_hook, with_kwargs=True)
+            mod.sharded_state_dict = types.MethodType(_sharded_state_dict, mod)
             adapters.append(mod.lora)
         for pname, p in chunk.named_parameters():
             p.requires_grad_(is_lora_param(pname) or pname.endswith(keep))

@@ -180,6 +180,13 @@ def _worker(rank, world, model_dir, seqs, out_root):
             res["rm_trainable"] = sorted(
                 n for c in rm.chunks for n, p in c.named_parameters() if p.requires_grad
             )
+        if (tp, pp, sp) == (2, 1, False):  # dist-checkpoint metadata: global shapes of A, B
+            sd = eng.chunks[0].sharded_state_dict()
+            res["sharded"] = {
+                k.split("layers.0.", 1)[1]: tuple(v.global_shape)
+                for k, v in sd.items()
+                if ".lora." in k and "layers.0." in k
+            }
         if (tp, pp, sp) == (2, 1, False):  # colocated generation runs the adapters
             from nova_engine.generate import SamplingParams
 
@@ -261,6 +268,25 @@ def test_only_adapters_train(lora_run):
     assert res["moved"] and all(".lora." in n for n in res["moved"])
     rm = res["rm_trainable"]  # a reward model: adapters + its score head in full
     assert "score.weight" in rm and len(rm) == res["n_lora"] + 1
+
+
+@pytest.mark.slow
+def test_dist_checkpoint_shards_adapters_like_their_layer(lora_run):
+    arch_q = (6 + 2 * 2) * 16  # (heads + 2 kv heads) * head_dim
+    r = CFG.rank
+    expect = {
+        "self_attention.linear_qkv.lora.A": (r, 96),
+        "self_attention.linear_qkv.lora.B": (arch_q, r),  # split over TP: the full shape
+        "self_attention.linear_proj.lora.A": (r, 96),
+        "self_attention.linear_proj.lora.B": (96, r),
+        "mlp.linear_fc1.lora.A": (r, 96),
+        "mlp.linear_fc1.lora.B": (2 * 160, r),
+        "mlp.linear_fc2.lora.A": (r, 160),
+        "mlp.linear_fc2.lora.B": (96, r),
+    }
+    layers = 2  # megatron prepends the layer axis (sharded_offsets of the block)
+    for res in lora_run[3]:
+        assert res[(2, 1, False)]["sharded"] == {k: (layers, *v) for k, v in expect.items()}
 
 
 @pytest.mark.slow
