@@ -56,6 +56,8 @@ from megatron.core.tensor_parallel import layers as tp_layers
 from megatron.core.tensor_parallel import mappings
 from torch import nn
 
+from nova_engine.logging import get_logger
+
 if TYPE_CHECKING:
     from nova_engine.config import LoRAConfig
     from nova_engine.model.arch import ModelArch
@@ -71,6 +73,7 @@ PEFT_MODULES = {
     "linear_fc2": ("down_proj",),
 }
 LORA_MARK = ".lora."
+logger = get_logger(__name__)
 
 
 def is_lora_param(name: str) -> bool:
@@ -179,6 +182,7 @@ def apply_lora(
     `keep_trainable` (e.g. a score head trained in full). Returns the adapters."""
     keep = tuple(keep_trainable)
     adapters = []
+    warn_dropout = False
     for chunk in chunks:
         for i, name, mod in _targets(chunk, cfg.targets):
             if hasattr(mod, "lora"):
@@ -188,8 +192,16 @@ def apply_lora(
             mod.register_forward_hook(_lora_hook, with_kwargs=True)
             mod.sharded_state_dict = types.MethodType(_sharded_state_dict, mod)
             adapters.append(mod.lora)
+            if cfg.dropout > 0 and mod.tp_group is not None and mod.tp_group.size() > 1:
+                warn_dropout = True
         for pname, p in chunk.named_parameters():
             p.requires_grad_(is_lora_param(pname) or pname.endswith(keep))
+    if warn_dropout:
+        logger.warning(
+            "model.lora.dropout=%s with tensor parallelism: the dropout masks come from the "
+            "default generator, so they are not the masks of a TP1 run (only dropout=0 is "
+            "layout-exact)", cfg.dropout,
+        )  # fmt: skip
     return adapters
 
 
