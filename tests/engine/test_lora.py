@@ -39,6 +39,15 @@ def test_config_validation():
         LoRAConfig(rank=0)
     with pytest.raises(ConfigError, match="dropout"):
         LoRAConfig(dropout=1.0)
+    from nova_engine.recipe import build_run_config
+
+    run = build_run_config(
+        "sft", {"model": {"hf_path": "/m", "lora": {"rank": 8, "targets": ["fc2"]}}}
+    )
+    assert run.model.lora == LoRAConfig(rank=8, targets=["fc2"])
+    assert build_run_config("sft", {"model": {"hf_path": "/m"}}).model.lora is None
+    with pytest.raises(ConfigError, match=r"model\.lora\.rank: expected an integer >= 1"):
+        build_run_config("sft", {"model": {"hf_path": "/m", "lora": {"rank": 0}}})
 
 
 def _set_random_b(chunks, arch, ps):
