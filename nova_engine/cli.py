@@ -47,8 +47,8 @@ def _export(ckpt: str, out: str, overwrite: bool = False) -> int:
         nonfinite_tensors,
         replace_dir,
     )
-    from nova_engine.train.checkpoint import HF_SUBDIR
     from nova_engine.train.checkpoint_io import CheckpointIOError, file_crc32, read_manifest
+    from nova_engine.train.checkpoint_parts import HF_SUBDIR
 
     tmp = f"{out.rstrip(os.sep)}.tmp-export"
     try:

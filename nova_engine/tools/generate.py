@@ -83,7 +83,7 @@ def resolve_model_dir(path: str) -> str:
     """An HF directory, or the hf/ export inside a training checkpoint."""
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
-    from nova_engine.train.checkpoint import HF_SUBDIR
+    from nova_engine.train.checkpoint_parts import HF_SUBDIR
 
     sub = os.path.join(path, HF_SUBDIR)
     if os.path.isfile(os.path.join(sub, "config.json")):

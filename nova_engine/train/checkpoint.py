@@ -42,11 +42,14 @@ import torch.distributed as dist
 from nova_engine.logging import get_logger
 from nova_engine.train import checkpoint_io
 from nova_engine.train.checkpoint_io import CheckpointIOError
+from nova_engine.train.checkpoint_parts import hf_dir as _hf_dir
+from nova_engine.train.checkpoint_parts import layout_record as _layout
+from nova_engine.train.checkpoint_parts import load_file as _load
+from nova_engine.train.checkpoint_parts import rng_state as _rng_state
+from nova_engine.train.checkpoint_parts import set_rng_state as _set_rng_state
 from nova_engine.train.optim import dp_sharded, load_optimizer_state, optimizer_state
 
 logger = get_logger(__name__)
-
-HF_SUBDIR = "hf"
 
 
 class HostBuffers:
@@ -118,39 +121,12 @@ def host_buffers(loop) -> HostBuffers:
     return _HOST_BUFFERS[loop]
 
 
-def _layout(ps) -> dict[str, Any]:
-    return {"tp": ps.tp, "pp": ps.pp, "vpp": ps.vpp, "dp": ps.dp, "world_size": ps.world_size}
-
-
 def _rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
 def _shard_file(name: str, ps) -> str:
     return f"mp_{name}_tp{ps.tp_rank:02d}_pp{ps.pp_rank:02d}.pt"
-
-
-def _hf_dir(loop, name: str) -> str:
-    return HF_SUBDIR if name == next(iter(loop.trainable)) else f"{HF_SUBDIR}_{name}"
-
-
-def _rng_state() -> dict[str, Any]:
-    from megatron.core import tensor_parallel
-
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def rank_state(loop) -> dict[str, Any]:
@@ -262,26 +238,6 @@ def save_checkpoint(
         dist.barrier()
     logger.info("saved checkpoint %s", path)
     return path
-
-
-def _load(path: str, rel: str) -> Any:
-    """torch.load of one checkpoint file, never executing code: `weights_only=True` admits
-    tensors and plain values (dict, list, int, float, str, ...) only, whatever the file's
-    CRC says; a file that needs more -> CheckpointIOError naming it, as for an unreadable one."""
-    import pickle
-
-    full = os.path.join(path, rel)
-    try:
-        return torch.load(full, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointIOError(
-            f"{full}: refused: it holds objects other than tensors and plain values, and "
-            f"loading them could run code ({str(e).splitlines()[0][:200]})"
-        ) from None
-    except FileNotFoundError:
-        raise CheckpointIOError(f"{full}: missing (a checkpoint of another layout?)") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointIOError(f"{full}: unreadable ({str(e).splitlines()[0]})") from None
 
 
 def verify_for_rank(path: str, loop) -> str | None:

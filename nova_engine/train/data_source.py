@@ -171,5 +171,3 @@ class PackedDataSource:
         """This DP rank's micro-batches of `step`, on the layout's device."""
         mine = deal(self.step_samples(step), self.ps.dp, self.ps.dp_rank, seed=self.seed, step=step)
         return [mb.to(self.ps.device) for mb in self.pack(mine)]
-
-

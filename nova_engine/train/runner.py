@@ -146,6 +146,7 @@ def engine_for_run(run: RunConfig, ps: ParallelState, total_steps: int) -> Model
         run.model.hf_path, ps, name="policy", optim=run.optim, total_steps=total_steps,
         precision=t.precision, recompute=t.recompute, fuse_elementwise=t.fuse_elementwise,
         distributed_optimizer=run.parallel.distributed_optimizer, speed=t.speed,
+        lora=run.model.lora,
     )  # fmt: skip
 
 
@@ -285,7 +286,8 @@ def layout_advice(run: RunConfig, loop: Loop, path: str) -> str | None:
     layout to resume exactly, or the command that starts this layout from the checkpoint's
     hf/ weights (this run's resolved config.yaml, a new out_dir; optimizer and schedule
     start over)."""
-    from nova_engine.train.checkpoint import HF_SUBDIR, _layout
+    from nova_engine.train.checkpoint_parts import HF_SUBDIR
+    from nova_engine.train.checkpoint_parts import layout_record as _layout
 
     try:
         extra = checkpoint_io.read_manifest(path).get("extra", {})

@@ -1,4 +1,4 @@
-"""Checkpoint format `dist` and AsyncSaver (nova_engine.train.dist_checkpoint, issue #28): saved at TP2 x PP2
+"""Checkpoint format `dist` (nova_engine.train.dist_checkpoint) and AsyncSaver (train.async_checkpoint), issue #28: saved at TP2 x PP2
 on 4 gloo ranks, resumed at TP1 x DP4 and at PP4, the next steps give the uninterrupted
 run's losses to fp32 rounding (model, Adam moments, LR schedule, data position, step carry
 over); every file is in the manifest with its CRC (a flipped byte is found); a crafted DCP
@@ -57,7 +57,9 @@ def _worker(rank, world, root, model_dir, samples):
     # through the engine's entry point (format "dist"); keep_last=1 prunes step 1's
     path = checkpoint.save_checkpoint(root, loop, config_hash="h", format="dist", keep_last=1)
     lr_at_save = loop.engine().optimizer.param_groups[0]["lr"]
-    saver = dcp.AsyncSaver()  # format torch, written while the next steps train
+    from nova_engine.train.async_checkpoint import AsyncSaver
+
+    saver = AsyncSaver()  # format torch, written while the next steps train
     saver.save(root + "-async", loop)
     hist += _losses(loop.fit(stage))  # saving does not disturb training
     async_path = saver.wait()
@@ -216,7 +218,7 @@ import torch
 from test_dist_checkpoint import _setup, _losses, _golden_build, STEPS
 from nova_engine.parallel.state import destroy_parallel
 from nova_engine.train import checkpoint as ck, checkpoint_io as cio
-from nova_engine.train.dist_checkpoint import AsyncSaver
+from nova_engine.train.async_checkpoint import AsyncSaver
 cfg = dict(n_sft=30, data_seed=5, max_length=64, model_seed=0, num_hidden_layers=2)
 root = sys.argv[1]
 model_dir, samples = _golden_build()(sys.argv[2], cfg, "chat")

@@ -134,3 +134,48 @@ def test_dpo_entry_point_evaluates_held_out_pairs(tmp_path):
     rec = evals[-1]
     for k in ("eval/loss", "eval/accuracy", "eval/margin"):
         assert k in rec and rec[k] == rec[k], k  # present and not NaN
+
+
+def test_dpo_with_lora_through_the_entry_point(tmp_path):
+    """`model.lora` reaches the policy engine from a recipe override: DPO trains (its
+    reference pass runs on the same engine with the adapters off) and the final export holds
+    merged weights under the base model's names, changed only where adapters were
+    (q/k/v/o/gate/up/down: embeddings, norms and the LM head stay frozen), which transformers
+    loads."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from nova_engine.data.synthetic import write_task
+    from nova_engine.data.tiny import build_tiny_tokenizer
+    from nova_engine.data.tokenize import load_tokenizer
+    from nova_engine.model.tiny import build_tiny_hf_model
+
+    tok = build_tiny_tokenizer(tmp_path / "tok")
+    train = write_task(tmp_path / "train", n_sft=2, n_pref=16, n_eval=2, seed=1)["pref"]
+    model = tmp_path / "model"
+    build_tiny_hf_model(str(model), "llama", vocab_size=len(load_tokenizer(tok)), hidden_size=64,
+                        intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2)  # fmt: skip
+    out = tmp_path / "out"
+    rc = train_main.main(
+        ["dpo", "--recipe", RECIPE, f"model.hf_path={model}", f"model.tokenizer_path={tok}",
+         f"data.train_paths=[{train}]", "train.global_batch_size=8", "train.max_steps=2",
+         "optim.lr=1e-2", f"train.out_dir={out}", "train.tensorboard=false",
+         "checkpoint.resume=none", "model.lora.rank=4", "model.lora.alpha=8"]
+    )  # fmt: skip
+    assert rc == 0
+
+    def weights(d):
+        out_ = {}
+        for f in os.listdir(d):
+            if f.endswith(".safetensors"):
+                out_.update(load_file(os.path.join(d, f)))
+        return out_
+
+    base, merged = weights(model), weights(out / "hf")
+    assert set(merged) == set(base), "merged export: the base model's tensor names, no adapters"
+    moved = {k for k in base if not torch.equal(base[k].float(), merged[k].float())}
+    adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert moved and all(any(a in k for a in adapted) for k in moved), sorted(moved)
+    AutoModelForCausalLM.from_pretrained(out / "hf")
