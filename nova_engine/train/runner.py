@@ -54,11 +54,13 @@ class SampleSource(Protocol):
 
 
 def ensure_process_group_env() -> None:
-    """Single-process use (`nova`, the demo): torchrun's variables for a world of one."""
+    """Single-process use (`nova`, the demo): torchrun's variables for a world of one. Without
+    a launcher's RANK this process owns the rendezvous, so it takes a free local port of its
+    own: a MASTER_PORT inherited from a parent (another run, a test process still holding its
+    store) would fail with EADDRINUSE."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def setup_parallel(run: RunConfig) -> ParallelState:

@@ -179,3 +179,28 @@ def test_dpo_with_lora_through_the_entry_point(tmp_path):
     adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert moved and all(any(a in k for a in adapted) for k in moved), sorted(moved)
     AutoModelForCausalLM.from_pretrained(out / "hf")
+
+
+def test_world_of_one_takes_its_own_port(monkeypatch):
+    """Without a launcher's RANK the process owns its rendezvous: an inherited MASTER_PORT
+    that another process still listens on (a parent's store) is replaced by a free one."""
+    import socket
+
+    from nova_engine.train.runner import ensure_process_group_env
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen(1)
+    try:
+        port = held.getsockname()[1]
+        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        ensure_process_group_env()
+        assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"
+        assert os.environ["MASTER_PORT"] != str(port)
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", int(os.environ["MASTER_PORT"])))  # free: binds
+        probe.close()
+    finally:
+        held.close()
