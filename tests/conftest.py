@@ -12,6 +12,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 _PG_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# the session's own values (normally unset), taken before any test ran: restored after every
+# test, so a variable set by a module-scoped fixture's in-process run does not outlive it
+_PRISTINE_PG_ENV = {k: os.environ.get(k) for k in _PG_ENV}
 
 
 def _pg_env_fixture():
@@ -22,9 +25,8 @@ def _pg_env_fixture():
         """An in-process entry-point run sets torchrun's variables for a world of one
         (nova_engine.train.runner.ensure_process_group_env); restore them after each test so
         a later subprocess or spawned group never rendezvous on this process's port."""
-        saved = {k: os.environ.get(k) for k in _PG_ENV}
         yield
-        for k, v in saved.items():
+        for k, v in _PRISTINE_PG_ENV.items():
             if v is None:
                 os.environ.pop(k, None)
             else:

@@ -302,13 +302,19 @@ def test_generated_open_prompts_skip_the_verifier(group):
 # ------------------------------------------------------------------------------ errors
 
 
+def _launch_env() -> dict:
+    """This environment without torchrun's variables (the entry point is a world of one)."""
+    env = {k: v for k, v in os.environ.items() if k not in _PG_ENV}
+    return env | {"NOVA_KERNELS": "torch"}
+
+
 def _cli(assets, tmp_path, *extra):
     cmd = [sys.executable, "-m", "nova_engine.train", "rlvr", "--recipe", "recipes/tiny_cpu.yaml",
            f"model.hf_path={assets['model']}", f"model.tokenizer_path={assets['tok']}",
            f"data.train_paths=[{assets['data']}]", f"train.out_dir={tmp_path / 'out'}",
            "train.max_steps=1", "train.tensorboard=false", *extra]  # fmt: skip
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, NOVA_KERNELS="torch"))  # fmt: skip
+                       env=_launch_env())  # fmt: skip
     return p.returncode, (p.stdout + p.stderr).strip()
 
 

@@ -263,7 +263,8 @@ def _start_cli(assets, root):
 
     data = write_arithmetic_rlvr(os.path.join(root, "cli.jsonl"), 6)
     out_dir = os.path.join(root, "cli_run")
-    env = dict(os.environ, NOVA_KERNELS="torch")
+    pg = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # a world of one
+    env = {k: v for k, v in os.environ.items() if k not in pg} | {"NOVA_KERNELS": "torch"}
     cmd = [
         sys.executable,
         "-m",
