@@ -269,11 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     from nova_engine.data.synthetic import write_task
     from nova_engine.data.tiny import build_tiny_tokenizer
     from nova_engine.data.tokenize import ChatTokenizer
+    from nova_engine.demo_stages import demo_rlvr, demo_rm
     from nova_engine.logging import get_logger
     from nova_engine.recipe import load_recipe
     from nova_engine.train.stages import dpo, sft
-    from nova_engine.train.stages.rlvr import demo_rlvr
-    from nova_engine.train.stages.rm import demo_rm
 
     log = get_logger("nova_engine.demo")
     tok_dir = os.path.join(out, "tokenizer")

@@ -562,36 +562,3 @@ def run(run: RLVRRunConfig) -> list[dict[str, float]]:
     finally:
         if pool is not None:
             pool.close()
-
-
-def demo_rlvr(
-    out: str,
-    *,
-    recipe: str | None = None,
-    overrides: typing.Sequence[str] = (),
-    n_prompts: int = 2000,
-    skip: int = 10000,
-    n_eval: int = 200,
-    task_seed: int = 0,
-) -> dict[str, Any]:
-    """RLVR for `make demo`: GRPO from <out>/dpo/hf on the arithmetic task (recipe section
-    `rlvr:` of recipes/tiny_cpu.yaml). Writes <out>/data/rlvr_train.jsonl (`n_prompts`
-    problems after the task's first `skip` = N_SFT + N_PREF, disjoint from its eval split of
-    `n_eval` with seed `task_seed`), trains into <out>/rlvr and returns {"history": per-step
-    metrics, "hf": <out>/rlvr/hf (the exported policy), "seconds": wall time}."""
-    from nova_engine.data.rlvr import write_arithmetic_rlvr
-    from nova_engine.recipe import load_recipe
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    recipe = recipe or os.path.join(root, "recipes", "tiny_cpu.yaml")
-    data = write_arithmetic_rlvr(os.path.join(out, "data", "rlvr_train.jsonl"), n_prompts,
-                                 seed=task_seed, skip=skip, n_eval=n_eval)  # fmt: skip
-    j = os.path.join
-    cfg = load_recipe(recipe, "rlvr", [
-        f"model.hf_path={j(out, 'dpo', 'hf')}", f"model.tokenizer_path={j(out, 'tokenizer')}",
-        f"data.train_paths=[{data}]", f"train.out_dir={j(out, 'rlvr')}",
-        "train.tensorboard=false", "checkpoint.resume=none", *overrides,
-    ])  # fmt: skip
-    t0 = time.perf_counter()
-    hist = run(typing.cast(RLVRRunConfig, cfg))
-    return {"history": hist, "hf": j(out, "rlvr", "hf"), "seconds": time.perf_counter() - t0}

@@ -454,38 +454,3 @@ def regression_then_bt(
         "regression": os.path.join(reg_out, "hf"), "bt": os.path.join(bt_out, "hf"),
         "regression_s": t1 - t0, "bt_s": time.perf_counter() - t1,
     }  # fmt: skip
-
-
-def demo_rm(
-    out: str,
-    recipe: str,
-    *,
-    model_dir: str,
-    tokenizer_dir: str,
-    n_regression: int = 1000,
-    n_pref: int = 1000,
-    n_eval: int = 200,
-    overrides: Sequence[str] = (),
-) -> dict[str, Any]:
-    """`make demo`'s reward model: writes the synthetic reward task under out/data
-    (nova_engine.data.synthetic_reward), trains regression then Scaled BT from `model_dir`
-    (the SFT export) with the recipe's `rm:` section (world of one), and scores both HF
-    exports with `transformers` on the held-out pairs (right answer vs a wrong one). Returns
-    {"regression": {"accuracy", "seconds", "hf"}, "scaled_bt": {...}}; the regression model
-    ranks pairs by its helpfulness output."""
-    from nova_engine.data.synthetic_reward import write_reward_task
-    from nova_engine.eval.reward_hf import evaluate_hf_reward_model
-
-    paths = write_reward_task(os.path.join(out, "data"), n_regression=n_regression,
-                              n_pref=n_pref, n_eval=n_eval)  # fmt: skip
-    base = [f"model.hf_path={model_dir}", f"model.tokenizer_path={tokenizer_dir}",
-            "train.tensorboard=false", "checkpoint.resume=none", *overrides]  # fmt: skip
-    got = regression_then_bt(
-        recipe, regression_data=[paths["regression"]], preference_data=[paths["pref"]],
-        eval_data=[paths["eval"]], out_dir=out, overrides=base,
-    )  # fmt: skip
-    res: dict[str, Any] = {}
-    for name, key in (("regression", "regression"), ("scaled_bt", "bt")):
-        scores = evaluate_hf_reward_model(got[key], [paths["eval"]], tokenizer_dir)
-        res[name] = {"accuracy": scores.accuracy, "seconds": got[f"{key}_s"], "hf": got[key]}
-    return res
