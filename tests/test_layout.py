@@ -80,7 +80,7 @@ def test_nova_kernels_imports_only_torch_triton_and_stdlib():
 # - `train/__main__` (`python -m nova_engine.train`) and `train/launch` (`nova run`, torchrun's
 #   launcher) are entry points: they sit on the cli floor;
 # - `eval/` (RewardBench, HF reward scoring) sits with generate and rl: it reads data only;
-# - `demo` (the end-to-end tiny run that chains the stages and the merge tool) sits on the
+# - `demo` and `demo_stages` (the end-to-end tiny run that chains the stages and the merge tool) sit on the
 #   tools floor, below cli which launches it.
 FLOORS = (
     ("nova_kernels", "nova_engine", "nova_engine.logging", "nova_engine.progress"),
@@ -89,7 +89,7 @@ FLOORS = (
     ("nova_engine.generate", "nova_engine.rl", "nova_engine.eval"),
     ("nova_engine.train",),
     ("nova_engine.train.stages", "nova_engine.recipe"),
-    ("nova_engine.tools", "nova_engine.demo"),
+    ("nova_engine.tools", "nova_engine.demo", "nova_engine.demo_stages"),
     ("nova_engine.cli", "nova_engine.train.__main__", "nova_engine.train.launch"),
 )
 STAGES = "nova_engine.train.stages"
