@@ -109,20 +109,20 @@ class LoRAConfig:
     dropout: float = 0.0
     """Dropout on the adapter's input (exact under TP only at 0)."""
     targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
-    """Module kinds that get adapters: qkv, proj (attention output), fc1 (gate+up), fc2."""
+    """Module kinds that get adapters: qkv, proj (attention output), fc1 (gate+up), fc2, and
+    optionally lm_head (an untied LM head; its adapter enters as W + (alpha/r) B A)."""
     seed: int = 0
     """Seed of A's init (B starts at 0, so step 0 is the base model)."""
 
     def __post_init__(self) -> None:
-        kinds = ("qkv", "proj", "fc1", "fc2")
+        kinds = ("qkv", "proj", "fc1", "fc2", "lm_head")
         check(self.rank >= 1, "rank", f"expected an integer >= 1, got {self.rank}")
         check(self.alpha > 0, "alpha", f"expected a number > 0, got {self.alpha}")
         check(0 <= self.dropout < 1, "dropout", f"expected 0 <= dropout < 1, got {self.dropout}")
         bad = [t for t in self.targets if t not in kinds]
         check(
             bool(self.targets) and not bad, "targets",
-            f"expected a non-empty list of {list(kinds)} (the LM head is not supported yet), "
-            f"got {self.targets}",
+            f"expected a non-empty list of {list(kinds)}, got {self.targets}",
         )  # fmt: skip
         check(len(set(self.targets)) == len(self.targets), "targets", "expected no repeats")
 
@@ -402,9 +402,23 @@ class CheckpointConfig:
     dist_checkpointing (nova_engine.train.dist_checkpoint), resumes into another TP/PP/DP
     layout with the optimizer state (not with the distributed optimizer yet). Resuming
     reads a checkpoint in the format it was written in, whatever this key says."""
+    async_save: bool = False
+    """Write checkpoints in the background (nova_engine.train.async_checkpoint; format torch
+    only): a save stages the rank's state into host buffers and training goes on while a
+    writer thread writes the same files. Extra host memory: one copy of the rank's
+    checkpoint state (a save waits for the previous one). The hf/ export (a gather) stays
+    synchronous. The final save and a SIGTERM save are complete before the run exits; a
+    crash mid-write leaves the previous checkpoint the newest."""
 
     def __post_init__(self) -> None:
         check(self.keep_last >= 0, "keep_last", "expected >= 0 (0 = keep all)")
+        check(isinstance(self.async_save, bool), "async_save", "expected true or false")
+        check(
+            not (self.async_save and self.format == "dist"),
+            "async_save",
+            "format dist saves synchronously (megatron-core 0.16.1's asynchronous save needs "
+            "CUDA): use checkpoint.format=torch with async_save, or async_save=false",
+        )
         check(
             self.format in ("torch", "dist"),
             "format",

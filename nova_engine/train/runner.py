@@ -7,6 +7,7 @@ periodic eval/save, final export.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -19,6 +20,7 @@ from nova_engine.model.hf_export import complete_hf_export, replace_dir
 from nova_engine.parallel.spawn import free_port
 from nova_engine.parallel.state import ParallelState, initialize_parallel
 from nova_engine.train import checkpoint_io, safety
+from nova_engine.train.async_checkpoint import AsyncSaver
 from nova_engine.train.checkpoint import load_checkpoint, save_checkpoint, verify_for_rank
 from nova_engine.train.data_source import PackedDataSource
 from nova_engine.train.engine import ModelEngine
@@ -326,10 +328,12 @@ def layout_advice(run: RunConfig, loop: Loop, path: str) -> str | None:
     return f"{line}, or start this layout from its weights (a new optimizer and schedule): {cmd}"
 
 
-def save_guarded(run: RunConfig, loop: Loop) -> str | None:
+def save_guarded(run: RunConfig, loop: Loop, saver: AsyncSaver | None = None) -> str | None:
     """Checkpoint now unless any rank's weights are non-finite (then nothing is written:
     the previous checkpoints stay the newest); a full disk -> CheckpointIOError naming the
-    path. Returns the checkpoint path, or None when not written."""
+    path. Returns the checkpoint path, or None when not written. With `saver`
+    (checkpoint.async_save) the state is staged and the files are written in the
+    background: the path is where the checkpoint will be once `finish_saves` returns."""
     ps = loop.engine().ps
     if not loop.guard.healthy:  # right after a skipped update the weights are suspect
         logger.error("step %d: the last update was skipped: checkpoint NOT written", loop.step)
@@ -339,23 +343,50 @@ def save_guarded(run: RunConfig, loop: Loop) -> str | None:
         return None
     root = run.checkpoint_dir
     m = run.model
+    keep_last, first_skip = run.checkpoint.keep_last, loop.guard.first_skip
+
+    def prune(_path: str | None = None) -> None:  # rank 0, after a complete write
+        if keep_last:
+            keep = rollback_target(root, first_skip)
+            checkpoint_io.prune(root, keep_last, protect=[keep] if keep else [])
+
+    def hf_extras(d: str) -> None:
+        complete_hf_export(
+            d, source_dir=m.hf_path, tokenizer_dir=m.tokenizer_dir, template=run.data.template
+        )
+
+    kw: dict[str, Any] = dict(
+        config_hash=run.hash(), hf=run.checkpoint.hf_in_checkpoints,
+        extra={"config": run_config_json(run)}, hf_extras=hf_extras,
+    )  # fmt: skip
+    with _disk_errors(root):
+        if saver is not None:
+            return saver.save(root, loop, on_done=prune, **kw)
+        path = save_checkpoint(root, loop, format=run.checkpoint.format, **kw)
+    if ps.rank == 0:
+        prune()
+    return path
+
+
+@contextlib.contextmanager
+def _disk_errors(root: str):
+    """A failed checkpoint write that is the disk's fault -> one-line CheckpointIOError."""
     try:
-        path = save_checkpoint(
-            root, loop, config_hash=run.hash(), hf=run.checkpoint.hf_in_checkpoints,
-            extra={"config": run_config_json(run)}, format=run.checkpoint.format,
-            hf_extras=lambda d: complete_hf_export(
-                d, source_dir=m.hf_path, tokenizer_dir=m.tokenizer_dir, template=run.data.template
-            ),
-        )  # fmt: skip
+        yield
     except Exception as e:  # torch.save: RuntimeError; safetensors: its own error type
         err = safety.disk_error(root, e)
         if err is None:
             raise
         raise checkpoint_io.CheckpointIOError(str(err)) from None
-    if ps.rank == 0 and run.checkpoint.keep_last:
-        keep = rollback_target(root, loop.guard.first_skip)
-        checkpoint_io.prune(root, run.checkpoint.keep_last, protect=[keep] if keep else [])
-    return path
+
+
+def finish_saves(run: RunConfig, saver: AsyncSaver | None) -> str | None:
+    """Wait for the asynchronous save in flight (if any): its path once complete; a writer's
+    disk error as one-line CheckpointIOError (collective when a save is in flight)."""
+    if saver is None:
+        return None
+    with _disk_errors(run.checkpoint_dir):
+        return saver.wait()
 
 
 def weights_finite(loop: Loop) -> bool:
@@ -470,18 +501,21 @@ def train_stage(
     loop.guard.describe = sample_describer(run)
     resume(run, loop)
     saved_at: list[int] = []
+    saver = AsyncSaver() if run.checkpoint.async_save else None
 
     def save(step: int) -> None:
-        path = save_guarded(run, loop)
+        path = save_guarded(run, loop, saver)
         if path is not None:
             saved_at.append(step)
             if run.eval.on_checkpoints and run.checkpoint.hf_in_checkpoints:
+                finish_saves(run, saver)  # the hook reads the complete checkpoint
                 run_eval_hook(run, os.path.join(path, "hf"), step)
 
     loop.stop = safety.StopRequest().install()
     try:
         out = _fit(run, loop, stage, policy, eval_fn, save)
     except safety.TrainingDiverged as e:
+        finish_saves(run, saver)  # a write in flight lands before the roll-back looks
         raise roll_back(run, loop, e) from None
     finally:
         loop.stop.uninstall()
@@ -490,10 +524,13 @@ def train_stage(
         if t.save_on_signal:
             if saved_at[-1:] != [loop.step]:
                 save(loop.step)
+        finish_saves(run, saver)  # complete before the process exits
+        if t.save_on_signal:
             path = checkpoint_io.latest_complete(root) if saved_at else None
         raise safety.Interrupted(loop.stop.signum or 2, loop.step, path)
     if not t.save_every or loop.step % t.save_every:
         save(loop.step)
+    finish_saves(run, saver)  # the run's last checkpoint is complete before the export
     if run.checkpoint.export_hf:
         export_final(run, policy, os.path.join(t.out_dir, "hf"))
         run_eval_hook(run, os.path.join(t.out_dir, "hf"), loop.step)
