@@ -5,8 +5,8 @@ references of all of them. Depends only on torch and triton."""
 
 from . import ops
 from ._backend import default_backend, interpreting, resolve_backend
-from .ops.gae import discounted_returns, gae, gae_packed
-from .ops.group_advantages import broadcast_advantages, group_advantages
+from .ops.gae import gae_packed
+from .ops.group_advantages import group_advantages
 from .ops.kl import kl_divergence, kl_penalty
 from .ops.linear_cross_entropy import linear_cross_entropy
 from .ops.linear_logprobs import linear_logprobs
@@ -17,9 +17,9 @@ from .ops.whiten import whiten
 from .reference import linear_logprobs_reference, seq_reduce_reference
 
 __all__ = ["default_backend", "interpreting", "ops", "resolve_backend"]
-__all__ += ["discounted_returns", "gae", "gae_packed"]
+__all__ += ["gae_packed"]
 __all__ += ["linear_cross_entropy", "linear_logprobs", "linear_logprobs_reference"]
 __all__ += ["linear_pair_logprobs"]
 __all__ += ["seq_reduce", "seq_reduce_reference"]
-__all__ += ["broadcast_advantages", "group_advantages", "whiten"]
+__all__ += ["group_advantages", "whiten"]
 __all__ += ["AGG_MODES", "KL_TYPES", "kl_divergence", "kl_penalty", "policy_loss"]

@@ -47,7 +47,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 # runtime scalars that are integers (shapes, strides, offsets); every other scalar is fp32
 _INT_SCALARS = re.compile(
-    r"^(n|N|H|T|R|B|NC|Vp|n_rows|n_cols|col0|n_splits|group_size|stride_\w+)$"
+    r"^(n|N|H|T|R|B|G|NC|Vp|n_rows|n_cols|col0|n_splits|group_size|stride_\w+)$"
 )
 
 
@@ -123,10 +123,9 @@ def specs() -> list[KernelSpec]:
     pl_ptrs = dict(lp_ptr="in", old_ptr="in", adv_ptr="in", m_ptr="u8", rl_ptr="in")
     pl_ptrs.update(ref_ptr="in", cu_ptr="i64")
     gae_ptrs = dict(r_ptr="in", v_ptr="in", m_ptr="u8", cu_ptr="i64")
-    gae_variants = [
-        dict(MODE=gae._MODE_GAE, PACKED=True, CHUNKS_PER_SPLIT=2),
-        dict(MODE=gae._MODE_RETURNS, PACKED=False, CHUNKS_PER_SPLIT=2),
-    ]
+    gae_variants = [dict(CHUNKS_PER_SPLIT=2)]
+    ga_ptrs = dict(x_ptr="in", perm_ptr="i64", off_ptr="i64")
+    ga_group = _block([group_advantages._GPU_BLOCK_GROUP])
     gae_blocks = _block(gae._GPU_BLOCK_TS, "BLOCK_T", gae._num_warps)
     pl_blocks = _block(policy_loss._GPU_BLOCK_TS, "BLOCK_T")
     return [
@@ -181,20 +180,14 @@ def specs() -> list[KernelSpec]:
             gae_variants,
             gae_blocks,
         ),
+        KernelSpec("group_advantages", "_group_partials_kernel", ga_ptrs, [{}], ga_group),
+        KernelSpec("group_advantages", "_group_centered_kernel", ga_ptrs, [{}], ga_group),
         KernelSpec(
             "group_advantages",
-            "_group_adv_kernel",
-            dict(x_ptr="in", perm_ptr="i64", off_ptr="i64", cnt_ptr="i64", deg_ptr="i8"),
-            [dict(MODE=0, CONTIGUOUS=False), dict(MODE=2, CONTIGUOUS=True)],
-            _block([group_advantages._GPU_BLOCK_GROUP]),
-        ),
-        KernelSpec(
-            "group_advantages",
-            "_broadcast_kernel",
-            dict(mask_ptr="in"),  # the mask's dtype; bool masks arrive as u8
-            [{}],
-            _block([group_advantages._GPU_BLOCK_BROADCAST]),
-            dtypes=DTYPES + ("u8",),
+            "_group_apply_kernel",
+            dict(x_ptr="in", ids_ptr="i64"),
+            [dict(MODE=0), dict(MODE=2)],  # grpo (sqrt + division) and rloo
+            _block([group_advantages._GPU_BLOCK_APPLY]),
         ),
         KernelSpec(
             "whiten",

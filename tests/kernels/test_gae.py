@@ -1,163 +1,142 @@
-"""GAE and REINFORCE++ returns: Triton (interpreter on CPU) and torch paths against verl's
-loops (nova_kernels.reference, float64), on odd shapes and masks with holes, and by hand."""
+"""GAE over packed sequences (gae_packed): Triton (interpreter on CPU) and torch paths against
+verl's loop over t (nova_kernels.reference, float64) run one sequence at a time, on odd
+lengths, empty sequences and masks with holes; rows split over several programs; by hand;
+and the trainer's REINFORCE++ returns (values 0, lam 1)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from nova_kernels import discounted_returns, gae, gae_packed
+from nova_kernels import gae_packed
 from nova_kernels._testing import assert_verbose_allclose
-from nova_kernels.reference import discounted_returns_reference, gae_reference
+from nova_kernels.reference import gae_reference
 
 BACKENDS = ["triton", "torch"]
 
 
-def loop_gae(rewards, values, mask, gamma, lam):
-    """(advantages, returns) of the float64 reference."""
-    return gae_reference(rewards.double(), values.double(), mask, gamma, lam)
-
-
-def loop_returns(rewards, mask, gamma):
-    return discounted_returns_reference(rewards.double(), mask, gamma)
-
-
-def make_inputs(B, T, seed, mask_dtype=torch.bool):
+def make_packed(lens, seed, mask_dtype=torch.bool):
+    """rewards, values [N], mask [N] (responses with holes: observation tokens), cu [S+1]."""
     g = torch.Generator().manual_seed(seed)
-    rewards = torch.randn(B, T, generator=g)
-    values = torch.randn(B, T, generator=g)
-    # responses of random length, with holes (observation tokens) inside them
-    lens = torch.randint(0, T + 1, (B,), generator=g)
-    mask = torch.arange(T)[None, :] < lens[:, None]
-    mask &= torch.rand(B, T, generator=g) > 0.25
-    if B > 1:
-        mask[0] = True  # one full row
-    return rewards, values, mask.to(mask_dtype)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+    N = int(cu[-1])
+    r, v = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    m = torch.rand(N, generator=g) > 0.25
+    return r, v, m.to(mask_dtype), cu
+
+
+def loop_gae(r, v, m, cu, gamma, lam):
+    """(advantages, returns) float64 [N]: the reference on each sequence alone."""
+    adv, ret = (
+        torch.zeros(r.numel(), dtype=torch.float64),
+        torch.zeros(r.numel(), dtype=torch.float64),
+    )
+    for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        if hi > lo:
+            a, b = gae_reference(
+                r[None, lo:hi].double(), v[None, lo:hi].double(), m[None, lo:hi], gamma, lam
+            )
+            adv[lo:hi], ret[lo:hi] = a[0], b[0]
+    return adv, ret
 
 
 def on(device, *tensors):
-    """The inputs on the test device (references keep the CPU originals)."""
     return tuple(t.to(device) for t in tensors)
 
 
 def check(actual, expected, name):
     assert actual.dtype == torch.float32
-    actual = actual.cpu()
-    assert_verbose_allclose(actual, expected, rtol=2e-5, atol=2e-5, name=name)
-
-
-# --- GAE ----------------------------------------------------------------------------------
+    assert_verbose_allclose(actual.cpu(), expected, rtol=2e-5, atol=2e-5, name=name)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
-    "B,T,gamma,lam", [(7, 53, 0.99, 0.95), (4, 64, 1.0, 1.0), (3, 1, 0.9, 0.0), (2, 37, 0.5, 0.7)]
+    "lens,gamma,lam",
+    [
+        ([5, 0, 17, 31, 1], 0.95, 0.9),
+        ([53, 53, 53, 7], 0.99, 0.95),
+        ([64, 1, 64], 1.0, 1.0),
+        ([3, 37, 2], 0.9, 0.0),
+        ([0, 0], 0.9, 0.9),
+    ],
 )
-def test_gae_matches_loop(backend, B, T, gamma, lam, device):
-    r, v, m = make_inputs(B, T, seed=B * 1000 + T)
-    adv, ret = gae(*on(device, r, v, m), gamma, lam, backend=backend)
-    ref_adv, ref_ret = loop_gae(r, v, m, gamma, lam)
+def test_gae_packed_matches_loop(backend, lens, gamma, lam, device):
+    r, v, m, cu = make_packed(lens, seed=sum(lens))
+    adv, ret = gae_packed(*on(device, r, v, m, cu), gamma, lam, backend=backend)
+    ref_adv, ref_ret = loop_gae(r, v, m, cu, gamma, lam)
     check(adv, ref_adv, "advantages")
     check(ret, ref_ret, "returns")
 
 
-@pytest.mark.slow  # several programs per row: long interpreted scans
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_dtype", [torch.float32, torch.int64, torch.uint8])
+def test_gae_packed_mask_dtypes(backend, mask_dtype, device):
+    r, v, m, cu = make_packed([9, 22, 4], seed=3, mask_dtype=mask_dtype)
+    adv, ret = gae_packed(*on(device, r, v, m, cu), 0.97, 0.9, backend=backend)
+    ref_adv, ref_ret = loop_gae(r, v, m, cu, 0.97, 0.9)
+    check(adv, ref_adv, "advantages")
+    check(ret, ref_ret, "returns")
+
+
 @pytest.mark.parametrize("block_t,n_splits", [(16, 2), (16, 4), (32, 2)])
-def test_gae_triton_split_rows(block_t, n_splits, device):
+def test_gae_packed_triton_split_rows(block_t, n_splits, device):
     """Rows split over several programs: per-split maps folded into the carry."""
-    r, v, m = make_inputs(7, 53, seed=11, mask_dtype=torch.float32)
+    r, v, m, cu = make_packed([53, 0, 17, 70], seed=11, mask_dtype=torch.float32)
     kw = dict(backend="triton", block_t=block_t, n_splits=n_splits)
-    adv, ret = gae(*on(device, r, v, m), 0.97, 0.9, **kw)
-    ref_adv, ref_ret = loop_gae(r, v, m, 0.97, 0.9)
+    adv, ret = gae_packed(*on(device, r, v, m, cu), 0.97, 0.9, **kw)
+    ref_adv, ref_ret = loop_gae(r, v, m, cu, 0.97, 0.9)
     check(adv, ref_adv, "advantages")
     check(ret, ref_ret, "returns")
 
 
-def test_gae_torch_long_rows(device):
-    """Long rows: many doubling steps of the torch scan (T not a power of two)."""
-    r, v, m = make_inputs(3, 300, seed=5, mask_dtype=torch.int64)
-    adv, ret = gae(*on(device, r, v, m), 0.99, 0.95, backend="torch")
-    ref_adv, ref_ret = loop_gae(r, v, m, 0.99, 0.95)
+def test_gae_packed_torch_long_rows(device):
+    """Long rows: many doubling steps of the torch scan (lengths not powers of two)."""
+    r, v, m, cu = make_packed([300, 129, 5], seed=5)
+    adv, ret = gae_packed(*on(device, r, v, m, cu), 0.99, 0.95, backend="torch")
+    ref_adv, ref_ret = loop_gae(r, v, m, cu, 0.99, 0.95)
     check(adv, ref_adv, "advantages")
     check(ret, ref_ret, "returns")
 
 
 def test_gae_formula_by_hand(device):
-    """Two valid steps around an observation step: the observation carries nv and A."""
-    r = torch.tensor([[1.0, 5.0, 2.0]])
-    v = torch.tensor([[0.5, 9.0, 1.0]])
-    m = torch.tensor([[True, False, True]])
+    """Two valid steps around an observation step: the observation carries nv and A; a
+    second sequence of one step is scanned on its own (nothing flows across the boundary)."""
+    r = torch.tensor([1.0, 5.0, 2.0, 4.0])
+    v = torch.tensor([0.5, 9.0, 1.0, 3.0])
+    m = torch.tensor([True, False, True, True])
+    cu = torch.tensor([0, 3, 4])
     g, lam = 0.9, 0.8
     a2 = 2.0 - 1.0  # last step: delta = r - v
     a1 = a2  # observation: carried
     a0 = (1.0 + g * 1.0 - 0.5) + g * lam * a2  # next value is v[2], skipping v[1]
-    want_adv = torch.tensor([[a0, a1, a2]], dtype=torch.float64)
-    want_ret = torch.tensor([[a0 + 0.5, a1 + 9.0, a2 + 1.0]], dtype=torch.float64)
+    a3 = 4.0 - 3.0
+    want_adv = torch.tensor([a0, a1, a2, a3], dtype=torch.float64)
+    want_ret = want_adv + v.double()
     for backend in BACKENDS:
-        adv, ret = gae(*on(device, r, v, m), g, lam, backend=backend)
+        adv, ret = gae_packed(*on(device, r, v, m, cu), g, lam, backend=backend)
         check(adv, want_adv, f"adv {backend}")
         check(ret, want_ret, f"ret {backend}")
-    ref_adv, ref_ret = loop_gae(r, v, m, g, lam)  # the reference the other tests trust
+    ref_adv, ref_ret = loop_gae(r, v, m, cu, g, lam)  # the reference the other tests trust
     assert_verbose_allclose(ref_adv, want_adv, rtol=1e-12, atol=1e-12, name="reference adv")
     assert_verbose_allclose(ref_ret, want_ret, rtol=1e-12, atol=1e-12, name="reference ret")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gae_packed(backend, device):
-    g = torch.Generator().manual_seed(7)
-    lens = [5, 0, 17, 31, 1]
-    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
-    N = int(cu[-1])
-    r, v = torch.randn(N, generator=g), torch.randn(N, generator=g)
-    m = torch.rand(N, generator=g) > 0.3
-    kw = dict(block_t=16, n_splits=2) if backend == "triton" else {}
-    adv, ret = gae_packed(*on(device, r, v, m, cu), 0.95, 0.9, backend=backend, **kw)
-    adv, ret = adv.cpu(), ret.cpu()
-    for s in range(len(lens)):
-        lo, hi = int(cu[s]), int(cu[s + 1])
-        if hi == lo:
-            continue
-        ra, rr = loop_gae(r[None, lo:hi], v[None, lo:hi], m[None, lo:hi], 0.95, 0.9)
-        check(adv[lo:hi], ra[0], f"adv seq {s}")
-        check(ret[lo:hi], rr[0], f"ret seq {s}")
+def test_reinforce_pp_returns_by_hand(backend, device):
+    """The trainer's REINFORCE++ returns: values 0, lam 1. R_3 = 3; R_1 (masked out) carries
+    R_2 = 2 + 0.5 * 3; R_0 = 1 + 0.5 * R_2 (the next counted step)."""
+    r = torch.tensor([1.0, 7.0, 2.0, 3.0])
+    m = torch.tensor([True, False, True, True])
+    cu = torch.tensor([0, 4])
+    adv, ret = gae_packed(*on(device, r, torch.zeros(4), m, cu), 0.5, 1.0, backend=backend)
+    want = torch.tensor([1.0 + 0.5 * 3.5, 3.5, 3.5, 3.0], dtype=torch.float64)
+    check(adv, want, "returns")
+    check(ret, want, "returns (values 0)")
 
 
-def test_gae_rejects_bad_shapes():
-    r = torch.randn(3, 4)
-    with pytest.raises(ValueError, match="values"):
-        gae(r, torch.randn(3, 5), torch.ones(3, 4), 0.9, 0.9, backend="torch")
-
-
-# --- REINFORCE++ returns ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("B,T,gamma", [(7, 53, 0.99), (3, 16, 1.0)])
-def test_discounted_returns_matches_loop(backend, B, T, gamma, device):
-    r, _, m = make_inputs(B, T, seed=T)
-    out = discounted_returns(*on(device, r, m), gamma, backend=backend)
-    check(out, loop_returns(r, m, gamma), "returns")
-
-
-@pytest.mark.slow  # several programs per row: long interpreted scans
-def test_discounted_returns_triton_split_rows(device):
-    r, _, m = make_inputs(5, 53, seed=2)
-    out = discounted_returns(*on(device, r, m), 0.9, backend="triton", block_t=16, n_splits=3)
-    check(out, loop_returns(r, m, 0.9), "returns")
-
-
-def test_discounted_returns_torch_long_rows(device):
-    r, _, m = make_inputs(2, 290, seed=4)
-    out = discounted_returns(*on(device, r, m), 0.995, backend="torch")
-    check(out, loop_returns(r, m, 0.995), "ret")
-
-
-def test_discounted_returns_by_hand(device):
-    """R_2 = 3; R_1 = 2 + 0.5 * 3; R_0 = 1 (step 1 is masked: the return restarts before it)."""
-    r = torch.tensor([[1.0, 2.0, 3.0]])
-    m = torch.tensor([[True, False, True]])
-    want = torch.tensor([[1.0, 3.5, 3.0]], dtype=torch.float64)
-    for backend in BACKENDS:
-        out = discounted_returns(*on(device, r, m), 0.5, backend=backend)
-        check(out, want, f"returns {backend}")
-    assert torch.equal(loop_returns(r, m, 0.5), want)
+def test_gae_packed_rejects_bad_shapes():
+    r = torch.randn(4)
+    with pytest.raises(ValueError, match="rewards, values, mask"):
+        gae_packed(r, torch.randn(5), torch.ones(4), torch.tensor([0, 4]), 0.9, 0.9)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        gae_packed(r, r, torch.ones(4), torch.zeros(0, dtype=torch.int64), 0.9, 0.9)

@@ -1,7 +1,7 @@
-"""Reverse discounted scans for RL: GAE (advantages + returns) and REINFORCE++ returns.
+"""Reverse discounted scan for RL: GAE (advantages + returns) over packed sequences.
 
-Shapes: B rows (sequences), T time steps per row (padded layout), or N tokens in total
-with S sequences described by `cu_seqlens` [S+1] (packed layout). Outputs are float32.
+Shapes: N tokens in total with S sequences described by `cu_seqlens` [S+1] (the packed
+layout the trainer uses). Outputs are float32.
 
 GAE follows verl's `compute_gae_advantage_return` (current form): walking t from the end,
 
@@ -11,14 +11,14 @@ GAE follows verl's `compute_gae_advantage_return` (current form): walking t from
     adv_t     = A ;  returns_t = adv_t + v_t
 
 with nv = A = 0 at the end of every row. Whitening is a separate op (`nova_kernels.whiten`).
-
-REINFORCE++ token returns (verl's `compute_reinforce_plus_plus_outcome_advantage`):
-R_t = r_t + gamma * mask_{t+1} * R_{t+1}  (the running return is reset after masked steps).
+The trainer's REINFORCE++ token returns are this scan with values 0 and lam = 1: on
+masked-in steps R_t = r_t + gamma * R_t' with t' the next masked-in step (masked-out steps
+carry R); verl's padded loop restarts the return after a masked-out step instead, which
+differs only where a response's mask has holes.
 
 How the Triton kernels scan. The per-step update of the state x = (nv, A) is an affine map
 x' = M_t x + c_t with M_t = [[p, 0], [q, s]] lower triangular, c_t = (a, b):
-    GAE:      p = 1-m, q = m*gamma, s = 1-m+m*gamma*lam, a = m*v, b = m*(r-v)
-    returns:  p = 1,   q = 0,       s = gamma*m_{t+1},    a = 0,   b = r
+    p = 1-m, q = m*gamma, s = 1-m+m*gamma*lam, a = m*v, b = m*(r-v)
 Each program loads a chunk of BLOCK_T steps in *reversed* time order and runs a FORWARD
 `tl.associative_scan` composing these maps (never `reverse=True`, which has been wrong on
 GPU for non-commutative combines), then applies the prefix maps to the carry coming from
@@ -36,8 +36,6 @@ import triton.language as tl
 from .._backend import interpreting, resolve_backend
 from .._common import _row_bounds, empty
 
-_MODE_GAE = 0
-_MODE_RETURNS = 1
 # time steps per chunk: the launcher picks min(_GPU_BLOCK_T, next pow2 of the longest row, >= 16)
 # on GPU, so any of _GPU_BLOCK_TS (nova_kernels._aot compiles each of them); the interpreter 64
 _GPU_BLOCK_T, _INTERP_BLOCK_T = 1024, 64
@@ -64,48 +62,35 @@ def _compose(p1, q1, s1, a1, b1, p2, q2, s2, a2, b2):
 
 
 @triton.jit
-def _step_maps(r_ptr, v_ptr, m_ptr, t, valid, end, gamma, gl, MODE: tl.constexpr):
+def _step_maps(r_ptr, v_ptr, m_ptr, t, valid, gamma, gl):
     # t: [BLOCK_T] time indices (already reversed), valid: t inside the row
     r = tl.load(r_ptr + t, mask=valid, other=0.0).to(tl.float32)
-    if MODE == 0:
-        v = tl.load(v_ptr + t, mask=valid, other=0.0).to(tl.float32)
-        m = (tl.load(m_ptr + t, mask=valid, other=0) != 0).to(tl.float32)
-        p = 1.0 - m
-        q = m * gamma
-        s = 1.0 - m + m * gl
-        a = m * v
-        b = m * (r - v)
-    else:
-        v = r * 0.0
-        nxt = valid & (t + 1 < end)
-        m_next = (tl.load(m_ptr + t + 1, mask=nxt, other=0) != 0).to(tl.float32)
-        p = m_next * 0.0 + 1.0
-        q = m_next * 0.0
-        s = tl.where(valid, gamma * m_next, 1.0)
-        a = m_next * 0.0
-        b = r
+    v = tl.load(v_ptr + t, mask=valid, other=0.0).to(tl.float32)
+    m = (tl.load(m_ptr + t, mask=valid, other=0) != 0).to(tl.float32)
+    p = 1.0 - m
+    q = m * gamma
+    s = 1.0 - m + m * gl
+    a = m * v
+    b = m * (r - v)
     return p, q, s, a, b, v
 
 
 @triton.jit
 def _scan_split_agg_kernel(
-    r_ptr,  # [N] rewards (flattened rows)
-    v_ptr,  # [N] values (GAE only)
+    r_ptr,  # [N] rewards
+    v_ptr,  # [N] values
     m_ptr,  # [N] mask, nonzero = valid step
-    cu_ptr,  # [S+1] row offsets (packed only)
-    agg_ptr,  # [R, n_splits, 5] fp32 out: composed map of each split
-    T,
+    cu_ptr,  # [S+1] row offsets
+    agg_ptr,  # [S, n_splits, 5] fp32 out: composed map of each split
     n_splits,
     gamma,
     gl,
     CHUNKS_PER_SPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    MODE: tl.constexpr,
-    PACKED: tl.constexpr,
 ):
     rid = tl.program_id(0)
     k = tl.program_id(1)
-    start, end = _row_bounds(cu_ptr, rid, T, PACKED)
+    start, end = _row_bounds(cu_ptr, rid, 0, True)
     lane = tl.arange(0, BLOCK_T)
     last = lane == BLOCK_T - 1
     P = 1.0
@@ -117,7 +102,7 @@ def _scan_split_agg_kernel(
         rev = (k * CHUNKS_PER_SPLIT + c) * BLOCK_T + lane
         t = end - 1 - rev
         valid = t >= start
-        p, q, s, a, b, v = _step_maps(r_ptr, v_ptr, m_ptr, t, valid, end, gamma, gl, MODE)
+        p, q, s, a, b, v = _step_maps(r_ptr, v_ptr, m_ptr, t, valid, gamma, gl)
         p, q, s, a, b = tl.associative_scan((p, q, s, a, b), 0, _compose)
         # the last lane holds the whole chunk's map (invalid lanes are identities)
         p = tl.sum(tl.where(last, p, 0.0), 0)
@@ -137,24 +122,21 @@ def _scan_split_agg_kernel(
 @triton.jit
 def _scan_apply_kernel(
     r_ptr,  # [N] rewards
-    v_ptr,  # [N] values (GAE only)
+    v_ptr,  # [N] values
     m_ptr,  # [N] mask
-    cu_ptr,  # [S+1] row offsets (packed only)
-    agg_ptr,  # [R, n_splits, 5] composed maps of the splits (read when n_splits > 1)
-    out1_ptr,  # [N] fp32: advantages (GAE) or returns (REINFORCE++)
-    out2_ptr,  # [N] fp32: returns = advantages + values (GAE only)
-    T,
+    cu_ptr,  # [S+1] row offsets
+    agg_ptr,  # [S, n_splits, 5] composed maps of the splits (read when n_splits > 1)
+    adv_ptr,  # [N] fp32 out: advantages
+    ret_ptr,  # [N] fp32 out: returns = advantages + values
     n_splits,
     gamma,
     gl,
     CHUNKS_PER_SPLIT: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    MODE: tl.constexpr,
-    PACKED: tl.constexpr,
 ):
     rid = tl.program_id(0)
     k = tl.program_id(1)
-    start, end = _row_bounds(cu_ptr, rid, T, PACKED)
+    start, end = _row_bounds(cu_ptr, rid, 0, True)
     lane = tl.arange(0, BLOCK_T)
     last = lane == BLOCK_T - 1
     # carry (nv, A) entering this split = later splits' maps applied to (0, 0)
@@ -172,13 +154,12 @@ def _scan_apply_kernel(
         rev = (k * CHUNKS_PER_SPLIT + c) * BLOCK_T + lane
         t = end - 1 - rev
         valid = t >= start
-        p, q, s, a, b, v = _step_maps(r_ptr, v_ptr, m_ptr, t, valid, end, gamma, gl, MODE)
+        p, q, s, a, b, v = _step_maps(r_ptr, v_ptr, m_ptr, t, valid, gamma, gl)
         p, q, s, a, b = tl.associative_scan((p, q, s, a, b), 0, _compose)
         nv_t = p * nv + a
         acc_t = q * nv + s * acc + b
-        tl.store(out1_ptr + t, acc_t, mask=valid)
-        if MODE == 0:
-            tl.store(out2_ptr + t, acc_t + v, mask=valid)
+        tl.store(adv_ptr + t, acc_t, mask=valid)
+        tl.store(ret_ptr + t, acc_t + v, mask=valid)
         nv = tl.sum(tl.where(last, nv_t, 0.0), 0)
         acc = tl.sum(tl.where(last, acc_t, 0.0), 0)
 
@@ -195,19 +176,17 @@ def _pick_splits(rows: int, n_chunks: int, device: torch.device) -> int:
 
 
 def _launch_scan(
-    rewards: torch.Tensor,  # [N] flat
-    values: torch.Tensor | None,  # [N] flat (GAE) or None
-    mask: torch.Tensor,  # [N] flat
-    cu_seqlens: torch.Tensor | None,  # [S+1] or None (padded rows of length T)
-    rows: int,
+    rewards: torch.Tensor,  # [N]
+    values: torch.Tensor,  # [N]
+    mask: torch.Tensor,  # [N]
+    cu_seqlens: torch.Tensor,  # [S+1]
     max_len: int,
-    T: int,
     gamma: float,
     gl: float,
-    mode: int,
     block_t: int | None = None,
     n_splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = cu_seqlens.numel() - 1
     if block_t is None:
         block_t = _INTERP_BLOCK_T if interpreting() else _GPU_BLOCK_T
     block_t = min(block_t, max(16, triton.next_power_of_2(max(max_len, 1))))
@@ -218,23 +197,18 @@ def _launch_scan(
     cps = triton.cdiv(n_chunks, n_splits)
     n_splits = triton.cdiv(n_chunks, cps)
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    v = values if values is not None else rewards
-    cu = cu_seqlens if cu_seqlens is not None else rewards  # unused pointer when padded
-    packed = cu_seqlens is not None
-    out1 = empty(rewards.shape, dtype=torch.float32, device=rewards.device)
-    out2 = empty(rewards.shape, dtype=torch.float32, device=rewards.device) if mode == 0 else out1
+    adv = empty(rewards.shape, dtype=torch.float32, device=rewards.device)
+    ret = empty(rewards.shape, dtype=torch.float32, device=rewards.device)
     agg = empty((rows, n_splits, 5), dtype=torch.float32, device=rewards.device)
     if rows == 0 or max_len == 0:
-        return out1, (out2 if mode == _MODE_GAE else None)
-    num_warps = _num_warps(block_t)
-    meta = dict(
-        CHUNKS_PER_SPLIT=cps, BLOCK_T=block_t, MODE=mode, PACKED=packed, num_warps=num_warps
-    )
+        return adv, ret
+    meta = dict(CHUNKS_PER_SPLIT=cps, BLOCK_T=block_t, num_warps=_num_warps(block_t))
     grid = (rows, n_splits)
+    args = (rewards, values, m, cu_seqlens, agg)
     if n_splits > 1:
-        _scan_split_agg_kernel[grid](rewards, v, m, cu, agg, T, n_splits, gamma, gl, **meta)
-    _scan_apply_kernel[grid](rewards, v, m, cu, agg, out1, out2, T, n_splits, gamma, gl, **meta)
-    return out1, (out2 if mode == _MODE_GAE else None)
+        _scan_split_agg_kernel[grid](*args, n_splits, gamma, gl, **meta)
+    _scan_apply_kernel[grid](*args, adv, ret, n_splits, gamma, gl, **meta)
+    return adv, ret
 
 
 # ----------------------------------------------------------------------------- torch path
@@ -275,14 +249,6 @@ def _gae_torch(rewards, values, mask, gamma, lam):
     return adv, adv + v
 
 
-def _returns_torch(rewards, mask, gamma):
-    r = rewards.float()
-    mf = (mask != 0).float()
-    # R_t = r_t + gamma * m_{t+1} R_{t+1}
-    m_next = torch.cat([mf[:, 1:], torch.zeros_like(mf[:, :1])], 1)
-    return _reverse_affine_scan(gamma * m_next, r)
-
-
 def _unpack(x: torch.Tensor, cu: torch.Tensor, fill=0):
     # [N] + cu_seqlens [S+1] -> ([S, L] padded, [S, L] bool valid)
     lens = (cu[1:] - cu[:-1]).long()
@@ -296,56 +262,6 @@ def _unpack(x: torch.Tensor, cu: torch.Tensor, fill=0):
 
 
 # ----------------------------------------------------------------------------- public
-
-
-def _check_2d(name, x, like):
-    if x.shape != like.shape:
-        raise ValueError(f"{name}: shape {tuple(x.shape)} != rewards {tuple(like.shape)}")
-
-
-def gae(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    gamma: float,
-    lam: float,
-    *,
-    backend: str | None = None,
-    block_t: int | None = None,
-    n_splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation per row.
-
-    rewards, values: [B, T] float; mask: [B, T] bool/int/float (nonzero = a step the policy
-    took; zero = observation / padding, which carries the running values).
-    Returns (advantages [B, T] fp32, returns [B, T] fp32), returns = advantages + values.
-    No gradient (advantages are targets). `block_t` / `n_splits` tune the Triton launch.
-    """
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards: expected [B, T], got {tuple(rewards.shape)}")
-    _check_2d("values", values, rewards)
-    _check_2d("mask", mask, rewards)
-    gamma, lam = float(gamma), float(lam)
-    with torch.no_grad():
-        if resolve_backend(backend) == "torch":
-            return _gae_torch(rewards, values, mask, gamma, lam)
-        B, T = rewards.shape
-        a, r = _launch_scan(
-            rewards.contiguous().view(-1),
-            values.contiguous().view(-1),
-            mask.contiguous().view(-1),
-            None,
-            B,
-            T,
-            T,
-            gamma,
-            gamma * lam,
-            _MODE_GAE,
-            block_t,
-            n_splits,
-        )
-        assert r is not None  # GAE mode writes the returns too
-        return a.view(B, T), r.view(B, T)
 
 
 def gae_packed(
@@ -376,58 +292,15 @@ def gae_packed(
             a, r = _gae_torch(rp, vp, mp, gamma, lam)
             return a[valid], r[valid]
         lens = cu_seqlens[1:] - cu_seqlens[:-1]
-        S = lens.numel()
-        max_len = int(lens.max()) if S else 0
-        adv, ret = _launch_scan(
+        max_len = int(lens.max()) if lens.numel() else 0  # host sync: picks the launch
+        return _launch_scan(
             rewards.contiguous(),
             values.contiguous(),
             mask.contiguous(),
             cu_seqlens.contiguous(),
-            S,
             max_len,
-            0,
             gamma,
             gamma * lam,
-            _MODE_GAE,
             block_t,
             n_splits,
         )
-        assert ret is not None  # GAE mode writes the returns too
-        return adv, ret
-
-
-def discounted_returns(
-    rewards: torch.Tensor,
-    mask: torch.Tensor,
-    gamma: float,
-    *,
-    backend: str | None = None,
-    block_t: int | None = None,
-    n_splits: int | None = None,
-) -> torch.Tensor:
-    """REINFORCE++ token-level returns R_t = r_t + gamma * mask_{t+1} * R_{t+1}.
-
-    rewards, mask: [B, T] -> returns [B, T] fp32 (not whitened; see `whiten`)."""
-    if rewards.dim() != 2:
-        raise ValueError(f"rewards: expected [B, T], got {tuple(rewards.shape)}")
-    _check_2d("mask", mask, rewards)
-    gamma = float(gamma)
-    with torch.no_grad():
-        if resolve_backend(backend) == "torch":
-            return _returns_torch(rewards, mask, gamma)
-        B, T = rewards.shape
-        out, _ = _launch_scan(
-            rewards.contiguous().view(-1),
-            None,
-            mask.contiguous().view(-1),
-            None,
-            B,
-            T,
-            T,
-            gamma,
-            0.0,
-            _MODE_RETURNS,
-            block_t,
-            n_splits,
-        )
-        return out.view(B, T)
