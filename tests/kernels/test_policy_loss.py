@@ -1,18 +1,17 @@
-"""Policy loss (PPO clip, dual clip, TIS, KL term, aggregation modes) and KL estimators:
-Triton (interpreter on CPU) and torch paths, forward, metrics and gradients, against a
-reference written one token at a time in float64 (its gradients come from autograd)."""
+"""Policy loss (PPO clip, dual clip, TIS, KL term, aggregation modes): Triton (interpreter on
+CPU) and torch paths, forward, metrics and gradients, against a reference written one token
+at a time in float64 (its gradients come from autograd). The KL estimators on their own
+(kl_divergence, kl_penalty) are tested in test_kl.py."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
-from nova_kernels import kl_divergence, kl_penalty, policy_loss
+from nova_kernels import policy_loss
 from nova_kernels._sync import HostSyncError, forbid_host_sync
 from nova_kernels._testing import assert_verbose_allclose
-from nova_kernels.reference import kl_reference, policy_loss_reference
+from nova_kernels.reference import policy_loss_reference
 
 BACKENDS = ["triton", "torch"]
 AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -225,70 +224,3 @@ def test_policy_loss_rejects_bad_config():
         policy_loss(x, x, x, x, dual_clip=0.5)
     with pytest.raises(ValueError, match="advantages"):
         policy_loss(x, x, torch.zeros(2, 4), x)
-
-
-# --- KL estimators on their own -----------------------------------------------------------
-
-
-@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
-def test_kl_divergence_fwd_bwd(kl_type, device):
-    g = torch.Generator().manual_seed(1)
-    lp = -torch.rand(7, 53, generator=g) * 3
-    ref = lp + 3.0 * torch.randn(7, 53, generator=g)
-    ref[0, :5] = lp[0, :5] + torch.tensor([30.0, -30.0, 21.0, -21.0, 2.5])
-    gout = torch.randn(7, 53, generator=g)
-    x = lp.double().requires_grad_(True)
-    expected = kl_reference(x, ref.double(), kl_type)
-    (expected * gout.double()).sum().backward()
-    for backend in BACKENDS:
-        y = lp.clone().to(device).requires_grad_(True)
-        kl = kl_divergence(y, ref.to(device), kl_type, backend=backend)
-        (kl * gout.to(device)).sum().backward()
-        assert kl.dtype == torch.float32
-        kl = kl.detach().cpu()
-        assert_verbose_allclose(kl, expected, rtol=1e-5, atol=1e-5, name=f"kl {backend}")
-        assert_verbose_allclose(y.grad.cpu(), x.grad, rtol=1e-5, atol=1e-5, name=f"dkl {backend}")
-
-
-def test_kl_estimators_by_hand(device):
-    """logr = ref - lp = -0.5, 0.5, 30 (clamped to 20, then the value to +-10): values and
-    d/dlp of k1 = -logr, k2 = logr^2 / 2, k3 = e^logr - 1 - logr, for both backends and the
-    reference the other tests compare against."""
-    lp = torch.tensor([-1.0, -1.0, -2.0])
-    ref = torch.tensor([-1.5, -0.5, 28.0])
-    e_lo, e_hi = math.exp(-0.5), math.exp(0.5)
-    want = {
-        "k1": ([0.5, -0.5, -10.0], [1.0, 1.0, 0.0]),
-        "k2": ([0.125, 0.125, 10.0], [0.5, -0.5, 0.0]),
-        "k3": ([e_lo - 0.5, e_hi - 1.5, 10.0], [1 - e_lo, 1 - e_hi, 0.0]),
-    }
-    fns = {b: (lambda x, r, k, b=b: kl_divergence(x, r, k, backend=b)) for b in BACKENDS}
-    fns["reference"] = kl_reference
-    for kl_type, (value, grad) in want.items():
-        for name, fn in fns.items():
-            dev = "cpu" if name == "reference" else device
-            x = lp.clone().to(dev).requires_grad_(True)
-            kl = fn(x, ref.to(dev), kl_type)
-            kl.sum().backward()
-            tag = f"{kl_type} {name}"
-            kl = kl.detach().cpu()
-            assert_verbose_allclose(kl, torch.tensor(value), rtol=1e-6, atol=1e-6, name=tag)
-            assert_verbose_allclose(
-                x.grad.cpu(), torch.tensor(grad), rtol=1e-6, atol=1e-6, name=tag
-            )
-
-
-def test_kl_penalty_is_masked_and_gradient_free(device):
-    g = torch.Generator().manual_seed(3)
-    lp = -torch.rand(4, 9, generator=g).requires_grad_(True)
-    ref = -torch.rand(4, 9, generator=g)
-    rewards = torch.randn(4, 9, generator=g)
-    mask = torch.rand(4, 9, generator=g) > 0.5
-    for backend in BACKENDS:
-        args = (t.to(device) for t in (rewards, lp, ref, mask))
-        out, kl = kl_penalty(*args, 0.05, "k1", backend=backend)
-        expected_kl = (lp.detach() - ref) * mask
-        assert not out.requires_grad
-        out, kl = out.cpu(), kl.cpu()
-        assert_verbose_allclose(kl, expected_kl, rtol=1e-6, atol=1e-6)
-        assert_verbose_allclose(out, rewards - 0.05 * expected_kl, rtol=1e-6, atol=1e-6)
