@@ -4,6 +4,7 @@
     nova sft --recipe recipes/tiny_cpu.yaml train.max_steps=50
     nova dpo --recipe recipes/tiny_cpu.yaml loss.beta=0.1
     nova export runs/sft/checkpoints/step_00000200 out/hf     # a checkpoint's HF export
+    nova export CKPT out/merged --merge-lora   # a LoRA run: merged (or --adapter-only: PEFT)
     nova demo --out demo_out                                  # = make demo
     nova <tool> --help                                        # the tools listed below
 
@@ -37,16 +38,20 @@ TOOLS: dict[str, tuple[str, str]] = {
 }
 
 
-def _export(ckpt: str, out: str, overwrite: bool = False) -> int:
+def _export(ckpt: str, out: str, overwrite: bool = False, lora: str | None = None) -> int:
     """Copy checkpoint `ckpt`'s hf/ export to `out`: only the files its manifest lists,
     each checked against the manifest's checksum, refused when any weight is non-finite;
-    `out` must be new (or, with overwrite, a previous export: hf_export's one rule)."""
+    `out` must be new (or, with overwrite, a previous export: hf_export's one rule).
+    lora="merge" / "adapter": a LoRA run's merged weights (base + (alpha/r) B A) or its
+    adapter alone in PEFT's layout, from the checkpoint's shards (nova_engine.model.lora_export;
+    a checkpoint without model.lora is refused). A LoRA checkpoint's hf/ is merged already."""
     from nova_engine.model.hf_export import (
         ExportError,
         check_export_target,
         nonfinite_tensors,
         replace_dir,
     )
+    from nova_engine.model.lora_export import LoRAExportError, export_adapter, export_merged
     from nova_engine.train.checkpoint_io import CheckpointIOError, file_crc32, read_manifest
     from nova_engine.train.checkpoint_parts import HF_SUBDIR
 
@@ -56,6 +61,18 @@ def _export(ckpt: str, out: str, overwrite: bool = False) -> int:
             raise CheckpointIOError(f"{ckpt}: no such checkpoint directory")
         manifest = read_manifest(ckpt)  # complete, every listed file at its recorded size
         check_export_target(out, overwrite=overwrite, what="export destination")
+        if lora is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (export_merged if lora == "merge" else export_adapter)(ckpt, tmp)
+            bad = nonfinite_tensors(tmp)
+            if bad:
+                raise ExportError(
+                    f"{ckpt}: non-finite weights ({', '.join(bad)}): nothing exported"
+                )
+            replace_dir(tmp, out)
+            what = "merged LoRA weights" if lora == "merge" else "LoRA adapter (PEFT)"
+            emit(f"exported {ckpt} ({what}) -> {out}")
+            return 0
         prefix = HF_SUBDIR + "/"
         files = sorted(r for r in manifest["files"] if r.startswith(prefix))
         if not files:
@@ -76,7 +93,7 @@ def _export(ckpt: str, out: str, overwrite: bool = False) -> int:
         if bad:
             raise ExportError(f"{ckpt}: non-finite weights ({', '.join(bad)}): nothing exported")
         replace_dir(tmp, out)
-    except (CheckpointIOError, ExportError) as e:
+    except (CheckpointIOError, ExportError, LoRAExportError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         emit(f"nova export: {e}", err=True)
         return 2
@@ -116,6 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("checkpoint")
     e.add_argument("out", help="a new directory (or a previous export, with --overwrite)")
     e.add_argument("--overwrite", action="store_true", help="replace a previous export at OUT")
+    lora = e.add_mutually_exclusive_group()
+    lora.add_argument(
+        "--merge-lora",
+        dest="lora",
+        action="store_const",
+        const="merge",
+        help="a LoRA run: base + (alpha/r) B A from the checkpoint's adapters",
+    )
+    lora.add_argument("--adapter-only", dest="lora", action="store_const", const="adapter",
+                      help="a LoRA run: the adapter alone, PEFT layout (adapter_config.json + "
+                      "adapter_model.safetensors)")  # fmt: skip
     d = sub.add_parser("demo", help="the make-demo run")
     d.add_argument("--out", default="demo_out")
     for name, (_, help_text) in TOOLS.items():
@@ -126,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_main([args.cmd, "--recipe", args.recipe, *args.overrides, *rest])
     if args.cmd == "export":
-        return _export(args.checkpoint, args.out, args.overwrite)
+        return _export(args.checkpoint, args.out, args.overwrite, args.lora)
     from nova_engine.demo import main as demo_main
 
     return demo_main(["--out", args.out, *rest])

@@ -30,6 +30,16 @@ split ones the layer's partition dim. A is initialized (kaiming-uniform, as PEFT
 generator seeded by (seed, layer, kind) on the full [r, in] matrix and then sliced, so the
 adapters are identical at every TP size; B = 0.
 
+LM head (target "lm_head", untied heads only): the fused log-prob / cross-entropy kernels
+read the head's weight, never call the layer, so the adapter enters as an effective weight
+`lm_head_weight() = W + s B A` ([V/tp, H] per rank: A [r, H] replicated, B [V/tp, r] split
+like W), materialized once per call in W's dtype (one rounding of the fp32 sum, as a merged
+model's head) and differentiated by autograd from the kernel's dW; A passes through
+`copy_to_tensor_model_parallel_region`, which sums its partial grads over TP. The chunk's
+`lm_head_weight` is patched on the instance, so SFT/DPO/RL losses and generation all read
+it. Cost: one extra [V/tp, H] tensor per micro-batch in flight and the head's weight grad
+(~1 GB at 8B, TP1, bf16). No dropout on the head's adapter.
+
 Dropout draws from the default generator; with TP it is only exact for dropout = 0 (the masks
 of a replicated A's input must agree over TP ranks).
 
@@ -64,14 +74,19 @@ if TYPE_CHECKING:
     from nova_engine.parallel.state import ParallelState
 
 # config target -> megatron module name
-TARGETS = {"qkv": "linear_qkv", "proj": "linear_proj", "fc1": "linear_fc1", "fc2": "linear_fc2"}
+TARGETS = {
+    "qkv": "linear_qkv", "proj": "linear_proj", "fc1": "linear_fc1", "fc2": "linear_fc2",
+    "lm_head": "output_layer",
+}  # fmt: skip
 # megatron module name -> PEFT (HF) module names
 PEFT_MODULES = {
     "linear_qkv": ("q_proj", "k_proj", "v_proj"),
     "linear_proj": ("o_proj",),
     "linear_fc1": ("gate_proj", "up_proj"),
     "linear_fc2": ("down_proj",),
+    "output_layer": ("lm_head",),
 }
+ROW_PARALLEL = ("linear_proj", "linear_fc2")  # the others are column-parallel
 LORA_MARK = ".lora."
 logger = get_logger(__name__)
 
@@ -162,8 +177,9 @@ def _sharded_state_dict(module: nn.Module, prefix="", sharded_offsets=(), metada
     )  # fmt: skip
 
 
-def _targets(chunk: nn.Module, kinds: Iterable[str]) -> Iterator[tuple[int, str, nn.Module]]:
-    """(global layer index, megatron module name, module) of the target linears of a chunk."""
+def _targets(chunk: nn.Module, kinds: Iterable[str]) -> Iterator[tuple[int | None, str, nn.Module]]:
+    """(global layer index, megatron module name, module) of the target linears of a chunk;
+    the LM head (`output_layer`, last stage only) comes last with layer index None."""
     names = {TARGETS[k] for k in kinds}
     for layer in chunk.decoder.layers:
         i = layer.layer_number - 1
@@ -172,6 +188,43 @@ def _targets(chunk: nn.Module, kinds: Iterable[str]) -> Iterator[tuple[int, str,
                 mod = getattr(sub, name, None)
                 if mod is not None and name in names:
                     yield i, name, mod
+    head = getattr(chunk, "output_layer", None)
+    if "output_layer" in names and head is not None:
+        yield None, "output_layer", head
+
+
+def _lm_head_weight(model: nn.Module) -> torch.Tensor:
+    """NovaGPTModel.lm_head_weight with the head's adapter: w_VpH + s B_Vpr A_rH (one
+    rounding to W's dtype). A enters through copy_to_tensor_model_parallel_region: each TP
+    rank's dW shard gives a partial s B_t^T dW_t, summed over TP in A's backward."""
+    w = type(model).lm_head_weight(model)
+    ad: LoRAAdapter = model.output_layer.lora
+    if not ad.enabled:
+        return w
+    a = ad.A
+    if ad.tp_group is not None and ad.tp_group.size() > 1:
+        a = mappings.copy_to_tensor_model_parallel_region(a, group=ad.tp_group)
+    return (w.float() + (ad.B.float() @ a.float()) * ad.scaling).to(w.dtype)
+
+
+def _attach_head(model: nn.Module, mod: nn.Module, cfg: LoRAConfig, seed: int) -> LoRAAdapter:
+    """The LM head's adapter: no forward hook (Nova never calls output_layer; every reader of
+    the head weight goes through the chunk's lm_head_weight(), patched on this instance)."""
+    from nova_engine.config import ConfigError
+
+    if getattr(model, "share_embeddings_and_output_weights", False) or mod.weight is None:
+        raise ConfigError(
+            "model.lora.targets",
+            "'lm_head' needs an untied LM head (tie_word_embeddings=false): with a tied head "
+            "the merged weights would change the input embedding too",
+        )
+    mod.lora = LoRAAdapter(mod, cfg.rank, cfg.alpha, 0.0, seed)  # no dropout: enters as W
+    # A's grad is complete on every rank (copy_to region's all-reduce), also under SP:
+    # not `sequence_parallel`, else finalize_model_grads would sum it over TP a second time
+    mod.lora.A.sequence_parallel = False
+    model.lm_head_weight = types.MethodType(_lm_head_weight, model)
+    mod.sharded_state_dict = types.MethodType(_sharded_state_dict, mod)
+    return mod.lora
 
 
 def apply_lora(
@@ -187,7 +240,12 @@ def apply_lora(
         for i, name, mod in _targets(chunk, cfg.targets):
             if hasattr(mod, "lora"):
                 raise RuntimeError(f"layer {i} {name} already has a LoRA adapter")
-            seed = cfg.seed * 1_000_003 + zlib.crc32(f"{i}.{name}".encode())
+            key = name if i is None else f"{i}.{name}"
+            seed = cfg.seed * 1_000_003 + zlib.crc32(key.encode())
+            if i is None:  # the LM head; a score model never reads it: no adapter there
+                if getattr(chunk, "score", None) is None:
+                    adapters.append(_attach_head(chunk, mod, cfg, seed))
+                continue
             mod.lora = LoRAAdapter(mod, cfg.rank, cfg.alpha, cfg.dropout, seed)
             mod.register_forward_hook(_lora_hook, with_kwargs=True)
             mod.sharded_state_dict = types.MethodType(_sharded_state_dict, mod)
@@ -254,31 +312,51 @@ def _gather(t: torch.Tensor, ps: ParallelState) -> list[torch.Tensor]:
     return parts
 
 
+def _module_name(i: int | None, name: str) -> str:
+    """megatron weight name of a target (global layer index i; None for the LM head)."""
+    if i is None:
+        return "output_layer.weight"
+    return f"decoder.layers.{i}.{'mlp' if 'fc' in name else 'self_attention'}.{name}.weight"
+
+
+def peft_tensors(
+    arch: ModelArch,
+    i: int | None,
+    name: str,
+    a_parts: list[torch.Tensor],
+    b_parts: list[torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """One target's adapter from its TP shards (a_parts, b_parts: A and B of TP ranks 0..tp-1)
+    -> PEFT tensors (fp32, CPU): base_model.model.<hf module>.lora_{A,B}.weight."""
+    from nova_engine.model.hf_io import _to_hf
+
+    mname = _module_name(i, name)
+    if name in ROW_PARALLEL:  # A split like W (columns), B replicated
+        a_hf = _to_hf(arch, mname, i, a_parts)
+        b_hf = {k: b_parts[0] for k in a_hf}
+    else:  # B split like W (rows, incl. qkv / gate-up layout), A replicated
+        b_hf = _to_hf(arch, mname, i, b_parts)
+        a_hf = {k: a_parts[0] for k in b_hf}
+    out = {}
+    for k in a_hf:
+        base = "base_model.model." + k.removesuffix(".weight")
+        out[base + ".lora_A.weight"] = a_hf[k].float().cpu().clone()
+        out[base + ".lora_B.weight"] = b_hf[k].float().cpu().clone()
+    return out
+
+
 def peft_state_dict(
     chunks: Iterable[nn.Module], arch: ModelArch, ps: ParallelState
 ) -> dict[str, torch.Tensor]:
     """This rank's adapters as PEFT tensors (full, gathered over TP; collective over TP).
     Keys: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight etc."""
-    from nova_engine.model.hf_io import _to_hf
-
     out: dict[str, torch.Tensor] = {}
     for chunk in chunks:
         for i, name, mod in _targets(chunk, TARGETS):
             ad = getattr(mod, "lora", None)
-            if not isinstance(ad, LoRAAdapter):
-                continue
-            a_parts, b_parts = _gather(ad.A.detach(), ps), _gather(ad.B.detach(), ps)
-            mname = f"decoder.layers.{i}.{'mlp' if 'fc' in name else 'self_attention'}.{name}"
-            if ad.row:  # A split like W (columns), B replicated
-                a_hf = _to_hf(arch, mname + ".weight", i, a_parts)
-                b_hf = {k: b_parts[0] for k in a_hf}
-            else:  # B split like W (rows, incl. qkv / gate-up layout), A replicated
-                b_hf = _to_hf(arch, mname + ".weight", i, b_parts)
-                a_hf = {k: a_parts[0] for k in b_hf}
-            for k in a_hf:
-                base = "base_model.model." + k.removesuffix(".weight")
-                out[base + ".lora_A.weight"] = a_hf[k].float().cpu().clone()
-                out[base + ".lora_B.weight"] = b_hf[k].float().cpu().clone()
+            if isinstance(ad, LoRAAdapter):
+                a_parts, b_parts = _gather(ad.A.detach(), ps), _gather(ad.B.detach(), ps)
+                out.update(peft_tensors(arch, i, name, a_parts, b_parts))
     return out
 
 
@@ -359,8 +437,7 @@ def load_peft_adapter(
                 ad = getattr(mod, "lora", None)
                 if not isinstance(ad, LoRAAdapter):
                     continue
-                sub = "mlp" if "fc" in name else "self_attention"
-                mname = f"decoder.layers.{i}.{sub}.{name}.weight"
+                mname = _module_name(i, name)
                 hf = PEFT_MODULES[name]
                 if ad.row:
                     a = _hf_value(readers["lora_A"], arch, mname, i, ps.tp, ps.tp_rank)
@@ -383,6 +460,8 @@ def load_peft_adapter(
                     p.copy_(v.to(p.dtype))
 
 
-def _hf_name(i: int, name: str, hf_module: str) -> str:
+def _hf_name(i: int | None, name: str, hf_module: str) -> str:
+    if i is None:
+        return f"{hf_module}.weight"
     sub = "mlp" if "fc" in name else "self_attn"
     return f"model.layers.{i}.{sub}.{hf_module}.weight"

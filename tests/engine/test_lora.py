@@ -12,6 +12,10 @@ adapter are written; transformers (merged) and peft (base + adapter) reproduce N
 log-probs, merged == base + (alpha/r) B A per tensor, and the adapter re-imported at TP2+SP
 gives the same log-probs exactly; the PP2 layout runs on that imported adapter (so its
 TP1 comparison checks the import too). A reward model's score head trains in full.
+The LM head is a target too (W + (alpha/r) B A read by the fused log-prob kernel): its
+log-probs and the grads of h, A, B against float64 at TP1 and TP2. The TP2+SP shards
+written as a format-torch checkpoint give, offline (nova_engine.model.lora_export), the
+live PEFT tensors exactly and the live merged weights.
 """
 
 from __future__ import annotations
@@ -29,12 +33,12 @@ from nova_engine.parallel.spawn import run_distributed
 V, L_SEQ = 1000, 13
 LAYOUTS = [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False)]  # (tp, pp, sp)
 TP1 = LAYOUTS[0]
-CFG = LoRAConfig(rank=4, alpha=8.0, targets=["qkv", "proj", "fc1", "fc2"])
+CFG = LoRAConfig(rank=4, alpha=8.0, targets=["qkv", "proj", "fc1", "fc2", "lm_head"])
 
 
 def test_config_validation():
     with pytest.raises(ConfigError, match="targets: expected a non-empty list"):
-        LoRAConfig(targets=["lm_head"])
+        LoRAConfig(targets=["embed"])
     with pytest.raises(ConfigError, match="rank: expected an integer >= 1"):
         LoRAConfig(rank=0)
     with pytest.raises(ConfigError, match="dropout"):
@@ -64,6 +68,9 @@ def _set_random_b(chunks, arch, ps):
                 if ad.row:
                     full = torch.randn(out_local, r, generator=g) * 0.1
                     ad.B.copy_(full)
+                elif name == "output_layer":  # vocab rows split over TP
+                    full = torch.randn(V, r, generator=g) * 0.1
+                    ad.B.copy_(full[t * out_local : (t + 1) * out_local])
                 elif name == "linear_fc1":
                     f = arch.intermediate_size
                     gate, up = (torch.randn(f, r, generator=g) * 0.1 for _ in range(2))
@@ -81,7 +88,7 @@ def _layer_reference(chunk):
     errs = {}
     g = torch.Generator().manual_seed(3)
     for _, name, mod in _targets(chunk, CFG.targets):
-        if name in errs:
+        if name in errs or name == "output_layer":  # the head: _head_reference
             continue
         ad = mod.lora
         ad.A.requires_grad_(True)
@@ -106,6 +113,72 @@ def _layer_reference(chunk):
         ad.A.requires_grad_(False)
         ad.B.requires_grad_(False)
     return errs
+
+
+def _head_reference(chunk, ps):
+    """The LM head's adapter (W + s B A read by the fused log-prob kernel) vs a float64
+    log_softmax(h (W + s B A)^T) on the full vocab: log-probs and grads of h, A, B (W and B
+    gathered over TP; A's grad must be the full one on every rank)."""
+    import torch.distributed as dist
+
+    from nova_engine.model.heads import token_logprobs
+
+    ad = chunk.output_layer.lora
+    g = torch.Generator().manual_seed(11)
+    n, hid = 37, chunk.output_layer.weight.shape[1]
+    h = torch.randn(n, 1, hid, generator=g).requires_grad_(True)
+    labels = torch.randint(0, V, (n,), generator=g)
+    up = torch.randn(n, generator=g)
+    ad.A.requires_grad_(True)
+    ad.B.requires_grad_(True)
+    lp = token_logprobs(chunk, h, labels, ps)
+    (lp * up).sum().backward()
+
+    def full(t):
+        if ps.tp == 1:
+            return t
+        parts = [torch.empty_like(t) for _ in range(ps.tp)]
+        dist.all_gather(parts, t.contiguous(), group=ps.tp_group)
+        return torch.cat(parts)
+
+    w = full(chunk.output_layer.weight.detach()).double()
+    a = ad.A.detach().double().requires_grad_(True)
+    b = full(ad.B.detach()).double().requires_grad_(True)
+    hr = h.detach().double().requires_grad_(True)
+    logits = hr[:, 0] @ (w + (CFG.alpha / CFG.rank) * b @ a).t()
+    ref = torch.log_softmax(logits, -1).gather(-1, labels[:, None])[:, 0]
+    (ref * up.double()).sum().backward()
+    errs = {
+        "logp": (lp.double() - ref).abs().max().item(),
+        "dh": (h.grad.double() - hr.grad).abs().max().item(),
+        "dA": (ad.A.grad.double() - a.grad).abs().max().item(),
+        "dB": (full(ad.B.grad).double() - b.grad).abs().max().item(),
+        "scale": min(a.grad.abs().max().item(), b.grad.abs().max().item()),
+    }
+    ad.A.grad = ad.B.grad = None
+    ad.A.requires_grad_(False)
+    ad.B.requires_grad_(False)
+    return errs
+
+
+def _write_shard_checkpoint(eng, ps, model_dir, path):
+    """This layout's shards as a format-torch checkpoint (mp_policy_tpXX_pp00.pt + a manifest
+    with the run config), what nova_engine.model.lora_export reads offline."""
+    import dataclasses
+
+    import torch.distributed as dist
+
+    from nova_engine.train.checkpoint_io import write_checkpoint_dir
+
+    def write(tmp):
+        f = os.path.join(tmp, f"mp_policy_tp{ps.tp_rank:02d}_pp{ps.pp_rank:02d}.pt")
+        torch.save({"model": eng.model_state(), "optimizer": None}, f)
+        return [f]
+
+    lay = {"tp": ps.tp, "pp": ps.pp, "vpp": 1, "dp": ps.dp, "world_size": ps.world_size}
+    cfg = {"model": {"hf_path": model_dir, "lora": dataclasses.asdict(CFG)}}
+    write_checkpoint_dir(path, write, step=1, extra={"config": cfg, "engines": {"policy": lay}},
+                         rank=ps.rank, barrier=dist.barrier)  # fmt: skip
 
 
 def _worker(rank, world, model_dir, seqs, out_root):
@@ -185,10 +258,18 @@ def _worker(rank, world, model_dir, seqs, out_root):
             res["moved"] = sorted(n for n in before if not torch.equal(before[n], after[n]))
             res["n_lora"] = sum(is_lora_param(n) for n in names)
             res["layer_errs"] = _layer_reference(base_probe(model_dir, ps))
+            res["head_errs"] = _head_reference(base_probe(model_dir, ps), ps)
             rm = ModelEngine.from_hf(model_dir, ps, lora=CFG, optim=optim, score_outputs=1)
             res["rm_trainable"] = sorted(
                 n for c in rm.chunks for n, p in c.named_parameters() if p.requires_grad
             )
+        if (tp, pp, sp) == (2, 1, False):
+            res["head_errs"] = _head_reference(base_probe(model_dir, ps), ps)
+        if pp > 1:  # lora_export's layer offsets of a pipeline rank's chunk
+            from nova_engine.model.lora_export import _layer_offset
+
+            first = eng.chunks[0].decoder.layers[0].layer_number - 1
+            res["offset_ok"] = first == _layer_offset(ps.pp_rank, 0, pp, 1, eng.arch.num_layers)
         if (tp, pp, sp) == (2, 1, False):  # dist-checkpoint metadata: global shapes of A, B
             sd = eng.chunks[0].sharded_state_dict()
             res["sharded"] = {
@@ -215,6 +296,7 @@ def _worker(rank, world, model_dir, seqs, out_root):
             _set_random_b(eng.chunks, eng.arch, ps)  # the logps above were taken with these
             eng.export_hf(os.path.join(out_root, "merged"))
             eng.export_peft(os.path.join(out_root, "peft"), base_model=model_dir)
+            _write_shard_checkpoint(eng, ps, model_dir, os.path.join(out_root, "ckpt"))
             again = ModelEngine.from_hf(model_dir, ps, trainable=False, lora=CFG)
             again.load_peft(os.path.join(out_root, "peft"))
             diffs = ((a - b).abs().max().item() for a, b in zip(logps(again), lora_lp))
@@ -269,14 +351,54 @@ def test_layer_forward_backward_vs_float64(lora_run):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("layout", [TP1, (2, 1, False)], ids=str)
+def test_lm_head_adapter_vs_float64(lora_run, layout):
+    for r in lora_run[3]:
+        e = r[layout]["head_errs"]
+        assert e["scale"] > 1e-3, "A and B must get gradients"
+        for k in ("logp", "dh", "dA", "dB"):
+            assert e[k] < 1e-4, f"{layout} LM head {k}: max err {e[k]:.3g} vs float64"
+
+
+@pytest.mark.slow
+def test_pp_layer_offsets_of_the_offline_export(lora_run):
+    assert all(r[(1, 2, False)]["offset_ok"] for r in lora_run[3])
+
+
+@pytest.mark.slow
+def test_offline_exports_of_tp2_shards_equal_the_live_ones(lora_run, tmp_path):
+    """lora_export on the TP2+SP shards: the PEFT tensors equal the engine's live export
+    (all-gathered) exactly; the merged weights equal the engine's merged export."""
+    from safetensors.torch import load_file
+
+    from nova_engine.model.hf_io import HFCheckpoint
+    from nova_engine.model.lora_export import export_adapter, export_merged
+
+    root = lora_run[4]
+    export_adapter(str(root / "ckpt"), str(tmp_path / "peft"))
+    got = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    want = load_file(str(root / "peft" / "adapter_model.safetensors"))
+    assert set(got) == set(want) and len(got) == 2 * (2 * 7 + 1)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    export_merged(str(root / "ckpt"), str(tmp_path / "merged"))
+    live, offline = HFCheckpoint(str(root / "merged")), HFCheckpoint(str(tmp_path / "merged"))
+    assert set(live.names()) == set(offline.names())
+    for name in live.names():
+        torch.testing.assert_close(offline.read(name), live.read(name), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_only_adapters_train(lora_run):
     res = lora_run[3][0][TP1]
     assert res["trainable_ok"] and res["buffers_ok"] and res["no_base_main_grad"]
     n_opt, n_ad = res["opt_params"]
-    assert n_opt == n_ad == res["n_lora"] == 2 * 4 * 2  # A, B x 4 kinds x 2 layers
+    assert n_opt == n_ad == res["n_lora"] == 2 * (4 * 2 + 1)  # A, B x (4 kinds x 2 layers + head)
     assert res["moved"] and all(".lora." in n for n in res["moved"])
-    rm = res["rm_trainable"]  # a reward model: adapters + its score head in full
-    assert "score.weight" in rm and len(rm) == res["n_lora"] + 1
+    assert any(n.startswith("output_layer.lora.") for n in res["moved"])
+    rm = res["rm_trainable"]  # a reward model: adapters + its score head in full, no LM head's
+    assert "score.weight" in rm and len(rm) == res["n_lora"] - 2 + 1
+    assert not any(n.startswith("output_layer") for n in rm)
 
 
 @pytest.mark.slow
@@ -322,7 +444,7 @@ def test_tp_sp_pp_equal_tp1(lora_run, layout):
         n = min(len(ref_lp[i]), len(got_lp[i]))  # SP pads to a multiple of tp
         torch.testing.assert_close(got_lp[i][:n], ref_lp[i][:n], rtol=1e-5, atol=1e-5)
     ref_g, got_g = _merge(results, TP1, "grads"), _merge(results, layout, "grads")
-    assert set(ref_g) == set(got_g) and len(ref_g) == 2 * 2 * 7
+    assert set(ref_g) == set(got_g) and len(ref_g) == 2 * (2 * 7 + 1)  # + lm_head
     for k in ref_g:
         scale = ref_g[k].abs().max().item()
         err = (got_g[k] - ref_g[k]).abs().max().item()
@@ -360,7 +482,7 @@ def test_merged_export_and_peft_adapter(lora_run):
         else:
             expect = base_ck.read(name)
         torch.testing.assert_close(merged_ck.read(name), expect, rtol=1e-6, atol=1e-6)
-    assert n_checked == 2 * 7
+    assert n_checked == 2 * 7 + 1  # + lm_head
     hf_base = AutoModelForCausalLM.from_pretrained(model_dir).float().eval()
     peft_model = peft.PeftModel.from_pretrained(hf_base, str(root / "peft")).eval()
     for i, seq in enumerate(seqs):
