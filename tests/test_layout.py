@@ -217,10 +217,11 @@ def _cycles(graph) -> list[list[str]]:
 
 
 def _stage_of(name: str, stages: str) -> str:
-    """The stage a module belongs to ("rlvr" for stages/rlvr_losses.py), "" outside one."""
+    """The stage a module is ("rlvr" for stages/rlvr.py: one module per stage, the RL library
+    in nova_engine/rl), "" outside one."""
     if not name.startswith(stages + "."):
         return ""
-    return name[len(stages) + 1 :].split(".")[0].split("_")[0]
+    return name[len(stages) + 1 :].split(".")[0]
 
 
 def layout_violations(graph, floors=FLOORS, forbidden=FORBIDDEN, stages=STAGES) -> list[str]:
@@ -267,6 +268,9 @@ def test_layout_checker_catches_upward_imports_cycles_and_stage_to_stage(tmp_pat
             "from typing import TYPE_CHECKING\n"
             "if TYPE_CHECKING:\n    from nova_engine.train.stages import sft\n"
         ),
+        "nova_engine/rl/__init__.py": "",
+        "nova_engine/rl/r.py": "from nova_engine.model import m\n",
+        "nova_engine/config.py": "from nova_engine.data import a\n",
         "nova_kernels/__init__.py": "",
     }
     for rel, text in files.items():
@@ -285,3 +289,15 @@ def test_layout_checker_catches_upward_imports_cycles_and_stage_to_stage(tmp_pat
         b.startswith("import cycle: nova_engine.data.a <-> nova_engine.model.m") for b in bad
     )
     assert len(bad) == 3, bad
+    # the named rules: rl/ imports no train/ (stages), model/ no generate/, config no stage
+    (tmp_path / "nova_engine/rl/r.py").write_text("from nova_engine.train.stages import sft\n")
+    (tmp_path / "nova_engine/generate").mkdir()
+    (tmp_path / "nova_engine/generate/__init__.py").write_text("")
+    (tmp_path / "nova_engine/generate/g.py").write_text("")
+    (tmp_path / "nova_engine/model/m.py").write_text("from nova_engine.generate import g\n")
+    (tmp_path / "nova_engine/config.py").write_text("import nova_engine.train.stages.sft\n")
+    bad = layout_violations(import_graph(str(tmp_path)))
+    for want in ("rl.r:1 imports nova_engine.train.stages.sft: rl/ is a library",
+                 "model.m:1 imports nova_engine.generate.g: the layer KV cache",
+                 "config:1 imports nova_engine.train.stages.sft: config looks stages up"):  # fmt: skip
+        assert any(want in b for b in bad), (want, bad)

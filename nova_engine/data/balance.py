@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -104,3 +105,13 @@ def max_over_mean(costs, shares: Sequence[np.ndarray]) -> float:
     costs = np.asarray(costs, dtype=np.int64)
     loads = np.array([costs[s].sum() for s in shares], dtype=np.float64)
     return float(loads.max() / max(loads.mean(), 1e-12))
+
+
+def deal(samples: Sequence[Any], dp: int, dp_rank: int, *, seed: int = 0, step: int = 0):
+    """The sequences (pairs) of one step that DP rank `dp_rank` (of `dp`) gets, balanced by
+    tokens (`balanced_split`: deterministic in (seed, step), pairs kept whole, each
+    share in step order). The single place a step's sequences are dealt to ranks."""
+    if dp == 1:
+        return list(samples)
+    shares = balanced_split(item_tokens(samples), dp, seed=seed, step=step)
+    return [samples[int(i)] for i in shares[dp_rank]]

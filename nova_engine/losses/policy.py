@@ -25,7 +25,7 @@ correction), ref_logprobs from the frozen reference. Names:
 The KL to the reference is used in one place only (`kl_in`): "loss" adds
 kl_coef * KL(k1|k2|k3) to every token's loss (differentiable; GRPO style); "reward"
 subtracts kl_coef * KL from the token rewards before the advantages (the RLVR stage's
-advantages, nova_engine.train.stages.rlvr_losses; no gradient; PPO / Tülu 3 style); "none"
+advantages, nova_engine.rl.losses; no gradient; PPO / Tülu 3 style); "none"
 ignores it.
 """
 

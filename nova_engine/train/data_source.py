@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from nova_engine.data.balance import balanced_split, item_tokens
+from nova_engine.data.balance import deal
 from nova_engine.data.packing import PackedBatch, PackingPlan
 from nova_engine.data.sample import PairSample
 from nova_engine.logging import get_logger
@@ -53,16 +53,6 @@ class DataSource(Protocol):
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def deal(samples: Sequence[Any], dp: int, dp_rank: int, *, seed: int = 0, step: int = 0):
-    """The sequences (pairs) of one step that DP rank `dp_rank` (of `dp`) gets, balanced by
-    tokens (`nova_engine.data.balance`: deterministic in (seed, step), pairs kept whole, each
-    share in step order). The single place a step's sequences are dealt to ranks."""
-    if dp == 1:
-        return list(samples)
-    shares = balanced_split(item_tokens(samples), dp, seed=seed, step=step)
-    return [samples[int(i)] for i in shares[dp_rank]]
 
 
 class PackedDataSource:

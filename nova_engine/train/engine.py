@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 # A micro-batch: a PackedBatch, or an object that reads as one (the RL micro-batches of
-# nova_engine.train.stages.rlvr_rollout carry their per-token tensors alongside).
+# nova_engine.rl.minibatch carry their per-token tensors alongside).
 MicroBatch = Any
 LossFn = Callable[
     [torch.nn.Module, torch.Tensor, MicroBatch], tuple[torch.Tensor, Any, dict[str, Any]]

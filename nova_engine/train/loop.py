@@ -183,17 +183,26 @@ class Loop:
     # -- one optimizer step / one evaluation pass ----------------------------------------
 
     def update(
-        self, engine: ModelEngine | str, microbatches: Sequence[MicroBatch], loss: Loss
+        self,
+        engine: ModelEngine | str,
+        microbatches: Sequence[MicroBatch],
+        loss: Loss,
+        *,
+        count_tokens: bool = True,
     ) -> dict[str, float]:
         """One optimizer step of `engine` on this rank's micro-batches; returns the loss's
-        metrics with lr and grad_norm."""
+        metrics with lr and grad_norm. Its real tokens (over DP) count in the step's
+        tokens/s and MFU (`step_tokens`) unless count_tokens=False (e.g. a critic's update,
+        next to the policy's on the same tokens)."""
         eng = self.engine(engine) if isinstance(engine, str) else engine
         eng.train()
         microbatches = _prepare(loss, microbatches)
         norms = self.reduce_counts(
             eng, {**loss.counts(microbatches), "_tokens": real_tokens(microbatches)}
         )
-        self._tokens += int(norms.pop("_tokens"))
+        tokens = int(norms.pop("_tokens"))
+        if count_tokens:
+            self._tokens += tokens
         results = eng.forward_backward(microbatches, loss.loss_fn(norms))
         bad = {"_nonfinite_grads": (~eng.local_grads_finite()).to(torch.float64)}
         sums = self.reduce_metrics(eng, loss.metric_names, results, extra=bad)
@@ -237,6 +246,11 @@ class Loop:
         if "loss" in total:  # losses came as sums: the mean over the whole eval set
             total["loss"] /= max(counts.get(loss.normalizer, 1.0), 1.0)
         return loss.finalize_metrics(total, counts)
+
+    @property
+    def step_tokens(self) -> int:
+        """Real tokens (over DP) of the counted updates of the current step so far."""
+        return self._tokens
 
     # -- the run -------------------------------------------------------------------------
 

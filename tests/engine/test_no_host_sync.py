@@ -326,7 +326,7 @@ def _rlvr(root: str) -> dict:
     from nova_engine.losses import policy
     from nova_engine.model import heads
     from nova_engine.parallel.state import destroy_parallel, initialize_parallel
-    from nova_engine.train.stages import rlvr_losses
+    from nova_engine.rl import losses as rlvr_losses
 
     t = _load("test_train_rlvr_for_sync", os.path.join(HERE, "test_train_rlvr.py"))
     assets = t.build_assets(os.path.join(root, "rlvr"))

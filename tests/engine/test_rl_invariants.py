@@ -129,9 +129,9 @@ def _generated(assets, tp, pp, noise: float = 0.0):
     """Step 0 of GRPO with colocated generation: the invariant metrics."""
     from nova_engine.data.tokenize import ChatTokenizer
     from nova_engine.parallel.state import destroy_parallel, initialize_parallel
+    from nova_engine.rl.producer import EngineRollouts
     from nova_engine.rl.verifiers import verify_one
     from nova_engine.train.stages import rlvr as R
-    from nova_engine.train.stages.rlvr_rollout import EngineRollouts
 
     ps = initialize_parallel(tp=tp, pp=pp, seed=7)
     run = _config(assets, "grpo", tp, pp)

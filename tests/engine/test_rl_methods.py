@@ -199,7 +199,7 @@ def test_gspo_and_cispo_read_nothing_on_the_host():
 
 def test_policy_loss_config_errors_name_the_key():
     from nova_engine.config import ConfigError
-    from nova_engine.train.stages.rlvr import RLVRLossSection
+    from nova_engine.rl.config import RLVRLossSection
 
     with pytest.raises(ConfigError, match="agg.*seq-mean-token-mean"):
         RLVRLossSection(policy_loss="gspo")
@@ -248,9 +248,9 @@ def _ps1():
 def _gather(first_key, rewards_by_group, lens=None, overlong=None):
     """gather_responses on groups with the given verifier scores (reward 10 * score)."""
     from nova_engine.data.rlvr import RLVRPrompt
+    from nova_engine.rl.producer import gather_responses
     from nova_engine.rl.rollouts import Generation
     from nova_engine.rl.verifiers import RewardConfig, VerifierResult
-    from nova_engine.train.stages.rlvr_rollout import gather_responses
 
     P = len(rewards_by_group)
     prompts = [
@@ -272,7 +272,7 @@ def test_overlong_shaping_is_added_to_the_shaped_reward():
 
 
 def test_dynamic_sampling_drops_equal_groups_and_refills_in_order():
-    from nova_engine.train.stages.rlvr_rollout import dynamic_sampling
+    from nova_engine.rl.producer import dynamic_sampling
 
     first = _gather(0, [[1, 1], [1, 0], [0, 0], [0, 1]])  # groups 1, 3 informative
     rounds = {
@@ -305,7 +305,7 @@ def test_dynamic_sampling_drops_equal_groups_and_refills_in_order():
 
 def test_refill_prompts_are_seeded_fresh_keys():
     from nova_engine.data.rlvr import RLVRPrompt
-    from nova_engine.train.stages.rlvr_rollout import PromptSource
+    from nova_engine.rl.producer import PromptSource
 
     prompts = [RLVRPrompt(np.arange(3) + j, "x", "arith", j, "ds") for j in range(10)]
 
@@ -327,7 +327,7 @@ def test_refill_prompts_are_seeded_fresh_keys():
 
 def test_dapo_config_errors_name_the_key():
     from nova_engine.config import ConfigError
-    from nova_engine.train.stages.rlvr import RolloutSection
+    from nova_engine.rl.config import RolloutSection
 
     with pytest.raises(ConfigError, match="overlong_buffer"):
         RolloutSection(max_new_tokens=8, overlong_buffer=9)

@@ -1,6 +1,6 @@
-"""Advantage-estimator and policy-loss registries: each name against the float64 references
-with verl's semantics (nova_kernels.reference), on both kernel backends (Triton under the
-interpreter on CPU)."""
+"""The policy-loss registry: each name against the float64 references with verl's semantics
+(nova_kernels.reference), on both kernel backends (Triton under the interpreter on CPU). The
+advantage estimators: tests/engine/test_rl_estimators.py."""
 
 from __future__ import annotations
 
@@ -13,122 +13,10 @@ from nova_engine.losses.policy import (
     compute_policy_loss,
     policy_loss_names,
 )
-from nova_engine.rl.advantages import advantage_names, compute_advantages, group_index
-from nova_engine.train.stages.rlvr_losses import _kl as reward_kl
+from nova_engine.rl.losses import _kl as reward_kl
 from nova_kernels._testing import assert_verbose_allclose
-from nova_kernels.reference import (
-    discounted_returns_reference,
-    gae_reference,
-    group_advantages_reference,
-    whiten_reference,
-)
 
 BACKENDS = ["triton", "torch"]
-
-
-def loop_gae(r, v, m, gamma, lam):
-    return gae_reference(r.double(), v.double(), m, gamma, lam)[0]
-
-
-def loop_whiten(x, m):
-    return whiten_reference(x.double(), m)
-
-
-def loop_group(scores, labels, estimator):
-    return group_advantages_reference(scores, labels, estimator)[0]  # (advantages, flags)
-
-
-def make_batch(seed, B=9, T=23):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.arange(T)[None, :] < torch.randint(3, T + 1, (B,), generator=g)[:, None]
-    mask &= torch.rand(B, T, generator=g) > 0.2
-    rewards = torch.zeros(B, T)
-    last = (mask * torch.arange(T)).argmax(-1)
-    rewards[torch.arange(B), last] = torch.randint(0, 2, (B,), generator=g).float() * 10
-    rewards += 0.1 * torch.randn(B, T, generator=g) * mask  # a few token-level rewards
-    values = torch.randn(B, T, generator=g)
-    labels = ["p0", "p1", "p0", "p2", "p1", "p0", "p3", "p1", "p2"][:B]
-    return rewards, values, mask, labels
-
-
-# --- advantages ---------------------------------------------------------------------------
-
-
-def test_advantage_registry_names():
-    assert advantage_names() == sorted(
-        ["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
-    )
-    with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
-        compute_advantages("ppo", token_rewards=torch.zeros(1, 1), mask=torch.ones(1, 1))
-
-
-def test_group_index_labels_and_ints():
-    ids, G = group_index(["b", "a", "b", "c"])
-    assert ids.tolist() == [0, 1, 0, 2] and G == 3
-    ids, G = group_index(torch.tensor([7, 3, 7]))
-    assert ids.tolist() == [1, 0, 1] and G == 2
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gae_estimator(backend):
-    r, v, m, _ = make_batch(1)
-    out = compute_advantages(
-        "gae", token_rewards=r, values=v, mask=m, gamma=0.99, lam=0.95, backend=backend
-    )
-    adv = loop_gae(r, v, m, 0.99, 0.95)
-    assert_verbose_allclose(out.returns, adv + v.double(), rtol=1e-5, atol=1e-5, name="returns")
-    assert_verbose_allclose(out.advantages, loop_whiten(adv, m), rtol=1e-4, atol=1e-4)
-    assert out.degenerate is None
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
-def test_outcome_estimators(backend, name):
-    r, _, m, labels = make_batch(2)
-    out = compute_advantages(name, token_rewards=r, mask=m, group_ids=labels, backend=backend)
-    per_sample = loop_group(r.sum(-1), labels, name)
-    expected = per_sample[:, None] * m
-    assert_verbose_allclose(out.advantages, expected, rtol=1e-4, atol=1e-4, name=name)
-    assert torch.equal(out.returns, out.advantages)
-    # p3 has one sample: degenerate; the others hold different scores
-    scores = r.sum(-1)
-    order = list(dict.fromkeys(labels))
-    want = [len({float(scores[i]) for i, x in enumerate(labels) if x == g}) == 1 for g in order]
-    assert out.degenerate.tolist() == want
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_reinforce_pp(backend):
-    r, _, m, _ = make_batch(3)
-    out = compute_advantages("reinforce_pp", token_rewards=r, mask=m, gamma=0.9, backend=backend)
-    ret = discounted_returns_reference(r.double(), m, 0.9)
-    assert_verbose_allclose(out.returns, ret, rtol=1e-5, atol=1e-5, name="returns")
-    expected = loop_whiten(ret, m) * m
-    assert_verbose_allclose(out.advantages, expected, rtol=1e-4, atol=1e-4, name="advantages")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_reinforce_pp_baseline(backend):
-    r, _, m, labels = make_batch(4)
-    out = compute_advantages(
-        "reinforce_pp_baseline", token_rewards=r, mask=m, group_ids=labels, backend=backend
-    )
-    baseline, equal = group_advantages_reference(r.sum(-1), labels, "dr_grpo")
-    expected = loop_whiten(baseline[:, None] * m, m) * m
-    assert_verbose_allclose(out.advantages, expected, rtol=1e-4, atol=1e-4, name="advantages")
-    # one flag per prompt, in order of first appearance: p3 (one sample) is degenerate
-    assert out.degenerate.tolist() == [equal[g] for g in dict.fromkeys(labels)]
-    assert equal["p3"] and not all(equal.values())
-
-
-def test_estimators_reject_missing_inputs():
-    r, v, m, labels = make_batch(5)
-    with pytest.raises(ValueError, match="group_ids"):
-        compute_advantages("grpo", token_rewards=r, mask=m)
-    with pytest.raises(ValueError, match="values"):
-        compute_advantages("gae", token_rewards=r, mask=m, values=None)
-    with pytest.raises(ValueError, match="group ids"):
-        compute_advantages("rloo", token_rewards=r, mask=m, group_ids=labels[:3])
 
 
 # --- policy losses ------------------------------------------------------------------------

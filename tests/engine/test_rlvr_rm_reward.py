@@ -1,4 +1,4 @@
-"""RLVR rewards from a reward model (nova_engine.train.stages.rlvr_rm), one spawned group of
+"""RLVR rewards from a reward model (nova_engine.rl.reward_model), one spawned group of
 2 gloo ranks (TP1xDP2, TP2) plus the entry point:
 
 - a tiny 2-output LlamaForSequenceClassification (random decoder, random head; `output`
@@ -75,8 +75,8 @@ def _assets(root: str) -> dict:
 
 def _config(assets, tp: int, **rm):
     from nova_engine.config import DataConfig, OptimConfig, ParallelConfig, TrainConfig
+    from nova_engine.rl.reward_model import RewardModelSection
     from nova_engine.train.stages import rlvr as R
-    from nova_engine.train.stages.rlvr_rm import RewardModelSection
 
     return R.RLVRRunConfig(
         model=R.RLVRModelSection(hf_path=assets["model"], tokenizer_path=assets["tok"]),
@@ -103,9 +103,9 @@ class FixedRollouts:
         return self.tok.decode([int(t) for t in toks], skip_special_tokens=True)
 
     def __call__(self, step, prompts, params=None):
+        from nova_engine.rl.producer import OPEN_RESULT
         from nova_engine.rl.rollouts import Generation
         from nova_engine.rl.verifiers import VerifierResult
-        from nova_engine.train.stages.rlvr_rollout import OPEN_RESULT
 
         gens, results = [], []
         for k, p in prompts:
@@ -149,16 +149,17 @@ def _guard(engine, calls):
 def _layout(assets, tp):
     from nova_engine.data.tokenize import ChatTokenizer
     from nova_engine.parallel.state import destroy_parallel, initialize_parallel
+    from nova_engine.rl.producer import EngineRollouts
+    from nova_engine.rl.reward_model import RewardModelSection, RMScorer
     from nova_engine.rl.verifiers import verify_one
+    from nova_engine.train.engine import RewardEngine
     from nova_engine.train.stages import rlvr as R
-    from nova_engine.train.stages.rlvr_rm import RewardModelSection, RMScorer
-    from nova_engine.train.stages.rlvr_rollout import EngineRollouts
 
     ps = initialize_parallel(tp=tp, seed=7)
     ct = ChatTokenizer(assets["tok"])
     prod, prompts = FixedRollouts(ct.tokenizer), _prompts(assets)
     base = _config(assets, tp, path=assets["rm"], output="correctness")
-    scorer = RMScorer.build(base, ps)
+    scorer = RMScorer.build(base, ps, RewardEngine)
     assert scorer is not None
     eng = scorer.engine
     frozen = eng.optimizer is None and not any(p.requires_grad for m in eng.models

@@ -1,6 +1,6 @@
 """RLVR at a sampling temperature T (issue #33) and its policy-loss options:
 
-- the sampler's log-probs / entropies and the RL training forward's (rlvr_losses.prepass, the
+- the sampler's log-probs / entropies and the RL training forward's (nova_engine.rl.losses.prepass, the
   path the stage runs: old log-probs, entropy, the mismatch metric) are of the same
   distribution log_softmax(z / T): equal to fp32 rounding at T in {0.5, 0.7, 1.3} at TP1,
   TP2 and PP2 (one spawned group of 2 gloo ranks), while the untempered forward is far off;
@@ -33,8 +33,8 @@ def _ps1():
 
 
 def _responses(prompts, gens, *, finished=None, zero_var=None, entropies=False):
+    from nova_engine.rl.producer import Response
     from nova_engine.rl.rollouts import Generation
-    from nova_engine.train.stages.rlvr_rollout import Response
 
     out = []
     for j, group in enumerate(gens):
@@ -55,9 +55,9 @@ def _layout_run(model_dir, prompts, tp, pp):
     from nova_engine.losses.policy import PolicyLossConfig
     from nova_engine.model.arch import load_arch
     from nova_engine.parallel.state import destroy_parallel, initialize_parallel
+    from nova_engine.rl.losses import prepass
+    from nova_engine.rl.minibatch import pack_share
     from nova_engine.train.engine import ModelEngine
-    from nova_engine.train.stages.rlvr_losses import prepass
-    from nova_engine.train.stages.rlvr_rollout import pack_share
 
     ps = initialize_parallel(tp=tp, pp=pp, seed=3)
     eng = ModelEngine(load_arch(model_dir), ps, weights_dir=model_dir, trainable=False)
@@ -141,7 +141,7 @@ class _Head(torch.nn.Module):
 def _rl_batch(seed=0, finished=None, zero_var=None):
     """One packed RL micro-batch of 5 random responses (sampler log-probs included)."""
     from nova_engine.generate.sampling import Generation as Gen
-    from nova_engine.train.stages.rlvr_rollout import pack_share
+    from nova_engine.rl.minibatch import pack_share
 
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 50, (n,), generator=g).tolist() for n in (4, 7)]
@@ -175,7 +175,7 @@ def _tempered_trl_loss(h, w, mb, temp, mask, beta, clip):
 @pytest.mark.parametrize("drop", [False, True])
 def test_policy_loss_gradient_equals_trl_tempered_float64(temp, drop):
     from nova_engine.losses.policy import PolicyLossConfig
-    from nova_engine.train.stages.rlvr_losses import PolicyLoss
+    from nova_engine.rl.losses import PolicyLoss
 
     zv = [True, True, True, False, False] if drop else None
     mb, _ = _rl_batch(seed=int(temp * 10), zero_var=zv)
@@ -215,7 +215,7 @@ def test_policy_loss_gradient_equals_trl_tempered_float64(temp, drop):
 
 
 def test_mask_truncated_and_zero_variance_masks_by_hand():
-    from nova_engine.train.stages.rlvr_rollout import policy_keep
+    from nova_engine.rl.minibatch import policy_keep
 
     fin = [True, False, True, True, False]
     mb, rs = _rl_batch(finished=fin)
@@ -239,9 +239,9 @@ def test_mask_truncated_and_zero_variance_masks_by_hand():
 
 def test_zero_variance_flags_and_adv_eps_by_hand():
     from nova_engine.data.rlvr import RLVRPrompt
+    from nova_engine.rl.producer import gather_responses
     from nova_engine.rl.rollouts import Generation
     from nova_engine.rl.verifiers import RewardConfig, VerifierResult
-    from nova_engine.train.stages.rlvr_rollout import gather_responses
 
     prompts = [(j, RLVRPrompt(np.arange(3) + j, "x", "arith", j, "ds")) for j in range(2)]
     gens = [[Generation(np.array([1, 2]), None, True)] * 2 for _ in range(2)]
@@ -259,7 +259,7 @@ def test_zero_variance_flags_and_adv_eps_by_hand():
 
 def test_option_config_errors_name_the_key():
     from nova_engine.config import ConfigError
-    from nova_engine.train.stages.rlvr import RLVRLossSection, RolloutSection
+    from nova_engine.rl.config import RLVRLossSection, RolloutSection
 
     assert RLVRLossSection().zero_variance_groups == "keep"
     assert RLVRLossSection().mask_truncated is False
@@ -280,7 +280,7 @@ def test_score_and_value_heads_are_fp32_accurate_from_bf16():
     """bf16 weights / hidden: values and scores within fp32 rounding of float64 (the old
     bf16 product was off by ~bf16's 2^-8 relative: 0.06 at 10)."""
     from nova_engine.model.heads import ScoreHead, matmul_fp32
-    from nova_engine.train.stages.rlvr_losses import token_values
+    from nova_engine.rl.losses import token_values
 
     g = torch.Generator().manual_seed(0)
     T, H = 37, 72
@@ -332,9 +332,9 @@ def test_eval_reports_sampled_accuracy_at_t_next_to_greedy():
     verified fraction of the k samples per prompt drawn with the sampled params."""
     from nova_engine.data.rlvr import RLVRPrompt
     from nova_engine.generate import SamplingParams
+    from nova_engine.rl.evaluate import eval_fn
     from nova_engine.rl.rollouts import Generation
     from nova_engine.rl.verifiers import RewardConfig, VerifierResult
-    from nova_engine.train.stages.rlvr import eval_fn
 
     prompts = [RLVRPrompt(np.arange(3), "x", "ds_a" if j < 2 else "ds_b", j, "s") for j in range(3)]
     hits = {0.0: [[1], [0], [1]], 0.7: [[1, 0, 0, 0], [1, 1, 0, 1], [0, 0, 0, 0]]}

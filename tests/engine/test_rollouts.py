@@ -16,15 +16,8 @@ import torch
 
 from nova_engine.data.packing import IGNORE_INDEX
 from nova_engine.parallel.spawn import run_distributed
-from nova_engine.rl.rollouts import (
-    Generation,
-    Rollouts,
-    gae_packed_advantages,
-    group_advantages_dp,
-    group_stats_dp,
-    ppo_token_rewards,
-    whiten_dp,
-)
+from nova_engine.rl.rollouts import Generation, Rollouts, gae_packed_advantages, ppo_token_rewards
+from nova_engine.rl.stats import group_advantages_dp, group_stats_dp, whiten_dp
 from nova_engine.rl.verifiers import RewardConfig, VerifyItem, shape_rewards, verify_one
 
 EOS = 4
@@ -91,7 +84,9 @@ def test_rewards_advantages_and_ppo_layout():
     assert rewards == [10.0, 0.0, 0.0, 10.0, 10.0, -1.0, 0.0, 0.0, 0.0]
     ro.set_rewards(rewards)
     adv, degenerate = group_advantages_dp(ro.rewards_t(), ro.group_ids_t(), 3)
-    ref, ref_deg = nk.group_advantages(ro.rewards_t(), ro.group_ids_t(), backend="torch")
+    ref, ref_deg = nk.group_advantages(
+        ro.rewards_t(), ro.group_ids_t(), num_groups=3, backend="torch"
+    )
     torch.testing.assert_close(adv, ref, rtol=1e-6, atol=1e-6)
     assert degenerate.tolist() == ref_deg.tolist() == [False, False, True]
     # the empty response counted in group 0's mean: (10 + 0 + 0) / 3

@@ -180,10 +180,10 @@ def _toy(assets, root):
     from nova_engine.data.rlvr import RLVRPrompt
     from nova_engine.data.tokenize import ChatTokenizer
     from nova_engine.parallel.state import destroy_parallel, initialize_parallel
+    from nova_engine.rl.producer import EngineRollouts
     from nova_engine.rl.verifiers import register_verifier, verify_one
     from nova_engine.train import checkpoint, checkpoint_io
     from nova_engine.train.stages import rlvr as R
-    from nova_engine.train.stages.rlvr_rollout import EngineRollouts
 
     register_verifier("first_letter")(lambda response, gt: response[:1].isalpha())
     ct = ChatTokenizer(assets["tok"])
@@ -428,7 +428,7 @@ def golden_config() -> dict:
 
 def test_prompt_stream_wraps_and_resumes():
     from nova_engine.data.rlvr import RLVRPrompt
-    from nova_engine.train.stages.rlvr_rollout import PromptSource
+    from nova_engine.rl.producer import PromptSource
 
     prompts = [RLVRPrompt(np.arange(3) + i, "1", "arithmetic", i, "x") for i in range(5)]
     src = PromptSource(prompts, prompts_per_step=4, total_steps=10, seed=1)
@@ -468,8 +468,8 @@ def test_config_errors_name_the_key(tmp_path):
 
 
 def test_padding_a_rollout_batch_keeps_its_sequences():
+    from nova_engine.rl.minibatch import _pad_to
     from nova_engine.rl.rollouts import Generation, Rollouts
-    from nova_engine.train.stages.rlvr_rollout import _pad_to
 
     ro = Rollouts.from_groups([[1, 2, 3], [4, 5]], [[Generation([7, 8], [-1.0, -2.0])],
                                                      [Generation([9], [-0.5], False)]])  # fmt: skip
@@ -494,9 +494,10 @@ def test_a_rank_dealt_only_empty_responses_gets_a_padding_batch():
     every estimator, zero loss counts (the rank still joins every collective)."""
     from types import SimpleNamespace
 
+    from nova_engine.rl.losses import PolicyLoss, assign_advantages
+    from nova_engine.rl.minibatch import pack_share
+    from nova_engine.rl.producer import Response
     from nova_engine.rl.rollouts import Generation
-    from nova_engine.train.stages.rlvr_losses import PolicyLoss, assign_advantages
-    from nova_engine.train.stages.rlvr_rollout import Response, pack_share
 
     ps = SimpleNamespace(tp=2, pp=1, dp=1, device=torch.device("cpu"), dp_group=None,
                          is_last_stage=lambda: True)  # fmt: skip

@@ -26,8 +26,11 @@ ref_value, train}, gen_tokens_per_s and train_tokens_per_s. Checkpoints hold the
 critic, both optimizers and the prompt stream's position and seeds: a resumed run repeats the
 uninterrupted run's rewards and losses exactly. A reward model (`reward_model.path`, the rm
 stage's export) scores the responses too: reward = w_v * verifier + w_rm * RM score, open-ended
-prompts (no ground_truth) by the RM alone (rlvr_rm). Modules: rlvr_rollout (prompts,
-rollouts, packing), rlvr_losses (passes, advantages, losses), rlvr_rm, rlvr_eval.
+prompts (no ground_truth) by the RM alone. This file is the recipe; the RL library is
+nova_engine.rl: config (the rollout/loss/critic sections), producer (prompt stream,
+generation, verification, responses), minibatch (packing), estimators (the advantage
+registry), stats (DP statistics), losses (passes, advantages, policy/value losses),
+reward_model, evaluate.
 """
 
 from __future__ import annotations
@@ -42,25 +45,14 @@ from typing import Any
 import numpy as np
 import torch.distributed as dist
 
-from nova_engine.config import ConfigError, ModelConfig, OptimConfig, RunConfig, check
+from nova_engine.config import ConfigError, ModelConfig, RunConfig, check
 from nova_engine.logging import get_logger
-from nova_engine.losses.policy import KL_PLACES, PolicyLossConfig, policy_loss_names
 from nova_engine.model.hf_export import complete_hf_export
-from nova_engine.rl.advantages import advantage_names
-from nova_engine.rl.verifiers import RewardConfig
-from nova_engine.train.loop import Loop
-from nova_engine.train.stages.rlvr_eval import eval_fn
-from nova_engine.train.stages.rlvr_losses import (
-    PREPASS_METRICS,
-    PolicyLoss,
-    ValueLoss,
-    assign_advantages,
-    prepass,
-)
-from nova_engine.train.stages.rlvr_rm import RewardModelSection, RMScorer
-from nova_engine.train.stages.rlvr_rm import combine as rm_combine
-from nova_engine.train.stages.rlvr_rollout import (
-    GROUP_BASELINES,
+from nova_engine.rl.config import CriticSection, RLVRLossSection, RolloutSection, group_estimators
+from nova_engine.rl.evaluate import eval_fn
+from nova_engine.rl.losses import PREPASS_METRICS, PolicyLoss, ValueLoss, assign_advantages, prepass
+from nova_engine.rl.minibatch import minibatches
+from nova_engine.rl.producer import (
     EngineRollouts,
     Producer,
     PromptSource,
@@ -69,14 +61,13 @@ from nova_engine.train.stages.rlvr_rollout import (
     gather_responses,
     load_prompts,
     make_verifier,
-    minibatches,
     rollout_metrics,
 )
+from nova_engine.rl.reward_model import RewardModelSection, RMScorer
+from nova_engine.rl.reward_model import combine as rm_combine
+from nova_engine.train.loop import Loop
 
 logger = get_logger(__name__)
-
-ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
-
 
 # ------------------------------------------------------------------------------ config
 
@@ -87,208 +78,6 @@ class RLVRModelSection(ModelConfig):
 
     reference_path: str | None = None
     """The frozen reference of the KL term (default: hf_path, the starting policy)."""
-
-
-@dataclass
-class RolloutSection:
-    """The recipe's `rollout:` section: sampling, verification, reward shaping."""
-
-    samples_per_prompt: int = 4
-    """Responses per prompt (the group of GRPO / RLOO; PPO: usually 1)."""
-    max_new_tokens: int = 512
-    """Response length limit (Tülu 3: 2048); reaching it without a stop token = truncated."""
-    temperature: float = 1.0
-    """Sampling temperature T (> 0). The training forward uses it too: old / reference /
-    policy log-probs, entropy and KL are those of log_softmax(logits / T), the distribution
-    the responses are drawn from (TRL, open-instruct), and so are the sampler's log-probs."""
-    top_p: float = 1.0
-    """Nucleus sampling mass."""
-    top_k: int = 0
-    """Top-k sampling (0 = off)."""
-    seed: int | None = None
-    """Root of the per-sample sampling randomness (default: train.seed)."""
-    stop_token_ids: list[int] = field(default_factory=list)
-    """Tokens that end a response (default: the tokenizer's end-of-turn / EOS tokens)."""
-    max_batch_size: int = 64
-    """Rows generated at once per DP replica (KV-cache memory)."""
-    verifier_workers: int = 2
-    """Verifier worker processes per rank (0: verify in the training process, unbounded in
-    time: only for trusted, simple checks such as the arithmetic demo)."""
-    verifier_timeout_s: float = 10.0
-    """Wall-clock limit of one verifier call (a hang is reward 0, reason timeout)."""
-    verified_reward: float = 10.0
-    """Reward of a verified response (Tülu 3: 10)."""
-    unverified_reward: float = 0.0
-    """Reward of any other response."""
-    truncated_reward: float | None = None
-    """Reward of a response without a stop token, replacing the verified one (Tülu 3: -10)."""
-    overlong_buffer: int | None = None
-    """DAPO's overlong reward shaping: L_cache, the last tokens before max_new_tokens over
-    which the reward falls linearly by up to overlong_penalty (None: off; DAPO: 4096 of 20480)."""
-    overlong_penalty: float = 1.0
-    """The shaping's largest penalty (reward units)."""
-    dynamic_sampling: bool = False
-    """DAPO's dynamic sampling: drop the groups whose rewards are all equal and refill the step
-    with informative groups of extra seeded prompt draws (group estimators, samples >= 2)."""
-    max_sampling_rounds: int = 3
-    """Generation rounds per step under dynamic_sampling (the first included; verl's
-    max_num_gen_batches); a step short of informative groups trains on those it has."""
-    eval_samples: int = 0
-    """Held-out evaluation (data.eval_paths): besides the greedy responses, sample this many
-    per prompt at the training temperature / top-k / top-p and report their mean verified
-    fraction, pass@1 at T (`verified_at_t`); 0 = greedy only."""
-
-    def __post_init__(self) -> None:
-        for k in ("samples_per_prompt", "max_new_tokens", "max_batch_size"):
-            check(getattr(self, k) >= 1, k, f"expected >= 1, got {getattr(self, k)}")
-        check(self.eval_samples >= 0, "eval_samples", f"expected >= 0, got {self.eval_samples}")
-        check(self.temperature > 0, "temperature", "expected > 0 (RL samples)")
-        check(0 < self.top_p <= 1, "top_p", f"expected in (0, 1], got {self.top_p}")
-        check(self.top_k >= 0, "top_k", "expected >= 0")
-        check(self.verifier_workers >= 0, "verifier_workers", "expected >= 0")
-        check(self.verifier_timeout_s > 0, "verifier_timeout_s", "expected > 0")
-        b = self.overlong_buffer
-        check(b is None or 1 <= b <= self.max_new_tokens, "overlong_buffer",
-              f"expected 1..max_new_tokens={self.max_new_tokens} or null, got {b}")  # fmt: skip
-        check(self.overlong_penalty >= 0, "overlong_penalty", "expected >= 0")
-        check(self.max_sampling_rounds >= 1, "max_sampling_rounds", "expected >= 1")
-        check(not self.dynamic_sampling or self.samples_per_prompt >= 2, "dynamic_sampling",
-              "needs rollout.samples_per_prompt >= 2 (a group of one never varies)")  # fmt: skip
-        try:
-            self.reward_config()
-        except ValueError as e:
-            raise ConfigError("truncated_reward", str(e)) from None
-
-    def reward_config(self) -> RewardConfig:
-        return RewardConfig(self.verified_reward, self.unverified_reward, self.truncated_reward)
-
-    @property
-    def overlong(self) -> tuple[int, int, float] | None:
-        b = self.overlong_buffer
-        return None if b is None else (self.max_new_tokens, b, self.overlong_penalty)
-
-
-@dataclass
-class RLVRLossSection:
-    """The recipe's `loss:` section: advantages, policy loss, KL, value loss, update plan."""
-
-    advantage: str = "grpo"
-    """gae (PPO with the critic), grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline."""
-    gamma: float = 1.0
-    """Discount (gae, reinforce_pp)."""
-    lam: float = 0.95
-    """GAE lambda."""
-    whiten_advantages: bool = True
-    """gae: whiten the advantages over the step's tokens (all DP ranks)."""
-    adv_eps: float = 1e-6
-    """Group-std epsilon: grpo's (r - mean) / (std + eps) with the DP-reduced group std (the
-    only group estimator dividing by a std: dr_grpo, rloo and reinforce_pp_baseline do not;
-    reinforce_pp* / gae whitening has its own 1e-8). Zero-variance groups get advantage 0."""
-    zero_variance_groups: str = "keep"
-    """Groups whose rewards are all equal (no signal, advantage 0): "keep" counts their
-    tokens in the policy loss's normalizer and KL term (TRL's "dapo" token mean), "drop"
-    leaves them out of the policy loss entirely, numerator and denominator (open-instruct).
-    Group estimators only (grpo, dr_grpo, rloo, reinforce_pp_baseline)."""
-    mask_truncated: bool = False
-    """Responses that hit rollout.max_new_tokens without a stop token get loss mask 0 in the
-    policy loss (not in the advantages' statistics; open-instruct's mask_truncated_completions)."""
-    ppo_epochs: int = 1
-    """Passes over the step's responses."""
-    num_mini_batches: int = 1
-    """Optimizer steps per pass (the responses split into this many mini-batches)."""
-    policy_loss: str = "ppo"
-    """ppo (clipped ratio), reinforce (no clipping), gspo (sequence-level ratio; agg
-    seq-mean-token-mean) or cispo (clipped stop-gradient IS weights; agg token-mean)."""
-    clip_low: float = 0.2
-    """The ratio is clipped to >= 1 - clip_low."""
-    clip_high: float | None = None
-    """... and <= 1 + clip_high (None: clip_low; DAPO: 0.28)."""
-    dual_clip: float | None = 3.0
-    """Dual clip c > 1 on negative advantages (None: off)."""
-    agg: str = "token-mean"
-    """token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
-    loss_scale_length: int | None = None
-    """seq-mean-token-sum-norm's constant length (default rollout.max_new_tokens: Dr. GRPO)."""
-    kl_coef: float = 0.0
-    """beta of the KL to the reference (Tülu 3 PPO: 0.05 at 8B, 0.07 at 70B)."""
-    kl_type: str = "k3"
-    """k1, k2 or k3."""
-    kl_in: str = "loss"
-    """loss (a loss term), reward (a token-reward penalty; gae / reinforce_pp) or none."""
-    kl_log_ratio_clamp: float | None = 20.0
-    """Clamp of the log-ratio before the KL estimator (None: off)."""
-    kl_value_clamp: float | None = 10.0
-    """Clamp of the KL estimate (None: off)."""
-    tis: bool = False
-    """Truncated importance sampling: weight each token by min(e^(old - gen), tis_cap)."""
-    tis_cap: float | None = 2.0
-    """Cap of the truncated importance weight."""
-    vf_coef: float = 0.1
-    """Value-loss coefficient (PPO)."""
-    value_clip: float | None = 0.2
-    """Value clipping around the pre-update values (None: off)."""
-
-    def __post_init__(self) -> None:
-        a = self.advantage
-        check(a in ESTIMATORS, "advantage", f"expected one of {', '.join(ESTIMATORS)}, got {a!r}")
-        check(a in advantage_names(), "advantage", f"{a!r} is not in the advantage registry")
-        check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma, lam in [0, 1]")
-        check(self.adv_eps >= 0, "adv_eps", f"expected >= 0, got {self.adv_eps}")
-        check(self.zero_variance_groups in ("keep", "drop"), "zero_variance_groups",
-              f'expected "keep" or "drop", got {self.zero_variance_groups!r}')  # fmt: skip
-        check(self.zero_variance_groups == "keep" or a in GROUP_BASELINES, "zero_variance_groups",
-              f'"drop" needs a group estimator ({", ".join(GROUP_BASELINES)}), not {a}')  # fmt: skip
-        check(self.ppo_epochs >= 1, "ppo_epochs", "expected >= 1")
-        check(self.num_mini_batches >= 1, "num_mini_batches", "expected >= 1")
-        names = policy_loss_names()
-        check(self.policy_loss in names, "policy_loss", f"expected one of {names}")
-        check(self.kl_in in KL_PLACES, "kl_in", f"expected one of {KL_PLACES}")
-        check(not (self.tis and self.policy_loss == "gspo"), "tis",
-              "gspo's ratio is per sequence: the per-token truncated IS weight does not apply")  # fmt: skip
-        check(
-            not (self.kl_in == "reward" and a in GROUP_BASELINES),
-            "kl_in", f'"reward" needs per-token rewards (gae, reinforce_pp), not {a}',
-        )  # fmt: skip
-        check(self.vf_coef > 0, "vf_coef", "expected > 0")
-        check(self.value_clip is None or self.value_clip > 0, "value_clip", "expected > 0 or null")
-        check(self.loss_scale_length is None or self.loss_scale_length >= 1,
-              "loss_scale_length", "expected >= 1")  # fmt: skip
-        try:
-            self.policy_config()
-        except ValueError as e:  # PolicyLossConfig.<field>=...: name the recipe key
-            msg = str(e).removeprefix("PolicyLossConfig.")
-            raise ConfigError(msg.split("=", 1)[0], msg) from None
-
-    def policy_config(self) -> PolicyLossConfig:
-        return PolicyLossConfig(
-            name=self.policy_loss, clip_low=self.clip_low, clip_high=self.clip_high,
-            dual_clip=self.dual_clip, tis_cap=self.tis_cap, agg=self.agg, kl_coef=self.kl_coef,
-            kl_type=self.kl_type, kl_log_ratio_clamp=self.kl_log_ratio_clamp,
-            kl_value_clamp=self.kl_value_clamp, kl_in=self.kl_in,
-        )  # fmt: skip
-
-    @property
-    def needs_reference(self) -> bool:
-        return self.kl_coef > 0 and self.kl_in != "none"
-
-    @property
-    def needs_critic(self) -> bool:
-        return self.advantage == "gae"
-
-
-@dataclass
-class CriticSection:
-    """The recipe's `critic:` section (PPO's value model; advantage gae)."""
-
-    init_from: str | None = None
-    """HF directory the critic starts from: the reward-model stage's export (a
-    *ForSequenceClassification: decoder + score head) or a causal LM (a new seeded head)."""
-    output: str | None = None
-    """Which output of a multi-output head (e.g. a regression RM's "helpfulness")."""
-    init_seed: int = 0
-    """Seed of a new score head."""
-    optim: OptimConfig | None = None
-    """The critic's optimizer (default: the policy's optim section)."""
 
 
 @dataclass
@@ -321,8 +110,8 @@ class RLVRRunConfig(RunConfig):
         n = self.train.global_batch_size * self.rollout.samples_per_prompt
         check(self.loss.num_mini_batches <= n, "loss.num_mini_batches",
               f"more mini-batches than the {n} responses of a step")  # fmt: skip
-        check(not self.rollout.dynamic_sampling or self.loss.advantage in GROUP_BASELINES,
-              "rollout.dynamic_sampling", f"needs a group estimator ({', '.join(GROUP_BASELINES)})")  # fmt: skip
+        check(not self.rollout.dynamic_sampling or self.loss.estimator.group_baseline,
+              "rollout.dynamic_sampling", f"needs a group estimator ({', '.join(group_estimators())})")  # fmt: skip
 
     @property
     def sampling_seed(self) -> int:
@@ -363,7 +152,7 @@ class RLVRStage:
         first, mine = batch.share(self.ps)
         gens, results, times = self.producer(batch.step, mine)
         rm, combine = None, None
-        if self.rm is not None:  # rlvr_rm: w_v * verifier + w_rm * RM score
+        if self.rm is not None:  # rl.reward_model: w_v * verifier + w_rm * RM score
             t0 = time.perf_counter()
             rm, cfg = self.rm(mine, gens, self.producer.text), self.rm.cfg
             combine, times["reward_model"] = (
@@ -402,7 +191,7 @@ class RLVRStage:
                           drop_zero_var=cfg.zero_variance_groups == "drop")  # fmt: skip
         flat = [mb for part in mbs for mb in part]
         pre = prepass(flat, policy, reference, critic, ps, self.pcfg, self.rollout.temperature)
-        assign_advantages(flat, estimator=cfg.advantage, policy_cfg=self.pcfg, gamma=cfg.gamma,
+        assign_advantages(flat, estimator=cfg.estimator, policy_cfg=self.pcfg, gamma=cfg.gamma,
                           lam=cfg.lam, whiten=cfg.whiten_advantages, ps=ps)  # fmt: skip
         sums = Loop.reduce_metrics(policy, PREPASS_METRICS, pre)
         n = max(sums["tokens"], 1.0)
@@ -416,15 +205,13 @@ class RLVRStage:
         t1 = time.perf_counter()
 
         rng = np.random.default_rng([self.seed, batch.step, 11])
-        pol, val, trained = [], [], 0
+        pol, val = [], []
         for _ in range(cfg.ppo_epochs):
             for k in rng.permutation(len(mbs)):
-                before = loop._tokens
                 pol.append(loop.update(policy, mbs[k], self.policy_loss))
-                trained += loop._tokens - before
-                if critic is not None:
-                    val.append(loop.update(critic, mbs[k], self.value_loss))
-        loop._tokens = trained  # tokens/s and MFU of the policy updates (not the critic's)
+                if critic is not None:  # tokens/s and MFU count the policy updates only
+                    val.append(loop.update(critic, mbs[k], self.value_loss, count_tokens=False))
+        trained = loop.step_tokens
         t2 = time.perf_counter()
 
         for key in ("policy_loss", "pg_loss", "kl_loss", "clip_frac", "clip_frac_lower",
@@ -443,7 +230,7 @@ class RLVRStage:
             "gen_tokens_per_s": gen_tokens / gen_s if gen_s > 0 else 0.0,
             "train_tokens_per_s": trained / (t2 - t1) if t2 > t1 else 0.0,
         })  # fmt: skip
-        if "reward_model" in times:  # the RM scoring pass (rlvr_rm)
+        if "reward_model" in times:  # the RM scoring pass (rl.reward_model)
             metrics["time/reward_model"] = times["reward_model"]
         return metrics
 
@@ -519,6 +306,7 @@ def run(run: RLVRRunConfig) -> list[dict[str, float]]:
     from nova_engine.data.tokenize import ChatTokenizer
     from nova_engine.generate import SamplingParams
     from nova_engine.train import runner
+    from nova_engine.train.engine import RewardEngine
 
     ps = runner.setup_parallel(run)
     runner.ensure_model(run, ps)
@@ -535,7 +323,7 @@ def run(run: RLVRRunConfig) -> list[dict[str, float]]:
         producer = EngineRollouts(loop.engine("policy"), ct.tokenizer, sampling_params(run, stops),
                                   verify, max_batch_size=r.max_batch_size)  # fmt: skip
         stage = build_stage(run, ps, producer, pad_id=ct.tokenizer.pad_token_id or 0,
-                            rm=RMScorer.build(run, ps))  # fmt: skip
+                            rm=RMScorer.build(run, ps, RewardEngine))  # fmt: skip
         evaluate = None
         if run.data.eval_paths:
             greedy = SamplingParams(temperature=0.0, max_new_tokens=r.max_new_tokens,

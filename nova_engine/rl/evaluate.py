@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch.distributed as dist
 
+from nova_engine.rl.producer import EngineRollouts
 from nova_engine.rl.verifiers import RewardConfig
-from nova_engine.train.stages.rlvr_rollout import EngineRollouts
 
 
 def eval_fn(producer: EngineRollouts, prompts: list, ps, reward: RewardConfig, params,

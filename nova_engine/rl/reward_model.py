@@ -5,7 +5,7 @@ step at its last token, alone or mixed with the verifiers (Tülu 3 / NeMo-RL sty
       path: runs/rm/hf                 # the RM stage's export (*ForSequenceClassification)
       weight: 1.0                      # w_rm
       verifier_weight: 1.0             # w_v
-    scorer = RMScorer.build(run.reward_model, ps, run)       # None when path is unset
+    scorer = RMScorer.build(run, ps, RewardEngine)           # None when path is unset
     scores = scorer(first, mine, gens, text)                  # [p][i] RM scores (floats)
 
 Reward of a response: `w_v * verifier_reward + w_rm * rm_score` (+ DAPO's overlong shaping),
@@ -108,10 +108,12 @@ class RMScorer:
         self.limit = min(capacity, engine.arch.max_position_embeddings)
 
     @classmethod
-    def build(cls, run: Any, ps) -> RMScorer | None:
+    def build(cls, run: Any, ps, engine_class: Any) -> RMScorer | None:
+        """The scorer of an RLVRRunConfig's reward_model section (None when off); the frozen
+        RM is an `engine_class` (nova_engine.train.engine.RewardEngine: rl/ sits below the
+        engines, the stage hands it the class)."""
         from nova_engine.data.tokenize import ChatTokenizer, load_tokenizer
         from nova_engine.model.arch import load_arch
-        from nova_engine.train.engine import RewardEngine
 
         cfg: RewardModelSection = run.reward_model
         if not cfg.enabled:
@@ -128,7 +130,7 @@ class RMScorer:
         )  # fmt: skip
         ct = ChatTokenizer(load_tokenizer(tok_dir, cfg.template or run.data.template))
         t = run.train
-        engine = RewardEngine(
+        engine = engine_class(
             load_arch(cfg.path), ps, labels=("reward",), score_rows=rows,
             pad_token_id=ct.tokenizer.pad_token_id or 0, name="reward_model",
             weights_dir=cfg.path, trainable=False, precision=t.precision,

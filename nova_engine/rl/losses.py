@@ -2,11 +2,11 @@
 advantages, and the policy and value losses for `Loop.update`.
 
     stats = prepass(mbs, policy, reference, critic, ps, cfg)   # old / ref log-probs, values
-    assign_advantages(mbs, cfg, ps)                             # advantages (+ returns)
+    assign_advantages(mbs, estimator="grpo", ...)             # advantages (+ returns)
     loop.update("policy", mbs_k, PolicyLoss(cfg, ps))           # per mini-batch
     loop.update("critic", mbs_k, ValueLoss(cfg, ps))            # PPO
 
-Layout (nova_engine.rl.rollouts): every tensor is [T] on a micro-batch's label-aligned packed
+Layout (nova_engine.rl.rollouts, rl.minibatch): every tensor is [T] on a micro-batch's label-aligned packed
 positions; position j predicts token j+1, so the log-prob, value and advantage of a response
 token share its position, and `loss_mask` is 1 exactly on response tokens. These tensors exist
 on the last pipeline stage only (where the loss runs); other stages hold none.
@@ -22,12 +22,12 @@ on the last pipeline stage only (where the loss runs); other stages hold none.
   the loss as the truncated importance weight min(e^(old - gen), cap).
 - Values: the critic's score head read at EVERY position (`token_values`), not only at the
   last token as a reward model reads it.
-- Advantages: group estimators broadcast their per-response outcome advantage (computed with
-  DP-reduced group statistics before packing); gae runs GAE per packed sequence on the token
-  rewards (reward at the last response token, minus beta * KL per token when the KL is in the
-  reward) with the critic's values; reinforce_pp takes the discounted returns of the same
-  token rewards. gae, reinforce_pp and reinforce_pp_baseline are whitened over all of the
-  step's response tokens of every DP rank (`whiten_dp`).
+- Advantages: by the estimator's declarations (nova_engine.rl.estimators): baseline
+  estimators broadcast their per-response outcome advantage (computed with DP-reduced group
+  statistics before packing); the others take returns of the token rewards (reward at the last
+  response token, minus beta * KL per token when the KL is in the reward) per packed sequence:
+  GAE with the critic's values, or discounted returns; whitening over all of the step's
+  response tokens of every DP rank (`whiten_dp`) where the estimator says so.
 - Losses are normalized by the mini-batch's global token (sequence) count, reduced once over DP
   by the loop, so per-step losses do not depend on the layout.
 """
@@ -48,10 +48,10 @@ from nova_engine.model.heads import (
     score_head,
     token_logprobs,
 )
-from nova_engine.rl.rollouts import gae_packed_advantages, ppo_token_rewards, whiten_dp
-from nova_engine.train.stages.rlvr_rollout import GROUP_BASELINES, RLMicroBatch
-
-WHITENED = ("gae", "reinforce_pp", "reinforce_pp_baseline")
+from nova_engine.rl.estimators import Estimator, get_estimator
+from nova_engine.rl.minibatch import RLMicroBatch
+from nova_engine.rl.rollouts import ppo_token_rewards
+from nova_engine.rl.stats import whiten_dp
 
 
 def token_values(model: torch.nn.Module, hidden: torch.Tensor, ps) -> torch.Tensor:
@@ -129,37 +129,34 @@ def prepass(mbs: Sequence[RLMicroBatch], policy, reference, critic, ps, cfg: Pol
 def assign_advantages(
     mbs: Sequence[RLMicroBatch],
     *,
-    estimator: str,
+    estimator: Estimator | str,
     policy_cfg: PolicyLossConfig,
     gamma: float,
     lam: float,
     whiten: bool,
     ps,
 ) -> None:
-    """mb.data["advantages"] (and ["returns"] for gae) on the last stage; see the module
-    docstring. Collective over the DP group of the last stage when whitening."""
+    """mb.data["advantages"] (and ["returns"] for gae) on the last stage, by the estimator's
+    declarations (nova_engine.rl.estimators); see the module docstring. Collective over the
+    DP group of the last stage when the estimator whitens."""
     if not ps.is_last_stage():
         return
+    if isinstance(estimator, str):
+        estimator = get_estimator(estimator)
     for mb in mbs:
-        d, mask = mb.data, mb.loss_mask
-        if estimator in GROUP_BASELINES:
-            d["advantages"] = (
-                mb.rb.per_token(mb.adv_R) if mb.num_samples else torch.zeros_like(mask)
-            )
-            continue
-        kl_T, coef = None, 0.0
-        if policy_cfg.kl_in == "reward" and "ref_logprobs" in d:
-            kl_T, coef = _kl(policy_cfg, d["old_logprobs"], d["ref_logprobs"]), policy_cfg.kl_coef
-        r_T = ppo_token_rewards(mb.rb, mb.rewards_R, kl_T, coef)
-        if estimator == "gae":
-            d["advantages"], d["returns"] = gae_packed_advantages(
-                mb.rb, r_T, d["values"], gamma, lam
-            )
-        else:  # reinforce_pp: discounted returns = GAE with zero values and lambda 1
-            d["advantages"], _ = gae_packed_advantages(
-                mb.rb, r_T, torch.zeros_like(r_T), gamma, 1.0
-            )
-    if estimator in WHITENED and (whiten or estimator != "gae") and mbs:
+        d, r_T = mb.data, None
+        if estimator.token_rewards:
+            kl_T, coef = None, 0.0
+            if policy_cfg.kl_in == "reward" and "ref_logprobs" in d:
+                kl_T = _kl(policy_cfg, d["old_logprobs"], d["ref_logprobs"])
+                coef = policy_cfg.kl_coef
+            r_T = ppo_token_rewards(mb.rb, mb.rewards_R, kl_T, coef)
+        adv, ret = estimator.token_advantages(mb.rb, adv_R=mb.adv_R, rewards_T=r_T,
+                                              values_T=d.get("values"), gamma=gamma, lam=lam)  # fmt: skip
+        d["advantages"] = adv
+        if ret is not None:
+            d["returns"] = ret
+    if estimator.whitens(whiten) and mbs:
         adv = torch.cat([mb.data["advantages"] for mb in mbs])
         mask = torch.cat([mb.loss_mask for mb in mbs])
         white = whiten_dp(adv, mask, group=ps.dp_group) * (mask != 0)

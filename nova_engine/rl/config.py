@@ -1,0 +1,232 @@
+"""The RLVR recipe's RL sections — `rollout:` (sampling, verification, reward shaping, DAPO
+dynamic sampling and overlong shaping), `loss:` (advantage estimator, policy loss, KL, value
+loss, update plan) and `critic:` (PPO's value model) — dataclasses validated on
+construction; errors name the recipe key. The estimator checks read the registry's
+declarations (nova_engine.rl.estimators), never a list of names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nova_engine.config import ConfigError, OptimConfig, check
+from nova_engine.losses.policy import KL_PLACES, PolicyLossConfig, policy_loss_names
+from nova_engine.rl.estimators import ESTIMATORS, Estimator, estimator_names
+from nova_engine.rl.verifiers import RewardConfig
+
+
+@dataclass
+class RolloutSection:
+    """The recipe's `rollout:` section: sampling, verification, reward shaping."""
+
+    samples_per_prompt: int = 4
+    """Responses per prompt (the group of GRPO / RLOO; PPO: usually 1)."""
+    max_new_tokens: int = 512
+    """Response length limit (Tülu 3: 2048); reaching it without a stop token = truncated."""
+    temperature: float = 1.0
+    """Sampling temperature T (> 0). The training forward uses it too: old / reference /
+    policy log-probs, entropy and KL are those of log_softmax(logits / T), the distribution
+    the responses are drawn from (TRL, open-instruct), and so are the sampler's log-probs."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    seed: int | None = None
+    """Root of the per-sample sampling randomness (default: train.seed)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Tokens that end a response (default: the tokenizer's end-of-turn / EOS tokens)."""
+    max_batch_size: int = 64
+    """Rows generated at once per DP replica (KV-cache memory)."""
+    verifier_workers: int = 2
+    """Verifier worker processes per rank (0: verify in the training process, unbounded in
+    time: only for trusted, simple checks such as the arithmetic demo)."""
+    verifier_timeout_s: float = 10.0
+    """Wall-clock limit of one verifier call (a hang is reward 0, reason timeout)."""
+    verified_reward: float = 10.0
+    """Reward of a verified response (Tülu 3: 10)."""
+    unverified_reward: float = 0.0
+    """Reward of any other response."""
+    truncated_reward: float | None = None
+    """Reward of a response without a stop token, replacing the verified one (Tülu 3: -10)."""
+    overlong_buffer: int | None = None
+    """DAPO's overlong reward shaping: L_cache, the last tokens before max_new_tokens over
+    which the reward falls linearly by up to overlong_penalty (None: off; DAPO: 4096 of 20480)."""
+    overlong_penalty: float = 1.0
+    """The shaping's largest penalty (reward units)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop the groups whose rewards are all equal and refill the step
+    with informative groups of extra seeded prompt draws (group estimators, samples >= 2)."""
+    max_sampling_rounds: int = 3
+    """Generation rounds per step under dynamic_sampling (the first included; verl's
+    max_num_gen_batches); a step short of informative groups trains on those it has."""
+    eval_samples: int = 0
+    """Held-out evaluation (data.eval_paths): besides the greedy responses, sample this many
+    per prompt at the training temperature / top-k / top-p and report their mean verified
+    fraction, pass@1 at T (`verified_at_t`); 0 = greedy only."""
+
+    def __post_init__(self) -> None:
+        for k in ("samples_per_prompt", "max_new_tokens", "max_batch_size"):
+            check(getattr(self, k) >= 1, k, f"expected >= 1, got {getattr(self, k)}")
+        check(self.eval_samples >= 0, "eval_samples", f"expected >= 0, got {self.eval_samples}")
+        check(self.temperature > 0, "temperature", "expected > 0 (RL samples)")
+        check(0 < self.top_p <= 1, "top_p", f"expected in (0, 1], got {self.top_p}")
+        check(self.top_k >= 0, "top_k", "expected >= 0")
+        check(self.verifier_workers >= 0, "verifier_workers", "expected >= 0")
+        check(self.verifier_timeout_s > 0, "verifier_timeout_s", "expected > 0")
+        b = self.overlong_buffer
+        check(b is None or 1 <= b <= self.max_new_tokens, "overlong_buffer",
+              f"expected 1..max_new_tokens={self.max_new_tokens} or null, got {b}")  # fmt: skip
+        check(self.overlong_penalty >= 0, "overlong_penalty", "expected >= 0")
+        check(self.max_sampling_rounds >= 1, "max_sampling_rounds", "expected >= 1")
+        check(not self.dynamic_sampling or self.samples_per_prompt >= 2, "dynamic_sampling",
+              "needs rollout.samples_per_prompt >= 2 (a group of one never varies)")  # fmt: skip
+        try:
+            self.reward_config()
+        except ValueError as e:
+            raise ConfigError("truncated_reward", str(e)) from None
+
+    def reward_config(self) -> RewardConfig:
+        return RewardConfig(self.verified_reward, self.unverified_reward, self.truncated_reward)
+
+    @property
+    def overlong(self) -> tuple[int, int, float] | None:
+        b = self.overlong_buffer
+        return None if b is None else (self.max_new_tokens, b, self.overlong_penalty)
+
+
+@dataclass
+class RLVRLossSection:
+    """The recipe's `loss:` section: advantages, policy loss, KL, value loss, update plan."""
+
+    advantage: str = "grpo"
+    """gae (PPO with the critic), grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline."""
+    gamma: float = 1.0
+    """Discount (gae, reinforce_pp)."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """gae: whiten the advantages over the step's tokens (all DP ranks)."""
+    adv_eps: float = 1e-6
+    """Group-std epsilon: grpo's (r - mean) / (std + eps) with the DP-reduced group std (the
+    only group estimator dividing by a std: dr_grpo, rloo and reinforce_pp_baseline do not;
+    reinforce_pp* / gae whitening has its own 1e-8). Zero-variance groups get advantage 0."""
+    zero_variance_groups: str = "keep"
+    """Groups whose rewards are all equal (no signal, advantage 0): "keep" counts their
+    tokens in the policy loss's normalizer and KL term (TRL's "dapo" token mean), "drop"
+    leaves them out of the policy loss entirely, numerator and denominator (open-instruct).
+    Group estimators only (grpo, dr_grpo, rloo, reinforce_pp_baseline)."""
+    mask_truncated: bool = False
+    """Responses that hit rollout.max_new_tokens without a stop token get loss mask 0 in the
+    policy loss (not in the advantages' statistics; open-instruct's mask_truncated_completions)."""
+    ppo_epochs: int = 1
+    """Passes over the step's responses."""
+    num_mini_batches: int = 1
+    """Optimizer steps per pass (the responses split into this many mini-batches)."""
+    policy_loss: str = "ppo"
+    """ppo (clipped ratio), reinforce (no clipping), gspo (sequence-level ratio; agg
+    seq-mean-token-mean) or cispo (clipped stop-gradient IS weights; agg token-mean)."""
+    clip_low: float = 0.2
+    """The ratio is clipped to >= 1 - clip_low."""
+    clip_high: float | None = None
+    """... and <= 1 + clip_high (None: clip_low; DAPO: 0.28)."""
+    dual_clip: float | None = 3.0
+    """Dual clip c > 1 on negative advantages (None: off)."""
+    agg: str = "token-mean"
+    """token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
+    loss_scale_length: int | None = None
+    """seq-mean-token-sum-norm's constant length (default rollout.max_new_tokens: Dr. GRPO)."""
+    kl_coef: float = 0.0
+    """beta of the KL to the reference (Tülu 3 PPO: 0.05 at 8B, 0.07 at 70B)."""
+    kl_type: str = "k3"
+    """k1, k2 or k3."""
+    kl_in: str = "loss"
+    """loss (a loss term), reward (a token-reward penalty; gae / reinforce_pp) or none."""
+    kl_log_ratio_clamp: float | None = 20.0
+    """Clamp of the log-ratio before the KL estimator (None: off)."""
+    kl_value_clamp: float | None = 10.0
+    """Clamp of the KL estimate (None: off)."""
+    tis: bool = False
+    """Truncated importance sampling: weight each token by min(e^(old - gen), tis_cap)."""
+    tis_cap: float | None = 2.0
+    """Cap of the truncated importance weight."""
+    vf_coef: float = 0.1
+    """Value-loss coefficient (PPO)."""
+    value_clip: float | None = 0.2
+    """Value clipping around the pre-update values (None: off)."""
+
+    def __post_init__(self) -> None:
+        a = self.advantage
+        check(a in ESTIMATORS, "advantage",
+              f"expected one of {', '.join(estimator_names())}, got {a!r}")  # fmt: skip
+        est = ESTIMATORS[a]
+        check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma, lam in [0, 1]")
+        check(self.adv_eps >= 0, "adv_eps", f"expected >= 0, got {self.adv_eps}")
+        check(self.zero_variance_groups in ("keep", "drop"), "zero_variance_groups",
+              f'expected "keep" or "drop", got {self.zero_variance_groups!r}')  # fmt: skip
+        check(self.zero_variance_groups == "keep" or est.group_baseline, "zero_variance_groups",
+              f'"drop" needs a group estimator ({", ".join(group_estimators())}), not {a}')  # fmt: skip
+        check(self.ppo_epochs >= 1, "ppo_epochs", "expected >= 1")
+        check(self.num_mini_batches >= 1, "num_mini_batches", "expected >= 1")
+        names = policy_loss_names()
+        check(self.policy_loss in names, "policy_loss", f"expected one of {names}")
+        check(self.kl_in in KL_PLACES, "kl_in", f"expected one of {KL_PLACES}")
+        check(not (self.tis and self.policy_loss == "gspo"), "tis",
+              "gspo's ratio is per sequence: the per-token truncated IS weight does not apply")  # fmt: skip
+        check(
+            not (self.kl_in == "reward" and not est.token_rewards), "kl_in",
+            f'"reward" needs per-token rewards ({", ".join(token_reward_estimators())}), not {a}',
+        )  # fmt: skip
+        check(self.vf_coef > 0, "vf_coef", "expected > 0")
+        check(self.value_clip is None or self.value_clip > 0, "value_clip", "expected > 0 or null")
+        check(self.loss_scale_length is None or self.loss_scale_length >= 1,
+              "loss_scale_length", "expected >= 1")  # fmt: skip
+        try:
+            self.policy_config()
+        except ValueError as e:  # PolicyLossConfig.<field>=...: name the recipe key
+            msg = str(e).removeprefix("PolicyLossConfig.")
+            raise ConfigError(msg.split("=", 1)[0], msg) from None
+
+    def policy_config(self) -> PolicyLossConfig:
+        return PolicyLossConfig(
+            name=self.policy_loss, clip_low=self.clip_low, clip_high=self.clip_high,
+            dual_clip=self.dual_clip, tis_cap=self.tis_cap, agg=self.agg, kl_coef=self.kl_coef,
+            kl_type=self.kl_type, kl_log_ratio_clamp=self.kl_log_ratio_clamp,
+            kl_value_clamp=self.kl_value_clamp, kl_in=self.kl_in,
+        )  # fmt: skip
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0 and self.kl_in != "none"
+
+    @property
+    def needs_critic(self) -> bool:
+        return ESTIMATORS[self.advantage].needs_critic
+
+    @property
+    def estimator(self) -> Estimator:
+        return ESTIMATORS[self.advantage]
+
+
+@dataclass
+class CriticSection:
+    """The recipe's `critic:` section (PPO's value model; advantage gae)."""
+
+    init_from: str | None = None
+    """HF directory the critic starts from: the reward-model stage's export (a
+    *ForSequenceClassification: decoder + score head) or a causal LM (a new seeded head)."""
+    output: str | None = None
+    """Which output of a multi-output head (e.g. a regression RM's "helpfulness")."""
+    init_seed: int = 0
+    """Seed of a new score head."""
+    optim: OptimConfig | None = None
+    """The critic's optimizer (default: the policy's optim section)."""
+
+
+def group_estimators() -> list[str]:
+    """The registered estimators with a group baseline."""
+    return [n for n, e in ESTIMATORS.items() if e.group_baseline]
+
+
+def token_reward_estimators() -> list[str]:
+    """The registered estimators on per-token rewards."""
+    return [n for n, e in ESTIMATORS.items() if e.token_rewards]
