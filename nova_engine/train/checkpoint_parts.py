@@ -42,6 +42,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def unpickling_reason(e: BaseException) -> str:
+    """The line of a weights_only refusal that says what was refused (e.g. "Unsupported
+    global: GLOBAL posix.system"), not torch's advice to load it with weights_only=False."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    for x in lines:
+        if x.startswith(("Unsupported", "Trying to", "Can only", "Expected")):
+            return x[:200]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
 def load_file(path: str, rel: str) -> Any:
     """torch.load of one checkpoint file, never executing code: `weights_only=True` admits
     tensors and plain values (dict, list, int, float, str, ...) only, whatever the file's
@@ -54,7 +64,7 @@ def load_file(path: str, rel: str) -> Any:
     except pickle.UnpicklingError as e:
         raise CheckpointIOError(
             f"{full}: refused: it holds objects other than tensors and plain values, and "
-            f"loading them could run code ({str(e).splitlines()[0][:200]})"
+            f"loading them could run code ({unpickling_reason(e)})"
         ) from None
     except FileNotFoundError:
         raise CheckpointIOError(f"{full}: missing (a checkpoint of another layout?)") from None

@@ -45,6 +45,7 @@ from nova_engine.train.checkpoint_parts import layout_record as _layout
 from nova_engine.train.checkpoint_parts import load_file as _load
 from nova_engine.train.checkpoint_parts import rng_state as _rng_state
 from nova_engine.train.checkpoint_parts import set_rng_state as _set_rng_state
+from nova_engine.train.checkpoint_parts import unpickling_reason
 
 logger = get_logger(__name__)
 
@@ -236,7 +237,7 @@ def verify_for_rank(path: str, loop) -> str | None:
         manifest = checkpoint_io.read_manifest(path)
         checkpoint_io.verify_checksums(path, _files_to_check(manifest, loop)[rank::world])
         for name in loop.trainable:
-            check_dcp_metadata(os.path.join(path, _dist_dir(name), ".metadata"))
+            check_dcp_dir(os.path.join(path, _dist_dir(name)))
     except CheckpointIOError as e:
         return str(e)
     return None
@@ -276,16 +277,17 @@ class _AllowListUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def check_dcp_metadata(path: str) -> None:
+def check_dcp_metadata(path: str) -> Any:
     """Refuse (CheckpointIOError, one line) a DCP `.metadata` that names anything but
-    torch.distributed.checkpoint's metadata types: torch unpickles it without restriction."""
+    torch.distributed.checkpoint's metadata types: torch unpickles it without restriction.
+    Returns the metadata (unpickled by the allow-list unpickler)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise CheckpointIOError(f"{path}: unreadable ({e})") from None
     try:
-        _AllowListUnpickler(io.BytesIO(data)).load()
+        return _AllowListUnpickler(io.BytesIO(data)).load()
     except _Refused as e:
         raise CheckpointIOError(
             f"{path}: refused: it names objects other than checkpoint metadata, and loading "
@@ -293,6 +295,43 @@ def check_dcp_metadata(path: str) -> None:
         ) from None
     except Exception as e:  # noqa: BLE001 - truncated / garbage bytes
         raise CheckpointIOError(f"{path}: unreadable metadata ({type(e).__name__}: {e})") from None
+
+
+def check_dcp_dir(d: str) -> None:
+    """Refuse (CheckpointIOError, one line naming the file) a megatron dist_checkpointing
+    directory that holds a pickle able to run code, before megatron or torch reads it:
+    `.metadata` through the allow-list unpickler; every byte item it lists (megatron's
+    ShardedObjects, e.g. layers' `_extra_state`, which DCP reads back with
+    `torch.load(weights_only=False)`) and every `*.pt` (common.pt) through
+    `torch.load(weights_only=True)`."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    meta = check_dcp_metadata(os.path.join(d, ".metadata"))
+    kinds = getattr(meta, "state_dict_metadata", None)
+    storage = getattr(meta, "storage_data", None)
+    if not isinstance(kinds, dict) or not isinstance(storage, dict):
+        raise CheckpointIOError(f"{os.path.join(d, '.metadata')}: not a DCP metadata file")
+    for index, info in storage.items():
+        if not isinstance(kinds.get(getattr(index, "fqn", None)), BytesStorageMetadata):
+            continue
+        full = os.path.join(d, os.path.basename(str(info.relative_path)))
+        try:
+            with open(full, "rb") as f:
+                f.seek(int(info.offset))
+                blob = f.read(int(info.length))
+            torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointIOError(
+                f"{full}: refused: item {index.fqn} holds objects other than tensors and plain "
+                f"values, and loading them could run code ({unpickling_reason(e)})"
+            ) from None
+        except (OSError, RuntimeError, EOFError, ValueError) as e:
+            raise CheckpointIOError(
+                f"{full}: unreadable item {index.fqn} ({str(e).splitlines()[0][:200]})"
+            ) from None
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".pt"):
+            _load(d, name)  # weights_only=True: a pickle with code is refused in one line
 
 
 def load_dist_checkpoint(path: str | os.PathLike, loop) -> int:
@@ -308,7 +347,7 @@ def load_dist_checkpoint(path: str | os.PathLike, loop) -> int:
         d = os.path.join(path, _dist_dir(name))
         if not os.path.isdir(d):
             raise CheckpointIOError(f"{path}: no {_dist_dir(name)}/ for engine {name!r}")
-        check_dcp_metadata(os.path.join(d, ".metadata"))
+        check_dcp_dir(d)
         sd = sharded_state(e, is_loading=True)
         loaded = dc.load(sd, d)
         chunks = e.chunks

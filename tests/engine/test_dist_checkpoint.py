@@ -178,6 +178,32 @@ def test_crafted_metadata_refused_and_nothing_runs(tmp_path):
         check_dcp_metadata(str(garbage))
 
 
+def test_crafted_byte_item_and_common_pt_refused_and_nothing_runs(tmp_path):
+    """DCP reads byte items back with torch.load(weights_only=False) and megatron reads
+    common.pt with torch.load: check_dcp_dir refuses a pickle naming os.system in either,
+    in one line naming the file, and accepts the same directory with plain values."""
+    import torch.distributed.checkpoint as tdc
+
+    from nova_engine.train.dist_checkpoint import check_dcp_dir
+
+    _Boom.marker = str(tmp_path / "ran")
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for d, obj in ((good, [None, 3]), (bad, [_Boom()])):  # DCP torch.saves a byte item
+        tdc.save({"w": torch.randn(4, 3), "x._extra_state": obj}, checkpoint_id=str(d),
+                 no_dist=True)  # fmt: skip
+        torch.save({"step": 1}, d / "common.pt")
+    check_dcp_dir(str(good))
+    with pytest.raises(CheckpointIOError, match=r"\.distcp: refused: item x\._extra_state") as e:
+        check_dcp_dir(str(bad))
+    assert "\n" not in str(e.value)
+    with open(good / "common.pt", "wb") as f:
+        pickle.dump({"step": _Boom()}, f)
+    with pytest.raises(CheckpointIOError, match=r"common\.pt: refused") as e:
+        check_dcp_dir(str(good))
+    assert "\n" not in str(e.value)
+    assert not os.path.exists(_Boom.marker)
+
+
 def test_real_dcp_metadata_accepted(tmp_path):
     import torch.distributed.checkpoint as tdc
 

@@ -222,3 +222,33 @@ def test_round_trip_and_partial_resume(tmp_path):
     partial.save()
     resumed = RefCache.open(tmp_path / "p", key, expected=expected)
     assert not resumed.complete and list(resumed.missing()) == [2, 3, 5]
+
+
+class _Boom:
+    marker = ""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {_Boom.marker}",))
+
+
+@pytest.mark.parametrize("field", ["meta", "chosen_logp"])
+def test_crafted_pickle_in_the_cache_refused_and_nothing_runs(tmp_path, caplog, field):
+    """A cache file whose array is a pickle (an object array naming os.system) is refused in
+    one line, never unpickled; open() rebuilds instead of running it."""
+    key = RefCacheKey("m", "d", "c")
+    good = RefCache.open(tmp_path, key, expected=[0])
+    _fill(good, [0])
+    good.save()
+    with np.load(good.path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    _Boom.marker = str(tmp_path / "ran")
+    arrays[field] = np.array([_Boom()], dtype=object)
+    with open(good.path, "wb") as f:
+        np.savez(f, **arrays)  # a pickled object array inside the .npz
+    with pytest.raises(RefCacheError, match="damaged reference cache") as e:
+        RefCache(str(tmp_path), key, None)._load(good.path)
+    assert "\n" not in str(e.value) and "allow_pickle" in str(e.value)
+    with caplog.at_level(logging.WARNING, logger="nova_engine"):
+        again = RefCache.open(tmp_path, key, expected=[0])
+    assert list(again.missing()) == [0] and "damaged reference cache" in caplog.text
+    assert not os.path.exists(_Boom.marker)  # nothing ran
