@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nova_engine.config import ConfigError, OptimConfig, check
+from nova_engine.config import ConfigError, LoRAConfig, OptimConfig, check
 from nova_engine.losses.policy import KL_PLACES, PolicyLossConfig, policy_loss_names
 from nova_engine.rl.estimators import ESTIMATORS, Estimator, estimator_names
 from nova_engine.rl.verifiers import RewardConfig
@@ -220,6 +220,9 @@ class CriticSection:
     """Seed of a new score head."""
     optim: OptimConfig | None = None
     """The critic's optimizer (default: the policy's optim section)."""
+    lora: LoRAConfig | None = None
+    """LoRA adapters on the critic's decoder (its score head trains in full); None: the whole
+    critic trains."""
 
 
 def group_estimators() -> list[str]:

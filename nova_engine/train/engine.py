@@ -415,3 +415,21 @@ class RewardEngine(ModelEngine):
         seq = ScoreExport(self.pad_token_id, self.labels)
         with self._merged():
             export_hf(self.chunks, self.arch, self.ps, out_dir, sequence_classifier=seq)
+
+
+class AdaptersOffReference:
+    """The frozen reference policy of a LoRA engine without a second model: forward passes
+    of the same shards with the adapters off (the base weights, which LoRA never updates).
+    Read-only: no optimizer (a loop's `trainable` and its checkpoints skip it)."""
+
+    optimizer = None
+
+    def __init__(self, engine: ModelEngine, name: str = "reference"):
+        if engine.lora is None:
+            raise ValueError(f"engine {engine.name!r} has no LoRA adapters to switch off")
+        self.engine, self.name = engine, name
+        self.ps, self.arch = engine.ps, engine.arch
+
+    def forward_collect(self, microbatches: Sequence[MicroBatch], fn: CollectFn) -> list[Any]:
+        with self.engine.adapters_disabled():
+            return self.engine.forward_collect(microbatches, fn)

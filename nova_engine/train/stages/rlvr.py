@@ -239,16 +239,21 @@ class RLVRStage:
 
 
 def build_engines(run: RLVRRunConfig, ps, total_updates: int, stop_ids) -> dict[str, Any]:
-    """policy (trained), reference (frozen; when the KL is used), critic (PPO) on layout ps."""
+    """policy (trained), reference (frozen; when the KL is used: with model.lora and no other
+    reference_path, the policy's own shards with the adapters off), critic (PPO; LoRA with
+    critic.lora) on layout ps."""
     from nova_engine.data.tokenize import load_tokenizer
     from nova_engine.model.arch import load_arch
     from nova_engine.model.hf_io import choose_pad_token_id, score_labels
     from nova_engine.train import runner
-    from nova_engine.train.engine import ModelEngine, RewardEngine
+    from nova_engine.train.engine import AdaptersOffReference, ModelEngine, RewardEngine
 
     t = run.train
     engines: dict[str, Any] = {"policy": runner.engine_for_run(run, ps, total_updates)}
-    if run.loss.needs_reference:
+    same_ref = run.model.reference_path in (None, run.model.hf_path)
+    if run.loss.needs_reference and run.model.lora is not None and same_ref:
+        engines["reference"] = AdaptersOffReference(engines["policy"])  # LoRA: no second model
+    elif run.loss.needs_reference:
         engines["reference"] = ModelEngine.from_hf(
             run.model.reference_path or run.model.hf_path, ps, name="reference",
             trainable=False, precision=t.precision, fuse_elementwise=t.fuse_elementwise,
@@ -270,7 +275,7 @@ def build_engines(run: RLVRRunConfig, ps, total_updates: int, stop_ids) -> dict[
             total_steps=total_updates, precision=t.precision, recompute=t.recompute,
             fuse_elementwise=t.fuse_elementwise,
             distributed_optimizer=run.parallel.distributed_optimizer,
-            score_init_seed=run.critic.init_seed,
+            score_init_seed=run.critic.init_seed, lora=run.critic.lora,
         )  # fmt: skip
     return engines
 
