@@ -106,7 +106,7 @@ def checkpoint_adapters(ckpt: str, arch) -> dict[str, torch.Tensor]:
     if not engines:
         raise LoRAExportError(f"{ckpt}: the manifest records no engine layout")
     name, lay = next(iter(engines.items()))  # the first trainable engine: the policy
-    tp, pp, vpp = lay["tp"], lay["pp"], lay.get("vpp", 1)
+    tp, pp, vpp = lay["tp"], lay["pp"], lay.get("vpp") or 1
     files = {(t, p): f"mp_{name}_tp{t:02d}_pp{p:02d}.pt" for t in range(tp) for p in range(pp)}
     verify_checksums(ckpt, files.values())
     out: dict[str, torch.Tensor] = {}
@@ -168,7 +168,7 @@ def _check_base(ckpt: str, base: str, arch, adapters: dict[str, torch.Tensor]) -
     name, lay = next(iter(extra["engines"].items()))
     shard = _open_shard(os.path.join(ckpt, f"mp_{name}_tp00_pp00.pt"))["model"]
     for c, chunk in enumerate(shard):
-        off = _layer_offset(0, c, lay["pp"], lay.get("vpp", 1), arch.num_layers)
+        off = _layer_offset(0, c, lay["pp"], lay.get("vpp") or 1, arch.num_layers)
         for key in chunk:
             if key.endswith(LORA_MARK + "A"):
                 mod, i, kind = _target_of(key, off)
