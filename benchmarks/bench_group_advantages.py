@@ -1,18 +1,18 @@
-"""Group advantages (GRPO, RLOO): verl's loop over a dict of groups, the vectorized PyTorch
-path (index_add / scatter_reduce), Triton (argsort once, one program per group).
+"""Group advantages (GRPO, RLOO) of an RLVR step's responses on one DP rank: verl's loop over a
+dict of groups (impl loop), verl's formula vectorized with index_add (impl verl_vectorized,
+one process: no DP statistics), and the production call `nova_kernels.group_advantages(...,
+num_groups=, reduce=)` on its torch path and (GPU) its Triton path.
 
-    python -m benchmarks.bench_group_advantages            # GPU: S in {64, 512, 8192} samples
-    python -m benchmarks.bench_group_advantages --quick    # CPU: small shapes
+    python -m benchmarks.bench_group_advantages            # GPU: R in {512, 2048, 8192}
+    python -m benchmarks.bench_group_advantages --quick    # CPU: the same R (torch path)
 
-Groups of n = 8 samples per prompt, ids shuffled (the general, non-contiguous layout).
-Rows (benchmarks/results/group_advantages_<cuda|cpu>.csv): seconds, peak extra memory,
-speedup_vs_loop.
-
-Then the whole GRPO outcome step on token rewards [B, T] (scores = row sums, group
-statistics, the broadcast over the 0/1 response mask): verl-style vectorized torch (index_add
-statistics, `scores.unsqueeze(-1) * response_mask`) vs Nova's `compute_advantages("grpo")`
-(one-pass broadcast), op grpo_outcome_BT, bool and float masks, timed interleaved. Without CUDA there
-are no Triton rows: the interpreter's timings are no performance figures.
+Layout as the trainer has it: R responses on the rank, n = 8 per prompt, global group ids
+in contiguous runs starting at the rank's offset (the rank holds the 2nd quarter of a step
+over 4 DP ranks, so num_groups = 4 R / n), 0/1 rewards times 10. The production call passes
+the DP all-reduce; here a one-rank `reduce` (a no-op callback: three small tensors).
+Rows (benchmarks/results/group_advantages_<cuda|cpu>.csv): seconds and peak extra memory,
+timed interleaved (A B A B), speedup_vs_verl_vectorized. Without CUDA there are no Triton
+rows: the interpreter's timings are no performance figures.
 """
 
 from __future__ import annotations
@@ -24,98 +24,64 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks._common import (  # noqa: E402
-    CPU_BT_SHAPES,
-    GPU_BT_SHAPES,
-    bench_args,
-    finish,
-    measure_impls,
-    summary,
-)
-from nova_engine.rl.advantages import compute_advantages  # noqa: E402
-from nova_kernels.ops.group_advantages import (  # noqa: E402
-    group_advantages,
-    group_advantages_reference,
-)
+from benchmarks._common import bench_args, finish, measure_impls, summary  # noqa: E402
+from nova_kernels import group_advantages  # noqa: E402
+from nova_kernels.reference import group_advantages_reference  # noqa: E402
 
-GROUP = 8
+GROUP, DP, RESPONSES = 8, 4, (512, 2048, 8192)
 
 
-def bench_one(S, est, device, reps, rows):
-    """Times the loop, torch and Triton impls of `est` on S shuffled samples."""
+def verl_vectorized(scores, ids, G, estimator, eps=1e-6):
+    """verl's compute_{grpo,rloo}_outcome_advantage with the per-group loop replaced by
+    index_add (groups of one: mean 0, std 1; rloo scale n / (n - 1))."""
+    n = torch.zeros(G, device=scores.device).index_add_(0, ids, torch.ones_like(scores))
+    mean = torch.zeros(G, device=scores.device).index_add_(0, ids, scores) / n.clamp_min(1)
+    single = (n <= 1)[ids]
+    shifted = scores - torch.where(single, 0.0, mean[ids])
+    if estimator == "rloo":
+        return shifted * torch.where(single, 1.0, (n / (n - 1).clamp_min(1))[ids])
+    ss = torch.zeros(G, device=scores.device).index_add_(0, ids, (scores - mean[ids]) ** 2)
+    std = torch.sqrt(ss / (n - 1).clamp_min(1))
+    return shifted / (torch.where(single, 1.0, std[ids]) + eps)
+
+
+def _one_rank(t: torch.Tensor, op: str) -> None:
+    """The all-reduce of a world of one: nothing to add."""
+
+
+def bench_one(R, est, device, reps, rows):
     on_gpu = device.type == "cuda"
-    triton_name = "triton" if on_gpu else "triton_interpreter"
-    g = torch.Generator().manual_seed(S)
-    ids = torch.arange(S // GROUP).repeat_interleave(GROUP)[torch.randperm(S, generator=g)]
-    scores = (torch.randint(0, 2, (S,), generator=g).float() * 10).to(device)
-    ids = ids.to(device)
-    G = S // GROUP
+    g = torch.Generator().manual_seed(R)
+    G = DP * R // GROUP
+    offset = R // GROUP  # this rank's first prompt of the step
+    ids = (offset + torch.arange(R) // GROUP).to(device)
+    scores = (torch.randint(0, 2, (R,), generator=g).float() * 10).to(device)
+    kw = dict(num_groups=G, estimator=est, reduce=_one_rank)
     impls = {
+        "verl_vectorized": lambda: verl_vectorized(scores, ids, G, est),  # the baseline: first
         "loop": lambda: group_advantages_reference(scores, ids, est),
-        "torch": lambda: group_advantages(
-            scores, ids, estimator=est, num_groups=G, backend="torch"
-        ),
-        triton_name: lambda: group_advantages(
-            scores, ids, estimator=est, num_groups=G, backend="triton"
-        ),
+        "torch": lambda: group_advantages(scores, ids, backend="torch", **kw),
     }
-    if not on_gpu:  # the interpreter is no timing
-        impls.pop(triton_name)
-    shape = f"S={S},n={GROUP}"
+    if on_gpu:  # the interpreter is no timing
+        impls["triton"] = lambda: group_advantages(scores, ids, backend="triton", **kw)
+    ref = impls["verl_vectorized"]()
+    for name in ("torch", "triton"):
+        if name in impls:
+            torch.testing.assert_close(impls[name]()[0], ref, rtol=1e-5, atol=1e-5, msg=name)
+    shape = f"R={R},n={GROUP},G={G}"
     times = measure_impls(
         rows, op=f"group_advantages_{est}", shape=shape, mode="fwd", impls=impls, reps=reps,
-        baseline="loop",
+        baseline="verl_vectorized",
     )  # fmt: skip
-    print(f"{est:5s} {shape:12s} {summary(times)}")
-
-
-def verl_grpo_vectorized(token_rewards, response_mask, ids, G, eps=1e-6):
-    """verl's GRPO outcome advantage with the per-group loop replaced by index_add."""
-    scores = token_rewards.sum(-1)
-    n = torch.zeros(G, device=scores.device).index_add_(0, ids, torch.ones_like(scores))
-    mean = torch.zeros(G, device=scores.device).index_add_(0, ids, scores) / n
-    var = torch.zeros(G, device=scores.device).index_add_(0, ids, (scores - mean[ids]) ** 2)
-    std = torch.sqrt(var / (n - 1).clamp_min(1))
-    scores = (scores - mean[ids]) / (std[ids] + eps)
-    return scores.unsqueeze(-1) * response_mask
-
-
-def bench_outcome_BT(B, T, device, reps, rows):
-    """GRPO on [B, T] token rewards: verl-style vectorized vs compute_advantages."""
-    g = torch.Generator().manual_seed(B + T)
-    ids = torch.arange(B // GROUP).repeat_interleave(GROUP)[torch.randperm(B, generator=g)]
-    ids = ids.to(device)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)
-    rewards = torch.zeros(B, T)
-    rewards[torch.arange(B), lengths - 1] = torch.randint(0, 2, (B,), generator=g) * 10.0
-    rewards = rewards.to(device)
-    for mask_dtype in (torch.bool, torch.float32):
-        m = mask.to(mask_dtype)
-        impls = {
-            "verl_vectorized": lambda m=m: verl_grpo_vectorized(rewards, m, ids, B // GROUP),
-            "nova": lambda m=m: (
-                compute_advantages("grpo", token_rewards=rewards, mask=m, group_ids=ids).advantages
-            ),
-        }
-        a, b = (fn() for fn in impls.values())
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-        shape = f"B={B},T={T},mask={str(mask_dtype).removeprefix('torch.')}"
-        times = measure_impls(
-            rows, op="grpo_outcome_BT", shape=shape, mode="fwd", impls=impls, reps=reps,
-            baseline="verl_vectorized",
-        )  # fmt: skip
-        print(f"grpo [B,T] {shape:28s} {summary(times)}")
+    print(f"{est:5s} {shape:20s} {summary(times)}")
 
 
 def main(argv=None):
-    args, device, quick = bench_args(__doc__, argv)
+    args, device, _ = bench_args(__doc__, argv)
     rows: list[dict] = []
-    for S in [64, 512] if quick else [64, 512, 8192]:
+    for R in RESPONSES:
         for est in ("grpo", "rloo"):
-            bench_one(S, est, device, args.reps, rows)
-    for B, T in CPU_BT_SHAPES + [(512, 4096)] if quick else GPU_BT_SHAPES:
-        bench_outcome_BT(B, T, device, args.reps, rows)
+            bench_one(R, est, device, args.reps, rows)
     finish("group_advantages", rows)
 
 

@@ -1,14 +1,17 @@
-"""Masked whitening over [B, T]: verl's formula in PyTorch (the reference), the torch path,
-Triton (two reduction passes + one elementwise pass).
+"""Masked whitening of an RLVR step's packed token advantages [T]: verl's `masked_whiten`
+formula in plain PyTorch (impl verl), the production call `nova_kernels.whiten(adv, mask,
+reduce=...)` on its torch path and (GPU) its Triton path.
 
-    python -m benchmarks.bench_whiten            # GPU: B in {64, 512} x T in {1024, 8192}
-    python -m benchmarks.bench_whiten --quick    # CPU: small shapes
+    python -m benchmarks.bench_whiten            # GPU: T in {64k, 256k, 1M} packed tokens
+    python -m benchmarks.bench_whiten --quick    # CPU: the same T (torch path only)
 
-Rows (benchmarks/results/whiten_<cuda|cpu>.csv): seconds, peak extra memory, GB/s over the
-minimum traffic (read values fp32 + mask bool twice for the statistics and values once more,
-write fp32: 4+1+4+1+4+4 = 18 B/element) and speedup_vs_reference. Without CUDA there
-are no Triton rows: the interpreter's timings are no performance figures (the kernel tests
-run that path).
+The production call passes the trainer's DP all-reduce; here a one-rank `reduce` (a no-op
+callback: the call sequence and its two small tensors are timed, not the collective).
+Timed interleaved (A B A B). Rows (benchmarks/results/whiten_<cuda|cpu>.csv): seconds,
+peak extra memory, GB/s over the minimum traffic (values fp32 + mask bool read for each of
+the two statistics passes, values once more, output fp32 written: 4+1+4+1+4+4 = 18 B per
+token), speedup_vs_verl. Without CUDA there are no Triton rows: the interpreter's timings
+are no performance figures (the kernel tests run that path).
 """
 
 from __future__ import annotations
@@ -20,50 +23,53 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks._common import (  # noqa: E402
-    CPU_BT_SHAPES,
-    GPU_BT_SHAPES,
-    bench_args,
-    finish,
-    measure_impls,
-    summary,
-)
+from benchmarks._common import bench_args, finish, measure_impls, summary  # noqa: E402
 from nova_kernels import whiten  # noqa: E402
-from nova_kernels.reference import whiten_reference  # noqa: E402
+
+TOKENS = (1 << 16, 1 << 18, 1 << 20)  # packed response tokens of one step (on one rank)
 
 
-def bench_one(B, T, device, reps, rows):
+def verl_masked_whiten(values, mask, shift_mean=True):
+    """verl's core_algos.masked_whiten (masked_mean / masked_var with Bessel's correction)."""
+    mean = (values * mask).sum() / (mask.sum() + 1e-8)
+    var = ((values - mean) ** 2 * mask).sum() / (mask.sum() + 1e-8)
+    n = mask.sum()
+    var = var * n / (n - 1)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def _one_rank(t: torch.Tensor, op: str) -> None:
+    """The all-reduce of a world of one: nothing to add."""
+
+
+def bench_one(T, device, reps, rows):
     on_gpu = device.type == "cuda"
-    triton_name = "triton" if on_gpu else "triton_interpreter"
-    g = torch.Generator().manual_seed(B + T)
-    x = torch.randn(B, T, generator=g).to(device)
-    m = (torch.rand(B, T, generator=g) > 0.3).to(device)
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, generator=g).to(device)
+    m = (torch.rand(T, generator=g) > 0.3).to(device)
     impls = {
-        "reference": lambda: whiten_reference(x, m),
-        "torch": lambda: whiten(x, m, backend="torch"),
-        triton_name: lambda: whiten(x, m, backend="triton"),
+        "verl": lambda: verl_masked_whiten(x, m),
+        "torch": lambda: whiten(x, m, backend="torch", reduce=_one_rank),
     }
-    if not on_gpu:  # the interpreter is no timing
-        impls.pop(triton_name)
-    shape = f"B={B},T={T}"
+    if on_gpu:  # the interpreter is no timing
+        impls["triton"] = lambda: whiten(x, m, backend="triton", reduce=_one_rank)
+    ref = impls["verl"]()
+    for name, fn in impls.items():
+        torch.testing.assert_close(fn(), ref, rtol=1e-4, atol=1e-4, msg=name)
+    shape = f"T={T}"
     times = measure_impls(
-        rows,
-        op="whiten",
-        shape=shape,
-        mode="fwd",
-        impls=impls,
-        reps=reps,
-        baseline="reference",
-        bytes_moved=18 * B * T,
-    )
-    print(f"{shape:14s} {summary(times)}")
+        rows, op="whiten", shape=shape, mode="fwd", impls=impls, reps=reps, baseline="verl",
+        bytes_moved=18 * T,
+    )  # fmt: skip
+    print(f"{shape:10s} {summary(times)}")
 
 
 def main(argv=None):
-    args, device, quick = bench_args(__doc__, argv)
+    args, device, _ = bench_args(__doc__, argv)
     rows: list[dict] = []
-    for B, T in CPU_BT_SHAPES if quick else GPU_BT_SHAPES:
-        bench_one(B, T, device, args.reps, rows)
+    for T in TOKENS:
+        bench_one(T, device, args.reps, rows)
     finish("whiten", rows)
 
 

@@ -10,10 +10,10 @@ use. Floats are computed in the promoted dtype (fp32, or fp64 for fp64 inputs: c
 | linear_cross_entropy                 | linear_cross_entropy_reference                     |
 | a causal LM's response log-probs     | causal_lm_logps (any model whose output has .logits, e.g. transformers) |
 | seq_reduce                           | seq_reduce_reference (loop over sequences)         |
-| gae, gae_packed                      | gae_reference (verl's loop over t, vectorized over rows) |
+| gae_packed                           | gae_reference (verl's loop over t on padded rows; run it per sequence) |
 | discounted_returns                   | discounted_returns_reference (verl's REINFORCE++ loop)   |
-| whiten                               | whiten_reference (verl's masked_whiten)            |
-| group_advantages                     | group_advantages_reference (loop over groups, Python floats) |
+| whiten                               | whiten_reference (verl's masked_whiten; over all ranks' elements) |
+| group_advantages                     | group_advantages_reference (loop over groups, Python floats; over all ranks' responses) |
 | kl_divergence, kl_penalty            | kl_reference (also the torch backend's per-token KL) |
 | policy_loss                          | policy_loss_reference (one token at a time, autograd gradients) |
 | GSPO (nova_engine policy loss gspo)  | gspo_loss_reference (one sequence at a time, the paper's formula) |
