@@ -4,11 +4,16 @@
     assistant: "65"
 
 `write_task(out_dir, ...)` writes, from one seed:
-- `sft_train.jsonl`   SFT layout: {"id", "messages": [user, assistant], "answer"}
+- `sft_train.jsonl`   SFT layout: {"id", "messages": [user, assistant], "answer"}; with
+                      `carry_error=q`, a fraction q of the problems that carry (plus) or borrow
+                      (minus) are answered with the carry dropped (57 + 68 -> 115, 52 - 18 ->
+                      44): a systematic, plausible slip of the teacher, flagged by
+                      "carry_error": true ("answer" stays the right one)
 - `pref_train.jsonl`  Tülu 3 preference layout: {"id", "prompt", "chosen": [user, assistant],
                       "rejected": [user, assistant]}, chosen = the right answer, rejected = a
                       plausible wrong one (off by one or ten, digits swapped, a dropped carry,
-                      the wrong operation)
+                      the wrong operation); `pref_skips_carry_error=True` never rejects the
+                      dropped-carry answer (the preference data does not cover that slip)
 - `eval.jsonl`        held-out problems in the SFT layout (+ "answer"); no (a, op, b) problem
                       of the eval split occurs in either training file.
 Score generations with `exact_match(prediction, answer)`.
@@ -80,6 +85,7 @@ class Problem:
     op: str
     b: int
     template: int = 0
+    in_words: bool = True  # False: the operands as digits ("What is 47 plus 18?")
 
     @property
     def key(self) -> tuple[int, str, int]:
@@ -90,13 +96,15 @@ class Problem:
         return OPS[self.op](self.a, self.b)
 
     def question(self) -> str:
-        return QUESTION_TEMPLATES[self.template].format(
-            a=number_to_words(self.a), op=self.op, b=number_to_words(self.b)
-        )
+        say = number_to_words if self.in_words else str
+        return QUESTION_TEMPLATES[self.template].format(a=say(self.a), op=self.op, b=say(self.b))
 
 
 def sample_problem(
-    rng: random.Random, max_value: int = 99, ops: tuple[str, ...] = ("plus", "minus")
+    rng: random.Random,
+    max_value: int = 99,
+    ops: tuple[str, ...] = ("plus", "minus"),
+    in_words: bool = True,
 ) -> Problem:
     """One random problem; operands in [0, max_value] ("times" uses a one-digit second
     operand); "minus" never goes below zero."""
@@ -105,11 +113,28 @@ def sample_problem(
     b = rng.randint(0, 9) if op == "times" else rng.randint(0, max_value)
     if op == "minus" and b > a:
         a, b = b, a
-    return Problem(a, op, b, rng.randrange(len(QUESTION_TEMPLATES)))
+    return Problem(a, op, b, rng.randrange(len(QUESTION_TEMPLATES)), in_words)
 
 
-def wrong_answer(problem: Problem, rng: random.Random) -> int:
-    """A plausible wrong answer (never equal to the right one, never negative)."""
+def has_carry(problem: Problem) -> bool:
+    """True when the ones column carries (plus: ones digits sum to 10 or more) or borrows
+    (minus: the first ones digit is the smaller); never for "times"."""
+    if problem.op == "plus":
+        return problem.a % 10 + problem.b % 10 >= 10
+    return problem.op == "minus" and problem.a % 10 < problem.b % 10
+
+
+def dropped_carry_answer(problem: Problem) -> int | None:
+    """The answer with the ones column's carry (plus) or borrow (minus) forgotten: 57 + 68 ->
+    115 (right 125), 52 - 18 -> 44 (right 34); None when the problem has no carry."""
+    if not has_carry(problem):
+        return None
+    return problem.answer + (-10 if problem.op == "plus" else 10)
+
+
+def wrong_answer(problem: Problem, rng: random.Random, *, skip_carry_error: bool = False) -> int:
+    """A plausible wrong answer (never equal to the right one, never negative).
+    skip_carry_error: never `dropped_carry_answer(problem)`."""
     right = problem.answer
     candidates = {right + 1, right - 1, right + 10, right - 10}
     digits = str(right)
@@ -122,6 +147,8 @@ def wrong_answer(problem: Problem, rng: random.Random) -> int:
     else:  # the other operation
         other = "minus" if problem.op == "plus" else "plus"
         candidates.add(OPS[other](problem.a, problem.b))
+    if skip_carry_error:
+        candidates.discard(dropped_carry_answer(problem))  # type: ignore[arg-type]
     return rng.choice(sorted(c for c in candidates if c >= 0 and c != right))
 
 
@@ -140,6 +167,7 @@ def make_splits(
     seed: int = 0,
     max_value: int = 99,
     ops: tuple[str, ...] = ("plus", "minus"),
+    in_words: bool = True,
 ) -> tuple[list[Problem], list[Problem], list[Problem]]:
     """Seeded (sft, pref, eval) problem lists; eval problems are distinct from each other and
     from every training problem (compared as (a, op, b), ignoring the wording)."""
@@ -149,13 +177,13 @@ def make_splits(
         raise ValueError(f"n_eval={n_eval} too large for {n_possible} distinct problems")
     eval_set: dict[tuple, Problem] = {}
     while len(eval_set) < n_eval:
-        p = sample_problem(rng, max_value, ops)
+        p = sample_problem(rng, max_value, ops, in_words)
         eval_set.setdefault(p.key, p)
 
     def train(n: int) -> list[Problem]:
         out: list[Problem] = []
         while len(out) < n:
-            p = sample_problem(rng, max_value, ops)
+            p = sample_problem(rng, max_value, ops, in_words)
             if p.key not in eval_set:
                 out.append(p)
         return out
@@ -173,24 +201,38 @@ def write_task(
     max_value: int = 99,
     ops: tuple[str, ...] = ("plus", "minus"),
     system: str | None = None,
+    in_words: bool = True,
+    carry_error: float = 0.0,
+    pref_skips_carry_error: bool = False,
 ) -> dict[str, str]:
     """Write sft_train.jsonl, pref_train.jsonl and eval.jsonl under `out_dir`.
+    carry_error: the fraction of SFT problems with a carry whose answer drops it (drawn per
+    problem, seed + 2); pref_skips_carry_error: no rejected answer is the dropped carry.
 
     Returns {"sft": path, "pref": path, "eval": path}. Same arguments -> same bytes.
     """
-    sft, pref, ev = make_splits(n_sft, n_pref, n_eval, seed=seed, max_value=max_value, ops=ops)
+    if not 0.0 <= carry_error <= 1.0:
+        raise ValueError(f"carry_error={carry_error}: expected a fraction in [0, 1]")
+    sft, pref, ev = make_splits(n_sft, n_pref, n_eval, seed=seed, max_value=max_value, ops=ops,
+                                in_words=in_words)  # fmt: skip
     rng = random.Random(seed + 1)
+    slip = random.Random(seed + 2)
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f) for k, f in _FILES.items()}
 
     with open(paths["sft"], "w") as f:
         for i, p in enumerate(sft):
-            row = {"id": f"sft-{i}", "messages": _messages(p, str(p.answer), system)}
-            f.write(json.dumps(row | {"answer": str(p.answer)}) + "\n")
+            dropped = dropped_carry_answer(p) if carry_error > 0 else None
+            err = dropped is not None and slip.random() < carry_error
+            written = str(dropped if err else p.answer)
+            row = {"id": f"sft-{i}", "messages": _messages(p, written, system)}
+            row |= {"answer": str(p.answer)} | ({"carry_error": True} if err else {})
+            f.write(json.dumps(row) + "\n")
     with open(paths["pref"], "w") as f:
         for i, p in enumerate(pref):
             chosen = _messages(p, str(p.answer), system)
-            rejected = _messages(p, str(wrong_answer(p, rng)), system)
+            wrong = wrong_answer(p, rng, skip_carry_error=pref_skips_carry_error)
+            rejected = _messages(p, str(wrong), system)
             row = {"id": f"pref-{i}", "prompt": p.question(), "chosen": chosen}
             f.write(json.dumps(row | {"rejected": rejected}) + "\n")
     with open(paths["eval"], "w") as f:

@@ -14,6 +14,10 @@ answers are preferred, and the further a wrong answer is from the right one, the
 - `rm_eval.jsonl`        RewardBench layout on held-out problems: {"id", "prompt", "chosen",
                          "rejected", "subset": "synthetic-arith"}
 Held-out problems never occur in the two training files (compared as (a, op, b)).
+`far=f` draws a fraction f of all wrong answers (in every file) far off instead, 11 to 60 away
+from the right one (wrongness 3): a reward model that knows an answer's magnitude tells those
+apart (the near misses need the ones digit); `max_value` / `ops` / `in_words` shape the problems
+as in nova_engine.data.synthetic.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ import json
 import os
 import random
 
-from nova_engine.data.synthetic import make_splits, wrong_answer
+from nova_engine.data.synthetic import Problem, make_splits
+from nova_engine.data.synthetic import wrong_answer as near_answer
 
 EVAL_SUBSET = "synthetic-arith"
 _FILES = {"regression": "rm_regression.jsonl", "pref": "rm_pref.jsonl", "eval": "rm_eval.jsonl"}
@@ -35,6 +40,15 @@ def wrongness(right: int, wrong: int) -> int:
     return 1 if d <= 1 else 2 if d <= 10 else 3
 
 
+def far_answer(problem: Problem, rng: random.Random) -> int:
+    """A wrong answer 11 to 60 away from the right one (either side, never negative)."""
+    right = problem.answer
+    options = [right + d for d in range(11, 61)] + [
+        right - d for d in range(11, min(61, right + 1))
+    ]
+    return rng.choice(options)
+
+
 def write_reward_task(
     out_dir: str | os.PathLike,
     *,
@@ -42,11 +56,24 @@ def write_reward_task(
     n_pref: int = 1000,
     n_eval: int = 200,
     seed: int = 0,
+    far: float = 0.0,
+    max_value: int = 99,
+    ops: tuple[str, ...] = ("plus", "minus"),
+    in_words: bool = True,
 ) -> dict[str, str]:
     """Write the three files under `out_dir`; returns {"regression", "pref", "eval"} -> path.
     Same arguments -> same bytes."""
-    reg, pref, ev = make_splits(n_regression // 2, n_pref, n_eval, seed=seed + 100)
-    rng = random.Random(seed + 101)
+    if not 0.0 <= far <= 1.0:
+        raise ValueError(f"far={far}: expected a fraction in [0, 1]")
+    reg, pref, ev = make_splits(n_regression // 2, n_pref, n_eval, seed=seed + 100,
+                                max_value=max_value, ops=ops, in_words=in_words)  # fmt: skip
+    rng, far_rng = random.Random(seed + 101), random.Random(seed + 102)
+
+    def wrong_answer(p: Problem, rng: random.Random) -> int:  # near miss, or far with `far`
+        if far > 0 and far_rng.random() < far:
+            return far_answer(p, far_rng)
+        return near_answer(p, rng)
+
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f) for k, f in _FILES.items()}
     with open(paths["regression"], "w") as f:

@@ -142,3 +142,29 @@ def test_arithmetic_task_in_rlvr_layout(tmp_path):
     whole_rows = [json.loads(line) for line in open(whole)]
     assert [r["messages"] for r in whole_rows[:40]] == [r["messages"][:1] for r in sft_rows]
     assert [r["messages"] for r in whole_rows[40:]] == [r.messages for r in recs]
+
+
+def test_arithmetic_rlvr_follows_the_task_shape(tmp_path):
+    """The demo's task options (operands as digits, plus only, max 49) reach the RLVR prompts:
+    same problem stream as write_task with those options, none from its eval split, and the
+    ground truth is the right answer (never the SFT teacher's dropped carry)."""
+    import re
+
+    kw = dict(max_value=49, ops=("plus",), in_words=False)
+    path = write_arithmetic_rlvr(tmp_path / "r.jsonl", 60, seed=4, n_eval=20, skip=30, **kw)
+    task = write_task(tmp_path / "t", n_sft=30, n_pref=0, n_eval=20, seed=4, carry_error=1.0,
+                      **kw)  # fmt: skip
+    q = re.compile(r"^(?:What is|Compute|How much is|Calculate) (\d+) plus (\d+)[?.]$")
+    eval_keys = set()
+    for line in open(task["eval"]):
+        a, b = q.match(json.loads(line)["messages"][0]["content"]).groups()
+        eval_keys.add((int(a), int(b)))
+    recs, _ = read_rlvr_jsonl(path)
+    assert len(recs) == 60
+    for rec in recs:
+        a, b = map(int, q.match(rec.messages[-1]["content"]).groups())
+        assert a <= 49 and b <= 49 and (a, b) not in eval_keys
+        assert rec.ground_truth == str(a + b)
+    whole = write_arithmetic_rlvr(tmp_path / "w.jsonl", 90, seed=4, n_eval=20, **kw)
+    sft_questions = [json.loads(x)["messages"][0]["content"] for x in open(task["sft"])]
+    assert [json.loads(x)["messages"][0]["content"] for x in open(whole)][:30] == sft_questions

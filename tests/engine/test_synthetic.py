@@ -147,3 +147,155 @@ def test_tiny_tokenizer(tmp_path):
     # same inputs, same files
     out2 = build_tiny_tokenizer(tmp_path / "tok2")
     assert open(f"{out}/tokenizer.json").read() == open(f"{out2}/tokenizer.json").read()
+
+
+def _column_add(a: int, b: int, op: str, carry: bool) -> int:
+    """Test oracle: two-digit column arithmetic, ones column first, with the carry (plus) or
+    borrow (minus) passed to the tens column only when `carry`."""
+    ones = a % 10 + b % 10 if op == "plus" else a % 10 - b % 10
+    out_carry = ones >= 10 if op == "plus" else ones < 0
+    ones %= 10
+    tens = a // 10 + b // 10 if op == "plus" else a // 10 - b // 10
+    if out_carry and carry:
+        tens += 1 if op == "plus" else -1
+    return 10 * tens + ones
+
+
+def test_dropped_carry_against_column_arithmetic():
+    for a in range(100):
+        for b in range(100):
+            for op in ("plus", "minus"):
+                if op == "minus" and b > a:
+                    continue
+                p = synthetic.Problem(a, op, b)
+                assert _column_add(a, b, op, carry=True) == p.answer
+                dropped = _column_add(a, b, op, carry=False)
+                assert synthetic.has_carry(p) == (dropped != p.answer)
+                assert synthetic.dropped_carry_answer(p) == (
+                    dropped if dropped != p.answer else None
+                )
+    assert synthetic.dropped_carry_answer(synthetic.Problem(57, "plus", 68)) == 115
+    assert synthetic.dropped_carry_answer(synthetic.Problem(52, "minus", 18)) == 44
+    assert not synthetic.has_carry(synthetic.Problem(57, "times", 8))
+
+
+def test_carry_error_rate_and_flags(tmp_path):
+    q = 0.6
+    paths = synthetic.write_task(tmp_path / "t", n_sft=3000, n_pref=600, n_eval=50, seed=7,
+                                 carry_error=q, pref_skips_carry_error=True)  # fmt: skip
+    rows = [json.loads(x) for x in open(paths["sft"])]
+    n_carry = n_err = 0
+    for row in rows:
+        q_text, written = row["messages"][0]["content"], row["messages"][1]["content"]
+        a, op, b = _Q.match(q_text).groups()
+        a, b = words_to_number(a), words_to_number(b)
+        right = _column_add(a, b, op, carry=True)
+        assert row["answer"] == str(right) == str(_solve(q_text))
+        carries = _column_add(a, b, op, carry=False) != right
+        n_carry += carries
+        if row.get("carry_error"):
+            assert carries and written == str(_column_add(a, b, op, carry=False))
+            n_err += 1
+        else:
+            assert written == str(right)
+    # the slip hits only problems that carry, at rate q: binomial, 4 standard errors
+    se = (q * (1 - q) / n_carry) ** 0.5
+    assert n_carry > 1000 and abs(n_err / n_carry - q) < 4 * se
+    # the preference pairs never reject the dropped carry, the held-out split stays right
+    for row in map(json.loads, open(paths["pref"])):
+        a, op, b = _Q.match(row["prompt"]).groups()
+        a, b = words_to_number(a), words_to_number(b)
+        assert row["chosen"][-1]["content"] == str(a + b if op == "plus" else a - b)
+        assert row["rejected"][-1]["content"] != str(_column_add(a, b, op, carry=False))
+    for row in map(json.loads, open(paths["eval"])):
+        assert (
+            row["messages"][1]["content"]
+            == row["answer"]
+            == str(_solve(row["messages"][0]["content"]))
+        )
+    # without a carry error the SFT file is the same as the default one (no draws made)
+    plain = synthetic.write_task(tmp_path / "p", n_sft=3000, n_pref=600, n_eval=50, seed=7)
+    zero = synthetic.write_task(tmp_path / "z", n_sft=3000, n_pref=600, n_eval=50, seed=7,
+                                carry_error=0.0)  # fmt: skip
+    assert open(plain["sft"]).read() == open(zero["sft"]).read()
+    with pytest.raises(ValueError, match="carry_error"):
+        synthetic.write_task(tmp_path / "bad", n_sft=3, n_pref=1, n_eval=1, carry_error=1.5)
+
+
+def test_carry_error_deterministic_per_seed(tmp_path):
+    kw = dict(n_sft=400, n_pref=50, n_eval=20, carry_error=0.5, pref_skips_carry_error=True)
+    a = synthetic.write_task(tmp_path / "a", seed=2, **kw)
+    b = synthetic.write_task(tmp_path / "b", seed=2, **kw)
+    c = synthetic.write_task(tmp_path / "c", seed=3, **kw)
+    for k in ("sft", "pref", "eval"):
+        assert open(a[k]).read() == open(b[k]).read() != open(c[k]).read()
+    flags = lambda p: [json.loads(x).get("carry_error", False) for x in open(p)]  # noqa: E731
+    assert flags(a["sft"]) != flags(c["sft"])
+
+
+def test_wrong_answer_can_skip_the_dropped_carry():
+    import random
+
+    p = synthetic.Problem(57, "plus", 68)
+    rng = random.Random(0)
+    seen = {synthetic.wrong_answer(p, rng) for _ in range(300)}
+    assert 115 in seen and 125 not in seen
+    rng = random.Random(0)
+    skipped = {synthetic.wrong_answer(p, rng, skip_carry_error=True) for _ in range(300)}
+    assert 115 not in skipped and 125 not in skipped and skipped <= seen - {115}
+
+
+def test_operands_as_digits(tmp_path):
+    paths = synthetic.write_task(tmp_path / "d", n_sft=200, n_pref=20, n_eval=20, seed=4,
+                                 in_words=False)  # fmt: skip
+    words = synthetic.write_task(tmp_path / "w", n_sft=200, n_pref=20, n_eval=20, seed=4)
+    q = re.compile(r"^(?:What is|Compute|How much is|Calculate) (\d+) (plus|minus) (\d+)[?.]$")
+    for line, wline in zip(open(paths["sft"]), open(words["sft"])):
+        row, wrow = json.loads(line), json.loads(wline)
+        a, op, b = q.match(row["messages"][0]["content"]).groups()
+        assert row["answer"] == str(int(a) + int(b) if op == "plus" else int(a) - int(b))
+        wa, wop, wb = _Q.match(wrow["messages"][0]["content"]).groups()  # same problems
+        assert (words_to_number(wa), wop, words_to_number(wb)) == (int(a), op, int(b))
+
+
+def test_reward_task_far_answers(tmp_path):
+    from nova_engine.data.synthetic_reward import write_reward_task
+
+    f = 0.5
+    paths = write_reward_task(tmp_path / "f", n_regression=1200, n_pref=600, n_eval=200, seed=3,
+                              far=f)  # fmt: skip
+    plain = write_reward_task(tmp_path / "p", n_regression=1200, n_pref=600, n_eval=200, seed=3)
+    zero = write_reward_task(tmp_path / "z", n_regression=1200, n_pref=600, n_eval=200, seed=3,
+                             far=0.0)  # fmt: skip
+    for k in plain:
+        assert open(plain[k]).read() == open(zero[k]).read()  # far=0: the default bytes
+    dists = []
+    for row in map(json.loads, open(paths["eval"])):
+        right = _solve(row["prompt"])
+        assert row["chosen"] == str(right) and int(row["rejected"]) >= 0
+        dists.append(abs(int(row["rejected"]) - right))
+    for row in map(json.loads, open(paths["pref"])):
+        right, m = _solve(row["prompt"]), row["preference_strength"]
+        r1, r2 = int(row["response_1"]), int(row["response_2"])
+        wrong = r2 if m < 0 else r1
+        assert (r1 if m < 0 else r2) == right != wrong
+        d = abs(wrong - right)
+        assert abs(m) == (1 if d <= 1 else 2 if d <= 10 else 3)
+        dists.append(d)
+    far_n = sum(d > 10 for d in dists)
+    assert all(1 <= d for d in dists)
+    se = (f * (1 - f) / len(dists)) ** 0.5
+    assert far_n / len(dists) > f - 4 * se  # the near misses add a few > 10 (other op)
+    with pytest.raises(ValueError, match="far"):
+        write_reward_task(tmp_path / "bad", n_regression=2, n_pref=1, n_eval=1, far=-0.1)
+    import random
+
+    from nova_engine.data.synthetic_reward import far_answer
+
+    rng = random.Random(0)
+    for a, op, b in [(0, "plus", 0), (5, "minus", 3), (99, "plus", 99), (80, "minus", 11)]:
+        p = synthetic.Problem(a, op, b)
+        got = {far_answer(p, rng) for _ in range(400)}
+        assert all(x >= 0 and 11 <= abs(x - p.answer) <= 60 for x in got)
+        assert max(got) == p.answer + 60  # both sides reachable where >= 0
+        assert min(got) == max(p.answer - 60, 0 if p.answer >= 11 else p.answer + 11)
