@@ -257,7 +257,7 @@ def resume(run: RunConfig, loop: Loop) -> str | None:
             current = run_config_json(run)
             if "data_content" not in saved:  # a checkpoint from before the fingerprint
                 current.pop("data_content")
-            diff = safety.config_diff(saved, current)
+            diff = safety.config_diff(_with_defaults(run, saved), current)
             if diff and r == "auto":
                 raise ConfigError(
                     "checkpoint.resume",
@@ -276,6 +276,29 @@ def resume(run: RunConfig, loop: Loop) -> str | None:
             "or pass checkpoint.resume=none to train from step 0"
         )
     return None
+
+
+def _with_defaults(run: RunConfig, saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved config (flattened), each key it lacks (added to Nova after it
+    was written) set to that key's default: what the older run did, so not a change."""
+    import dataclasses
+    import json
+
+    def defaults(obj: Any, prefix: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value, key = getattr(obj, f.name), prefix + f.name
+            if dataclasses.is_dataclass(value):
+                out.update(defaults(value, key + "."))
+            elif f.default is not dataclasses.MISSING:
+                out[key] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[key] = f.default_factory()
+        return out
+
+    flat = lambda d: safety.flatten(json.loads(json.dumps(d, default=str)))  # noqa: E731
+    old = flat(saved)
+    return {**{k: v for k, v in flat(defaults(run, "")).items() if k not in old}, **old}
 
 
 def _layout_text(lay: dict[str, Any]) -> str:

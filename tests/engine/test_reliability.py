@@ -317,6 +317,25 @@ def test_config_diff_ignores_logging_and_checkpoint_policy():
     assert config_diff(a, b) == ["optim.lr: 0.001 -> 0.002"]
 
 
+def test_keys_added_after_a_checkpoint_count_as_their_defaults():
+    """A checkpoint written before a config key existed (its saved config lacks it) resumes
+    under checkpoint.resume=auto when the run leaves that key at its default (what the
+    older run did); set to anything else, the key is a change. Seen with a checkpoint of
+    859d28b: model.lora and train.speed.* were refused as '<absent>' -> None."""
+    from nova_engine.recipe import load_recipe
+    from nova_engine.train.runner import _with_defaults, run_config_json
+
+    run = load_recipe(RECIPE, "sft", ["data.train_paths=[]", "train.seed=7"])
+    saved = run_config_json(run)
+    del saved["model"]["lora"], saved["train"]["speed"], saved["train"]["seed"]
+    current = run_config_json(run)
+    assert config_diff(saved, current)  # what resume refused before
+    filled = _with_defaults(run, saved)
+    assert config_diff(filled, current) == ["train.seed: 1234 -> 7"]  # 7 is not the default
+    lora = load_recipe(RECIPE, "sft", ["data.train_paths=[]", "model.lora.rank=4"])
+    assert any(d.startswith("model.lora") for d in config_diff(filled, run_config_json(lora)))
+
+
 def _wait_for(path, pred, proc, timeout=600):
     t0 = time.time()
     while time.time() - t0 < timeout and proc.poll() is None:
