@@ -39,6 +39,7 @@ from nova_engine.losses.dpo import (
 )
 from nova_engine.model.heads import _tp_args, lm_head_weight
 from nova_engine.parallel.state import ParallelState
+from nova_engine.train.collect import collect_rows
 from nova_engine.train.ref_cache import RefCache
 from nova_kernels import linear_pair_logprobs
 
@@ -241,16 +242,8 @@ def reference_pass(engine: ModelEngine, source: PackedDataSource, cache: RefCach
         pc, pr, nc, nr = pair_logps(model, hidden, mb, ps)
         return torch.stack([_pair_ids(mb).to(pc).double(), pc.double(), pr.double(), nc, nr], 1)
 
-    mine_parts: list[np.ndarray] = []
-    for s in range(source.total_steps):
-        with engine.adapters_disabled():  # LoRA (model.lora): the reference is the base model
-            out = engine.forward_collect(source.rank_microbatches(s), rows)
-        if ps.tp_rank == 0:
-            mine_parts += [r.cpu().numpy() for r in out]
-    mine = np.concatenate(mine_parts) if mine_parts else np.zeros((0, 5))
-    gathered: list = [None] * ps.world_size
-    dist.all_gather_object(gathered, mine)
-    allrows = np.concatenate([g for g in gathered if g is not None and len(g)])
+    # LoRA (model.lora): the reference is the base model, adapters off on the same engine
+    allrows = collect_rows(engine, source, rows, width=5, context=engine.adapters_disabled)
     idx = allrows[:, 0].astype(np.int64)
     cache.put(
         idx,

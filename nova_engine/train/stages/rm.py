@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from nova_engine.config import ConfigError, ModelConfig, RunConfig, check
 from nova_engine.data.packing import PackedBatch, attach_extra
@@ -54,6 +53,7 @@ from nova_engine.losses.reward import (
 )
 from nova_engine.model.heads import sequence_scores
 from nova_engine.parallel.state import ParallelState
+from nova_engine.train.collect import collect_rows
 from nova_engine.train.engine import ModelEngine, RewardEngine
 
 if TYPE_CHECKING:
@@ -282,14 +282,7 @@ def pair_rewards(
         assert mb.pair_ids is not None, "held-out data must be pairs"
         return torch.stack([mb.pair_ids.to(r), r[0::2], r[1::2]], 1)  # read back after the pass
 
-    mine = []
-    for s in range(source.total_steps):
-        out = engine.forward_collect(source.rank_microbatches(s), rows)
-        if ps.tp_rank == 0:
-            mine += [o.cpu().numpy() for o in out]
-    gathered: list = [None] * ps.world_size
-    dist.all_gather_object(gathered, np.concatenate(mine) if mine else np.zeros((0, 3)))
-    return {int(i): (c, r) for g in gathered if g is not None for i, c, r in g}
+    return {int(i): (c, r) for i, c, r in collect_rows(engine, source, rows, width=3)}
 
 
 def rewardbench_eval(
