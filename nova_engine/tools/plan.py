@@ -3,6 +3,7 @@ do, ranked by projected step time.
 
     nova plan --recipe recipes/llama3_70b.yaml --stage sft --world 64 --gpu-mem 80
     nova plan --recipe recipes/qwen2_72b.yaml --stage rlvr --world 64 --rollout-batch 32
+    nova plan --recipe recipes/llama3_70b.yaml --stage dpo --world 8 model.lora.rank=16
 
 The model's dimensions come from its HF config.json: `--config`, else the recipe's
 `model.hf_path`, else recipes/configs/<model dir name>/config.json (the published configs
@@ -15,7 +16,9 @@ The memory model, its sources (Korthikanti et al. 2022; megatron's theoretical m
 estimate) and where Nova departs from them are in nova_engine/tools/plan_terms.py; the
 weights it counts are checked rank by rank against a meta-device build by `nova dryrun`,
 its activation terms against measured saved tensors in tests/tools/test_plan.py.
-Throughput figures are PROJECTED (FLOPs at a stated efficiency plus the pipeline bubble),
+With `model.lora` (a recipe key or an override) the base is frozen and only the adapters
+train: no base grads / optimizer state and no reference copy (plan_terms: LoRA). Throughput
+figures are PROJECTED (FLOPs at a stated efficiency plus the pipeline bubble),
 not measured.
 """
 
@@ -130,6 +133,8 @@ def workload(run, stage: str, lay: P.Layout, opt: Options) -> tuple[P.Workload, 
         rollout_batch=rows,
         rollout_len=opt.rollout_len or 2 * d.max_length,
         reserve_gib=opt.reserve_gib,
+        lora_rank=run.model.lora.rank if run.model.lora else 0,
+        lora_targets=tuple(run.model.lora.targets) if run.model.lora else ("qkv",),
     )
     return wl, tokens
 
@@ -207,6 +212,20 @@ def rank_alternatives(arch, run, stage: str, world: int, opt: Options) -> list[E
         return (not e.fits, e.time.seconds if e.time else e.peak, e.peak)
 
     return sorted(evs, key=key)
+
+
+WORLDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def smallest_fit(arch, run, stage: str, opt: Options) -> tuple[int, Evaluated] | None:
+    """The smallest world of WORLDS (nodes of 8 beyond one) with a layout that fits, and its
+    fastest fitting layout; None when none of them fits."""
+    for world in WORLDS:
+        for e in rank_alternatives(arch, run, stage, world, opt):
+            if e.fits:
+                return world, e
+            break  # fitting layouts come first
+    return None
 
 
 def _gib(x: float) -> str:
@@ -332,9 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     lay = recipe_layout(run, world)
     ev = evaluate(arch, run, args.stage, lay, opt)
     wl, tokens = workload(run, args.stage, lay, opt)
+    lora = run.model.lora
     emit(
         f"nova plan: {args.recipe} [{args.stage}], {arch.family} from {cfg}: "
         f"{arch.num_params / 1e9:.2f}B params, {world} GPUs of {args.gpu_mem:g} GiB"
+        + (f"; LoRA r={lora.rank} on {','.join(lora.targets)} (base frozen)" if lora else "")
     )
     emit(
         f"layout {lay.describe()}, {'distributed' if lay.distributed_optimizer else 'replicated'}"
@@ -353,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     alts = rank_alternatives(arch, run, args.stage, world, opt)
     emit(f"\nlayouts of {world} GPUs, fitting first, by projected step time:")
     emit(format_alternatives(alts, opt, args.top))
+    least = smallest_fit(arch, run, args.stage, opt)
+    if least is not None:
+        emit(f"smallest world that fits: {least[0]} GPUs, {least[1].layout.describe()} "
+             f"({least[1].peak / P.GiB:.1f} GiB peak)")  # fmt: skip
     if not ev.fits:
         good = [e for e in alts if e.fits]
         if good:

@@ -57,6 +57,14 @@ Departures from the paper / megatron's estimate, and why:
 - full recompute (uniform, 1 layer per checkpoint) keeps each layer's input (b h / sp_div)
   and re-materializes one layer in backward.
 
+LoRA (`model.lora`, Workload.lora_rank > 0): the base weights are frozen: weights x b, no
+grads, no optimizer state; the adapters (`lora_params`: shapes of nova_engine.model.lora) and
+a score head train with the usual 2 + 4 + 12 bytes (bf16 params, fp32 main grads, fp32
+master + Adam m, v; /dp with ZeRO-1); each adapter keeps u = A x (r values a token) for
+backward; an LM-head adapter materializes W + s B A ([V/tp, h], b bytes) on the last stage.
+No reference copy (DPO, RLVR: the base with the adapters off); the backward computes no
+weight gradients of the base (-2N FLOPs a token).
+
 Step time (projected): tokens x FLOPs per token (PaLM's 6N + 12 L h S, as
 `nova_engine.train.metrics.flops_per_token`; recompute adds its forward FLOPs: 2N + 4 L h S
 for full, the attention core's 4 L h S for selective; DPO adds the reference forward) at a
@@ -145,6 +153,10 @@ class Workload:
     """rlvr: prompt + response tokens per sequence (KV cache length)."""
     reserve_gib: float = 4.0
     """CUDA context, NCCL buffers and allocator fragmentation, per GPU."""
+    lora_rank: int = 0
+    """model.lora.rank (0: full training): the base is frozen, only adapters train."""
+    lora_targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+    """model.lora.targets (qkv, proj, fc1, fc2, lm_head)."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_KINDS:
@@ -166,6 +178,29 @@ def layer_params(arch: ModelArch, tp: int) -> tuple[int, int]:
     q, kv = arch.num_heads * d, arch.num_kv_heads * d
     sharded = h * (q + 2 * kv) + q * h + 3 * h * f + ((q + 2 * kv) if arch.qkv_bias else 0)
     return sharded // tp, 2 * h  # two RMSNorm weights, not split
+
+
+def lora_params(arch: ModelArch, lay: Layout, pp_rank: int, rank: int, targets) -> int:
+    """LoRA adapter parameters on one rank of stage `pp_rank` (nova_engine.model.lora):
+    a column-parallel target (qkv, fc1, lm_head) has A [r, in] whole and B [out/tp, r]; a
+    row-parallel one (proj, fc2) A [r, in/tp] and B [out, r] whole."""
+    h, f, d, tp = arch.hidden_size, arch.intermediate_size, arch.head_dim, lay.tp
+    q, kv = arch.num_heads * d, arch.num_kv_heads * d
+    shapes = {  # (in, out, column?)
+        "qkv": (h, q + 2 * kv, True), "proj": (q, h, False),
+        "fc1": (h, 2 * f, True), "fc2": (f, h, False),
+    }  # fmt: skip
+    per_layer = 0
+    for t in targets:
+        if t in shapes:
+            n_in, n_out, column = shapes[t]
+            per_layer += (
+                rank * n_in + n_out * rank // tp if column else rank * n_in // tp + n_out * rank
+            )
+    n = per_layer * (arch.num_layers // lay.pp)
+    if "lm_head" in targets and pp_rank == lay.pp - 1:
+        n += rank * h + arch.vocab_size * rank // tp
+    return n
 
 
 def layers_of_chunk(arch: ModelArch, lay: Layout) -> int:
@@ -302,11 +337,20 @@ def rank_memory(arch: ModelArch, lay: Layout, wl: Workload, pp_rank: int) -> Ran
     head = "score" if wl.stage == "rm" else "lm"
     parts = stage_params(arch, lay, pp_rank, head, wl.num_labels)
     params = sum(parts.values())
-    r = RankMemory(pp_rank, params, _static(params, lay, b))
+    if wl.lora_rank:  # frozen base (no grads, no optimizer state), adapters (+ a score head)
+        r = RankMemory(pp_rank, params, {"weights (frozen base)": params * b})
+        trained = parts.get("score_head", 0) + lora_params(arch, lay, pp_rank, wl.lora_rank,
+                                                            wl.lora_targets)  # fmt: skip
+        r.terms.update(_static(trained, lay, b, prefix="lora "))
+    else:
+        r = RankMemory(pp_rank, params, _static(params, lay, b))
     fl = in_flight(lay, pp_rank, wl.microbatches)
     per_layer = layer_activation_bytes(arch, lay, b)
     layers = arch.num_layers // lay.pp
     r.terms["activations"] = fl * layers * per_layer * n
+    if wl.lora_rank:  # each adapter keeps u = A x [tokens, r] for B's grad (x is the layer's)
+        n_targets = len([t for t in wl.lora_targets if t != "lm_head"])
+        r.terms["lora activations (A x)"] = fl * layers * n_targets * wl.lora_rank * b * n
     if pp_rank == 0:
         r.terms["embedding ids"] = math.ceil(fl) * 8 * n
     if pp_rank > 0:
@@ -319,6 +363,8 @@ def rank_memory(arch: ModelArch, lay: Layout, wl: Workload, pp_rank: int) -> Ran
         saved, kernel = _loss_terms(arch, lay, wl)
         r.terms["final norm"] = norm
         r.terms.update(saved)
+        if wl.lora_rank and "lm_head" in wl.lora_targets and head == "lm":
+            r.terms["lora: lm head W + s B A"] = arch.vocab_size // lay.tp * h * b
         transient = max(transient, kernel)
     r.terms["transient (bwd layer / loss kernel)"] = transient
     if wl.stage == "rlvr":
@@ -337,12 +383,23 @@ def kv_cache_bytes(arch: ModelArch, lay: Layout, wl: Workload) -> float:
 def _rl_terms(arch: ModelArch, lay: Layout, wl: Workload, pp_rank: int, r: RankMemory) -> None:
     """RLVR: a frozen reference (weights only) and a critic (weights, grads, optimizer, a
     score head) on the same layout; generation's KV cache replaces training activations
-    (the two phases do not overlap), so only the excess of the cache counts."""
-    ref = sum(stage_params(arch, lay, pp_rank).values())
-    r.terms["reference weights"] = ref * wl.b
+    (the two phases do not overlap), so only the excess of the cache counts. With LoRA the
+    reference is the policy's base with the adapters off (no copy) and the critic is a LoRA
+    critic: its own frozen base (weights only) + adapters and its score head trained."""
+    if not wl.lora_rank:
+        ref = sum(stage_params(arch, lay, pp_rank).values())
+        r.terms["reference weights"] = ref * wl.b
     if wl.critic:
-        critic = sum(stage_params(arch, lay, pp_rank, "score", 1).values())
-        r.terms.update(_static(critic, lay, wl.b, prefix="critic "))
+        parts = stage_params(arch, lay, pp_rank, "score", 1)
+        critic = sum(parts.values())
+        if wl.lora_rank:
+            r.terms["critic weights (frozen base)"] = critic * wl.b
+            targets = tuple(t for t in wl.lora_targets if t != "lm_head")
+            trained = parts.get("score_head", 0) + lora_params(arch, lay, pp_rank,
+                                                                wl.lora_rank, targets)  # fmt: skip
+            r.terms.update(_static(trained, lay, wl.b, prefix="critic lora "))
+        else:
+            r.terms.update(_static(critic, lay, wl.b, prefix="critic "))
     train_act = sum(v for k, v in r.terms.items() if k.startswith(("activations", "p2p", "loss")))
     kv = kv_cache_bytes(arch, lay, wl)
     r.terms["kv cache (beyond train activations)"] = max(0.0, kv - train_act)
@@ -372,6 +429,8 @@ def flops_per_token(arch: ModelArch, wl: Workload, recompute: str = "none") -> t
         hw += 2 * n + attn_fwd
     elif recompute == "selective":
         hw += attn_fwd
+    if wl.lora_rank:  # a frozen base computes no weight gradients (adapters: negligible)
+        hw -= 2 * n
     if wl.stage == "dpo":
         hw += 2 * n + attn_fwd  # the reference pass (cached once per sample)
     return model, hw
