@@ -1,7 +1,7 @@
 """GAE over packed sequences (gae_packed): Triton (interpreter on CPU) and torch paths against
 verl's loop over t (nova_kernels.reference, float64) run one sequence at a time, on odd
 lengths, empty sequences and masks with holes; rows split over several programs; by hand;
-and the trainer's REINFORCE++ returns (values 0, lam 1)."""
+and the trainer's REINFORCE++ returns (values 0, lam 1); host boundaries: no read-back."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nova_kernels import gae_packed
+from nova_kernels._sync import HostSyncError, forbid_host_sync
 from nova_kernels._testing import assert_verbose_allclose
 from nova_kernels.reference import gae_reference
 
@@ -134,9 +135,32 @@ def test_reinforce_pp_returns_by_hand(backend, device):
     check(ret, want, "returns (values 0)")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gae_packed_with_host_boundaries(backend, device):
+    """cu_seqlens_host (the packer's host ints) gives the longest sequence: the same result;
+    on the torch path nothing is read back to the host (without it, the one read shows)."""
+    lens = [9, 0, 40, 3, 1]
+    r, v, m, cu = make_packed(lens, seed=13)
+    cu_host = cu.tolist()
+    ref_adv, ref_ret = loop_gae(r, v, m, cu, 0.99, 0.9)
+    kw = dict(backend=backend, cu_seqlens_host=cu_host)
+    adv, ret = gae_packed(*on(device, r, v, m, cu), 0.99, 0.9, **kw)
+    check(adv, ref_adv, "advantages")
+    check(ret, ref_ret, "returns")
+    if backend == "torch":
+        with forbid_host_sync():
+            adv, ret = gae_packed(r, v, m, cu, 0.99, 0.9, **kw)
+            with pytest.raises(HostSyncError):
+                gae_packed(r, v, m, cu, 0.99, 0.9, backend="torch")
+        check(adv, ref_adv, "advantages without a host read")
+        check(ret, ref_ret, "returns without a host read")
+
+
 def test_gae_packed_rejects_bad_shapes():
     r = torch.randn(4)
     with pytest.raises(ValueError, match="rewards, values, mask"):
         gae_packed(r, torch.randn(5), torch.ones(4), torch.tensor([0, 4]), 0.9, 0.9)
     with pytest.raises(ValueError, match="cu_seqlens"):
         gae_packed(r, r, torch.ones(4), torch.zeros(0, dtype=torch.int64), 0.9, 0.9)
+    with pytest.raises(ValueError, match="cu_seqlens_host has 2 entries"):
+        gae_packed(r, r, torch.ones(4), torch.tensor([0, 1, 4]), 0.9, 0.9, cu_seqlens_host=[0, 4])

@@ -29,6 +29,8 @@ maps of the later splits into its carry before scanning.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -249,16 +251,37 @@ def _gae_torch(rewards, values, mask, gamma, lam):
     return adv, adv + v
 
 
-def _unpack(x: torch.Tensor, cu: torch.Tensor, fill=0):
-    # [N] + cu_seqlens [S+1] -> ([S, L] padded, [S, L] bool valid)
-    lens = (cu[1:] - cu[:-1]).long()
-    S = lens.numel()
-    L = int(lens.max()) if S else 0
-    pos = torch.arange(L, device=x.device)
+def _gae_packed_torch(rewards, values, mask, cu, max_len, gamma, lam):
+    """[N] inputs -> padded [S, L] rows (L = max_len, from the host), the padded scan, and
+    back to [N] by gathering (row, column) of every token: no value is read on the host."""
+    N, S, dev = rewards.numel(), cu.numel() - 1, rewards.device
+    cu = cu.long()
+    lens = cu[1:] - cu[:-1]
+    pos = torch.arange(max_len, device=dev)
     valid = pos[None, :] < lens[:, None]
-    src = (cu[:-1].long()[:, None] + pos[None, :]).clamp_max(max(x.numel() - 1, 0))
-    out = torch.where(valid, x[src] if x.numel() else x.new_zeros(S, L), fill)
-    return out, valid
+    src = (cu[:-1, None] + pos[None, :]).clamp(0, max(N - 1, 0))
+    if N == 0 or S == 0 or max_len == 0:
+        zeros = torch.zeros(N, dtype=torch.float32, device=dev)
+        return zeros, zeros.clone()
+    rp, vp, mp = (torch.where(valid, x[src], 0) for x in (rewards, values, mask))
+    a, r = _gae_torch(rp, vp, mp, gamma, lam)
+    tok = torch.arange(N, device=dev)
+    row = torch.searchsorted(cu[1:], tok, right=True)  # the sequence holding token i
+    col = tok - cu[row]
+    return a[row, col], r[row, col]
+
+
+def _max_len(cu_seqlens, cu_seqlens_host):
+    """The longest sequence, from the host boundaries when given (else one read-back)."""
+    rows = cu_seqlens.numel() - 1
+    if cu_seqlens_host is None:
+        return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if rows > 0 else 0
+    cu_h = [int(c) for c in cu_seqlens_host]
+    if len(cu_h) != rows + 1:
+        raise ValueError(
+            f"gae_packed: cu_seqlens_host has {len(cu_h)} entries, cu_seqlens {rows + 1}"
+        )
+    return max((b - a for a, b in zip(cu_h[:-1], cu_h[1:])), default=0)
 
 
 # ----------------------------------------------------------------------------- public
@@ -273,26 +296,25 @@ def gae_packed(
     lam: float,
     *,
     backend: str | None = None,
+    cu_seqlens_host: Sequence[int] | None = None,
     block_t: int | None = None,
     n_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over packed sequences: rewards, values, mask [N]; cu_seqlens [S+1] (int, starts
     at 0, nondecreasing, ends at N). Each sequence is scanned on its own.
-    Returns (advantages [N] fp32, returns [N] fp32)."""
+    Returns (advantages [N] fp32, returns [N] fp32). cu_seqlens_host: the same boundaries
+    as host ints (`PackedBatch.cu_seqlens_host`): the longest sequence (the launch / the
+    padded width) comes from it and nothing is read back to the host; without it
+    cu_seqlens is read once per call. `block_t` / `n_splits` tune the Triton launch."""
     if rewards.dim() != 1 or values.shape != rewards.shape or mask.shape != rewards.shape:
         raise ValueError("gae_packed: rewards, values, mask must all be [N]")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
         raise ValueError("gae_packed: cu_seqlens must be [S+1]")
     gamma, lam = float(gamma), float(lam)
     with torch.no_grad():
+        max_len = _max_len(cu_seqlens, cu_seqlens_host)
         if resolve_backend(backend) == "torch":
-            rp, valid = _unpack(rewards, cu_seqlens)
-            vp, _ = _unpack(values, cu_seqlens)
-            mp, _ = _unpack(mask, cu_seqlens)
-            a, r = _gae_torch(rp, vp, mp, gamma, lam)
-            return a[valid], r[valid]
-        lens = cu_seqlens[1:] - cu_seqlens[:-1]
-        max_len = int(lens.max()) if lens.numel() else 0  # host sync: picks the launch
+            return _gae_packed_torch(rewards, values, mask, cu_seqlens, max_len, gamma, lam)
         return _launch_scan(
             rewards.contiguous(),
             values.contiguous(),
