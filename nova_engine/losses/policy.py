@@ -41,6 +41,7 @@ import nova_kernels as nk
 from nova_kernels import AGG_MODES, KL_TYPES
 
 KL_PLACES = ("loss", "reward", "none")
+TIS_MODES = ("truncate", "mask")
 
 
 @dataclass
@@ -59,6 +60,13 @@ class PolicyLossConfig:
     tis_cap: float | None = 2.0
     """Cap of the truncated importance weight exp(old - rollout) (None: no truncation); used
     only when rollout log-probs are passed."""
+    tis_mode: str = "truncate"
+    """How the behaviour-policy weight w = exp(old - rollout) enters (only with rollout
+    log-probs): "truncate" multiplies each token's loss by min(w, tis_cap) (TIS, Yao et al.
+    2025); "mask" multiplies it by w and drops the tokens with w > tis_cap (their advantage
+    is zeroed; the normalizer keeps them): AReaL's decoupled PPO objective, whose proximal
+    policy is `old_logprobs` (the trainer's pre-update forward) and behaviour policy the
+    sampler's."""
     agg: str = "token-mean"
     """Aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
     loss_scale_factor: float | None = None
@@ -95,6 +103,11 @@ class PolicyLossConfig:
             raise ValueError(f"PolicyLossConfig.dual_clip={self.dual_clip}: expected > 1")
         if self.tis_cap is not None and not self.tis_cap > 0:
             raise ValueError(f"PolicyLossConfig.tis_cap={self.tis_cap}: expected > 0")
+        if self.tis_mode not in TIS_MODES:
+            raise ValueError(f"PolicyLossConfig.tis_mode={self.tis_mode!r}: expected {TIS_MODES}")
+        if self.tis_mode == "mask" and self.tis_cap is None:
+            raise ValueError("PolicyLossConfig.tis_mode='mask': drops the tokens above tis_cap, "
+                             "which must be set")  # fmt: skip
         for key in ("kl_log_ratio_clamp", "kl_value_clamp"):
             v = getattr(self, key)
             if v is not None and not v > 0:
@@ -299,6 +312,8 @@ def compute_policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss `cfg.name` (0-d fp32, gradient to logprobs) and its metrics (detached 0-d):
     pg_clipfrac, pg_clipfrac_lower, ppo_kl, pg_loss, and kl_loss when the KL is in the loss."""
+    if rollout_logprobs is not None and cfg.tis_mode == "mask":
+        advantages = masked_off_policy(advantages, old_logprobs, rollout_logprobs, cfg.tis_cap)
     return get_policy_loss_fn(cfg.name)(
         cfg,
         logprobs,
@@ -313,3 +328,19 @@ def compute_policy_loss(
         num_seqs=num_seqs,
         backend=backend,
     )
+
+
+def masked_off_policy(
+    advantages: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    cap: float | None,
+) -> torch.Tensor:
+    """tis_mode "mask": the advantages zeroed on the tokens whose behaviour weight
+    exp(old - rollout) exceeds `cap` (no gradient, no host sync). With the loss's truncation
+    at the same cap, every kept token is weighted by w itself (w <= cap) and every dropped
+    token contributes nothing: AReaL's decoupled objective with behav_imp_weight_cap."""
+    with torch.no_grad():
+        w = torch.exp(torch.clamp(old_logprobs.float() - rollout_logprobs.float(), -20.0, 20.0))
+        keep = (w <= cap).to(advantages.dtype) if cap is not None else torch.ones_like(advantages)
+    return advantages * keep

@@ -149,6 +149,9 @@ class RLVRLossSection:
     """Truncated importance sampling: weight each token by min(e^(old - gen), tis_cap)."""
     tis_cap: float | None = 2.0
     """Cap of the truncated importance weight."""
+    tis_mode: str = "truncate"
+    """truncate (min(w, tis_cap): TIS) or mask (w, tokens with w > tis_cap dropped: AReaL's
+    decoupled PPO) — how the behaviour weight w = e^(old - gen) enters when loss.tis is on."""
     vf_coef: float = 0.1
     """Value-loss coefficient (PPO)."""
     value_clip: float | None = 0.2
@@ -189,7 +192,8 @@ class RLVRLossSection:
     def policy_config(self) -> PolicyLossConfig:
         return PolicyLossConfig(
             name=self.policy_loss, clip_low=self.clip_low, clip_high=self.clip_high,
-            dual_clip=self.dual_clip, tis_cap=self.tis_cap, agg=self.agg, kl_coef=self.kl_coef,
+            dual_clip=self.dual_clip, tis_cap=self.tis_cap, tis_mode=self.tis_mode, agg=self.agg,
+            kl_coef=self.kl_coef,
             kl_type=self.kl_type, kl_log_ratio_clamp=self.kl_log_ratio_clamp,
             kl_value_clamp=self.kl_value_clamp, kl_in=self.kl_in,
         )  # fmt: skip

@@ -77,16 +77,18 @@ def _kl(cfg: PolicyLossConfig, logp: torch.Tensor, ref: torch.Tensor) -> torch.T
                             value_clamp=cfg.kl_value_clamp)  # fmt: skip
 
 
-PREPASS_METRICS = ("tokens", "entropy", "kl", "logprob_abs_diff", "mult_prob", "values")
+PREPASS_METRICS = ("tokens", "entropy", "kl", "logprob_abs_diff", "mult_prob", "values",
+                   "is_over_cap", "staleness")  # fmt: skip
 
 
 def prepass(mbs: Sequence[RLMicroBatch], policy, reference, critic, ps, cfg: PolicyLossConfig,
-            temperature: float = 1.0):  # fmt: skip
+            temperature: float = 1.0, version: int = 0):  # fmt: skip
     """Forward-only passes over all of this rank's micro-batches of the step: the policy's
     log-probs and entropies (old_logprobs, entropy), the reference's log-probs (ref_logprobs,
     when `reference`), the critic's values (values, when `critic`), into each mb.data on the
     last stage; log-probs and entropies at `temperature` (the rollouts'). Returns
-    per-micro-batch metric sums (PREPASS_METRICS) for Loop.reduce_metrics."""
+    per-micro-batch metric sums (PREPASS_METRICS) for Loop.reduce_metrics; `version` is the
+    trainer's policy version (staleness = version - each token's sampling version)."""
     tp, temp = _tp_args(ps), float(temperature)
 
     def logp_entropy(model, hidden, mb):
@@ -118,6 +120,12 @@ def prepass(mbs: Sequence[RLMicroBatch], policy, reference, critic, ps, cfg: Pol
         diff = (gen - d["old_logprobs"]).abs() * mask if gen is not None else None
         r["logprob_abs_diff"] = diff.sum() if diff is not None else zero
         r["mult_prob"] = (torch.exp(diff) * mask).sum() if diff is not None else zero
+        over = zero  # tokens whose behaviour weight e^(old - gen) exceeds loss.tis_cap
+        if gen is not None and cfg.tis_cap is not None:
+            w = torch.exp(torch.clamp(d["old_logprobs"] - gen, -20.0, 20.0))
+            over = ((w > cfg.tis_cap).float() * mask).sum()
+        r["is_over_cap"] = over
+        r["staleness"] = mb.rb.staleness(version).sum()  # policy versions behind (async)
         r["values"] = (d["values"] * mask).sum() if "values" in d else torch.zeros(())
         results.append(r)
     return results

@@ -82,9 +82,10 @@ def _pad_to(rb: RolloutBatch, length: int, pad_id: int) -> RolloutBatch:
         seq_index=torch.cat([b.seq_index, torch.full((extra,), -1, dtype=b.seq_index.dtype)]),
         sample_ids=b.sample_ids, num_samples=b.num_samples, max_seqlen=max(b.max_seqlen, pad_len),
     )  # fmt: skip
-    lp = rb.gen_logprobs
+    lp, ver = rb.gen_logprobs, rb.versions
     lp = None if lp is None else torch.cat([lp, torch.zeros(extra, dtype=lp.dtype)])
-    return RolloutBatch(batch, rb.rows, lp)
+    ver = None if ver is None else torch.cat([ver, torch.full((extra,), -1, dtype=ver.dtype)])
+    return RolloutBatch(batch, rb.rows, lp, ver)
 
 
 def _padding_batch(length: int, pad_id: int) -> RolloutBatch:

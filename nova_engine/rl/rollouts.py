@@ -51,9 +51,20 @@ class Generation:
     """[L] float32 log-prob of each generated token under the sampling policy."""
     finished: bool = True
     """True when generation ended with a stop token; False when it hit the length limit."""
+    versions: np.ndarray | None = None
+    """[L] int64 the policy version (optimizer steps applied) that sampled each token; None:
+    the trainer's current version (colocated generation). A partial rollout continued under
+    newer weights holds several versions."""
 
     def __post_init__(self) -> None:
         self.tokens = np.asarray(self.tokens, dtype=np.int64).reshape(-1)
+        if self.versions is not None:
+            self.versions = np.asarray(self.versions, dtype=np.int64).reshape(-1)
+            if self.versions.shape != self.tokens.shape:
+                raise ValueError(
+                    f"Generation: {self.versions.shape[0]} versions for "
+                    f"{self.tokens.shape[0]} tokens"
+                )
         if self.logprobs is not None:
             self.logprobs = np.asarray(self.logprobs, dtype=np.float32).reshape(-1)
             if self.logprobs.shape != self.tokens.shape:
@@ -205,7 +216,17 @@ class Rollouts:
                 p, gen = len(self.prompts[self.prompt_of[r]]), self.generations[r]
                 lp[start + p - 1 : start + p - 1 + len(gen)] = gen.logprobs
             logprobs = torch.from_numpy(lp)
-        return RolloutBatch(batch, torch.from_numpy(rows.astype(np.int64)), logprobs)
+        versions = None
+        if any(self.generations[r].versions is not None for r in rows):
+            ver = np.full(batch.num_tokens, -1, np.int64)  # -1: not a response token
+            starts = batch.cu_seqlens[: len(rows)].numpy().astype(np.int64)
+            for start, r in zip(starts, rows):
+                p, gen = len(self.prompts[self.prompt_of[r]]), self.generations[r]
+                if gen.versions is None:
+                    raise ValueError(f"response {int(r)}: no policy versions (others have them)")
+                ver[start + p - 1 : start + p - 1 + len(gen)] = gen.versions
+            versions = torch.from_numpy(ver)
+        return RolloutBatch(batch, torch.from_numpy(rows.astype(np.int64)), logprobs, versions)
 
 
 @dataclass
@@ -218,10 +239,22 @@ class RolloutBatch:
     gen_logprobs: torch.Tensor | None = None
     """[T] fp32 the sampler's log-probs on the label-aligned layout, 0 off the loss mask
     (None when some generation came without log-probs)."""
+    versions: torch.Tensor | None = None
+    """[T] int64 the policy version that sampled each response token (label-aligned), -1 off
+    the loss mask; None: every token from the trainer's current version (colocated)."""
 
     def to(self, device) -> RolloutBatch:
         lp = None if self.gen_logprobs is None else self.gen_logprobs.to(device)
-        return RolloutBatch(self.batch.to(device), self.rows.to(device), lp)
+        ver = None if self.versions is None else self.versions.to(device)
+        return RolloutBatch(self.batch.to(device), self.rows.to(device), lp, ver)
+
+    def staleness(self, version: int) -> torch.Tensor:
+        """[T] fp32 version - the sampling version of each response token (0 off the mask and
+        for colocated rollouts): how many optimizer steps old the behaviour policy is."""
+        mask = self.batch.loss_mask
+        if self.versions is None:
+            return torch.zeros_like(mask, dtype=torch.float32)
+        return (float(version) - self.versions.to(mask.device).float()) * mask
 
     @property
     def response_mask(self) -> torch.Tensor:

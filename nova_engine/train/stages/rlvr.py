@@ -190,7 +190,8 @@ class RLVRStage:
                           mask_truncated=cfg.mask_truncated,
                           drop_zero_var=cfg.zero_variance_groups == "drop")  # fmt: skip
         flat = [mb for part in mbs for mb in part]
-        pre = prepass(flat, policy, reference, critic, ps, self.pcfg, self.rollout.temperature)
+        pre = prepass(flat, policy, reference, critic, ps, self.pcfg, self.rollout.temperature,
+                      version=loop.step)  # fmt: skip
         assign_advantages(flat, estimator=cfg.estimator, policy_cfg=self.pcfg, gamma=cfg.gamma,
                           lam=cfg.lam, whiten=cfg.whiten_advantages, ps=ps)  # fmt: skip
         sums = Loop.reduce_metrics(policy, PREPASS_METRICS, pre)
@@ -200,6 +201,12 @@ class RLVRStage:
             metrics["kl"] = sums["kl"] / n
         metrics["train_rollout_logprob_abs_diff"] = sums["logprob_abs_diff"] / n
         metrics["token_mult_prob_error"] = sums["mult_prob"] / n if sums["tokens"] else 1.0
+        metrics["is_over_cap_frac"] = sums["is_over_cap"] / n
+        metrics["staleness_mean"] = sums["staleness"] / n
+        vers = [r.gen.versions for r in sr.responses if r.gen.versions is not None and len(r.gen)]
+        metrics["staleness_max"] = (
+            float(loop.step - min(int(v.min()) for v in vers)) if vers else 0.0
+        )
         if critic is not None:
             metrics["value_mean"] = sums["values"] / n
         t1 = time.perf_counter()
