@@ -24,7 +24,9 @@ so every rank gets the statistics of the concatenation of all ranks' responses; 
 `nova_engine.rl.rollouts.group_advantages_dp`'s semantics.
 
 Deterministic (the same bits every run; exact resume relies on it) and without host sync:
-no floating-point atomics, no .item() / nonzero / boolean indexing. Ids are NOT validated
+no floating-point atomics, no .item() / nonzero / boolean indexing. (The torch path is the
+CPU path: on CUDA its index_add_ would add with float atomics; NOVA_KERNELS=torch on a GPU
+is for debugging, not for runs that must resume bit-exactly.) Ids are NOT validated
 (that would cost a host sync): on the Triton path an id outside [0, G) belongs to no group
 and gets a NaN advantage; on the torch path index_add_ raises (CPU) or asserts (CUDA).
 
