@@ -99,7 +99,8 @@ class RLVRLossSection:
     """The recipe's `loss:` section: advantages, policy loss, KL, value loss, update plan."""
 
     advantage: str = "grpo"
-    """gae (PPO with the critic), grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline."""
+    """A registered estimator (nova_engine.rl.estimators): gae (PPO with the critic), grpo,
+    dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline."""
     gamma: float = 1.0
     """Discount (gae, reinforce_pp)."""
     lam: float = 0.95

@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 import nova_kernels as nk
+from nova_kernels.ops.group_advantages import ESTIMATORS as GROUP_ESTIMATORS
 
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
 
 
