@@ -11,7 +11,6 @@ use. Floats are computed in the promoted dtype (fp32, or fp64 for fp64 inputs: c
 | a causal LM's response log-probs     | causal_lm_logps (any model whose output has .logits, e.g. transformers) |
 | seq_reduce                           | seq_reduce_reference (loop over sequences)         |
 | gae_packed                           | gae_reference (verl's loop over t on padded rows; run it per sequence) |
-| discounted_returns                   | discounted_returns_reference (verl's REINFORCE++ loop)   |
 | whiten                               | whiten_reference (verl's masked_whiten; over all ranks' elements) |
 | group_advantages                     | group_advantages_reference (loop over groups, Python floats; over all ranks' responses) |
 | kl_divergence, kl_penalty            | kl_reference (also the torch backend's per-token KL) |
@@ -32,7 +31,6 @@ __all__ = [
     "causal_lm_logps",
     "cispo_loss_reference",
     "gspo_loss_reference",
-    "discounted_returns_reference",
     "gae_reference",
     "group_advantages_reference",
     "kl_reference",
@@ -153,20 +151,6 @@ def gae_reference(rewards, values, mask, gamma: float, lam: float):
         out.append(lastgaelam)
     adv = torch.stack(out[::-1], 1) if out else torch.zeros_like(r)
     return adv, adv + v
-
-
-def discounted_returns_reference(rewards, mask, gamma: float):
-    """verl's REINFORCE++ return loop, R_t = r_t + gamma * mask_{t+1} * R_{t+1}.
-    [B, T] -> [B, T]."""
-    dt = _float_dtype(rewards)
-    r, m = rewards.to(dt), (mask != 0).to(dt)
-    ret = torch.zeros_like(r)
-    running = torch.zeros_like(r[:, 0])
-    for t in reversed(range(r.shape[1])):
-        running = r[:, t] + gamma * running
-        ret[:, t] = running
-        running = running * m[:, t]
-    return ret
 
 
 def whiten_reference(values, mask, shift_mean: bool = True, eps: float = 1e-8):
