@@ -493,7 +493,8 @@ def export_hf(
 ) -> None:
     """Write this layout's model as a HF directory (safetensors shards + index + config).
 
-    Collective over the model-parallel group; only DP rank 0 writes. The caller makes the
+    Collective over the layout's ranks (all of the world unless `ps.ranks` says otherwise);
+    only DP rank 0 writes. The caller makes the
     directory atomic if it needs to (nova_engine.train.checkpoint_io). With
     `sequence_classifier`, the chunks' score head becomes `score.weight` and the LM head is
     left out (*ForSequenceClassification); without it a score head is not exported."""
@@ -532,8 +533,8 @@ def export_hf(
         name: _file_name(idx, n_files) for idx, tensors in files.items() for name in tensors
     }
     gathered: list[tuple[dict[str, str], list[int]] | None] = [None] * ps.world_size
-    dist.all_gather_object(gathered, (local_map, score_shape))
-    if ps.rank == 0:
+    dist.all_gather_object(gathered, (local_map, score_shape), group=ps.layout_group)
+    if ps.rank == ps.first_rank:  # the layout's first rank (0 unless it spans a subset)
         weight_map: dict[str, str] = {}
         shapes = hf_expected_names(arch)
         for g in gathered:
@@ -560,7 +561,7 @@ def export_hf(
         num_labels = score_shape[0] if score_shape else 1
         with open(os.path.join(out_dir, "config.json"), "w") as fh:
             json.dump(hf_config_dict(arch, dtype, seq, num_labels), fh, indent=2)
-    dist.barrier()
+    dist.barrier(group=ps.layout_group)
 
 
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<|pad|>", "<|endoftext|>", "<|end_of_text|>")

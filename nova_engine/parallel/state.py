@@ -10,7 +10,9 @@ SP is a flag on TP), seeds megatron's model-parallel RNG tracker, and returns a
 globals: its own process groups, handed to megatron through `ps.pg_collection` (a
 `ProcessGroupCollection`, which GPTModel, DDP, the optimizer, the schedules and
 finalize_model_grads accept in megatron-core 0.16.1). So a policy at TP2xDP2 and a reward
-model at TP1xPP2xDP2 can live in one torchrun world (`nova_engine.train.engine`).
+model at TP1xPP2xDP2 can live in one torchrun world (`nova_engine.train.engine`). With
+`ranks=range(a, b)` the layout covers only those global ranks (a generation group beside a
+training group, issue #27): the ranks outside get None.
 
 Rank order is megatron's default "tp-cp-ep-dp-pp": TP ranks are adjacent, PP outermost:
     rank = tp_rank + tp * (dp_rank + dp * pp_rank)
@@ -19,6 +21,7 @@ Rank order is megatron's default "tp-cp-ep-dp-pp": TP ranks are adjacent, PP out
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +66,16 @@ class ParallelState:
     on_gloo: bool
     pg_collection: Any = None
     """megatron's ProcessGroupCollection of this layout (passed to every megatron piece)."""
+    ranks: tuple[int, ...] | None = None
+    """The global ranks the layout spans (`new_parallel_state(ranks=...)`); None = the whole
+    world. `rank` is always the global rank; `world_size` is the layout's size (tp*pp*dp)."""
+    layout_group: dist.ProcessGroup | None = None
+    """A process group of exactly `ranks` (None = the default group: the whole world)."""
+
+    @property
+    def first_rank(self) -> int:
+        """The layout's lowest global rank (its 'rank 0': the one that writes shared files)."""
+        return self.ranks[0] if self.ranks else 0
 
     @property
     def num_chunks(self) -> int:
@@ -286,44 +299,87 @@ def layout_ranks(world_size: int, tp: int, pp: int) -> dict[str, list[list[int]]
     }
 
 
+def _check_ranks(ranks: Any, world: int) -> tuple[int, ...]:
+    """`ranks` of new_parallel_state as a tuple: a non-empty contiguous ascending range of
+    global ranks inside the world, else LayoutError naming the argument."""
+    try:
+        got = tuple(int(r) for r in ranks)
+    except TypeError:
+        msg = f"ranks={ranks!r}: expected a range of global ranks, e.g. range(2, 4)"
+        raise LayoutError(msg) from None
+    if not got or got != tuple(range(got[0], got[0] + len(got))):
+        raise LayoutError(
+            f"ranks={ranks!r}: expected a non-empty contiguous ascending range of global "
+            "ranks, e.g. range(2, 4)"
+        )
+    if got[0] < 0 or got[-1] >= world:
+        raise LayoutError(f"ranks={ranks!r}: outside the world of {world} ranks (0..{world - 1})")
+    return got
+
+
 def new_parallel_state(
-    tp: int = 1, pp: int = 1, vpp: int | None = None, sp: bool = False
-) -> ParallelState:
-    """A layout with process groups of its own (collective: every rank calls it with the
-    same arguments); megatron's global groups are left as they are. The model-parallel RNG
-    tracker stays the one `initialize_parallel` seeded (it is only used for dropout and
-    random init; engines load their weights)."""
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    sp: bool = False,
+    ranks: Sequence[int] | None = None,
+) -> ParallelState | None:
+    """A layout with process groups of its own (collective: every rank of the world calls it
+    with the same arguments, since `dist.new_group` is collective); megatron's global groups
+    are left as they are. The model-parallel RNG tracker stays the one `initialize_parallel`
+    seeded (it is only used for dropout and random init; engines load their weights).
+
+    ranks: the contiguous global ranks the layout covers (e.g. range(2, 4): a generation group
+    beside a training group on range(0, 2)); None = the whole world. The layout's rank order
+    is megatron's, offset by ranks[0]; tp*pp must divide len(ranks). A rank outside `ranks`
+    gets None (it still had to call, to take part in creating the groups)."""
     if not dist.is_initialized():
         raise LayoutError("new_parallel_state: call initialize_parallel() first")
     world, me = dist.get_world_size(), dist.get_rank()
+    span = _check_ranks(range(world) if ranks is None else ranks, world)
+    base, size = span[0], len(span)
     if vpp == 1:
         vpp = None
-    dp = validate_layout(world, tp, pp, vpp)
+    try:
+        dp = validate_layout(size, tp, pp, vpp)
+    except LayoutError as e:
+        if ranks is None:
+            raise
+        raise LayoutError(f"new_parallel_state(ranks={ranks!r}, {len(span)} ranks): {e}") from None
     sp = sp and tp > 1
+    mine = me in span
+
+    def shifted(sets: list[list[int]]) -> list[list[int]]:
+        return [[base + r for r in rs] for rs in sets]
+
+    layout = {kind: shifted(sets) for kind, sets in layout_ranks(size, tp, pp).items()}
     groups: dict[str, dist.ProcessGroup] = {}
-    for kind, sets in layout_ranks(world, tp, pp).items():
-        for ranks in sets:
-            g = _group(ranks)
-            if me in ranks:
+    for kind, sets in layout.items():
+        for rs in sets:
+            g = _group(rs)
+            if me in rs:
                 groups[kind] = g
     embd: dist.ProcessGroup | None = None  # None on the ranks outside the group
     pos_embd: dist.ProcessGroup | None = None
-    for ranks in layout_ranks(world, tp, pp)["pp"]:  # first and last stage share embeddings
-        g = _group([ranks[0], ranks[-1]])
-        pos = _group([ranks[0]])
-        if me in ranks:
+    for rs in layout["pp"]:  # first and last stage share embeddings
+        g = _group([rs[0], rs[-1]])
+        pos = _group([rs[0]])
+        if me in rs:
             embd, pos_embd = (
-                (g if me in (ranks[0], ranks[-1]) else None),
-                (pos if me == ranks[0] else None),
+                (g if me in (rs[0], rs[-1]) else None),
+                (pos if me == rs[0] else None),
             )
     for r in range(world):
         g = _group([r])
         if r == me:
             groups["self"] = g
-    world_group = _group(list(range(world)))
-    tp_rank = me % tp
-    dp_rank = (me // tp) % dp
-    pp_rank = me // (tp * dp)
+    layout_group = _group(list(span))
+    if not mine:
+        return None
+    local = me - base
+    tp_rank = local % tp
+    dp_rank = (local // tp) % dp
+    pp_rank = local // (tp * dp)
     on_gloo = dist.get_backend() == "gloo"
     device = torch.device("cpu") if on_gloo else torch.device("cuda", torch.cuda.current_device())
     state = ParallelState(
@@ -333,7 +389,7 @@ def new_parallel_state(
         vpp=vpp,
         sp=sp,
         rank=me,
-        world_size=world,
+        world_size=size,
         tp_rank=tp_rank,
         pp_rank=pp_rank,
         dp_rank=dp_rank,
@@ -353,10 +409,13 @@ def new_parallel_state(
             pos_embd,
             groups["self"],
             groups["self"],
-            world_group,
+            layout_group,
         ),
+        ranks=None if ranks is None else span,
+        layout_group=None if ranks is None else layout_group,
     )
-    log.info("extra parallel layout: %s", state.describe())
+    where = "" if ranks is None else f" on ranks {base}..{span[-1]}"
+    log.info("extra parallel layout: %s%s", state.describe(), where)
     return state
 
 
