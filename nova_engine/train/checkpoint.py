@@ -26,8 +26,17 @@ shard), and the bytes on disk are those of a CPU clone.
 Same layouts -> exact resume: the per-step losses of a resumed run equal an uninterrupted
 run's. A different TP x PP layout -> `load_checkpoint(..., weights_only=True)` reads hf/
 into the new layout (the optimizer state does not carry over); `hf/` is also the HF export
-of any checkpoint (`nova export`). Frozen engines are not saved (they are rebuilt from
-their own HF directories).
+of any checkpoint (`nova export`). Format `dist` (`checkpoint.format: dist`,
+nova_engine.train.dist_checkpoint) resumes into another layout with everything;
+`save_checkpoint` / `load_checkpoint` / `verify_for_rank` dispatch on the format (a
+checkpoint is read in the format it was written in). Asynchronous saves of this format:
+nova_engine.train.async_checkpoint (`checkpoint.async_save`), the same files. Frozen
+engines are not saved (they are rebuilt from their own HF directories).
+
+Files are read with `torch.load(weights_only=True)` only (`checkpoint_parts.load_file`): a
+file that holds anything but tensors and plain values is refused in one line, never run.
+A manifest of another `format_version` is refused in one line naming it; checkpoints of
+format_version 1 written by earlier Nova versions load (checked against 859d28b's).
 """
 
 from __future__ import annotations

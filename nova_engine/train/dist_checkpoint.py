@@ -6,24 +6,39 @@ into another TP x PP x DP layout with the optimizer moments.
     step = load_dist_checkpoint(path, loop)                             # all ranks, any layout
 
 Layout of `<root>/step_00000123/` (same atomic protocol as format `torch`: temp dir, every
-rank's CRCs, COMPLETE manifest with `extra.format == "dist"`, rename; `checkpoint_io`):
+rank's CRCs, COMPLETE manifest with `extra.format == "dist"` and per engine whether it
+used the distributed optimizer, rename; `checkpoint_io`):
     dist_<engine>/   per trainable engine, `dist_checkpointing.save` of {"model": the
                      chunks' sharded_state_dict ("model0", "model1", ... with virtual
                      pipeline stages), "optimizer": the optimizer's sharded_state_dict}:
                      global tensors keyed by parameter, each rank writing its shards
-                     (__<rank>_<i>.distcp; metadata.json, .metadata, common.pt by rank 0);
-                     TP / PP / DP may change between runs (the distributed optimizer is
-                     refused for now: megatron-core 0.16.1 cannot load its reshardable form)
+                     (__<rank>_<i>.distcp; metadata.json, .metadata, common.pt by rank 0)
     loop.json        rank 0: the loop step, the data source's state and per engine the LR
                      schedule's state (all global: the same on every rank and layout)
     rng_00003.pt     every rank: its RNG states (tensors only, read with weights_only=True)
     hf/              as format `torch`, when hf=True
 
+What may change between runs: TP, PP and DP (tested: TP2 x PP2 -> TP1 x DP4 and PP4; with
+the distributed optimizer TP2 x DP2 -> DP4 and PP2 x DP2). The optimizer state is saved per
+parameter in model space: megatron's regular form without the distributed optimizer,
+`fully_reshardable` with it (gathered to DP rank 0 of each model-parallel group at save,
+over gloo without CUDA; every rank reads what it needs at load). What may not: the
+distributed optimizer on <-> off (the two optimizers' state dicts differ in their param
+groups; refused in one line naming parallel.distributed_optimizer), the model, the data.
+Two megatron-core 0.16.1 gaps with torch's Adam (no apex/TE) are bridged at load: the
+fully_reshardable loader wants a per-parameter 'step' the file does not hold
+(`_keep_step_on_load`), and load_state_dict gives every parameter one shared 'step' tensor
+that foreach Adam would advance once per parameter (`_own_step_tensors`; resumed runs drifted
+by 1e-3 from the second step on). Saves are synchronous (megatron's async finalize needs
+CUDA).
+
 Loading verifies the CRC of every file of the checkpoint, split over the ranks
 (`verify_for_rank`); the per-rank RNG file of a rank that did not exist when it was saved
-(more ranks now) is rank 0's. Nothing is unpickled beyond torch.load(weights_only=True)
-(common.pt, rng files) and DCP's `.metadata`, which is first checked by an allow-list
-unpickler (`check_dcp_metadata`) so a crafted one is refused before torch reads it.
+(more ranks now) is rank 0's. Nothing is unpickled from disk beyond what an allow-list
+admits (`check_dcp_dir`, before megatron or torch read the directory): DCP's `.metadata`
+through an allow-list unpickler, every DCP byte item (which DCP itself reads with
+weights_only=False) and every *.pt (common.pt, rng files) through
+torch.load(weights_only=True).
 """
 
 from __future__ import annotations
@@ -46,12 +61,15 @@ from nova_engine.train.checkpoint_parts import load_file as _load
 from nova_engine.train.checkpoint_parts import rng_state as _rng_state
 from nova_engine.train.checkpoint_parts import set_rng_state as _set_rng_state
 from nova_engine.train.checkpoint_parts import unpickling_reason
+from nova_engine.train.optim import dp_sharded
 
 logger = get_logger(__name__)
 
 FORMAT = "dist"
 LOOP_FILE = "loop.json"
 _OPT_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+_DOPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+DOPT_KEY = "distributed_optimizer"  # manifest extra: engine -> saved with it
 
 
 def _dist_dir(name: str) -> str:
@@ -85,23 +103,72 @@ def sharded_state(engine, *, is_loading: bool) -> dict[str, Any]:
         model = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
     out: dict[str, Any] = dict(model)
     if engine.optimizer is not None:
-        from nova_engine.train.optim import dp_sharded
-
+        metadata = dict(_OPT_METADATA)
         if dp_sharded(engine.optimizer):
-            raise CheckpointIOError(
-                "checkpoint.format=dist: the distributed optimizer is not supported yet "
-                "(megatron-core 0.16.1's fully_sharded_model_space state fails to load: "
-                "'ShardedTensor.flattened_range is not supported'); use checkpoint.format=torch"
-            )
+            metadata = dict(_DOPT_METADATA)
+            # without CUDA: gather over the gloo DP group to DP rank 0 (megatron's NCCL
+            # all_gather path moves the shards to the GPU)
+            if not torch.cuda.is_available():
+                metadata["distrib_optim_fully_reshardable_mem_efficient"] = True
+                _gloo_dp_groups(engine.optimizer)
         if is_loading:
             _init_optimizer_state(engine.optimizer)
         flat: dict[str, Any] = {}
         for sd in model.values():
             flat.update(sd)
         out["optimizer"] = engine.optimizer.sharded_state_dict(
-            flat, is_loading=is_loading, metadata=dict(_OPT_METADATA)
+            flat, is_loading=is_loading, metadata=metadata
         )
     return out
+
+
+def _gloo_dp_groups(opt) -> None:
+    """Without CUDA the DP group is a gloo group already: the distributed optimizer's
+    gloo-side gather uses it when megatron built no separate gloo group."""
+    from nova_engine.train.optim import _leaves
+
+    for leaf in _leaves(opt):
+        if getattr(leaf, "data_parallel_group_gloo", "absent") is None:
+            leaf.data_parallel_group_gloo = leaf.data_parallel_group
+
+
+def _keep_step_on_load(opt) -> None:
+    """megatron-core 0.16.1, torch Adam (no apex/TE), fully_reshardable load: the optimizer's
+    per-parameter 'step' is restored from the param groups by load_state_dict, but the
+    per-parameter copy (`_set_main_param_and_optimizer_states`) wants a 'step' tensor from
+    the file too, which fully_reshardable does not hold: hand it the restored one."""
+    from nova_engine.train.optim import _leaves
+
+    for leaf in _leaves(opt):
+        if getattr(leaf.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            continue
+        orig = leaf._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, leaf=leaf, orig=orig):
+            g, i = leaf.model_param_group_index_map[model_param]
+            state = leaf.optimizer.state[leaf.optimizer.param_groups[g]["params"][i]]
+            if "step" in state and "step" not in tensors:
+                tensors = {**tensors, "step": state["step"]}
+            orig(model_param, tensors)
+
+        leaf._set_main_param_and_optimizer_states = set_states
+
+
+def _own_step_tensors(opt) -> None:
+    """Give every parameter's Adam 'step' a tensor of its own: megatron's load_state_dict
+    (no apex/TE) sets one shared tensor for all of them, which torch's foreach Adam then
+    increments once per parameter per step (the bias correction drifts from the second
+    step after a resume on)."""
+    from nova_engine.train.optim import _leaves
+
+    for leaf in _leaves(opt):
+        seen: set[int] = set()
+        for st in leaf.optimizer.state.values():
+            step = st.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    st["step"] = step.clone()
+                seen.add(id(st["step"]))
 
 
 def _init_optimizer_state(opt) -> None:
@@ -205,6 +272,7 @@ def save_dist_checkpoint(
             "format": FORMAT,
             "layout": next(iter(layouts.values()), _layout(ps)),
             "engines": layouts,
+            DOPT_KEY: {n: dp_sharded(e.optimizer) for n, e in loop.trainable.items()},
             **(extra or {}),
         },
         rank=rank,
@@ -343,10 +411,20 @@ def load_dist_checkpoint(path: str | os.PathLike, loop) -> int:
     if not is_dist(manifest):
         raise CheckpointIOError(f"{path}: not a checkpoint of format dist")
     rank, _ = _world()
+    saved_dopt = manifest["extra"].get(DOPT_KEY) or {}  # absent: written before it was allowed
     for name, e in loop.trainable.items():
         d = os.path.join(path, _dist_dir(name))
         if not os.path.isdir(d):
             raise CheckpointIOError(f"{path}: no {_dist_dir(name)}/ for engine {name!r}")
+        was, now = bool(saved_dopt.get(name, False)), dp_sharded(e.optimizer)
+        if e.optimizer is not None and was != now:
+            raise CheckpointIOError(
+                f"{path}: engine {name!r} was saved with parallel.distributed_optimizer="
+                f"{str(was).lower()}, this run has {str(now).lower()}: format dist resumes into "
+                "another TP/PP/DP layout, not across that switch (megatron-core 0.16.1's two "
+                f"optimizer state layouts differ); rerun with parallel.distributed_optimizer="
+                f"{str(was).lower()}"
+            )
         check_dcp_dir(d)
         sd = sharded_state(e, is_loading=True)
         loaded = dc.load(sd, d)
@@ -354,7 +432,10 @@ def load_dist_checkpoint(path: str | os.PathLike, loop) -> int:
         for i, c in enumerate(chunks):
             c.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
         if e.optimizer is not None:
+            if dp_sharded(e.optimizer):
+                _keep_step_on_load(e.optimizer)
             e.optimizer.load_state_dict(loaded["optimizer"])
+            _own_step_tensors(e.optimizer)
     with open(os.path.join(path, LOOP_FILE)) as f:
         state = json.load(f)
     for name, e in loop.trainable.items():

@@ -258,6 +258,8 @@ def resume(run: RunConfig, loop: Loop) -> str | None:
             if "data_content" not in saved:  # a checkpoint from before the fingerprint
                 current.pop("data_content")
             diff = safety.config_diff(_with_defaults(run, saved), current)
+            if manifest.get("extra", {}).get("format") == "dist":  # the layout may change
+                diff = [d for d in diff if not d.startswith("parallel.")]
             if diff and r == "auto":
                 raise ConfigError(
                     "checkpoint.resume",

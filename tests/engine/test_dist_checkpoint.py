@@ -1,12 +1,15 @@
-"""Checkpoint format `dist` (nova_engine.train.dist_checkpoint) and AsyncSaver (train.async_checkpoint), issue #28: saved at TP2 x PP2
-on 4 gloo ranks, resumed at TP1 x DP4 and at PP4, the next steps give the uninterrupted
-run's losses to fp32 rounding (model, Adam moments, LR schedule, data position, step carry
-over); every file is in the manifest with its CRC (a flipped byte is found); a crafted DCP
-`.metadata` pickle is refused in one line and nothing runs; the distributed optimizer is
-refused with one line (not supported yet); another checkpoint format_version is refused in
-one line naming it; the CLI with checkpoint.format=dist saves, skips a damaged newest
-checkpoint and redoes its step alike; AsyncSaver (format torch) trains on during the write,
-resumes exactly (1 and 4 ranks), and a kill -9 during its write keeps the previous checkpoint."""
+"""Checkpoint format `dist` (nova_engine.train.dist_checkpoint) and AsyncSaver
+(train.async_checkpoint), issue #28: saved at TP2 x PP2 on 4 gloo ranks, resumed at
+TP1 x DP4 and at PP4, the next steps give the uninterrupted run's losses to fp32 rounding
+(model, Adam moments, LR schedule, data position, step carry over); saved with the
+distributed optimizer at TP2 x DP2, resumed with it at DP4 and at PP2 x DP2, alike;
+switching the distributed optimizer on or off is refused in one line; every file is in the
+manifest with its CRC (a flipped byte is found); a crafted DCP `.metadata`, byte item or
+common.pt pickle is refused in one line and nothing runs; another checkpoint format_version
+is refused in one line naming it; the CLI with checkpoint.format=dist saves, skips a
+damaged newest checkpoint and redoes its step alike, and resumes at another layout under
+checkpoint.resume=auto; AsyncSaver (format torch) trains on during the write, resumes
+exactly (1 and 4 ranks), and a kill -9 during its write keeps the previous checkpoint."""
 
 import importlib.util
 import os
@@ -87,6 +90,18 @@ def _worker(rank, world, root, model_dir, samples):
     except CheckpointIOError as e:
         out["dopt"] = str(e)
     destroy_parallel()
+    # the distributed optimizer: saved at TP2 x DP2, resumed at DP4 and at PP2 x DP2
+    loop, stage = _setup(model_dir, samples, 2, 1, dopt=True)
+    dfull = _losses(loop.fit(stage, stop_after=SAVE_AT))
+    dpath = checkpoint.save_checkpoint(root + "-dopt", loop, config_hash="h", format="dist")
+    dfull += _losses(loop.fit(stage))
+    destroy_parallel()
+    out["dopt_full"] = dfull
+    for tp, pp in ((1, 1), (1, 2)):
+        loop, stage = _setup(model_dir, samples, tp, pp, dopt=True)
+        step = checkpoint.load_checkpoint(dpath, loop)
+        out[("dopt", tp, pp)] = dict(step=step, losses=_losses(loop.fit(stage)))
+        destroy_parallel()
     return out
 
 
@@ -151,9 +166,23 @@ def test_async_save_on_four_ranks_resumes_exactly(results):
 
 
 @pytest.mark.slow  # the spawned 4-rank group
-def test_distributed_optimizer_refused_in_one_line(results):
-    msg = results[0]["dopt"]
-    assert "distributed optimizer" in msg and "checkpoint.format=torch" in msg
+@pytest.mark.parametrize("layout", [(1, 1), (1, 2)], ids=["tp1_dp4", "pp2_dp2"])
+def test_distributed_optimizer_resumes_into_another_layout(results, layout):
+    """Saved with the distributed optimizer at TP2 x DP2 (megatron's fully_reshardable
+    optimizer state), resumed with it at DP4 and at PP2 x DP2: the uninterrupted losses."""
+    for out in results:
+        full, r = out["dopt_full"], out[("dopt", *layout)]
+        assert len(full) == STEPS and r["step"] == SAVE_AT
+        assert len(r["losses"]) == STEPS - SAVE_AT
+        for (loss, gn), (want_loss, want_gn) in zip(r["losses"], full[SAVE_AT:]):
+            assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+            assert gn == pytest.approx(want_gn, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow  # the spawned 4-rank group
+def test_distributed_optimizer_switch_refused_in_one_line(results):
+    msg = results[0]["dopt"]  # saved without it, loaded with it
+    assert "parallel.distributed_optimizer=false" in msg and "this run has true" in msg
     assert "\n" not in msg
 
 
@@ -362,3 +391,55 @@ def test_cli_run_with_format_dist_saves_skips_damaged_and_resumes(tmp_path, caps
     redone = [m for m in again if "loss" in m and m["step"] == 3]
     assert sorted(loss) == [1, 2, 3] and len(redone) == 1
     assert redone[0]["loss"] == pytest.approx(loss[3], rel=1e-6)  # step 3 redone alike
+
+
+@pytest.mark.slow  # two torchrun launches of 2 gloo ranks
+def test_cli_format_dist_resumes_into_another_layout_under_resume_auto(tmp_path):
+    """Through `nova run` (torchrun, 2 ranks): saved at TP2, rerun at TP1 x DP2 with
+    checkpoint.resume=auto resumes (the parallel.* keys are no config change for a format
+    dist checkpoint) and its step 3 gives the TP2 run's loss to fp32 rounding."""
+    import json
+    import subprocess
+    import sys
+
+    from nova_engine.data.synthetic import write_task
+    from nova_engine.data.tiny import build_tiny_tokenizer
+    from nova_engine.model.tiny import build_tiny_hf_model
+
+    tok = build_tiny_tokenizer(tmp_path / "tok")
+    files = write_task(tmp_path / "data", n_sft=24, n_pref=4, n_eval=2, seed=3)
+    model = str(tmp_path / "model")
+    build_tiny_hf_model(model, "llama", num_hidden_layers=2)
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    recipe = os.path.join(root, "recipes", "tiny_cpu.yaml")
+    env = {**os.environ, "PYTHONPATH": root, "NOVA_LOG_LEVEL": "INFO"}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+
+    def nova(out, *extra):
+        args = [
+            "sft", "--recipe", recipe, f"model.hf_path={model}", f"model.tokenizer_path={tok}",
+            "model.build=null", f"data.train_paths=[{files['sft']}]", "data.eval_paths=[]",
+            "train.global_batch_size=8", "train.log_every=1", f"train.out_dir={out}",
+            "train.tensorboard=false", "checkpoint.format=dist", "checkpoint.keep_last=5",
+            "checkpoint.hf_in_checkpoints=false", "train.save_every=1", *extra,
+        ]  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "nova_engine.cli", "run", "--standalone",
+             "--nproc-per-node", "2", *args], capture_output=True, text=True, env=env,
+            timeout=600,
+        )  # fmt: skip
+
+    def losses(out):
+        return {m["step"]: m["loss"] for m in map(json.loads, open(out / "metrics.jsonl"))
+                if "loss" in m}  # fmt: skip
+
+    full = nova(tmp_path / "full", "parallel.tp=2", "train.max_steps=3")
+    assert full.returncode == 0, full.stderr[-3000:]
+    out = tmp_path / "run"
+    first = nova(out, "parallel.tp=2", "train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = nova(out, "parallel.tp=1", "train.max_steps=3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(format dist, step 2)" in again.stderr and "another config" not in again.stderr
+    assert losses(out)[3] == pytest.approx(losses(tmp_path / "full")[3], rel=1e-5)
