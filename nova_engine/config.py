@@ -400,8 +400,9 @@ class CheckpointConfig:
     format: Literal["torch", "dist"] = "torch"
     """"torch": per-rank files, resume at the same layout only; "dist": megatron-core
     dist_checkpointing (nova_engine.train.dist_checkpoint), resumes into another TP/PP/DP
-    layout with the optimizer state (not with the distributed optimizer yet). Resuming
-    reads a checkpoint in the format it was written in, whatever this key says."""
+    layout with the optimizer state, with or without the distributed optimizer (but not
+    across switching it). Resuming reads a checkpoint in the format it was written in,
+    whatever this key says."""
     async_save: bool = False
     """Write checkpoints in the background (nova_engine.train.async_checkpoint; format torch
     only): a save stages the rank's state into host buffers and training goes on while a
