@@ -174,26 +174,20 @@ Producer = Callable[[int, list], tuple[list[list[Generation]], list[list[Verifie
 the same values."""
 
 
-def verify_split(items: list[VerifyItem], verify: Callable, ps) -> list[VerifierResult]:
-    """Verify `items` with the model-parallel ranks of this replica sharing the work (rank r of
-    the group takes items r, r + mp, ...); every rank gets all results."""
-    mp = dist.get_world_size(ps.mp_group) if ps.world_size > 1 else 1
-    if mp == 1:
-        return list(verify(items))
-    r = dist.get_rank(ps.mp_group)
-    mine = list(verify(items[r::mp]))
-    parts: list = [None] * mp
-    dist.all_gather_object(parts, mine, group=ps.mp_group)
-    out: list = [None] * len(items)
-    for q, part in enumerate(parts):
-        out[q::mp] = part
-    return out
-
-
 class EngineRollouts:
     """The default producer: `params.n` samples per prompt from the policy engine's own
     shards (ModelEngine.generate), decoded and verified (`verify`: a VerifierPool's
-    verify_batch, or in-process verify_one calls when no pool is used)."""
+    verify_batch, or in-process verify_one calls when no pool is used).
+
+    Verification runs off the critical path: the prompts are generated in chunks of
+    max_batch_size sequences, and while chunk c+1 generates, a background thread verifies
+    this rank's share of chunk c's responses (the model-parallel ranks of a replica split
+    each chunk: rank r takes its items r, r + mp, ...); one all_gather over the
+    model-parallel group at the end, from the main thread, so no collective ever runs beside
+    the generation's. Samples do not depend on the chunking (sampling keys are per prompt and
+    sample), so neither do the results. Times: "generate" (the chunks' generation),
+    "verify" (the wait for verification after the last chunk: the exposed part) and
+    "verify_total" (the verifier's own wall time, overlapped or not)."""
 
     def __init__(self, engine, tokenizer, params, verify: Callable, *, max_batch_size: int = 64):
         self.engine, self.tok, self.params, self.verify = engine, tokenizer, params, verify
@@ -207,33 +201,67 @@ class EngineRollouts:
         )
         return self.tok.decode([int(t) for t in toks], skip_special_tokens=True)
 
-    def __call__(self, step: int, prompts: list, params=None):
+    def _generate(self, prompts: list, idx: range, params, gens: list) -> None:
         from nova_engine.generate import Request
 
-        params = params or self.params
-        t0 = time.perf_counter()
-        fits = [j for j, (_, p) in enumerate(prompts) if len(p) < self.context]
+        fits = [j for j in idx if len(prompts[j][1]) < self.context]
         outs = self.engine.generate(
             [Request([int(t) for t in prompts[j][1].tokens], index=prompts[j][0]) for j in fits],
             params, max_batch_size=self.max_batch_size,
         )  # fmt: skip
-        gens = [
-            [Generation(np.zeros(0, np.int64), np.zeros(0, np.float32), False)] * params.n
-            for _ in prompts
-        ]  # fmt: skip  (no room in the context: empty generations)
         for j, group in zip(fits, outs):
             gens[j] = [Generation(np.asarray(g.tokens, np.int64), np.asarray(g.logprobs),
                                   g.finish_reason == "stop") for g in group]  # fmt: skip
-        t1 = time.perf_counter()
-        items = [VerifyItem(p.dataset, self.text(g), p.ground_truth)
-                 for (_, p), group in zip(prompts, gens) for g in group]  # fmt: skip
-        ask = [i for i, it in enumerate(items) if it.ground_truth is not None]  # not open-ended
+
+    def _timed_verify(self, items: list[VerifyItem]) -> tuple[list[VerifierResult], float]:
+        t0 = time.perf_counter()
+        out = list(self.verify(items)) if items else []
+        return out, time.perf_counter() - t0
+
+    def __call__(self, step: int, prompts: list, params=None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        params = params or self.params
+        n, ps = params.n, self.engine.ps
+        mp = dist.get_world_size(ps.mp_group) if ps.world_size > 1 else 1
+        me = dist.get_rank(ps.mp_group) if mp > 1 else 0
+        per = max(1, self.max_batch_size // max(n, 1))  # prompts per generation chunk
+        gens = [
+            [Generation(np.zeros(0, np.int64), np.zeros(0, np.float32), False)] * n for _ in prompts
+        ]  # fmt: skip  (no room in the context: empty generations)
+        items: list = [None] * (len(prompts) * n)
+        jobs, t_gen = [], 0.0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
+            for c in range(0, len(prompts), per):
+                idx = range(c, min(c + per, len(prompts)))
+                t0 = time.perf_counter()
+                self._generate(prompts, idx, params, gens)
+                t_gen += time.perf_counter() - t0
+                ask = []  # not open-ended: a verifier decides
+                for j in idx:
+                    p = prompts[j][1]
+                    for i, g in enumerate(gens[j]):
+                        items[j * n + i] = VerifyItem(p.dataset, self.text(g), p.ground_truth)
+                        if p.ground_truth is not None:
+                            ask.append(j * n + i)
+                mine = ask[me::mp]
+                jobs.append((mine, pool.submit(self._timed_verify, [items[q] for q in mine])))
+            t1 = time.perf_counter()
+            done = [(mine, *f.result()) for mine, f in jobs]
+        t_wait = time.perf_counter() - t1
+        local = [(mine, res) for mine, res, _ in done]
+        parts: list = [local]
+        if mp > 1:
+            parts = [None] * mp
+            dist.all_gather_object(parts, local, group=ps.mp_group)
         flat: list = [OPEN_RESULT] * len(items)
-        for i, r in zip(ask, verify_split([items[i] for i in ask], self.verify, self.engine.ps)):
-            flat[i] = r
-        n = params.n
+        for part in parts:
+            for mine, res in part:
+                for q, r in zip(mine, res):
+                    flat[q] = r
         results = [flat[j * n : (j + 1) * n] for j in range(len(prompts))]
-        return gens, results, {"generate": t1 - t0, "verify": time.perf_counter() - t1}
+        times = {"generate": t_gen, "verify": t_wait, "verify_total": sum(t for *_, t in done)}
+        return gens, results, times
 
 
 def make_verifier(run) -> tuple[Callable, Any]:

@@ -237,6 +237,8 @@ class RLVRStage:
             "gen_tokens_per_s": gen_tokens / gen_s if gen_s > 0 else 0.0,
             "train_tokens_per_s": trained / (t2 - t1) if t2 > t1 else 0.0,
         })  # fmt: skip
+        if "verify_total" in times:  # the verifier's wall time, mostly hidden behind generation
+            metrics["time/verify_total"] = times["verify_total"]
         if "reward_model" in times:  # the RM scoring pass (rl.reward_model)
             metrics["time/reward_model"] = times["reward_model"]
         return metrics
