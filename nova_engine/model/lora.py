@@ -167,14 +167,24 @@ def _lora_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
 def _sharded_state_dict(module: nn.Module, prefix="", sharded_offsets=(), metadata=None):
     """megatron's Column/RowParallelLinear.sharded_state_dict with the adapter's split matrix
     (column: lora.B on axis 0; row: lora.A on axis 1) sharded over TP like W; the other
-    adapter matrix is replicated (dist checkpoints, nova_engine.train.dist_checkpoint)."""
+    adapter matrix is replicated (dist checkpoints, nova_engine.train.dist_checkpoint).
+    A gated fc1's B goes through megatron's swiglu factory, as fc1's weight does (MLP's
+    sharded_state_dict only wraps `weight` / `bias`): its global tensor is [gate; up], not
+    the ranks' [gate_t; up_t] blocks in a row, so it reshards into another TP size."""
     from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
     axes = {"weight": 1, "lora.A": 1} if module.lora.row else {"weight": 0, "bias": 0, "lora.B": 0}
-    return make_sharded_tensors_for_checkpoint(
+    sd = make_sharded_tensors_for_checkpoint(
         module.state_dict(prefix="", keep_vars=True), prefix, axes, sharded_offsets,
         tp_group=module.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group"),
     )  # fmt: skip
+    if getattr(module, "lora_gated", False):  # fc1's B rows are [gate_t; up_t] on rank t:
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+
+        key = f"{prefix}lora.B"  # the global tensor is [gate; up], as megatron's fc1 weight
+        singleton = (metadata or {}).get("singleton_local_shards", False)
+        sd[key] = apply_swiglu_sharded_factory(sd[key], sharded_offsets, singleton)
+    return sd
 
 
 def _targets(chunk: nn.Module, kinds: Iterable[str]) -> Iterator[tuple[int | None, str, nn.Module]]:
@@ -249,6 +259,9 @@ def apply_lora(
             mod.lora = LoRAAdapter(mod, cfg.rank, cfg.alpha, cfg.dropout, seed)
             mod.register_forward_hook(_lora_hook, with_kwargs=True)
             mod.sharded_state_dict = types.MethodType(_sharded_state_dict, mod)
+            mod.lora_gated = name == "linear_fc1" and bool(
+                getattr(getattr(mod, "config", None), "gated_linear_unit", False)
+            )
             adapters.append(mod.lora)
             if cfg.dropout > 0 and mod.tp_group is not None and mod.tp_group.size() > 1:
                 warn_dropout = True

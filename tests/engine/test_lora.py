@@ -181,6 +181,14 @@ def _write_shard_checkpoint(eng, ps, model_dir, path):
                          rank=ps.rank, barrier=dist.barrier)  # fmt: skip
 
 
+def _global(v):
+    """Global shape of a sharded tensor; of a factory (fc1's swiglu split): its parts'
+    (global shape, global offset)."""
+    if hasattr(v, "global_shape"):
+        return tuple(v.global_shape)
+    return [(tuple(t.global_shape), tuple(t.global_offset)) for t in v.build()]
+
+
 def _worker(rank, world, model_dir, seqs, out_root):
     from nova_engine.config import OptimConfig
     from nova_engine.data.packing import PackedBatch
@@ -270,10 +278,24 @@ def _worker(rank, world, model_dir, seqs, out_root):
 
             first = eng.chunks[0].decoder.layers[0].layer_number - 1
             res["offset_ok"] = first == _layer_offset(ps.pp_rank, 0, pp, 1, eng.arch.num_layers)
+        ckdir = os.path.join(out_root, "dist")
+        if (tp, pp, sp) == (2, 1, False):  # a dist checkpoint at TP2 ...
+            from megatron.core import dist_checkpointing as dc
+
+            res["tp2_adapters"] = peft_state_dict(eng.chunks, eng.arch, ps)
+            os.makedirs(ckdir, exist_ok=True)
+            dc.save({"model": eng.chunks[0].sharded_state_dict()}, ckdir)
+        if pp > 1:  # ... loaded at TP1 PP2 into adapters at their init (B = 0)
+            from megatron.core import dist_checkpointing as dc
+
+            fresh = ModelEngine.from_hf(model_dir, ps, trainable=False, lora=CFG)
+            loaded = dc.load({"model": fresh.chunks[0].sharded_state_dict()}, ckdir)
+            fresh.chunks[0].load_state_dict(loaded["model"])
+            res["resharded"] = peft_state_dict(fresh.chunks, fresh.arch, ps)
         if (tp, pp, sp) == (2, 1, False):  # dist-checkpoint metadata: global shapes of A, B
             sd = eng.chunks[0].sharded_state_dict()
             res["sharded"] = {
-                k.split("layers.0.", 1)[1]: tuple(v.global_shape)
+                k.split("layers.0.", 1)[1]: _global(v)
                 for k, v in sd.items()
                 if ".lora." in k and "layers.0." in k
             }
@@ -411,13 +433,30 @@ def test_dist_checkpoint_shards_adapters_like_their_layer(lora_run):
         "self_attention.linear_proj.lora.A": (r, 96),
         "self_attention.linear_proj.lora.B": (96, r),
         "mlp.linear_fc1.lora.A": (r, 96),
-        "mlp.linear_fc1.lora.B": (2 * 160, r),
         "mlp.linear_fc2.lora.A": (r, 160),
         "mlp.linear_fc2.lora.B": (96, r),
     }
     layers = 2  # megatron prepends the layer axis (sharded_offsets of the block)
-    for res in lora_run[3]:
-        assert res[(2, 1, False)]["sharded"] == {k: (layers, *v) for k, v in expect.items()}
+    for t, res in enumerate(lora_run[3]):  # TP rank t (world 2 = TP2)
+        got = dict(res[(2, 1, False)]["sharded"])
+        # fc1's B as megatron's fc1 weight: global [gate; up], rank t holds rows t*80.. of each
+        gate_up = got.pop("mlp.linear_fc1.lora.B")
+        assert gate_up == [
+            ((layers, 320, r), (0, t * 80, 0)),
+            ((layers, 320, r), (0, 160 + t * 80, 0)),
+        ]
+        assert got == {k: (layers, *v) for k, v in expect.items()}
+
+
+@pytest.mark.slow
+def test_dist_checkpoint_of_tp2_adapters_loads_at_pp2(lora_run):
+    """Adapters saved in a dist checkpoint at TP2 and loaded at TP1 x PP2 are the same
+    matrices (fc1's B in [gate; up] order, the LM head's B by vocab rows)."""
+    want = lora_run[3][0][(2, 1, False)]["tp2_adapters"]
+    got = _merge(lora_run[3], (1, 2, False), "resharded")
+    assert set(got) == set(want) and len(want) == 2 * (2 * 7 + 1)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
 
 
 @pytest.mark.slow
