@@ -19,10 +19,14 @@ def demo_rm(
     n_regression: int = 1000,
     n_pref: int = 1000,
     n_eval: int = 200,
+    seed: int = 0,
+    far: float = 0.0,
+    task: dict[str, Any] | None = None,
     overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """`make demo`'s reward model: writes the synthetic reward task under out/data
-    (nova_engine.data.synthetic_reward), trains regression then Scaled BT from `model_dir`
+    (nova_engine.data.synthetic_reward with `seed`, `far` and `task`'s max_value / ops /
+    in_words), trains regression then Scaled BT from `model_dir`
     (the SFT export) with the recipe's `rm:` section (world of one), and scores both HF
     exports with `transformers` on the held-out pairs (right answer vs a wrong one). Returns
     {"regression": {"accuracy", "seconds", "hf"}, "scaled_bt": {...}}; the regression model
@@ -32,7 +36,8 @@ def demo_rm(
     from nova_engine.train.stages.rm import regression_then_bt
 
     paths = write_reward_task(os.path.join(out, "data"), n_regression=n_regression,
-                              n_pref=n_pref, n_eval=n_eval)  # fmt: skip
+                              n_pref=n_pref, n_eval=n_eval, seed=seed, far=far,
+                              **(task or {}))  # fmt: skip
     base = [f"model.hf_path={model_dir}", f"model.tokenizer_path={tokenizer_dir}",
             "train.tensorboard=false", "checkpoint.resume=none", *overrides]  # fmt: skip
     got = regression_then_bt(
@@ -55,11 +60,12 @@ def demo_rlvr(
     skip: int = 10000,
     n_eval: int = 200,
     task_seed: int = 0,
+    task: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """RLVR for `make demo`: GRPO from <out>/dpo/hf on the arithmetic task (recipe section
     `rlvr:` of recipes/tiny_cpu.yaml). Writes <out>/data/rlvr_train.jsonl (`n_prompts`
     problems after the task's first `skip` = N_SFT + N_PREF, disjoint from its eval split of
-    `n_eval` with seed `task_seed`), trains into <out>/rlvr and returns {"history": per-step
+    `n_eval` with seed `task_seed` and `task`'s max_value / ops), trains into <out>/rlvr and returns {"history": per-step
     metrics, "hf": <out>/rlvr/hf (the exported policy), "seconds": wall time}."""
     from nova_engine.data.rlvr import write_arithmetic_rlvr
     from nova_engine.recipe import load_recipe
@@ -68,7 +74,7 @@ def demo_rlvr(
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     recipe = recipe or os.path.join(root, "recipes", "tiny_cpu.yaml")
     data = write_arithmetic_rlvr(os.path.join(out, "data", "rlvr_train.jsonl"), n_prompts,
-                                 seed=task_seed, skip=skip, n_eval=n_eval)  # fmt: skip
+                                 seed=task_seed, skip=skip, n_eval=n_eval, **(task or {}))  # fmt: skip
     j = os.path.join
     cfg = load_recipe(recipe, "rlvr", [
         f"model.hf_path={j(out, 'dpo', 'hf')}", f"model.tokenizer_path={j(out, 'tokenizer')}",

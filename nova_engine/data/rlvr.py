@@ -252,6 +252,7 @@ def write_arithmetic_rlvr(
     ops: tuple[str, ...] = ("plus", "minus"),
     system: str | None = None,
     in_words: bool = True,
+    step: int = 1,
 ) -> str:
     """Write `n` arithmetic prompts in the RLVR layout (dataset "arithmetic"), none of them in
     the eval split that `synthetic.write_task` makes with the same seed, n_eval, max_value and
@@ -264,7 +265,7 @@ def write_arithmetic_rlvr(
     if n < 0 or skip < 0:
         raise ValueError(f"n={n} and skip={skip} must be >= 0")
     drawn, _, _ = make_splits(skip + n, 0, n_eval, seed=seed, max_value=max_value, ops=ops,
-                              in_words=in_words)  # fmt: skip
+                              in_words=in_words, step=step)  # fmt: skip
     problems = drawn[skip:]
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

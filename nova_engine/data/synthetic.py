@@ -105,12 +105,14 @@ def sample_problem(
     max_value: int = 99,
     ops: tuple[str, ...] = ("plus", "minus"),
     in_words: bool = True,
+    step: int = 1,
 ) -> Problem:
-    """One random problem; operands in [0, max_value] ("times" uses a one-digit second
-    operand); "minus" never goes below zero."""
+    """One random problem; operands the multiples of `step` in [0, max_value] ("times" uses a
+    one-digit second operand); "minus" never goes below zero."""
     op = rng.choice(ops)
-    a = rng.randint(0, max_value)
-    b = rng.randint(0, 9) if op == "times" else rng.randint(0, max_value)
+    top = max_value // step
+    a = step * rng.randint(0, top)
+    b = rng.randint(0, 9) if op == "times" else step * rng.randint(0, top)
     if op == "minus" and b > a:
         a, b = b, a
     return Problem(a, op, b, rng.randrange(len(QUESTION_TEMPLATES)), in_words)
@@ -132,14 +134,20 @@ def dropped_carry_answer(problem: Problem) -> int | None:
     return problem.answer + (-10 if problem.op == "plus" else 10)
 
 
-def wrong_answer(problem: Problem, rng: random.Random, *, skip_carry_error: bool = False) -> int:
+def wrong_answer(
+    problem: Problem, rng: random.Random, *, skip_carry_error: bool = False, step: int = 1
+) -> int:
     """A plausible wrong answer (never equal to the right one, never negative).
-    skip_carry_error: never `dropped_carry_answer(problem)`."""
+    skip_carry_error: never `dropped_carry_answer(problem)`. step: the task's operand step;
+    the slips stay on its grid (off by `step` instead of one, digits swapped only when the
+    result is a multiple of `step`)."""
     right = problem.answer
-    candidates = {right + 1, right - 1, right + 10, right - 10}
+    candidates = {right + step, right - step, right + 10, right - 10}
     digits = str(right)
     if len(digits) >= 2 and digits[-1] != digits[-2]:
-        candidates.add(int(digits[:-2] + digits[-1] + digits[-2]))
+        swapped = int(digits[:-2] + digits[-1] + digits[-2])
+        if swapped % step == 0:
+            candidates.add(swapped)
     if problem.op == "plus" and (problem.a % 10 + problem.b % 10) >= 10:
         candidates.add(right - 10)  # dropped carry
     if problem.op == "times":  # one row too many or too few
@@ -168,22 +176,26 @@ def make_splits(
     max_value: int = 99,
     ops: tuple[str, ...] = ("plus", "minus"),
     in_words: bool = True,
+    step: int = 1,
 ) -> tuple[list[Problem], list[Problem], list[Problem]]:
     """Seeded (sft, pref, eval) problem lists; eval problems are distinct from each other and
-    from every training problem (compared as (a, op, b), ignoring the wording)."""
+    from every training problem (compared as (a, op, b), ignoring the wording). `step`: the
+    operands are multiples of it (5: ones digits 0 or 5, a carry when both are 5)."""
+    if step < 1 or step > max_value:
+        raise ValueError(f"step={step}: expected 1 <= step <= max_value={max_value}")
     rng = random.Random(seed)
-    n_possible = len(ops) * (max_value + 1) * (max_value + 1)
+    n_possible = len(ops) * (max_value // step + 1) ** 2
     if n_eval > n_possible // 4:
         raise ValueError(f"n_eval={n_eval} too large for {n_possible} distinct problems")
     eval_set: dict[tuple, Problem] = {}
     while len(eval_set) < n_eval:
-        p = sample_problem(rng, max_value, ops, in_words)
+        p = sample_problem(rng, max_value, ops, in_words, step)
         eval_set.setdefault(p.key, p)
 
     def train(n: int) -> list[Problem]:
         out: list[Problem] = []
         while len(out) < n:
-            p = sample_problem(rng, max_value, ops, in_words)
+            p = sample_problem(rng, max_value, ops, in_words, step)
             if p.key not in eval_set:
                 out.append(p)
         return out
@@ -202,6 +214,7 @@ def write_task(
     ops: tuple[str, ...] = ("plus", "minus"),
     system: str | None = None,
     in_words: bool = True,
+    step: int = 1,
     carry_error: float = 0.0,
     pref_skips_carry_error: bool = False,
 ) -> dict[str, str]:
@@ -214,7 +227,7 @@ def write_task(
     if not 0.0 <= carry_error <= 1.0:
         raise ValueError(f"carry_error={carry_error}: expected a fraction in [0, 1]")
     sft, pref, ev = make_splits(n_sft, n_pref, n_eval, seed=seed, max_value=max_value, ops=ops,
-                                in_words=in_words)  # fmt: skip
+                                in_words=in_words, step=step)  # fmt: skip
     rng = random.Random(seed + 1)
     slip = random.Random(seed + 2)
     os.makedirs(out_dir, exist_ok=True)
@@ -231,7 +244,7 @@ def write_task(
     with open(paths["pref"], "w") as f:
         for i, p in enumerate(pref):
             chosen = _messages(p, str(p.answer), system)
-            wrong = wrong_answer(p, rng, skip_carry_error=pref_skips_carry_error)
+            wrong = wrong_answer(p, rng, skip_carry_error=pref_skips_carry_error, step=step)
             rejected = _messages(p, str(wrong), system)
             row = {"id": f"pref-{i}", "prompt": p.question(), "chosen": chosen}
             f.write(json.dumps(row | {"rejected": rejected}) + "\n")

@@ -299,3 +299,28 @@ def test_reward_task_far_answers(tmp_path):
         assert all(x >= 0 and 11 <= abs(x - p.answer) <= 60 for x in got)
         assert max(got) == p.answer + 60  # both sides reachable where >= 0
         assert min(got) == max(p.answer - 60, 0 if p.answer >= 11 else p.answer + 11)
+
+
+def test_step_five_task(tmp_path):
+    """Operands on a grid of 5 (the demo's task): ones digits 0 or 5, a carry exactly when both
+    are 5 (plus) or a borrow when 0 - 5 (minus); the wrong answers stay on the grid."""
+    import random
+
+    paths = synthetic.write_task(tmp_path / "s", n_sft=800, n_pref=300, n_eval=100, seed=1,
+                                 max_value=95, step=5, carry_error=0.5,
+                                 pref_skips_carry_error=True)  # fmt: skip
+    for row in map(json.loads, open(paths["sft"])):
+        a, op, b = _Q.match(row["messages"][0]["content"]).groups()
+        a, b = words_to_number(a), words_to_number(b)
+        assert a % 5 == b % 5 == 0 and a <= 95 and b <= 95
+        carry = (a % 10, b % 10) == (5, 5) if op == "plus" else (a % 10, b % 10) == (0, 5)
+        assert synthetic.has_carry(synthetic.Problem(a, op, b)) == carry
+    for row in map(json.loads, open(paths["pref"])):
+        right, wrong = int(row["chosen"][-1]["content"]), int(row["rejected"][-1]["content"])
+        assert right % 5 == wrong % 5 == 0 and wrong != right
+    rng = random.Random(0)
+    p = synthetic.Problem(45, "plus", 30)
+    got = {synthetic.wrong_answer(p, rng, step=5) for _ in range(200)}
+    assert got == {70, 80, 65, 85, 15}  # +-5, +-10, the other operation (57 is off the grid)
+    with pytest.raises(ValueError, match="step"):
+        synthetic.make_splits(10, 1, 1, max_value=95, step=0)
