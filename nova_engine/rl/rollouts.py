@@ -307,8 +307,15 @@ def gae_packed_advantages(
     b = mb.batch
     mask = b.loss_mask.to(token_rewards_T.device)
     adv, ret = nk.gae_packed(
-        token_rewards_T, values_T, mask, b.cu_seqlens.to(mask.device), gamma, lam, backend=backend
-    )
+        token_rewards_T,
+        values_T,
+        mask,
+        b.cu_seqlens.to(mask.device),
+        gamma,
+        lam,
+        backend=backend,
+        cu_seqlens_host=b.cu_seqlens_host,
+    )  # fmt: skip  (the packer's host boundaries: no read-back of the longest sequence)
     return adv * mask, ret * mask
 
 

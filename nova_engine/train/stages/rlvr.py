@@ -154,7 +154,8 @@ class RLVRStage:
         rm, combine = None, None
         if self.rm is not None:  # rl.reward_model: w_v * verifier + w_rm * RM score
             t0 = time.perf_counter()
-            rm, cfg = self.rm(mine, gens, self.producer.text), self.rm.cfg
+            text = typing.cast(EngineRollouts, self.producer).text  # the RM reads the replies
+            rm, cfg = self.rm(mine, gens, text), self.rm.cfg
             combine, times["reward_model"] = (
                 (lambda v, x: rm_combine(v, x, cfg)),
                 time.perf_counter() - t0,
