@@ -197,8 +197,10 @@ class WeightSync:
         src: the training engine on ranks of the training layout, None elsewhere (an engine
             with .chunks/.arch/.ps, or a (chunks, arch, ps) tuple).
         dst: the generation engine on ranks of the generation layout, None elsewhere.
-        bucket_mb: size of one broadcast bucket in MiB (the bound on the extra memory of a
-            source and of a generation rank); bucket_bytes overrides it (tests).
+        bucket_mb: size of one broadcast bucket in MiB; a source and a generation rank hold
+            two (one on the wire while the other fills or is read) plus, on a generation
+            rank, the received tensors a parameter still waits for; bucket_bytes overrides
+            it (tests).
         dtype: cast the HF tensors to this dtype on the wire (None: the trainer's dtype).
 
     Building it is collective over the whole world (it exchanges the manifest and creates the
@@ -322,15 +324,24 @@ class WeightSync:
             side.engine.sync_params()
         source = ps.tp_rank == 0
         stage = next((s for s in self.stages if s.src == ps.rank), None) if source else None
-        buf = torch.empty(self.bucket_bytes if stage else 0, dtype=torch.uint8, device=ps.device)
-        fill, sent, count = 0, 0, 0  # bytes in buf, bytes of the stream broadcast, buckets
+        # two buckets: one fills while the other is on the wire
+        bufs = [
+            torch.empty(self.bucket_bytes if stage else 0, dtype=torch.uint8, device=ps.device)
+            for _ in range(2)
+        ]
+        works: list[Any] = [None, None]
+        cur, fill, sent, count = 0, 0, 0, 0  # buffer, bytes in it, bytes sent, buckets
 
         def flush(n: int) -> None:
-            nonlocal fill, sent, count
+            nonlocal cur, fill, sent, count
             assert stage is not None
-            dist.broadcast(buf[:n], src=stage.src, group=stage.group)
-            sent += n
-            fill, count = 0, count + 1
+            works[cur] = dist.broadcast(
+                bufs[cur][:n], src=stage.src, group=stage.group, async_op=True
+            )
+            sent, fill, count, cur = sent + n, 0, count + 1, 1 - cur
+            if works[cur] is not None:  # the next buffer's last broadcast is done
+                works[cur].wait()
+                works[cur] = None
 
         with side.merged():
             entries = iter(stage.entries) if stage else iter(())
@@ -350,12 +361,15 @@ class WeightSync:
                     done = 0
                     while done < data.numel():
                         k = min(self.bucket_bytes - fill, data.numel() - done)
-                        buf[fill : fill + k].copy_(data[done : done + k])
+                        bufs[cur][fill : fill + k].copy_(data[done : done + k])
                         fill, done = fill + k, done + k
                         if fill == self.bucket_bytes:
                             flush(fill)
             if stage is not None and fill:
                 flush(fill)
+            for w in works:
+                if w is not None:
+                    w.wait()
             if stage is not None:
                 assert sent == stage.nbytes, (sent, stage.nbytes)
         return count
@@ -370,32 +384,62 @@ class WeightSync:
         for *_, names in pending:
             for n in names:
                 uses[n] = uses.get(n, 0) + 1
-        buf = torch.empty(self.bucket_bytes, dtype=torch.uint8, device=ps.device)
+        # two buckets: the next one arrives while this one is read. A tensor inside one
+        # bucket is read in place (a view), and copied out only if a parameter still waits
+        # for it when its buffer is about to be overwritten.
+        bufs = [torch.empty(self.bucket_bytes, dtype=torch.uint8, device=ps.device) for _ in "ab"]
+        views: list[set[str]] = [set(), set()]  # names read in place from each buffer
         count = 0
         for stage in self.stages:
+            sizes = [
+                min(self.bucket_bytes, stage.nbytes - a)
+                for a in range(0, stage.nbytes, self.bucket_bytes)
+            ]
+            works: list[Any] = [None, None]
+
+            def post(j: int, stage: _Stage = stage, sizes: list = sizes, works: list = works):
+                b = j % 2
+                for n in views[b]:  # still waited for: copy out before the buffer is reused
+                    if n in reader.tensors:
+                        reader.tensors[n] = reader.tensors[n].clone()
+                views[b] = set()
+                works[b] = dist.broadcast(
+                    bufs[b][: sizes[j]], src=stage.src, group=stage.group, async_op=True
+                )
+
             wanted = [e for e in stage.entries if e.name in uses]
-            dest: dict[str, torch.Tensor] = {}  # wanted tensors still arriving
+            dest: dict[str, torch.Tensor] = {}  # wanted tensors spanning buckets
             k = 0  # first wanted entry not yet complete
-            for start in range(0, stage.nbytes, self.bucket_bytes):
-                n = min(self.bucket_bytes, stage.nbytes - start)
-                dist.broadcast(buf[:n], src=stage.src, group=stage.group)
+            if sizes:
+                post(0)
+            for j, n in enumerate(sizes):
+                if j + 1 < len(sizes):
+                    post(j + 1)
+                b = j % 2
+                works[b].wait()
+                buf, start = bufs[b], j * self.bucket_bytes
                 count += 1
                 end = start + n
-                done: list[str] = []
+                done = False
                 while k < len(wanted) and wanted[k].offset < end:
                     e = wanted[k]
                     lo, hi = max(e.offset, start), min(e.offset + e.nbytes, end)
-                    if e.name not in dest:
-                        dest[e.name] = torch.empty(e.nbytes, dtype=torch.uint8, device=ps.device)
-                    if hi > lo:
+                    if e.offset >= start and e.offset + e.nbytes <= end:  # all in this bucket
+                        t = buf[lo - start : hi - start]
+                        views[b].add(e.name)
+                    else:
+                        if e.name not in dest:
+                            dest[e.name] = torch.empty(
+                                e.nbytes, dtype=torch.uint8, device=ps.device
+                            )
                         dest[e.name][lo - e.offset : hi - e.offset].copy_(
                             buf[lo - start : hi - start]
                         )
-                    if e.offset + e.nbytes > end:
-                        break  # continues in the next bucket
-                    reader.tensors[e.name] = dest.pop(e.name).view(e.dtype).view(e.shape)
-                    done.append(e.name)
-                    k += 1
+                        if e.offset + e.nbytes > end:
+                            break  # continues in the next bucket
+                        t = dest.pop(e.name)
+                    reader.tensors[e.name] = t.view(e.dtype).view(e.shape)
+                    done, k = True, k + 1
                 if done:
                     pending = self._load_ready(pending, reader, uses)
         assert not pending, [m for _, m, _, _ in pending][:3]
