@@ -63,6 +63,9 @@ class AsyncSaver:
         path = saver.wait()                                  # before exit (or next save)
 
     `wait()` re-raises the writer's error (e.g. a full disk) on the thread that calls it.
+    A synchronous `checkpoint.save_checkpoint` of the same loop stages into the same host
+    buffers: call `wait()` before one while a write is pending (the runner uses one or the
+    other for a whole run).
     """
 
     def __init__(self) -> None:
