@@ -195,10 +195,36 @@ class _Row:
     finished: bool = False
 
 
+def _prefixes(req: Request, params: SamplingParams, where: str, limit: int, stops, vocab):
+    """[n] (tokens, log-probs) already generated per sample (empty without req.prefix)."""
+    if req.prefix is None:
+        return [([], [])] * params.n
+    if len(req.prefix) != params.n:
+        raise GenerationError(f"{where}: {len(req.prefix)} prefixes for n={params.n} samples")
+    lps = req.prefix_logprobs
+    if lps is not None and len(lps) != params.n:
+        raise GenerationError(f"{where}: {len(lps)} prefix log-prob lists for n={params.n}")
+    out = []
+    for i, pre in enumerate(req.prefix):
+        pre = [int(t) for t in pre]
+        lp = [float("nan")] * len(pre) if lps is None else [float(x) for x in lps[i]]
+        if len(lp) != len(pre):
+            raise GenerationError(f"{where}: sample {i}: {len(lp)} log-probs for {len(pre)} tokens")
+        if len(pre) >= limit:
+            raise GenerationError(f"{where}: sample {i}: a prefix of {len(pre)} tokens leaves "
+                                  f"nothing to generate (limit {limit})")  # fmt: skip
+        if pre and pre[-1] in stops:
+            raise GenerationError(f"{where}: sample {i}: the prefix already ends with a stop token")
+        if any(not 0 <= t < vocab for t in pre):
+            raise GenerationError(f"{where}: sample {i}: prefix token outside the vocabulary")
+        out.append((pre, lp))
+    return out
+
+
 def _validate(
     requests, params: SamplingParams, arch
-) -> list[tuple[list[int], int, int, frozenset]]:
-    """(tokens, key, max_new, stops) per request; GenerationError names the bad one."""
+) -> list[tuple[list[int], int, int, frozenset, list]]:
+    """(tokens, key, max_new, stops, prefixes) per request; GenerationError names the bad one."""
     vocab, context = arch.vocab_size, arch.max_position_embeddings
     out = []
     for k, req in enumerate(requests):
@@ -226,7 +252,9 @@ def _validate(
         if max_new < 1:
             raise GenerationError(f"{where}: max_new_tokens={max_new}, expected >= 1")
         key = k if req.index is None else int(req.index)
-        out.append((toks, key, min(max_new, context - len(toks)), frozenset(int(t) for t in stops)))
+        limit, stop_set = min(max_new, context - len(toks)), frozenset(int(t) for t in stops)
+        pre = _prefixes(req, params, where, limit, stop_set, vocab)
+        out.append((toks, key, limit, stop_set, pre))
     return out
 
 
@@ -387,7 +415,8 @@ class _Decoder:
         dev = self.layout.device
         p = max(len(r.prompt) for r in rows)
         pads = torch.tensor([p - len(r.prompt) for r in rows])
-        slots = p + max(r.limit for r in rows) - 1  # the last token is never fed back
+        # the last token is never fed back; a partial rollout's prompt holds its prefix
+        slots = p + max(r.limit - len(r.out.tokens) for r in rows) - 1
         cache = BatchCache(self.models, pads, slots)
         active = list(rows)
         with cache.installed() as state:
@@ -445,11 +474,13 @@ def generate(
     specs = _validate(requests, params, arch)
     rows: list[_Row] = []
     results: list[list[Generation]] = []
-    for toks, key, limit, stops in specs:
+    for toks, key, limit, stops, prefixes in specs:
         outs = []
-        for i in range(params.n):
-            g = Generation(prompt=key, sample=i, entropies=[] if params.return_entropy else None)
-            rows.append(_Row(toks, key, i, limit, stops, g))
+        for i, (pre, pre_lp) in enumerate(prefixes):
+            ent = [float("nan")] * len(pre) if params.return_entropy else None
+            g = Generation(prompt=key, sample=i, tokens=list(pre), logprobs=list(pre_lp),
+                           entropies=ent)  # fmt: skip
+            rows.append(_Row(toks + pre, key, i, limit, stops, g))  # continues after its prefix
             outs.append(g)
         results.append(outs)
     if not rows:

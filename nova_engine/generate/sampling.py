@@ -81,6 +81,15 @@ class Request:
     index: int | None = None
     max_new_tokens: int | None = None
     stop_token_ids: Sequence[int] | None = None
+    prefix: Sequence[Sequence[int]] | None = None
+    """Partial rollouts: per sample i (n of them), the tokens it already generated before an
+    interruption (e.g. a weight update); sample i continues after them with the same
+    randomness keys (its token t still draws U(seed, prompt, i, t)) and max_new_tokens
+    still counts them, so under unchanged weights the continuation is the uninterrupted
+    generation. The returned tokens start with the prefix."""
+    prefix_logprobs: Sequence[Sequence[float]] | None = None
+    """The prefix tokens' log-probs as they were sampled (kept in the returned log-probs;
+    None: NaN there)."""
 
 
 @dataclass
