@@ -57,7 +57,7 @@ import os
 import types
 import zlib
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -102,7 +102,7 @@ class LoRAAdapter(nn.Module):
     x: the linear's input ([S, B, in] or its SP chunk [S/tp, B, in] for a column layer;
     [S, B, in/tp] for a row layer). forward(x) -> the delta in the linear's output layout."""
 
-    def __init__(self, linear: nn.Module, rank: int, alpha: float, dropout: float, seed: int):
+    def __init__(self, linear: Any, rank: int, alpha: float, dropout: float, seed: int):
         super().__init__()
         self.row = isinstance(linear, tp_layers.RowParallelLinear)
         if not self.row and not isinstance(linear, tp_layers.ColumnParallelLinear):
@@ -110,8 +110,8 @@ class LoRAAdapter(nn.Module):
                 f"LoRA needs megatron's Column/RowParallelLinear, got {type(linear).__name__} "
                 "(Transformer Engine's layer spec is not supported with model.lora: use_te=False)"
             )
-        w = linear.weight
-        self.tp_group = linear.tp_group
+        w: torch.Tensor = linear.weight
+        self.tp_group: Any = linear.tp_group
         tp = dist.get_world_size(self.tp_group) if self.tp_group is not None else 1
         t = dist.get_rank(self.tp_group) if self.tp_group is not None else 0
         self.sp = bool(getattr(linear, "sequence_parallel", False)) and tp > 1
@@ -130,11 +130,11 @@ class LoRAAdapter(nn.Module):
         if self.row:
             tp_layers.set_tensor_model_parallel_attributes(self.A, True, 1, 1)
             tp_layers.set_tensor_model_parallel_attributes(self.B, False, -1, 1)
-            self.B.sequence_parallel = self.sp
+            self.B.sequence_parallel = self.sp  # type: ignore[attr-defined]
         else:
             tp_layers.set_tensor_model_parallel_attributes(self.A, False, -1, 1)
             tp_layers.set_tensor_model_parallel_attributes(self.B, True, 0, 1)
-            self.A.sequence_parallel = self.sp
+            self.A.sequence_parallel = self.sp  # type: ignore[attr-defined]
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A for this rank's shard of W (same shape as W)."""
@@ -155,7 +155,7 @@ class LoRAAdapter(nn.Module):
         return F.linear(u, self.B) * self.scaling
 
 
-def _lora_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+def _lora_hook(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
     adapter: LoRAAdapter = module.lora
     if not adapter.enabled:
         return output
@@ -164,7 +164,7 @@ def _lora_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any
     return out + adapter(x).to(out.dtype), bias
 
 
-def _sharded_state_dict(module: nn.Module, prefix="", sharded_offsets=(), metadata=None):
+def _sharded_state_dict(module: Any, prefix="", sharded_offsets=(), metadata=None):
     """megatron's Column/RowParallelLinear.sharded_state_dict with the adapter's split matrix
     (column: lora.B on axis 0; row: lora.A on axis 1) sharded over TP like W; the other
     adapter matrix is replicated (dist checkpoints, nova_engine.train.dist_checkpoint).
@@ -187,7 +187,7 @@ def _sharded_state_dict(module: nn.Module, prefix="", sharded_offsets=(), metada
     return sd
 
 
-def _targets(chunk: nn.Module, kinds: Iterable[str]) -> Iterator[tuple[int | None, str, nn.Module]]:
+def _targets(chunk: Any, kinds: Iterable[str]) -> Iterator[tuple[int | None, str, Any]]:
     """(global layer index, megatron module name, module) of the target linears of a chunk;
     the LM head (`output_layer`, last stage only) comes last with layer index None."""
     names = {TARGETS[k] for k in kinds}
@@ -203,7 +203,7 @@ def _targets(chunk: nn.Module, kinds: Iterable[str]) -> Iterator[tuple[int | Non
         yield None, "output_layer", head
 
 
-def _lm_head_weight(model: nn.Module) -> torch.Tensor:
+def _lm_head_weight(model: Any) -> torch.Tensor:
     """NovaGPTModel.lm_head_weight with the head's adapter: w_VpH + s B_Vpr A_rH (one
     rounding to W's dtype). A enters through copy_to_tensor_model_parallel_region: each TP
     rank's dW shard gives a partial s B_t^T dW_t, summed over TP in A's backward."""
@@ -217,7 +217,7 @@ def _lm_head_weight(model: nn.Module) -> torch.Tensor:
     return (w.float() + (ad.B.float() @ a.float()) * ad.scaling).to(w.dtype)
 
 
-def _attach_head(model: nn.Module, mod: nn.Module, cfg: LoRAConfig, seed: int) -> LoRAAdapter:
+def _attach_head(model: Any, mod: Any, cfg: LoRAConfig, seed: int) -> LoRAAdapter:
     """The LM head's adapter: no forward hook (Nova never calls output_layer; every reader of
     the head weight goes through the chunk's lm_head_weight(), patched on this instance)."""
     from nova_engine.config import ConfigError
@@ -299,13 +299,13 @@ def lora_merged(chunks: Iterable[nn.Module]) -> Iterator[None]:
     """W <- W + s B A on every shard (local: a column layer's B and a row layer's A are split
     like W), adapters off; the original weights (kept on the host) come back after."""
     chunks = list(chunks)
-    saved = []
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     with torch.no_grad():
         for c in chunks:
             for m in c.modules():
                 ad = getattr(m, "lora", None)
                 if isinstance(ad, LoRAAdapter):
-                    w = m.weight
+                    w = cast(torch.Tensor, m.weight)
                     saved.append((w, w.detach().to("cpu", copy=True)))
                     w.copy_((w.float() + ad.delta_weight()).to(w.dtype))
     try:

@@ -123,6 +123,7 @@ def workload(run, stage: str, lay: P.Layout, opt: Options) -> tuple[P.Workload, 
     tokens = tr.global_batch_size * per_seq
     m = max(1, math.ceil(tokens / (lay.dp * tr.micro_batch_tokens)))
     rows = opt.rollout_batch or max(1, tr.global_batch_size // lay.dp)
+    critic_lora = getattr(getattr(run, "critic", None), "lora", None)  # rlvr's critic.lora
     wl = P.Workload(
         stage=stage,
         micro_batch_tokens=tr.micro_batch_tokens,
@@ -135,6 +136,8 @@ def workload(run, stage: str, lay: P.Layout, opt: Options) -> tuple[P.Workload, 
         reserve_gib=opt.reserve_gib,
         lora_rank=run.model.lora.rank if run.model.lora else 0,
         lora_targets=tuple(run.model.lora.targets) if run.model.lora else ("qkv",),
+        critic_lora_rank=critic_lora.rank if critic_lora else 0,
+        critic_lora_targets=tuple(critic_lora.targets) if critic_lora else ("qkv",),
     )
     return wl, tokens
 

@@ -63,7 +63,8 @@ a score head train with the usual 2 + 4 + 12 bytes (bf16 params, fp32 main grads
 master + Adam m, v; /dp with ZeRO-1); each adapter keeps u = A x (r values a token) for
 backward; an LM-head adapter materializes W + s B A ([V/tp, h], b bytes) on the last stage.
 No reference copy (DPO, RLVR: the base with the adapters off); the backward computes no
-weight gradients of the base (-2N FLOPs a token).
+weight gradients of the base (-2N FLOPs a token). RLVR's critic is planned the same way when
+`critic.lora` is set (its own frozen base + adapters + its score head), else in full.
 
 Step time (projected): tokens x FLOPs per token (PaLM's 6N + 12 L h S, as
 `nova_engine.train.metrics.flops_per_token`; recompute adds its forward FLOPs: 2N + 4 L h S
@@ -157,6 +158,10 @@ class Workload:
     """model.lora.rank (0: full training): the base is frozen, only adapters train."""
     lora_targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
     """model.lora.targets (qkv, proj, fc1, fc2, lm_head)."""
+    critic_lora_rank: int = 0
+    """rlvr: critic.lora.rank (0: the whole critic trains)."""
+    critic_lora_targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
+    """rlvr: critic.lora.targets (an LM head target is ignored: a critic has a score head)."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_KINDS:
@@ -384,19 +389,19 @@ def _rl_terms(arch: ModelArch, lay: Layout, wl: Workload, pp_rank: int, r: RankM
     """RLVR: a frozen reference (weights only) and a critic (weights, grads, optimizer, a
     score head) on the same layout; generation's KV cache replaces training activations
     (the two phases do not overlap), so only the excess of the cache counts. With LoRA the
-    reference is the policy's base with the adapters off (no copy) and the critic is a LoRA
-    critic: its own frozen base (weights only) + adapters and its score head trained."""
+    reference is the policy's base with the adapters off (no copy); with critic.lora the
+    critic is its own frozen base (weights only) + adapters and its score head trained."""
     if not wl.lora_rank:
         ref = sum(stage_params(arch, lay, pp_rank).values())
         r.terms["reference weights"] = ref * wl.b
     if wl.critic:
         parts = stage_params(arch, lay, pp_rank, "score", 1)
         critic = sum(parts.values())
-        if wl.lora_rank:
+        if wl.critic_lora_rank:
             r.terms["critic weights (frozen base)"] = critic * wl.b
-            targets = tuple(t for t in wl.lora_targets if t != "lm_head")
+            targets = tuple(t for t in wl.critic_lora_targets if t != "lm_head")
             trained = parts.get("score_head", 0) + lora_params(arch, lay, pp_rank,
-                                                                wl.lora_rank, targets)  # fmt: skip
+                                                                wl.critic_lora_rank, targets)  # fmt: skip
             r.terms.update(_static(trained, lay, wl.b, prefix="critic lora "))
         else:
             r.terms.update(_static(critic, lay, wl.b, prefix="critic "))

@@ -66,7 +66,9 @@ def test_lora_terms_equal_a_hand_computation(name, stage, tp, pp, dp, lm_head):
     arch, r = _arch(name), 16
     targets = ("qkv", "proj", "fc1", "fc2") + (("lm_head",) if lm_head else ())
     lay = P.Layout(tp, pp, dp, sp=tp > 1)
-    wl = P.Workload(stage, 4096, 4, lora_rank=r, lora_targets=targets, critic=True)
+    wl = P.Workload(stage, 4096, 4, lora_rank=r, lora_targets=targets, critic=True,
+                    critic_lora_rank=r)  # fmt: skip
+    full_critic = P.plan(arch, lay, P.Workload(stage, 4096, 4, lora_rank=r, critic=True))
     full = P.plan(arch, lay, P.Workload(stage, 4096, 4, critic=True))
     for p, rm in enumerate(P.plan(arch, lay, wl)):
         base, ad = _by_hand(cfg, tp, pp, p, r, lm_head, score=False)
@@ -78,11 +80,13 @@ def test_lora_terms_equal_a_hand_computation(name, stage, tp, pp, dp, lm_head):
         for gone in ("weights", "grads (fp32)", "optimizer", "reference weights"):
             assert gone not in t, gone  # frozen base: no grads / state; no reference copy
         assert t["activations"] == full[p].terms["activations"]
-        if stage == "rlvr":  # a LoRA critic: its own frozen base, adapters + score head
+        if stage == "rlvr":  # critic.lora: its own frozen base, adapters + score head
             cbase, cad = _by_hand(cfg, tp, pp, p, r, lm_head=False, score=True)
             assert t["critic weights (frozen base)"] == cbase * 2
             assert t["critic lora optimizer"] == cad * 12 / dp
             assert "reference weights" in full[p].terms
+            c = full_critic[p].terms  # policy LoRA, critic in full: weights, grads, Adam
+            assert c["critic optimizer"] == cbase * 12 / dp and "reference weights" not in c
         if lm_head and p == pp - 1:
             assert t["lora: lm head W + s B A"] == cfg["vocab_size"] // tp * cfg["hidden_size"] * 2
         assert rm.total < full[p].total
