@@ -31,6 +31,7 @@ import os
 import random
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -45,7 +46,7 @@ N_SFT, N_PREF, N_EVAL = 8000, 2000, 200
 # puts substantial but not most mass on the right answer there: sampling finds it (pass@k),
 # greedy decoding does not. The preference pairs never reject the dropped carry (that slip is
 # not in the preference data); RLVR's verifier sees every answer.
-TASK = {"max_value": 95, "step": 5, "ops": ("plus", "minus")}
+TASK: dict[str, Any] = {"max_value": 95, "step": 5, "ops": ("plus", "minus")}
 CARRY_ERROR = 0.6
 RM_FAR = 0.75  # the reward task's wrong answers drawn far off (synthetic_reward.far)
 EVAL_K = 8  # samples per held-out problem at the RLVR temperature: sampled accuracy, pass@k
@@ -328,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                carry_error=CARRY_ERROR, pref_skips_carry_error=True, **TASK)  # fmt: skip
     ct = ChatTokenizer(tok_dir)
     problems = _problems(seed)
-    ro = load_recipe(args.recipe, "rlvr", list(args.rlvr)).rollout  # the RLVR temperature
+    rlvr_run: Any = load_recipe(args.recipe, "rlvr", list(args.rlvr))  # an RLVRRunConfig
+    ro = rlvr_run.rollout  # the RLVR temperature
     at_t = {"temperature": ro.temperature, "top_k": ro.top_k, "top_p": ro.top_p, "n": EVAL_K}
     ev = lambda d: evaluate(d, ct, problems, at_t, seed)  # noqa: E731
     pairs = _write_pairs(os.path.join(out, "data", "heldout_pairs.jsonl"), problems)

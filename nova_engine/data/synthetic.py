@@ -26,6 +26,7 @@ import os
 import random
 import re
 from dataclasses import dataclass
+from typing import Any
 
 _ONES = [
     "zero",
@@ -156,7 +157,7 @@ def wrong_answer(
         other = "minus" if problem.op == "plus" else "plus"
         candidates.add(OPS[other](problem.a, problem.b))
     if skip_carry_error:
-        candidates.discard(dropped_carry_answer(problem))  # type: ignore[arg-type]
+        candidates.discard(dropped_carry_answer(problem))
     return rng.choice(sorted(c for c in candidates if c >= 0 and c != right))
 
 
@@ -238,7 +239,7 @@ def write_task(
             dropped = dropped_carry_answer(p) if carry_error > 0 else None
             err = dropped is not None and slip.random() < carry_error
             written = str(dropped if err else p.answer)
-            row = {"id": f"sft-{i}", "messages": _messages(p, written, system)}
+            row: dict[str, Any] = {"id": f"sft-{i}", "messages": _messages(p, written, system)}
             row |= {"answer": str(p.answer)} | ({"carry_error": True} if err else {})
             f.write(json.dumps(row) + "\n")
     with open(paths["pref"], "w") as f:
