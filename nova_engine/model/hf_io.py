@@ -383,14 +383,26 @@ def _gather_tp(t: torch.Tensor, ps: ParallelState) -> list[torch.Tensor]:
     return parts
 
 
+def _cat(parts: list[torch.Tensor], dim: int, copy: bool = True) -> torch.Tensor:
+    """torch.cat; with copy=False a single part (TP1: the shard is the whole tensor) is
+    returned as it is (a view of the parameter)."""
+    return parts[0] if len(parts) == 1 and not copy else torch.cat(parts, dim)
+
+
 def _to_hf(
-    arch: ModelArch, mname: str, layer: int | None, parts: list[torch.Tensor]
+    arch: ModelArch,
+    mname: str,
+    layer: int | None,
+    parts: list[torch.Tensor],
+    copy: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Inverse of `_hf_value`: TP shards of one megatron parameter -> HF tensors."""
+    """Inverse of `_hf_value`: TP shards of one megatron parameter -> HF tensors (new
+    tensors; with copy=False they may be views of the parts, e.g. at TP1, when the caller
+    copies them anyway: the weight sync)."""
     if mname == "embedding.word_embeddings.weight":
-        return {"model.embed_tokens.weight": torch.cat(parts, 0)}
+        return {"model.embed_tokens.weight": _cat(parts, 0, copy)}
     if mname == "output_layer.weight":
-        return {} if arch.tie_word_embeddings else {"lm_head.weight": torch.cat(parts, 0)}
+        return {} if arch.tie_word_embeddings else {"lm_head.weight": _cat(parts, 0, copy)}
     if mname == "decoder.final_layernorm.weight":
         return {"model.norm.weight": parts[0]}
     p = f"model.layers.{layer}."
@@ -401,22 +413,22 @@ def _to_hf(
     if mname.endswith(("linear_qkv.weight", "linear_qkv.bias")):
         kind = mname.rsplit(".", 1)[1]
         d, hpg = arch.head_dim, arch.num_heads // arch.num_kv_heads
-        full = torch.cat(parts, 0)  # [ng*(hpg+2)*d, ...]
+        full = _cat(parts, 0, copy)  # [ng*(hpg+2)*d, ...]
         grouped = full.reshape(arch.num_kv_heads, hpg + 2, d, *full.shape[1:])
         q = grouped[:, :hpg].reshape(arch.num_heads * d, *full.shape[1:])
         k = grouped[:, hpg].reshape(arch.num_kv_heads * d, *full.shape[1:])
         v = grouped[:, hpg + 1].reshape(arch.num_kv_heads * d, *full.shape[1:])
         return {f"{p}self_attn.{n}_proj.{kind}": t for n, t in (("q", q), ("k", k), ("v", v))}
     if mname.endswith("linear_proj.weight"):
-        return {p + "self_attn.o_proj.weight": torch.cat(parts, 1)}
+        return {p + "self_attn.o_proj.weight": _cat(parts, 1, copy)}
     if mname.endswith("linear_fc1.weight"):
         halves = [t.chunk(2, dim=0) for t in parts]
         return {
-            p + "mlp.gate_proj.weight": torch.cat([g for g, _ in halves], 0),
-            p + "mlp.up_proj.weight": torch.cat([u for _, u in halves], 0),
+            p + "mlp.gate_proj.weight": _cat([g for g, _ in halves], 0, copy),
+            p + "mlp.up_proj.weight": _cat([u for _, u in halves], 0, copy),
         }
     if mname.endswith("linear_fc2.weight"):
-        return {p + "mlp.down_proj.weight": torch.cat(parts, 1)}
+        return {p + "mlp.down_proj.weight": _cat(parts, 1, copy)}
     raise CheckpointError(f"no HF layout known for megatron parameter {mname!r}")
 
 

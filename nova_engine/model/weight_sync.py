@@ -349,7 +349,7 @@ class WeightSync:
                 parts = _gather_tp(p.detach(), ps)
                 if stage is None:
                     continue
-                for hf_name, t in _to_hf(side.arch, name, layer, parts).items():
+                for hf_name, t in _to_hf(side.arch, name, layer, parts, copy=False).items():
                     e = next(entries)
                     assert e.name == hf_name, (e.name, hf_name)
                     data = t.to(e.dtype).contiguous().view(-1).view(torch.uint8)

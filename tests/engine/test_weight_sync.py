@@ -6,7 +6,7 @@ ranks and a generation engine on the others, built from the same tiny HF model:
     TP2 on [0,2) -> TP1 on [2]      llama (untied head), buckets of 256 MiB, 4096 B, 1000 B
     PP2 on [1,3) -> TP1 on [0]      qwen2 (tied embeddings, q/k/v bias), 4096 B buckets
     TP1 on [0]   -> TP2 on [1,3)    qwen2, 256 MiB
-    TP1 on [2]   -> PP2 on [0,2)    llama, 3000 B
+    TP1 on [2]   -> PP2 on [0,2)    llama with LoRA on the trainer (sent merged), 3000 B
 The trainer's weights get seeded noise; the trainer exports HF (its own export path, on its
 subset); the generator (stale: loaded from the original model) is synced, and then every one
 of its parameters equals, bit for bit, a fresh engine at the generator's layout loaded from
@@ -24,17 +24,20 @@ import zlib
 import pytest
 import torch
 
+from nova_engine.config import LoRAConfig
 from nova_engine.model.tiny import build_tiny_hf_model
 from nova_engine.parallel.spawn import run_distributed
 
 V = 1000
 SEQ_LENS = (13, 9)
-# name, model, training (tp, pp, ranks), generation (tp, pp, ranks), bucket sizes (None: 256 MiB)
+LORA = LoRAConfig(rank=4, alpha=8.0, targets=["qkv", "proj", "fc1", "fc2", "lm_head"])
+# name, model, training (tp, pp, ranks), generation (tp, pp, ranks), bucket sizes (None:
+# 256 MiB), the trainer's LoRA
 CASES = [
-    ("tp2_to_tp1", "llama", (2, 1, (0, 2)), (1, 1, (2, 3)), (None, 4096, 1000)),
-    ("pp2_to_tp1", "qwen2", (1, 2, (1, 3)), (1, 1, (0, 1)), (4096,)),
-    ("tp1_to_tp2", "qwen2", (1, 1, (0, 1)), (2, 1, (1, 3)), (None,)),
-    ("tp1_to_pp2", "llama", (1, 1, (2, 3)), (1, 2, (0, 2)), (3000,)),
+    ("tp2_to_tp1", "llama", (2, 1, (0, 2)), (1, 1, (2, 3)), (None, 4096, 1000), None),
+    ("pp2_to_tp1", "qwen2", (1, 2, (1, 3)), (1, 1, (0, 1)), (4096,), None),
+    ("tp1_to_tp2", "qwen2", (1, 1, (0, 1)), (2, 1, (1, 3)), (None,), None),
+    ("tp1_to_pp2", "llama", (1, 1, (2, 3)), (1, 2, (0, 2)), (3000,), LORA),
 ]
 
 
@@ -79,10 +82,10 @@ def _case(rank, case, model_dir, seqs, root):
     from nova_engine.parallel.state import new_parallel_state
     from nova_engine.train.engine import ModelEngine
 
-    name, _, (ttp, tpp, tr), (gtp, gpp, gr), buckets = case
+    name, _, (ttp, tpp, tr), (gtp, gpp, gr), buckets, lora = case
     tps = new_parallel_state(tp=ttp, pp=tpp, ranks=range(*tr))
     gps = new_parallel_state(tp=gtp, pp=gpp, ranks=range(*gr))
-    trainer = ModelEngine.from_hf(model_dir, tps, name="policy") if tps else None
+    trainer = ModelEngine.from_hf(model_dir, tps, lora=lora) if tps else None
     gen = ModelEngine.from_hf(model_dir, gps, trainable=False, name="gen") if gps else None
     export = os.path.join(root, name)
     res: dict = {"role": "train" if tps else "gen"}
@@ -198,7 +201,7 @@ def test_generator_equals_trainer_export_bit_for_bit(sync_run, case):
     from safetensors import safe_open
 
     *_, results, root = sync_run
-    name, _, _, (_, _, gr), buckets = case
+    name, _, _, (_, _, gr), buckets, _ = case
     # the HF bytes of the trainer's export: the stream carries them (+ <16 B alignment each)
     files = [f for f in os.listdir(os.path.join(root, name)) if f.endswith(".safetensors")]
     hf_bytes, n_tensors = 0, 0
