@@ -72,7 +72,7 @@ class AsyncSaver:
         import threading
 
         self._threading = threading
-        self._thread = None
+        self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._path: str | None = None
         self._group = None

@@ -103,7 +103,7 @@ def sharded_state(engine, *, is_loading: bool) -> dict[str, Any]:
         model = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
     out: dict[str, Any] = dict(model)
     if engine.optimizer is not None:
-        metadata = dict(_OPT_METADATA)
+        metadata: dict[str, Any] = dict(_OPT_METADATA)
         if dp_sharded(engine.optimizer):
             metadata = dict(_DOPT_METADATA)
             # without CUDA: gather over the gloo DP group to DP rank 0 (megatron's NCCL
@@ -242,9 +242,9 @@ def save_dist_checkpoint(
                 os.makedirs(out, exist_ok=True)
             _barrier()
             dc.save(sharded_state(e, is_loading=False), out, sharded_strategy=_save_strategy(e))
-            for f in os.listdir(out):  # this rank's shards; rank 0 also the shared files
-                if f.startswith(f"__{rank}_") or (rank == 0 and not f.startswith("__")):
-                    written.append(os.path.join(out, f))
+            for n in os.listdir(out):  # this rank's shards; rank 0 also the shared files
+                if n.startswith(f"__{rank}_") or (rank == 0 and not n.startswith("__")):
+                    written.append(os.path.join(out, n))
         path = os.path.join(tmp, _rng_file(rank))
         torch.save(_rng_state(), path)
         written.append(path)
