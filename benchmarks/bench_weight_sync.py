@@ -4,6 +4,7 @@ same group, timed interleaved with the sync (A B A B, `time_interleaved`) in the
 
     python -m benchmarks.bench_weight_sync                  # tiny and ~0.64 GB models
     python -m benchmarks.bench_weight_sync --models tiny    # seconds
+    python -m benchmarks.bench_weight_sync --layout tp2 --append   # + TP2 -> TP1 rows
 
 Spawned gloo ranks (CPU): the trainer at TP1 on rank 0 and the generator at TP1 on rank 1
 (`--layout tp1`), or the trainer at TP2 on ranks 0-1 and the generator on rank 2
@@ -98,6 +99,7 @@ def main(argv=None) -> None:
     ap.add_argument("--layout", choices=tuple(LAYOUTS), default="tp1")
     ap.add_argument("--reps-scale", type=float, default=1.0, help="scale the repetitions")
     ap.add_argument("--out", default=None, help="CSV path (default: results_path)")
+    ap.add_argument("--append", action="store_true", help="add to the CSV's rows")
     args = ap.parse_args(argv)
     world, train_tp = LAYOUTS[args.layout]
     results = run_distributed(_bench, world, args.models, args.reps_scale)
@@ -132,7 +134,7 @@ def main(argv=None) -> None:
             f"{t['floor'][0]:.3f} s -> sync / floor = {1 / eff:.2f}"
         )
     out = args.out or results_path("weight_sync")
-    write_rows(out, rows)
+    write_rows(out, rows, append=args.append)
     print(f"rows: {out}")
 
 
