@@ -412,14 +412,14 @@ class WeightSync:
             k = 0  # first wanted entry not yet complete
             if sizes:
                 post(0)
-            for j, n in enumerate(sizes):
+            for j, size in enumerate(sizes):
                 if j + 1 < len(sizes):
                     post(j + 1)
                 b = j % 2
                 works[b].wait()
                 buf, start = bufs[b], j * self.bucket_bytes
                 count += 1
-                end = start + n
+                end = start + size
                 done = False
                 while k < len(wanted) and wanted[k].offset < end:
                     e = wanted[k]
