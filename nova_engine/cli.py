@@ -43,7 +43,7 @@ def _export(ckpt: str, out: str, overwrite: bool = False, lora: str | None = Non
     each checked against the manifest's checksum, refused when any weight is non-finite;
     `out` must be new (or, with overwrite, a previous export: hf_export's one rule).
     lora="merge" / "adapter": a LoRA run's merged weights (base + (alpha/r) B A) or its
-    adapter alone in PEFT's layout, from the checkpoint's shards (nova_engine.model.lora_export;
+    adapter alone in PEFT's layout, from the checkpoint's shards (nova_engine.tools.lora_export;
     a checkpoint without model.lora is refused). A LoRA checkpoint's hf/ is merged already."""
     from nova_engine.model.hf_export import (
         ExportError,
@@ -51,7 +51,7 @@ def _export(ckpt: str, out: str, overwrite: bool = False, lora: str | None = Non
         nonfinite_tensors,
         replace_dir,
     )
-    from nova_engine.model.lora_export import LoRAExportError, export_adapter, export_merged
+    from nova_engine.tools.lora_export import LoRAExportError, export_adapter, export_merged
     from nova_engine.train.checkpoint_io import CheckpointIOError, file_crc32, read_manifest
     from nova_engine.train.checkpoint_parts import HF_SUBDIR
 

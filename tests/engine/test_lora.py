@@ -14,7 +14,7 @@ gives the same log-probs exactly; the PP2 layout runs on that imported adapter (
 TP1 comparison checks the import too). A reward model's score head trains in full.
 The LM head is a target too (W + (alpha/r) B A read by the fused log-prob kernel): its
 log-probs and the grads of h, A, B against float64 at TP1 and TP2. The TP2+SP shards
-written as a format-torch checkpoint give, offline (nova_engine.model.lora_export), the
+written as a format-torch checkpoint give, offline (nova_engine.tools.lora_export), the
 live PEFT tensors exactly and the live merged weights.
 """
 
@@ -163,7 +163,7 @@ def _head_reference(chunk, ps):
 
 def _write_shard_checkpoint(eng, ps, model_dir, path):
     """This layout's shards as a format-torch checkpoint (mp_policy_tpXX_pp00.pt + a manifest
-    with the run config), what nova_engine.model.lora_export reads offline."""
+    with the run config), what nova_engine.tools.lora_export reads offline."""
     import dataclasses
 
     import torch.distributed as dist
@@ -274,7 +274,7 @@ def _worker(rank, world, model_dir, seqs, out_root):
         if (tp, pp, sp) == (2, 1, False):
             res["head_errs"] = _head_reference(base_probe(model_dir, ps), ps)
         if pp > 1:  # lora_export's layer offsets of a pipeline rank's chunk
-            from nova_engine.model.lora_export import _layer_offset
+            from nova_engine.tools.lora_export import _layer_offset
 
             first = eng.chunks[0].decoder.layers[0].layer_number - 1
             res["offset_ok"] = first == _layer_offset(ps.pp_rank, 0, pp, 1, eng.arch.num_layers)
@@ -394,7 +394,7 @@ def test_offline_exports_of_tp2_shards_equal_the_live_ones(lora_run, tmp_path):
     from safetensors.torch import load_file
 
     from nova_engine.model.hf_io import HFCheckpoint
-    from nova_engine.model.lora_export import export_adapter, export_merged
+    from nova_engine.tools.lora_export import export_adapter, export_merged
 
     root = lora_run[4]
     export_adapter(str(root / "ckpt"), str(tmp_path / "peft"))
