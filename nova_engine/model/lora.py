@@ -439,10 +439,22 @@ def load_peft_adapter(
     must share lora_A, as export_peft_adapter writes them (fused linears have one A)."""
     from safetensors.torch import load_file
 
+    path = os.path.join(adapter_dir, "adapter_model.safetensors")
+    load_peft_tensors(chunks, arch, ps, load_file(path), path)
+
+
+def load_peft_tensors(
+    chunks: Iterable[nn.Module],
+    arch: ModelArch,
+    ps: ParallelState,
+    tensors: dict[str, torch.Tensor],
+    where: str,
+) -> None:
+    """Fill this rank's adapters from PEFT tensors (full matrices, e.g. peft_state_dict's or
+    a file's), each rank taking its TP slice; `where` names the source in errors."""
     from nova_engine.model.hf_io import _hf_value
 
-    path = os.path.join(adapter_dir, "adapter_model.safetensors")
-    tensors = load_file(path)
+    path = where
     readers = {w: _AdapterReader(tensors, w, path) for w in ("lora_A", "lora_B")}
     with torch.no_grad():
         for chunk in chunks:

@@ -468,3 +468,89 @@ class WeightSync:
                 if uses[n] == 0:
                     del reader.tensors[n]
         return left
+
+
+class AdapterSync:
+    """LoRA adapters only, trainer -> generator (issue #31: with LoRA the base weights never
+    change, so a sync moves the adapters: a few MB instead of the model). Both sides are
+    LoRA engines with the same model.lora (rank, alpha, targets) over the same frozen base
+    (the generator loaded from the trainer's starting weights); the layouts may differ.
+
+    Each training pipeline stage's TP0/DP0 rank sends its stage's adapters as full PEFT
+    matrices (nova_engine.model.lora.peft_state_dict: gathered over TP) in one flat fp32
+    buffer broadcast over a group of itself and every generation rank; generation ranks
+    load their TP slices (lora.load_peft_tensors). Building it is collective over the world
+    and refuses, on every rank, sides whose architecture or LoRA settings differ."""
+
+    def __init__(self, src: Any, dst: Any):
+        from dataclasses import asdict
+
+        self.src, self.dst = _side(src), _side(dst)
+        me = dist.get_rank()
+        info: dict[str, Any] = {"rank": me, "role": None}
+        for role, side in (("train", self.src), ("gen", self.dst)):
+            if side is None:
+                continue
+            lora = getattr(side.engine, "lora", None)
+            if lora is None:
+                raise WeightSyncError(f"rank {me}: the {role} engine has no LoRA adapters")
+            info.update(role=role, arch=side.arch.to_dict(), lora=asdict(lora))
+            if role == "train":
+                ps = side.ps
+                info.update(stage=ps.pp_rank, source=ps.tp_rank == 0 and ps.dp_rank == 0)
+        infos: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(infos, info)
+        sides = [i for i in infos if i["role"] is not None]
+        if not any(i["role"] == "train" for i in sides) or not any(
+            i["role"] == "gen" for i in sides
+        ):
+            raise WeightSyncError("adapter sync needs a training and a generation side")
+        ref = next(i for i in sides if i["role"] == "train")
+        for i in sides:
+            diff = _arch_diff(ref["arch"], i["arch"])
+            diff += [f"model.lora.{k}: {ref['lora'][k]!r} vs {i['lora'][k]!r}"
+                     for k in ("rank", "alpha", "targets") if ref["lora"][k] != i["lora"][k]]  # fmt: skip
+            if diff:
+                raise WeightSyncError(
+                    f"the {i['role']} engine on rank {i['rank']} differs from the training "
+                    f"engine on rank {ref['rank']}: {'; '.join(diff[:4])}"
+                )
+        self.gen_ranks = [i["rank"] for i in sides if i["role"] == "gen"]
+        self.sources = [r for _, r in sorted((i["stage"], i["rank"]) for i in sides
+                                             if i.get("source"))]  # fmt: skip
+        self.groups = [dist.new_group(sorted([r, *self.gen_ranks])) for r in self.sources]
+
+    def sync(self) -> dict[str, float]:
+        """Send the trainer's adapters to every generation rank (collective over both sides;
+        other ranks return {} at once). Returns weight_sync_s / weight_sync_gb."""
+        from nova_engine.model.lora import load_peft_tensors, peft_state_dict
+
+        if self.src is None and self.dst is None:
+            return {}
+        t0, me, nbytes = time.perf_counter(), dist.get_rank(), 0
+        mine = {}
+        if self.src is not None:  # collective over the trainer's TP group
+            mine = peft_state_dict(self.src.chunks, self.src.arch, self.src.ps)
+        received: dict[str, torch.Tensor] = {}
+        for src, group in zip(self.sources, self.groups):
+            if me != src and self.dst is None:
+                continue
+            meta: list[Any] = [None]
+            if me == src:
+                meta = [[(k, tuple(v.shape)) for k, v in mine.items()]]
+            dist.broadcast_object_list(meta, src=src, group=group)
+            sizes = [int(torch.Size(shape).numel()) for _, shape in meta[0]]
+            dev = (self.src or self.dst).ps.device  # type: ignore[union-attr]
+            if me == src:
+                flat = torch.cat([mine[k].reshape(-1) for k, _ in meta[0]]).to(dev)
+            else:
+                flat = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
+            dist.broadcast(flat, src=src, group=group)
+            nbytes += flat.numel() * 4
+            if self.dst is not None:
+                for (k, shape), part in zip(meta[0], flat.cpu().split(sizes)):
+                    received[k] = part.reshape(shape)
+        if self.dst is not None:
+            load_peft_tensors(self.dst.chunks, self.dst.arch, self.dst.ps, received,
+                              "the trainer's adapters")  # fmt: skip
+        return {"weight_sync_s": time.perf_counter() - t0, "weight_sync_gb": nbytes / 1e9}

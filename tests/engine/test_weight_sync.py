@@ -120,6 +120,51 @@ def _case(rank, case, model_dir, seqs, root):
     return res
 
 
+def _adapters(rank, model_dir, seqs):
+    """LoRA adapters only (AdapterSync): trainer TP2 on [0,2), generator TP1 on [2], both LoRA
+    over the same base; the trainer's adapters get seeded noise (the base stays), the sync
+    moves them, and the generator's PEFT tensors equal the trainer's bit for bit; a generator
+    with another LoRA rank is refused on every rank."""
+    from nova_engine.model.lora import load_peft_tensors, peft_state_dict
+    from nova_engine.model.weight_sync import AdapterSync, WeightSyncError
+    from nova_engine.parallel.state import new_parallel_state
+    from nova_engine.train.engine import ModelEngine
+
+    tps = new_parallel_state(tp=2, ranks=range(0, 2))
+    gps = new_parallel_state(tp=1, ranks=range(2, 3))
+    trainer = ModelEngine.from_hf(model_dir, tps, lora=LORA) if tps else None
+    gen = (
+        ModelEngine.from_hf(model_dir, gps, trainable=False, lora=LORA, name="gen") if gps else None
+    )
+    res: dict = {}
+    if trainer is not None:  # new adapters, as full PEFT matrices: each TP rank its slice
+        full = peft_state_dict(trainer.chunks, trainer.arch, tps)
+        g = torch.Generator().manual_seed(11)
+        noisy = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in sorted(full.items())}
+        for k in noisy:  # fused q/k/v and gate/up share one A (as the export writes them)
+            for shared in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+                if "lora_A" in k and shared[0] in k:
+                    for other in shared[1:]:
+                        noisy[k.replace(shared[0], other)] = noisy[k]
+        load_peft_tensors(trainer.chunks, trainer.arch, tps, noisy, "test")
+        res["peft"] = peft_state_dict(trainer.chunks, trainer.arch, tps)
+        res["logps"] = _logps(trainer, seqs)
+    if gen is not None:
+        res["stale"] = peft_state_dict(gen.chunks, gen.arch, gps)
+    res["stats"] = AdapterSync(trainer, gen).sync()
+    if gen is not None:
+        res["peft"] = peft_state_dict(gen.chunks, gen.arch, gps)
+        res["logps"] = _logps(gen, seqs)
+    other = LoRAConfig(rank=2, alpha=8.0, targets=LORA.targets)
+    bad = ModelEngine.from_hf(model_dir, gps, trainable=False, lora=other) if gps else None
+    try:
+        AdapterSync(trainer, bad)
+        res["mismatch"] = None
+    except WeightSyncError as e:
+        res["mismatch"] = str(e)
+    return res
+
+
 def _worker(rank, world, dirs, seqs, root):
     import torch.distributed as dist
 
@@ -151,6 +196,8 @@ def _worker(rank, world, dirs, seqs, root):
 
     for case in CASES:
         out[case[0]] = _case(rank, case, dirs[case[1]], seqs, root)
+
+    out["adapters"] = _adapters(rank, dirs["llama"], seqs)
 
     # a generator of another architecture: refused on every rank, nothing sent
     tps = new_parallel_state(tp=2, ranks=range(0, 2))
@@ -260,3 +307,20 @@ def test_mismatched_architecture_is_refused_everywhere(sync_run):
     (msg,) = msgs
     assert msg is not None and "generation model on rank 2" in msg
     assert "intermediate_size: 192 vs 160" in msg or "intermediate_size: 160 vs 192" in msg
+
+
+@pytest.mark.slow
+def test_adapter_sync_moves_only_the_adapters_bit_for_bit(sync_run):
+    *_, results, _ = sync_run
+    train, gen = results[0]["adapters"], results[2]["adapters"]
+    assert set(gen["peft"]) == set(train["peft"]) and train["peft"]
+    assert all(torch.equal(gen["peft"][k], train["peft"][k]) for k in train["peft"])
+    assert not all(torch.equal(gen["stale"][k], train["peft"][k]) for k in train["peft"])
+    for a, b in zip(gen["logps"], train["logps"]):  # TP1 vs TP2 forward: fp32 rounding
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    nbytes = sum(t.numel() * 4 for t in train["peft"].values())
+    assert gen["stats"]["weight_sync_gb"] * 1e9 == nbytes
+    full = results[2]["tp2_to_tp1"][4096]["total_bytes"]
+    assert nbytes < full / 5  # the adapters, not the model
+    for r in results:
+        assert "model.lora.rank: 4 vs 2" in r["adapters"]["mismatch"]
