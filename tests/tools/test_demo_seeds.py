@@ -5,15 +5,28 @@ mean / standard error / paired RLVR - DPO gain match an independent computation.
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import random
 import statistics
+import sys
 
 import pytest
 
-from benchmarks import demo_seeds
 from nova_engine import demo
 from nova_engine.recipe import load_recipe
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+
+
+@pytest.fixture
+def demo_seeds(monkeypatch):
+    """benchmarks/demo_seeds.py (the benchmarks package sits at the repository root, which
+    pytest's importlib mode does not put on sys.path)."""
+    monkeypatch.syspath_prepend(ROOT)
+    yield importlib.import_module("benchmarks.demo_seeds")
+    sys.modules.pop("benchmarks.demo_seeds", None)
 
 
 def test_parse_args_seed():
@@ -53,7 +66,7 @@ def test_heldout_problems_are_the_task_eval_split(tmp_path):
     assert demo._problems(0) != demo._problems(1)
 
 
-def _fake_result(rng: random.Random) -> dict:
+def _fake_result(demo_seeds, rng: random.Random) -> dict:
     stage = lambda: {m: rng.random() for m in demo_seeds.POLICY_METRICS}  # noqa: E731
     res = {s: stage() for s in demo_seeds.STAGES}
     res["dpo_reward_accuracy"] = rng.random()
@@ -62,9 +75,9 @@ def _fake_result(rng: random.Random) -> dict:
     return res
 
 
-def test_summary_mean_se_and_paired_gain():
+def test_summary_mean_se_and_paired_gain(demo_seeds):
     rng = random.Random(7)
-    results = [_fake_result(rng) for _ in range(3)]
+    results = [_fake_result(demo_seeds, rng) for _ in range(3)]
     rows = demo_seeds.collect(results)
     by = {(r["stage"], r["metric"]): r for r in rows}
     em = by[("after RLVR", "exact_match")]
