@@ -178,7 +178,11 @@ def test_cpu_kernel_fwd_bwd_within_torch_error(case, seed, isa, monkeypatch):
     ours = _fwd_bwd(lambda *t: attention.packed_attention(*t, cu, max(lengths), scale), f32, g_out)
     for name, o, t, r in zip(("out", "dq", "dk", "dv"), ours, torch32, ref):
         assert o.dtype == torch.float32 and o.shape == r.shape, name
-        assert_within_torch_error(o, t, r, name=f"{case} {name}", factor=factor, floor=1e-7)
+        # floor: 4 fp32 ulps of the largest element. torch's own fp32 error (the budget) comes
+        # from the host's BLAS kernels and moves with the CPU model: on one EPYC host d256 dq's
+        # budget was 7.8e-7 and the kernel's error 1.7e-6 (2.2x, 3.3e-7 over a 1e-7 floor)
+        floor = 4 * torch.finfo(torch.float32).eps * float(r.abs().max())
+        assert_within_torch_error(o, t, r, name=f"{case} {name}", factor=factor, floor=floor)
 
 
 @pytest.mark.parametrize("isa", _isas())
