@@ -208,24 +208,26 @@ class Rollouts:
     def _micro_batch(self, rows: np.ndarray, pad_to_multiple: int, pad_id: int) -> RolloutBatch:
         samples = [self.sample(int(r)) for r in rows]
         batch = PackedBatch.from_samples(samples, pad_to_multiple=pad_to_multiple, pad_id=pad_id)
+        starts = batch.cu_seqlens[: len(rows)].numpy().astype(np.int64)
+
+        def on_responses(field: str, fill, dtype) -> torch.Tensor:
+            """Per-token values of the responses on the label-aligned layout (`fill` elsewhere)."""
+            out = np.full(batch.num_tokens, fill, dtype)
+            for start, r in zip(starts, rows):
+                p, gen = len(self.prompts[self.prompt_of[r]]), self.generations[r]
+                out[start + p - 1 : start + p - 1 + len(gen)] = getattr(gen, field)
+            return torch.from_numpy(out)
+
         logprobs = None
         if all(self.generations[r].logprobs is not None for r in rows):
-            lp = np.zeros(batch.num_tokens, np.float32)
-            starts = batch.cu_seqlens[: len(rows)].numpy().astype(np.int64)
-            for start, r in zip(starts, rows):
-                p, gen = len(self.prompts[self.prompt_of[r]]), self.generations[r]
-                lp[start + p - 1 : start + p - 1 + len(gen)] = gen.logprobs
-            logprobs = torch.from_numpy(lp)
+            logprobs = on_responses("logprobs", 0.0, np.float32)
         versions = None
-        if any(self.generations[r].versions is not None for r in rows):
-            ver = np.full(batch.num_tokens, -1, np.int64)  # -1: not a response token
-            starts = batch.cu_seqlens[: len(rows)].numpy().astype(np.int64)
-            for start, r in zip(starts, rows):
-                p, gen = len(self.prompts[self.prompt_of[r]]), self.generations[r]
-                if gen.versions is None:
-                    raise ValueError(f"response {int(r)}: no policy versions (others have them)")
-                ver[start + p - 1 : start + p - 1 + len(gen)] = gen.versions
-            versions = torch.from_numpy(ver)
+        have = [self.generations[r].versions is not None for r in rows]
+        if any(have):
+            if not all(have):
+                r = int(rows[have.index(False)])
+                raise ValueError(f"response {r}: no policy versions (others have them)")
+            versions = on_responses("versions", -1, np.int64)  # -1: not a response token
         return RolloutBatch(batch, torch.from_numpy(rows.astype(np.int64)), logprobs, versions)
 
 
