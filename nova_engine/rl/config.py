@@ -238,3 +238,70 @@ def group_estimators() -> list[str]:
 def token_reward_estimators() -> list[str]:
     """The registered estimators on per-token rewards."""
     return [n for n, e in ESTIMATORS.items() if e.token_rewards]
+
+
+RLVR_MODES = ("colocated", "async")
+
+
+@dataclass
+class RLVRSection:
+    """The recipe's `rlvr:` section: where generation runs (issue #27).
+
+    colocated (default): every rank generates on the policy's own training shards, then
+    trains; one phase idles while the other runs, and no weight moves.
+    async: the world splits into a training group (the first world - generation.ranks ranks,
+    laid out by `parallel:`) and a generation group (the last generation.ranks ranks, laid out
+    by generation.tp x generation.pp, frozen, no gradients, no optimizer). Step k+1's rollouts
+    are generated while step k trains; after every update the trainer's weights are
+    broadcast to the generators by HF name in buckets (nova_engine.model.weight_sync).
+    Rollouts of step k come from policy version max(0, k - max_staleness) exactly, so a run
+    is repeatable and resumes bit for bit."""
+
+    mode: str = "colocated"
+    """colocated | async."""
+    max_staleness: int = 1
+    """async: how many updates the generating policy may lag the trained one (0 = strictly
+    on-policy: no overlap, the losses of colocated mode)."""
+    generation_ranks: int = 1
+    """async: ranks of the world that generate (the last ones)."""
+    generation_tp: int = 1
+    """async: tensor parallelism of the generation group."""
+    generation_pp: int = 1
+    """async: pipeline parallelism of the generation group."""
+    sync_bucket_mb: int = 256
+    """async: weight-sync bucket size (MiB)."""
+    generation_timeout_s: float = 1800.0
+    """async: the trainer's longest wait for a step's rollouts before it declares the
+    generation group dead (saves a checkpoint and stops with one line)."""
+
+    def __post_init__(self) -> None:
+        check(self.mode in RLVR_MODES, "rlvr.mode", f"expected one of {', '.join(RLVR_MODES)}")
+        for key in ("max_staleness",):
+            v = getattr(self, key)
+            check(isinstance(v, int) and v >= 0, f"rlvr.{key}", f"{v!r}: expected an integer >= 0")
+        for key in ("generation_ranks", "generation_tp", "generation_pp", "sync_bucket_mb"):
+            v = getattr(self, key)
+            check(isinstance(v, int) and v >= 1, f"rlvr.{key}", f"{v!r}: expected an integer >= 1")
+        check(self.generation_timeout_s > 0, "rlvr.generation_timeout_s", "expected > 0 seconds")
+        check(
+            self.generation_ranks % (self.generation_tp * self.generation_pp) == 0,
+            "rlvr.generation_ranks",
+            f"{self.generation_ranks} is not divisible by generation_tp * generation_pp = "
+            f"{self.generation_tp} * {self.generation_pp}",
+        )
+
+    @property
+    def is_async(self) -> bool:
+        return self.mode == "async"
+
+    def split(self, world_size: int, tp: int, pp: int) -> tuple[range, range]:
+        """(training ranks, generation ranks) of a world of `world_size` (async), checked
+        before any process group exists; ConfigError naming the key otherwise."""
+        g = self.generation_ranks
+        check(world_size > g, "rlvr.generation_ranks",
+              f"{g} leaves no training rank in a world of {world_size}")  # fmt: skip
+        t = world_size - g
+        check(t % (tp * pp) == 0, "parallel.tp",
+              f"the training group of {t} ranks (world {world_size} - rlvr.generation_ranks "
+              f"{g}) is not divisible by parallel.tp * parallel.pp = {tp} * {pp}")  # fmt: skip
+        return range(0, t), range(t, world_size)

@@ -48,7 +48,13 @@ import torch.distributed as dist
 from nova_engine.config import ConfigError, ModelConfig, RunConfig, check
 from nova_engine.logging import get_logger
 from nova_engine.model.hf_export import complete_hf_export
-from nova_engine.rl.config import CriticSection, RLVRLossSection, RolloutSection, group_estimators
+from nova_engine.rl.config import (
+    CriticSection,
+    RLVRLossSection,
+    RLVRSection,
+    RolloutSection,
+    group_estimators,
+)
 from nova_engine.rl.evaluate import eval_fn
 from nova_engine.rl.losses import PREPASS_METRICS, PolicyLoss, ValueLoss, assign_advantages, prepass
 from nova_engine.rl.minibatch import minibatches
@@ -91,6 +97,7 @@ class RLVRRunConfig(RunConfig):
     loss: RLVRLossSection = field(default_factory=RLVRLossSection)
     critic: CriticSection = field(default_factory=CriticSection)
     reward_model: RewardModelSection = field(default_factory=RewardModelSection)
+    rlvr: RLVRSection = field(default_factory=RLVRSection)
 
     stage: typing.ClassVar[str] = "rlvr"
     data_format: typing.ClassVar[str] = "rlvr"
