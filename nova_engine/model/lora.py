@@ -405,14 +405,14 @@ def export_peft_adapter(
     local = peft_state_dict(chunks, arch, ps)
     mine = local if (ps.tp_rank == 0 and ps.dp_rank == 0) else {}
     gathered: list[Any] = [None] * ps.world_size
-    dist.all_gather_object(gathered, mine)
-    if ps.rank == 0:
+    dist.all_gather_object(gathered, mine, group=ps.layout_group)
+    if ps.rank == ps.first_rank:
         tensors = {k: v for g in gathered if g for k, v in g.items()}
         os.makedirs(out_dir, exist_ok=True)
         save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), {"format": "pt"})
         with open(os.path.join(out_dir, "adapter_config.json"), "w") as fh:
             json.dump(peft_config_dict(cfg, base_model), fh, indent=2)
-    dist.barrier()
+    dist.barrier(group=ps.layout_group)
 
 
 class _AdapterReader:

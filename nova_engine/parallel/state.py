@@ -20,8 +20,9 @@ Rank order is megatron's default "tp-cp-ep-dp-pp": TP ranks are adjacent, PP out
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +89,11 @@ class ParallelState:
     def is_last_stage(self, vp_stage: int | None = None) -> bool:
         last_chunk = vp_stage is None or vp_stage == self.num_chunks - 1
         return self.pp_rank == self.pp - 1 and last_chunk
+
+    def barrier(self) -> None:
+        """A barrier over the layout's ranks (no-op for a layout of one rank)."""
+        if self.world_size > 1:
+            dist.barrier(group=self.layout_group)
 
     def describe(self) -> str:
         v = f" VP{self.vpp}" if self.vpp else ""
@@ -417,6 +423,63 @@ def new_parallel_state(
     where = "" if ranks is None else f" on ranks {base}..{span[-1]}"
     log.info("extra parallel layout: %s%s", state.describe(), where)
     return state
+
+
+def initialize_split(
+    train_ranks: Sequence[int],
+    gen_ranks: Sequence[int],
+    *,
+    tp: int,
+    pp: int,
+    vpp: int | None,
+    sp: bool,
+    gen_tp: int,
+    gen_pp: int,
+    seed: int = 1234,
+) -> tuple[ParallelState | None, ParallelState | None]:
+    """Two layouts side by side in one world (async RLVR, issue #27): the training layout on
+    `train_ranks`, the generation layout on `gen_ranks` (collective over the world). Megatron's
+    global groups are a plain DP layout of the whole world (every megatron piece of an engine
+    gets its own layout's groups); the model-parallel RNG tracker is seeded with this rank's
+    TP rank in its own layout, as initialize_parallel seeds it for a whole-world layout.
+    Returns (training state or None, generation state or None): one of them is None."""
+    from megatron.core import tensor_parallel
+
+    initialize_parallel(tp=1, pp=1, seed=seed)
+    train = new_parallel_state(tp=tp, pp=pp, vpp=vpp, sp=sp, ranks=train_ranks)
+    gen = new_parallel_state(tp=gen_tp, pp=gen_pp, ranks=gen_ranks)
+    mine = train if train is not None else gen
+    assert mine is not None, "every rank is in one of the two layouts"
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        seed, tp_rank=mine.tp_rank, ep_rank=0, etp_rank=0
+    )
+    return train, gen
+
+
+@contextlib.contextmanager
+def default_group_as(group: dist.ProcessGroup | None) -> Iterator[None]:
+    """Inside: torch.distributed's world size and all_gather_object without a group mean
+    `group` (None: no change). For megatron calls that gather over the default group with no
+    way to pass one (megatron-core 0.16's optimizer aligns its param groups with a world
+    all_gather_object), run on a layout that is a subset of the world (async RLVR: the
+    generation ranks never make that call). Single-threaded construction code only."""
+    if group is None:
+        yield
+        return
+    world_size, gather = dist.get_world_size, dist.all_gather_object
+
+    def sized(g=None):
+        return world_size(group if g is None else g)
+
+    def gathered(object_list, obj, group_=None, **kw):
+        g = kw.pop("group", group_)
+        return gather(object_list, obj, group=group if g is None else g)
+
+    dist.get_world_size, dist.all_gather_object = sized, gathered  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        dist.get_world_size, dist.all_gather_object = world_size, gather  # type: ignore[assignment]
 
 
 def destroy_parallel() -> None:

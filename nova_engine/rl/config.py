@@ -305,3 +305,14 @@ class RLVRSection:
               f"the training group of {t} ranks (world {world_size} - rlvr.generation_ranks "
               f"{g}) is not divisible by parallel.tp * parallel.pp = {tp} * {pp}")  # fmt: skip
         return range(0, t), range(t, world_size)
+
+    def check_dims(self, dims: dict, source: str) -> None:
+        """The generation layout against the model's dimensions (as parallel.* is checked)."""
+        for key, div, dim in (
+            ("rlvr.generation_tp", self.generation_tp, "num_attention_heads"),
+            ("rlvr.generation_tp", self.generation_tp, "num_key_value_heads"),
+            ("rlvr.generation_tp", self.generation_tp, "vocab_size"),
+            ("rlvr.generation_tp", self.generation_tp, "intermediate_size"),
+            ("rlvr.generation_pp", self.generation_pp, "num_hidden_layers"),
+        ):
+            check(dims[dim] % div == 0, key, f"{div} does not divide {dim}={dims[dim]} of {source}")

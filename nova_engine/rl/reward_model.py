@@ -178,7 +178,7 @@ class RMScorer:
         parts: list = [mine]
         if rps.world_size > 1:
             parts = [None] * rps.world_size
-            dist.all_gather_object(parts, mine)
+            dist.all_gather_object(parts, mine, group=rps.layout_group)
         out = np.full(len(seqs), np.nan)
         for p in parts:
             for i, v in p:

@@ -71,6 +71,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from nova_engine.model.hf_export import ExportError
     from nova_engine.model.hf_io import CheckpointError
     from nova_engine.parallel.state import LayoutError
+    from nova_engine.rl.async_rl import GenerationGroupDied
     from nova_engine.train.checkpoint_io import CheckpointIOError
     from nova_engine.train.ref_cache import RefCacheError
     from nova_engine.train.safety import RunLockError, TrainingDiverged
@@ -78,7 +79,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (
         ConfigError, DataError, TemplateError, ArchitectureError, CheckpointError,
         LayoutError, CheckpointIOError, RefCacheError, RunLockError, TrainingDiverged,
-        ExportError,
+        ExportError, GenerationGroupDied,
     )  # fmt: skip
 
 

@@ -39,8 +39,8 @@ def collect_rows(
             mine += [o.double().cpu().numpy() for o in out]
     local = np.concatenate(mine) if mine else np.zeros((0, width))
     gathered: list = [local]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
+    if dist.is_initialized() and ps.world_size > 1:
+        gathered = [None] * ps.world_size
+        dist.all_gather_object(gathered, local, group=ps.layout_group)
     parts = [g for g in gathered if g is not None and len(g)]
     return np.concatenate(parts) if parts else np.zeros((0, width))

@@ -176,8 +176,8 @@ class Loop:
                 sums[: len(names)] += torch.stack([torch.as_tensor(r[n]).to(sums) for n in names])
         for i, v in enumerate(extra.values()):
             sums[len(names) + i] = v.to(sums)
-        if dist.is_initialized():
-            dist.all_reduce(sums)
+        if dist.is_initialized() and engine.ps.world_size > 1:
+            dist.all_reduce(sums, group=engine.ps.layout_group)
         return {n: float(v) for n, v in zip([*names, *extra], sums.tolist())}
 
     # -- one optimizer step / one evaluation pass ----------------------------------------
@@ -317,9 +317,10 @@ class Loop:
         step, so all ranks stop at the same step boundary)."""
         if self.stop is None:
             return False
-        flag = torch.tensor(float(self.stop.signum or 0), device=self.engine().ps.device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        ps = self.engine().ps
+        flag = torch.tensor(float(self.stop.signum or 0), device=ps.device)
+        if dist.is_initialized() and ps.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ps.layout_group)
         if flag.item() and self.stop.signum is None:
             self.stop.signum = int(flag.item())
         return bool(flag.item())

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 
+from nova_engine.parallel.state import default_group_as
+
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -51,9 +53,11 @@ def build_optimizer(
         params_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
         use_distributed_optimizer=distributed,
     )
-    return get_megatron_optimizer(
-        config, list(chunks), use_gloo_process_groups=False, pg_collection=pg_collection
-    )
+    subset = getattr(pg_collection, "intra_dist_opt", None)  # the layout's ranks
+    with default_group_as(subset):  # megatron aligns param groups over the default group
+        return get_megatron_optimizer(
+            config, list(chunks), use_gloo_process_groups=False, pg_collection=pg_collection
+        )
 
 
 def _leaves(opt: MegatronOptimizer) -> list[MegatronOptimizer]:

@@ -88,6 +88,37 @@ def setup_parallel(run: RunConfig) -> ParallelState:
     return ps
 
 
+def setup_async(run: RunConfig):
+    """`rlvr.mode: async`: the world split into a training and a generation group
+    (RLVRSection.split, checked before any process group), both layouts validated, the
+    preflight checks, the run lock (training rank 0) and the resolved config. Returns
+    (training ParallelState or None, generation ParallelState or None, the split)."""
+    from nova_engine.parallel.state import initialize_split
+
+    ensure_process_group_env()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    r, p = run.rlvr, run.parallel  # type: ignore[attr-defined]
+    train_ranks, gen_ranks = r.split(world, p.tp, p.pp)
+    run.validate_layout(len(train_ranks))
+    found = run.model_dims()
+    if found is not None:
+        r.check_dims(*found)
+    safety.preflight(run)
+    vpp = p.vpp if p.vpp > 1 else None
+    train, gen = initialize_split(train_ranks, gen_ranks, tp=p.tp, pp=p.pp, vpp=vpp, sp=p.sp,
+                                  gen_tp=r.generation_tp, gen_pp=r.generation_pp,
+                                  seed=run.train.seed)  # fmt: skip
+    if train is not None:
+        acquire_run_lock(run.train.out_dir, train)
+        if os.path.abspath(run.checkpoint_dir) != os.path.abspath(run.train.out_dir):
+            acquire_run_lock(run.checkpoint_dir, train, key="checkpoint.dir")
+        if train.rank == 0:
+            from nova_engine.config_files import write_resolved_config
+
+            write_resolved_config(run)
+    return train, gen, (train_ranks, gen_ranks)
+
+
 _LOCKS: dict[str, safety.RunLock] = {}
 
 
@@ -98,7 +129,7 @@ def all_ok(ps: ParallelState, ok: bool) -> bool:
     import torch
 
     flag = torch.tensor(0.0 if ok else 1.0, device=ps.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=ps.layout_group)
     return flag.item() == 0.0
 
 
@@ -139,8 +170,7 @@ def ensure_model(run: RunConfig, ps: ParallelState) -> None:
                 cfg.hf_path, b.family, b.init_seed, vocab_size=vocab, **b.hf_config_kwargs()
             )
             logger.info("built a random %s model at %s", b.family, cfg.hf_path)
-    if ps.world_size > 1:
-        dist.barrier()
+    ps.barrier()
 
 
 def engine_for_run(run: RunConfig, ps: ParallelState, total_steps: int) -> ModelEngine:
@@ -441,8 +471,7 @@ def roll_back(run: RunConfig, loop: Loop, err: safety.TrainingDiverged) -> safet
             if step >= first:
                 checkpoint_io.remove_checkpoint(p)
                 logger.warning("removed %s: written after the first skipped step %d", p, first)
-    if ps.world_size > 1:
-        dist.barrier()
+    ps.barrier()
     where = f"rolled back to {keep}" if keep else "no checkpoint before it to roll back to"
     return safety.TrainingDiverged(f"{err}; first skipped step {first}: {where}")
 
@@ -461,12 +490,10 @@ def export_final(run: RunConfig, engine: ModelEngine, out_dir: str) -> None:
     tmp = f"{out_dir}.tmp-export"
     if ps.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    if ps.world_size > 1:
-        dist.barrier()
+    ps.barrier()
     try:
         engine.export_hf(tmp)
-        if ps.world_size > 1:
-            dist.barrier()
+        ps.barrier()
         if ps.rank == 0:
             m = run.model
             complete_hf_export(
@@ -480,8 +507,7 @@ def export_final(run: RunConfig, engine: ModelEngine, out_dir: str) -> None:
         if ps.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise checkpoint_io.CheckpointIOError(f"{err} (final export)") from None
-    if ps.world_size > 1:
-        dist.barrier()
+    ps.barrier()
 
 
 def mfu_inputs(

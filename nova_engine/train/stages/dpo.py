@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from nova_engine.config import ConfigError, RunConfig, check
 from nova_engine.data.packing import PackedBatch, attach_extra
@@ -252,10 +251,9 @@ def reference_pass(engine: ModelEngine, source: PackedDataSource, cache: RefCach
         allrows[:, 3].astype(np.int64),
         allrows[:, 4].astype(np.int64),
     )
-    if ps.rank == 0:
+    if ps.rank == ps.first_rank:
         cache.save()
-    if ps.world_size > 1:
-        dist.barrier()
+    ps.barrier()
     logger.info("reference log-probs of %d pairs cached in %s", len(np.unique(idx)), cache.path)
     return cache
 

@@ -119,6 +119,11 @@ class RLVRRunConfig(RunConfig):
               f"more mini-batches than the {n} responses of a step")  # fmt: skip
         check(not self.rollout.dynamic_sampling or self.loss.estimator.group_baseline,
               "rollout.dynamic_sampling", f"needs a group estimator ({', '.join(group_estimators())})")  # fmt: skip
+        if self.rlvr.is_async:  # what the generation group does not serve (yet)
+            check(not self.rollout.dynamic_sampling, "rollout.dynamic_sampling",
+                  "not available with rlvr.mode=async (its refill rounds are colocated)")  # fmt: skip
+            check(not self.reward_model.enabled, "reward_model.path",
+                  "a reward model is not available with rlvr.mode=async yet")  # fmt: skip
 
     @property
     def sampling_seed(self) -> int:
@@ -249,6 +254,13 @@ class RLVRStage:
             metrics["time/verify_total"] = times["verify_total"]
         if "reward_model" in times:  # the RM scoring pass (rl.reward_model)
             metrics["time/reward_model"] = times["reward_model"]
+        after = getattr(self.producer, "after_update", None)
+        if after is not None:  # rlvr.mode async: send the new weights, take the next rollouts
+            t3 = time.perf_counter()
+            metrics.update(after(batch.step))
+            metrics["time/wait_rollouts"] = times.get("wait_rollouts", 0.0)
+            metrics["time/after_update"] = time.perf_counter() - t3
+            metrics["generation_version"] = times.get("generation_version", 0.0)
         return metrics
 
 
@@ -306,14 +318,19 @@ def sampling_params(run: RLVRRunConfig, stops) -> Any:
                           n=r.samples_per_prompt, seed=run.sampling_seed)  # fmt: skip
 
 
-def build_loop(run: RLVRRunConfig, ps, prompts, stops) -> Loop:
-    """The loop of `run`: its engines over the prompt stream of `prompts`."""
+def prompt_source(run: RLVRRunConfig, prompts) -> PromptSource:
+    """The run's prompt stream over `prompts` (the same on every rank, either group)."""
     t = run.train
     steps = t.max_steps or t.epochs * -(-len(prompts) // t.global_batch_size)
-    source = PromptSource(prompts, prompts_per_step=t.global_batch_size, total_steps=steps,
-                          seed=run.data.seed, shuffle=run.data.shuffle,
-                          sampling_seed=run.sampling_seed)  # fmt: skip
-    updates = steps * run.loss.ppo_epochs * run.loss.num_mini_batches
+    return PromptSource(prompts, prompts_per_step=t.global_batch_size, total_steps=steps,
+                        seed=run.data.seed, shuffle=run.data.shuffle,
+                        sampling_seed=run.sampling_seed)  # fmt: skip
+
+
+def build_loop(run: RLVRRunConfig, ps, prompts, stops) -> Loop:
+    """The loop of `run`: its engines over the prompt stream of `prompts`."""
+    source = prompt_source(run, prompts)
+    updates = source.total_steps * run.loss.ppo_epochs * run.loss.num_mini_batches
     return Loop(build_engines(run, ps, updates, stops), source)
 
 
@@ -326,10 +343,11 @@ def build_stage(run: RLVRRunConfig, ps, producer: Producer, pad_id: int = 0,
 def run(run: RLVRRunConfig) -> list[dict[str, float]]:
     """The rlvr stage from an RLVRRunConfig (all ranks); returns the per-step metrics."""
     from nova_engine.data.tokenize import ChatTokenizer
-    from nova_engine.generate import SamplingParams
     from nova_engine.train import runner
     from nova_engine.train.engine import RewardEngine
 
+    if run.rlvr.is_async:
+        return run_async(run)
     ps = runner.setup_parallel(run)
     runner.ensure_model(run, ps)
     ct = ChatTokenizer(run.model.tokenizer_dir)
@@ -346,29 +364,118 @@ def run(run: RLVRRunConfig) -> list[dict[str, float]]:
                                   verify, max_batch_size=r.max_batch_size)  # fmt: skip
         stage = build_stage(run, ps, producer, pad_id=ct.tokenizer.pad_token_id or 0,
                             rm=RMScorer.build(run, ps, RewardEngine))  # fmt: skip
-        evaluate = None
-        if run.data.eval_paths:
-            greedy = SamplingParams(temperature=0.0, max_new_tokens=r.max_new_tokens,
-                                    stop_token_ids=stops)  # fmt: skip
-            held_out = load_prompts(run, ct, run.data.eval_paths)
-            if run.data.eval_max_samples is not None:
-                held_out = held_out[: run.data.eval_max_samples]
-            at_t = None
-            if r.eval_samples:  # another seed than the training stream's (keys overlap)
-                at_t = dataclasses.replace(sampling_params(run, stops), n=r.eval_samples,
-                                           seed=(run.sampling_seed + 7919) % 2**63)  # fmt: skip
-            evaluate = eval_fn(producer, held_out, ps, stage.reward, greedy, at_t)
+        evaluate = _held_out_eval(run, ct, producer, ps, stage, stops)
         out = runner.train_stage(run, loop, stage, evaluate)
-        if "critic" in loop.engines and run.checkpoint.export_hf:
-            critic_dir = os.path.join(run.train.out_dir, "hf_critic")
-            loop.engine("critic").export_hf(critic_dir)
-            if ps.world_size > 1:
-                dist.barrier()
-            if ps.rank == 0:  # the tokenizer and special-token ids, as every export carries
-                complete_hf_export(critic_dir, source_dir=run.critic.init_from,
-                                   tokenizer_dir=run.model.tokenizer_dir,
-                                   template=run.data.template)  # fmt: skip
+        _export_critic(run, loop, ps)
         return out
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _export_critic(run: RLVRRunConfig, loop: Loop, ps) -> None:
+    """PPO: the trained critic as a HF reward model at <out_dir>/hf_critic."""
+    if "critic" not in loop.engines or not run.checkpoint.export_hf:
+        return
+    critic_dir = os.path.join(run.train.out_dir, "hf_critic")
+    loop.engine("critic").export_hf(critic_dir)
+    ps.barrier()
+    if ps.rank == ps.first_rank:  # the tokenizer and special-token ids, as every export carries
+        complete_hf_export(critic_dir, source_dir=run.critic.init_from,
+                           tokenizer_dir=run.model.tokenizer_dir,
+                           template=run.data.template)  # fmt: skip
+
+
+def _held_out_eval(run: RLVRRunConfig, ct, producer, ps, stage: RLVRStage, stops):
+    """The held-out evaluation (greedy, plus rollout.eval_samples samples at the rollout
+    temperature) on `producer`, or None without data.eval_paths."""
+    from nova_engine.generate import SamplingParams
+
+    r = run.rollout
+    if not run.data.eval_paths:
+        return None
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=r.max_new_tokens,
+                            stop_token_ids=stops)  # fmt: skip
+    held_out = load_prompts(run, ct, run.data.eval_paths)
+    if run.data.eval_max_samples is not None:
+        held_out = held_out[: run.data.eval_max_samples]
+    at_t = None
+    if r.eval_samples:  # another seed than the training stream's (keys overlap)
+        at_t = dataclasses.replace(sampling_params(run, stops), n=r.eval_samples,
+                                   seed=(run.sampling_seed + 7919) % 2**63)  # fmt: skip
+    return eval_fn(producer, held_out, ps, stage.reward, greedy, at_t)
+
+
+def run_async(run: RLVRRunConfig) -> list[dict[str, float]]:
+    """`rlvr.mode: async` (nova_engine.rl.async_rl): the training ranks run the stage's loop
+    on rollouts from the generation ranks, which serve them from a frozen copy of the policy
+    kept in sync by weight broadcasts. Training ranks return their metrics, generation
+    ranks []. A dead generation group: a checkpoint at the step boundary, then one line."""
+    from nova_engine.data.tokenize import ChatTokenizer
+    from nova_engine.model.weight_sync import WeightSync
+    from nova_engine.rl.async_rl import (
+        Channels,
+        GenerationGroupDied,
+        PendingRollouts,
+        RemoteRollouts,
+        serve_generation,
+    )
+    from nova_engine.train import runner
+    from nova_engine.train.engine import ModelEngine
+
+    train_ps, gen_ps, (train_ranks, gen_ranks) = runner.setup_async(run)
+    r, a = run.rollout, run.rlvr
+    channels = Channels.build(train_ranks, gen_ranks, a.generation_timeout_s)
+    if train_ps is not None:
+        runner.ensure_model(run, train_ps)
+    dist.barrier()  # the model exists before any generation rank reads it
+    ct = ChatTokenizer(run.model.tokenizer_dir)
+    prompts = load_prompts(run, ct, run.data.train_paths)
+    if not prompts:
+        raise ConfigError("data.train_paths", f"no prompt of at most data.max_length="
+                          f"{run.data.max_length} tokens in {run.data.train_paths}")  # fmt: skip
+    stops = tuple(r.stop_token_ids or ct.eos_token_ids)
+    verify, pool = make_verifier(run)
+    try:
+        if gen_ps is not None:  # ---------------------------------------- generation ranks
+            t = run.train
+            engine = ModelEngine.from_hf(run.model.hf_path, gen_ps, name="generator",
+                                         trainable=False, precision=t.precision,
+                                         fuse_elementwise=t.fuse_elementwise)  # fmt: skip
+            sync = WeightSync(None, engine, bucket_mb=a.sync_bucket_mb)
+            source = prompt_source(run, prompts)
+            producer = EngineRollouts(engine, ct.tokenizer, sampling_params(run, stops), verify,
+                                      max_batch_size=r.max_batch_size)  # fmt: skip
+            fail = os.environ.get("NOVA_TEST_GENERATION_FAIL_AT")  # tests: a dying group
+            try:
+                serve_generation(channels, gen_ps, producer, sync, source,
+                                 staleness=a.max_staleness, total_steps=source.total_steps,
+                                 fail_at=int(fail) if fail else None)  # fmt: skip
+            except Exception as e:  # the trainer saved and reports; this rank waits for it
+                raise GenerationGroupDied(f"{type(e).__name__}: {e}") from None
+            return []
+        # --------------------------------------------------------------------- training ranks
+        assert train_ps is not None
+        loop = build_loop(run, train_ps, prompts, stops)
+        policy = loop.engine("policy")
+        sync = WeightSync(policy, None, bucket_mb=a.sync_bucket_mb)
+        local = EngineRollouts(policy, ct.tokenizer, sampling_params(run, stops), verify,
+                               max_batch_size=r.max_batch_size)  # fmt: skip
+        remote = RemoteRollouts(channels, sync, local, staleness=a.max_staleness,
+                                total_steps=loop.data.total_steps)  # fmt: skip
+        loop.data = PendingRollouts(loop.data, remote)
+        stage = build_stage(run, train_ps, remote, pad_id=ct.tokenizer.pad_token_id or 0)
+        evaluate = _held_out_eval(run, ct, local, train_ps, stage, stops)
+        try:
+            out = runner.train_stage(run, loop, stage, evaluate)
+            _export_critic(run, loop, train_ps)
+            return out
+        except GenerationGroupDied as e:  # at a step boundary: the loop's state is whole
+            loop.data.source.position = loop.step
+            path = runner.save_guarded(run, loop)
+            runner.finish_saves(run, None)
+            raise GenerationGroupDied(f"{e}; saved {path} at step {loop.step} (rerun to "
+                                      "resume)") from None  # fmt: skip
     finally:
         if pool is not None:
             pool.close()
