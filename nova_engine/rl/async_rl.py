@@ -163,6 +163,7 @@ class RemoteRollouts:
         self.started = False
         self.sync_metrics: dict[str, float] = {}
         self.wait_s = 0.0
+        self.dead: GenerationGroupDied | None = None  # raised at the next step boundary
 
     def text(self, g: Generation) -> str:
         return self.local.text(g)
@@ -208,6 +209,8 @@ class RemoteRollouts:
     def __call__(self, step: int, prompts: list, params=None):
         if params is not None:  # dynamic sampling's rounds are refused in async mode
             raise ValueError("async rollouts take the recipe's sampling parameters only")
+        if self.dead is not None:
+            raise self.dead
         if not self.started:
             self.start(step)
         self.wait_s = 0.0
@@ -227,11 +230,17 @@ class RemoteRollouts:
         v = step + 1
         self.held.pop(step, None)
         out: dict[str, float] = {}
-        if version_needed(v, self.s, self.total):
-            out = dict(self.sync.sync())
-        for k in range(v, min(v + self.s, self.total)):
-            while k not in self.held:
-                self._receive()
+        try:  # a failure here is raised at the next step boundary (the update is done)
+            if version_needed(v, self.s, self.total):
+                out = dict(self.sync.sync())
+            for k in range(v, min(v + self.s, self.total)):
+                while k not in self.held:
+                    self._receive()
+        except GenerationGroupDied as e:
+            self.dead = e
+        except Exception as e:  # noqa: BLE001 - the weight broadcast to a dead group
+            self.dead = GenerationGroupDied(f"weight sync failed ({type(e).__name__}: "
+                                            f"{str(e).splitlines()[0] if str(e) else ''})")  # fmt: skip
         return out
 
 
@@ -276,13 +285,12 @@ def _stamp(gens: list[list[Generation]], version: int) -> None:
 
 
 def serve_generation(channels: Channels, gen_ps, producer: Callable, sync, source, *,
-                     staleness: int, total_steps: int, fail_at: int | None = None) -> dict:  # fmt: skip
+                     staleness: int, total_steps: int) -> dict:  # fmt: skip
     """The generation ranks' loop (every generation rank calls it): wait for the trainer's
     start message, take version `start`, then generate every batch the trainer does not hold,
     each under version max(0, k - staleness) (taken from the trainer as needed), and hand it
     to the sender thread (first generation rank). `source` is the trainer's prompt stream
     (a PromptSource: step_prompts(k)); `producer` an EngineRollouts on the generation engine.
-    fail_at: raise at that step (tests of the trainer's handling of a dead group).
     Returns the group's totals (seconds generating, waiting for weights, batches)."""
     me, first = dist.get_rank(), channels.gen_first
     box: list[Any] = [None]
@@ -317,8 +325,6 @@ def serve_generation(channels: Channels, gen_ps, producer: Callable, sync, sourc
                 sync.sync()
                 totals["weights_wait_s"] += time.perf_counter() - t0
                 held += 1
-            if fail_at is not None and k == fail_at:
-                raise RuntimeError(f"injected generation failure at step {k}")
             t0 = time.perf_counter()
             items = source.step_prompts(k).items
             first_j, mine = _share(items, gen_ps)

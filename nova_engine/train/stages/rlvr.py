@@ -420,7 +420,7 @@ def run_async(run: RLVRRunConfig) -> list[dict[str, float]]:
         RemoteRollouts,
         serve_generation,
     )
-    from nova_engine.train import runner
+    from nova_engine.train import checkpoint_io, runner
     from nova_engine.train.engine import ModelEngine
 
     train_ps, gen_ps, (train_ranks, gen_ranks) = runner.setup_async(run)
@@ -446,11 +446,9 @@ def run_async(run: RLVRRunConfig) -> list[dict[str, float]]:
             source = prompt_source(run, prompts)
             producer = EngineRollouts(engine, ct.tokenizer, sampling_params(run, stops), verify,
                                       max_batch_size=r.max_batch_size)  # fmt: skip
-            fail = os.environ.get("NOVA_TEST_GENERATION_FAIL_AT")  # tests: a dying group
             try:
                 serve_generation(channels, gen_ps, producer, sync, source,
-                                 staleness=a.max_staleness, total_steps=source.total_steps,
-                                 fail_at=int(fail) if fail else None)  # fmt: skip
+                                 staleness=a.max_staleness, total_steps=source.total_steps)  # fmt: skip
             except Exception as e:  # the trainer saved and reports; this rank waits for it
                 raise GenerationGroupDied(f"{type(e).__name__}: {e}") from None
             return []
@@ -472,8 +470,10 @@ def run_async(run: RLVRRunConfig) -> list[dict[str, float]]:
             return out
         except GenerationGroupDied as e:  # at a step boundary: the loop's state is whole
             loop.data.source.position = loop.step
-            path = runner.save_guarded(run, loop)
-            runner.finish_saves(run, None)
+            path = checkpoint_io.latest_complete(run.checkpoint_dir, verify=False)
+            if path != checkpoint_io.checkpoint_dir_for(run.checkpoint_dir, loop.step):
+                path = runner.save_guarded(run, loop)
+                runner.finish_saves(run, None)
             raise GenerationGroupDied(f"{e}; saved {path} at step {loop.step} (rerun to "
                                       "resume)") from None  # fmt: skip
     finally:
