@@ -399,27 +399,23 @@ class CheckpointConfig:
     each node writes to its own disk: the estimate is for the whole checkpoint)."""
     format: Literal["torch", "dist"] = "torch"
     """"torch": per-rank files, resume at the same layout only; "dist": megatron-core
-    dist_checkpointing (nova_engine.train.dist_checkpoint), resumes into another TP/PP/DP
-    layout with the optimizer state, with or without the distributed optimizer (but not
-    across switching it). Resuming reads a checkpoint in the format it was written in,
-    whatever this key says."""
+    dist_checkpointing (nova_engine.train.dist_checkpoint), resumes into another
+    TP/PP/VPP/SP/DP layout with the optimizer state, with the distributed optimizer on or
+    off (either may change between runs). Needs the training ranks to be the whole world
+    (megatron-core 0.16.1 checkpoints over the default group). Resuming reads a checkpoint
+    in the format it was written in, whatever this key says."""
     async_save: bool = False
-    """Write checkpoints in the background (nova_engine.train.async_checkpoint; format torch
-    only): a save stages the rank's state into host buffers and training goes on while a
-    writer thread writes the same files. Extra host memory: one copy of the rank's
-    checkpoint state (a save waits for the previous one). The hf/ export (a gather) stays
-    synchronous. The final save and a SIGTERM save are complete before the run exits; a
-    crash mid-write leaves the previous checkpoint the newest."""
+    """Write checkpoints in the background (nova_engine.train.async_checkpoint, either
+    format): a save stages the rank's state into host buffers (format dist: after
+    megatron's save planning, which stays synchronous) and training goes on while a writer
+    thread writes the same files. Extra host memory: one copy of what the rank writes (a
+    save waits for the previous one). The hf/ export (a gather) stays synchronous. The final
+    save and a SIGTERM save are complete before the run exits; a crash mid-write leaves the
+    previous checkpoint the newest."""
 
     def __post_init__(self) -> None:
         check(self.keep_last >= 0, "keep_last", "expected >= 0 (0 = keep all)")
         check(isinstance(self.async_save, bool), "async_save", "expected true or false")
-        check(
-            not (self.async_save and self.format == "dist"),
-            "async_save",
-            "format dist saves synchronously (megatron-core 0.16.1's asynchronous save needs "
-            "CUDA): use checkpoint.format=torch with async_save, or async_save=false",
-        )
         check(
             self.format in ("torch", "dist"),
             "format",

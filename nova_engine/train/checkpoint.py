@@ -171,6 +171,13 @@ def _save_rank_file(state: dict[str, Any], path: str) -> None:
     torch.save(state, path)
 
 
+def _layout_barrier(ps) -> None:
+    """A barrier over the training layout's ranks (`ps.layout_group`; None = the world):
+    ranks outside it (an async run's generation ranks) never enter checkpoint code."""
+    if ps.world_size > 1:
+        dist.barrier(group=ps.layout_group)
+
+
 def _any_ps(loop):
     return next(iter(loop.engines.values())).ps
 
@@ -197,10 +204,9 @@ def save_checkpoint(
         path = save_dist_checkpoint(
             root, loop, config_hash=config_hash, hf=hf, extra=extra, hf_extras=hf_extras
         )
-        if ps.rank == 0 and keep_last:
+        if ps.rank == ps.first_rank and keep_last:
             checkpoint_io.prune(root, keep_last)
-        if ps.world_size > 1:
-            dist.barrier()
+        _layout_barrier(ps)
         return path
     final = checkpoint_io.checkpoint_dir_for(root, loop.step)
     host = host_buffers(loop)
@@ -224,7 +230,7 @@ def save_checkpoint(
             for name, e in loop.trainable.items():
                 out = os.path.join(tmp, _hf_dir(loop, name))
                 e.export_hf(out)
-                if ps.rank == 0:
+                if ps.rank == ps.first_rank:
                     if hf_extras is not None:
                         hf_extras(out)
                     written += [os.path.join(out, f) for f in os.listdir(out)]
@@ -237,14 +243,13 @@ def save_checkpoint(
         step=loop.step,
         config_hash=config_hash,
         extra={"layout": policy_layout, "engines": layouts, **(extra or {})},
-        rank=ps.rank,
-        barrier=dist.barrier if ps.world_size > 1 else None,
+        rank=ps.rank - ps.first_rank,
+        barrier=(lambda: _layout_barrier(ps)) if ps.world_size > 1 else None,
         overwrite=True,
     )
-    if ps.rank == 0 and keep_last:
+    if ps.rank == ps.first_rank and keep_last:
         checkpoint_io.prune(root, keep_last)
-    if ps.world_size > 1:
-        dist.barrier()
+    _layout_barrier(ps)
     logger.info("saved checkpoint %s", path)
     return path
 

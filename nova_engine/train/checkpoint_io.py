@@ -144,15 +144,40 @@ def write_checkpoint_dir(
             they are fsynced; None = every file in the temp dir).
         step: recorded in the manifest (ordering of `latest_complete`).
         config_hash, extra: recorded in the manifest (extra: any JSON-able dict).
-        rank: this process's global rank (rank 0 creates, finalizes and renames).
-        barrier: collective barrier (e.g. torch.distributed.barrier) when several ranks write.
+        rank: this process's rank among the writing ranks (0 creates, finalizes and
+            renames; a training layout's ranks: ps.rank - ps.first_rank).
+        barrier: collective barrier over the writing ranks (e.g. one on ps.layout_group)
+            when several ranks write.
         overwrite: replace an existing final_dir (else CheckpointIOError).
     If write_fn raises on a single-process write, the temp directory is removed and the
     exception propagates; a crashed multi-rank write leaves a temp that is never picked up.
     """
     final_dir = os.path.abspath(os.fspath(final_dir))
+    tmp_dir = begin_checkpoint_dir(final_dir, rank=rank, barrier=barrier, overwrite=overwrite)
+    try:
+        written = write_fn(tmp_dir)
+    except BaseException:
+        if barrier is None:
+            abandon_checkpoint_dir(final_dir, tmp_dir)
+        raise
+    return finish_checkpoint_dir(
+        final_dir, tmp_dir, written, step=step, config_hash=config_hash, extra=extra,
+        rank=rank, barrier=barrier,
+    )  # fmt: skip
+
+
+def begin_checkpoint_dir(
+    final_dir: str | os.PathLike,
+    *,
+    rank: int = 0,
+    barrier: Callable[[], None] | None = None,
+    overwrite: bool = False,
+) -> str:
+    """The first phase of `write_checkpoint_dir` (all ranks): rank 0 creates the temp dir
+    and publishes it in <final_dir>.pending, barrier; returns the temp dir on every rank.
+    Write into it, then `finish_checkpoint_dir` (possibly later, from another thread)."""
+    final_dir = os.path.abspath(os.fspath(final_dir))
     pending = final_dir + _PENDING
-    sync = barrier or (lambda: None)
     tmp_dir = None
     if rank == 0:
         if os.path.exists(final_dir) and not overwrite:
@@ -168,12 +193,40 @@ def write_checkpoint_dir(
             f.flush()
             os.fsync(f.fileno())
         os.replace(pending + ".tmp", pending)
-    sync()
+    if barrier is not None:
+        barrier()
     if tmp_dir is None:
         with open(pending) as f:
             tmp_dir = os.path.join(os.path.dirname(final_dir), f.read().strip())
+    return tmp_dir
+
+
+def abandon_checkpoint_dir(final_dir: str | os.PathLike, tmp_dir: str) -> None:
+    """Remove a failed write's temp dir and .pending (one process, or every rank agreed)."""
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    pending = os.path.abspath(os.fspath(final_dir)) + _PENDING
+    if os.path.exists(pending):
+        os.remove(pending)
+
+
+def finish_checkpoint_dir(
+    final_dir: str | os.PathLike,
+    tmp_dir: str,
+    written: Iterable[str] | None,
+    *,
+    step: int,
+    config_hash: str | None = None,
+    extra: dict[str, Any] | None = None,
+    rank: int = 0,
+    barrier: Callable[[], None] | None = None,
+) -> str:
+    """The last phase of `write_checkpoint_dir` (all ranks, once each wrote its files into
+    tmp_dir): fsync and CRC the rank's `written` files (None: every file), barrier, rank 0
+    writes COMPLETE and renames, barrier; returns final_dir."""
+    final_dir = os.path.abspath(os.fspath(final_dir))
+    pending = final_dir + _PENDING
+    sync = barrier or (lambda: None)
     try:
-        written = write_fn(tmp_dir)
         paths = _walk_files(tmp_dir) if written is None else written
         sums = {}
         for path in paths:
@@ -184,9 +237,7 @@ def write_checkpoint_dir(
         _write_json_atomic(os.path.join(tmp_dir, _SUMS, f"rank_{rank:05d}.json"), sums)
     except BaseException:
         if barrier is None:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            if os.path.exists(pending):
-                os.remove(pending)
+            abandon_checkpoint_dir(final_dir, tmp_dir)
         raise
     sync()
     if rank == 0:

@@ -61,15 +61,24 @@ from nova_engine.train.checkpoint_parts import load_file as _load
 from nova_engine.train.checkpoint_parts import rng_state as _rng_state
 from nova_engine.train.checkpoint_parts import set_rng_state as _set_rng_state
 from nova_engine.train.checkpoint_parts import unpickling_reason
+from nova_engine.train.dist_optim_state import (
+    DOPT_METADATA,
+    OPT_METADATA,
+    gloo_dp_groups,
+    init_optimizer_state,
+    own_step_tensors,
+    patch_set_states,
+    switch_requests,
+    switched_state,
+)
 from nova_engine.train.optim import dp_sharded
 
 logger = get_logger(__name__)
 
 FORMAT = "dist"
 LOOP_FILE = "loop.json"
-_OPT_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
-_DOPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 DOPT_KEY = "distributed_optimizer"  # manifest extra: engine -> saved with it
+_SWITCH_KEY = "optimizer_switched"  # load-time key of the converted optimizer tensors
 
 
 def _dist_dir(name: str) -> str:
@@ -80,15 +89,29 @@ def _rng_file(rank: int) -> str:
     return f"rng_{rank:05d}.pt"
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def policy_ps(loop):
+    return next(iter(loop.engines.values())).ps
 
 
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+def require_whole_world(ps) -> None:
+    """Format dist needs the training layout to be the whole world: megatron-core 0.16.1's
+    dist_checkpointing runs its collectives on the default group (no group argument)."""
+    if dist.is_initialized() and ps.world_size != dist.get_world_size():
+        raise CheckpointIOError(
+            f"checkpoint.format=dist: the training layout spans {ps.world_size} of the world's "
+            f"{dist.get_world_size()} ranks, and megatron-core 0.16.1's dist_checkpointing runs "
+            "collectives on the whole world; use checkpoint.format=torch for this run"
+        )
+
+
+def barrier(ps) -> None:
+    """A barrier over the training layout (`ps.layout_group`; None = the world)."""
+    if ps.world_size > 1:
+        dist.barrier(group=ps.layout_group)
+
+
+def _global_rank() -> int:  # megatron names a rank's shard files by its global rank
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def sharded_state(engine, *, is_loading: bool) -> dict[str, Any]:
@@ -103,91 +126,26 @@ def sharded_state(engine, *, is_loading: bool) -> dict[str, Any]:
         model = {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
     out: dict[str, Any] = dict(model)
     if engine.optimizer is not None:
-        metadata: dict[str, Any] = dict(_OPT_METADATA)
+        metadata: dict[str, Any] = dict(OPT_METADATA)
         if dp_sharded(engine.optimizer):
-            metadata = dict(_DOPT_METADATA)
+            metadata = dict(DOPT_METADATA)
             # without CUDA: gather over the gloo DP group to DP rank 0 (megatron's NCCL
             # all_gather path moves the shards to the GPU)
             if not torch.cuda.is_available():
                 metadata["distrib_optim_fully_reshardable_mem_efficient"] = True
-                _gloo_dp_groups(engine.optimizer)
+                gloo_dp_groups(engine.optimizer)
         if is_loading:
-            _init_optimizer_state(engine.optimizer)
-        flat: dict[str, Any] = {}
-        for sd in model.values():
-            flat.update(sd)
+            init_optimizer_state(engine.optimizer)
+        # nested, not merged: the chunks of virtual stages share local keys ("decoder.layers.0")
         out["optimizer"] = engine.optimizer.sharded_state_dict(
-            flat, is_loading=is_loading, metadata=metadata
+            model, is_loading=is_loading, metadata=metadata
         )
     return out
 
 
-def _gloo_dp_groups(opt) -> None:
-    """Without CUDA the DP group is a gloo group already: the distributed optimizer's
-    gloo-side gather uses it when megatron built no separate gloo group."""
-    from nova_engine.train.optim import _leaves
-
-    for leaf in _leaves(opt):
-        if getattr(leaf, "data_parallel_group_gloo", "absent") is None:
-            leaf.data_parallel_group_gloo = leaf.data_parallel_group
-
-
-def _keep_step_on_load(opt) -> None:
-    """megatron-core 0.16.1, torch Adam (no apex/TE), fully_reshardable load: the optimizer's
-    per-parameter 'step' is restored from the param groups by load_state_dict, but the
-    per-parameter copy (`_set_main_param_and_optimizer_states`) wants a 'step' tensor from
-    the file too, which fully_reshardable does not hold: hand it the restored one."""
-    from nova_engine.train.optim import _leaves
-
-    for leaf in _leaves(opt):
-        if getattr(leaf.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
-            continue
-        orig = leaf._set_main_param_and_optimizer_states
-
-        def set_states(model_param, tensors, leaf=leaf, orig=orig):
-            g, i = leaf.model_param_group_index_map[model_param]
-            state = leaf.optimizer.state[leaf.optimizer.param_groups[g]["params"][i]]
-            if "step" in state and "step" not in tensors:
-                tensors = {**tensors, "step": state["step"]}
-            orig(model_param, tensors)
-
-        leaf._set_main_param_and_optimizer_states = set_states
-
-
-def _own_step_tensors(opt) -> None:
-    """Give every parameter's Adam 'step' a tensor of its own: megatron's load_state_dict
-    (no apex/TE) sets one shared tensor for all of them, which torch's foreach Adam then
-    increments once per parameter per step (the bias correction drifts from the second
-    step after a resume on)."""
-    from nova_engine.train.optim import _leaves
-
-    for leaf in _leaves(opt):
-        seen: set[int] = set()
-        for st in leaf.optimizer.state.values():
-            step = st.get("step")
-            if isinstance(step, torch.Tensor):
-                if id(step) in seen:
-                    st["step"] = step.clone()
-                seen.add(id(st["step"]))
-
-
-def _init_optimizer_state(opt) -> None:
-    """Zero Adam moments and step for a not-yet-stepped optimizer, so its state dict has
-    the shape of a saved one (the distributed optimizer's state_dict reads every
-    parameter's 'step' when neither apex nor TE provides the fused Adam)."""
-    from nova_engine.train.optim import _leaves
-
-    for leaf in _leaves(opt):
-        inner = leaf.optimizer
-        if getattr(leaf, "init_state_fn", None) is not None:
-            leaf.init_state_fn(inner, leaf.config)
-        for group in inner.param_groups:
-            for p in group["params"]:
-                inner.state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
-
-
-def _save_strategy(engine):
-    """torch_dist, wrapped to split the writing over DP replicas (fully parallel save)."""
+def _save_strategy(engine, strategy=None):
+    """torch_dist (or `strategy`, a torch_dist one), wrapped to split the writing over DP
+    replicas (fully parallel save)."""
     from megatron.core.dist_checkpointing.serialization import (
         get_default_save_sharded_strategy,
     )
@@ -195,7 +153,8 @@ def _save_strategy(engine):
         FullyParallelSaveStrategyWrapper,
     )
 
-    strategy = get_default_save_sharded_strategy("torch_dist")
+    if strategy is None:
+        strategy = get_default_save_sharded_strategy("torch_dist")
     if engine.ps.dp > 1:
         dp_group = engine.ps.pg_collection.dp if engine.ps.pg_collection is not None else None
         if dp_group is not None:
@@ -215,6 +174,62 @@ def loop_state(loop) -> dict[str, Any]:
     }
 
 
+def rank_files(out: str, ps) -> list[str]:
+    """This rank's files of a saved `dist_<engine>/` directory: its shards, and on the
+    layout's first rank the shared files (.metadata, common.pt, metadata.json)."""
+    mine, first = f"__{_global_rank()}_", ps.rank == ps.first_rank
+    return [
+        os.path.join(out, n)
+        for n in os.listdir(out)
+        if n.startswith(mine) or (first and not n.startswith("__"))
+    ]
+
+
+def make_engine_dirs(tmp: str, loop, ps) -> dict[str, str]:
+    """Create `dist_<engine>/` in the temp dir (first rank, then a barrier): engine -> path."""
+    dirs = {name: os.path.join(tmp, _dist_dir(name)) for name in loop.trainable}
+    if ps.rank == ps.first_rank:
+        for d in dirs.values():
+            os.makedirs(d, exist_ok=True)
+    barrier(ps)
+    return dirs
+
+
+def write_extras(
+    tmp: str, loop, ps, state: dict[str, Any], *, hf: bool, hf_extras: Any = None
+) -> list[str]:
+    """The small files of a dist checkpoint (this rank's RNG file, loop.json on the first
+    rank) and with hf=True the hf/ exports (a gather: collective); the paths written."""
+    written = [os.path.join(tmp, _rng_file(ps.rank))]
+    torch.save(_rng_state(), written[0])
+    first = ps.rank == ps.first_rank
+    if first:
+        written.append(os.path.join(tmp, LOOP_FILE))
+        with open(written[-1], "w") as f:
+            json.dump(state, f, indent=1, sort_keys=True)
+    if hf:
+        for name, e in loop.trainable.items():
+            out = os.path.join(tmp, _hf_dir(loop, name))
+            e.export_hf(out)
+            if first:
+                if hf_extras is not None:
+                    hf_extras(out)
+                written += [os.path.join(out, f) for f in os.listdir(out)]
+    return written
+
+
+def manifest_extra(loop, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's `extra` of a dist checkpoint: format, layouts, distributed optimizer."""
+    layouts = {n: _layout(e.ps) for n, e in loop.trainable.items()}
+    return {
+        "format": FORMAT,
+        "layout": next(iter(layouts.values()), _layout(policy_ps(loop))),
+        "engines": layouts,
+        DOPT_KEY: {n: dp_sharded(e.optimizer) for n, e in loop.trainable.items()},
+        **(extra or {}),
+    }
+
+
 def save_dist_checkpoint(
     root: str | os.PathLike,
     loop,
@@ -227,59 +242,30 @@ def save_dist_checkpoint(
     """Write `<root>/step_<loop.step>` in format `dist` on all ranks (collective)."""
     from megatron.core import dist_checkpointing as dc
 
-    rank, world = _world()
-    ps = next(iter(loop.engines.values())).ps
-    final = checkpoint_io.checkpoint_dir_for(root, loop.step)
-    layouts = {n: _layout(e.ps) for n, e in loop.trainable.items()}
+    ps = policy_ps(loop)
+    require_whole_world(ps)
     state = loop_state(loop)
     json.dumps(state)  # fails here, before anything is written, if not JSON-able
 
     def write(tmp: str) -> list[str]:
         written = []
-        for name, e in loop.trainable.items():
-            out = os.path.join(tmp, _dist_dir(name))
-            if rank == 0:
-                os.makedirs(out, exist_ok=True)
-            _barrier()
+        for name, out in make_engine_dirs(tmp, loop, ps).items():
+            e = loop.trainable[name]
             dc.save(sharded_state(e, is_loading=False), out, sharded_strategy=_save_strategy(e))
-            for n in os.listdir(out):  # this rank's shards; rank 0 also the shared files
-                if n.startswith(f"__{rank}_") or (rank == 0 and not n.startswith("__")):
-                    written.append(os.path.join(out, n))
-        path = os.path.join(tmp, _rng_file(rank))
-        torch.save(_rng_state(), path)
-        written.append(path)
-        if rank == 0:
-            path = os.path.join(tmp, LOOP_FILE)
-            with open(path, "w") as f:
-                json.dump(state, f, indent=1, sort_keys=True)
-            written.append(path)
-        if hf:
-            for name, e in loop.trainable.items():
-                out = os.path.join(tmp, _hf_dir(loop, name))
-                e.export_hf(out)
-                if rank == 0:
-                    if hf_extras is not None:
-                        hf_extras(out)
-                    written += [os.path.join(out, f) for f in os.listdir(out)]
-        return written
+            written += rank_files(out, ps)
+        return written + write_extras(tmp, loop, ps, state, hf=hf, hf_extras=hf_extras)
 
     path = checkpoint_io.write_checkpoint_dir(
-        final,
+        checkpoint_io.checkpoint_dir_for(root, loop.step),
         write,
         step=loop.step,
         config_hash=config_hash,
-        extra={
-            "format": FORMAT,
-            "layout": next(iter(layouts.values()), _layout(ps)),
-            "engines": layouts,
-            DOPT_KEY: {n: dp_sharded(e.optimizer) for n, e in loop.trainable.items()},
-            **(extra or {}),
-        },
-        rank=rank,
-        barrier=_barrier if world > 1 else None,
+        extra=manifest_extra(loop, extra),
+        rank=ps.rank - ps.first_rank,
+        barrier=(lambda: barrier(ps)) if ps.world_size > 1 else None,
         overwrite=True,
     )
-    _barrier()
+    barrier(ps)
     logger.info("saved checkpoint %s (format dist)", path)
     return path
 
@@ -300,10 +286,12 @@ def verify_for_rank(path: str, loop) -> str | None:
     """None if this rank's share of the checkpoint's files (every file, split over the
     ranks: any rank may read any shard after a layout change) passes the size and CRC
     checks, else the reason. Call on every rank and agree (runner.all_ok)."""
-    rank, world = _world()
+    ps = policy_ps(loop)
+    share = slice(ps.rank - ps.first_rank, None, ps.world_size)
     try:
+        require_whole_world(ps)
         manifest = checkpoint_io.read_manifest(path)
-        checkpoint_io.verify_checksums(path, _files_to_check(manifest, loop)[rank::world])
+        checkpoint_io.verify_checksums(path, _files_to_check(manifest, loop)[share])
         for name in loop.trainable:
             check_dcp_dir(os.path.join(path, _dist_dir(name)))
     except CheckpointIOError as e:
@@ -365,13 +353,13 @@ def check_dcp_metadata(path: str) -> Any:
         raise CheckpointIOError(f"{path}: unreadable metadata ({type(e).__name__}: {e})") from None
 
 
-def check_dcp_dir(d: str) -> None:
+def check_dcp_dir(d: str) -> Any:
     """Refuse (CheckpointIOError, one line naming the file) a megatron dist_checkpointing
     directory that holds a pickle able to run code, before megatron or torch reads it:
     `.metadata` through the allow-list unpickler; every byte item it lists (megatron's
     ShardedObjects, e.g. layers' `_extra_state`, which DCP reads back with
     `torch.load(weights_only=False)`) and every `*.pt` (common.pt) through
-    `torch.load(weights_only=True)`."""
+    `torch.load(weights_only=True)`. Returns the DCP metadata."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     meta = check_dcp_metadata(os.path.join(d, ".metadata"))
@@ -400,6 +388,7 @@ def check_dcp_dir(d: str) -> None:
     for name in sorted(os.listdir(d)):
         if name.endswith(".pt"):
             _load(d, name)  # weights_only=True: a pickle with code is refused in one line
+    return meta
 
 
 def load_dist_checkpoint(path: str | os.PathLike, loop) -> int:
@@ -410,32 +399,40 @@ def load_dist_checkpoint(path: str | os.PathLike, loop) -> int:
     manifest = checkpoint_io.read_manifest(path)
     if not is_dist(manifest):
         raise CheckpointIOError(f"{path}: not a checkpoint of format dist")
-    rank, _ = _world()
+    ps = policy_ps(loop)
+    require_whole_world(ps)
+    rank = ps.rank
     saved_dopt = manifest["extra"].get(DOPT_KEY) or {}  # absent: written before it was allowed
     for name, e in loop.trainable.items():
         d = os.path.join(path, _dist_dir(name))
         if not os.path.isdir(d):
             raise CheckpointIOError(f"{path}: no {_dist_dir(name)}/ for engine {name!r}")
-        was, now = bool(saved_dopt.get(name, False)), dp_sharded(e.optimizer)
-        if e.optimizer is not None and was != now:
-            raise CheckpointIOError(
-                f"{path}: engine {name!r} was saved with parallel.distributed_optimizer="
-                f"{str(was).lower()}, this run has {str(now).lower()}: format dist resumes into "
-                "another TP/PP/DP layout, not across that switch (megatron-core 0.16.1's two "
-                f"optimizer state layouts differ); rerun with parallel.distributed_optimizer="
-                f"{str(was).lower()}"
-            )
-        check_dcp_dir(d)
+        meta = check_dcp_dir(d)
         sd = sharded_state(e, is_loading=True)
+        was, now = bool(saved_dopt.get(name, False)), dp_sharded(e.optimizer)
+        switch = e.optimizer is not None and was != now
+        if switch:  # parallel.distributed_optimizer changed: the other form's state
+            opt_sd = sd.pop("optimizer")
+            sd[_SWITCH_KEY] = switch_requests(opt_sd, set(meta.state_dict_metadata), d)
         loaded = dc.load(sd, d)
         chunks = e.chunks
         for i, c in enumerate(chunks):
             c.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
         if e.optimizer is not None:
-            if dp_sharded(e.optimizer):
-                _keep_step_on_load(e.optimizer)
-            e.optimizer.load_state_dict(loaded["optimizer"])
-            _own_step_tensors(e.optimizer)
+            opt_state = loaded["optimizer"]
+            if switch:
+                opt_state = switched_state(
+                    e.optimizer, opt_sd, loaded[_SWITCH_KEY], loaded["optimizer"], d
+                )
+                logger.info(
+                    "engine %s: optimizer state converted (saved with "
+                    "parallel.distributed_optimizer=%s, this run %s)",
+                    name, str(was).lower(), str(now).lower(),
+                )  # fmt: skip
+            if now:
+                patch_set_states(e.optimizer)
+            e.optimizer.load_state_dict(opt_state)
+            own_step_tensors(e.optimizer)
     with open(os.path.join(path, LOOP_FILE)) as f:
         state = json.load(f)
     for name, e in loop.trainable.items():

@@ -2,8 +2,10 @@
 (train.async_checkpoint), issue #28: saved at TP2 x PP2 on 4 gloo ranks, resumed at
 TP1 x DP4 and at PP4, the next steps give the uninterrupted run's losses to fp32 rounding
 (model, Adam moments, LR schedule, data position, step carry over); saved with the
-distributed optimizer at TP2 x DP2, resumed with it at DP4 and at PP2 x DP2, alike;
-switching the distributed optimizer on or off is refused in one line; every file is in the
+distributed optimizer at TP2 x DP2, resumed with it at DP4 and at PP2 x DP2, alike; the
+distributed optimizer switched off (TP2 x DP2 -> DP4) and on (TP2 x PP2 -> PP2 x DP2)
+between runs, alike; VPP and SP: TP2 x PP2 x VPP2 + SP -> TP1 x DP4 and TP2 x PP2 ->
+TP2 x PP2 x VPP2 + SP, alike; every file is in the
 manifest with its CRC (a flipped byte is found); a crafted DCP `.metadata`, byte item or
 common.pt pickle is refused in one line and nothing runs; another checkpoint format_version
 is refused in one line naming it; the CLI with checkpoint.format=dist saves, skips a
@@ -23,9 +25,11 @@ from nova_engine.train import checkpoint_io as cio
 from nova_engine.train.checkpoint_io import CheckpointIOError
 
 STEPS, SAVE_AT, GBS = 4, 2, 8
+VPP_MBT = 96  # tokens per micro-batch with VPP: this data then packs 2 a step (the
+# interleaved schedule wants an even count at PP2); the data position is not tied to it
 
 
-def _setup(model_dir, samples, tp, pp, dopt=False):
+def _setup(model_dir, samples, tp, pp, dopt=False, vpp=None, sp=False):
     from nova_engine.config import OptimConfig
     from nova_engine.parallel.state import initialize_parallel
     from nova_engine.train.data_source import PackedDataSource
@@ -33,13 +37,14 @@ def _setup(model_dir, samples, tp, pp, dopt=False):
     from nova_engine.train.loop import Loop
     from nova_engine.train.stages.sft import SFTStage
 
-    ps = initialize_parallel(tp=tp, pp=pp, seed=7)
+    ps = initialize_parallel(tp=tp, pp=pp, vpp=vpp, sp=sp, seed=7)
     optim = OptimConfig(lr=2e-3, weight_decay=0.01, grad_clip=1.0, schedule="cosine")
     e = ModelEngine.from_hf(
         model_dir, ps, optim=optim, total_steps=STEPS, distributed_optimizer=dopt
     )
+    mbt = VPP_MBT if vpp else 64
     data = PackedDataSource(
-        samples, global_batch_size=GBS, micro_batch_tokens=64, ps=ps, seed=3, max_steps=STEPS
+        samples, global_batch_size=GBS, micro_batch_tokens=mbt, ps=ps, seed=3, max_steps=STEPS
     )
     return Loop(e, data), SFTStage(ps)
 
@@ -51,7 +56,6 @@ def _losses(hist):
 def _worker(rank, world, root, model_dir, samples):
     from nova_engine.parallel.state import destroy_parallel
     from nova_engine.train import checkpoint, runner
-    from nova_engine.train import dist_checkpoint as dcp
 
     loop, stage = _setup(model_dir, samples, 2, 2)
     hist = _losses(loop.fit(stage, stop_after=1))
@@ -83,12 +87,14 @@ def _worker(rank, world, root, model_dir, samples):
         lr = loop.engine().optimizer.param_groups[0]["lr"]
         out[(tp, pp)] = dict(reason=reason, step=step, lr=lr, losses=_losses(loop.fit(stage)))
         destroy_parallel()
-    loop, stage = _setup(model_dir, samples, 1, 1, dopt=True)
-    try:
-        dcp.load_dist_checkpoint(path, loop)
-        out["dopt"] = "loaded"
-    except CheckpointIOError as e:
-        out["dopt"] = str(e)
+    # the reverse of the VPP / SP row: saved at TP2 x PP2, resumed at TP2 x PP2 x VPP2 with SP
+    loop, stage = _setup(model_dir, samples, 2, 2, vpp=2, sp=True)
+    checkpoint.load_checkpoint(path, loop)
+    out["to_vpp_sp"] = _losses(loop.fit(stage))
+    destroy_parallel()
+    # saved without the distributed optimizer, resumed with it at PP2 x DP2
+    loop, stage = _setup(model_dir, samples, 1, 2, dopt=True)
+    out["to_dopt"] = (checkpoint.load_checkpoint(path, loop), _losses(loop.fit(stage)))
     destroy_parallel()
     # the distributed optimizer: saved at TP2 x DP2, resumed at DP4 and at PP2 x DP2
     loop, stage = _setup(model_dir, samples, 2, 1, dopt=True)
@@ -102,6 +108,22 @@ def _worker(rank, world, root, model_dir, samples):
         step = checkpoint.load_checkpoint(dpath, loop)
         out[("dopt", tp, pp)] = dict(step=step, losses=_losses(loop.fit(stage)))
         destroy_parallel()
+    # saved with the distributed optimizer, resumed without it at DP4
+    loop, stage = _setup(model_dir, samples, 1, 1)
+    out["from_dopt"] = (checkpoint.load_checkpoint(dpath, loop), _losses(loop.fit(stage)))
+    destroy_parallel()
+    # VPP and SP: saved at TP2 x PP2 x VPP2 with SP, resumed at TP1 x DP4 (neither); the
+    # save is asynchronous (format dist): the next steps train while it is written
+    loop, stage = _setup(model_dir, samples, 2, 2, vpp=2, sp=True)
+    vfull = _losses(loop.fit(stage, stop_after=SAVE_AT))
+    saver = AsyncSaver(format="dist")
+    vpath = saver.save(root + "-vpp", loop, config_hash="h")
+    vfull += _losses(loop.fit(stage))
+    out["vpp_files"] = sorted(cio.read_manifest(saver.wait())["files"])
+    destroy_parallel()
+    loop, stage = _setup(model_dir, samples, 1, 1)
+    out["vpp_sp"] = (vfull, checkpoint.load_checkpoint(vpath, loop), _losses(loop.fit(stage)))
+    destroy_parallel()
     return out
 
 
@@ -179,11 +201,46 @@ def test_distributed_optimizer_resumes_into_another_layout(results, layout):
             assert gn == pytest.approx(want_gn, rel=1e-4, abs=1e-6)
 
 
+def _assert_resumed(losses, want):
+    """The steps after a resume give the uninterrupted run's losses and grad norms to fp32
+    rounding (reduction orders change with the layout), not bitwise."""
+    assert len(losses) == len(want) == STEPS - SAVE_AT
+    for (loss, gn), (want_loss, want_gn) in zip(losses, want):
+        assert loss == pytest.approx(want_loss, rel=1e-5, abs=1e-6)
+        assert gn == pytest.approx(want_gn, rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.slow  # the spawned 4-rank group
-def test_distributed_optimizer_switch_refused_in_one_line(results):
-    msg = results[0]["dopt"]  # saved without it, loaded with it
-    assert "parallel.distributed_optimizer=false" in msg and "this run has true" in msg
-    assert "\n" not in msg
+def test_distributed_optimizer_switched_on_and_off_between_runs(results):
+    """parallel.distributed_optimizer changes between runs: saved without it at TP2 x PP2,
+    resumed with it at PP2 x DP2; saved with it at TP2 x DP2, resumed without it at DP4.
+    The second step after the resume uses the carried Adam moments and step."""
+    for out in results:
+        step, losses = out["to_dopt"]
+        assert step == SAVE_AT
+        _assert_resumed(losses, out["full"][SAVE_AT:])
+        step, losses = out["from_dopt"]
+        assert step == SAVE_AT
+        _assert_resumed(losses, out["dopt_full"][SAVE_AT:])
+
+
+@pytest.mark.slow  # the spawned 4-rank group
+def test_virtual_pipeline_and_sequence_parallel_layout_changes(results):
+    """Saved at TP2 x PP2 x VPP2 with SP (asynchronously, format dist), resumed at TP1 x DP4;
+    saved at TP2 x PP2, resumed at TP2 x PP2 x VPP2 with SP: the uninterrupted runs' losses."""
+    files = results[0]["vpp_files"]  # written asynchronously: every rank's shards, CRC'd
+    assert {f.split("/")[1].split("_")[2] for f in files if f.startswith("dist_policy/__")} == {
+        "0",
+        "1",
+        "2",
+        "3",
+    }
+    assert {"dist_policy/.metadata", "dist_policy/metadata.json", "loop.json"} <= set(files)
+    for out in results:
+        vfull, step, losses = out["vpp_sp"]
+        assert step == SAVE_AT and len(vfull) == STEPS
+        _assert_resumed(losses, vfull[SAVE_AT:])
+        _assert_resumed(out["to_vpp_sp"], out["full"][SAVE_AT:])
 
 
 class _Boom:
@@ -264,16 +321,35 @@ def test_other_format_version_refused_in_one_line(tmp_path):
     assert "\n" not in str(e.value) and f"version {cio.FORMAT_VERSION} only" in str(e.value)
 
 
+# one rank: the uninterrupted run; then a run with a synchronous save at step 1 and an
+# asynchronous one (format argv[5]) at step 2 whose files are written only after the loop
+# trained on to the end (the writer waits for `go`: the checkpoint must be the staged
+# snapshot, not the live tensors), resumed; then a save at step 4 killed while it writes
 _ASYNC_CHILD = r"""
-import json, os, sys, time
+import json, os, sys, threading, time
 sys.path.insert(0, sys.argv[4])
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0")
-import torch
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from test_dist_checkpoint import _setup, _losses, _golden_build, STEPS
 from nova_engine.parallel.state import destroy_parallel
 from nova_engine.train import checkpoint as ck, checkpoint_io as cio
 from nova_engine.train.async_checkpoint import AsyncSaver
+fmt = sys.argv[5]
+go, kill = threading.Event(), threading.Event()
+def gated(real):
+    def write(*args, **kwargs):
+        if kill.is_set():
+            print("WRITING", flush=True)
+            time.sleep(120)
+        go.wait(300)
+        return real(*args, **kwargs)
+    return write
+if fmt == "dist":
+    FileSystemWriterAsync.write_preloaded_data = staticmethod(
+        gated(FileSystemWriterAsync.write_preloaded_data))
+else:
+    ck._save_rank_file = gated(ck._save_rank_file)
 cfg = dict(n_sft=30, data_seed=5, max_length=64, model_seed=0, num_hidden_layers=2)
 root = sys.argv[1]
 model_dir, samples = _golden_build()(sys.argv[2], cfg, "chat")
@@ -283,11 +359,16 @@ full = _losses(loop.fit(stage))
 destroy_parallel()
 loop, stage = _setup(model_dir, samples, 1, 1)
 hist = _losses(loop.fit(stage, stop_after=1))
-t = time.perf_counter(); ck.save_checkpoint(root, loop); out["sync_s"] = time.perf_counter() - t
-saver = AsyncSaver()
+go.set()
+t = time.perf_counter(); ck.save_checkpoint(root, loop, format=fmt)
+out["sync_s"] = time.perf_counter() - t
+go.clear()
+saver = AsyncSaver(format=fmt)
 hist += _losses(loop.fit(stage, stop_after=2))
 t = time.perf_counter(); saver.save(root, loop, keep_last=5); out["async_s"] = time.perf_counter() - t
-hist += _losses(loop.fit(stage))  # trains on while the writer writes step 2
+hist += _losses(loop.fit(stage))  # trains on; the writer writes step 2 only after this
+out["pending_after_training"] = saver.pending and not os.path.exists(cio.checkpoint_dir_for(root, 2))
+go.set()
 out["path"] = saver.wait()
 out["hist"], out["full"] = hist, full
 destroy_parallel()
@@ -296,19 +377,18 @@ out["step"] = ck.load_checkpoint(out["path"], loop)
 out["resumed"] = _losses(loop.fit(stage))
 with open(os.path.join(root, "result.json"), "w") as f:
     json.dump(out, f)
-real = ck._save_rank_file
-def slow(state, path):
-    real(state, path)
-    print("WRITING", flush=True)
-    time.sleep(60)
-ck._save_rank_file = slow
+kill.set()
 saver.save(root, loop, keep_last=5)  # step 4: killed (-9) while writing
-time.sleep(60)
+time.sleep(120)
 """
 
 
 @pytest.mark.slow  # a child process (one rank), killed with SIGKILL
-def test_async_save_resumes_exactly_and_kill_during_it_keeps_previous(tmp_path):
+@pytest.mark.parametrize("fmt", ["torch", "dist"])
+def test_async_save_resumes_exactly_and_kill_during_it_keeps_previous(tmp_path, fmt):
+    """AsyncSaver in either format: the files are written only after the loop trained on
+    (a snapshot, not the live tensors), the resumed run gives the uninterrupted losses, and
+    a kill -9 while the next save writes leaves the previous checkpoint the newest."""
     import json
     import signal
     import subprocess
@@ -320,7 +400,7 @@ def test_async_save_resumes_exactly_and_kill_during_it_keeps_previous(tmp_path):
     root.mkdir()
     args = [str(root), str(tmp_path / "assets"), str(free_port()), os.path.dirname(__file__)]
     child = subprocess.Popen(
-        [sys.executable, "-c", _ASYNC_CHILD, *args],
+        [sys.executable, "-c", _ASYNC_CHILD, *args, fmt],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -335,14 +415,16 @@ def test_async_save_resumes_exactly_and_kill_during_it_keeps_previous(tmp_path):
     assert child.returncode == -signal.SIGKILL, "".join(lines[-30:])
     with open(root / "result.json") as f:
         out = json.load(f)
+    assert out["pending_after_training"]  # the write waited for the training to finish
     assert out["step"] == 2 and out["hist"] == out["full"]  # training went on undisturbed
     assert out["resumed"] == out["full"][2:]  # the async checkpoint holds step 2's state
     # killed while writing step 4: the newest complete checkpoint is still step 2's
     assert cio.latest_complete(root) == out["path"]
+    assert cio.read_manifest(out["path"])["extra"].get("format", "torch") == fmt
     assert [s for s, _ in cio.list_complete(root)] == [1, 2]
     assert cio.cleanup_stale(root)  # the killed writer's temp (and .pending) removed
-    print(f"save at step boundary (tiny model, 2-core CPU): sync {out['sync_s']:.3f}s, "
-          f"async (staging only) {out['async_s']:.3f}s")  # fmt: skip
+    print(f"save at step boundary (format {fmt}, tiny model, 2-core CPU): sync "
+          f"{out['sync_s']:.3f}s, async (staging only) {out['async_s']:.3f}s")  # fmt: skip
 
 
 def test_cli_run_with_format_dist_saves_skips_damaged_and_resumes(tmp_path, capsys, caplog):
