@@ -20,6 +20,15 @@ With `model.lora` (a recipe key or an override) the base is frozen and only the 
 train: no base grads / optimizer state and no reference copy (plan_terms: LoRA). Throughput
 figures are PROJECTED (FLOPs at a stated efficiency plus the pipeline bubble),
 not measured.
+
+RLVR with `rlvr.mode: async` (the recipe's rlvr section, or an override `rlvr.mode=async`):
+the world splits as the run splits it (RLVRSection.split: the last rlvr.generation_ranks
+ranks generate) and the two groups are planned separately: the training group is the
+recipe's layout over the remaining ranks (policy, reference, critic: as colocated, but no
+KV cache), the generation group rlvr.generation_tp x generation_pp (frozen weights in the
+training precision, the KV cache of rollout.max_batch_size sequences of data.max_length +
+rollout.max_new_tokens tokens, nothing else). The split and both layouts are validated
+first (exit 2 naming the key); exit 0 only when both groups fit.
 """
 
 from __future__ import annotations
@@ -138,8 +147,54 @@ def workload(run, stage: str, lay: P.Layout, opt: Options) -> tuple[P.Workload, 
         lora_targets=tuple(run.model.lora.targets) if run.model.lora else ("qkv",),
         critic_lora_rank=critic_lora.rank if critic_lora else 0,
         critic_lora_targets=tuple(critic_lora.targets) if critic_lora else ("qkv",),
+        generates=async_rlvr(run, stage) is None,
     )
     return wl, tokens
+
+
+def async_rlvr(run, stage: str):
+    """The recipe's `rlvr:` section (RLVRSection) when the stage is rlvr in async mode."""
+    r = getattr(run, "rlvr", None) if stage == "rlvr" else None
+    return r if r is not None and r.is_async else None
+
+
+def async_split(run, arch, world: int, source: str) -> tuple[range, range]:
+    """(training ranks, generation ranks) of an async RLVR world, checked as the run checks
+    them before any process group (RLVRSection.split, the training group's layout and batch,
+    the generation layout against the model's dimensions); ConfigError naming the key."""
+    r, par = run.rlvr, run.parallel
+    train, gen = r.split(world, par.tp, par.pp)
+    dims = {"num_attention_heads": arch.num_heads, "num_key_value_heads": arch.num_kv_heads,
+            "vocab_size": arch.vocab_size, "intermediate_size": arch.intermediate_size,
+            "num_hidden_layers": arch.num_layers}  # fmt: skip
+    r.check_dims(dims, source)
+    run.validate_world(len(train))
+    return train, gen
+
+
+def generation_workload(run, opt: Options) -> P.Workload:
+    """Async RLVR's generation group: rollout.max_batch_size rows (or --rollout-batch) of
+    data.max_length + rollout.max_new_tokens tokens (or --rollout-len), training precision."""
+    lora = run.model.lora
+    return P.Workload(
+        stage="rlvr",
+        precision=run.train.precision,
+        critic=False,
+        rollout_batch=opt.rollout_batch or run.rollout.max_batch_size,
+        rollout_len=opt.rollout_len or run.data.max_length + run.rollout.max_new_tokens,
+        reserve_gib=opt.reserve_gib,
+        lora_rank=lora.rank if lora else 0,
+        lora_targets=tuple(lora.targets) if lora else ("qkv",),
+    )
+
+
+def evaluate_generation(arch, run, gen_ranks: range, opt: Options) -> Evaluated:
+    """The generation group of an async RLVR run: per stage of its TP x PP layout."""
+    r = run.rlvr
+    lay = P.Layout(r.generation_tp, r.generation_pp,
+                   len(gen_ranks) // (r.generation_tp * r.generation_pp), recompute="none")  # fmt: skip
+    stages = P.generation_memory(arch, lay, generation_workload(run, opt))
+    return Evaluated(lay, stages, None, max(s.total for s in stages) <= opt.gpu_mem_gib * P.GiB)
 
 
 def recipe_layout(run, world: int) -> P.Layout:
@@ -342,22 +397,31 @@ def main(argv: list[str] | None = None) -> int:
         not args.no_critic,
         args.reserve,
     )
+    split = None  # async RLVR: (training ranks, generation ranks)
     try:
         run, arch, cfg, world = resolve(
             args.recipe, args.stage, args.config, args.world, args.overrides
         )
-        run.validate_world(world)
+        if async_rlvr(run, args.stage) is not None:
+            split = async_split(run, arch, world, cfg)
+            r = run.rlvr
+            arch.check_layout(r.generation_tp, r.generation_pp, 1)
+        else:
+            run.validate_world(world)
         arch.check_layout(run.parallel.tp, run.parallel.pp, run.parallel.vpp)
     except (ConfigError, ArchitectureError, OSError) as e:
         emit(f"nova plan: {e}", err=True)
         return 2
+    total_world = world
+    if split is not None:
+        world = len(split[0])  # from here on: the training group
     lay = recipe_layout(run, world)
     ev = evaluate(arch, run, args.stage, lay, opt)
     wl, tokens = workload(run, args.stage, lay, opt)
     lora = run.model.lora
     emit(
         f"nova plan: {args.recipe} [{args.stage}], {arch.family} from {cfg}: "
-        f"{arch.num_params / 1e9:.2f}B params, {world} GPUs of {args.gpu_mem:g} GiB"
+        f"{arch.num_params / 1e9:.2f}B params, {total_world} GPUs of {args.gpu_mem:g} GiB"
         + (f"; LoRA r={lora.rank} on {','.join(lora.targets)} (base frozen)" if lora else "")
     )
     emit(
@@ -370,14 +434,32 @@ def main(argv: list[str] | None = None) -> int:
         emit(
             f"(no {args.stage} section in the recipe: layout and batch of its {run.stage} section)"
         )
+    gen = None
+    if split is not None:
+        gen = evaluate_generation(arch, run, split[1], opt)
+        t, g = split
+        emit(f"rlvr.mode async: {total_world} GPUs = training group of {len(t)} (ranks "
+             f"{t.start}..{t.stop - 1}) + generation group of {len(g)} (ranks {g.start}.."
+             f"{g.stop - 1})\n\ntraining group (no KV cache: the generation group samples):")  # fmt: skip
     emit(format_memory(ev))
     verdict = "fits" if ev.fits else "DOES NOT FIT: " + ev.reason(args.gpu_mem)
     emit(f"{lay.describe()}: {verdict}")
     emit(format_time(ev.time, opt))
+    if gen is not None:
+        wl_gen = generation_workload(run, opt)
+        gl = gen.layout
+        emit(f"\ngeneration group TP{gl.tp} PP{gl.pp} DP{gl.dp}: frozen weights "
+             f"({run.train.precision}), KV cache of {wl_gen.rollout_batch} sequences x "
+             f"{wl_gen.rollout_len} tokens (prompt + response); no grads, optimizer, "
+             "reference or critic")  # fmt: skip
+        emit(format_memory(gen))
+        verdict = "fits" if gen.fits else "DOES NOT FIT: " + gen.reason(args.gpu_mem)
+        emit(f"generation group TP{gl.tp} PP{gl.pp} DP{gl.dp}: {verdict}")
     alts = rank_alternatives(arch, run, args.stage, world, opt)
-    emit(f"\nlayouts of {world} GPUs, fitting first, by projected step time:")
+    what = " (the training group)" if split is not None else ""
+    emit(f"\nlayouts of {world} GPUs{what}, fitting first, by projected step time:")
     emit(format_alternatives(alts, opt, args.top))
-    least = smallest_fit(arch, run, args.stage, opt)
+    least = None if split is not None else smallest_fit(arch, run, args.stage, opt)
     if least is not None:
         emit(f"smallest world that fits: {least[0]} GPUs, {least[1].layout.describe()} "
              f"({least[1].peak / P.GiB:.1f} GiB peak)")  # fmt: skip
@@ -390,4 +472,4 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             emit(f"no layout of {world} GPUs fits {args.gpu_mem:g} GiB: use more GPUs")
-    return 0 if ev.fits else 1
+    return 0 if ev.fits and (gen is None or gen.fits) else 1

@@ -57,6 +57,10 @@ Departures from the paper / megatron's estimate, and why:
 - full recompute (uniform, 1 layer per checkpoint) keeps each layer's input (b h / sp_div)
   and re-materializes one layer in backward.
 
+Async RLVR (`rlvr.mode: async`): the world splits into a training group (the recipe's
+layout over world - rlvr.generation_ranks ranks: the terms above, without the KV cache) and
+a generation group (`generation_memory`: frozen weights + KV cache + reserve per rank).
+
 LoRA (`model.lora`, Workload.lora_rank > 0): the base weights are frozen: weights x b, no
 grads, no optimizer state; the adapters (`lora_params`: shapes of nova_engine.model.lora) and
 a score head train with the usual 2 + 4 + 12 bytes (bf16 params, fp32 main grads, fp32
@@ -162,6 +166,9 @@ class Workload:
     """rlvr: critic.lora.rank (0: the whole critic trains)."""
     critic_lora_targets: tuple[str, ...] = ("qkv", "proj", "fc1", "fc2")
     """rlvr: critic.lora.targets (an LM head target is ignored: a critic has a score head)."""
+    generates: bool = True
+    """rlvr: the training ranks also generate (rlvr.mode colocated: their KV cache counts);
+    False for the training group of rlvr.mode async (`generation_memory` holds the cache)."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_KINDS:
@@ -405,9 +412,31 @@ def _rl_terms(arch: ModelArch, lay: Layout, wl: Workload, pp_rank: int, r: RankM
             r.terms.update(_static(trained, lay, wl.b, prefix="critic lora "))
         else:
             r.terms.update(_static(critic, lay, wl.b, prefix="critic "))
+    if not wl.generates:  # async: the generation group holds the cache
+        return
     train_act = sum(v for k, v in r.terms.items() if k.startswith(("activations", "p2p", "loss")))
     kv = kv_cache_bytes(arch, lay, wl)
     r.terms["kv cache (beyond train activations)"] = max(0.0, kv - train_act)
+
+
+def generation_memory(arch: ModelArch, lay: Layout, wl: Workload) -> list[RankMemory]:
+    """RLVR's generation group (rlvr.mode async), per pipeline stage of its layout: the
+    policy's weights, frozen, in the training precision (`stage_params` x b; with LoRA the
+    base and the adapters), the KV cache of wl.rollout_batch sequences of wl.rollout_len
+    (prompt + response) tokens (`kv_cache_bytes`), and the reserve. No gradients, optimizer
+    state, reference, critic or training activations: the group only samples."""
+    arch.check_layout(lay.tp, lay.pp, lay.vpp)
+    out = []
+    for p in range(lay.pp):
+        params = sum(stage_params(arch, lay, p).values())
+        r = RankMemory(p, params, {"weights (frozen policy)": params * wl.b})
+        if wl.lora_rank:
+            r.terms["lora adapters"] = lora_params(arch, lay, p, wl.lora_rank,
+                                                   wl.lora_targets) * wl.b  # fmt: skip
+        r.terms["kv cache"] = kv_cache_bytes(arch, lay, wl)
+        r.terms["reserve"] = wl.reserve_gib * GiB
+        out.append(r)
+    return out
 
 
 def plan(arch: ModelArch, lay: Layout, wl: Workload) -> list[RankMemory]:
