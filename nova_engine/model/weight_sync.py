@@ -24,16 +24,30 @@ No file system and no per-tensor message: the order, names, shapes and dtypes (t
 are exchanged once, when the WeightSync is built, with the architectures, which must agree
 (else `WeightSyncError` on every rank, before any weight moves).
 
-Metrics: weight_sync_s (this rank's wall time of `sync`), weight_sync_gb (bytes of the
+Speed (issue #27: within 2x of bytes / link bandwidth). The two bucket buffers of each side
+are allocated at the first sync and kept (a fresh buffer costs its page faults on every
+sync: more than the copy on a CPU). A source copies each HF tensor into its bucket in one
+pass (strided views such as q/k/v of the fused QKV and dtype casts included) and packs the
+next bucket while the previous one is on the wire; at TP > 1 the shards of consecutive
+parameters are gathered together, one all_gather per up to bucket/tp bytes, into kept
+buffers. A generation rank receives the next bucket while it copies the bytes of this one
+straight into its parameters (`direct=True`, the default): the HF load of each parameter is
+planned once at construction as pieces (HF tensor, rows, cols) -> rows of the parameter,
+and a piece that is a plain element range (whole tensors, row slices: every piece but a
+column slice at generation TP > 1) is copied from the bucket into the parameter even when
+the tensor spans buckets; a column slice waits for its whole HF tensor. `direct=False`
+loads through `_hf_value` (the import path itself) instead: the reference the fast path is
+tested against, bit for bit.
+
+Metrics: weight_sync_s (this rank's wall time of `sync`), weight_sync_wait_s (of it, the
+time blocked on the wire: broadcasts and, at TP > 1, gathers), weight_sync_gb (bytes of the
 stream, 1e9), weight_sync_buckets.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,153 +55,24 @@ import torch.distributed as dist
 
 from nova_engine.logging import get_logger
 from nova_engine.model.arch import ModelArch
-from nova_engine.model.hf_io import (
-    _LORA_MARK,
-    SCORE_PARAM,
-    _gather_tp,
-    _hf_value,
-    _split_name,
-    _to_hf,
-    hf_expected_names,
+from nova_engine.model.hf_io import _hf_value, _to_hf, hf_expected_names
+from nova_engine.model.sync_plan import (
+    _ALIGN,
+    WeightSyncError,
+    _align,
+    _arch_diff,
+    _Entry,
+    _export_plan,
+    _manifest,
+    _pack_shards,
+    _plan,
+    _Received,
+    _Side,
+    _side,
+    _Stage,
 )
-from nova_engine.parallel.state import ParallelState
 
 log = get_logger(__name__)
-
-_ALIGN = 16  # every tensor starts at a multiple of 16 bytes of its stage's stream
-# fields a generator may have of its own: the dtype its weights are kept in, token ids
-_ARCH_FREE = ("torch_dtype", "bos_token_id", "eos_token_id")
-
-
-class WeightSyncError(ValueError):
-    """Two sides that cannot exchange weights (the message names what differs)."""
-
-
-@dataclass
-class _Side:
-    """One engine's view: its chunks, architecture, layout, and whether LoRA is merged in."""
-
-    chunks: list[torch.nn.Module]
-    arch: ModelArch
-    ps: ParallelState
-    engine: Any = None
-
-    def merged(self) -> contextlib.AbstractContextManager:
-        if self.engine is not None and getattr(self.engine, "lora", None) is not None:
-            from nova_engine.model.lora import lora_merged
-
-            return lora_merged(self.chunks)
-        return contextlib.nullcontext()
-
-    def params(self) -> Iterator[tuple[str, int | None, torch.Tensor]]:
-        """(megatron name, global layer, parameter) of the decoder, chunk by chunk (no LoRA
-        adapters, no score head: neither has a HF tensor of the causal LM)."""
-        for model in self.chunks:
-            for mname, p in model.named_parameters():
-                name, layer = _split_name(mname, model)
-                if _LORA_MARK in name or name == SCORE_PARAM:
-                    continue
-                yield name, layer, p
-
-
-def _side(obj: Any) -> _Side | None:
-    """An engine (.chunks, .arch, .ps) or a (chunks, arch, ps) tuple as a _Side."""
-    if obj is None:
-        return None
-    if isinstance(obj, tuple):
-        chunks, arch, ps = obj
-        return _Side(list(chunks), arch, ps)
-    return _Side(list(obj.chunks), obj.arch, obj.ps, engine=obj)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One HF tensor of a stage's stream."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int  # bytes from the start of the stage's stream
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.empty(0, dtype=self.dtype).element_size()
-
-
-def _manifest(side: _Side, dtype: torch.dtype | None) -> list[_Entry]:
-    """The HF tensors this source's stage sends, in stream order (shapes from meta tensors:
-    nothing is gathered)."""
-    out: list[_Entry] = []
-    offset = 0
-    for name, layer, p in side.params():
-        meta = torch.empty(p.shape, dtype=dtype or p.dtype, device="meta")
-        for hf_name, t in _to_hf(side.arch, name, layer, [meta] * side.ps.tp).items():
-            e = _Entry(hf_name, t.dtype, tuple(t.shape), offset)
-            out.append(e)
-            offset = -(-(offset + e.nbytes) // _ALIGN) * _ALIGN
-    return out
-
-
-def _stream_bytes(entries: list[_Entry]) -> int:
-    return entries[-1].offset + entries[-1].nbytes if entries else 0
-
-
-class _Recorder:
-    """A TensorReader that records the names `_hf_value` reads (and returns nothing)."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-
-    def read(self, name: str, rows: slice | None = None, cols: slice | None = None):
-        self.names.append(name)
-        return torch.empty(0)
-
-
-class _Received:
-    """A TensorReader over the HF tensors received so far."""
-
-    def __init__(self) -> None:
-        self.tensors: dict[str, torch.Tensor] = {}
-
-    def read(self, name: str, rows: slice | None = None, cols: slice | None = None):
-        t = self.tensors[name]
-        if cols is not None:
-            return t[rows or slice(None), cols]
-        return t[rows] if rows is not None else t
-
-
-def _needs(side: _Side) -> list[tuple[torch.Tensor, str, int | None, list[str]]]:
-    """(param, megatron name, layer, HF names it reads) for every parameter of the side."""
-    out = []
-    for name, layer, p in side.params():
-        rec = _Recorder()
-        _hf_value(rec, side.arch, name, layer, side.ps.tp, side.ps.tp_rank)
-        out.append((p, name, layer, sorted(set(rec.names))))
-    return out
-
-
-def _arch_diff(a: dict, b: dict) -> list[str]:
-    return [
-        f"{k}: {a.get(k)!r} vs {b.get(k)!r}"
-        for k in a
-        if k not in _ARCH_FREE and a.get(k) != b.get(k)
-    ]
-
-
-@dataclass
-class _Stage:
-    """One source (a training pipeline stage) and its broadcast group."""
-
-    src: int
-    entries: list[_Entry]
-    group: Any = None
-    nbytes: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.nbytes = _stream_bytes(self.entries)
 
 
 class WeightSync:
@@ -197,11 +82,15 @@ class WeightSync:
         src: the training engine on ranks of the training layout, None elsewhere (an engine
             with .chunks/.arch/.ps, or a (chunks, arch, ps) tuple).
         dst: the generation engine on ranks of the generation layout, None elsewhere.
-        bucket_mb: size of one broadcast bucket in MiB; a source and a generation rank hold
-            two (one on the wire while the other fills or is read) plus, on a generation
-            rank, the received tensors a parameter still waits for; bucket_bytes overrides
-            it (tests).
+        bucket_mb: size of one broadcast bucket in MiB; a source and a generation rank keep
+            two from the first sync on (one on the wire while the other fills or is read),
+            a training rank at TP > 1 also a gather buffer of (1 + 1/tp) buckets; a
+            generation rank may also hold a HF tensor that spans buckets and that one of its
+            parameters reads a column slice of. bucket_bytes overrides it (tests).
         dtype: cast the HF tensors to this dtype on the wire (None: the trainer's dtype).
+        direct: copy received bytes straight into the generator's parameters (default);
+            False loads each parameter through the HF import path (`_hf_value`), the
+            reference the direct path is tested against.
 
     Building it is collective over the whole world (it exchanges the manifest and creates the
     broadcast groups); a rank in neither group passes (None, None)."""
@@ -214,6 +103,7 @@ class WeightSync:
         bucket_mb: float = 256,
         bucket_bytes: int | None = None,
         dtype: torch.dtype | None = None,
+        direct: bool = True,
     ):
         self.src, self.dst = _side(src), _side(dst)
         if self.src is not None and self.dst is not None:
@@ -228,6 +118,9 @@ class WeightSync:
             )
         self.bucket_bytes = size // _ALIGN * _ALIGN
         self.dtype = dtype
+        self.direct = direct
+        self._bufs: dict[str, torch.Tensor] = {}  # kept across syncs (see _buf)
+        self._export: list | None = None  # a TP > 1 source's _export_plan (first sync)
         me = dist.get_rank()
         info: dict[str, Any] = {"rank": me, "role": None}
         if self.src is not None:
@@ -236,9 +129,9 @@ class WeightSync:
             if ps.tp_rank == 0 and ps.dp_rank == 0:
                 info["manifest"] = _manifest(self.src, dtype)
         if self.dst is not None:
-            self._needs = _needs(self.dst)
-            names = sorted({n for *_, ns in self._needs for n in ns})
-            info.update(role="gen", arch=self.dst.arch.to_dict(), needs=names)
+            self._needs, self._pieces, errors = _plan(self.dst)
+            names = sorted(self._pieces)
+            info.update(role="gen", arch=self.dst.arch.to_dict(), needs=names, errors=errors)
         infos: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(infos, info)
         self._check(infos)  # the same verdict on every rank: all raise, or none
@@ -272,6 +165,9 @@ class WeightSync:
                     f"the {what} model on rank {i['rank']} differs from the training model "
                     f"on rank {ref['rank']}: {'; '.join(diff[:4])}"
                 )
+        for i in gen:
+            if i["errors"]:
+                raise WeightSyncError(f"generation rank {i['rank']}: {i['errors'][0]}")
         arch = ModelArch(**ref["arch"])
         expected = hf_expected_names(arch)
         sent: dict[str, tuple[int, ...]] = {}
@@ -292,6 +188,14 @@ class WeightSync:
                     "stage sends"
                 )
 
+    def _buf(self, key: str, nbytes: int, device: torch.device) -> torch.Tensor:
+        """A byte buffer of at least nbytes, kept for the next syncs (grown when short)."""
+        b = self._bufs.get(key)
+        if b is None or b.numel() < nbytes:
+            self._bufs.pop(key, None)  # free the short one first
+            b = self._bufs[key] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return b
+
     # -- one sync ------------------------------------------------------------------------
 
     def sync(self) -> dict[str, float]:
@@ -300,19 +204,68 @@ class WeightSync:
         if self.src is None and self.dst is None:
             return {}
         t0 = time.perf_counter()
-        buckets = 0
+        self._wait = 0.0
         with torch.no_grad():
             if self.src is not None:
                 buckets = self._send()
+            elif self.direct:
+                buckets = self._recv_direct()
             else:
                 buckets = self._recv()
         dt = time.perf_counter() - t0
         self.last = {
             "weight_sync_s": dt,
+            "weight_sync_wait_s": self._wait,
             "weight_sync_gb": self.total_bytes / 1e9,
             "weight_sync_buckets": float(buckets),
         }
         return self.last
+
+    def _waited(self, work: Any) -> None:
+        t = time.perf_counter()
+        work.wait()
+        self._wait += time.perf_counter() - t
+
+    def _gathered(self, side: _Side) -> Iterator[list[torch.Tensor]]:
+        """The TP shards of every parameter, in `_Side.params` order, on the TP rank 0 (other
+        TP ranks get []). At TP > 1 consecutive parameters are gathered together (one gather
+        of up to bucket/tp bytes of shards per rank, into kept buffers): the shards are
+        views of the gather buffer, valid until the next item after the group's last one."""
+        ps = side.ps
+        params = [p.detach() for *_, p in side.params()]
+        if ps.tp == 1:
+            yield from ([p] for p in params)
+            return
+        cap = max(self.bucket_bytes // ps.tp, _ALIGN)
+        i = 0
+        while i < len(params):
+            offs, n, j = [], 0, i
+            while j < len(params):
+                nb = params[j].numel() * params[j].element_size()
+                if j > i and n + nb > cap:
+                    break
+                offs.append(n)
+                n, j = _align(n + nb), j + 1
+            local = self._buf("gather_in", n, ps.device)
+            group = list(zip(params[i:j], offs))
+            for p, o in group:
+                local[o : o + p.numel() * p.element_size()].view(p.dtype).view(p.shape).copy_(p)
+            out = self._buf("gather_out", n * ps.tp, ps.device) if ps.tp_rank == 0 else None
+            parts = None if out is None else [out[r * n : (r + 1) * n] for r in range(ps.tp)]
+            t = time.perf_counter()
+            dist.gather(local[:n], parts, group=ps.tp_group, group_dst=0)
+            self._wait += time.perf_counter() - t
+            for p, o in group:
+                nb = p.numel() * p.element_size()
+                yield (
+                    []
+                    if out is None
+                    else [
+                        out[r * n + o : r * n + o + nb].view(p.dtype).view(p.shape)
+                        for r in range(ps.tp)
+                    ]
+                )
+            i = j
 
     def _send(self) -> int:
         side = self.src
@@ -324,11 +277,11 @@ class WeightSync:
             side.engine.sync_params()
         source = ps.tp_rank == 0
         stage = next((s for s in self.stages if s.src == ps.rank), None) if source else None
-        # two buckets: one fills while the other is on the wire
-        bufs = [
-            torch.empty(self.bucket_bytes if stage else 0, dtype=torch.uint8, device=ps.device)
-            for _ in range(2)
-        ]
+        size = self.bucket_bytes
+        if stage is not None:  # two buckets: one fills while the other is on the wire
+            bufs = [self._buf(f"send{i}", size, ps.device) for i in range(2)]
+            if ps.tp > 1 and self._export is None:
+                self._export = _export_plan(side)
         works: list[Any] = [None, None]
         cur, fill, sent, count = 0, 0, 0, 0  # buffer, bytes in it, bytes sent, buckets
 
@@ -340,41 +293,133 @@ class WeightSync:
             )
             sent, fill, count, cur = sent + n, 0, count + 1, 1 - cur
             if works[cur] is not None:  # the next buffer's last broadcast is done
-                works[cur].wait()
+                self._waited(works[cur])
                 works[cur] = None
 
         with side.merged():
-            entries = iter(stage.entries) if stage else iter(())
-            for name, layer, p in side.params():
-                parts = _gather_tp(p.detach(), ps)
-                if stage is None:
-                    continue
-                for hf_name, t in _to_hf(side.arch, name, layer, parts, copy=False).items():
-                    e = next(entries)
-                    assert e.name == hf_name, (e.name, hf_name)
-                    data = t.to(e.dtype).contiguous().view(-1).view(torch.uint8)
+            entries = list(stage.entries) if stage else []
+            k = 0  # next entry
+            params = list(side.params())
+            for i, shards in enumerate(self._gathered(side)):
+                hf: dict[str, torch.Tensor] | None = None  # _to_hf's tensors, when needed
+                while k < len(entries) and entries[k].param == i:
+                    e, k = entries[k], k + 1
                     pos = e.offset - sent  # alignment padding: skip to the entry's offset
-                    while pos >= self.bucket_bytes:  # (only when the padding fills a bucket)
-                        flush(self.bucket_bytes)
-                        pos -= self.bucket_bytes
+                    while pos >= size:  # (only when the padding fills a bucket)
+                        flush(size)
+                        pos -= size
                     fill = pos
+                    if fill + e.nbytes <= size:  # in this bucket: written in one pass
+                        out = bufs[cur][fill : fill + e.nbytes].view(e.dtype).view(e.shape)
+                        if len(shards) > 1:  # from the shards, no concatenated copy
+                            assert self._export is not None
+                            _pack_shards(out, e.name, self._export[i], shards)
+                        else:  # TP1: a view (strided for q/k/v), cast in the copy
+                            name, layer, _ = params[i]
+                            hf = hf or _to_hf(side.arch, name, layer, shards, copy=False)
+                            out.copy_(hf[e.name])
+                        fill += e.nbytes
+                        if fill == size:
+                            flush(fill)
+                        continue
+                    name, layer, _ = params[i]
+                    hf = hf or _to_hf(side.arch, name, layer, shards, copy=False)
+                    data = hf[e.name].to(e.dtype).contiguous().view(-1).view(torch.uint8)
                     done = 0
                     while done < data.numel():
-                        k = min(self.bucket_bytes - fill, data.numel() - done)
-                        bufs[cur][fill : fill + k].copy_(data[done : done + k])
-                        fill, done = fill + k, done + k
-                        if fill == self.bucket_bytes:
+                        n = min(size - fill, data.numel() - done)
+                        bufs[cur][fill : fill + n].copy_(data[done : done + n])
+                        fill, done = fill + n, done + n
+                        if fill == size:
                             flush(fill)
             if stage is not None and fill:
                 flush(fill)
             for w in works:
                 if w is not None:
-                    w.wait()
+                    self._waited(w)
             if stage is not None:
-                assert sent == stage.nbytes, (sent, stage.nbytes)
+                assert k == len(entries) and sent == stage.nbytes, (k, sent, stage.nbytes)
         return count
 
+    def _sizes(self, stage: _Stage) -> list[int]:
+        b = self.bucket_bytes
+        return [min(b, stage.nbytes - a) for a in range(0, stage.nbytes, b)]
+
+    def _recv_direct(self) -> int:
+        """Receive every stage's buckets (the next one on the wire while this one is read)
+        and copy the planned pieces from them straight into the parameters."""
+        side = self.dst
+        assert side is not None
+        dev = side.ps.device
+        bufs = [self._buf(f"recv{i}", self.bucket_bytes, dev) for i in range(2)]
+        count = 0
+        for stage in self.stages:
+            sizes = self._sizes(stage)
+            works: list[Any] = [None, None]
+
+            def post(j: int, stage: _Stage = stage, sizes: list = sizes, works: list = works):
+                works[j % 2] = dist.broadcast(
+                    bufs[j % 2][: sizes[j]], src=stage.src, group=stage.group, async_op=True
+                )
+
+            wanted = [e for e in stage.entries if e.name in self._pieces]
+            whole: dict[str, torch.Tensor] = {}  # spanning tensors read by column slices
+            k = 0  # first wanted entry not yet complete
+            if sizes:
+                post(0)
+            for j, size in enumerate(sizes):
+                if j + 1 < len(sizes):
+                    post(j + 1)
+                self._waited(works[j % 2])
+                buf, start = bufs[j % 2], j * self.bucket_bytes
+                end = start + size
+                count += 1
+                while k < len(wanted) and wanted[k].offset < end:
+                    e = wanted[k]
+                    lo, hi = max(e.offset, start), min(e.offset + e.nbytes, end)
+                    self._copy_pieces(e, buf[lo - start : hi - start], lo - e.offset, whole)
+                    if e.offset + e.nbytes > end:
+                        break  # continues in the next bucket
+                    k += 1
+            assert k == len(wanted) and not whole, (k, len(wanted), list(whole)[:3])
+        return count
+
+    def _copy_pieces(self, e: _Entry, data: torch.Tensor, at: int, whole: dict) -> None:
+        """Bytes [at, at + len(data)) of HF tensor e arrived: copy the element ranges of its
+        plain pieces; a column-sliced piece waits for the whole tensor (a view when the
+        tensor is in one bucket, else assembled in `whole`)."""
+        esize = torch.empty(0, dtype=e.dtype).element_size()
+        a0, a1 = at // esize, (at + data.numel()) // esize
+        elems = data.view(e.dtype)
+        strided = []
+        for pc in self._pieces[e.name]:
+            if pc.flat is None:
+                strided.append(pc)
+                continue
+            first, last, dst = pc.flat
+            s0, s1 = max(first, a0), min(last, a1)
+            if s0 < s1:
+                flat = pc.param.detach().view(-1)
+                flat[dst + s0 - first : dst + s1 - first].copy_(elems[s0 - a0 : s1 - a0])
+        if not strided:
+            return
+        if at == 0 and data.numel() == e.nbytes:
+            t = elems.view(e.shape)
+        else:
+            if e.name not in whole:
+                whole[e.name] = torch.empty(e.nbytes, dtype=torch.uint8, device=data.device)
+            whole[e.name][at : at + data.numel()].copy_(data)
+            if at + data.numel() < e.nbytes:
+                return
+            t = whole.pop(e.name).view(e.dtype).view(e.shape)
+        for pc in strided:
+            value = t[pc.rows] if pc.rows is not None else t
+            value = value[:, pc.cols] if pc.cols is not None else value
+            pc.param.detach()[pc.row0 : pc.row0 + value.shape[0]].copy_(value)
+
     def _recv(self) -> int:
+        """The general path (direct=False): each parameter loads through `_hf_value` once
+        its HF tensors are all here."""
         side = self.dst
         assert side is not None
         ps = side.ps
@@ -387,14 +432,11 @@ class WeightSync:
         # two buckets: the next one arrives while this one is read. A tensor inside one
         # bucket is read in place (a view), and copied out only if a parameter still waits
         # for it when its buffer is about to be overwritten.
-        bufs = [torch.empty(self.bucket_bytes, dtype=torch.uint8, device=ps.device) for _ in "ab"]
+        bufs = [self._buf(f"recv{i}", self.bucket_bytes, ps.device) for i in range(2)]
         views: list[set[str]] = [set(), set()]  # names read in place from each buffer
         count = 0
         for stage in self.stages:
-            sizes = [
-                min(self.bucket_bytes, stage.nbytes - a)
-                for a in range(0, stage.nbytes, self.bucket_bytes)
-            ]
+            sizes = self._sizes(stage)
             works: list[Any] = [None, None]
 
             def post(j: int, stage: _Stage = stage, sizes: list = sizes, works: list = works):
@@ -416,7 +458,7 @@ class WeightSync:
                 if j + 1 < len(sizes):
                     post(j + 1)
                 b = j % 2
-                works[b].wait()
+                self._waited(works[b])
                 buf, start = bufs[b], j * self.bucket_bytes
                 count += 1
                 end = start + size
@@ -470,87 +512,7 @@ class WeightSync:
         return left
 
 
-class AdapterSync:
-    """LoRA adapters only, trainer -> generator (issue #31: with LoRA the base weights never
-    change, so a sync moves the adapters: a few MB instead of the model). Both sides are
-    LoRA engines with the same model.lora (rank, alpha, targets) over the same frozen base
-    (the generator loaded from the trainer's starting weights); the layouts may differ.
+# the adapters-only sync lives in its own module; importable from here as before
+from nova_engine.model.adapter_sync import AdapterSync  # noqa: E402
 
-    Each training pipeline stage's TP0/DP0 rank sends its stage's adapters as full PEFT
-    matrices (nova_engine.model.lora.peft_state_dict: gathered over TP) in one flat fp32
-    buffer broadcast over a group of itself and every generation rank; generation ranks
-    load their TP slices (lora.load_peft_tensors). Building it is collective over the world
-    and refuses, on every rank, sides whose architecture or LoRA settings differ."""
-
-    def __init__(self, src: Any, dst: Any):
-        from dataclasses import asdict
-
-        self.src, self.dst = _side(src), _side(dst)
-        me = dist.get_rank()
-        info: dict[str, Any] = {"rank": me, "role": None}
-        for role, side in (("train", self.src), ("gen", self.dst)):
-            if side is None:
-                continue
-            lora = getattr(side.engine, "lora", None)
-            if lora is None:
-                raise WeightSyncError(f"rank {me}: the {role} engine has no LoRA adapters")
-            info.update(role=role, arch=side.arch.to_dict(), lora=asdict(lora))
-            if role == "train":
-                ps = side.ps
-                info.update(stage=ps.pp_rank, source=ps.tp_rank == 0 and ps.dp_rank == 0)
-        infos: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(infos, info)
-        sides = [i for i in infos if i["role"] is not None]
-        if not any(i["role"] == "train" for i in sides) or not any(
-            i["role"] == "gen" for i in sides
-        ):
-            raise WeightSyncError("adapter sync needs a training and a generation side")
-        ref = next(i for i in sides if i["role"] == "train")
-        for i in sides:
-            diff = _arch_diff(ref["arch"], i["arch"])
-            diff += [f"model.lora.{k}: {ref['lora'][k]!r} vs {i['lora'][k]!r}"
-                     for k in ("rank", "alpha", "targets") if ref["lora"][k] != i["lora"][k]]  # fmt: skip
-            if diff:
-                raise WeightSyncError(
-                    f"the {i['role']} engine on rank {i['rank']} differs from the training "
-                    f"engine on rank {ref['rank']}: {'; '.join(diff[:4])}"
-                )
-        self.gen_ranks = [i["rank"] for i in sides if i["role"] == "gen"]
-        self.sources = [r for _, r in sorted((i["stage"], i["rank"]) for i in sides
-                                             if i.get("source"))]  # fmt: skip
-        self.groups = [dist.new_group(sorted([r, *self.gen_ranks])) for r in self.sources]
-
-    def sync(self) -> dict[str, float]:
-        """Send the trainer's adapters to every generation rank (collective over both sides;
-        other ranks return {} at once). Returns weight_sync_s / weight_sync_gb."""
-        from nova_engine.model.lora import load_peft_tensors, peft_state_dict
-
-        if self.src is None and self.dst is None:
-            return {}
-        t0, me, nbytes = time.perf_counter(), dist.get_rank(), 0
-        mine = {}
-        if self.src is not None:  # collective over the trainer's TP group
-            mine = peft_state_dict(self.src.chunks, self.src.arch, self.src.ps)
-        received: dict[str, torch.Tensor] = {}
-        for src, group in zip(self.sources, self.groups):
-            if me != src and self.dst is None:
-                continue
-            meta: list[Any] = [None]
-            if me == src:
-                meta = [[(k, tuple(v.shape)) for k, v in mine.items()]]
-            dist.broadcast_object_list(meta, src=src, group=group)
-            sizes = [int(torch.Size(shape).numel()) for _, shape in meta[0]]
-            dev = (self.src or self.dst).ps.device  # type: ignore[union-attr]
-            if me == src:
-                flat = torch.cat([mine[k].reshape(-1) for k, _ in meta[0]]).to(dev)
-            else:
-                flat = torch.empty(sum(sizes), dtype=torch.float32, device=dev)
-            dist.broadcast(flat, src=src, group=group)
-            nbytes += flat.numel() * 4
-            if self.dst is not None:
-                for (k, shape), part in zip(meta[0], flat.cpu().split(sizes)):
-                    received[k] = part.reshape(shape)
-        if self.dst is not None:
-            load_peft_tensors(self.dst.chunks, self.dst.arch, self.dst.ps, received,
-                              "the trainer's adapters")  # fmt: skip
-        return {"weight_sync_s": time.perf_counter() - t0, "weight_sync_gb": nbytes / 1e9}
+__all__ = ["AdapterSync", "WeightSync", "WeightSyncError"]

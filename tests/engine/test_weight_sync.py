@@ -5,14 +5,17 @@ One spawned group of 3 gloo ranks runs four pairs of layouts, each a training en
 ranks and a generation engine on the others, built from the same tiny HF model:
     TP2 on [0,2) -> TP1 on [2]      llama (untied head), buckets of 256 MiB, 4096 B, 1000 B
     PP2 on [1,3) -> TP1 on [0]      qwen2 (tied embeddings, q/k/v bias), 4096 B buckets
-    TP1 on [0]   -> TP2 on [1,3)    qwen2, 256 MiB
+    TP1 on [0]   -> TP2 on [1,3)    qwen2, 256 MiB, 4096 B
     TP1 on [2]   -> PP2 on [0,2)    llama with LoRA on the trainer (sent merged), 3000 B
 The trainer's weights get seeded noise; the trainer exports HF (its own export path, on its
 subset); the generator (stale: loaded from the original model) is synced, and then every one
 of its parameters equals, bit for bit, a fresh engine at the generator's layout loaded from
 the trainer's export, for every bucket size (a tensor spans many buckets at 4096 B); its
 log-probs equal the fresh engine's exactly, and transformers' on the export within fp32
-noise. A generator of another architecture is refused, on every rank, before any weight moves.
+noise. The generator copies received bytes straight into its parameters (the direct path,
+column slices at TP2 included, whole or spanning buckets); each case also syncs once through
+the general path (each parameter loaded by the HF import's `_hf_value`), which must give the
+same parameters bit for bit. A generator of another architecture is refused, on every rank, before any weight moves.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ LORA = LoRAConfig(rank=4, alpha=8.0, targets=["qkv", "proj", "fc1", "fc2", "lm_h
 CASES = [
     ("tp2_to_tp1", "llama", (2, 1, (0, 2)), (1, 1, (2, 3)), (None, 4096, 1000), None),
     ("pp2_to_tp1", "qwen2", (1, 2, (1, 3)), (1, 1, (0, 1)), (4096,), None),
-    ("tp1_to_tp2", "qwen2", (1, 1, (0, 1)), (2, 1, (1, 3)), (None,), None),
+    ("tp1_to_tp2", "qwen2", (1, 1, (0, 1)), (2, 1, (1, 3)), (None, 4096), None),
     ("tp1_to_pp2", "llama", (1, 1, (2, 3)), (1, 2, (0, 2)), (3000,), LORA),
 ]
 
@@ -97,6 +100,7 @@ def _case(rank, case, model_dir, seqs, root):
     if gen is None:
         for bucket in buckets:
             res[bucket] = WeightSync(trainer, None, bucket_bytes=bucket).sync()
+        WeightSync(trainer, None, bucket_bytes=buckets[-1], direct=False).sync()
         return res
     fresh_engine = ModelEngine.from_hf(export, gps, trainable=False)
     fresh = _params(fresh_engine)
@@ -116,6 +120,12 @@ def _case(rank, case, model_dir, seqs, root):
             "stale_equal": sorted(k for k in fresh if torch.equal(stale[k], fresh[k])),
             "n_params": len(fresh),
         }
+    direct = got  # the last bucket size's, by the direct path
+    gen.load_hf(model_dir)
+    WeightSync(None, gen, bucket_bytes=buckets[-1], direct=False).sync()
+    general = _params(gen)  # the general path: each parameter through the HF import
+    res["general_vs_direct"] = sorted(k for k in direct if not torch.equal(general[k], direct[k]))
+    res["general_vs_fresh"] = sorted(k for k in fresh if not torch.equal(general[k], fresh[k]))
     res["logps"] = _logps(gen, seqs)
     return res
 
@@ -273,6 +283,8 @@ def test_generator_equals_trainer_export_bit_for_bit(sync_run, case):
             assert got["stats"]["weight_sync_s"] > 0
             if bucket is not None:
                 assert want > 100  # embeddings (384 kB) span many buckets
+    for g in gens:  # the direct copies equal the general path (each parameter via _hf_value)
+        assert g["general_vs_direct"] == [] and g["general_vs_fresh"] == []
         senders = [r[name][bucket] for r in results if r[name]["role"] == "train"]
         assert sum(s.get("weight_sync_buckets", 0) for s in senders) == want
 
