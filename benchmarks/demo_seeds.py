@@ -4,14 +4,16 @@
     python -m benchmarks.demo_seeds --seeds 3 --out /tmp/demo_seeds --update-results
 
 Runs `python -m nova_engine.demo --out <out>/seed<S> --seed S` for S = 0 .. n-1, one process
-per seed, one after the other (--jobs J: J at a time, each with 2 // J torch threads or 1; a
-finished seed's results.json is reused with --reuse), and
+per seed, one after the other (--jobs J: J at a time; each demo pins its own torch threads,
+nova_engine.demo.THREADS, so a seed's numbers do not depend on J and seed 0 is `make demo`'s
+run; a finished seed's results.json is reused with --reuse), and
 writes tidy rows (stage, metric, n, mean, se, per-seed values, device, torch, commit) to
-<out>/demo_seeds_<device>.csv and a markdown table beside it; with --update-results to
+<out>/demo_seeds_cpu.csv and a markdown table beside it; with --update-results to
 benchmarks/results/demo_seeds_cpu.{csv,md} instead. The standard error is the sample standard
-deviation over seeds / sqrt(n). The last rows are the RLVR - DPO greedy exact-match gain:
-per seed (paired: same task, model init and held-out problems) and its mean ± SE; the run
-prints whether the gain exceeds two standard errors.
+deviation over seeds / sqrt(n). The paired rows (same task, model init and held-out problems
+per seed) are DPO - SFT on held-out preference accuracy and margin, and RLVR - DPO on pass@k
+and greedy exact match; the run prints whether the exact-match gain exceeds two standard
+errors.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-POLICY_METRICS = ("exact_match", "sampled_acc", "pass_at_k", "pref_acc")
+POLICY_METRICS = ("exact_match", "sampled_acc", "pass_at_k", "pref_acc", "pref_margin")
+UNITS = {"seconds": "s", "pref_margin": "nats/token"}  # every other metric: a fraction, in %
 STAGES = ("initial", "after SFT", "after DPO", "after RLVR")
 
 
@@ -53,9 +56,16 @@ def collect(results: list[dict]) -> list[dict]:
     for name in ("regression", "scaled_bt"):
         rows.append({"stage": f"reward model ({name})", "metric": "pair_acc",
                      "values": [float(r["reward_model"][name]) for r in results]})  # fmt: skip
-    gain = [float(r["after RLVR"]["exact_match"]) - float(r["after DPO"]["exact_match"])
-            for r in results]  # fmt: skip
-    rows.append({"stage": "RLVR - DPO (paired)", "metric": "exact_match", "values": gain})
+
+    def paired(after: str, before: str, metric: str) -> list[float]:
+        return [float(r[after][metric]) - float(r[before][metric]) for r in results]
+
+    for metric in ("pref_acc", "pref_margin"):
+        rows.append({"stage": "DPO - SFT (paired)", "metric": metric,
+                     "values": paired("after DPO", "after SFT", metric)})  # fmt: skip
+    for metric in ("pass_at_k", "exact_match"):  # the headline gain last
+        rows.append({"stage": "RLVR - DPO (paired)", "metric": metric,
+                     "values": paired("after RLVR", "after DPO", metric)})  # fmt: skip
     rows.append({"stage": "demo", "metric": "seconds",
                  "values": [float(r["seconds"]["total"]) for r in results]})  # fmt: skip
     for row in rows:
@@ -69,11 +79,12 @@ def markdown(rows: list[dict], seeds: list[int], machine: str) -> str:
     lines = [f"`make demo` over seeds {', '.join(map(str, seeds))} on {machine}; SE = sample "
              "standard deviation / sqrt(n).", "", head,
              "|" + " --- |" * (3 + len(seeds))]  # fmt: skip
+    fmt = {"s": lambda v: f"{v:.0f}", "nats/token": lambda v: f"{v:.3f}"}
     for r in rows:
-        pct = r["metric"] != "seconds"
-        f = (lambda v: f"{100 * v:.1f}") if pct else (lambda v: f"{v:.0f}")
+        unit = UNITS.get(r["metric"], "%")
+        f = fmt.get(unit, lambda v: f"{100 * v:.1f}")
         vals = " | ".join(f(v) for v in r["values"])
-        lines.append(f"| {r['stage']} | {r['metric']}{' (%)' if pct else ' (s)'} | {vals} | "
+        lines.append(f"| {r['stage']} | {r['metric']} ({unit}) | {vals} | "
                      f"{f(r['mean'])} ± {f(r['se'])} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -82,7 +93,7 @@ def run_seeds(out: Path, seeds: list[int], reuse: bool, extra: list[str], jobs: 
     """Each seed's demo in its own process (log: <out>/seed<S>.log), `jobs` at a time."""
     paths = {s: out / f"seed{s}" / "results.json" for s in seeds}
     todo = [s for s in seeds if not (reuse and paths[s].exists())]
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // jobs)))
+    env = dict(os.environ)  # the demo sets its thread count itself (demo.THREADS)
     running: list[tuple[int, subprocess.Popen]] = []
     out.mkdir(parents=True, exist_ok=True)
     while todo or running:
@@ -139,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                         env["device"], env["torch"], env["commit"]])  # fmt: skip
     md = markdown(rows, seeds, args.machine)
     (dest / "demo_seeds_cpu.md").write_text(md)
-    gain = next(r for r in rows if r["stage"].startswith("RLVR - DPO"))
+    gain = next(r for r in rows if r["stage"].startswith("RLVR - DPO") and
+                r["metric"] == "exact_match")  # fmt: skip
     verdict = "exceeds" if gain["mean"] > 2 * gain["se"] else "does NOT exceed"
     sys.stdout.write(md + f"\nRLVR - DPO greedy exact match: {100 * gain['mean']:+.1f} ± "
                      f"{100 * gain['se']:.1f} points (paired over {gain['n']} seeds): "

@@ -23,31 +23,44 @@ def demo_rm(
     far: float = 0.0,
     task: dict[str, Any] | None = None,
     overrides: Sequence[str] = (),
+    bt_overrides: Sequence[str] = ("train.epochs=3",),
 ) -> dict[str, Any]:
     """`make demo`'s reward model: writes the synthetic reward task under out/data
     (nova_engine.data.synthetic_reward with `seed`, `far` and `task`'s max_value / ops /
-    in_words), trains regression then Scaled BT from `model_dir`
-    (the SFT export) with the recipe's `rm:` section (world of one), and scores both HF
-    exports with `transformers` on the held-out pairs (right answer vs a wrong one). Returns
-    {"regression": {"accuracy", "seconds", "hf"}, "scaled_bt": {...}}; the regression model
-    ranks pairs by its helpfulness output."""
+    in_words), trains regression then Scaled BT from `model_dir` (the SFT export) with the
+    recipe's `rm:` section (world of one) — the HelpSteer2-Preference chain of
+    nova_engine.train.stages.rm.regression_then_bt, with `bt_overrides` on top for the Scaled
+    BT run only (it starts from the regression model and needs fewer epochs) — and scores
+    both HF exports with `transformers` on the held-out pairs (right answer vs a wrong one).
+    Returns {"regression": {"accuracy", "seconds", "hf"}, "scaled_bt": {...}}; the
+    regression model ranks pairs by its helpfulness output."""
     from nova_engine.data.synthetic_reward import write_reward_task
     from nova_engine.eval.reward_hf import evaluate_hf_reward_model
-    from nova_engine.train.stages.rm import regression_then_bt
+    from nova_engine.recipe import load_recipe
+    from nova_engine.train.stages import rm
 
     paths = write_reward_task(os.path.join(out, "data"), n_regression=n_regression,
                               n_pref=n_pref, n_eval=n_eval, seed=seed, far=far,
                               **(task or {}))  # fmt: skip
     base = [f"model.hf_path={model_dir}", f"model.tokenizer_path={tokenizer_dir}",
-            "train.tensorboard=false", "checkpoint.resume=none", *overrides]  # fmt: skip
-    got = regression_then_bt(
-        recipe, regression_data=[paths["regression"]], preference_data=[paths["pref"]],
-        eval_data=[paths["eval"]], out_dir=out, overrides=base,
-    )  # fmt: skip
+            "train.tensorboard=false", "checkpoint.resume=none",
+            f"data.eval_paths=[{paths['eval']}]"]  # fmt: skip
+    runs = {
+        "regression": ["loss.loss_type=regression", f"data.train_paths=[{paths['regression']}]"],
+        "scaled_bt": ["loss.loss_type=scaled_bt", f"data.train_paths=[{paths['pref']}]",
+                      f"model.init_from={os.path.join(out, 'rm_regression', 'hf')}",
+                      *bt_overrides],
+    }  # fmt: skip
     res: dict[str, Any] = {}
-    for name, key in (("regression", "regression"), ("scaled_bt", "bt")):
-        scores = evaluate_hf_reward_model(got[key], [paths["eval"]], tokenizer_dir)
-        res[name] = {"accuracy": scores.accuracy, "seconds": got[f"{key}_s"], "hf": got[key]}
+    for name, extra in runs.items():
+        run_dir = os.path.join(out, f"rm_{name}")
+        cfg = load_recipe(recipe, "rm", [*base, *extra, f"train.out_dir={run_dir}", *overrides])
+        t0 = time.perf_counter()
+        rm.run(typing.cast(rm.RMRunConfig, cfg))
+        seconds = time.perf_counter() - t0
+        hf = os.path.join(run_dir, "hf")
+        scores = evaluate_hf_reward_model(hf, [paths["eval"]], tokenizer_dir)
+        res[name] = {"accuracy": scores.accuracy, "seconds": seconds, "hf": hf}
     return res
 
 
