@@ -1,5 +1,6 @@
-"""Step time with a checkpoint every step: synchronous vs asynchronous saves (format torch,
-`checkpoint.async_save`), world of one, random Llama weights, nothing downloaded.
+"""Step time with a checkpoint every step: synchronous vs asynchronous saves
+(`checkpoint.async_save`) in format torch and format dist, world of one, random Llama
+weights, nothing downloaded.
 
 One timed call = a block of `--block` SFT steps, each followed by a save of the whole
 training state (model, Adam moments, schedule, data position, RNG; no hf/ export), and
@@ -10,10 +11,13 @@ of the process's resident high-water mark above its level before the block (the 
 buffers are reused across saves, so this is what saving costs on top of them), plus the
 peak of the first save (mode first_save: it allocates the host buffers, one copy of the
 state). Each block is measured once for both (`peak_memory` wraps the timed call).
-A no-save block (impl none) gives the step time without checkpoints.
+A no-save block (impl none) gives the step time without checkpoints. Format dist
+(megatron dist_checkpointing, `checkpoint.format: dist`): impls dist_sync and dist_async
+(its save planning stays on the step; the files are written by the saver's thread).
 
-    python -m benchmarks.bench_checkpoint                 # tiny and ~1 GB models
+    python -m benchmarks.bench_checkpoint                 # tiny and ~1 GB models, both formats
     python -m benchmarks.bench_checkpoint --models tiny   # seconds
+    python -m benchmarks.bench_checkpoint --models tiny --formats dist --append
 
 --models big: Llama-shaped, hidden 1024, 16 layers, GQA 16/8, vocab 32000 untied: 254M
 parameters, 1.0 GB of fp32 weights, a 3.0 GB checkpoint with the Adam moments; each step
@@ -66,7 +70,7 @@ def _state_bytes(loop) -> int:
     return sum(b.numel() * b.element_size() for b in host_buffers(loop).buffers.values())
 
 
-def bench_model(name: str, ps, root: str) -> list[dict]:
+def bench_model(name: str, ps, root: str, formats=("torch", "dist")) -> list[dict]:
     from nova_engine.config import OptimConfig
     from nova_engine.model.arch import arch_from_hf_config
     from nova_engine.model.tiny import tiny_hf_config
@@ -89,19 +93,24 @@ def bench_model(name: str, ps, root: str) -> list[dict]:
     optim = OptimConfig(lr=1e-5, schedule="constant")
     engine = ModelEngine(arch, ps, optim=optim, total_steps=total, precision="fp32")
     loop, stage = Loop(engine, data), SFTStage(ps)
-    saver = AsyncSaver()
+    saver, dsaver = AsyncSaver(), AsyncSaver(format="dist")
 
     def steps(save) -> None:
         for _ in range(block):
             loop.fit(stage, stop_after=loop.step + 1)
             save()
         saver.wait()
+        dsaver.wait()
 
-    impls = {
-        "none": lambda: steps(lambda: None),
-        "sync": lambda: steps(lambda: ck.save_checkpoint(root, loop, keep_last=1)),
-        "async": lambda: steps(lambda: saver.save(root, loop, keep_last=1)),
-    }
+    impls = {"none": lambda: steps(lambda: None)}
+    if "torch" in formats:
+        impls["sync"] = lambda: steps(lambda: ck.save_checkpoint(root, loop, keep_last=1))
+        impls["async"] = lambda: steps(lambda: saver.save(root, loop, keep_last=1))
+    if "dist" in formats:
+        impls["dist_sync"] = lambda: steps(
+            lambda: ck.save_checkpoint(root, loop, keep_last=1, format="dist")
+        )
+        impls["dist_async"] = lambda: steps(lambda: dsaver.save(root, loop, keep_last=1))
     loop.fit(stage, stop_after=1)  # the Adam moments exist from the first step on
     first = peak_memory(lambda: ck.save_checkpoint(root, loop, keep_last=1))
     state = _state_bytes(loop)
@@ -111,14 +120,16 @@ def bench_model(name: str, ps, root: str) -> list[dict]:
     timed = {k: (lambda k=k, f=f: peaks[k].append(peak_memory(f))) for k, f in impls.items()}
     times = time_interleaved(timed, warmup=1, reps=rounds)
     shape = f"{arch.num_params / 1e6:.0f}M params,{state / 2**30:.2f} GiB state"
-    rows = [dict(op="checkpoint", impl="sync", shape=shape, mode="first_save",
-                 metric="peak_mem_bytes", p50=first)]  # fmt: skip
+    rows = []
+    if "torch" in formats:
+        rows.append(dict(op="checkpoint", impl="sync", shape=shape, mode="first_save",
+                         metric="peak_mem_bytes", p50=first))  # fmt: skip
     for impl, t in times.items():
         base = dict(op="checkpoint", impl=impl, shape=shape, mode="step")
         p50, p20, p80 = (x / block for x in t)
         rows.append({**base, "metric": "seconds", "p50": p50, "p20": p20, "p80": p80})
         rows.append({**base, "metric": "peak_mem_bytes", "p50": max(peaks[impl][1:])})
-        print(f"  {impl:5s} {p50:.3f} s/step (p20 {p20:.3f}, p80 {p80:.3f})")
+        print(f"  {impl:10s} {p50:.3f} s/step (p20 {p20:.3f}, p80 {p80:.3f})")
 
     return rows
 
@@ -127,7 +138,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     ap.add_argument("--dir", default=None, help="where checkpoints go (default: a temp dir)")
+    ap.add_argument("--formats", nargs="+", choices=("torch", "dist"), default=["torch", "dist"])
     ap.add_argument("--out", default=None, help="CSV path (default: results_path)")
+    ap.add_argument("--append", action="store_true", help="add the rows to the CSV")
     args = ap.parse_args(argv)
     from nova_engine.parallel.state import initialize_parallel
     from nova_engine.train.runner import ensure_process_group_env
@@ -139,12 +152,12 @@ def main(argv=None):
     for name in args.models:
         root = tempfile.mkdtemp(prefix=f"nova-bench-ckpt-{name}-", dir=args.dir)
         try:
-            rows += bench_model(name, ps, root)
+            rows += bench_model(name, ps, root, tuple(args.formats))
             gc.collect()
         finally:
             shutil.rmtree(root, ignore_errors=True)
     path = args.out or results_path("checkpoint")
-    write_rows(path, rows)
+    write_rows(path, rows, append=args.append)
     print(f"wrote {path}")
 
 

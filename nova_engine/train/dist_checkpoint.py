@@ -1,6 +1,6 @@
 """Checkpoint format `dist` (`checkpoint.format: dist`): megatron-core's dist_checkpointing
 (sharded tensors in torch's distributed checkpoint format, torch_dist strategy), which resumes
-into another TP x PP x DP layout with the optimizer moments.
+into another layout with the optimizer moments.
 
     path = save_dist_checkpoint(root, loop, config_hash=run.hash())     # all ranks
     step = load_dist_checkpoint(path, loop)                             # all ranks, any layout
@@ -18,19 +18,26 @@ used the distributed optimizer, rename; `checkpoint_io`):
     rng_00003.pt     every rank: its RNG states (tensors only, read with weights_only=True)
     hf/              as format `torch`, when hf=True
 
-What may change between runs: TP, PP and DP (tested: TP2 x PP2 -> TP1 x DP4 and PP4; with
-the distributed optimizer TP2 x DP2 -> DP4 and PP2 x DP2). The optimizer state is saved per
-parameter in model space: megatron's regular form without the distributed optimizer,
-`fully_reshardable` with it (gathered to DP rank 0 of each model-parallel group at save,
-over gloo without CUDA; every rank reads what it needs at load). What may not: the
-distributed optimizer on <-> off (the two optimizers' state dicts differ in their param
-groups; refused in one line naming parallel.distributed_optimizer), the model, the data.
-Two megatron-core 0.16.1 gaps with torch's Adam (no apex/TE) are bridged at load: the
-fully_reshardable loader wants a per-parameter 'step' the file does not hold
-(`_keep_step_on_load`), and load_state_dict gives every parameter one shared 'step' tensor
-that foreach Adam would advance once per parameter (`_own_step_tensors`; resumed runs drifted
-by 1e-3 from the second step on). Saves are synchronous (megatron's async finalize needs
-CUDA).
+What may change between runs: TP, PP, VPP, SP, DP and the distributed optimizer on or
+off (tested on 4 gloo ranks: TP2 x PP2 -> TP1 x DP4, PP4 and TP2 x PP2 x VPP2 + SP;
+TP2 x PP2 x VPP2 + SP -> TP1 x DP4; with the distributed optimizer TP2 x DP2 -> DP4 and
+PP2 x DP2; switched on TP2 x PP2 -> PP2 x DP2, off TP2 x DP2 -> DP4). The optimizer state
+is saved per parameter in model space: megatron's regular form without the distributed
+optimizer, `fully_reshardable` with it (gathered to DP rank 0 of each model-parallel group
+at save, over gloo without CUDA; every rank reads what it needs at load); a checkpoint of
+the other form is converted at load (`dist_optim_state`: same moments, master weights and
+step moved). What may not: the model, the data. Two megatron-core 0.16.1 gaps with torch's
+Adam (no apex/TE) are bridged at load: the fully_reshardable loader wants a per-parameter
+'step' the file does not hold, and load_state_dict gives every parameter one shared 'step'
+tensor that foreach Adam would advance once per parameter (resumed runs drifted by 1e-3
+from the second step on): `dist_optim_state.patch_set_states` / `own_step_tensors`.
+Asynchronous saves: `async_checkpoint.AsyncSaver(format="dist")` (the helpers
+`make_engine_dirs`, `write_extras`, `rank_files`, `manifest_extra` are shared with it).
+
+Collectives: megatron's save and load run theirs on the default group (megatron-core
+0.16.1 takes no group there), so format dist needs the training layout to be the whole
+world (`require_whole_world`: refused in one line otherwise); Nova's own barriers run on
+`ps.layout_group` and the shared files are written by `ps.first_rank`.
 
 Loading verifies the CRC of every file of the checkpoint, split over the ranks
 (`verify_for_rank`); the per-rank RNG file of a rank that did not exist when it was saved
