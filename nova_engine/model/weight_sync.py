@@ -26,11 +26,12 @@ are exchanged once, when the WeightSync is built, with the architectures, which 
 
 Speed (issue #27: within 2x of bytes / link bandwidth). The two bucket buffers of each side
 are allocated at the first sync and kept (a fresh buffer costs its page faults on every
-sync: more than the copy on a CPU). A source copies each HF tensor into its bucket in one
-pass (strided views such as q/k/v of the fused QKV and dtype casts included) and packs the
-next bucket while the previous one is on the wire; at TP > 1 the shards of consecutive
-parameters are gathered together, one all_gather per up to bucket/tp bytes, into kept
-buffers. A generation rank receives the next bucket while it copies the bytes of this one
+sync: more than the copy on a CPU). A source writes each HF tensor that fits in the current
+bucket straight from the parameter's TP shards (the inverse of the HF import's reads,
+planned once: no concatenated or reordered intermediate, the dtype cast in the same copy;
+a tensor spanning buckets goes through `_to_hf`) and packs the next bucket while the
+previous one is on the wire; at TP > 1 the shards of consecutive parameters are gathered
+to the source together, one gather per up to bucket/tp bytes a rank, into kept buffers. A generation rank receives the next bucket while it copies the bytes of this one
 straight into its parameters (`direct=True`, the default): the HF load of each parameter is
 planned once at construction as pieces (HF tensor, rows, cols) -> rows of the parameter,
 and a piece that is a plain element range (whole tensors, row slices: every piece but a
@@ -120,7 +121,7 @@ class WeightSync:
         self.dtype = dtype
         self.direct = direct
         self._bufs: dict[str, torch.Tensor] = {}  # kept across syncs (see _buf)
-        self._export: list | None = None  # a TP > 1 source's _export_plan (first sync)
+        self._export: list | None = None  # a source's _export_plan (at its first sync)
         me = dist.get_rank()
         info: dict[str, Any] = {"rank": me, "role": None}
         if self.src is not None:
@@ -280,7 +281,7 @@ class WeightSync:
         size = self.bucket_bytes
         if stage is not None:  # two buckets: one fills while the other is on the wire
             bufs = [self._buf(f"send{i}", size, ps.device) for i in range(2)]
-            if ps.tp > 1 and self._export is None:
+            if self._export is None:
                 self._export = _export_plan(side)
         works: list[Any] = [None, None]
         cur, fill, sent, count = 0, 0, 0, 0  # buffer, bytes in it, bytes sent, buckets
@@ -311,13 +312,8 @@ class WeightSync:
                     fill = pos
                     if fill + e.nbytes <= size:  # in this bucket: written in one pass
                         out = bufs[cur][fill : fill + e.nbytes].view(e.dtype).view(e.shape)
-                        if len(shards) > 1:  # from the shards, no concatenated copy
-                            assert self._export is not None
-                            _pack_shards(out, e.name, self._export[i], shards)
-                        else:  # TP1: a view (strided for q/k/v), cast in the copy
-                            name, layer, _ = params[i]
-                            hf = hf or _to_hf(side.arch, name, layer, shards, copy=False)
-                            out.copy_(hf[e.name])
+                        assert self._export is not None  # from the shards: no cat, no
+                        _pack_shards(out, e.name, self._export[i], shards)  # q/k/v copy
                         fill += e.nbytes
                         if fill == size:
                             flush(fill)
