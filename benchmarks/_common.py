@@ -46,6 +46,8 @@ METRICS = (
     "mem_vs_naive",
     "oom",
     "token_agreement",  # fraction of rows whose generated tokens equal the baseline's
+    "reward",  # an RL run's mean reward (bench_async_rlvr: the last steps')
+    "speedup",  # B's throughput over A's, measured interleaved in the same run
 )
 ENV_COLUMNS = ("device", "torch", "triton", "commit")
 

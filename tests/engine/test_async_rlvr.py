@@ -174,7 +174,7 @@ def die():
             cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="ignore")
         except OSError:
             continue
-        if int(pid) != me and tag in cmd.split("\0"):
+        if int(pid) != me and tag in cmd.split(chr(0)):
             try:
                 os.kill(int(pid), signal.SIGKILL)
             except OSError:
