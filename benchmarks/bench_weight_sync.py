@@ -13,8 +13,10 @@ untied head), nothing downloaded. The times are the generation rank's (the sync 
 when its last parameter is loaded); a barrier starts every timed call on all ranks.
 
 Rows per model and bucket size: seconds (p50/p20/p80) of the sync and of the floor, GB/s of
-each (stream bytes / time), and efficiency = floor p50 / sync p50 (1 = at the link's
-bandwidth; the issue's goal is >= 0.5, i.e. within 2x).
+each (stream bytes / time), wire_wait_seconds (of the sync, the generator blocked waiting
+for a bucket: weight_sync_wait_s; the rest is its copying into the parameters), and
+efficiency = floor p50 / sync p50 (1 = at the link's bandwidth; the issue's goal is >= 0.5,
+i.e. within 2x).
 
 Rows: benchmarks/results/weight_sync_<cuda|cpu>.csv.
 """
@@ -78,16 +80,20 @@ def _bench(rank: int, world: int, names: list[str], reps_scale: float) -> list[d
                 if part:
                     dist.broadcast(buf, src=stage.src, group=stage.group)
 
-            def sync(ws=ws) -> None:
+            waits: list[float] = []
+
+            def sync(ws=ws, waits=waits) -> None:
                 dist.barrier()
-                ws.sync()
+                waits.append(ws.sync()["weight_sync_wait_s"])
 
             reps = max(3, int(REPS[name] * reps_scale))
             times = time_interleaved({"sync": sync, "floor": floor}, warmup=1, reps=reps)
             if gps is not None:
+                w = torch.tensor(waits[1:], dtype=torch.float64)  # the timed ones
+                wait = tuple(float(torch.quantile(w, q)) for q in (0.5, 0.2, 0.8))
                 out.append(dict(name=name, mib=mib, nbytes=ws.total_bytes,
                                 params=arch.num_params, buckets=ws.last["weight_sync_buckets"],
-                                times=times))  # fmt: skip
+                                times=times, wait=wait))  # fmt: skip
             del buf
         del trainer, gen
     return out
@@ -125,13 +131,17 @@ def main(argv=None) -> None:
             rows.append({**base, "metric": "seconds", "p50": p50, "p20": p20, "p80": p80})
             gbs = [r["nbytes"] / x / 1e9 for x in (p50, p80, p20)]
             rows.append({**base, "metric": "GB/s", "p50": gbs[0], "p20": gbs[1], "p80": gbs[2]})
+        p50, p20, p80 = r["wait"]  # of the sync: the generator blocked on the wire
+        rows.append(dict(op="weight_sync", impl="sync", shape=shape, mode="sync", device=device,
+                         metric="wire_wait_seconds", p50=p50, p20=p20, p80=p80))  # fmt: skip
         eff = t["floor"][0] / t["sync"][0]
         rows.append(dict(op="weight_sync", impl="sync", shape=shape, mode="sync", device=device,
                          metric="efficiency", p50=eff))  # fmt: skip
         print(
             f"{r['name']:5s} {r['nbytes'] / 1e9:.3f} GB bucket {r['mib']:4d} MiB: sync "
             f"{t['sync'][0]:.3f} s (p20 {t['sync'][1]:.3f}, p80 {t['sync'][2]:.3f}), floor "
-            f"{t['floor'][0]:.3f} s -> sync / floor = {1 / eff:.2f}"
+            f"{t['floor'][0]:.3f} s -> sync / floor = {1 / eff:.2f} (generator waiting on the "
+            f"wire {r['wait'][0]:.3f} s of the sync)"
         )
     out = args.out or results_path("weight_sync")
     write_rows(out, rows, append=args.append)

@@ -31,7 +31,8 @@ bucket straight from the parameter's TP shards (the inverse of the HF import's r
 planned once: no concatenated or reordered intermediate, the dtype cast in the same copy;
 a tensor spanning buckets goes through `_to_hf`) and packs the next bucket while the
 previous one is on the wire; at TP > 1 the shards of consecutive parameters are gathered
-to the source together, one gather per up to bucket/tp bytes a rank, into kept buffers. A generation rank receives the next bucket while it copies the bytes of this one
+to the source together (one gather per up to bucket/tp bytes a rank, 32 MiB at most), the
+next group on the wire while this one is packed. A generation rank receives the next bucket while it copies the bytes of this one
 straight into its parameters (`direct=True`, the default): the HF load of each parameter is
 planned once at construction as pieces (HF tensor, rows, cols) -> rows of the parameter,
 and a piece that is a plain element range (whole tensors, row slices: every piece but a
@@ -75,6 +76,8 @@ from nova_engine.model.sync_plan import (
 
 log = get_logger(__name__)
 
+GATHER_MAX_BYTES = 32 * 2**20  # a TP > 1 source gathers its shards in groups of at most this
+
 
 class WeightSync:
     """Trainer -> generator weight sync in HF layout over the process group (module docstring).
@@ -85,7 +88,8 @@ class WeightSync:
         dst: the generation engine on ranks of the generation layout, None elsewhere.
         bucket_mb: size of one broadcast bucket in MiB; a source and a generation rank keep
             two from the first sync on (one on the wire while the other fills or is read),
-            a training rank at TP > 1 also a gather buffer of (1 + 1/tp) buckets; a
+            a training rank at TP > 1 also two gather buffers of up to bucket/tp bytes
+            (GATHER_MAX_BYTES at most), and tp times that on the TP rank 0; a
             generation rank may also hold a HF tensor that spans buckets and that one of its
             parameters reads a column slice of. bucket_bytes overrides it (tests).
         dtype: cast the HF tensors to this dtype on the wire (None: the trainer's dtype).
@@ -229,16 +233,18 @@ class WeightSync:
 
     def _gathered(self, side: _Side) -> Iterator[list[torch.Tensor]]:
         """The TP shards of every parameter, in `_Side.params` order, on the TP rank 0 (other
-        TP ranks get []). At TP > 1 consecutive parameters are gathered together (one gather
-        of up to bucket/tp bytes of shards per rank, into kept buffers): the shards are
-        views of the gather buffer, valid until the next item after the group's last one."""
+        TP ranks get []). At TP > 1 consecutive parameters are gathered together, one gather
+        of up to min(bucket/tp, GATHER_MAX_BYTES) bytes of shards a rank (a larger shard
+        alone), into two kept buffers: the next group is on the wire while this one is
+        packed. The shards are views of the gather buffer, valid until the generator
+        resumes after the group's last parameter."""
         ps = side.ps
         params = [p.detach() for *_, p in side.params()]
         if ps.tp == 1:
             yield from ([p] for p in params)
             return
-        cap = max(self.bucket_bytes // ps.tp, _ALIGN)
-        i = 0
+        cap = max(min(self.bucket_bytes // ps.tp, GATHER_MAX_BYTES), _ALIGN)
+        groups, i = [], 0  # (first, end, offsets, bytes a rank)
         while i < len(params):
             offs, n, j = [], 0, i
             while j < len(params):
@@ -247,26 +253,34 @@ class WeightSync:
                     break
                 offs.append(n)
                 n, j = _align(n + nb), j + 1
-            local = self._buf("gather_in", n, ps.device)
-            group = list(zip(params[i:j], offs))
-            for p, o in group:
-                local[o : o + p.numel() * p.element_size()].view(p.dtype).view(p.shape).copy_(p)
-            out = self._buf("gather_out", n * ps.tp, ps.device) if ps.tp_rank == 0 else None
-            parts = None if out is None else [out[r * n : (r + 1) * n] for r in range(ps.tp)]
-            t = time.perf_counter()
-            dist.gather(local[:n], parts, group=ps.tp_group, group_dst=0)
-            self._wait += time.perf_counter() - t
-            for p, o in group:
-                nb = p.numel() * p.element_size()
-                yield (
-                    []
-                    if out is None
-                    else [
-                        out[r * n + o : r * n + o + nb].view(p.dtype).view(p.shape)
-                        for r in range(ps.tp)
-                    ]
-                )
+            groups.append((i, j, offs, n))
             i = j
+        works: list[Any] = [None, None]
+        outs: list[torch.Tensor | None] = [None, None]
+
+        def post(g: int) -> None:
+            i, j, offs, n = groups[g]
+            local = self._buf(f"gather_in{g % 2}", n, ps.device)
+            for p, o in zip(params[i:j], offs):
+                local[o : o + p.numel() * p.element_size()].view(p.dtype).view(p.shape).copy_(p)
+            out = self._buf(f"gather_out{g % 2}", n * ps.tp, ps.device) if ps.tp_rank == 0 else None
+            parts = None if out is None else [out[r * n : (r + 1) * n] for r in range(ps.tp)]
+            outs[g % 2] = out
+            works[g % 2] = dist.gather(local[:n], parts, group=ps.tp_group, group_dst=0,
+                                       async_op=True)  # fmt: skip
+
+        post(0)
+        for g, (i, j, offs, n) in enumerate(groups):
+            if g + 1 < len(groups):  # its buffers held group g - 1, packed by now
+                post(g + 1)
+            self._waited(works[g % 2])
+            out = outs[g % 2]
+            for p, o in zip(params[i:j], offs):
+                nb = p.numel() * p.element_size()
+                yield [] if out is None else [
+                    out[r * n + o : r * n + o + nb].view(p.dtype).view(p.shape)
+                    for r in range(ps.tp)
+                ]  # fmt: skip
 
     def _send(self) -> int:
         side = self.src
