@@ -13,7 +13,9 @@ peak of the first save (mode first_save: it allocates the host buffers, one copy
 state). Each block is measured once for both (`peak_memory` wraps the timed call).
 A no-save block (impl none) gives the step time without checkpoints. Format dist
 (megatron dist_checkpointing, `checkpoint.format: dist`): impls dist_sync and dist_async
-(its save planning stays on the step; the files are written by the saver's thread).
+(its save planning stays on the step; the files are written by the saver's thread). With
+`--formats dist` alone the first save is a dist one and the shape's state is the bytes of
+that checkpoint on disk (with torch: the host copies of a format-torch save).
 
     python -m benchmarks.bench_checkpoint                 # tiny and ~1 GB models, both formats
     python -m benchmarks.bench_checkpoint --models tiny   # seconds
@@ -75,6 +77,7 @@ def bench_model(name: str, ps, root: str, formats=("torch", "dist")) -> list[dic
     from nova_engine.model.arch import arch_from_hf_config
     from nova_engine.model.tiny import tiny_hf_config
     from nova_engine.train import checkpoint as ck
+    from nova_engine.train import checkpoint_io as cio
     from nova_engine.train.async_checkpoint import AsyncSaver
     from nova_engine.train.data_source import PackedDataSource
     from nova_engine.train.engine import ModelEngine
@@ -112,18 +115,20 @@ def bench_model(name: str, ps, root: str, formats=("torch", "dist")) -> list[dic
         )
         impls["dist_async"] = lambda: steps(lambda: dsaver.save(root, loop, keep_last=1))
     loop.fit(stage, stop_after=1)  # the Adam moments exist from the first step on
-    first = peak_memory(lambda: ck.save_checkpoint(root, loop, keep_last=1))
-    state = _state_bytes(loop)
+    if "torch" in formats:  # the state: the host copies a format-torch save makes
+        first = peak_memory(lambda: ck.save_checkpoint(root, loop, keep_last=1))
+        state = _state_bytes(loop)
+    else:  # the state: a format-dist checkpoint's bytes on disk
+        first = peak_memory(lambda: ck.save_checkpoint(root, loop, keep_last=1, format="dist"))
+        state = sum(cio.read_manifest(cio.latest_complete(root))["files"].values())
     print(f"{name}: {arch.num_params / 1e6:.0f}M parameters, checkpoint state "
           f"{state / 2**30:.2f} GiB per save")  # fmt: skip
     peaks: dict[str, list[int]] = {k: [] for k in impls}
     timed = {k: (lambda k=k, f=f: peaks[k].append(peak_memory(f))) for k, f in impls.items()}
     times = time_interleaved(timed, warmup=1, reps=rounds)
     shape = f"{arch.num_params / 1e6:.0f}M params,{state / 2**30:.2f} GiB state"
-    rows = []
-    if "torch" in formats:
-        rows.append(dict(op="checkpoint", impl="sync", shape=shape, mode="first_save",
-                         metric="peak_mem_bytes", p50=first))  # fmt: skip
+    rows = [dict(op="checkpoint", impl="sync" if "torch" in formats else "dist_sync",
+                 shape=shape, mode="first_save", metric="peak_mem_bytes", p50=first)]  # fmt: skip
     for impl, t in times.items():
         base = dict(op="checkpoint", impl=impl, shape=shape, mode="step")
         p50, p20, p80 = (x / block for x in t)
