@@ -104,7 +104,7 @@ def _floor_worker(rank: int, world: int, nbytes: int, reps: int) -> dict:
 def _floor(gb: float, reps: int = 10) -> float:
     from nova_engine.parallel.spawn import run_distributed
 
-    out = run_distributed(_floor_worker, 2, args=(int(gb * 1e9), reps))
+    out = run_distributed(_floor_worker, 2, int(gb * 1e9), reps)
     return next(o["p50"] for o in out if o)
 
 

@@ -210,11 +210,11 @@ def _prefixes(req: Request, params: SamplingParams, where: str, limit: int, stop
         lp = [float("nan")] * len(pre) if lps is None else [float(x) for x in lps[i]]
         if len(lp) != len(pre):
             raise GenerationError(f"{where}: sample {i}: {len(lp)} log-probs for {len(pre)} tokens")
-        if len(pre) >= limit:
-            raise GenerationError(f"{where}: sample {i}: a prefix of {len(pre)} tokens leaves "
-                                  f"nothing to generate (limit {limit})")  # fmt: skip
-        if pre and pre[-1] in stops:
-            raise GenerationError(f"{where}: sample {i}: the prefix already ends with a stop token")
+        if len(pre) > limit:
+            raise GenerationError(f"{where}: sample {i}: a prefix of {len(pre)} tokens is "
+                                  f"longer than the limit of {limit} new tokens")  # fmt: skip
+        if any(t in stops for t in pre[:-1]):
+            raise GenerationError(f"{where}: sample {i}: a stop token inside the prefix")
         if any(not 0 <= t < vocab for t in pre):
             raise GenerationError(f"{where}: sample {i}: prefix token outside the vocabulary")
         out.append((pre, lp))
@@ -480,8 +480,13 @@ def generate(
             ent = [float("nan")] * len(pre) if params.return_entropy else None
             g = Generation(prompt=key, sample=i, tokens=list(pre), logprobs=list(pre_lp),
                            entropies=ent)  # fmt: skip
-            rows.append(_Row(toks + pre, key, i, limit, stops, g))  # continues after its prefix
             outs.append(g)
+            if pre and pre[-1] in stops:  # a finished sample comes back as it was
+                g.finish_reason = "stop"
+            elif len(pre) == limit:
+                g.finish_reason = "length"
+            else:
+                rows.append(_Row(toks + pre, key, i, limit, stops, g))  # continues after it
         results.append(outs)
     if not rows:
         return results

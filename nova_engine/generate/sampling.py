@@ -86,7 +86,8 @@ class Request:
     interruption (e.g. a weight update); sample i continues after them with the same
     randomness keys (its token t still draws U(seed, prompt, i, t)) and max_new_tokens
     still counts them, so under unchanged weights the continuation is the uninterrupted
-    generation. The returned tokens start with the prefix."""
+    generation. The returned tokens start with the prefix. A finished prefix (ending with a
+    stop token, or max_new_tokens long) comes back unchanged."""
     prefix_logprobs: Sequence[Sequence[float]] | None = None
     """The prefix tokens' log-probs as they were sampled (kept in the returned log-probs;
     None: NaN there)."""

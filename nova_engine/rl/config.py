@@ -268,6 +268,15 @@ class RLVRSection:
     """async: tensor parallelism of the generation group."""
     generation_pp: int = 1
     """async: pipeline parallelism of the generation group."""
+    partial_rollouts: bool = False
+    """async, max_staleness >= 1: partial rollouts (AReaL, OpenRLHF). The generation of step
+    k's rollouts is interrupted by a weight update after `interrupt_at` tokens: the prefix
+    is sampled by version max(0, k - s), the rest, continued after the prefix, by version
+    max(0, k - s + 1), so more tokens come from the newer policy; every token records its
+    version. The cut is at a fixed token index, so runs stay repeatable."""
+    interrupt_at: int | None = None
+    """partial_rollouts: tokens generated before the interruption (default: half of
+    rollout.max_new_tokens)."""
     sync_bucket_mb: int = 256
     """async: weight-sync bucket size (MiB)."""
     generation_timeout_s: float = 1800.0
@@ -282,6 +291,10 @@ class RLVRSection:
         for key in ("generation_ranks", "generation_tp", "generation_pp", "sync_bucket_mb"):
             v = getattr(self, key)
             check(isinstance(v, int) and v >= 1, f"rlvr.{key}", f"{v!r}: expected an integer >= 1")
+        check(not self.partial_rollouts or self.max_staleness >= 1, "rlvr.partial_rollouts",
+              "needs rlvr.max_staleness >= 1 (the continuation's version is one newer)")  # fmt: skip
+        check(self.interrupt_at is None or self.interrupt_at >= 1, "rlvr.interrupt_at",
+              f"{self.interrupt_at!r}: expected an integer >= 1")  # fmt: skip
         check(self.generation_timeout_s > 0, "rlvr.generation_timeout_s", "expected > 0 seconds")
         check(
             self.generation_ranks % (self.generation_tp * self.generation_pp) == 0,

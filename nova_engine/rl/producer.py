@@ -201,14 +201,19 @@ class EngineRollouts:
         )
         return self.tok.decode([int(t) for t in toks], skip_special_tokens=True)
 
-    def _generate(self, prompts: list, idx: range, params, gens: list) -> None:
+    def _generate(self, prompts: list, idx: range, params, gens: list, prefixes=None) -> None:
         from nova_engine.generate import Request
 
         fits = [j for j in idx if len(prompts[j][1]) < self.context]
-        outs = self.engine.generate(
-            [Request([int(t) for t in prompts[j][1].tokens], index=prompts[j][0]) for j in fits],
-            params, max_batch_size=self.max_batch_size,
-        )  # fmt: skip
+        reqs = []
+        for j in fits:
+            pre = None if prefixes is None else prefixes[j]  # a partial rollout: continue it
+            reqs.append(Request(
+                [int(t) for t in prompts[j][1].tokens], index=prompts[j][0],
+                prefix=None if pre is None else [g.tokens.tolist() for g in pre],
+                prefix_logprobs=None if pre is None else [g.logprobs.tolist() for g in pre],
+            ))  # fmt: skip
+        outs = self.engine.generate(reqs, params, max_batch_size=self.max_batch_size)
         for j, group in zip(fits, outs):
             gens[j] = [Generation(np.asarray(g.tokens, np.int64), np.asarray(g.logprobs),
                                   g.finish_reason == "stop") for g in group]  # fmt: skip
@@ -218,7 +223,9 @@ class EngineRollouts:
         out = list(self.verify(items)) if items else []
         return out, time.perf_counter() - t0
 
-    def __call__(self, step: int, prompts: list, params=None):
+    def __call__(self, step: int, prompts: list, params=None, *, prefixes=None, verify=True):
+        """`prefixes` [p][i]: Generations to continue (partial rollouts; a finished one comes
+        back as it was); verify=False: generation only (the results are all OPEN_RESULT)."""
         from concurrent.futures import ThreadPoolExecutor
 
         params = params or self.params
@@ -235,8 +242,10 @@ class EngineRollouts:
             for c in range(0, len(prompts), per):
                 idx = range(c, min(c + per, len(prompts)))
                 t0 = time.perf_counter()
-                self._generate(prompts, idx, params, gens)
+                self._generate(prompts, idx, params, gens, prefixes)
                 t_gen += time.perf_counter() - t0
+                if not verify:
+                    continue
                 ask = []  # not open-ended: a verifier decides
                 for j in idx:
                     p = prompts[j][1]

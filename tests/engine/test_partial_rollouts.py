@@ -41,9 +41,12 @@ def _worker(rank, world, model_dir):
         full = generate(chunks, ps, arch, [Request(p, index=j) for j, p in enumerate(PROMPTS)],
                         _params())  # fmt: skip
         cuts = [
-            [(j + i) % max(len(g.tokens) - 1, 1) for i, g in enumerate(o)]
+            [
+                len(g.tokens) if i == 0 else (j + i) % max(len(g.tokens) - 1, 1)
+                for i, g in enumerate(o)
+            ]
             for j, o in enumerate(full)
-        ]  # fmt: skip  (interrupted after 0..L-2 tokens)
+        ]  # fmt: skip  (sample 0 complete: returned as is; the others cut after 0..L-2 tokens)
         reqs = [
             Request(p, index=j, prefix=[g.tokens[:c] for g, c in zip(full[j], cuts[j])],
                     prefix_logprobs=[g.logprobs[:c] for g, c in zip(full[j], cuts[j])])
@@ -75,6 +78,8 @@ def results(tmp_path_factory):
 def test_continuation_under_the_same_weights_is_the_uninterrupted_generation(results, tp):
     r = results[0][tp]
     assert any(c > 0 for cs in r["cuts"] for c in cs)
+    finished = [c == len(f[0]) for fs, cs in zip(r["full"], r["cuts"]) for f, c in zip(fs, cs)]
+    assert any(finished) and not all(finished)  # some samples were continued, some complete
     for full_s, cont_s in zip(r["full"], r["cont"]):
         for (ft, flp, fr), (ct, clp, cr) in zip(full_s, cont_s):
             assert ct == ft and cr == fr
@@ -100,8 +105,8 @@ def test_bad_prefixes_are_named_before_any_work():
     arch = types.SimpleNamespace(vocab_size=100, max_position_embeddings=32)  # what it reads
     p = _params(max_new_tokens=4)
     for prefix, match in (([[1]] * 2, "2 prefixes for n=3"),
-                          ([[1], [1, 2], [3]], "ends with a stop token"),
-                          ([[1], [5, 5, 5, 5], [3]], "leaves nothing to generate"),
+                          ([[1], [2, 1], [3]], "a stop token inside the prefix"),
+                          ([[1], [5, 5, 5, 5, 5], [3]], "longer than the limit of 4"),
                           ([[1], [500], [3]], "outside the vocabulary")):  # fmt: skip
         with pytest.raises(GenerationError, match=match):
             _validate([Request([4, 5], index=7, prefix=prefix)], p, arch)
@@ -110,3 +115,5 @@ def test_bad_prefixes_are_named_before_any_work():
                   p, arch)  # fmt: skip
     (spec,) = _validate([Request([4, 5], prefix=[[1, 3], [], [6]])], p, arch)
     assert spec[4][0][0] == [1, 3] and all(math.isnan(x) for x in spec[4][0][1])
+    # finished prefixes (a stop token at the end, or the whole budget) are accepted
+    _validate([Request([4, 5], prefix=[[1, 2], [5, 5, 5, 5], []])], p, arch)

@@ -447,8 +447,14 @@ def run_async(run: RLVRRunConfig) -> list[dict[str, float]]:
             producer = EngineRollouts(engine, ct.tokenizer, sampling_params(run, stops), verify,
                                       max_batch_size=r.max_batch_size)  # fmt: skip
             try:
+                cut = (
+                    (a.interrupt_at or max(r.max_new_tokens // 2, 1))
+                    if a.partial_rollouts
+                    else None
+                )
                 serve_generation(channels, gen_ps, producer, sync, source,
-                                 staleness=a.max_staleness, total_steps=source.total_steps)  # fmt: skip
+                                 staleness=a.max_staleness, total_steps=source.total_steps,
+                                 interrupt_at=cut)  # fmt: skip
             except Exception as e:  # the trainer saved and reports; this rank waits for it
                 raise GenerationGroupDied(f"{type(e).__name__}: {e}") from None
             return []
@@ -460,7 +466,8 @@ def run_async(run: RLVRRunConfig) -> list[dict[str, float]]:
         local = EngineRollouts(policy, ct.tokenizer, sampling_params(run, stops), verify,
                                max_batch_size=r.max_batch_size)  # fmt: skip
         remote = RemoteRollouts(channels, sync, local, staleness=a.max_staleness,
-                                total_steps=loop.data.total_steps)  # fmt: skip
+                                total_steps=loop.data.total_steps,
+                                partial=a.partial_rollouts)  # fmt: skip
         loop.data = PendingRollouts(loop.data, remote)
         stage = build_stage(run, train_ps, remote, pad_id=ct.tokenizer.pad_token_id or 0)
         evaluate = _held_out_eval(run, ct, local, train_ps, stage, stops)
