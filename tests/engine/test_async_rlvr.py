@@ -72,6 +72,8 @@ def test_async_refuses_what_the_generation_group_does_not_serve(tmp_path):
         load_recipe(recipe, "rlvr", ["rlvr.mode=async", "rollout.dynamic_sampling=true"])
     with pytest.raises(ConfigError, match="reward_model.path"):
         load_recipe(recipe, "rlvr", ["rlvr.mode=async", f"reward_model.path={tmp_path}"])
+    with pytest.raises(ConfigError, match="checkpoint.format"):
+        load_recipe(recipe, "rlvr", ["rlvr.mode=async", "checkpoint.format=dist"])
 
 
 def test_version_schedule():

@@ -124,6 +124,9 @@ class RLVRRunConfig(RunConfig):
                   "not available with rlvr.mode=async (its refill rounds are colocated)")  # fmt: skip
             check(not self.reward_model.enabled, "reward_model.path",
                   "a reward model is not available with rlvr.mode=async yet")  # fmt: skip
+            check(self.checkpoint.format != "dist", "checkpoint.format",
+                  "dist checkpoints need the training ranks to be the whole world; "
+                  'use "torch" with rlvr.mode=async')  # fmt: skip
 
     @property
     def sampling_seed(self) -> int:
