@@ -364,6 +364,11 @@ def serve_generation(channels: Channels, gen_ps, producer: Callable, sync, sourc
         logger.error("generation rank %d: %s: %s", me, type(e).__name__, e)
         if me == first:
             outbox.put({"error": f"{type(e).__name__}: {e}", "rank": me})
+        try:  # keep taking weight versions: a trainer sending one must not block on us;
+            while True:  # ends when the trainer, told of the error, exits (the link drops)
+                sync.sync()
+        except Exception:  # noqa: BLE001
+            pass
         raise
     finally:
         if sender is not None:

@@ -191,12 +191,12 @@ def die():
     os.kill(me, signal.SIGKILL)
 
 call = producer.EngineRollouts.__call__
-def patched(self, step, prompts, params=None):
+def patched(self, step, prompts, params=None, **kw):
     if self.engine.name == "generator" and faults.get("generate") == step:
         die()
     if self.engine.name == "generator" and faults.get("fail") == step:
         raise RuntimeError(f"injected failure at step {step}")
-    return call(self, step, prompts, params)
+    return call(self, step, prompts, params, **kw)
 producer.EngineRollouts.__call__ = patched
 
 after = async_rl.RemoteRollouts.after_update
@@ -251,7 +251,8 @@ def _launch(a, out, nproc, steps, *extra, fault=None, timeout=300):
         "rollout.samples_per_prompt=4", "rollout.max_new_tokens=3", "rollout.verifier_workers=0",
         f"rollout.stop_token_ids=[{stops}]", "rollout.truncated_reward=-1.0",
         "optim.lr=3e-2", "optim.schedule=constant", "optim.warmup_steps=0",
-        "optim.warmup_ratio=null", "checkpoint.keep_last=10", *extra,
+        "optim.warmup_ratio=null", "checkpoint.keep_last=10", "checkpoint.export_hf=false",
+        "checkpoint.hf_in_checkpoints=false", *extra,
     ]  # fmt: skip
     env = dict(os.environ, NOVA_FAULT=fault or "", OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
