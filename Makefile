@@ -65,7 +65,7 @@ install-gpu:
 test: $(STAMP)
 	$(VENV)/bin/ruff check nova_engine kernels tests benchmarks
 	$(VENV)/bin/ruff format --check nova_engine kernels tests benchmarks
-	$(VENV)/bin/pytest -p no:cacheprovider --import-mode=importlib -q tests
+	$(VENV)/bin/pytest -p no:cacheprovider --import-mode=importlib -q --durations=25 tests
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -p no:cacheprovider --import-mode=importlib -q -m "not slow" tests
