@@ -74,6 +74,8 @@ def test_async_refuses_what_the_generation_group_does_not_serve(tmp_path):
         load_recipe(recipe, "rlvr", ["rlvr.mode=async", f"reward_model.path={tmp_path}"])
     with pytest.raises(ConfigError, match="checkpoint.format"):
         load_recipe(recipe, "rlvr", ["rlvr.mode=async", "checkpoint.format=dist"])
+    with pytest.raises(ConfigError, match="checkpoint.async_save"):
+        load_recipe(recipe, "rlvr", ["rlvr.mode=async", "checkpoint.async_save=true"])
 
 
 def test_version_schedule():
@@ -255,8 +257,28 @@ def _launch(a, out, nproc, steps, *extra, fault=None, timeout=300):
         "checkpoint.hf_in_checkpoints=false", *extra,
     ]  # fmt: skip
     env = dict(os.environ, NOVA_FAULT=fault or "", OMP_NUM_THREADS="1")
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hang: torchrun's workers live in their own sessions
+        _kill_tagged(f"train.out_dir={out}")
+        raise
     return p.returncode, p.stdout + p.stderr
+
+
+def _kill_tagged(tag: str) -> None:
+    import signal
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                args = fh.read().decode(errors="ignore").split(chr(0))
+        except OSError:
+            continue
+        if tag in args:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def _records(out) -> dict[int, dict]:
@@ -274,26 +296,35 @@ PARTIAL = ("rlvr.max_staleness=1", "rlvr.partial_rollouts=true")  # token 1 old,
 
 @pytest.fixture(scope="module")
 def runs(assets):
-    root, out = assets["root"], {}
-    rc, text = _launch(assets, root / "colocated", 1, 4)
-    assert rc == 0, text[-3000:]
-    out["colocated"] = _records(root / "colocated")
-    rc, text = _launch(assets, root / "s0", 2, 4, *ASYNC, "rlvr.max_staleness=0")
-    assert rc == 0, text[-3000:]
-    out["s0"] = _records(root / "s0")
-    rc, text = _launch(assets, root / "s1", 2, 6, *ASYNC, *PARTIAL)
-    assert rc == 0, text[-3000:]
-    out["s1"] = _records(root / "s1")
-    chain, k = root / "chain", []
-    for fault in ("generate:2", "update:3", "sync:3", "fail:5", None):
-        k.append(_launch(assets, chain, 2, 6, *ASYNC, *PARTIAL, fault=fault))
-    out["chain"], out["chain_runs"], out["chain_dir"] = _records(chain), k, chain
-    return out
+    """The runs, launched lazily by the first test that needs each (pytest-timeout is per
+    test: no test waits for all eight launches)."""
+    root, cache = assets["root"], {}
+
+    def get(name):
+        if name in cache:
+            return cache[name]
+        if name in ("colocated", "s0", "s1"):
+            nproc, steps, extra = {
+                "colocated": (1, 4, ()),
+                "s0": (2, 4, (*ASYNC, "rlvr.max_staleness=0")),
+                "s1": (2, 6, (*ASYNC, *PARTIAL)),
+            }[name]
+            rc, text = _launch(assets, root / name, nproc, steps, *extra)
+            assert rc == 0, text[-3000:]
+            cache[name] = _records(root / name)
+        else:  # the kill chain
+            chain, k = root / "chain", []
+            for fault in ("generate:2", "update:3", "sync:3", "fail:5", None):
+                k.append(_launch(assets, chain, 2, 6, *ASYNC, *PARTIAL, fault=fault))
+            cache.update(chain=_records(chain), chain_runs=k, chain_dir=chain)
+        return cache[name]
+
+    return get
 
 
 @pytest.mark.slow  # torchrun launches
 def test_staleness_0_equals_colocated(runs):
-    a, b = runs["colocated"], runs["s0"]
+    a, b = runs("colocated"), runs("s0")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert any(a[s]["grad_norm"] > 0 for s in a) and len({a[s]["reward_mean"] for s in a}) > 1
     for s in a:
@@ -307,7 +338,7 @@ def test_staleness_0_equals_colocated(runs):
 def test_staleness_1_partial_rollouts_versions_and_metrics(runs):
     """Step s trains batch k = s - 1: its first token sampled by version max(0, k - 1), the
     rest (after the interruption) by version k, the trainer's: per-token staleness 1 then 0."""
-    r = runs["s1"]
+    r = runs("s1")
     assert sorted(r) == [1, 2, 3, 4, 5, 6]
     assert r[1]["staleness_max"] == 0 and r[1]["train_rollout_logprob_abs_diff"] < 1e-5
     for s in range(2, 7):
@@ -319,16 +350,16 @@ def test_staleness_1_partial_rollouts_versions_and_metrics(runs):
 
 @pytest.mark.slow  # torchrun launches
 def test_kills_and_a_dead_generation_group_resume_exactly(runs):
-    rcs = [rc for rc, _ in runs["chain_runs"]]
+    a, b = runs("s1"), runs("chain")
+    rcs = [rc for rc, _ in runs("chain_runs")]
     assert rcs[:3] == [-9, -9, -9], rcs  # the launcher itself was killed
-    rc, text = runs["chain_runs"][3]  # the generation group failed at step 5's rollouts
+    rc, text = runs("chain_runs")[3]  # the generation group failed at step 5's rollouts
     assert rc != 0
     lines = [ln for ln in text.splitlines() if "GenerationGroupDied" in ln and "injected" in ln]
     assert lines and "rerun to resume" in lines[0], text[-3000:]
-    assert os.path.isdir(os.path.join(runs["chain_dir"], "checkpoints", "step_00000005")) or any(
+    assert os.path.isdir(os.path.join(runs("chain_dir"), "checkpoints", "step_00000005")) or any(
         "step_00000005" in ln for ln in lines)  # fmt: skip
-    assert runs["chain_runs"][4][0] == 0, runs["chain_runs"][4][1][-3000:]
-    a, b = runs["s1"], runs["chain"]
+    assert runs("chain_runs")[4][0] == 0, runs("chain_runs")[4][1][-3000:]
     assert sorted(b) == sorted(a)
     for s in range(1, 6):  # every step before the failure: bit for bit
         for key in KEYS:

@@ -127,6 +127,9 @@ class RLVRRunConfig(RunConfig):
             check(self.checkpoint.format != "dist", "checkpoint.format",
                   "dist checkpoints need the training ranks to be the whole world; "
                   'use "torch" with rlvr.mode=async')  # fmt: skip
+            check(not self.checkpoint.async_save, "checkpoint.async_save",
+                  "not with rlvr.mode=async yet (its writer group is created over the whole "
+                  "world; the generation ranks never save)")  # fmt: skip
 
     @property
     def sampling_seed(self) -> int:
