@@ -139,7 +139,7 @@ def acquire_run_lock(out_dir: str, ps: ParallelState, key: str = "train.out_dir"
     writes: train.out_dir and checkpoint.dir (`key` names the setting in the message)."""
     path = os.path.abspath(out_dir)
     err: Exception | None = None
-    if ps.rank == 0 and path not in _LOCKS:
+    if ps.rank == ps.first_rank and path not in _LOCKS:
         lock = safety.RunLock(path, key)
         try:
             lock.acquire()
@@ -159,7 +159,7 @@ def release_run_lock(out_dir: str) -> None:
 def ensure_model(run: RunConfig, ps: ParallelState) -> None:
     """Build the recipe's tiny random model at model.hf_path when it is absent (rank 0)."""
     cfg = run.model
-    if cfg.build is not None and ps.rank == 0:
+    if cfg.build is not None and ps.rank == ps.first_rank:
         if not os.path.isfile(os.path.join(cfg.hf_path, "config.json")):
             from nova_engine.data.tokenize import load_tokenizer
             from nova_engine.model.tiny import build_tiny_hf_model
@@ -418,7 +418,7 @@ def save_guarded(run: RunConfig, loop: Loop, saver: AsyncSaver | None = None) ->
         if saver is not None:
             return saver.save(root, loop, on_done=prune, **kw)
         path = save_checkpoint(root, loop, format=run.checkpoint.format, **kw)
-    if ps.rank == 0:
+    if ps.rank == ps.first_rank:
         prune()
     return path
 
@@ -466,7 +466,7 @@ def roll_back(run: RunConfig, loop: Loop, err: safety.TrainingDiverged) -> safet
     root, first = run.checkpoint_dir, loop.guard.first_skip
     keep = rollback_target(root, first)
     ps = loop.engine().ps
-    if ps.rank == 0 and first is not None:
+    if ps.rank == ps.first_rank and first is not None:
         for step, p in checkpoint_io.list_complete(root, verify=False):
             if step >= first:
                 checkpoint_io.remove_checkpoint(p)
@@ -488,13 +488,13 @@ def export_final(run: RunConfig, engine: ModelEngine, out_dir: str) -> None:
             "on disk hold the last finite weights; lower optim.lr)"
         )
     tmp = f"{out_dir}.tmp-export"
-    if ps.rank == 0:
+    if ps.rank == ps.first_rank:
         shutil.rmtree(tmp, ignore_errors=True)
     ps.barrier()
     try:
         engine.export_hf(tmp)
         ps.barrier()
-        if ps.rank == 0:
+        if ps.rank == ps.first_rank:
             m = run.model
             complete_hf_export(
                 tmp, source_dir=m.hf_path, tokenizer_dir=m.tokenizer_dir, template=run.data.template
@@ -504,7 +504,7 @@ def export_final(run: RunConfig, engine: ModelEngine, out_dir: str) -> None:
         err = safety.disk_error(out_dir, e)
         if err is None:
             raise
-        if ps.rank == 0:
+        if ps.rank == ps.first_rank:
             shutil.rmtree(tmp, ignore_errors=True)
         raise checkpoint_io.CheckpointIOError(f"{err} (final export)") from None
     ps.barrier()
@@ -545,14 +545,14 @@ def train_stage(
     checkpoint at the next step boundary (train.save_on_signal), then safety.Interrupted."""
     policy = loop.engine(stage.engine)
     ps, root = policy.ps, run.checkpoint_dir
-    if ps.rank == 0:
+    if ps.rank == ps.first_rank:
         checkpoint_io.cleanup_stale(root)
     t = run.train
     loop.guard = safety.NonFiniteGuard(t.max_bad_steps, t.divergence_factor, t.zero_grad_steps)
     loop.guard.describe = sample_describer(run)
     resume(run, loop)
     saved_at: list[int] = []
-    saver = AsyncSaver() if run.checkpoint.async_save else None
+    saver = AsyncSaver(format=run.checkpoint.format) if run.checkpoint.async_save else None
 
     def save(step: int) -> None:
         path = save_guarded(run, loop, saver)
