@@ -123,8 +123,8 @@ def _plot(runs: dict, path: str) -> None:
     colors = {"colocated": "tab:blue", "async": "tab:orange"}
     for (mode, seed), res in sorted(runs.items()):
         recs = res["records"]
-        t = [r["elapsed"] for r in recs]
-        rew = np.convolve([r["reward_mean"] for r in recs], np.ones(3) / 3, mode="same")
+        t = [r["elapsed"] for r in recs][2:]  # the 3-step window ending at each step
+        rew = np.convolve([r["reward_mean"] for r in recs], np.ones(3) / 3, mode="valid")
         ax.plot(t, rew, color=colors[mode], alpha=0.8,
                 label=mode if seed == min(s for m, s in runs if m == mode) else None)  # fmt: skip
     ax.set_xlabel("training loop wall time (s)")
@@ -177,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
                      "ratio_to_floor": float(np.median(ws)) / floor})  # fmt: skip
     path = results_path("async_rlvr")
     write_rows(path, rows)
+    curves = {f"{m}_{s}": [{k: r.get(k) for k in ("step", "elapsed", "reward_mean", "step_time",
+                                                  "tokens_per_s", "weight_sync_s")}
+                           for r in res["records"]] for (m, s), res in runs.items()}  # fmt: skip
+    with open(path.replace(".csv", "_curves.json"), "w") as fh:
+        json.dump(curves, fh)
     _plot(runs, path.replace(".csv", ".png"))
     rew = {
         m: [runs[(m, s)]["summary"]["final_reward"] for s in a.seeds]
