@@ -4,6 +4,12 @@ frozen starting policy.
 
     torchrun --nproc_per_node 8 -m nova_engine.train rlvr --recipe recipes/llama3_8b.yaml
     python -m nova_engine.train rlvr --recipe recipes/tiny_cpu.yaml train.max_steps=5
+    torchrun --nproc_per_node 8 -m nova_engine.train rlvr --recipe recipes/llama3_8b.yaml \
+        rlvr.mode=async rlvr.generation_ranks=2      # 6 training + 2 generating ranks
+
+Async mode (`run_async`, nova_engine.rl.async_rl): the generation ranks serve the rollouts of
+step k from policy version max(0, k - rlvr.max_staleness) while the training ranks run the
+same steps as below on them; the weights go to the generators after each update.
 
 One step (`RLVRStage.train_step`), P = train.global_batch_size prompts:
 1. generate: each DP replica samples rollout.samples_per_prompt responses for its P/dp prompts
