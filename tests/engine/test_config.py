@@ -178,7 +178,7 @@ def test_recipe_file_errors(tmp_path):
     p.write_text("model: {hf_path: m}\nsfft:\n  train: {epochs: 1}\n")
     with pytest.raises(
         ConfigError,
-        match=r"r\.yaml: sfft: unknown top-level key; valid keys: checkpoint, critic, data, eval, loss, model, optim, parallel, reward_model, rollout, train; stages: sft, dpo, rm, rlvr",
+        match=r"r\.yaml: sfft: unknown top-level key; valid keys: checkpoint, critic, data, eval, loss, model, optim, parallel, reward_model, rlvr, rollout, train; stages: sft, dpo, rm, rlvr",
     ):
         load_recipe(p, "sft")
     p.write_text("model: {hf_path: m}\nsft:\n  train: {epochs: 1, batch: 8}\n")
