@@ -355,6 +355,29 @@ class WeightSync:
         b = self.bucket_bytes
         return [min(b, stage.nbytes - a) for a in range(0, stage.nbytes, b)]
 
+    def _arrivals(self, stage: _Stage, bufs: list, release=None):
+        """(bucket index j, its buffer, start, end byte in the stage's stream) of each of the
+        stage's buckets as it arrives, the next one on the wire meanwhile (two buffers, j % 2);
+        `release(b)` runs before buffer b is reused."""
+        sizes = self._sizes(stage)
+        works: list[Any] = [None, None]
+
+        def post(j: int) -> None:
+            if release is not None:
+                release(j % 2)
+            works[j % 2] = dist.broadcast(
+                bufs[j % 2][: sizes[j]], src=stage.src, group=stage.group, async_op=True
+            )
+
+        if sizes:
+            post(0)
+        for j, size in enumerate(sizes):
+            if j + 1 < len(sizes):
+                post(j + 1)
+            self._waited(works[j % 2])
+            start = j * self.bucket_bytes
+            yield j, bufs[j % 2], start, start + size
+
     def _recv_direct(self) -> int:
         """Receive every stage's buckets (the next one on the wire while this one is read)
         and copy the planned pieces from them straight into the parameters."""
@@ -364,25 +387,10 @@ class WeightSync:
         bufs = [self._buf(f"recv{i}", self.bucket_bytes, dev) for i in range(2)]
         count = 0
         for stage in self.stages:
-            sizes = self._sizes(stage)
-            works: list[Any] = [None, None]
-
-            def post(j: int, stage: _Stage = stage, sizes: list = sizes, works: list = works):
-                works[j % 2] = dist.broadcast(
-                    bufs[j % 2][: sizes[j]], src=stage.src, group=stage.group, async_op=True
-                )
-
             wanted = [e for e in stage.entries if e.name in self._pieces]
             whole: dict[str, torch.Tensor] = {}  # spanning tensors read by column slices
             k = 0  # first wanted entry not yet complete
-            if sizes:
-                post(0)
-            for j, size in enumerate(sizes):
-                if j + 1 < len(sizes):
-                    post(j + 1)
-                self._waited(works[j % 2])
-                buf, start = bufs[j % 2], j * self.bucket_bytes
-                end = start + size
+            for _, buf, start, end in self._arrivals(stage, bufs):
                 count += 1
                 while k < len(wanted) and wanted[k].offset < end:
                     e = wanted[k]
@@ -445,33 +453,20 @@ class WeightSync:
         bufs = [self._buf(f"recv{i}", self.bucket_bytes, ps.device) for i in range(2)]
         views: list[set[str]] = [set(), set()]  # names read in place from each buffer
         count = 0
+
+        def release(b: int) -> None:  # buffer b is about to be reused
+            for n in views[b]:  # still waited for: copy out first
+                if n in reader.tensors:
+                    reader.tensors[n] = reader.tensors[n].clone()
+            views[b] = set()
+
         for stage in self.stages:
-            sizes = self._sizes(stage)
-            works: list[Any] = [None, None]
-
-            def post(j: int, stage: _Stage = stage, sizes: list = sizes, works: list = works):
-                b = j % 2
-                for n in views[b]:  # still waited for: copy out before the buffer is reused
-                    if n in reader.tensors:
-                        reader.tensors[n] = reader.tensors[n].clone()
-                views[b] = set()
-                works[b] = dist.broadcast(
-                    bufs[b][: sizes[j]], src=stage.src, group=stage.group, async_op=True
-                )
-
             wanted = [e for e in stage.entries if e.name in uses]
             dest: dict[str, torch.Tensor] = {}  # wanted tensors spanning buckets
             k = 0  # first wanted entry not yet complete
-            if sizes:
-                post(0)
-            for j, size in enumerate(sizes):
-                if j + 1 < len(sizes):
-                    post(j + 1)
+            for j, buf, start, end in self._arrivals(stage, bufs, release):
                 b = j % 2
-                self._waited(works[b])
-                buf, start = bufs[b], j * self.bucket_bytes
                 count += 1
-                end = start + size
                 done = False
                 while k < len(wanted) and wanted[k].offset < end:
                     e = wanted[k]
