@@ -164,7 +164,6 @@ class RemoteRollouts:
         self.s, self.total, self.partial = staleness, total_steps, partial
         self.held: dict[int, dict[str, Any]] = {}
         self.started = False
-        self.sync_metrics: dict[str, float] = {}
         self.wait_s = 0.0
         self.dead: GenerationGroupDied | None = None  # raised at the next step boundary
 
@@ -202,11 +201,11 @@ class RemoteRollouts:
         while step + len(have) in self.held:
             have.append(step + len(have))
         self.held = {k: self.held[k] for k in have}
-        if not self.ch.train_first == dist.get_rank():
+        if self.ch.train_first != dist.get_rank():
             self.ch.recv(self.ch.train_first)
         else:
             self.ch.send({"start": step, "have": have}, self.ch.train_first)
-        self.sync_metrics = self.sync.sync()
+        self.sync.sync()
         self.started = True
 
     def __call__(self, step: int, prompts: list, params=None):
@@ -340,8 +339,7 @@ def serve_generation(channels: Channels, gen_ps, producer: Callable, sync, sourc
                 continue
             held = take(policy_version(k, staleness))
             t0 = time.perf_counter()
-            items = source.step_prompts(k).items
-            first_j, mine = _share(items, gen_ps)
+            _, mine = source.step_prompts(k).share(gen_ps)  # this generation replica's prompts
             cont = policy_version(k + 1, staleness) if interrupt_at else held
             if cont > held:  # a partial rollout: interrupted by the next version
                 cut = dataclasses.replace(producer.params, max_new_tokens=interrupt_at)
@@ -375,11 +373,6 @@ def serve_generation(channels: Channels, gen_ps, producer: Callable, sync, sourc
             outbox.put(None)
             sender.join()
     return totals
-
-
-def _share(items: list, gen_ps) -> tuple[int, list]:
-    per = -(-len(items) // gen_ps.dp)
-    return gen_ps.dp_rank * per, items[gen_ps.dp_rank * per : (gen_ps.dp_rank + 1) * per]
 
 
 def _gather(part: dict[str, Any], gen_ps) -> dict[str, Any]:

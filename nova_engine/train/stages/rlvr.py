@@ -133,6 +133,10 @@ class RLVRRunConfig(RunConfig):
             check(self.checkpoint.format != "dist", "checkpoint.format",
                   "dist checkpoints need the training ranks to be the whole world; "
                   'use "torch" with rlvr.mode=async')  # fmt: skip
+            g = self.rlvr.generation_ranks // (self.rlvr.generation_tp * self.rlvr.generation_pp)
+            check(self.train.global_batch_size % g == 0, "rlvr.generation_ranks",
+                  f"the generation group's {g} data-parallel replicas do not divide "
+                  f"train.global_batch_size={self.train.global_batch_size}")  # fmt: skip
             check(not self.checkpoint.async_save, "checkpoint.async_save",
                   "not with rlvr.mode=async yet (its writer group is created over the whole "
                   "world; the generation ranks never save)")  # fmt: skip
